@@ -1,0 +1,75 @@
+"""The blob protocol: immutable, content-addressed bytes, verified on every read.
+
+A blob's key is the lowercase hex sha256 of its stored bytes. ``put`` is idempotent and durable when it
+returns (invariant 1: blobs first, index second); putting bytes that already exist refreshes their modification
+time, so garbage collection's grace period protects a blob that a writer is about to reference again.
+``get`` checks the hash and raises IntegrityError rather than return bad bytes. Backends: local directory
+(:mod:`mlwarehouse.blobs.files`), and later S3-compatible stores and GridFS.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+__all__ = ["BlobStore", "BlobInfo", "blob_key", "check_key"]
+
+
+@dataclass(frozen=True)
+class BlobInfo:
+    key: str
+    size: int
+    mtime: float  # seconds since the epoch, the last put or touch
+
+
+def blob_key(data: bytes | memoryview) -> str:
+    """The content address of ``data``."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def check_key(key: str) -> str:
+    """Validate a key (64 lowercase hex digits) so that it can never name a path outside the store."""
+    from mlwarehouse.errors import NotFound
+    if not isinstance(key, str) or len(key) != 64 or any(c not in "0123456789abcdef" for c in key):
+        raise NotFound(f"not a blob key: {key!r}")
+    return key
+
+
+class BlobStore(ABC):
+    """Abstract blob backend. Safe to share between threads; many processes may use one store at once."""
+
+    name: str = "abstract"
+    #: ``get_range`` reads part of a blob without fetching all of it
+    supports_ranges: bool = False
+
+    @abstractmethod
+    def put(self, data: bytes | memoryview) -> str:
+        """Store ``data`` (idempotent) and return its key once it is durable."""
+
+    @abstractmethod
+    def get(self, key: str) -> bytes:
+        """The whole blob, verified against its key. NotFound if missing, IntegrityError if corrupted."""
+
+    def get_range(self, key: str, start: int, length: int) -> bytes:
+        """``length`` bytes from ``start`` (not verifiable on its own: callers carry their own checksums)."""
+        return self.get(key)[start:start + length]
+
+    @abstractmethod
+    def exists(self, key: str) -> bool: ...
+
+    @abstractmethod
+    def stat(self, key: str) -> BlobInfo:
+        """Size and modification time; NotFound if missing."""
+
+    @abstractmethod
+    def delete(self, key: str) -> bool:
+        """Remove the blob; False if it was not there."""
+
+    @abstractmethod
+    def list(self) -> Iterator[BlobInfo]:
+        """Every blob in the store (for garbage collection)."""
+
+    def close(self) -> None:
+        """Release connections."""

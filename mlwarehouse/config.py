@@ -1,0 +1,81 @@
+"""Where a warehouse lives: URIs, environment variables and defaults.
+
+Resolution order for the index: the ``uri`` argument, ``$MLW_URI``, then the embedded default in ``$MLW_HOME``
+or ``./.mlwarehouse``. For blobs: the ``blobs`` argument, ``$MLW_BLOBS``, then the backend's natural partner
+(a ``blobs/`` folder beside an SQLite file).
+
+Index URIs: ``sqlite:///abs/path/index.sqlite``, ``sqlite:relative/path.sqlite``, or a plain folder path (the
+embedded layout: ``<folder>/index.sqlite`` + ``<folder>/blobs``). Blob URIs: ``file:///abs/path`` or a folder path.
+Server backends (``postgresql://``, ``mongodb://``, ``s3://``) plug in here as they are added.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+from mlwarehouse.errors import ConfigError
+
+__all__ = ["Settings", "resolve", "open_index", "open_blobs", "DEFAULT_HOME"]
+
+DEFAULT_HOME = ".mlwarehouse"
+
+
+@dataclass(frozen=True)
+class Settings:
+    index_uri: str
+    blobs_uri: str
+
+
+def _home(home: str | os.PathLike | None) -> Path:
+    return Path(home or os.environ.get("MLW_HOME") or DEFAULT_HOME).expanduser().absolute()
+
+
+def _sqlite_path(uri: str) -> Path | None:
+    """The file an SQLite URI or plain path names, or None if ``uri`` is not an SQLite location."""
+    if uri.startswith("sqlite:"):
+        rest = uri[len("sqlite:"):]
+        if rest.startswith("///"):
+            return Path(unquote(rest[2:]))
+        if rest.startswith("//"):
+            raise ConfigError(f"{uri!r}: write sqlite:///absolute/path or sqlite:relative/path")
+        return Path(unquote(rest)).absolute()
+    if "://" in uri:
+        return None
+    path = Path(uri).expanduser().absolute()
+    return path / "index.sqlite" if path.suffix not in (".sqlite", ".db", ".sqlite3") else path
+
+
+def resolve(uri: str | None = None, blobs: str | None = None, home: str | os.PathLike | None = None) -> Settings:
+    """Turn arguments, environment and defaults into concrete URIs."""
+    index_uri = uri or os.environ.get("MLW_URI") or str(_home(home))
+    blobs_uri = blobs or os.environ.get("MLW_BLOBS")
+    if not blobs_uri:
+        path = _sqlite_path(index_uri)
+        if path is None:
+            raise ConfigError(f"{index_uri!r} needs a blob store: pass blobs=... or set MLW_BLOBS")
+        blobs_uri = str(path.parent / "blobs")
+    return Settings(index_uri=index_uri, blobs_uri=blobs_uri)
+
+
+def open_index(uri: str):
+    """Open the index backend a URI names."""
+    path = _sqlite_path(uri)
+    if path is not None:
+        from mlwarehouse.index.sqlite import SQLiteIndex
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return SQLiteIndex(path)
+    scheme = urlparse(uri).scheme
+    raise ConfigError(f"no index backend for {scheme!r} URIs yet ({uri!r}); use an SQLite file or folder")
+
+
+def open_blobs(uri: str):
+    """Open the blob backend a URI names."""
+    parsed = urlparse(uri)
+    if parsed.scheme in ("", "file") or (len(parsed.scheme) == 1 and os.name == "nt"):
+        from mlwarehouse.blobs.files import FileBlobStore
+        root = Path(unquote(parsed.path) if parsed.scheme == "file" else uri).expanduser().absolute()
+        return FileBlobStore(root)
+    raise ConfigError(f"no blob backend for {parsed.scheme!r} URIs yet ({uri!r}); use a folder")

@@ -1,0 +1,85 @@
+"""The exception tree of mlwarehouse: one root, every error typed.
+
+    WarehouseError
+     ├── ConfigError            bad URI, unknown backend, missing optional dependency
+     ├── QueryError             a filter, sort, projection or update that is not valid
+     ├── InvalidDocument        a value that cannot be stored in the index (names the field)
+     ├── CodecError             a value no codec can encode, or bytes a codec cannot decode
+     │    └── PickleNotAllowed  pickle was needed and the caller did not pass allow_pickle=True
+     ├── NotFound               no document / blob matches (also a KeyError)
+     ├── DuplicateKey           a document with that _id already exists
+     ├── IntegrityError         stored bytes do not match their hash
+     ├── BackendError           the index or blob backend failed (driver errors are mapped here)
+     │    └── Unavailable       the server cannot be reached
+     └── TaskError              task queue errors
+          └── TaskFailed        a task ended failed (carries the stored traceback)
+
+Backends translate their driver's errors at their boundary (``raise BackendError(...) from exc``);
+nothing returns False silently.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "WarehouseError", "ConfigError", "QueryError", "InvalidDocument", "CodecError", "PickleNotAllowed",
+    "NotFound", "DuplicateKey", "IntegrityError", "BackendError", "Unavailable", "TaskError", "TaskFailed",
+]
+
+
+class WarehouseError(Exception):
+    """Root of every error raised by mlwarehouse."""
+
+
+class ConfigError(WarehouseError):
+    """A URI, setting or optional dependency is wrong or missing."""
+
+
+class QueryError(WarehouseError, ValueError):
+    """A filter, sort, projection or update is malformed; the message names the offending part."""
+
+
+class InvalidDocument(WarehouseError, ValueError):
+    """A document holds a value that the index cannot store; the message names the field path."""
+
+
+class CodecError(WarehouseError, ValueError):
+    """No codec can encode a value, or stored bytes cannot be decoded."""
+
+
+class PickleNotAllowed(CodecError):
+    """Loading or saving needs pickle and the caller did not pass ``allow_pickle=True``."""
+
+
+class NotFound(WarehouseError, KeyError):
+    """Nothing matches: an unknown dataset, model, run, task or blob."""
+
+    def __str__(self) -> str:  # KeyError quotes its message; we want it plain
+        return str(self.args[0]) if self.args else "not found"
+
+
+class DuplicateKey(WarehouseError):
+    """A document with this ``_id`` already exists in the collection."""
+
+
+class IntegrityError(WarehouseError):
+    """Bytes read back do not match their recorded hash: never returned as data."""
+
+
+class BackendError(WarehouseError):
+    """The index or blob backend failed; the driver's exception is chained as ``__cause__``."""
+
+
+class Unavailable(BackendError):
+    """The backend server cannot be reached (down, wrong address, refused credentials)."""
+
+
+class TaskError(WarehouseError):
+    """The task queue refused an operation (unknown task, bad state transition, bad script)."""
+
+
+class TaskFailed(TaskError):
+    """A task ended failed; ``.task`` holds its document, including the stored traceback."""
+
+    def __init__(self, message: str, task: dict | None = None):
+        super().__init__(message)
+        self.task = task or {}

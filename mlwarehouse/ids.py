@@ -1,0 +1,56 @@
+"""Client-generated ids and time stamps, the same on every backend.
+
+Ids are 26-character ULIDs (Crockford base32: 48-bit millisecond time + 80 bits of randomness), so they sort
+by creation time as plain strings; within one process they are strictly increasing even inside one millisecond.
+Time stamps are ISO 8601 UTC strings with microseconds (``2026-11-23T09:20:38.123456Z``), which also sort as
+strings and need no datetime type in the index.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from datetime import datetime, timezone
+
+__all__ = ["new_id", "utc_now", "parse_time"]
+
+_ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+_lock = threading.Lock()
+_last_ms = -1
+_last_rand = 0
+
+
+def _encode(value: int, length: int) -> str:
+    out = []
+    for _ in range(length):
+        out.append(_ALPHABET[value & 31])
+        value >>= 5
+    return "".join(reversed(out))
+
+
+def new_id() -> str:
+    """A new sortable id (monotonic within this process)."""
+    global _last_ms, _last_rand
+    with _lock:
+        ms = time.time_ns() // 1_000_000
+        if ms <= _last_ms:
+            ms = _last_ms
+            _last_rand += 1
+            if _last_rand >= 1 << 80:  # 2**80 ids in one millisecond: borrow the next one
+                ms += 1
+                _last_rand = int.from_bytes(os.urandom(10), "big") >> 1
+        else:
+            _last_rand = int.from_bytes(os.urandom(10), "big") >> 1  # headroom for increments
+        _last_ms = ms
+        return _encode(ms, 10) + _encode(_last_rand, 16)
+
+
+def utc_now() -> str:
+    """The current UTC time as a sortable ISO 8601 string."""
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def parse_time(stamp: str) -> datetime:
+    """Parse a time stamp written by :func:`utc_now` back to an aware datetime."""
+    return datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=timezone.utc)
