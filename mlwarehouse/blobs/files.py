@@ -1,0 +1,258 @@
+"""Blobs in a local directory: ``root/ab/cd/<sha256 hex>``, written atomically, verified on every read.
+
+A put writes a temporary file in the destination folder, fsyncs it, renames it over the final name and fsyncs
+the folder, so a reader sees either nothing or the whole blob, and many processes may put the same bytes at once
+(each rename installs identical content). Temporary files start with ``.tmp-``; ``list`` removes those older than
+an hour (left by a crashed writer).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import secrets
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+from mlwarehouse.blobs.base import BlobInfo, BlobStore, blob_key, check_key
+from mlwarehouse.errors import BackendError, IntegrityError, NotFound
+
+__all__ = ["FileBlobStore"]
+
+_TMP = ".tmp-"
+_STALE_TMP_S = 3600
+_CHUNK = 8 << 20
+_HEX = frozenset("0123456789abcdef")
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class FileBlobStore(BlobStore):
+    """Content-addressed blobs under ``root``. ``fsync=False`` trades durability for speed (tests, caches)."""
+
+    name = "files"
+    supports_ranges = True
+
+    def __init__(self, root: str | os.PathLike, *, fsync: bool = True):
+        self.root = Path(root)
+        self.fsync = fsync
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise BackendError(f"cannot create the blob folder {self.root}: {exc}") from exc
+
+    def __repr__(self) -> str:
+        return f"FileBlobStore({str(self.root)!r})"
+
+    def _path(self, key: str) -> Path:
+        check_key(key)
+        return self.root / key[:2] / key[2:4] / key
+
+    def _tmp_name(self) -> str:
+        return f"{_TMP}{os.getpid()}-{threading.get_ident()}-{secrets.token_hex(6)}"
+
+    # -- writing ---------------------------------------------------------------------------------------------
+
+    def put(self, data: bytes | bytearray | memoryview) -> str:
+        key = blob_key(data)
+        path = self._path(key)
+        if self._touch(path):
+            return key
+        folder = self._make_folder(path.parent)
+        tmp = folder / self._tmp_name()
+        try:
+            with open(tmp, "xb") as f:
+                f.write(data)
+                if self.fsync:
+                    os.fsync(f.fileno())
+            self._install(tmp, path)
+        except OSError as exc:
+            self._discard(tmp)
+            raise BackendError(f"cannot write blob {key} to {path}: {exc}") from exc
+        return key
+
+    def put_file(self, source: str | os.PathLike | BinaryIO) -> tuple[str, int]:
+        """Store a file (a path or a binary file object) by streaming it; returns ``(key, size)``.
+
+        The bytes are hashed while they are copied to a temporary file, so blobs of any size never sit in memory.
+        """
+        if isinstance(source, (str, os.PathLike)):
+            try:
+                with open(source, "rb") as f:
+                    return self.put_file(f)
+            except FileNotFoundError as exc:
+                raise NotFound(f"no file to store at {source}") from exc
+        tmp = self.root / self._tmp_name()
+        digest = hashlib.sha256()
+        size = 0
+        buf = bytearray(_CHUNK)
+        view = memoryview(buf)
+        try:
+            with open(tmp, "xb") as out:
+                while True:
+                    n = source.readinto(view) if hasattr(source, "readinto") else self._read_into(source, view)
+                    if not n:
+                        break
+                    digest.update(view[:n])
+                    out.write(view[:n])
+                    size += n
+                if self.fsync:
+                    os.fsync(out.fileno())
+            key = digest.hexdigest()
+            path = self._path(key)
+            if self._touch(path):
+                self._discard(tmp)
+                return key, size
+            self._make_folder(path.parent)
+            self._install(tmp, path)
+        except OSError as exc:
+            self._discard(tmp)
+            raise BackendError(f"cannot store a file in {self.root}: {exc}") from exc
+        return key, size
+
+    @staticmethod
+    def _read_into(source: BinaryIO, view: memoryview) -> int:
+        chunk = source.read(len(view))
+        view[:len(chunk)] = chunk
+        return len(chunk)
+
+    def _touch(self, path: Path) -> bool:
+        """Refresh the mtime of an existing blob (gc's grace period); False if it is not there."""
+        try:
+            os.utime(path)
+            return True
+        except FileNotFoundError:
+            return False
+        except OSError as exc:
+            raise BackendError(f"cannot touch blob file {path}: {exc}") from exc
+
+    def _make_folder(self, folder: Path) -> Path:
+        if not folder.is_dir():
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+                if self.fsync:  # make the new fan-out folders themselves durable
+                    _fsync_dir(folder.parent)
+                    _fsync_dir(self.root)
+            except OSError as exc:
+                raise BackendError(f"cannot create blob folder {folder}: {exc}") from exc
+        return folder
+
+    def _install(self, tmp: Path, path: Path) -> None:
+        os.replace(tmp, path)
+        if self.fsync:
+            _fsync_dir(path.parent)
+
+    @staticmethod
+    def _discard(tmp: Path) -> None:
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+
+    # -- reading ---------------------------------------------------------------------------------------------
+
+    def get(self, key: str) -> bytes:
+        path = self._path(key)
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            raise NotFound(f"blob {key} not found in {self.root}") from None
+        except OSError as exc:
+            raise BackendError(f"cannot read blob file {path}: {exc}") from exc
+        actual = blob_key(data)
+        if actual != key:
+            raise IntegrityError(f"blob {key} is corrupted: its file {path} hashes to {actual}")
+        return data
+
+    def get_range(self, key: str, start: int, length: int) -> bytes:
+        if start < 0 or length < 0:
+            raise ValueError(f"get_range needs start >= 0 and length >= 0, got {start} and {length}")
+        path = self._path(key)
+        try:
+            with open(path, "rb") as f:
+                return os.pread(f.fileno(), length, start) if length else b""
+        except FileNotFoundError:
+            raise NotFound(f"blob {key} not found in {self.root}") from None
+        except OSError as exc:
+            raise BackendError(f"cannot read blob file {path}: {exc}") from exc
+
+    def exists(self, key: str) -> bool:
+        try:
+            return self._path(key).is_file()
+        except NotFound:  # not a key: nothing can be stored under it
+            return False
+
+    def stat(self, key: str) -> BlobInfo:
+        path = self._path(key)
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            raise NotFound(f"blob {key} not found in {self.root}") from None
+        except OSError as exc:
+            raise BackendError(f"cannot stat blob file {path}: {exc}") from exc
+        return BlobInfo(key, st.st_size, st.st_mtime)
+
+    def delete(self, key: str) -> bool:
+        path = self._path(key)
+        try:
+            path.unlink()
+            return True
+        except FileNotFoundError:
+            return False
+        except OSError as exc:
+            raise BackendError(f"cannot delete blob file {path}: {exc}") from exc
+
+    def list(self) -> Iterator[BlobInfo]:
+        """Every blob, walking the fan-out folders; removes temporary files older than an hour on the way."""
+        stale_before = time.time() - _STALE_TMP_S
+        self._clean_tmp(self.root, stale_before)
+        for top in self._subdirs(self.root):
+            for sub in self._subdirs(top):
+                prefix = top.name + sub.name
+                for entry in self._scan(sub):
+                    name = entry.name
+                    if name.startswith(_TMP):
+                        self._remove_if_stale(entry, stale_before)
+                    elif len(name) == 64 and name.startswith(prefix) and _HEX.issuperset(name):
+                        try:
+                            st = entry.stat()
+                        except FileNotFoundError:  # deleted while we walked
+                            continue
+                        yield BlobInfo(name, st.st_size, st.st_mtime)
+
+    def _clean_tmp(self, folder: Path, stale_before: float) -> None:
+        for entry in self._scan(folder):
+            if entry.name.startswith(_TMP):
+                self._remove_if_stale(entry, stale_before)
+
+    @staticmethod
+    def _remove_if_stale(entry: os.DirEntry, stale_before: float) -> None:
+        try:
+            if entry.stat().st_mtime < stale_before:
+                os.unlink(entry.path)
+        except OSError:
+            pass
+
+    def _subdirs(self, folder: Path) -> list[Path]:
+        return sorted(Path(e.path) for e in self._scan(folder)
+                      if len(e.name) == 2 and _HEX.issuperset(e.name) and e.is_dir())
+
+    @staticmethod
+    def _scan(folder: Path) -> list[os.DirEntry]:
+        try:
+            with os.scandir(folder) as it:
+                return list(it)
+        except FileNotFoundError:
+            return []
+        except OSError as exc:
+            raise BackendError(f"cannot list blob folder {folder}: {exc}") from exc
