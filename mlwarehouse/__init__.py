@@ -1,0 +1,40 @@
+"""mlwarehouse: the database for the whole machine-learning process.
+
+    import mlwarehouse
+    wh = mlwarehouse.connect()                 # ./.mlwarehouse: SQLite index + local blob folder
+    wh.datasets.save((X, y), "digits", tags=["images"])
+    wh.models.best("test_accuracy")           # everything is identified by a query
+
+See the README for the concepts; :mod:`mlwarehouse.errors` for the exception tree.
+"""
+
+from mlwarehouse.errors import (BackendError, CodecError, ConfigError, DuplicateKey, IntegrityError,
+                                InvalidDocument, NotFound, PickleNotAllowed, QueryError, TaskError, TaskFailed,
+                                Unavailable, WarehouseError)
+from mlwarehouse.warehouse import GcReport, Project, Warehouse, connect
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "connect", "Warehouse", "Project", "GcReport", "TensorHub", "current_run", "current_task", "register_codec",
+    "WarehouseError", "ConfigError", "QueryError", "InvalidDocument", "CodecError", "PickleNotAllowed", "NotFound",
+    "DuplicateKey", "IntegrityError", "BackendError", "Unavailable", "TaskError", "TaskFailed", "__version__",
+]
+
+_LAZY = {
+    "TensorHub": ("mlwarehouse.compat.tensorhub", "TensorHub"),
+    "current_run": ("mlwarehouse.runs", "current_run"),
+    "current_task": ("mlwarehouse.tasks", "current_task"),
+    "register_codec": ("mlwarehouse.codecs", "register_codec"),
+}
+
+
+def __getattr__(name: str):
+    # torch-free, fast import: these pull in their modules only when used
+    if name in _LAZY:
+        import importlib
+        module, attr = _LAZY[name]
+        value = getattr(importlib.import_module(module), attr)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'mlwarehouse' has no attribute {name!r}")

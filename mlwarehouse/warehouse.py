@@ -1,0 +1,315 @@
+"""Warehouse (an index + a blob store) and Project (everything scoped to one project name).
+
+Domain modules (datasets, models, runs, tasks) use only the few methods of :class:`Project` below and the two
+protocols; they never see a backend. Project enforces the invariants that every domain shares:
+
+1. Blobs first, index second: ``insert`` packs the value (every blob put and durable) before the document is
+   written, so a reader never sees a document whose bytes are missing; a crash leaves at most unreferenced blobs.
+2. Deletes are real: ``delete`` removes documents, then removes each blob they referenced that no document
+   references any more and that nobody has re-put since the document was written; ``Warehouse.gc`` sweeps the rest.
+5. Every write is stamped with ``_id`` (sortable, client-made), ``project`` and ``time`` (UTC).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any
+
+from mlwarehouse import values
+from mlwarehouse.blobs.base import BlobStore
+from mlwarehouse.errors import NotFound, QueryError
+from mlwarehouse.ids import new_id, parse_time, utc_now
+from mlwarehouse.index.base import Filter, Index, Sort
+
+__all__ = ["Warehouse", "Project", "GcReport", "connect"]
+
+META = "meta"
+#: collections whose documents may reference blobs (others, e.g. logs, are never scanned for references)
+BLOB_COLLECTIONS_ID = "blob_collections"
+
+
+def connect(uri: str | None = None, *, blobs: str | None = None, home: str | os.PathLike | None = None,
+            project: str | None = None) -> "Warehouse":
+    """Open a warehouse: the embedded default (``./.mlwarehouse`` or ``$MLW_HOME``) unless told otherwise.
+
+    ``uri`` names the index (``$MLW_URI``), ``blobs`` the blob store (``$MLW_BLOBS``); see :mod:`mlwarehouse.config`.
+    ``project`` is the default project that ``wh.datasets``, ``wh.models``... work in (``$MLW_PROJECT``, else
+    "default"); a worker sets these variables for its tasks, so ``connect()`` in a task script needs no arguments.
+    """
+    from mlwarehouse.config import open_blobs, open_index, resolve
+    settings = resolve(uri, blobs, home)
+    index = open_index(settings.index_uri)
+    try:
+        store = open_blobs(settings.blobs_uri)
+    except BaseException:
+        index.close()
+        raise
+    project = project or os.environ.get("MLW_PROJECT") or "default"
+    return Warehouse(index, store, default_project=project, settings=settings)
+
+
+@dataclass
+class GcReport:
+    """What a garbage collection found (and removed, unless it was a dry run)."""
+    scanned: int = 0
+    referenced: int = 0
+    removed: list[str] = field(default_factory=list)
+    removed_bytes: int = 0
+    kept_recent: int = 0
+    dry_run: bool = False
+
+
+class Warehouse:
+    """An index and a blob store, and the projects inside them."""
+
+    def __init__(self, index: Index, blobs: BlobStore, *, default_project: str = "default", settings=None):
+        self.index = index
+        self.blobs = blobs
+        self.settings = settings
+        self.default_project = default_project
+        self._projects: dict[str, Project] = {}
+        self._blob_collections: set[str] = set()
+        index.ensure_collection(META)
+
+    # -- projects ------------------------------------------------------------------------------------------
+    def project(self, name: str | None = None) -> "Project":
+        """The project called ``name`` (created on first write; any string of 1-100 visible characters)."""
+        name = self.default_project if name is None else name
+        if not isinstance(name, str) or not 0 < len(name) <= 100 or not name.isprintable():
+            raise QueryError(f"project name {name!r} must be 1 to 100 printable characters")
+        if name not in self._projects:
+            self._projects[name] = Project(self, name)
+        return self._projects[name]
+
+    def projects(self) -> list[str]:
+        """Names of every project that holds at least one document."""
+        names: set[str] = set()
+        for collection in self.index.collections():
+            if collection != META:
+                names.update(v for v in self.index.distinct(collection, "project") if isinstance(v, str))
+        return sorted(names)
+
+    def __getattr__(self, attr: str):
+        # wh.datasets, wh.models, wh.runs, wh.tasks, wh.log... act on the default project
+        if attr.startswith("_") or attr in ("index", "blobs", "settings", "default_project"):
+            raise AttributeError(attr)
+        return getattr(self.project(), attr)
+
+    # -- SQL -----------------------------------------------------------------------------------------------
+    def sql(self, query: str, params: Sequence[Any] | dict = ()) -> list[dict]:
+        """Read-only SQL over the documented views (``runs``, ``metrics``, ``models``...); rows as dicts."""
+        from mlwarehouse.views import ensure_views
+        ensure_views(self.index)
+        return self.index.sql(query, params)
+
+    # -- blob bookkeeping ----------------------------------------------------------------------------------
+    def _note_blob_collection(self, collection: str) -> None:
+        if collection not in self._blob_collections:
+            self.index.update_many(META, {"_id": BLOB_COLLECTIONS_ID}, {"$addToSet": {"names": collection}}) or \
+                self._create_blob_collections_doc(collection)
+            self._blob_collections.add(collection)
+
+    def _create_blob_collections_doc(self, collection: str) -> None:
+        from mlwarehouse.errors import DuplicateKey
+        try:
+            self.index.insert_one(META, {"_id": BLOB_COLLECTIONS_ID, "names": [collection]})
+        except DuplicateKey:  # another process created it first
+            self.index.update_many(META, {"_id": BLOB_COLLECTIONS_ID}, {"$addToSet": {"names": collection}})
+
+    def blob_collections(self) -> list[str]:
+        doc = self.index.find_one(META, {"_id": BLOB_COLLECTIONS_ID})
+        return sorted(doc["names"]) if doc else []
+
+    def referenced_blobs(self, keys: Iterable[str] | None = None) -> set[str]:
+        """Every blob key some document references (restricted to ``keys`` when given)."""
+        wanted = None if keys is None else list(keys)
+        if wanted == []:
+            return set()
+        found: set[str] = set()
+        for collection in self.blob_collections():
+            flt = {} if wanted is None else {"_blobs": {"$in": wanted}}
+            for doc in self.index.find(collection, flt, projection={"_blobs": 1}):
+                found.update(doc.get("_blobs") or ())
+        return found if wanted is None else found & set(wanted)
+
+    def release_blobs(self, deleted: Iterable[dict]) -> int:
+        """After documents were deleted: remove the blobs only they referenced. Returns how many were removed.
+
+        A blob whose modification time is later than the deleting document's time stamp was put again by a
+        writer in flight (content addressing shares bytes), so it is left for ``gc`` and its grace period.
+        """
+        newest: dict[str, float] = {}
+        for doc in deleted:
+            stamp = parse_time(doc["time"]).timestamp() if isinstance(doc.get("time"), str) else 0.0
+            for key in doc.get("_blobs") or ():
+                newest[key] = max(newest.get(key, 0.0), stamp)
+        if not newest:
+            return 0
+        still = self.referenced_blobs(newest)
+        removed = 0
+        for key, stamp in newest.items():
+            if key in still:
+                continue
+            try:
+                info = self.blobs.stat(key)
+            except NotFound:
+                continue
+            if info.mtime <= stamp + 1e-3 and self.blobs.delete(key):
+                removed += 1
+        return removed
+
+    def gc(self, *, grace_seconds: float = 3600.0, dry_run: bool = False) -> GcReport:
+        """Remove blobs no document references and nobody wrote in the last ``grace_seconds``."""
+        report = GcReport(dry_run=dry_run)
+        cutoff = time.time() - grace_seconds
+        referenced = self.referenced_blobs()
+        report.referenced = len(referenced)
+        for info in self.blobs.list():
+            report.scanned += 1
+            if info.key in referenced:
+                continue
+            if info.mtime > cutoff:
+                report.kept_recent += 1
+                continue
+            if dry_run or self.blobs.delete(info.key):
+                report.removed.append(info.key)
+                report.removed_bytes += info.size
+        return report
+
+    def close(self) -> None:
+        for project in self._projects.values():
+            project._close()
+        self.index.close()
+        self.blobs.close()
+
+    def __enter__(self) -> "Warehouse":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        where = self.settings.index_uri if self.settings else self.index.name
+        return f"<Warehouse {where}>"
+
+
+class Project:
+    """A view of the warehouse scoped to one project: every read filters on it, every write is stamped with it."""
+
+    def __init__(self, warehouse: Warehouse, name: str):
+        self.warehouse = warehouse
+        self.name = name
+
+    @property
+    def index(self) -> Index:
+        return self.warehouse.index
+
+    @property
+    def blobs(self) -> BlobStore:
+        return self.warehouse.blobs
+
+    # -- domains -------------------------------------------------------------------------------------------
+    @cached_property
+    def datasets(self):
+        from mlwarehouse.datasets import Datasets
+        return Datasets(self)
+
+    @cached_property
+    def models(self):
+        from mlwarehouse.models import Models
+        return Models(self)
+
+    @cached_property
+    def runs(self):
+        from mlwarehouse.runs import Runs
+        return Runs(self)
+
+    @cached_property
+    def tasks(self):
+        from mlwarehouse.tasks import Tasks
+        return Tasks(self)
+
+    # -- values --------------------------------------------------------------------------------------------
+    def pack(self, value: Any, *, allow_pickle: bool = False) -> Any:
+        """Store the blobs a value needs and return its JSON tree (blob references at the leaves)."""
+        return values.pack(value, self.blobs.put, allow_pickle=allow_pickle)
+
+    def unpack(self, tree: Any, *, allow_pickle: bool = False) -> Any:
+        """Rebuild a value from its JSON tree, reading (and verifying) its blobs."""
+        return values.unpack(tree, self.blobs.get, allow_pickle=allow_pickle)
+
+    # -- documents -----------------------------------------------------------------------------------------
+    def scope(self, filter: Filter | None) -> Filter:
+        """``filter`` restricted to this project."""
+        if not filter:
+            return {"project": self.name}
+        if not isinstance(filter, dict):
+            raise QueryError(f"a filter must be a dict, not {type(filter).__name__}")
+        if "project" in filter:
+            return {"$and": [{"project": self.name}, filter]}
+        return {"project": self.name, **filter}
+
+    def stamp(self, doc: dict) -> dict:
+        """Add ``_id``, ``project``, ``time`` and the ``_blobs`` list to a new document (in place)."""
+        doc.setdefault("_id", new_id())
+        doc["project"] = self.name
+        doc["time"] = utc_now()  # stamped after the blobs were put: release_blobs relies on it
+        keys = values.blob_keys(doc)
+        if keys:
+            doc["_blobs"] = sorted(keys)
+        return doc
+
+    def insert(self, collection: str, doc: dict) -> dict:
+        """Stamp and insert one document whose values are already packed."""
+        self.stamp(doc)
+        if "_blobs" in doc:
+            self.warehouse._note_blob_collection(collection)
+        self.index.insert_one(collection, doc)
+        return doc
+
+    def insert_many(self, collection: str, docs: Iterable[dict]) -> int:
+        """Stamp and insert many documents (any iterable, chunked by the backend)."""
+        def stamped():
+            for doc in docs:
+                self.stamp(doc)
+                if "_blobs" in doc:
+                    self.warehouse._note_blob_collection(collection)
+                yield doc
+        return self.index.insert_many(collection, stamped())
+
+    def find(self, collection: str, filter: Filter | None = None, *, sort: Sort | None = None,
+             limit: int | None = None, skip: int = 0, projection: dict | None = None) -> list[dict]:
+        return list(self.index.find(collection, self.scope(filter), sort=sort, limit=limit, skip=skip,
+                                    projection=projection))
+
+    def find_one(self, collection: str, filter: Filter | None = None, *, sort: Sort | None = None,
+                 projection: dict | None = None) -> dict | None:
+        return self.index.find_one(collection, self.scope(filter), sort=sort, projection=projection)
+
+    def count(self, collection: str, filter: Filter | None = None) -> int:
+        return self.index.count(collection, self.scope(filter))
+
+    def update(self, collection: str, filter: Filter | None, update: dict) -> int:
+        return self.index.update_many(collection, self.scope(filter), update)
+
+    def find_one_and_update(self, collection: str, filter: Filter | None, update: dict, *,
+                            sort: Sort | None = None) -> dict | None:
+        return self.index.find_one_and_update(collection, self.scope(filter), update, sort=sort)
+
+    def delete(self, collection: str, filter: Filter | None = None) -> list[dict]:
+        """Delete matching documents and release the blobs only they referenced; returns the deleted docs."""
+        deleted = self.index.delete_many(collection, self.scope(filter))
+        self.warehouse.release_blobs(deleted)
+        return deleted
+
+    def _close(self) -> None:
+        runs = self.__dict__.get("runs")
+        if runs is not None and hasattr(runs, "close"):
+            runs.close()
+
+    def __repr__(self) -> str:
+        return f"<Project {self.name!r}>"
