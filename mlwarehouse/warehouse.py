@@ -21,6 +21,7 @@ from typing import Any
 
 from mlwarehouse import values
 from mlwarehouse.blobs.base import BlobStore
+from mlwarehouse.documents import validate_document
 from mlwarehouse.errors import NotFound, QueryError
 from mlwarehouse.ids import new_id, parse_time, utc_now
 from mlwarehouse.index.base import Filter, Index, Sort
@@ -181,10 +182,13 @@ class Warehouse:
         return report
 
     def close(self) -> None:
-        for project in self._projects.values():
-            project._close()
-        self.index.close()
-        self.blobs.close()
+        """Flush pending logs, then release the index and the blob store (even if a flush fails)."""
+        try:
+            for project in self._projects.values():
+                project._close()
+        finally:
+            self.index.close()
+            self.blobs.close()
 
     def __enter__(self) -> "Warehouse":
         return self
@@ -267,6 +271,7 @@ class Project:
         """Stamp and insert one document whose values are already packed."""
         self.stamp(doc)
         if "_blobs" in doc:
+            validate_document(doc)  # a bad document must not leave even the bookkeeping below behind
             self.warehouse._note_blob_collection(collection)
         self.index.insert_one(collection, doc)
         return doc
@@ -277,6 +282,7 @@ class Project:
             for doc in docs:
                 self.stamp(doc)
                 if "_blobs" in doc:
+                    validate_document(doc)
                     self.warehouse._note_blob_collection(collection)
                 yield doc
         return self.index.insert_many(collection, stamped())

@@ -1,0 +1,166 @@
+"""The background log writer: no I/O on the caller's thread, batching, errors surfaced, bounded memory, exit."""
+
+from __future__ import annotations
+
+import subprocess
+import threading
+import time
+
+import pytest
+
+import mlwarehouse
+from mlwarehouse.errors import InvalidDocument
+from mlwarehouse.index.sqlite import SQLiteIndex
+from mlwarehouse.logwriter import LogWriter, _BatchIds
+
+from conftest import PYTHON
+
+
+class SlowIndex(SQLiteIndex):
+    """The real SQLite index, with each insert_many slowed down and counted."""
+
+    delay = 0.3
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.inserts: list[int] = []
+
+    def insert_many(self, collection, docs, *, chunk_size=None):
+        time.sleep(self.delay)
+        docs = list(docs)
+        self.inserts.append(len(docs))
+        return super().insert_many(collection, docs, chunk_size=chunk_size)
+
+
+@pytest.fixture
+def slow(tmp_path):
+    index = SlowIndex(tmp_path / "index.sqlite")
+    index.ensure_collection("runs")
+    yield index
+    index.close()
+
+
+def test_put_returns_at_once_and_flush_makes_durable(slow):
+    writer = LogWriter(slow, "p", interval=0.05)
+    start = time.perf_counter()
+    for step in range(2000):
+        writer.put({"run": None, "kind": "train", "step": step, "loss": 1.0, "time": time.time()})
+    assert time.perf_counter() - start < 0.25  # a single write takes 0.3 s: nothing waited for one
+    writer.flush()
+    assert writer.pending == 0 and slow.count("logs") == 2000
+    assert len(slow.inserts) <= 3  # batched, not one write per point
+    docs = list(slow.find("logs", sort=[("step", 1)]))
+    assert docs[0]["project"] == "p" and len(docs[0]["_id"]) == 26 and docs[0]["time"].endswith("Z")
+    assert [d["_id"] for d in docs] == sorted(d["_id"] for d in docs)
+    writer.close()
+
+
+def test_writer_error_is_raised_on_the_next_call_then_logging_goes_on(tmp_path):
+    index = SQLiteIndex(tmp_path / "index.sqlite")
+    writer = LogWriter(index, "p", interval=0.01)
+    writer.put({"run": None, "kind": "train", "x": float("nan")})  # the index refuses NaN: fails in the thread
+    time.sleep(0.2)
+    with pytest.raises(InvalidDocument, match="1 log points were not written"):
+        writer.put({"run": None, "kind": "train", "x": 1.0})
+    writer.put({"run": None, "kind": "train", "x": 2.0})
+    writer.flush()
+    assert sorted(d["x"] for d in index.find("logs")) == [2.0]
+    writer.put({"run": None, "kind": "train", "x": float("inf")})
+    with pytest.raises(InvalidDocument):
+        writer.flush()
+    writer.close()
+    index.close()
+
+
+def test_memory_is_bounded_by_waiting_for_the_writer(slow):
+    slow.delay = 0.05
+    writer = LogWriter(slow, "p", interval=0.01, max_pending=100)
+    seen = []
+    watcher = threading.Thread(target=lambda: [seen.append(len(writer._pending)) or time.sleep(0.002)
+                                               for _ in range(300)])
+    watcher.start()
+    for step in range(1000):
+        writer.put({"run": None, "kind": "train", "step": step})
+    watcher.join()
+    writer.close()
+    assert max(seen) <= 100 and slow.count("logs") == 1000
+
+
+def test_summaries_kept_in_memory_and_written_per_batch(wh):
+    run = wh.runs.start("r")
+    writer = wh.runs.writer
+    for step in range(12000):  # more than one batch
+        run.log(step=step, loss=float(12000 - step), acc=step % 7)
+    run.log("valid", acc=None)
+    run.flush()
+    summary = wh.runs.get(run.id).summary
+    assert summary["train"]["loss"] == {"last": 1.0, "last_step": 11999, "min": 1.0, "min_step": 11999,
+                                        "max": 12000.0, "max_step": 0, "count": 12000, "nulls": 0}
+    assert summary["train"]["acc"]["max"] == 6 and summary["train"]["acc"]["max_step"] == 6
+    assert summary["valid"]["acc"] == {"count": 0, "nulls": 1}
+    assert run.id in writer._summaries
+    run.finish()
+    run.log("late", x=1.0)  # a finished run may still log: its summaries are reloaded from the index
+    run.flush()
+    assert wh.runs.get(run.id).summary["train"]["loss"]["count"] == 12000
+    assert wh.runs.get(run.id).summary["late"]["x"]["count"] == 1
+
+
+def test_close_is_final(tmp_path):
+    index = SQLiteIndex(tmp_path / "index.sqlite")
+    writer = LogWriter(index, "p")
+    writer.put({"run": None, "kind": "t", "x": 1})
+    writer.close()
+    writer.close()
+    assert index.count("logs") == 1 and not writer._thread.is_alive()
+    with pytest.raises(mlwarehouse.BackendError, match="closed"):
+        writer.put({"run": None, "kind": "t", "x": 2})
+    index.close()
+
+
+def test_pending_points_are_flushed_at_interpreter_exit(tmp_path, subprocess_env):
+    script = (
+        "import mlwarehouse\n"
+        "wh = mlwarehouse.connect()\n"
+        "run = wh.runs.start('exit')\n"
+        "for i in range(3000):\n"
+        "    run.log(step=i, loss=1.0)\n"
+        "print(run.id)\n"  # no finish, no close: atexit must write the points
+    )
+    proc = subprocess.run([PYTHON, "-c", script], env=subprocess_env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    with mlwarehouse.connect(home=tmp_path / "wh") as wh:
+        run = wh.runs.get(proc.stdout.strip())
+        assert wh.project().count("logs", {"run": run.id}) == 3000
+        assert run.summary["train"]["loss"]["count"] == 3000
+
+
+def test_forked_child_logs_on_its_own(tmp_path, subprocess_env):
+    script = (
+        "import os, mlwarehouse\n"
+        "wh = mlwarehouse.connect()\n"
+        "run = wh.runs.start('fork')\n"
+        "run.log(step=0, loss=1.0)\n"
+        "run.flush()\n"
+        "run.log(step=1, loss=1.0)\n"  # queued in the parent when it forks: written once, by the parent
+        "pid = os.fork()\n"
+        "if pid == 0:\n"
+        "    run.log('child', step=0, x=2.0)\n"
+        "    run.flush()\n"
+        "    os._exit(0)\n"
+        "os.waitpid(pid, 0)\n"
+        "run.finish()\n"
+        "print(run.id)\n"
+    )
+    proc = subprocess.run([PYTHON, "-c", script], env=subprocess_env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    with mlwarehouse.connect(home=tmp_path / "wh") as wh:
+        logs = wh.runs.find_logs(run=proc.stdout.strip(), sort=[("kind", 1), ("step", 1)])
+        assert [(d["kind"], d["step"]) for d in logs] == [("child", 0), ("train", 0), ("train", 1)]
+
+
+def test_batch_ids_are_unique_sorted_ulids():
+    make = _BatchIds()
+    ids = make(5000) + make(3) + make(1)
+    assert len(set(ids)) == len(ids) and ids == sorted(ids) and {len(i) for i in ids} == {26}
+    assert all(c in "0123456789ABCDEFGHJKMNPQRSTVWXYZ" for c in "".join(ids[:50]))

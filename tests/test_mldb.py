@@ -1,0 +1,85 @@
+"""The MLDB facade: experiment statuses, loss and metric values, MLDB's tables through SQL and a cursor."""
+
+from __future__ import annotations
+
+import pytest
+
+import mlwarehouse
+from mlwarehouse.errors import InvalidDocument, QueryError
+from mlwarehouse.mldb import Database
+
+
+@pytest.fixture
+def db(tmp_path):
+    with Database(home=tmp_path / "wh") as database:
+        yield database
+
+
+def test_the_mldb_readme_example(db):
+    db.set_exp_status("exp1", "TRAINING")
+    db.add_loss_value("exp1", "train", 0, 0.9)
+    db.set_exp_status("exp2", "COMPLETE")
+    db.cursor.execute('SELECT EXP_ID FROM STATUS WHERE STATUS.STATUS="COMPLETE";')
+    assert db.cursor.fetchall() == [("exp2",)]
+    db.cursor.execute('SELECT EXP_ID FROM STATUS WHERE STATUS.STATUS="TRAINING"')
+    assert db.cursor.fetchone() == ("exp1",) and db.cursor.fetchone() is None
+
+
+def test_statuses_map_to_runs_and_keep_the_original(db):
+    db.set_exp_status("e", "TRAINING")
+    run = db.run("e")
+    assert run.status == "running" and run.mldb_status == "TRAINING"
+    db.set_exp_status("e", "FAILED")
+    assert db.project.runs.get(run.id).status == "failed"
+    db.set_exp_status("e", "queued")  # unknown strings count as running, kept as given
+    again = db.project.runs.get(run.id)
+    assert (again.status, again.mldb_status, again.ended) == ("running", "queued", None)
+    db.set_exp_status("e", "Complete")
+    assert db.sql("select STATUS from STATUS") == [{"STATUS": "Complete"}]
+    assert db.project.runs.get(run.id).status == "complete"
+    assert len(db.project.runs.find({"name": "e"})) == 1
+    db.project.runs.start("plain").finish()
+    assert db.sql("select STATUS from STATUS where EXP_ID = 'plain'") == [{"STATUS": "COMPLETE"}]
+    with pytest.raises(QueryError):
+        db.set_exp_status("", "COMPLETE")
+
+
+def test_loss_and_metric_tables(db):
+    for epoch, (train, valid) in enumerate([(0.9, 1.0), (0.5, 0.7)]):
+        db.add_loss_value("exp", "train", epoch, train)
+        db.add_loss_value("exp", "valid", epoch, valid)
+        db.add_metric_value("exp", "f1", epoch, 0.5 + epoch / 10)
+    db.add_hyperparam("exp", "lr", 0.01)
+    cur = db.cursor.execute("SELECT * FROM LOSS ORDER BY KIND, EPOCH")
+    assert [d[0] for d in cur.description] == ["EXP_ID", "KIND", "EPOCH", "VALUE"]
+    assert cur.fetchall() == [("exp", "train", 0, 0.9), ("exp", "train", 1, 0.5),
+                              ("exp", "valid", 0, 1.0), ("exp", "valid", 1, 0.7)]
+    cur = db.cursor.execute("SELECT * FROM METRICS WHERE NAME = ?", ["f1"])
+    assert [d[0] for d in cur.description] == ["EXP_ID", "NAME", "EPOCH", "VALUE"]
+    assert cur.fetchmany(1) == [("exp", "f1", 0, 0.5)] and cur.fetchall() == [("exp", "f1", 1, 0.6)]
+    run = db.run("exp")
+    stored = db.project.runs.get(run.id)
+    assert stored.summary["valid"]["loss"]["min"] == 0.7 and stored.hyper_parameters == {"lr": 0.01}
+    with pytest.raises(InvalidDocument):
+        db.add_metric_value("exp", "not a name", 0, 1.0)
+
+
+def test_sql_keeps_the_warehouse_views_and_user_ctes(db):
+    db.add_loss_value("exp", "train", 0, 0.9)
+    rows = db.sql("WITH t AS (SELECT 2 AS k) SELECT count(*) AS n, max(t.k) AS k FROM main.metrics, t")
+    assert rows == [{"n": 1, "k": 2}]
+    assert db.sql("select name from runs") == [{"name": "exp"}]
+    assert db.cursor.execute("select count(*) from LOSS").fetchall() == [(1,)]
+    with pytest.raises(QueryError):
+        db.sql("delete from c_runs")
+
+
+def test_projects_are_separate(tmp_path):
+    with Database(home=tmp_path / "wh") as one, Database(home=tmp_path / "wh", project="two") as two:
+        one.set_exp_status("a", "TRAINING")
+        two.set_exp_status("b", "TRAINING")
+        assert one.sql("select EXP_ID from STATUS") == [{"EXP_ID": "a"}]
+        assert two.sql("select EXP_ID from STATUS") == [{"EXP_ID": "b"}]
+    with mlwarehouse.connect(home=tmp_path / "wh") as wh:
+        assert wh.sql("select EXP_ID, project from mldb_status order by project") == [
+            {"EXP_ID": "a", "project": "mldb"}, {"EXP_ID": "b", "project": "two"}]
