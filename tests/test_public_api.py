@@ -1,0 +1,31 @@
+"""The public surface is pinned: what `import mlwarehouse` exports, and the exception tree."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import mlwarehouse
+from mlwarehouse import errors
+
+
+def test_exported_members():
+    assert sorted(mlwarehouse.__all__) == sorted([
+        "connect", "Warehouse", "Project", "GcReport", "TensorHub", "current_run", "current_task",
+        "register_codec", "WarehouseError", "ConfigError", "QueryError", "InvalidDocument", "CodecError",
+        "PickleNotAllowed", "NotFound", "DuplicateKey", "IntegrityError", "BackendError", "Unavailable",
+        "TaskError", "TaskFailed", "__version__",
+    ])
+    for name in mlwarehouse.__all__:
+        assert getattr(mlwarehouse, name) is not None, name
+
+
+def test_every_error_is_a_warehouse_error():
+    for name in errors.__all__:
+        assert issubclass(getattr(errors, name), errors.WarehouseError), name
+
+
+def test_import_is_light():
+    code = "import sys, mlwarehouse; print('torch' in sys.modules, 'sqlite3' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split()[0] == "False"  # torch is optional and only imported when a model needs it
