@@ -78,4 +78,7 @@ def open_blobs(uri: str):
         from mlwarehouse.blobs.files import FileBlobStore
         root = Path(unquote(parsed.path) if parsed.scheme == "file" else uri).expanduser().absolute()
         return FileBlobStore(root)
-    raise ConfigError(f"no blob backend for {parsed.scheme!r} URIs yet ({uri!r}); use a folder")
+    if parsed.scheme == "s3":
+        from mlwarehouse.blobs.s3 import S3BlobStore
+        return S3BlobStore(uri)
+    raise ConfigError(f"no blob backend for {parsed.scheme!r} URIs yet ({uri!r}); use a folder or s3://bucket/prefix")

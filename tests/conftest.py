@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from mlwarehouse.testing.servers import s3_server  # noqa: F401  (session-scoped SeaweedFS)
+
 ROOT = Path(__file__).resolve().parent.parent
 
 

@@ -1,0 +1,472 @@
+"""Blobs in an S3-compatible object store (AWS S3, SeaweedFS, MinIO, Ceph): ``s3://bucket/prefix/ab/cd/<sha256>``.
+
+Settings come from the arguments, the URI's query (``s3://bucket/prefix?endpoint_url=http://host:8333&region=x``)
+or the standard AWS environment (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``,
+``AWS_REGION`` / ``AWS_DEFAULT_REGION``, profiles). The bucket is checked when the store opens, so an unreachable
+server, refused credentials or a missing bucket fail at once with an error that says what to fix.
+
+Writes: a put first asks whether the key exists (HEAD). A new blob is sent with ``If-None-Match: *`` (a
+concurrent writer of the same bytes wins harmlessly) and its sha256 as ``x-amz-checksum-sha256``, so the server
+rejects bytes damaged on the way; blobs from ``multipart_threshold`` (64 MiB) up go as parallel multipart uploads.
+
+Modification time and gc: S3 cannot touch an object, so putting bytes that already exist refreshes their
+``LastModified`` with a server-side copy onto itself (no bytes travel), when the object is older than
+``refresh_after`` seconds (default 0: always, as the file store does, which keeps ``release_blobs``' check of a
+re-put blob exact; raise it to save copies of large blobs at the cost of that check). S3 stamps whole seconds, so
+``stat`` and ``list`` report the end of that second: a blob is never seen as older than it is. Server and client
+clocks must agree to within the grace period that ``gc`` is given.
+
+Reads verify the sha256 (IntegrityError on mismatch). With ``cache_dir`` a size-bounded local copy of blobs read
+whole is kept (content-addressed, so never stale; a blob deleted by another process may still be served from it).
+Every botocore/boto3 error is translated in one place, :func:`map_error`.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import os
+import tempfile
+import threading
+import time
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime
+from typing import BinaryIO
+from urllib.parse import parse_qs, urlparse
+
+from mlwarehouse.blobs.base import BlobInfo, BlobStore, blob_key, check_key
+from mlwarehouse.blobs.files import FileBlobStore
+from mlwarehouse.errors import (BackendError, ConfigError, IntegrityError, NotFound, Unavailable,
+                                WarehouseError)
+from mlwarehouse.ids import utc_now
+
+try:
+    import boto3
+    from boto3.exceptions import Boto3Error
+    from boto3.s3.transfer import TransferConfig
+    from botocore import exceptions as bx
+    from botocore.config import Config
+except ImportError as exc:  # pragma: no cover - boto3 is an optional dependency
+    raise ConfigError("s3:// blob stores need boto3: pip install 'mlwarehouse[s3]'") from exc
+
+__all__ = ["S3BlobStore", "map_error"]
+
+_DRIVER_ERRORS = (bx.ClientError, bx.BotoCoreError, Boto3Error)
+_CHUNK = 8 << 20
+_MAX_COPY = 5 << 30  # the largest object a single CopyObject accepts
+_STALE_UPLOAD_S = 3600
+_HEX = frozenset("0123456789abcdef")
+_CREDENTIAL_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "InvalidToken",
+                     "ExpiredToken", "TokenRefreshRequired", "InvalidSecurity", "AuthorizationHeaderMalformed"}
+_BUSY_CODES = {"SlowDown", "ServiceUnavailable", "RequestTimeout", "Throttling", "ThrottlingException",
+               "RequestLimitExceeded", "InternalError", "503", "500"}
+_CONFIG_ERRORS = (bx.NoCredentialsError, bx.PartialCredentialsError, bx.CredentialRetrievalError,
+                  bx.NoAuthTokenError, bx.TokenRetrievalError, bx.SSOError, bx.LoginError, bx.ProfileNotFound,
+                  bx.UnknownCredentialError, bx.RefreshWithMFAUnsupportedError, bx.MetadataRetrievalError,
+                  bx.InvalidConfigError, bx.BaseEndpointResolverError, bx.EndpointProviderError,
+                  bx.InvalidRegionError, bx.InvalidS3AddressingStyleError, bx.InvalidDNSNameError)
+_UNREACHABLE = (bx.ConnectionError, bx.HTTPClientError, bx.IncompleteReadError)  # timeouts, refused, cut short
+
+
+def _code(exc: bx.ClientError) -> tuple[str, int | None]:
+    """The error code and HTTP status of a ClientError."""
+    return (str(exc.response.get("Error", {}).get("Code", "")),
+            exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode"))
+
+
+def map_error(exc: BaseException, *, endpoint: str, bucket: str, access_key: str | None = None,
+              key: str | None = None) -> WarehouseError:
+    """Translate a botocore/boto3 exception into the mlwarehouse error tree (the one place that does)."""
+    where = f"s3://{bucket} at {endpoint}"
+    if isinstance(exc, Boto3Error) and isinstance(exc.__cause__, _DRIVER_ERRORS):
+        return map_error(exc.__cause__, endpoint=endpoint, bucket=bucket, access_key=access_key, key=key)
+    if isinstance(exc, bx.ClientError):
+        code, status = _code(exc)
+        message = exc.response.get("Error", {}).get("Message", "")
+        detail = f"{exc.operation_name}: {code} {message}".strip()
+        if code == "NoSuchBucket" or (exc.operation_name == "HeadBucket" and (code in ("404", "NotFound")
+                                                                            or status == 404)):
+            return ConfigError(f"the bucket {bucket!r} does not exist at {endpoint}: create it (for example "
+                               f"`aws s3 mb s3://{bucket} --endpoint-url {endpoint}`) or fix the URI")
+        if code in ("NoSuchKey", "404", "NotFound") or status == 404:
+            return NotFound(f"blob {key} not found in {where}" if key else f"not found in {where} ({detail})")
+        if code in _CREDENTIAL_CODES or status in (401, 403):
+            return Unavailable(f"{where} refused the access key id {access_key!r} ({detail}): check the "
+                               f"credentials (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or access_key / "
+                               f"secret_key) and the bucket's permissions")
+        if code in ("BadDigest", "InvalidDigest", "XAmzContentSHA256Mismatch"):
+            return IntegrityError(f"{where} received bytes that do not match their checksum ({detail})")
+        if code in _BUSY_CODES or (status or 0) >= 500:
+            return Unavailable(f"{where} failed after retries ({detail}): the server is overloaded or down")
+        return BackendError(f"S3 request failed at {where} ({detail})")
+    if isinstance(exc, _CONFIG_ERRORS):
+        return ConfigError(f"S3 settings for {where} are incomplete or wrong: {exc} (set AWS_ACCESS_KEY_ID, "
+                           f"AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL, AWS_REGION or pass them to the store)")
+    if isinstance(exc, (bx.FlexibleChecksumError, bx.ChecksumError)):
+        return IntegrityError(f"bytes from {where} failed their transfer checksum: {exc}")
+    if isinstance(exc, _UNREACHABLE):
+        return Unavailable(f"cannot reach the S3 endpoint {endpoint} ({type(exc).__name__}: {exc}): check the "
+                           f"endpoint_url / AWS_ENDPOINT_URL and that the server is running")
+    return BackendError(f"S3 error at {where}: {type(exc).__name__}: {exc}")
+
+
+_session_lock = threading.Lock()
+_session = None
+
+
+def _shared_client(**options):
+    """An S3 client from one shared session (creating clients is not thread-safe; the service model is cached)."""
+    global _session
+    with _session_lock:
+        if _session is None:
+            _session = boto3.session.Session()
+        return _session.client("s3", **options)
+
+
+def _mtime(stamp: datetime) -> float:
+    """LastModified as epoch seconds; whole-second stamps are moved to the end of their second (never too old)."""
+    seconds = stamp.timestamp()
+    return seconds + 1.0 if stamp.microsecond == 0 else seconds
+
+
+class _ReadCache:
+    """Local copies of blobs read whole, bounded to ``max_bytes`` (least recently used go first)."""
+
+    def __init__(self, root: str | os.PathLike, max_bytes: int):
+        self.files = FileBlobStore(root, fsync=False)
+        self.max_bytes = max_bytes
+        self._lock = threading.Lock()
+        self._used = sum(info.size for info in self.files.list())
+
+    def get(self, key: str) -> bytes | None:
+        try:
+            data = self.files.get(key)
+        except (NotFound, IntegrityError, BackendError):
+            self.discard(key)
+            return None
+        try:
+            os.utime(self.files.root / key[:2] / key[2:4] / key)  # recently used: evicted last
+        except OSError:
+            pass
+        return data
+
+    def get_range(self, key: str, start: int, length: int) -> bytes | None:
+        try:
+            return self.files.get_range(key, start, length)
+        except (NotFound, BackendError):
+            return None
+
+    def add(self, data: bytes) -> None:
+        if len(data) > self.max_bytes // 4:  # one big blob must not flush everything else
+            return
+        try:
+            self.files.put(data)
+        except BackendError as exc:
+            warnings.warn(f"the S3 read cache in {self.files.root} cannot store a blob: {exc}", stacklevel=3)
+            return
+        with self._lock:
+            self._used += len(data)
+            if self._used > self.max_bytes:
+                self._evict()
+
+    def _evict(self) -> None:
+        infos = sorted(self.files.list(), key=lambda i: i.mtime)
+        used = sum(i.size for i in infos)
+        for info in infos:
+            if used <= self.max_bytes * 0.8:
+                break
+            if self.files.delete(info.key):
+                used -= info.size
+        self._used = used
+
+    def discard(self, key: str) -> None:
+        try:
+            self.files.delete(key)
+        except BackendError:
+            pass
+
+
+class _HashingReader(io.RawIOBase):
+    """A read-only, non-seekable view of a file that hashes what is read (checks a streamed upload)."""
+
+    def __init__(self, source: BinaryIO):
+        self.source = source
+        self.digest = hashlib.sha256()
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, n: int = -1) -> bytes:
+        chunk = self.source.read(n)
+        self.digest.update(chunk)
+        return chunk
+
+
+class S3BlobStore(BlobStore):
+    """Content-addressed blobs in ``s3://bucket/prefix``; see the module notes for writes, mtimes and the cache."""
+
+    name = "s3"
+    supports_ranges = True
+
+    def __init__(self, uri: str, *, endpoint_url: str | None = None, region: str | None = None,
+                 access_key: str | None = None, secret_key: str | None = None,
+                 cache_dir: str | os.PathLike | None = None, cache_bytes: int = 1 << 30,
+                 multipart_threshold: int = 64 << 20, refresh_after: float = 0.0, connect_timeout: float = 3.0,
+                 read_timeout: float = 60.0, max_attempts: int = 4, check: bool = True):
+        parsed = urlparse(uri)
+        if parsed.scheme != "s3" or not parsed.netloc:
+            raise ConfigError(f"not an S3 URI: {uri!r} (write s3://bucket/prefix)")
+        query = {k: v[-1] for k, v in parse_qs(parsed.query).items()}
+        unknown = set(query) - {"endpoint_url", "region", "cache_dir"}
+        if unknown:
+            raise ConfigError(f"unknown S3 URI parameter(s) {sorted(unknown)} in {uri!r}; "
+                              f"known: endpoint_url, region, cache_dir (credentials come from the environment)")
+        self.bucket = parsed.netloc
+        self.prefix = parsed.path.strip("/")
+        self._root = f"{self.prefix}/" if self.prefix else ""
+        endpoint_url = (endpoint_url or query.get("endpoint_url") or os.environ.get("AWS_ENDPOINT_URL_S3")
+                        or os.environ.get("AWS_ENDPOINT_URL"))
+        region = (region or query.get("region") or os.environ.get("AWS_REGION")
+                  or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1")
+        self.multipart_threshold = multipart_threshold
+        self.refresh_after = refresh_after
+        self._conditional = True  # If-None-Match and sha256 checksums, until a server says it has neither
+        self.endpoint = endpoint_url or "AWS S3"
+        self.access_key_id: str | None = None
+        try:
+            config = Config(retries={"mode": "standard", "max_attempts": max_attempts},
+                            connect_timeout=connect_timeout, read_timeout=read_timeout, max_pool_connections=32,
+                            s3={"addressing_style": "path"} if endpoint_url else None)
+            if access_key and secret_key:  # a shared session keeps the parsed service model: clients open fast
+                self.access_key_id = access_key
+                self._client = _shared_client(endpoint_url=endpoint_url, region_name=region, config=config,
+                                              aws_access_key_id=access_key, aws_secret_access_key=secret_key)
+            else:  # profiles, environment, roles: a session of its own, whose credentials may refresh
+                session = boto3.session.Session(aws_access_key_id=access_key, aws_secret_access_key=secret_key,
+                                                region_name=region)
+                credentials = session.get_credentials()
+                if credentials is None:
+                    raise ConfigError(f"no S3 credentials for s3://{self.bucket}: set AWS_ACCESS_KEY_ID and "
+                                      f"AWS_SECRET_ACCESS_KEY (or a profile), or pass access_key and secret_key")
+                self.access_key_id = credentials.access_key
+                self._client = session.client("s3", endpoint_url=endpoint_url, config=config)
+        except _DRIVER_ERRORS as exc:
+            raise self._error(exc) from exc
+        self.endpoint = self._client.meta.endpoint_url
+        self._transfer = TransferConfig(multipart_threshold=multipart_threshold, multipart_chunksize=16 << 20,
+                                        max_concurrency=4)
+        cache_dir = cache_dir or query.get("cache_dir")
+        self._cache = _ReadCache(cache_dir, cache_bytes) if cache_dir else None
+        if check:
+            with self._boundary():
+                self._client.head_bucket(Bucket=self.bucket)
+
+    def __repr__(self) -> str:
+        return f"S3BlobStore('s3://{self.bucket}/{self.prefix}', endpoint_url={self.endpoint!r})"
+
+    def _name(self, key: str) -> str:
+        check_key(key)
+        return f"{self._root}{key[:2]}/{key[2:4]}/{key}"
+
+    def _error(self, exc: BaseException, key: str | None = None) -> WarehouseError:
+        return map_error(exc, endpoint=self.endpoint, bucket=self.bucket, access_key=self.access_key_id, key=key)
+
+    @contextmanager
+    def _boundary(self, key: str | None = None):
+        """Every driver call runs in here, so that no botocore/boto3 error escapes untranslated."""
+        try:
+            yield
+        except _DRIVER_ERRORS as exc:
+            raise self._error(exc, key) from exc
+
+    # -- writing ---------------------------------------------------------------------------------------------
+
+    def put(self, data: bytes | bytearray | memoryview) -> str:
+        key = blob_key(data)
+        if self._refresh_if_exists(key):
+            return key
+        body = data if isinstance(data, (bytes, bytearray)) else bytes(data)
+        if len(body) >= self.multipart_threshold:
+            self._upload(key, io.BytesIO(body))
+        else:
+            self._put_object(key, body)
+        return key
+
+    def put_file(self, source: str | os.PathLike | BinaryIO) -> tuple[str, int]:
+        """Store a file (a path or a binary file object) by streaming it; returns ``(key, size)``.
+
+        The key must be known before the upload, so the file is hashed first (a stream that cannot seek is
+        spooled to a temporary file on the way), then sent; the upload is hashed again and removed if the file
+        changed in between.
+        """
+        if isinstance(source, (str, os.PathLike)):
+            try:
+                with open(source, "rb") as f:
+                    return self.put_file(f)
+            except FileNotFoundError as exc:
+                raise NotFound(f"no file to store at {source}") from exc
+        seekable = getattr(source, "seekable", lambda: False)()
+        spool = None if seekable else tempfile.TemporaryFile()
+        try:
+            start = source.tell() if seekable else 0
+            digest, size = hashlib.sha256(), 0
+            while chunk := source.read(_CHUNK):
+                digest.update(chunk)
+                size += len(chunk)
+                if spool is not None:
+                    spool.write(chunk)
+            stream = source if spool is None else spool
+            stream.seek(start)
+            key = digest.hexdigest()
+            if self._refresh_if_exists(key):
+                return key, size
+            if size < self.multipart_threshold:
+                self._put_object(key, stream.read(size))
+                return key, size
+            reader = _HashingReader(stream)
+            self._upload(key, reader)
+            if reader.digest.hexdigest() != key:
+                self.delete(key)
+                raise IntegrityError(f"the file changed while it was stored in s3://{self.bucket}; nothing kept")
+            return key, size
+        finally:
+            if spool is not None:
+                spool.close()
+
+    def _put_object(self, key: str, body: bytes | bytearray) -> None:
+        args = {"Bucket": self.bucket, "Key": self._name(key), "Body": body}
+        if self._conditional:
+            args.update(IfNoneMatch="*", ChecksumSHA256=base64.b64encode(bytes.fromhex(key)).decode())
+        try:
+            self._client.put_object(**args)
+        except bx.ClientError as exc:
+            code, status = _code(exc)
+            if code in ("PreconditionFailed", "ConditionalRequestConflict") or status == 412:
+                return  # another writer stored these same bytes a moment ago
+            if self._conditional and (code == "NotImplemented" or status == 501):
+                self._conditional = False
+                return self._put_object(key, body)
+            raise self._error(exc, key) from exc
+        except _DRIVER_ERRORS as exc:
+            raise self._error(exc, key) from exc
+
+    def _upload(self, key: str, stream: BinaryIO) -> None:
+        with self._boundary(key):
+            self._client.upload_fileobj(stream, self.bucket, self._name(key), Config=self._transfer)
+
+    def _refresh_if_exists(self, key: str) -> bool:
+        """Refresh LastModified of an existing blob (gc's grace period); False if it is not there."""
+        try:
+            head = self._head(key)
+        except NotFound:
+            return False
+        if time.time() - head["LastModified"].timestamp() < self.refresh_after:
+            return True
+        name = self._name(key)
+        source = {"Bucket": self.bucket, "Key": name}
+        touched = {"MetadataDirective": "REPLACE", "Metadata": {"mlw-touched": utc_now()}}
+        try:
+            with self._boundary(key):
+                if head["ContentLength"] <= _MAX_COPY:
+                    self._client.copy_object(Bucket=self.bucket, Key=name, CopySource=source, **touched)
+                else:
+                    self._client.copy(source, self.bucket, name, ExtraArgs={"Metadata": touched["Metadata"]},
+                                      Config=self._transfer)
+        except NotFound:  # deleted between the HEAD and the copy: store it again
+            return False
+        return True
+
+    # -- reading ---------------------------------------------------------------------------------------------
+
+    def _head(self, key: str) -> dict:
+        name = self._name(key)
+        with self._boundary(key):
+            return self._client.head_object(Bucket=self.bucket, Key=name)
+
+    def get(self, key: str) -> bytes:
+        name = self._name(key)
+        if self._cache and (data := self._cache.get(key)) is not None:
+            return data
+        with self._boundary(key):
+            data = self._client.get_object(Bucket=self.bucket, Key=name)["Body"].read()
+        actual = blob_key(data)
+        if actual != key:
+            raise IntegrityError(f"blob {key} is corrupted: s3://{self.bucket}/{name} hashes to {actual}")
+        if self._cache:
+            self._cache.add(data)
+        return data
+
+    def get_range(self, key: str, start: int, length: int) -> bytes:
+        if start < 0 or length < 0:
+            raise ValueError(f"get_range needs start >= 0 and length >= 0, got {start} and {length}")
+        name = self._name(key)
+        if self._cache and (data := self._cache.get_range(key, start, length)) is not None:
+            return data
+        if length == 0:
+            self._head(key)  # NotFound when missing, as for any other length
+            return b""
+        try:
+            reply = self._client.get_object(Bucket=self.bucket, Key=name, Range=f"bytes={start}-{start + length - 1}")
+            data = reply["Body"].read()
+        except bx.ClientError as exc:
+            if _code(exc)[0] == "InvalidRange" or _code(exc)[1] == 416:  # start is at or past the end
+                return b""
+            raise self._error(exc, key) from exc
+        except _DRIVER_ERRORS as exc:
+            raise self._error(exc, key) from exc
+        return data if "ContentRange" in reply else data[start:start + length]  # a server that ignored Range
+
+    def exists(self, key: str) -> bool:
+        try:
+            self._head(key)
+            return True
+        except NotFound:  # missing, or not a key: nothing can be stored under it
+            return False
+
+    def stat(self, key: str) -> BlobInfo:
+        head = self._head(key)
+        return BlobInfo(key, head["ContentLength"], _mtime(head["LastModified"]))
+
+    def delete(self, key: str) -> bool:
+        name = self._name(key)
+        if self._cache:
+            self._cache.discard(key)
+        if not self.exists(key):
+            return False
+        with self._boundary(key):
+            self._client.delete_object(Bucket=self.bucket, Key=name)
+        return True
+
+    def list(self) -> Iterator[BlobInfo]:
+        """Every blob under the prefix, page by page; aborts multipart uploads left for over an hour."""
+        self._abort_stale_uploads()
+        with self._boundary():
+            for page in self._client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket,
+                                                                              Prefix=self._root):
+                for obj in page.get("Contents", ()):
+                    parts = obj["Key"][len(self._root):].split("/")
+                    if (len(parts) == 3 and len(parts[2]) == 64 and _HEX.issuperset(parts[2])
+                            and parts[2].startswith(parts[0] + parts[1]) and len(parts[0]) == len(parts[1]) == 2):
+                        yield BlobInfo(parts[2], obj["Size"], _mtime(obj["LastModified"]))
+
+    def _abort_stale_uploads(self) -> None:
+        stale_before = time.time() - _STALE_UPLOAD_S
+        try:
+            pages = self._client.get_paginator("list_multipart_uploads").paginate(Bucket=self.bucket,
+                                                                                  Prefix=self._root)
+            for page in pages:
+                for upload in page.get("Uploads", ()):
+                    if upload["Initiated"].timestamp() < stale_before:
+                        self._client.abort_multipart_upload(Bucket=self.bucket, Key=upload["Key"],
+                                                            UploadId=upload["UploadId"])
+        except bx.ClientError as exc:
+            if _code(exc)[0] != "NotImplemented":  # a server without the call simply has nothing to clean
+                raise self._error(exc) from exc
+        except _DRIVER_ERRORS as exc:
+            raise self._error(exc) from exc
+
+    def close(self) -> None:
+        self._client.close()
