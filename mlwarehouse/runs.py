@@ -253,7 +253,9 @@ class Runs:
         index = self.project.index
         index.ensure_collection(RUNS, scalar_fields=["name", "status", "task", "project"])
         index.ensure_collection(LOGS, scalar_fields=["run", "kind", "project"])
-        index.create_index(LOGS, [("run", 1), ("kind", 1), ("step", 1)])
+        # (run, kind) and not (run, kind, step): keeping a step index up to date cost a third of the logging
+        # throughput, and reading a run's history was no faster with it (1.8 s for 200k points either way).
+        index.create_index(LOGS, [("run", 1), ("kind", 1)])
         index.create_index(RUNS, [("name", 1)])
         self._ready = True
 
