@@ -10,9 +10,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from mlwarehouse.errors import DuplicateKey, InvalidDocument, NotFound, QueryError
+from mlwarehouse.errors import DuplicateKey, InvalidDocument, NotFound
 from mlwarehouse.fields import normalize_fields, normalize_value
-from mlwarehouse.records import Record
+from mlwarehouse.records import Record, check_name, name_filter
 
 __all__ = ["Datasets", "DatasetRecord"]
 
@@ -51,7 +51,7 @@ class Datasets:
         The blobs are written (and durable) before the document, so a crash never leaves a dataset whose bytes
         are missing. ``version`` defaults to one more than the highest integer version of this name.
         """
-        _check_name(name)
+        check_name("dataset", name)
         if version is not None and (not isinstance(version, (str, int)) or isinstance(version, bool)):
             raise InvalidDocument(f"version must be a string or an integer, not {version!r}")
         extra = normalize_fields(fields)
@@ -78,19 +78,20 @@ class Datasets:
 
     def delete(self, name: str | None = None, *, where: dict | None = None) -> int:
         """Delete matching dataset versions and the blobs only they used; returns how many were deleted."""
-        return len(self.project.delete(COLLECTION, _filter(name, where)))
+        return len(self.project.delete(COLLECTION, name_filter("dataset", name, where)))
 
     # -- reading -------------------------------------------------------------------------------------------
     def find(self, name: str | None = None, *, where: dict | None = None, sort=None, limit: int | None = None,
              skip: int = 0) -> list[DatasetRecord]:
         """Every matching version (newest first unless ``sort`` says otherwise)."""
-        docs = self.project.find(COLLECTION, _filter(name, where), sort=sort or NEWEST, limit=limit, skip=skip)
+        flt = name_filter("dataset", name, where)
+        docs = self.project.find(COLLECTION, flt, sort=sort or NEWEST, limit=limit, skip=skip)
         return [DatasetRecord(doc, self) for doc in docs]
 
     def get(self, name: str | None = None, *, version: str | int | None = None, where: dict | None = None,
             sort=None) -> DatasetRecord:
         """The top matching version (newest unless ``sort`` says otherwise); NotFound if none matches."""
-        flt = _filter(name, where)
+        flt = name_filter("dataset", name, where)
         if version is not None:
             flt = {"$and": [flt, {"version": version}]} if flt else {"version": version}
         doc = self.project.find_one(COLLECTION, flt, sort=sort or NEWEST)
@@ -108,18 +109,3 @@ class Datasets:
 
     def names(self) -> list[str]:
         return self.project.index.distinct(COLLECTION, "name", self.project.scope(None))
-
-
-def _check_name(name: Any) -> None:
-    if not isinstance(name, str) or not name or len(name) > 200:
-        raise InvalidDocument(f"a dataset name must be a non-empty string of at most 200 characters, not {name!r}")
-
-
-def _filter(name: str | None, where: dict | None) -> dict:
-    if where is not None and not isinstance(where, dict):
-        raise QueryError(f"where must be a filter dict, not {type(where).__name__}")
-    flt = dict(where or {})
-    if name is not None:
-        _check_name(name)
-        flt = {"$and": [{"name": name}, flt]} if "name" in flt else {**flt, "name": name}
-    return flt

@@ -24,7 +24,7 @@ from mlwarehouse.checkpoints import Retention
 from mlwarehouse.errors import CodecError, InvalidDocument, NotFound, QueryError
 from mlwarehouse.fields import normalize_fields, normalize_value
 from mlwarehouse.query import PATH_RE
-from mlwarehouse.records import Record
+from mlwarehouse.records import Record, check_name, name_filter
 
 __all__ = ["Models", "ModelRecord", "Retention"]
 
@@ -101,7 +101,7 @@ class Models:
 
     def _save(self, model: Any, name: str, *, epoch, step, run, dataset, tags, description, example_inputs,
               config, arch, allow_pickle: bool, checkpoint: bool, fields: dict) -> ModelRecord:
-        _check_name(name)
+        check_name("model", name)
         taken = FIXED & fields.keys()
         if taken:
             raise InvalidDocument(f"field(s) {sorted(taken)} are set by models.save itself; use another name")
@@ -162,13 +162,14 @@ class Models:
 
     def delete(self, where: dict | None = None, *, name: str | None = None) -> int:
         """Delete matching models and the blobs only they used; returns how many were deleted."""
-        return len(self.project.delete(COLLECTION, _filter(name, where)))
+        return len(self.project.delete(COLLECTION, name_filter("model", name, where)))
 
     # -- reading -------------------------------------------------------------------------------------------
     def find(self, where: dict | None = None, *, name: str | None = None, sort=None, limit: int | None = None,
              skip: int = 0) -> list[ModelRecord]:
         """Matching models, newest first unless ``sort`` says otherwise."""
-        docs = self.project.find(COLLECTION, _filter(name, where), sort=sort or NEWEST, limit=limit, skip=skip)
+        flt = name_filter("model", name, where)
+        docs = self.project.find(COLLECTION, flt, sort=sort or NEWEST, limit=limit, skip=skip)
         return [ModelRecord(doc, self) for doc in docs]
 
     def get(self, id: str) -> ModelRecord:
@@ -186,7 +187,7 @@ class Models:
         if not isinstance(metric, str) or not PATH_RE.match(metric):
             raise QueryError(f"invalid metric field {metric!r}")
         bound = {"$gte": -_BIG} if mode == "max" else {"$lte": _BIG}  # numbers only: strings sort above them
-        flt = _filter(name, where)
+        flt = name_filter("model", name, where)
         flt = {"$and": [flt, {metric: bound}]} if metric in flt or "$and" in flt else {**flt, metric: bound}
         doc = self.project.find_one(COLLECTION, flt, sort=[(metric, -1 if mode == "max" else 1), ("time", -1)])
         if doc is None:
@@ -259,18 +260,3 @@ def _id_of(value: Any, what: str) -> str | None:
     if isinstance(ident, str):
         return ident
     raise InvalidDocument(f"{what} must be an id string or a record with .id, not {type(value).__name__}")
-
-
-def _check_name(name: Any) -> None:
-    if not isinstance(name, str) or not name or len(name) > 200:
-        raise InvalidDocument(f"a model name must be a non-empty string of at most 200 characters, not {name!r}")
-
-
-def _filter(name: str | None, where: dict | None) -> dict:
-    if where is not None and not isinstance(where, dict):
-        raise QueryError(f"where must be a filter dict, not {type(where).__name__}")
-    flt = dict(where or {})
-    if name is not None:
-        _check_name(name)
-        flt = {"$and": [{"name": name}, flt]} if "name" in flt else {**flt, "name": name}
-    return flt

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["Record"]
+from mlwarehouse.errors import InvalidDocument, QueryError
+
+__all__ = ["Record", "check_name", "name_filter"]
 
 
 class Record:
@@ -51,3 +53,21 @@ class Record:
         shown = {k: v for k, v in self.doc.items() if k not in ("_blobs", "value", "weights", "project")}
         text = ", ".join(f"{k}={v!r}" for k, v in list(shown.items())[:8])
         return f"{type(self).__name__}({text})"
+
+
+def check_name(kind: str, name: Any) -> str:
+    """A dataset or model name: a non-empty string of at most 200 characters."""
+    if not isinstance(name, str) or not name or len(name) > 200:
+        raise InvalidDocument(f"a {kind} name must be a non-empty string of at most 200 characters, not {name!r}")
+    return name
+
+
+def name_filter(kind: str, name: str | None, where: dict | None) -> dict:
+    """``where`` narrowed to ``name`` when one is given (both must hold if ``where`` names one too)."""
+    if where is not None and not isinstance(where, dict):
+        raise QueryError(f"where must be a filter dict, not {type(where).__name__}")
+    flt = dict(where or {})
+    if name is not None:
+        check_name(kind, name)
+        flt = {"$and": [{"name": name}, flt]} if "name" in flt else {**flt, "name": name}
+    return flt

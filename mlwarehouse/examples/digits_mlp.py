@@ -5,7 +5,6 @@ Run by a worker, like a TensorHub task script: the hyper-parameters ``n_hidden``
 when the script ends. Logs and models saved here link to the task's run.
 """
 
-import numpy as np
 import torch
 from torch import nn
 
