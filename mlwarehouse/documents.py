@@ -8,6 +8,7 @@ values (numpy scalars, tuples, datetimes) are converted by the layer above (:mod
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 from mlwarehouse.errors import InvalidDocument, QueryError
@@ -186,24 +187,35 @@ def _exclude(doc: dict, comps: list[str]) -> None:
     doc.pop(comps[-1], None)
 
 
-def project(doc: dict, projection: Any) -> dict:
-    """Apply a projection (validated here); paths follow objects only. Returns a new dict."""
+def projector(projection: Any) -> Callable[[dict], dict]:
+    """Validate a projection once and return the function that applies it to each document."""
     spec = validate_projection(projection)
     if not spec:
-        return doc
+        return lambda doc: doc
     include = any(keep for path, keep in spec.items() if path != "_id") or spec == {"_id": True}
     keep_id = spec.get("_id", True)
     if include:
-        out: dict = {"_id": doc["_id"]} if keep_id and "_id" in doc else {}
-        for path, keep in spec.items():
-            if keep and path != "_id":
-                _include(doc, out, path.split("."))
+        paths = [path.split(".") for path, keep in spec.items() if keep and path != "_id"]
+
+        def including(doc: dict) -> dict:
+            out: dict = {"_id": doc["_id"]} if keep_id and "_id" in doc else {}
+            for comps in paths:
+                _include(doc, out, comps)
+            return out
+        return including
+    dropped = [path.split(".") for path, keep in spec.items() if not keep]
+
+    def excluding(doc: dict) -> dict:
+        out = _deepcopy(doc)
+        for comps in dropped:
+            _exclude(out, comps)
         return out
-    out = _deepcopy(doc)
-    for path, keep in spec.items():
-        if not keep:
-            _exclude(out, path.split("."))
-    return out
+    return excluding
+
+
+def project(doc: dict, projection: Any) -> dict:
+    """Apply a projection (validated here); paths follow objects only. Returns a new dict."""
+    return projector(projection)(doc)
 
 
 def _deepcopy(value: Any) -> Any:

@@ -35,11 +35,11 @@ from itertools import islice
 from pathlib import Path
 from typing import Any
 
-from mlwarehouse.documents import plausible_document, validate_document
+from mlwarehouse.documents import plausible_document, projector, validate_document
 from mlwarehouse.errors import BackendError, DuplicateKey, InvalidDocument, QueryError
 from mlwarehouse.index.base import Filter, Index, Projection, Sort, Update
-from mlwarehouse.query import (compile_regex, get_path, json_text, parse_filter, project, split_path,
-                               validate_projection, validate_sort, validate_update, apply_update)
+from mlwarehouse.query import (compile_regex, get_path, json_text, parse_filter, split_path, validate_sort,
+                               validate_update, apply_update)
 from mlwarehouse.sql import REGEX_FUNCTION, Compiler, index_expressions
 
 __all__ = ["SQLiteIndex"]
@@ -376,7 +376,7 @@ class SQLiteIndex(Index):
         """Matching documents; the rows are fetched at once (no transaction stays open while you iterate)."""
         node = parse_filter(filter)
         validate_sort(sort)
-        validate_projection(projection)
+        shape = projector(projection)
         for name, n in (("limit", limit), ("skip", skip)):
             if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 0):
                 raise QueryError(f"{name} must be a non-negative integer, not {n!r}")
@@ -391,7 +391,7 @@ class SQLiteIndex(Index):
         with self._connection() as con:
             rows = con.execute(sql, params).fetchall()
         if projection:
-            return (project(json.loads(r[0]), projection) for r in rows)
+            return (shape(json.loads(r[0])) for r in rows)
         return (json.loads(r[0]) for r in rows)
 
     def count(self, collection: str, filter: Filter | None = None) -> int:
