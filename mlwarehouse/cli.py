@@ -229,6 +229,18 @@ def sql(query: str, uri: Optional[str] = UriOpt, blobs: Optional[str] = BlobsOpt
 
 
 @app.command()
+def ui(host: str = typer.Option("127.0.0.1", "--host", help="address to bind (loopback by default)"),
+       port: int = typer.Option(8765, "--port"),
+       writable: bool = typer.Option(False, "--writable", help="allow cancelling and retrying tasks from the UI"),
+       uri: Optional[str] = UriOpt, blobs: Optional[str] = BlobsOpt):
+    """Serve the web UI: runs and their curves, the model leaderboard, the task board, dataset previews."""
+    from mlwarehouse.warehouse import connect
+    from mlwarehouse.web import serve
+    with connect(uri, blobs=blobs) as wh:
+        serve(wh, host=host, port=port, writable=writable)
+
+
+@app.command()
 def demo(home: Optional[str] = typer.Option(None, "--home", help="where the demo warehouse goes "
                                              "(default: ./.mlwarehouse)"),
          workers: int = typer.Option(2, "--workers"), epochs: int = typer.Option(15, "--epochs")):

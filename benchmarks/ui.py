@@ -1,0 +1,151 @@
+"""Web UI latency and payload: the runs page with 1,000 runs, and a chart over a 100,000-point history.
+
+    python benchmarks/ui.py [--runs 1000] [--points 100000] [--repeat 10]
+
+The UI is served by uvicorn on 127.0.0.1 (in a thread of this process) and fetched over HTTP, like a browser
+would (``Accept-Encoding: gzip``). Each figure is the median of ``--repeat`` requests after one warm-up.
+
+1. Runs page: ``/p/<project>/runs`` listing ``--runs`` runs (8 hyper-parameters, 2 kinds x 4 metric summaries
+   each). Baseline: the floor of any reader, ``SELECT doc FROM c_runs`` + ``json.loads`` in raw sqlite3.
+2. Chart: ``/api/p/<project>/runs/metric?...&points=1000`` over one run's ``--points``-step history (logged
+   through ``run.log``): the first request (reads the history from the index) and the median of the next ones
+   (the server keeps recently charted histories). Baseline: the same request with ``points`` = the whole
+   history, i.e. a UI that ships every point to the browser.
+
+Prints a table and one JSON line of the figures. Targets: runs page p50 <= 300 ms; first chart <= 1 s, later
+ones <= 100 ms; chart payload <= 50 KB (gzip).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import socket
+import sqlite3
+import statistics
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != ROOT / "benchmarks"]
+
+import mlwarehouse  # noqa: E402
+from mlwarehouse.web import create_app  # noqa: E402
+
+PROJECT = "bench-ui"
+PARAMS = ("lr", "batch_size", "n_hidden", "dropout", "weight_decay", "seed", "optimizer", "epochs")
+METRICS = ("loss", "accuracy", "f1", "lr")
+
+
+def fill(wh, runs: int, points: int) -> str:
+    """``runs`` run documents with summaries, and one run with a ``points``-step history; returns its id."""
+    p = wh.project(PROJECT)
+    rng = random.Random(0)
+    long_run = p.runs.start("long-history", hyper_parameters={"lr": 0.01})
+    for step in range(points):
+        long_run.log("train", step=step, loss=1.0 / (1 + step / 1000) + rng.random() * 0.05)
+    long_run.finish()
+    docs = []
+    for i in range(runs - 1):
+        summary = {kind: {m: {"last": rng.random(), "last_step": 99, "min": rng.random(), "min_step": 3,
+                              "max": rng.random(), "max_step": 50, "count": 100, "nulls": 0} for m in METRICS}
+                   for kind in ("train", "valid")}
+        docs.append({"name": f"run-{i:04d}", "status": rng.choice(["complete", "failed", "running"]),
+                     "started": "2024-05-01T10:00:00.000000Z", "ended": None,
+                     "hyper_parameters": {k: (rng.random() if k != "optimizer" else "adam") for k in PARAMS},
+                     "datasets": [], "tags": [], "task": None, "summary": summary})
+    p.insert_many("runs", docs)
+    return long_run.id
+
+
+def serve(wh) -> tuple[str, object]:
+    import uvicorn
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app(wh), host="127.0.0.1", port=port, log_level="warning"))
+    threading.Thread(target=server.run, daemon=True).start()
+    while not server.started:
+        time.sleep(0.05)
+    return f"http://127.0.0.1:{port}", server
+
+
+def fetch(url: str, repeat: int) -> tuple[float, int, int, float]:
+    """Median seconds over ``repeat`` GETs (after a warm-up), gzip bytes on the wire, bytes decoded, and the
+    seconds of the first (cold) request."""
+    import gzip
+
+    def once() -> tuple[float, int, int]:
+        request = urllib.request.Request(url, headers={"Accept-Encoding": "gzip"})
+        start = time.perf_counter()
+        with urllib.request.urlopen(request) as response:
+            wire = response.read()
+            encoded = response.headers.get("Content-Encoding") == "gzip"
+        body = gzip.decompress(wire) if encoded else wire
+        return time.perf_counter() - start, len(wire), len(body)
+
+    cold = once()[0]
+    results = [once() for _ in range(repeat)]
+    return statistics.median(r[0] for r in results), results[0][1], results[0][2], cold
+
+
+def baseline_runs(index_path: Path, repeat: int) -> float:
+    con = sqlite3.connect(index_path)
+    times = []
+    for _ in range(repeat + 1):
+        start = time.perf_counter()
+        docs = [json.loads(row[0]) for row in con.execute("SELECT doc FROM c_runs")]
+        times.append(time.perf_counter() - start)
+    con.close()
+    assert docs
+    return statistics.median(times[1:])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=1000)
+    parser.add_argument("--points", type=int, default=100_000)
+    parser.add_argument("--repeat", type=int, default=10)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp, mlwarehouse.connect(home=Path(tmp) / "wh") as wh:
+        start = time.perf_counter()
+        long_id = fill(wh, args.runs, args.points)
+        fill_s = time.perf_counter() - start
+        base, server = serve(wh)
+        try:
+            page_s, page_wire, page_raw, page_cold = fetch(f"{base}/p/{PROJECT}/runs", args.repeat)
+            floor_s = baseline_runs(Path(tmp) / "wh" / "index.sqlite", args.repeat)
+            chart = f"{base}/api/p/{PROJECT}/runs/metric?ids={long_id}&kind=train&metric=loss"
+            chart_s, chart_wire, chart_raw, chart_cold = fetch(chart + "&points=1000", args.repeat)
+            full_s, full_wire, full_raw, _ = fetch(chart + f"&points={args.points}", max(1, args.repeat // 2))
+        finally:
+            server.should_exit = True
+    rows = [
+        (f"runs page, {args.runs} runs", page_s, page_wire, page_raw),
+        ("  baseline: raw sqlite3 read + json.loads", floor_s, None, None),
+        (f"chart, {args.points} points -> 1000, first", chart_cold, chart_wire, chart_raw),
+        ("  again (history cached)", chart_s, chart_wire, chart_raw),
+        (f"  baseline: all {args.points} points (cached)", full_s, full_wire, full_raw),
+    ]
+    print(f"filled in {fill_s:.1f} s")
+    print(f"{'request':<44} {'p50 ms':>9} {'gzip KB':>9} {'raw KB':>9}")
+    for name, seconds, wire, raw in rows:
+        kb = lambda n: f"{n / 1024:9.1f}" if n is not None else f"{'':>9}"  # noqa: E731
+        print(f"{name:<44} {seconds * 1000:9.1f} {kb(wire)} {kb(raw)}")
+    print(f"runs page / raw read: {page_s / floor_s:.1f}x;  chart payload: {full_wire / chart_wire:.0f}x smaller "
+          f"and {full_s / chart_s:.1f}x faster than shipping every point")
+    print(json.dumps({"runs": args.runs, "points": args.points, "runs_page_ms": round(page_s * 1000, 1),
+                      "runs_page_gzip_bytes": page_wire, "runs_page_bytes": page_raw,
+                      "raw_read_ms": round(floor_s * 1000, 1), "chart_first_ms": round(chart_cold * 1000, 1),
+                      "chart_ms": round(chart_s * 1000, 1),
+                      "chart_gzip_bytes": chart_wire, "chart_bytes": chart_raw,
+                      "full_chart_ms": round(full_s * 1000, 1), "full_chart_gzip_bytes": full_wire}))
+
+
+if __name__ == "__main__":
+    main()

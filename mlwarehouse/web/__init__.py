@@ -1,0 +1,32 @@
+"""The web UI (``mlw ui``): runs, curves, leaderboards, the task board and dataset previews, served by FastAPI.
+
+Needs the ``ui`` extra (``pip install mlwarehouse[ui]``). Binds to 127.0.0.1 and is read-only by default.
+"""
+
+from __future__ import annotations
+
+__all__ = ["create_app", "serve"]
+
+
+def create_app(warehouse, *, writable: bool = False):
+    """The ASGI app of the UI for ``warehouse`` (see :mod:`mlwarehouse.web.app`)."""
+    try:
+        from mlwarehouse.web.app import create_app as _create_app
+    except ImportError as exc:
+        from mlwarehouse.errors import ConfigError
+        raise ConfigError(f"the web UI needs its extra ({exc.name} is missing): pip install 'mlwarehouse[ui]'") from exc
+    return _create_app(warehouse, writable=writable)
+
+
+def serve(warehouse, host: str = "127.0.0.1", port: int = 8765, writable: bool = False) -> None:
+    """Serve the UI until interrupted. Only bind to another host than 127.0.0.1 on a network you trust:
+    the UI has no authentication."""
+    try:
+        import uvicorn
+    except ImportError as exc:
+        from mlwarehouse.errors import ConfigError
+        raise ConfigError("the web UI needs its extra: pip install 'mlwarehouse[ui]'") from exc
+    app = create_app(warehouse, writable=writable)
+    print(f"mlwarehouse UI on http://{host}:{port}/ ({'writable' if writable else 'read-only'}); Ctrl-C stops it",
+          flush=True)
+    uvicorn.run(app, host=host, port=port, log_level="warning")

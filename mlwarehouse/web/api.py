@@ -1,0 +1,95 @@
+"""The JSON API behind the pages (``/api/...``): runs, metric series for charts, models, tasks, image previews.
+
+Errors are JSON with an ``error`` message: 400 for a bad query (the QueryError text), 404 for an unknown id,
+403 for a change asked of a read-only UI. Changes (cancel and retry a task) need ``writable=True`` and the
+``X-MLW`` header, which a cross-site form cannot send.
+"""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Header, Query, Request
+from fastapi.responses import JSONResponse, Response
+
+from mlwarehouse.errors import NotFound, QueryError
+from mlwarehouse.web import data
+from mlwarehouse.web.arrays import describe, leaves, preview_images, to_png
+
+__all__ = ["router"]
+
+router = APIRouter(prefix="/api")
+
+
+def _project(request: Request, name: str):
+    return request.app.state.warehouse.project(name)
+
+
+@router.get("/projects")
+def projects(request: Request) -> dict:
+    return {"projects": request.app.state.warehouse.projects()}
+
+
+@router.get("/p/{project}/runs")
+def runs(request: Request, project: str, q: str | None = None, sort: str | None = None,
+         limit: int = Query(1000, ge=1, le=10_000), skip: int = Query(0, ge=0)) -> dict:
+    p = _project(request, project)
+    table = data.runs_table(p, data.parse_filter_text(q), data.parse_sort(sort), limit, skip)
+    for row in table["rows"]:
+        del row["cells"]  # the page's pre-formatted text; JSON clients have the values
+    return table
+
+
+@router.get("/p/{project}/runs/metric")
+def run_metric(request: Request, project: str, ids: str, metric: str, kind: str = "train",
+               points: int = 1000) -> dict:
+    """Curves of one metric for the runs in ``ids`` (comma-separated), downsampled on the server."""
+    run_ids = [i for i in (part.strip() for part in ids.split(",")) if i]
+    return data.metric_series(_project(request, project), run_ids, kind, metric, points,
+                              cache=request.app.state.histories)
+
+
+@router.get("/p/{project}/models")
+def models(request: Request, project: str, q: str | None = None, sort: str | None = None,
+           limit: int = Query(500, ge=1, le=10_000), skip: int = Query(0, ge=0)) -> dict:
+    p = _project(request, project)
+    return data.leaderboard(p, data.parse_filter_text(q), data.parse_sort(sort), limit, skip)
+
+
+@router.get("/p/{project}/tasks")
+def tasks(request: Request, project: str, q: str | None = None, sort: str | None = None,
+          limit: int = Query(500, ge=1, le=10_000)) -> dict:
+    p = _project(request, project)
+    return data.tasks_board(p, data.parse_filter_text(q), data.parse_sort(sort), limit)
+
+
+@router.post("/p/{project}/tasks/{task_id}/{action}")
+def change_task(request: Request, project: str, task_id: str, action: str,
+                x_mlw: str | None = Header(None)) -> JSONResponse:
+    if not request.app.state.writable:
+        return JSONResponse({"error": "this UI was started read-only; start it writable to change tasks"}, 403)
+    if x_mlw != "1":
+        return JSONResponse({"error": "changes need the X-MLW: 1 header"}, 403)
+    if action not in ("cancel", "retry"):
+        raise NotFound(f"unknown task action {action!r} (cancel or retry)")
+    p = _project(request, project)
+    if p.find_one("tasks", {"_id": task_id}, projection={"_id": 1}) is None:
+        raise NotFound(f"no task {task_id!r} in project {project!r}")
+    changed = getattr(p.tasks, action)({"_id": task_id})
+    return JSONResponse({"changed": changed})
+
+
+@router.get("/p/{project}/datasets/{dataset_id}/preview.png")
+def preview_png(request: Request, project: str, dataset_id: str, leaf: int = Query(0, ge=0),
+                index: int = Query(0, ge=0, le=15)) -> Response:
+    """Item ``index`` (of the first 16) of array ``leaf`` of a dataset, as a PNG."""
+    p = _project(request, project)
+    doc = p.find_one("datasets", {"_id": dataset_id}, projection={"value": 1})
+    if doc is None:
+        raise NotFound(f"no dataset {dataset_id!r} in project {project!r}")
+    found = leaves(doc.get("value"))
+    if leaf >= len(found):
+        raise NotFound(f"dataset {dataset_id!r} has {len(found)} arrays; there is no array {leaf}")
+    images, _ = preview_images(p, describe(p.blobs, found[leaf]))
+    if index >= len(images):
+        raise QueryError(f"the array holds {len(images)} items; there is no item {index}")
+    return Response(to_png(images[index]), media_type="image/png",
+                    headers={"Cache-Control": "private, max-age=3600"})

@@ -1,0 +1,209 @@
+"""The web UI: a FastAPI app over one warehouse, HTML pages rendered on the server, charts drawn by uPlot.
+
+Pages read only what they show (projections and limits) and long metric histories are downsampled on the server,
+so a project with a thousand runs or a 100,000-point curve opens in well under a second. Every asset is served
+from the package (no CDN: the UI works offline). The app is read-only unless created with ``writable=True``.
+
+Errors never show a stack trace: a bad filter is shown inline (400), an unknown id or page is a 404 page, other
+warehouse errors a 500 page with their message. Under ``/api`` the same errors are JSON ``{"error": ...}``.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.gzip import GZipMiddleware
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse
+from fastapi.staticfiles import StaticFiles
+from fastapi.templating import Jinja2Templates
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from mlwarehouse.errors import NotFound, QueryError, WarehouseError
+from mlwarehouse.web import data
+from mlwarehouse.web.api import router
+from mlwarehouse.web.arrays import describe, image_view, leaves, png_data_uri, preview_images
+
+__all__ = ["create_app"]
+
+HERE = Path(__file__).parent
+log = logging.getLogger("mlwarehouse.web")
+
+
+def create_app(warehouse, *, writable: bool = False) -> FastAPI:
+    """The UI of ``warehouse`` as an ASGI app (serve it with uvicorn, or test it with a TestClient)."""
+    app = FastAPI(title="mlwarehouse", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.warehouse = warehouse
+    app.state.writable = writable
+    app.state.histories = data.HistoryCache()
+    templates = Jinja2Templates(directory=str(HERE / "templates"))
+    templates.env.filters.update(num=data.fmt, when=_when)
+    templates.env.globals.update(writable=writable)
+    app.state.templates = templates
+    app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
+    app.add_middleware(GZipMiddleware, minimum_size=2048)
+    app.include_router(router)
+    _error_handlers(app)
+
+    def page(request: Request, name: str, status: int = 200, **context: Any) -> HTMLResponse:
+        return templates.TemplateResponse(request, name, context, status_code=status)
+
+    @app.get("/", response_class=HTMLResponse)
+    def projects(request: Request):
+        return page(request, "projects.html", projects=warehouse.projects())
+
+    @app.get("/p/{project}")
+    def project_home(project: str):
+        warehouse.project(project)
+        return RedirectResponse(f"/p/{project}/runs")
+
+    @app.get("/p/{project}/runs", response_class=HTMLResponse)
+    def runs(request: Request, project: str, q: str = "", sort: str = "", limit: int = Query(1000, ge=1, le=10_000),
+             skip: int = Query(0, ge=0)):
+        p = warehouse.project(project)
+        context, status = _queried(lambda flt: data.runs_table(p, flt, data.parse_sort(sort), limit, skip), q,
+                                   empty={"rows": [], "params": [], "metrics": [], "total": 0})
+        _require_project(p, context, q)
+        return page(request, "runs.html", status, project=project, tab="runs", q=q, sort=sort, **context)
+
+    @app.get("/p/{project}/runs/{run_id}", response_class=HTMLResponse)
+    def run(request: Request, project: str, run_id: str):
+        p = warehouse.project(project)
+        doc = _one(p, "runs", run_id, "run")
+        table = data.runs_table(p, {"_id": run_id}, None, 1)
+        return page(request, "run.html", project=project, tab="runs", run=doc, row=table["rows"][0],
+                    metrics=table["metrics"])
+
+    @app.get("/p/{project}/models", response_class=HTMLResponse)
+    def models(request: Request, project: str, q: str = "", sort: str = "", limit: int = Query(500, ge=1, le=10_000),
+               skip: int = Query(0, ge=0)):
+        p = warehouse.project(project)
+        context, status = _queried(lambda flt: data.leaderboard(p, flt, data.parse_sort(sort), limit, skip), q,
+                                   empty={"rows": [], "metrics": [], "total": 0})
+        _require_project(p, context, q)
+        return page(request, "models.html", status, project=project, tab="models", q=q, sort=sort, **context)
+
+    @app.get("/p/{project}/models/{model_id}", response_class=HTMLResponse)
+    def model(request: Request, project: str, model_id: str):
+        p = warehouse.project(project)
+        doc = _one(p, "models", model_id, "model", projection={"_blobs": 0, "project": 0})
+        weights = doc.pop("weights", None) or []
+        return page(request, "model.html", project=project, tab="models", model=doc,
+                    tensors=[(".".join(map(str, w[0])) if isinstance(w[0], list) else w[0], w[1]) for w in weights])
+
+    @app.get("/p/{project}/tasks", response_class=HTMLResponse)
+    def tasks(request: Request, project: str, q: str = "", limit: int = Query(500, ge=1, le=10_000)):
+        p = warehouse.project(project)
+        context, status = _queried(lambda flt: data.tasks_board(p, flt, None, limit), q,
+                                   empty={"rows": [], "counts": {}})
+        _require_project(p, context, q)
+        return page(request, "tasks.html", status, project=project, tab="tasks", q=q, **context)
+
+    @app.get("/p/{project}/tasks/{task_id}", response_class=HTMLResponse)
+    def task(request: Request, project: str, task_id: str):
+        p = warehouse.project(project)
+        doc = _one(p, "tasks", task_id, "task", projection={"_blobs": 0, "project": 0})
+        output = doc.get("output") or ""
+        if isinstance(doc.get("output_blob"), dict):
+            output = bytes(p.unpack(doc["output_blob"])).decode("utf-8", "replace")
+        return page(request, "task.html", project=project, tab="tasks", task=doc, output=output)
+
+    @app.get("/p/{project}/datasets", response_class=HTMLResponse)
+    def datasets(request: Request, project: str, q: str = "", limit: int = Query(500, ge=1, le=10_000)):
+        p = warehouse.project(project)
+        context, status = _queried(lambda flt: {"rows": data.datasets_list(p, flt, limit)}, q, empty={"rows": []})
+        _require_project(p, context, q)
+        return page(request, "datasets.html", status, project=project, tab="datasets", q=q, **context)
+
+    @app.get("/p/{project}/datasets/{dataset_id}", response_class=HTMLResponse)
+    def dataset(request: Request, project: str, dataset_id: str):
+        p = warehouse.project(project)
+        doc = _one(p, "datasets", dataset_id, "dataset", projection={"_blobs": 0, "project": 0})
+        found = [describe(p.blobs, leaf) for leaf in leaves(doc.get("value"))]
+        previews = []
+        for leaf in found:
+            if image_view(leaf.shape, leaf.dtype) is None:
+                continue
+            try:
+                images, note = preview_images(p, leaf)
+            except WarehouseError as exc:
+                previews.append({"leaf": leaf, "images": [], "note": str(exc)})
+                continue
+            previews.append({"leaf": leaf, "images": [png_data_uri(i) for i in images], "note": note})
+        versions = p.find("datasets", {"name": doc.get("name")}, sort=[("time", -1)], limit=50,
+                          projection={"version": 1, "time": 1, "description": 1})
+        fields = {k: v for k, v in doc.items() if k not in ("value", "_id")}
+        return page(request, "dataset.html", project=project, tab="datasets", dataset=doc, fields=fields,
+                    leaves=found, previews=previews, versions=versions)
+
+    return app
+
+
+def _queried(fetch, q: str, *, empty: dict) -> tuple[dict, int]:
+    """Run a page's query; a bad filter gives the empty page with the QueryError message (and status 400)."""
+    try:
+        return {**fetch(data.parse_filter_text(q)), "error": None}, 200
+    except QueryError as exc:
+        return {**empty, "error": str(exc)}, 400
+
+
+def _require_project(p, context: dict, q: str) -> None:
+    if not q and not context.get("error") and not context["rows"] and not data.project_exists(p):
+        raise NotFound(f"there is no project {p.name!r} (no runs, models, tasks or datasets)")
+
+
+def _one(p, collection: str, doc_id: str, what: str, projection: dict | None = None) -> dict:
+    doc = p.find_one(collection, {"_id": doc_id}, projection=projection)
+    if doc is None:
+        raise NotFound(f"no {what} {doc_id!r} in project {p.name!r}")
+    return doc
+
+
+def _error_handlers(app: FastAPI) -> None:
+    def respond(request: Request, status: int, message: str):
+        if request.url.path.startswith("/api/"):
+            return JSONResponse({"error": message}, status_code=status)
+        return request.app.state.templates.TemplateResponse(
+            request, "error.html", {"status": status, "message": message, "project": None, "tab": None},
+            status_code=status)
+
+    @app.exception_handler(NotFound)
+    async def not_found(request: Request, exc: NotFound):
+        return respond(request, 404, str(exc))
+
+    @app.exception_handler(QueryError)
+    async def bad_query(request: Request, exc: QueryError):
+        return respond(request, 400, str(exc))
+
+    @app.exception_handler(WarehouseError)
+    async def warehouse_error(request: Request, exc: WarehouseError):
+        log.error("%s failed: %s: %s", request.url.path, type(exc).__name__, exc)
+        return respond(request, 500, f"{type(exc).__name__}: {exc}")
+
+    @app.exception_handler(RequestValidationError)
+    async def bad_parameter(request: Request, exc: RequestValidationError):
+        problems = "; ".join(f"{'.'.join(map(str, e.get('loc', ())[1:]))}: {e.get('msg')}" for e in exc.errors())
+        return respond(request, 400, f"bad parameter: {problems}")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        message = "no such page" if exc.status_code == 404 else str(exc.detail)
+        return respond(request, exc.status_code, message)
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception):
+        log.exception("%s failed", request.url.path)
+        return respond(request, 500, f"internal error ({type(exc).__name__}); the server log has the details")
+
+
+def _when(value: Any) -> str:
+    """An ISO time stamp as ``YYYY-MM-DD HH:MM:SS`` (UTC)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return datetime.fromtimestamp(value, timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+    if isinstance(value, str) and len(value) >= 19:
+        return value[:19].replace("T", " ")
+    return "" if value is None else str(value)

@@ -1,0 +1,244 @@
+"""What the pages show, read through the Project API only: projections and limits, never whole collections.
+
+Each function returns plain dicts and lists ready for a template or a JSON response. Filters typed by the user
+arrive as text and are parsed here (:func:`parse_filter_text`), so malformed JSON and invalid filters both surface
+as :class:`~mlwarehouse.errors.QueryError` with a message that names the problem.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+from collections import OrderedDict
+from typing import Any
+
+import numpy as np
+
+from mlwarehouse.errors import NotFound, QueryError
+from mlwarehouse.query import split_path
+from mlwarehouse.web.downsample import minmax_downsample
+
+__all__ = ["parse_filter_text", "parse_sort", "runs_table", "metric_series", "leaderboard", "tasks_board",
+           "datasets_list", "project_exists", "HistoryCache", "TASK_STATUSES"]
+
+RUN_FIELDS = {"name": 1, "status": 1, "started": 1, "ended": 1, "hyper_parameters": 1, "summary": 1, "task": 1,
+              "tags": 1}
+MODEL_HIDDEN = ("weights", "architecture", "value", "_blobs", "project")
+MODEL_FIXED = ("name", "kind", "epoch", "step", "run", "dataset", "tags", "description", "checkpoint", "time", "_id")
+TASK_FIELDS = {"task_name": 1, "status": 1, "attempts": 1, "max_attempts": 1, "hyper_parameters": 1, "result": 1,
+               "error": 1, "output": 1, "worker": 1, "started": 1, "ended": 1, "created": 1, "priority": 1}
+TASK_STATUSES = ("pending", "running", "finished", "failed", "cancelled")
+TAIL = 2000
+MAX_COLUMNS = 24
+
+
+def parse_filter_text(text: str | None) -> dict | None:
+    """The filter a user typed (JSON text), or None when the box is empty."""
+    if text is None or not text.strip():
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise QueryError(f"the query is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
+    if not isinstance(value, dict):
+        raise QueryError(f"the query must be a JSON object such as {{\"status\": \"complete\"}}, "
+                         f"not {type(value).__name__}")
+    return value
+
+
+def parse_sort(text: str | None) -> list[tuple[str, int]] | None:
+    """``"field:-1"`` or ``"field"`` (ascending) -> a sort list; several may be joined with commas."""
+    if not text:
+        return None
+    out = []
+    for part in text.split(","):
+        name, _, direction = part.strip().partition(":")
+        if direction not in ("", "1", "-1"):
+            raise QueryError(f"sort {part!r}: the direction must be 1 or -1")
+        split_path(name, "sort")
+        out.append((name, -1 if direction == "-1" else 1))
+    return out
+
+
+def project_exists(project) -> bool:
+    """True if the project holds any run, model, task or dataset (used only to tell an empty page from a 404)."""
+    return any(project.find_one(c, projection={"_id": 1}) for c in ("runs", "models", "tasks", "datasets"))
+
+
+def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict) and value:
+        out: dict[str, Any] = {}
+        for key, item in value.items():
+            out.update(_flat(item, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: value} if prefix else {}
+
+
+def runs_table(project, flt: dict | None, sort, limit: int, skip: int = 0) -> dict:
+    """Runs with their hyper-parameters (flattened) and the last value of each metric (min/max kept for titles)."""
+    docs = project.find("runs", flt, sort=sort or [("started", -1)], limit=limit, skip=skip, projection=RUN_FIELDS)
+    params: dict[str, None] = {}
+    metrics: dict[str, None] = {}
+    rows = []
+    for doc in docs:
+        hp = _flat(doc.get("hyper_parameters") or {})
+        summary = {}
+        for kind, by_metric in (doc.get("summary") or {}).items():
+            for name, stats in (by_metric or {}).items():
+                if isinstance(stats, dict):
+                    summary[f"{kind}.{name}"] = stats
+        params.update(dict.fromkeys(hp))
+        metrics.update(dict.fromkeys(summary))
+        rows.append({"id": doc["_id"], "name": doc.get("name"), "status": doc.get("status"),
+                     "started": doc.get("started"), "ended": doc.get("ended"), "task": doc.get("task"),
+                     "params": hp, "summary": summary})
+    param_cols, metric_cols = sorted(params)[:MAX_COLUMNS], sorted(metrics)[:MAX_COLUMNS]
+    for row in rows:  # formatted here, once: a thousand rows of Jinja filters would dominate the page's time
+        hp, summary = row["params"], row["summary"]
+        row["cells"] = [(fmt(hp.get(h)), "") for h in param_cols] + [
+            (fmt(summary[m].get("last")), _stats_title(summary[m])) if m in summary else ("", "")
+            for m in metric_cols]
+    return {"rows": rows, "params": param_cols, "metrics": metric_cols, "total": project.count("runs", flt)}
+
+
+def fmt(value: Any) -> str:
+    """Numbers for tables: integers as they are, floats with 4 significant digits, None as nothing."""
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def _stats_title(stats: dict) -> str:
+    return (f"min {fmt(stats.get('min'))} (step {stats.get('min_step')}), max {fmt(stats.get('max'))} "
+            f"(step {stats.get('max_step')}), {stats.get('count')} points")
+
+
+class HistoryCache:
+    """Full metric histories recently charted, so that switching metrics or runs does not re-read them.
+
+    An entry is valid while the run's summary of that metric has the same point count and last step (the log
+    writer updates both with every batch), so a run that is still logging is re-read when it has new points.
+    Bounded by the bytes of the arrays it holds; least recently used entries go first.
+    """
+
+    def __init__(self, max_bytes: int = 64 << 20):
+        self.max_bytes = max_bytes
+        self._entries: OrderedDict[tuple, tuple[tuple, np.ndarray, np.ndarray]] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple, version: tuple) -> tuple[np.ndarray, np.ndarray] | None:
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None or entry[0] != version:
+                return None
+            self._entries.move_to_end(key)
+            return entry[1], entry[2]
+
+    def put(self, key: tuple, version: tuple, steps: np.ndarray, values: np.ndarray) -> None:
+        size = steps.nbytes + values.nbytes
+        if size > self.max_bytes:
+            return
+        with self._lock:
+            old = self._entries.pop(key, None)
+            if old is not None:
+                self._bytes -= old[1].nbytes + old[2].nbytes
+            self._entries[key] = (version, steps, values)
+            self._bytes += size
+            while self._bytes > self.max_bytes:
+                _, (_, s, v) = self._entries.popitem(last=False)
+                self._bytes -= s.nbytes + v.nbytes
+
+
+def metric_series(project, ids: list[str], kind: str, metric: str, points: int = 1000,
+                  cache: HistoryCache | None = None) -> dict:
+    """One metric of several runs, each downsampled to at most ``points`` (min and max per bucket)."""
+    if not ids:
+        raise QueryError("select at least one run (ids=...)")
+    if len(ids) > 50:
+        raise QueryError(f"at most 50 runs can be compared at once, not {len(ids)}")
+    if not 4 <= points <= 1_000_000:
+        raise QueryError(f"points must be between 4 and 1000000, not {points}")
+    split_path(kind, "kind")
+    split_path(metric, "metric")
+    stats_path = f"summary.{kind}.{metric}"
+    runs = {d["_id"]: d for d in project.find("runs", {"_id": {"$in": ids}},
+                                              projection={"name": 1, stats_path: 1})}
+    missing = [i for i in ids if i not in runs]
+    if missing:
+        raise NotFound(f"no run {missing[0]!r} in project {project.name!r}")
+    series = []
+    for run_id in ids:
+        stats = ((runs[run_id].get("summary") or {}).get(kind) or {}).get(metric)
+        version = (stats.get("count"), stats.get("last_step")) if isinstance(stats, dict) else None
+        key = (project.name, run_id, kind, metric)
+        found = cache.get(key, version) if cache is not None and version else None
+        if found is None:
+            found = _history(project, run_id, kind, metric)
+            if cache is not None and version:
+                cache.put(key, version, *found)
+        steps, values = found
+        x, y = minmax_downsample(steps, values, points)
+        series.append({"id": run_id, "name": runs[run_id].get("name"), "count": len(steps), "steps": x.tolist(),
+                       "values": y.tolist()})
+    return {"kind": kind, "metric": metric, "points": points, "series": series}
+
+
+def _history(project, run_id: str, kind: str, metric: str) -> tuple[np.ndarray, np.ndarray]:
+    """Steps and values (finite numbers only) of one metric of one run, in step order."""
+    # no projection: log documents are small, and the index applies projections in Python after decoding
+    docs = project.find("logs", {"run": run_id, "kind": kind}, sort=[("step", 1)])
+    steps = np.fromiter((d.get("step") if isinstance(d.get("step"), int) else -1 for d in docs),
+                        np.float64, len(docs))
+    values = np.fromiter((_number(d.get(metric)) for d in docs), np.float64, len(docs))
+    keep = np.isfinite(values)
+    return steps[keep], values[keep]
+
+
+def _number(value: Any) -> float:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    return math.nan
+
+
+def leaderboard(project, flt: dict | None, sort, limit: int, skip: int = 0) -> dict:
+    """Models with every numeric field as a sortable column (metrics and numeric hyper-parameters alike)."""
+    docs = project.find("models", flt, sort=sort or [("time", -1)], limit=limit, skip=skip,
+                        projection={f: 0 for f in MODEL_HIDDEN})
+    columns: dict[str, None] = {}
+    for doc in docs:
+        for key, value in doc.items():
+            if key not in MODEL_FIXED and isinstance(value, (int, float)) and not isinstance(value, bool):
+                columns[key] = None
+    return {"rows": docs, "metrics": sorted(columns)[:MAX_COLUMNS], "total": project.count("models", flt)}
+
+
+def tasks_board(project, flt: dict | None, sort, limit: int) -> dict:
+    """Tasks (newest first) with the tails of their output and error, and the count of each status."""
+    docs = project.find("tasks", flt, sort=sort or [("_id", -1)], limit=limit, projection=TASK_FIELDS)
+    rows = []
+    for doc in docs:
+        output = doc.get("output") or ""
+        error = doc.get("error") or ""
+        rows.append({"id": doc["_id"], "task_name": doc.get("task_name"), "status": doc.get("status"),
+                     "attempts": doc.get("attempts"), "max_attempts": doc.get("max_attempts"),
+                     "hyper_parameters": doc.get("hyper_parameters") or {}, "result": doc.get("result"),
+                     "worker": doc.get("worker"), "started": doc.get("started"), "ended": doc.get("ended"),
+                     "error_tail": str(error)[-TAIL:], "output_tail": str(output)[-TAIL:]})
+    base = [flt] if flt else []
+    counts = {s: project.count("tasks", {"$and": [*base, {"status": s}]} if base else {"status": s})
+              for s in TASK_STATUSES}
+    return {"rows": rows, "counts": counts}
+
+
+def datasets_list(project, flt: dict | None, limit: int) -> list[dict]:
+    """Dataset versions, newest first, with the number of arrays each value holds (no blob is read)."""
+    from mlwarehouse.web.arrays import leaves
+    docs = project.find("datasets", flt, sort=[("name", 1), ("time", -1)], limit=limit,
+                        projection={"_blobs": 0})
+    return [{"id": d["_id"], "name": d.get("name"), "version": d.get("version"), "time": d.get("time"),
+             "description": d.get("description"), "tags": d.get("tags") or [],
+             "arrays": len(leaves(d.get("value")))} for d in docs]

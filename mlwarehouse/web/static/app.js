@@ -1,0 +1,157 @@
+// mlwarehouse UI: run curves (uPlot), the live task board and task actions. No framework, no network beyond
+// this server: data is fetched from /api and written into the page with textContent (never as HTML).
+"use strict";
+const mlw = (() => {
+  const COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf",
+                  "#7f7f7f", "#bcbd22"];
+  const api = (project) => `/api/p/${encodeURIComponent(project)}`;
+  let plot = null;
+
+  async function getJSON(url, options) {
+    const response = await fetch(url, options);
+    const body = await response.json().catch(() => ({error: response.statusText}));
+    if (!response.ok) throw new Error(body.error || response.statusText);
+    return body;
+  }
+
+  async function drawChart(project, ids, metricKey) {
+    const chart = document.getElementById("chart");
+    const status = document.getElementById("compare-status");
+    const dot = metricKey.indexOf(".");
+    const kind = metricKey.slice(0, dot), metric = metricKey.slice(dot + 1);
+    const url = `${api(project)}/runs/metric?ids=${ids.map(encodeURIComponent).join(",")}` +
+                `&kind=${encodeURIComponent(kind)}&metric=${encodeURIComponent(metric)}&points=1000`;
+    status.textContent = "loading…";
+    let data;
+    try {
+      data = await getJSON(url);
+    } catch (err) {
+      status.textContent = err.message;
+      status.className = "error";
+      return;
+    }
+    status.className = "muted";
+    const series = data.series.filter((s) => s.steps.length > 0);
+    if (plot) { plot.destroy(); plot = null; }
+    chart.dataset.series = "0";
+    if (!series.length) { status.textContent = `no ${metricKey} points for the selected runs`; return; }
+    const aligned = uPlot.join(series.map((s) => [s.steps, s.values]));
+    const options = {
+      width: Math.max(400, chart.clientWidth || 800), height: 320,
+      scales: {x: {time: false}},
+      series: [{label: "step"}, ...series.map((s, i) => ({
+        label: s.name, stroke: COLORS[i % COLORS.length], width: 1.5, spanGaps: true}))],
+      axes: [{label: "step"}, {label: metricKey}],
+    };
+    plot = new uPlot(options, aligned, chart);
+    chart.dataset.series = String(series.length);
+    status.textContent = `${metricKey}: ` + series.map((s) =>
+      `${s.name} (${s.steps.length} of ${s.count} points)`).join(", ");
+  }
+
+  function runsPage(project) {
+    const picks = () => [...document.querySelectorAll("#runs input.pick:checked")].map((box) => box.value);
+    const all = document.getElementById("select-all");
+    if (all) all.addEventListener("change", () => {
+      document.querySelectorAll("#runs input.pick").forEach((box) => { box.checked = all.checked; });
+    });
+    const metric = document.getElementById("metric");
+    const go = () => {
+      const ids = picks();
+      if (!ids.length) { document.getElementById("compare-status").textContent = "select at least one run"; return; }
+      if (!metric.value) { document.getElementById("compare-status").textContent = "these runs logged no metrics"; return; }
+      drawChart(project, ids, metric.value);
+    };
+    document.getElementById("compare").addEventListener("click", go);
+    metric.addEventListener("change", () => { if (plot) go(); });
+  }
+
+  function runPage(project, runId) {
+    const metric = document.getElementById("metric");
+    if (!metric) return;
+    metric.addEventListener("change", () => drawChart(project, [runId], metric.value));
+    drawChart(project, [runId], metric.value);
+  }
+
+  function cell(row, text, className) {
+    const td = row.insertCell();
+    if (className) td.className = className;
+    if (text !== undefined && text !== null) td.textContent = text;
+    return td;
+  }
+
+  const when = (t) => (typeof t === "string" && t.length >= 19) ? t.slice(0, 19).replace("T", " ") : (t || "");
+
+  function taskRow(tbody, project, t, writable) {
+    const row = tbody.insertRow();
+    row.dataset.id = t.id;
+    row.dataset.status = t.status;
+    const link = document.createElement("a");
+    link.href = `/p/${encodeURIComponent(project)}/tasks/${encodeURIComponent(t.id)}`;
+    link.textContent = t.task_name;
+    cell(row).appendChild(link);
+    const badge = document.createElement("span");
+    badge.className = `status ${t.status}`;
+    badge.textContent = t.status;
+    cell(row).appendChild(badge);
+    cell(row, `${t.attempts}/${t.max_attempts}`, "num");
+    const code = (value) => { const c = document.createElement("code"); c.textContent = JSON.stringify(value); return c; };
+    cell(row).appendChild(code(t.hyper_parameters));
+    const result = cell(row);
+    if (t.result !== null && t.result !== undefined) result.appendChild(code(t.result));
+    cell(row, t.worker || "");
+    cell(row, when(t.started));
+    cell(row, when(t.ended));
+    const pre = document.createElement("pre");
+    pre.className = "tail";
+    pre.textContent = t.error_tail || t.output_tail;
+    cell(row).appendChild(pre);
+    if (writable) {
+      const action = ["pending", "running"].includes(t.status) ? "cancel"
+                   : ["failed", "cancelled"].includes(t.status) ? "retry" : null;
+      const td = cell(row);
+      if (action) {
+        const button = document.createElement("button");
+        button.className = "act";
+        button.dataset.action = action;
+        button.textContent = action;
+        td.appendChild(button);
+      }
+    }
+  }
+
+  function tasksPage(project, q, writable) {
+    if (document.querySelector(".error")) return;  // a bad query: nothing to poll
+    const tbody = document.querySelector("#tasks tbody");
+    const live = document.getElementById("live");
+    const refresh = async () => {
+      try {
+        const data = await getJSON(`${api(project)}/tasks?q=${encodeURIComponent(q || "")}`);
+        tbody.replaceChildren();
+        data.rows.forEach((t) => taskRow(tbody, project, t, writable));
+        for (const [status, n] of Object.entries(data.counts)) {
+          const b = document.querySelector(`#counts b[data-status="${status}"]`);
+          if (b) b.textContent = n;
+        }
+        live.textContent = `live, updated ${new Date().toLocaleTimeString()}`;
+        live.className = "muted";
+      } catch (err) {
+        live.textContent = `not updated: ${err.message}`;
+        live.className = "error";
+      }
+    };
+    if (writable) tbody.addEventListener("click", async (event) => {
+      const button = event.target.closest("button.act");
+      if (!button) return;
+      const id = button.closest("tr").dataset.id;
+      try {
+        await getJSON(`${api(project)}/tasks/${encodeURIComponent(id)}/${button.dataset.action}`,
+                      {method: "POST", headers: {"X-MLW": "1"}});
+      } catch (err) { live.textContent = err.message; live.className = "error"; }
+      refresh();
+    });
+    setInterval(() => { if (!document.hidden) refresh(); }, 2000);
+  }
+
+  return {runsPage, runPage, tasksPage, drawChart};
+})();

@@ -1,0 +1,291 @@
+"""The web UI through FastAPI's TestClient: pages, the JSON API, downsampling, previews, bad input and 404s."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+pytest.importorskip("fastapi")
+pytest.importorskip("httpx")
+
+from fastapi.testclient import TestClient  # noqa: E402
+
+from mlwarehouse.web import create_app  # noqa: E402
+from mlwarehouse.web.arrays import image_view, leaves, to_png  # noqa: E402
+from mlwarehouse.web.downsample import minmax_downsample  # noqa: E402
+
+PROJECT = "ui-demo"
+
+
+def fill_warehouse(wh, steps: int = 60) -> dict:
+    """A small project for the UI: three runs with train/valid curves, models with metrics, tasks in every end
+    state, and a dataset of 8x8 digit images stored as N x 64 (plus 3 x 16 x 16 x 3 colour images)."""
+    from sklearn.datasets import load_digits
+    p = wh.project(PROJECT)
+    runs = []
+    for i, lr in enumerate((0.001, 0.01, 0.1)):
+        with p.runs.start(f"mlp-{i}", hyper_parameters={"lr": lr, "n_hidden": 32 * (i + 1)}) as run:
+            for step in range(steps):
+                run.log("train", step=step, loss=math.exp(-step * lr * 3) + 0.05 * i, accuracy=1 - 0.5 ** (step / 10))
+                if step % 10 == 9:
+                    run.log("valid", step=step, loss=math.exp(-step * lr * 2) + 0.1, accuracy=0.8 + 0.05 * i)
+        runs.append(run)
+    p.runs.flush()
+    models = []
+    for i, run in enumerate(runs):
+        models.append(p.models.save({"w": np.full(4, i, np.float32)}, "mlp", epoch=steps, run=run,
+                                    test_accuracy=[0.91, 0.97, 0.85][i], valid_accuracy=[0.9, 0.95, 0.88][i],
+                                    lr=run.hyper_parameters["lr"]))
+    p.index.ensure_collection("tasks", scalar_fields=["task_name", "status", "project"])
+    tasks = []
+    for i, (status, output, error) in enumerate([
+            ("finished", "epoch 1 loss 0.5\nepoch 2 loss 0.25\ndone: test_accuracy=0.97\n", None),
+            ("finished", "epoch 1 loss 0.7\ndone\n", None),
+            ("failed", "starting\n", "Traceback (most recent call last):\nValueError: lr too large"),
+            ("pending", None, None)]):
+        ended = status in ("finished", "failed")
+        tasks.append(p.insert("tasks", {
+            "task_name": "digits-mlp", "status": status, "priority": 0, "hyper_parameters": {"lr": 0.01 * (i + 1)},
+            "attempts": 0 if status == "pending" else (3 if status == "failed" else 1), "max_attempts": 3,
+            "result": {"test_accuracy": 0.9 + i / 100} if status == "finished" else None, "error": error,
+            "output": output, "worker": None if status == "pending" else f"host:{100 + i}",
+            "started": None if status == "pending" else "2024-05-01T10:00:00.000000Z",
+            "ended": "2024-05-01T10:01:00.000000Z" if ended else None, "created": "2024-05-01T09:59:00.000000Z"}))
+    digits = load_digits()
+    X = (digits.data[:200] / 16.0).astype(np.float32)
+    y = digits.target[:200].astype(np.int64)
+    digits_rec = p.datasets.save((X, y), "digits", description="8x8 digits", tags=["images", "8x8"])
+    colour = np.zeros((3, 16, 16, 3), np.uint8)
+    colour[:, :8, :, 0] = 255
+    colour_rec = p.datasets.save({"images": colour, "labels": np.arange(3)}, "colour")
+    return {"project": p, "runs": runs, "models": models, "tasks": tasks, "digits": digits_rec,
+            "colour": colour_rec}
+
+
+@pytest.fixture(scope="module")
+def filled(tmp_path_factory):
+    import mlwarehouse
+    wh = mlwarehouse.connect(home=tmp_path_factory.mktemp("web") / "wh")
+    filled = fill_warehouse(wh)
+    yield wh, filled
+    wh.close()
+
+
+@pytest.fixture(scope="module")
+def client(filled):
+    return TestClient(create_app(filled[0]))
+
+
+# -- downsampling and images ----------------------------------------------------------------------------------
+def test_minmax_downsample_keeps_extremes_and_order():
+    rng = np.random.default_rng(0)
+    x = np.arange(100_000, dtype=np.float64)
+    y = rng.normal(size=x.size)
+    y[12_345] = 50.0
+    y[77_777] = -50.0
+    y[500] = np.nan
+    dx, dy = minmax_downsample(x, y, 1000)
+    assert len(dx) <= 1000
+    assert np.all(np.diff(dx) > 0)
+    assert dx[0] == 0 and dx[-1] == 99_999
+    assert 12_345 in dx and 77_777 in dx and 500 not in dx
+    assert dy.max() == 50.0 and dy.min() == -50.0
+    short_x, short_y = minmax_downsample(x[:10], y[:10], 1000)
+    assert np.array_equal(short_x, x[:10]) and np.array_equal(short_y, y[:10])
+    with pytest.raises(ValueError):
+        minmax_downsample(x, y, 2)
+
+
+def test_image_layouts():
+    assert image_view((10, 64), "float32")[:2] == ("flat", (8, 8))
+    assert image_view((10, 28, 28), "uint8")[0] == "hw"
+    assert image_view((10, 16, 16, 3), "uint8")[0] == "hwc"
+    assert image_view((10, 3, 32, 32), "float32")[:2] == ("chw", (32, 32, 3))
+    assert image_view((10,), "int64") is None
+    assert image_view((10, 10), "float32") is None  # 10 is not a square
+    assert image_view((10, 64), "<U3") is None
+    png = to_png(np.arange(64, dtype=np.uint8).reshape(8, 8))
+    assert png.startswith(b"\x89PNG\r\n\x1a\n")
+    assert int.from_bytes(png[16:20], "big") == 96  # 8 px scaled 12x with nearest-neighbour
+
+
+# -- pages ----------------------------------------------------------------------------------------------------
+def test_projects_page(client):
+    r = client.get("/")
+    assert r.status_code == 200
+    assert f"/p/{PROJECT}/runs" in r.text
+
+
+def test_runs_page_lists_runs_with_params_and_metrics(client, filled):
+    r = client.get(f"/p/{PROJECT}/runs")
+    assert r.status_code == 200
+    for run in filled[1]["runs"]:
+        assert run.id in r.text and run.name in r.text
+    assert "n_hidden" in r.text and "valid.accuracy" in r.text and "train.loss" in r.text
+    assert "/static/vendor/uPlot.iife.min.js" in r.text
+
+
+def test_runs_query_box_filters(client):
+    r = client.get(f"/p/{PROJECT}/runs", params={"q": '{"hyper_parameters.lr": {"$gte": 0.01}}'})
+    assert r.status_code == 200
+    assert "mlp-1" in r.text and "mlp-2" in r.text and "mlp-0" not in r.text
+
+
+@pytest.mark.parametrize("q, words", [
+    ('{"status": ', "not valid JSON"),
+    ('["status"]', "must be a JSON object"),
+    ('{"status": {"$bogus": 1}}', "$bogus"),
+])
+def test_bad_query_shows_the_message_inline(client, q, words):
+    for page in ("runs", "models", "tasks", "datasets"):
+        r = client.get(f"/p/{PROJECT}/{page}", params={"q": q})
+        assert r.status_code == 400
+        assert words in r.text and 'role="alert"' in r.text
+        assert "Traceback" not in r.text
+    api = client.get(f"/api/p/{PROJECT}/runs", params={"q": q})
+    assert api.status_code == 400 and words in api.json()["error"]
+
+
+def test_metric_api_downsamples_and_names_runs(client, filled):
+    runs = filled[1]["runs"]
+    r = client.get(f"/api/p/{PROJECT}/runs/metric",
+                   params={"ids": f"{runs[0].id},{runs[1].id}", "kind": "train", "metric": "loss", "points": 20})
+    assert r.status_code == 200
+    body = r.json()
+    assert [s["name"] for s in body["series"]] == ["mlp-0", "mlp-1"]
+    for s in body["series"]:
+        assert s["count"] == 60 and len(s["steps"]) <= 20 and s["steps"][0] == 0 and s["steps"][-1] == 59
+    valid = client.get(f"/api/p/{PROJECT}/runs/metric", params={"ids": runs[0].id, "kind": "valid",
+                                                                "metric": "accuracy"}).json()
+    assert valid["series"][0]["steps"] == [9, 19, 29, 39, 49, 59]
+
+
+def test_charted_history_is_reread_when_the_run_logs_more(tmp_path):
+    import mlwarehouse
+    with mlwarehouse.connect(home=tmp_path / "wh") as wh:
+        p = wh.project("live")
+        client = TestClient(create_app(wh))
+        run = p.runs.start("growing")
+        url = f"/api/p/live/runs/metric?ids={run.id}&kind=train&metric=loss"
+        for step in range(10):
+            run.log("train", step=step, loss=1.0 / (step + 1))
+        run.flush()
+        assert client.get(url).json()["series"][0]["count"] == 10
+        assert client.get(url).json()["series"][0]["count"] == 10  # served from the cache
+        for step in range(10, 25):
+            run.log("train", step=step, loss=float("nan") if step == 12 else 0.01)
+        run.finish()
+        series = client.get(url).json()["series"][0]
+        assert series["count"] == 24 and series["steps"][-1] == 24 and 12 not in series["steps"]
+
+
+def test_metric_api_bad_input(client, filled):
+    run = filled[1]["runs"][0]
+    url = f"/api/p/{PROJECT}/runs/metric"
+    missing = client.get(url, params={"ids": "nope", "metric": "loss"})
+    assert missing.status_code == 404 and "nope" in missing.json()["error"]
+    bad = client.get(url, params={"ids": run.id, "metric": "$where"})
+    assert bad.status_code == 400 and "error" in bad.json()
+    few = client.get(url, params={"ids": run.id, "metric": "loss", "points": 2})
+    assert few.status_code == 400 and "points" in few.json()["error"]
+    typed = client.get(url, params={"ids": run.id, "metric": "loss", "points": "many"})
+    assert typed.status_code == 400 and "points" in typed.json()["error"]
+
+
+def test_run_page(client, filled):
+    run = filled[1]["runs"][2]
+    r = client.get(f"/p/{PROJECT}/runs/{run.id}")
+    assert r.status_code == 200 and "mlp-2" in r.text and "train.accuracy" in r.text
+
+
+def test_leaderboard_sorts_by_any_metric(client, filled):
+    def order(sort):
+        r = client.get(f"/p/{PROJECT}/models", params={"sort": sort})
+        assert r.status_code == 200
+        return [m.id for m in sorted(filled[1]["models"], key=lambda m: r.text.index(m.id))]
+    by_test = order("test_accuracy:-1")
+    assert [m.test_accuracy for m in filled[1]["models"] if m.id == by_test[0]] == [0.97]
+    by_valid_up = order("valid_accuracy:1")
+    assert [m.valid_accuracy for m in filled[1]["models"] if m.id == by_valid_up[0]] == [0.88]
+    api = client.get(f"/api/p/{PROJECT}/models", params={"sort": "lr:-1"}).json()
+    assert [row["lr"] for row in api["rows"]] == [0.1, 0.01, 0.001]
+    assert {"test_accuracy", "valid_accuracy", "lr"} <= set(api["metrics"])
+    assert all("weights" not in row for row in api["rows"])
+    bad = client.get(f"/p/{PROJECT}/models", params={"sort": "test_accuracy:up"})
+    assert bad.status_code == 400 and "direction" in bad.text
+
+
+def test_task_board_and_api(client, filled):
+    r = client.get(f"/p/{PROJECT}/tasks")
+    assert r.status_code == 200
+    assert "done: test_accuracy=0.97" in r.text and "ValueError: lr too large" in r.text
+    body = client.get(f"/api/p/{PROJECT}/tasks", params={"q": '{"status": "finished"}'}).json()
+    assert len(body["rows"]) == 2 and body["counts"]["finished"] == 2 and body["counts"]["failed"] == 0
+    task = filled[1]["tasks"][0]
+    detail = client.get(f"/p/{PROJECT}/tasks/{task['_id']}")
+    assert detail.status_code == 200 and "epoch 2 loss 0.25" in detail.text
+
+
+def test_read_only_refuses_changes(client, filled):
+    task = filled[1]["tasks"][2]
+    r = client.post(f"/api/p/{PROJECT}/tasks/{task['_id']}/retry", headers={"X-MLW": "1"})
+    assert r.status_code == 403 and "read-only" in r.json()["error"]
+
+
+def test_writable_retry_and_cancel(tmp_path):
+    import mlwarehouse
+    with mlwarehouse.connect(home=tmp_path / "wh") as wh:
+        p = wh.project("w")
+        p.index.ensure_collection("tasks")
+        failed = p.insert("tasks", {"task_name": "t", "status": "failed", "attempts": 3, "max_attempts": 3})
+        client = TestClient(create_app(wh, writable=True))
+        url = f"/api/p/w/tasks/{failed['_id']}/retry"
+        assert client.post(url).status_code == 403  # no X-MLW header: a cross-site form cannot send it
+        assert client.post(url, headers={"X-MLW": "1"}).json() == {"changed": 1}
+        assert p.find_one("tasks", {"_id": failed["_id"]})["status"] == "pending"
+        assert client.post(f"/api/p/w/tasks/{failed['_id']}/cancel", headers={"X-MLW": "1"}).json()["changed"] == 1
+        assert client.post("/api/p/w/tasks/nope/cancel", headers={"X-MLW": "1"}).status_code == 404
+        assert 'data-action="retry"' in client.get("/p/w/tasks").text
+
+
+def test_datasets_pages_show_shapes_and_images(client, filled):
+    listing = client.get(f"/p/{PROJECT}/datasets")
+    assert listing.status_code == 200 and "digits" in listing.text and "colour" in listing.text
+    digits = filled[1]["digits"]
+    r = client.get(f"/p/{PROJECT}/datasets/{digits.id}")
+    assert r.status_code == 200
+    assert "200 × 64" in r.text and "float32" in r.text and "int64" in r.text
+    assert "shown as 8x8" in r.text
+    assert r.text.count('src="data:image/png;base64,') == 16
+    colour = client.get(f"/p/{PROJECT}/datasets/{filled[1]['colour'].id}")
+    assert colour.text.count('src="data:image/png;base64,') == 3 and "3 × 16 × 16 × 3" in colour.text
+    png = client.get(f"/api/p/{PROJECT}/datasets/{digits.id}/preview.png", params={"leaf": 0, "index": 3})
+    assert png.status_code == 200 and png.headers["content-type"] == "image/png"
+    assert png.content.startswith(b"\x89PNG")
+    labels = client.get(f"/api/p/{PROJECT}/datasets/{digits.id}/preview.png", params={"leaf": 1})
+    assert labels.status_code == 404 and "not an array of images" in labels.json()["error"]
+
+
+def test_leaves_walk_tuples_and_dicts():
+    tree = {"_tuple": [{"_blob": "a", "codec": "npy"}, {"x": {"_blob": "b", "codec": "npy"}, "n": 3}]}
+    assert [leaf.path for leaf in leaves(tree)] == ["value[0]", "value[1]['x']"]
+
+
+@pytest.mark.parametrize("path", [
+    "/p/ui-demo/runs/NOPE", "/p/ui-demo/models/NOPE", "/p/ui-demo/tasks/NOPE", "/p/ui-demo/datasets/NOPE",
+    "/p/no-such-project/runs", "/no/such/page",
+])
+def test_unknown_ids_are_404_pages(client, path):
+    r = client.get(path)
+    assert r.status_code == 404
+    assert "text/html" in r.headers["content-type"]
+    assert "Not found" in r.text and "Traceback" not in r.text
+
+
+def test_static_assets_are_vendored(client):
+    js = client.get("/static/vendor/uPlot.iife.min.js")
+    assert js.status_code == 200 and "uPlot" in js.text
+    assert client.get("/static/vendor/uPlot.LICENSE").status_code == 200
+    assert client.get("/static/app.js").status_code == 200
