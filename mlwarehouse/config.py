@@ -21,6 +21,8 @@ from mlwarehouse.errors import ConfigError
 __all__ = ["Settings", "resolve", "open_index", "open_blobs", "DEFAULT_HOME"]
 
 DEFAULT_HOME = ".mlwarehouse"
+_POSTGRES_SCHEMES = ("postgresql", "postgres")
+_MONGO_SCHEMES = ("mongodb", "mongodb+srv")  # a MongoDB URI names the index and, by default, GridFS blobs there
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,11 @@ def resolve(uri: str | None = None, blobs: str | None = None, home: str | os.Pat
     blobs_uri = blobs or os.environ.get("MLW_BLOBS")
     if not blobs_uri:
         path = _sqlite_path(index_uri)
+        if path is None and urlparse(index_uri).scheme in _MONGO_SCHEMES:
+            return Settings(index_uri=index_uri, blobs_uri=index_uri)
+        if path is None and urlparse(index_uri).scheme in _POSTGRES_SCHEMES:
+            raise ConfigError("a PostgreSQL index has no default blob store: pass blobs=... (e.g. "
+                              "s3://bucket/prefix or a shared folder) or set MLW_BLOBS")
         if path is None:
             raise ConfigError(f"{index_uri!r} needs a blob store: pass blobs=... or set MLW_BLOBS")
         blobs_uri = str(path.parent / "blobs")
@@ -68,6 +75,12 @@ def open_index(uri: str):
         path.parent.mkdir(parents=True, exist_ok=True)
         return SQLiteIndex(path)
     scheme = urlparse(uri).scheme
+    if scheme in _POSTGRES_SCHEMES:
+        from mlwarehouse.index.postgres import PostgresIndex
+        return PostgresIndex(uri)
+    if scheme in _MONGO_SCHEMES:
+        from mlwarehouse.index.mongo import MongoIndex
+        return MongoIndex(uri)
     raise ConfigError(f"no index backend for {scheme!r} URIs yet ({uri!r}); use an SQLite file or folder")
 
 
@@ -81,4 +94,7 @@ def open_blobs(uri: str):
     if parsed.scheme == "s3":
         from mlwarehouse.blobs.s3 import S3BlobStore
         return S3BlobStore(uri)
+    if parsed.scheme in _MONGO_SCHEMES:
+        from mlwarehouse.blobs.gridfs import GridFSBlobStore
+        return GridFSBlobStore(uri)
     raise ConfigError(f"no blob backend for {parsed.scheme!r} URIs yet ({uri!r}); use a folder or s3://bucket/prefix")

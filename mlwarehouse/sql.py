@@ -11,19 +11,25 @@ objects and arrays). Sorting is ``ORDER BY rank, value`` per field; a comparison
 skipped for ``scalar_fields`` so that filters on them are plain index lookups. Element-level JSON functions
 sit behind ``CASE`` so they never see a value that is not JSON.
 
-SQL text that differs between databases lives in a :class:`Dialect`; :class:`SQLiteDialect` is the SQLite one.
+SQL text that differs between databases lives in a :class:`Dialect`: :class:`SQLiteDialect` (JSON text with
+JSON1 functions) and :class:`PostgresDialect` (the ``json`` type, see its docstring for why not ``jsonb``).
 """
 
 from __future__ import annotations
 
+import math
+import re
 from collections.abc import Collection
+from decimal import Decimal
 from typing import Any
+
+from mlwarehouse.errors import QueryError
 
 from mlwarehouse.query import (ARRAY, BOOL, NULL, NUMBER, OBJECT, STRING, ElemMatch, Field, Logical, is_index,
                                json_text, parse_filter, split_path, type_rank, validate_sort)
 
-__all__ = ["Dialect", "SQLiteDialect", "SQLITE", "Compiler", "compile_filter", "compile_sort",
-           "sort_expressions", "index_expressions", "REGEX_FUNCTION"]
+__all__ = ["Dialect", "SQLiteDialect", "SQLITE", "PostgresDialect", "POSTGRES", "pg_regex", "Compiler",
+           "compile_filter", "compile_sort", "sort_expressions", "index_expressions", "REGEX_FUNCTION"]
 
 REGEX_FUNCTION = "mlw_regex"  # (pattern, flags, value) -> 1/0, registered by the backend
 
@@ -33,6 +39,30 @@ class Dialect:
 
     id_column = "id"
     doc_column = "doc"
+    true, false = "1", "0"  # boolean literals; the compiler simplifies on them
+
+    def bind(self, rank: int | None = None) -> str:
+        """The placeholder of a parameter compared with values of class ``rank``."""
+        return "?"
+
+    def not_(self, part: str) -> str:
+        return f"NOT ifnull({part}, 0)"  # NULL means "no match" everywhere; negation must keep it so
+
+    def is_type(self, type_expr: str, kind: str) -> str:
+        return f"{type_expr} IS '{kind}'"
+
+    def in_class(self, doc: str, path: str, rank: int) -> str:
+        return f"{self.rank(doc, path)} = {rank}"
+
+    def value(self, doc: str, path: str, rank: int) -> str:
+        """The expression compared with a parameter of class ``rank`` (guarded: never fails on other types)."""
+        return self.extract(doc, path)
+
+    def sort_keys(self, doc: str, path: str) -> list[str]:
+        return [self.rank(doc, path), self.extract(doc, path)]
+
+    def regex_params(self, pattern: str, flags: int) -> list:
+        return [pattern, flags]
 
     def path(self, doc: str, comps: tuple[str, ...]) -> str:
         raise NotImplementedError
@@ -52,7 +82,8 @@ class Dialect:
     def elem_in_class(self, alias: str, rank: int) -> str:
         raise NotImplementedError
 
-    def elem_value(self, alias: str) -> str:
+    def elem_value(self, alias: str, rank: int | None = None) -> str:
+        """The element's comparison value for class ``rank``, or (``rank=None``) the element as JSON."""
         raise NotImplementedError
 
     def elem_is(self, alias: str, kind: str) -> str:
@@ -114,7 +145,7 @@ class SQLiteDialect(Dialect):
             return f"{alias}.type = '{names[0]}'"
         return f"{alias}.type IN ({', '.join(repr(n) for n in names)})"
 
-    def elem_value(self, alias: str) -> str:
+    def elem_value(self, alias: str, rank: int | None = None) -> str:
         return f"{alias}.value"
 
     def elem_is(self, alias: str, kind: str) -> str:
@@ -130,6 +161,180 @@ class SQLiteDialect(Dialect):
 SQLITE = SQLiteDialect()
 
 
+_PG_RANKS = ("CASE json_typeof({x}) WHEN 'number' THEN 1 WHEN 'string' THEN 2 WHEN 'object' THEN 3 "
+             "WHEN 'array' THEN 4 WHEN 'boolean' THEN 5 ELSE 0 END")
+_PG_TYPES = {NULL: ("null",), NUMBER: ("number",), STRING: ("string",), OBJECT: ("object",), ARRAY: ("array",),
+             BOOL: ("boolean",)}
+_INT_LIKE = re.compile(r"^-?[0-9]+$")
+_TWO_53, _TWO_63 = 2.0 ** 53, 2.0 ** 63
+
+
+class PostgresDialect(Dialect):
+    """PostgreSQL over a ``json`` column holding each document's compact JSON text.
+
+    Why ``json`` and not ``jsonb``: the reference semantics compare objects and arrays by their compact JSON
+    text (key order matters, ``[1] != [1.0]``) and return documents exactly as written; ``jsonb`` reorders
+    keys and respells numbers (``1e+20`` comes back as an integer). ``json`` keeps the text, so the sub-value
+    at a path (``doc #> '{a,b}'``) is the exact compact text, and expression indexes serve filters and sorts.
+
+    Each value is seen through three keys: its type rank, ``num`` (numbers exactly as ``numeric``, booleans as
+    0/1, else 0) and ``txt`` (strings, and the JSON text of objects and arrays, in code point order:
+    ``COLLATE "C"``; else ''). The key a class does not use is constant, so equality on it is an index condition.
+    Numbers compare exactly across int and float: a float is its shortest decimal, except integral floats in
+    [2**53, 2**63), taken as their exact integer value so that they compare right against 64-bit integers.
+    Regular expressions are translated to PostgreSQL's (see :func:`pg_regex`).
+    """
+
+    true, false = "true", "false"
+
+    def bind(self, rank: int | None = None) -> str:
+        if rank in (NUMBER, BOOL):
+            return "%s::numeric"
+        return "%s::text"
+
+    def not_(self, part: str) -> str:
+        return f"NOT coalesce({part}, false)"
+
+    def is_type(self, type_expr: str, kind: str) -> str:
+        return f"{type_expr} IS NOT DISTINCT FROM '{kind}'"
+
+    def path(self, doc: str, comps: tuple[str, ...]) -> str:
+        """The JSON sub-value itself (the opaque ``path`` of this dialect); SQL NULL when missing."""
+        expr, run = doc, []
+        for comp in comps:
+            if _INT_LIKE.match(comp) and not is_index(comp):  # PostgreSQL would index arrays with "-1" or "01"
+                if run:
+                    expr = f"({expr} #> '{_pg_path(run)}')"
+                    run = []
+                expr = f"(CASE WHEN json_typeof({expr}) = 'array' THEN NULL ELSE {expr} -> '{comp}' END)"
+            else:
+                run.append(comp)
+        return f"({expr} #> '{_pg_path(run)}')" if run else expr
+
+    def type_of(self, doc: str, path: str) -> str:
+        return f"json_typeof({path})"
+
+    def extract(self, doc: str, path: str) -> str:
+        return path
+
+    def rank(self, doc: str, path: str) -> str:
+        return _PG_RANKS.format(x=path)
+
+    def in_class(self, doc: str, path: str, rank: int) -> str:
+        # the other key is a constant within a class: saying so lets a (rank, num, txt) index serve sorts
+        other = f"{_pg_num(path)} = 0" if rank in (STRING, OBJECT, ARRAY) else f"{_pg_txt(path)} = ''"
+        return f"{self.rank(doc, path)} = {rank}" if rank == NULL else f"{self.rank(doc, path)} = {rank} AND {other}"
+
+    def value(self, doc: str, path: str, rank: int) -> str:
+        return _pg_num(path) if rank in (NUMBER, BOOL) else _pg_txt(path)
+
+    def sort_keys(self, doc: str, path: str) -> list[str]:
+        return [self.rank(doc, path), _pg_num(path), _pg_txt(path)]
+
+    def each(self, json_expr: str, path: str | None) -> str:
+        return f"json_array_elements({path or json_expr})"
+
+    def elem_in_class(self, alias: str, rank: int) -> str:
+        return f"{self.rank('', alias + '.value')} = {rank}"
+
+    def elem_value(self, alias: str, rank: int | None = None) -> str:
+        x = f"{alias}.value"
+        return x if rank is None else self.value("", x, rank)
+
+    def elem_is(self, alias: str, kind: str) -> str:
+        return f"json_typeof({alias}.value) = '{kind}'"
+
+    def array_length(self, json_expr: str, path: str | None) -> str:
+        return f"json_array_length({path or json_expr})"
+
+    def regex(self, value: str) -> str:
+        return f"(({value}) COLLATE pg_catalog.\"default\" ~ %s::text)"
+
+    def regex_params(self, pattern: str, flags: int) -> list:
+        return [pg_regex(pattern, flags)]
+
+    def param(self, value: Any) -> Any:
+        """Numbers as exact ``Decimal`` (see the class docstring), booleans as 0/1, containers as JSON text."""
+        rank = type_rank(value)
+        if rank == NUMBER:
+            if isinstance(value, int):
+                return Decimal(value)
+            if value.is_integer() and _TWO_53 <= abs(value) < _TWO_63:
+                return Decimal(int(value))
+            return Decimal(repr(value)) if math.isfinite(value) else Decimal(value)
+        return super().param(value)
+
+
+def _pg_path(comps: list[str]) -> str:
+    return "{" + ",".join(f'"{c}"' for c in comps) + "}"  # quoted: '{null}' would be a NULL element
+
+
+def _pg_num(x: str) -> str:
+    t = f"({x} #>> '{{}}')"
+    return (f"(CASE json_typeof({x}) WHEN 'number' THEN CASE WHEN {t} ~ '[.eE]' "
+            f"AND abs({t}::float8) >= {_TWO_53!r}::float8 AND abs({t}::float8) < {_TWO_63!r}::float8 "
+            f"THEN {t}::float8::int8::numeric ELSE {t}::numeric END "
+            f"WHEN 'boolean' THEN CASE WHEN {x}::text = 'true' THEN 1 ELSE 0 END ELSE 0 END)")
+
+
+def _pg_txt(x: str) -> str:
+    return (f"((CASE json_typeof({x}) WHEN 'string' THEN {x} #>> '{{}}' WHEN 'object' THEN {x}::text "
+            f"WHEN 'array' THEN {x}::text ELSE '' END) COLLATE \"C\")")
+
+
+_UNSUPPORTED = ("(?P", "(?#", "(?>", "(?(", "(?a", "(?i", "(?L", "(?m", "(?s", "(?u", "(?x", "(?-")
+
+
+def pg_regex(pattern: str, flags: int) -> str:
+    """A PostgreSQL ARE that matches like Python's ``re.search(pattern, flags)``.
+
+    Translated: ``.`` (no newline unless ``re.S``), ``^`` and ``$`` (``$`` also before a final newline;
+    line anchors with ``re.M``), ``\\b``/``\\B`` (``\\y``/``\\Y``); flags ``i`` and ``x`` become embedded options.
+    Differences that remain: ``\\d \\w \\s`` and case-insensitive matching of non-ASCII letters follow the
+    database's LC_CTYPE rather than Unicode; ``\\x`` and ``\\u`` escapes take any number of hex digits.
+    Named groups, comments, atomic groups, conditionals and inline flags raise QueryError.
+    """
+    for construct in _UNSUPPORTED:
+        if construct in pattern:
+            raise QueryError(f"$regex {pattern!r}: {construct!r} is not supported by the PostgreSQL index")
+    out, i, n, in_class = [], 0, len(pattern), False
+    while i < n:
+        c = pattern[i]
+        if c == "\\":
+            nxt = pattern[i + 1:i + 2]
+            out.append({"b": "\\y", "B": "\\Y"}.get(nxt, c + nxt) if not in_class else c + nxt)
+            i += 2
+            continue
+        if in_class:
+            out.append(c)
+            in_class = c != "]"
+            i += 1
+            continue
+        if c == "[":
+            j = i + 1
+            if pattern[j:j + 1] == "^":
+                j += 1
+            if pattern[j:j + 1] == "]":  # a leading ']' is a literal member
+                j += 1
+            out.append(pattern[i:j])
+            in_class, i = True, j
+            continue
+        if c == "." and not flags & re.S:
+            out.append("[^\\n]")
+        elif c == "^" and flags & re.M:
+            out.append("(?:^|(?<=\\n))")
+        elif c == "$":
+            out.append("(?=\\n|$)" if flags & re.M else "(?=\\n?$)")
+        else:
+            out.append(c)
+        i += 1
+    options = "s" + ("i" if flags & re.I else "") + ("x" if flags & re.X else "")
+    return f"(?{options})" + "".join(out)
+
+
+POSTGRES = PostgresDialect()
+
+
 class _PathTarget:
     """A field of the document (or of an object element, for ``$elemMatch`` sub-filters)."""
 
@@ -137,18 +342,19 @@ class _PathTarget:
         self.d, self.doc = d, doc
         self.path = d.path(doc, comps)
         self.type = d.type_of(doc, self.path)
-        self.value = d.extract(doc, self.path)
-        self.rank = d.rank(doc, self.path)
         self.expandable = expandable
 
     def cls(self, rank: int) -> str:
-        return f"{self.rank} = {rank}"
+        return self.d.in_class(self.doc, self.path, rank)
+
+    def value(self, rank: int) -> str:
+        return self.d.value(self.doc, self.path, rank)
 
     def exists(self) -> str:
         return f"{self.type} IS NOT NULL"
 
     def is_array(self) -> str:
-        return f"{self.type} IS 'array'"
+        return self.d.is_type(self.type, "array")
 
     def array_length(self) -> str:
         return self.d.array_length(self.doc, self.path)
@@ -163,19 +369,22 @@ class _IdTarget:
     expandable = False
 
     def __init__(self, d: Dialect):
-        self.value = d.id_column
+        self.d = d
 
     def cls(self, rank: int) -> str:
-        return "1" if rank == STRING else "0"
+        return self.d.true if rank == STRING else self.d.false
+
+    def value(self, rank: int) -> str:
+        return self.d.id_column
 
     def exists(self) -> str:
-        return "1"
+        return self.d.true
 
     def is_array(self) -> str:
-        return "0"
+        return self.d.false
 
-    def array_length(self) -> str:
-        return "0"
+    def array_length(self) -> str:  # pragma: no cover - guarded by is_array()
+        raise AssertionError("_id is never an array")
 
     def each(self) -> str:  # pragma: no cover - guarded by is_array()
         raise AssertionError("_id is never an array")
@@ -188,42 +397,45 @@ class _ElemTarget:
 
     def __init__(self, d: Dialect, alias: str):
         self.d, self.alias = d, alias
-        self.value = d.elem_value(alias)
+        self.json = d.elem_value(alias)
 
     def cls(self, rank: int) -> str:
         return self.d.elem_in_class(self.alias, rank)
 
+    def value(self, rank: int) -> str:
+        return self.d.elem_value(self.alias, rank)
+
     def exists(self) -> str:
-        return "1"
+        return self.d.true
 
     def is_array(self) -> str:
         return self.d.elem_is(self.alias, "array")
 
     def array_length(self) -> str:
-        return self.d.array_length(self.value, None)
+        return self.d.array_length(self.json, None)
 
     def each(self) -> str:
-        return self.d.each(self.value, None)
+        return self.d.each(self.json, None)
 
 
-def _and(parts: list[str]) -> str:
-    parts = [p for p in parts if p != "1"]  # absorbing "0" stays: its siblings may hold parameters
+def _and(d: Dialect, parts: list[str]) -> str:
+    parts = [p for p in parts if p != d.true]  # an absorbing false stays: its siblings may hold parameters
     if not parts:
-        return "1"
+        return d.true
     return parts[0] if len(parts) == 1 else "(" + " AND ".join(parts) + ")"
 
 
-def _or(parts: list[str]) -> str:
-    parts = [p for p in parts if p != "0"]
+def _or(d: Dialect, parts: list[str]) -> str:
+    parts = [p for p in parts if p != d.false]
     if not parts:
-        return "0"
+        return d.false
     return parts[0] if len(parts) == 1 else "(" + " OR ".join(parts) + ")"
 
 
-def _not(part: str) -> str:
-    if part in ("0", "1"):
-        return "1" if part == "0" else "0"
-    return f"NOT ifnull({part}, 0)"  # NULL means "no match" everywhere; negation must keep it so
+def _not(d: Dialect, part: str) -> str:
+    if part in (d.true, d.false):
+        return d.true if part == d.false else d.false
+    return d.not_(part)
 
 
 _OPS_SQL = {"$gt": ">", "$gte": ">=", "$lt": "<", "$lte": "<="}
@@ -244,93 +456,100 @@ class Compiler:
 
     # -- predicates on one target ----------------------------------------------------------------------
     def _in_set(self, t, values: list) -> str:
+        d = self.d
         by_rank: dict[int, list] = {}
         for v in values:
             by_rank.setdefault(type_rank(v), []).append(v)
         parts = []
         for rank, group in by_rank.items():
             cls = t.cls(rank)
-            if rank == NULL or cls == "0":
+            if rank == NULL or cls == d.false:
                 parts.append(cls)
                 continue
-            params = list(dict.fromkeys(self.d.param(v) for v in group))
+            params = list(dict.fromkeys(d.param(v) for v in group))
             self.params.extend(params)
-            test = f"{t.value} = ?" if len(params) == 1 else f"{t.value} IN ({', '.join('?' * len(params))})"
-            parts.append(_and([cls, test]))
-        return _or(parts)
+            value, ph = t.value(rank), d.bind(rank)
+            test = f"{value} = {ph}" if len(params) == 1 else f"{value} IN ({', '.join([ph] * len(params))})"
+            parts.append(_and(d, [cls, test]))
+        return _or(d, parts)
 
     def _compare(self, t, op: str, operand: Any) -> str:
         rank = type_rank(operand)
         if rank == NULL:
-            return t.cls(NULL) if op in ("$gte", "$lte") else "0"
+            return t.cls(NULL) if op in ("$gte", "$lte") else self.d.false
         cls = t.cls(rank)
-        if cls == "0":
-            return "0"
+        if cls == self.d.false:
+            return cls
         self.params.append(self.d.param(operand))
-        return _and([cls, f"{t.value} {_OPS_SQL[op]} ?"])
+        return _and(self.d, [cls, f"{t.value(rank)} {_OPS_SQL[op]} {self.d.bind(rank)}"])
 
     def _regex(self, t, arg: tuple[str, int]) -> str:
         cls = t.cls(STRING)
-        if cls == "0":
-            return "0"
-        self.params.extend(arg)
-        return _and([cls, self.d.regex(t.value)])
+        if cls == self.d.false:
+            return cls
+        self.params.extend(self.d.regex_params(*arg))
+        return _and(self.d, [cls, self.d.regex(t.value(STRING))])
 
     def _candidates(self, t, expand: bool, pred) -> str:
         """``pred`` on the value, or (for array values) on any of its elements."""
+        d = self.d
         whole = pred(t)
         if not (expand and t.expandable):
             return whole
         alias = self._alias()
-        inner = pred(_ElemTarget(self.d, alias))
-        if inner == "0":
+        inner = pred(_ElemTarget(d, alias))
+        if inner == d.false:
             return whole
-        return _or([whole, f"CASE WHEN {t.is_array()} THEN EXISTS (SELECT 1 FROM {t.each()} AS {alias} "
-                           f"WHERE {inner}) ELSE 0 END"])
+        return _or(d, [whole, f"CASE WHEN {t.is_array()} THEN EXISTS (SELECT 1 FROM {t.each()} AS {alias} "
+                              f"WHERE {inner}) ELSE {d.false} END"])
 
     def _ops(self, t, ops: list[tuple[str, Any]], expand: bool) -> str:
+        d = self.d
         parts = []
         for op, arg in ops:
             if op in ("$eq", "$ne"):
                 s = self._candidates(t, expand, lambda x, a=arg: self._in_set(x, [a]))
-                parts.append(s if op == "$eq" else _not(s))
+                parts.append(s if op == "$eq" else _not(d, s))
             elif op in ("$in", "$nin"):
-                s = self._candidates(t, expand, lambda x, a=arg: self._in_set(x, a)) if arg else "0"
-                parts.append(s if op == "$in" else _not(s))
+                s = self._candidates(t, expand, lambda x, a=arg: self._in_set(x, a)) if arg else d.false
+                parts.append(s if op == "$in" else _not(d, s))
             elif op in _OPS_SQL:
                 parts.append(self._candidates(t, expand, lambda x, o=op, a=arg: self._compare(x, o, a)))
             elif op == "$all":
-                parts.append(_and([self._candidates(t, expand, lambda x, a=v: self._in_set(x, [a])) for v in arg])
-                             if arg else "0")
+                parts.append(_and(d, [self._candidates(t, expand, lambda x, a=v: self._in_set(x, [a]))
+                                      for v in arg]) if arg else d.false)
             elif op == "$exists":
-                parts.append(t.exists() if arg else _not(t.exists()))
+                parts.append(t.exists() if arg else _not(d, t.exists()))
             elif op == "$size":
-                if t.is_array() == "0":
-                    parts.append("0")
+                if t.is_array() == d.false:
+                    parts.append(d.false)
                 else:
                     self.params.append(arg)
-                    parts.append(f"CASE WHEN {t.is_array()} THEN {t.array_length()} = ? ELSE 0 END")
+                    parts.append(f"CASE WHEN {t.is_array()} THEN {t.array_length()} = {d.bind(NUMBER)} "
+                                 f"ELSE {d.false} END")
             elif op == "$regex":
                 parts.append(self._candidates(t, expand, lambda x, a=arg: self._regex(x, a)))
             elif op == "$not":
-                parts.append(_not(self._ops(t, arg, expand)))
+                parts.append(_not(d, self._ops(t, arg, expand)))
             elif op == "$elemMatch":
                 parts.append(self._elem_match(t, arg))
             else:  # pragma: no cover - the parser only emits the operators above
                 raise AssertionError(op)
-        return _and(parts)
+        return _and(d, parts)
 
     def _elem_match(self, t, em: ElemMatch) -> str:
-        if t.is_array() == "0":
-            return "0"
+        d = self.d
+        if t.is_array() == d.false:
+            return d.false
         alias = self._alias()
-        elem = _ElemTarget(self.d, alias)
+        elem = _ElemTarget(d, alias)
         if em.ops is not None:
             inner = self._ops(elem, em.ops, False)
         else:
-            sub = self._node(em.filter, elem.value, top=False)
-            inner = f"CASE WHEN {self.d.elem_is(alias, 'object')} THEN {sub} ELSE 0 END"
-        return f"CASE WHEN {t.is_array()} THEN EXISTS (SELECT 1 FROM {t.each()} AS {alias} WHERE {inner}) ELSE 0 END"
+            sub = self._node(em.filter, elem.json, top=False)
+            inner = f"CASE WHEN {d.elem_is(alias, 'object')} THEN {sub} ELSE {d.false} END"
+        return (f"CASE WHEN {t.is_array()} THEN EXISTS (SELECT 1 FROM {t.each()} AS {alias} WHERE {inner}) "
+                f"ELSE {d.false} END")
 
     # -- filters ---------------------------------------------------------------------------------------
     def _target(self, field: Field, doc: str, top: bool):
@@ -343,10 +562,10 @@ class Compiler:
             return self._ops(self._target(node, doc, top), node.ops, True)
         parts = [self._node(c, doc, top) for c in node.children]
         if node.op == "$and":
-            return _and(parts)
+            return _and(self.d, parts)
         if node.op == "$or":
-            return _or(parts)
-        return _not(_or(parts))
+            return _or(self.d, parts)
+        return _not(self.d, _or(self.d, parts))
 
     def where(self, filter: dict | Logical | None) -> str:
         """SQL boolean expression for a filter (dict or parsed AST)."""
@@ -367,8 +586,7 @@ def sort_expressions(field: str, dialect: Dialect = SQLITE) -> list[str]:
     comps = split_path(field)
     if comps == ("_id",):
         return [dialect.id_column]
-    t = _PathTarget(dialect, dialect.doc_column, comps, False)
-    return [t.rank, t.value]
+    return dialect.sort_keys(dialect.doc_column, dialect.path(dialect.doc_column, comps))
 
 
 def index_expressions(keys: list[tuple[str, int]], dialect: Dialect = SQLITE) -> list[str]:

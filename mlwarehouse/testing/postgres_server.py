@@ -1,0 +1,160 @@
+"""A private PostgreSQL cluster for tests: 127.0.0.1 only, a free port, a temporary folder, stopped by pid.
+
+:func:`start_postgres` runs the server binaries of the machine (Debian's ``/usr/lib/postgresql/<version>/bin``,
+``$MLW_PG_BIN``, or ``pg_config --bindir``): ``initdb`` with a fresh superuser ``mlw`` and a random password
+(password authentication over TCP), then ``postgres`` listening on 127.0.0.1 only, then creates the database
+``mlw_test``. PostgreSQL refuses to run as root, so under root the cluster belongs to the ``postgres`` user.
+
+The session fixture :func:`postgres_server` yields the URI: ``$MLW_TEST_POSTGRES`` when set (a server started
+by ``scripts/test-servers`` or a real one), else a cluster it starts. Without the binaries the PostgreSQL tests
+are skipped, except in CI (``CI=true``), where a server that cannot start fails the run.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import pwd
+import secrets
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from mlwarehouse.testing.servers import HOST, Server, ServerError, _alive, _port_open, _wait_ready, free_port, in_ci
+
+__all__ = ["find_pg_bin", "start_postgres", "stop_postgres", "postgres_server", "TEST_DATABASE", "TEST_USER"]
+
+TEST_DATABASE = "mlw_test"
+TEST_USER = "mlw"
+
+
+def find_pg_bin() -> str | None:
+    """The folder holding ``initdb`` and ``postgres``: ``$MLW_PG_BIN``, Debian's newest, ``pg_config``, PATH."""
+    candidates = [os.environ.get("MLW_PG_BIN")]
+    candidates += sorted(glob.glob("/usr/lib/postgresql/*/bin"), key=lambda p: int(Path(p).parent.name)
+                         if Path(p).parent.name.isdigit() else 0, reverse=True)
+    if shutil.which("pg_config"):
+        try:
+            candidates.append(subprocess.run(["pg_config", "--bindir"], capture_output=True, text=True,
+                                             timeout=10).stdout.strip())
+        except (OSError, subprocess.SubprocessError):
+            pass
+    if shutil.which("initdb"):
+        candidates.append(str(Path(shutil.which("initdb")).parent))
+    for c in candidates:
+        if c and os.access(Path(c) / "initdb", os.X_OK) and os.access(Path(c) / "postgres", os.X_OK):
+            return c
+    return None
+
+
+def _as_server_user() -> dict:
+    """Popen arguments that drop root to the ``postgres`` user (PostgreSQL refuses to run as root)."""
+    if os.geteuid() != 0:
+        return {}
+    try:
+        pw = pwd.getpwnam("postgres")
+    except KeyError:
+        raise ServerError("running as root and there is no 'postgres' user to run the server as") from None
+    return {"user": pw.pw_uid, "group": pw.pw_gid, "extra_groups": []}
+
+
+def start_postgres(*, timeout: float = 60.0, durable: bool = False, bin_dir: str | None = None) -> Server:
+    """Start a fresh cluster; ``durable=False`` turns fsync off (a throwaway cluster need not survive a crash)."""
+    bin_dir = bin_dir or find_pg_bin()
+    if bin_dir is None:
+        raise ServerError("PostgreSQL server binaries (initdb, postgres) were not found: install the postgresql "
+                          "package (apt-get install -y postgresql) or set MLW_PG_BIN")
+    user = _as_server_user()
+    root = Path(tempfile.mkdtemp(prefix="mlw-postgres-"))
+    data, log, pwfile = root / "data", root / "postgres.log", root / "pwfile"
+    password = secrets.token_hex(16)
+    pwfile.write_text(password + "\n")
+    if user:
+        for path in (root, pwfile):
+            os.chown(path, user["user"], user["group"])
+    env = {**os.environ, "LC_ALL": "C.UTF-8", "LANG": "C.UTF-8"}
+    init = [str(Path(bin_dir) / "initdb"), "-D", str(data), "-U", TEST_USER, f"--pwfile={pwfile}",
+            "--auth-local=trust", "--auth-host=scram-sha-256", "--encoding=UTF8", "--locale=C.UTF-8", "--no-sync"]
+    done = subprocess.run(init, capture_output=True, text=True, env=env, cwd=root, timeout=timeout, **user)
+    if done.returncode != 0:
+        shutil.rmtree(root, ignore_errors=True)
+        raise ServerError(f"initdb failed ({' '.join(init)}):\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
+    port = free_port()
+    cmd = [str(Path(bin_dir) / "postgres"), "-D", str(data), "-c", f"listen_addresses={HOST}", "-p", str(port),
+           "-c", f"unix_socket_directories={root}", "-c", "max_connections=200", "-c", "shared_buffers=128MB"]
+    if not durable:
+        cmd += ["-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off"]
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=root,
+                                env=env, start_new_session=True, **user)
+    uri = f"postgresql://{TEST_USER}:{password}@{HOST}:{port}/{TEST_DATABASE}"
+    server = Server("postgres", proc.pid, str(root), uri, {"MLW_TEST_POSTGRES": uri})
+
+    def ready() -> bool:
+        if not _port_open(port):
+            return False
+        import psycopg
+        with psycopg.connect(host=HOST, port=port, user=TEST_USER, password=password, dbname="postgres",
+                             connect_timeout=3, autocommit=True) as con:
+            if not con.execute("SELECT 1 FROM pg_database WHERE datname = %s", (TEST_DATABASE,)).fetchone():
+                con.execute(f"CREATE DATABASE {TEST_DATABASE}")
+        return True
+
+    try:
+        _wait_ready(proc, log, ready, timeout, f"PostgreSQL ({' '.join(cmd)})")
+    except BaseException:
+        stop_postgres(server)
+        raise
+    return server
+
+
+def stop_postgres(server: Server, *, grace: float = 10.0) -> None:
+    """Stop by pid: SIGINT (fast shutdown: clients are disconnected), then SIGQUIT, then SIGKILL; remove the folder."""
+    try:
+        cmdline = Path(f"/proc/{server.pid}/cmdline").read_bytes()
+        ours = server.data_dir.encode() in cmdline
+    except FileNotFoundError:
+        ours = not Path("/proc/self").exists() and _alive(server.pid)
+    if ours:
+        for sig, wait in ((signal.SIGINT, grace), (signal.SIGQUIT, grace / 2), (signal.SIGKILL, grace)):
+            try:
+                os.kill(server.pid, sig)
+            except ProcessLookupError:
+                break
+            deadline = time.monotonic() + wait
+            while time.monotonic() < deadline and _alive(server.pid):
+                time.sleep(0.05)
+            if not _alive(server.pid):
+                break
+    shutil.rmtree(server.data_dir, ignore_errors=True)
+
+
+try:
+    import pytest
+except ImportError:
+    pytest = None
+
+if pytest is not None:
+    @pytest.fixture(scope="session")
+    def postgres_server() -> Iterator[str]:
+        """The URI of a PostgreSQL database for tests (``$MLW_TEST_POSTGRES``, or a private cluster)."""
+        if os.environ.get("MLW_TEST_POSTGRES"):
+            yield os.environ["MLW_TEST_POSTGRES"]
+            return
+        try:
+            import psycopg  # noqa: F401  (the client the tests need)
+        except ImportError:
+            if in_ci():
+                raise
+            pytest.skip("psycopg is not installed: pip install -e '.[postgres]'")
+        if find_pg_bin() is None and not in_ci():
+            pytest.skip("no PostgreSQL server binaries: apt-get install -y postgresql, or set MLW_TEST_POSTGRES")
+        server = start_postgres()  # in CI, or with the binaries present, a failure here is an error
+        try:
+            yield server.uri
+        finally:
+            stop_postgres(server)
