@@ -154,7 +154,11 @@ class Worker:
                 if not self._children and (
                         (self.once and idle) or (max_tasks is not None and (started >= max_tasks or idle))):
                     break
-                self._wake.wait(self.poll_interval)
+                index = self.project.index
+                if idle and not self._children and index.supports_listen:
+                    index.listen("tasks", min(1.0, self.lease_seconds / 3))  # wakes when a task is written
+                else:
+                    self._wake.wait(self.poll_interval)
                 self._wake.clear()
         finally:
             self._shutdown()

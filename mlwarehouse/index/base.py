@@ -36,6 +36,8 @@ class Index(ABC):
     name: str = "abstract"
     #: ``wh.sql()`` is available (SQLite and PostgreSQL)
     supports_sql: bool = False
+    #: ``listen`` wakes on writes (PostgreSQL's LISTEN/NOTIFY) instead of sleeping out its timeout
+    supports_listen: bool = False
 
     # -- collections and indexes -------------------------------------------------------------------------
     @abstractmethod
@@ -104,6 +106,20 @@ class Index(ABC):
         """Distinct values of a field (array values contribute their elements), in sort order."""
         from mlwarehouse.query import distinct_values  # reference implementation; backends may override
         return distinct_values(self.find(collection, filter, projection={field: 1}), field)
+
+    def indexes(self, collection: str) -> list[dict]:
+        """The indexes created with :meth:`create_index`: ``{"name", "keys", "unique"}`` each."""
+        return []
+
+    # -- waiting for writes --------------------------------------------------------------------------------
+    def listen(self, collection: str, timeout: float) -> bool:
+        """Block until a write to ``collection`` may have happened (True) or ``timeout`` seconds pass (False).
+
+        Backends with notifications wake at once; this default sleeps, so callers re-check what they wait for.
+        """
+        import time
+        time.sleep(timeout)
+        return False
 
     # -- raw SQL (SQLite, PostgreSQL) ----------------------------------------------------------------------
     def sql(self, query: str, params: Sequence[Any] | dict = ()) -> list[dict]:

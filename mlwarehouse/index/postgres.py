@@ -60,6 +60,7 @@ class PostgresIndex(Index):
 
     name = "postgresql"
     supports_sql = True
+    supports_listen = True
 
     def __init__(self, dsn: str, *, connect_timeout: float = 5.0, max_connections: int = 8,
                  chunk_size: int = 1000):
