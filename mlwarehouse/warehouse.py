@@ -22,7 +22,7 @@ from typing import Any
 from mlwarehouse import values
 from mlwarehouse.blobs.base import BlobStore
 from mlwarehouse.documents import validate_document
-from mlwarehouse.errors import NotFound, QueryError
+from mlwarehouse.errors import DuplicateKey, InvalidDocument, NotFound, QueryError
 from mlwarehouse.ids import new_id, parse_time, utc_now
 from mlwarehouse.index.base import Filter, Index, Sort
 
@@ -141,7 +141,9 @@ class Warehouse:
         """After documents were deleted: remove the blobs only they referenced. Returns how many were removed.
 
         A blob whose modification time is later than the deleting document's time stamp was put again by a
-        writer in flight (content addressing shares bytes), so it is left for ``gc`` and its grace period.
+        writer in flight (content addressing shares bytes), so it is left for ``gc`` and its grace period. On
+        stores with coarse time stamps (S3: whole seconds) a re-put within that resolution is not distinguishable:
+        that window is the price of immediate deletes there.
         """
         newest: dict[str, float] = {}
         for doc in deleted:
@@ -151,6 +153,7 @@ class Warehouse:
         if not newest:
             return 0
         still = self.referenced_blobs(newest)
+        slack = 1e-3 + self.blobs.mtime_resolution  # within it, a re-put by a writer in flight is not seen
         removed = 0
         for key, stamp in newest.items():
             if key in still:
@@ -159,7 +162,7 @@ class Warehouse:
                 info = self.blobs.stat(key)
             except NotFound:
                 continue
-            if info.mtime <= stamp + 1e-3 and self.blobs.delete(key):
+            if info.mtime <= stamp + slack and self.blobs.delete(key):
                 removed += 1
         return removed
 
@@ -271,9 +274,17 @@ class Project:
         """Stamp and insert one document whose values are already packed."""
         self.stamp(doc)
         if "_blobs" in doc:
-            validate_document(doc)  # a bad document must not leave even the bookkeeping below behind
+            try:
+                validate_document(doc)  # a bad document must not leave even the bookkeeping below behind
+            except InvalidDocument:
+                self.warehouse.release_blobs([doc])
+                raise
             self.warehouse._note_blob_collection(collection)
-        self.index.insert_one(collection, doc)
+        try:
+            self.index.insert_one(collection, doc)
+        except (DuplicateKey, InvalidDocument):  # certainly not written: its fresh blobs go too
+            self.warehouse.release_blobs([doc])
+            raise
         return doc
 
     def insert_many(self, collection: str, docs: Iterable[dict]) -> int:

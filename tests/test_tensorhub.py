@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 
-from mlwarehouse import ConfigError, NotFound, TensorHub
+from mlwarehouse import TensorHub, Unavailable
 
 
 @pytest.fixture
@@ -71,6 +73,8 @@ def test_projects_scope_everything(tmp_path, monkeypatch):
     a.close(), b.close()
 
 
-def test_server_arguments_need_the_mongodb_backend(tmp_path):
-    with pytest.raises(ConfigError, match="MongoDB"):
+def test_server_arguments_connect_to_mongodb_and_fail_clearly_when_unreachable():
+    started = time.monotonic()
+    with pytest.raises(Unavailable, match="127.0.0.1:1"):
         TensorHub(ip="127.0.0.1", port=1, dbname="x", username="u", password="p", project_name="t")
+    assert time.monotonic() - started < 10

@@ -43,6 +43,8 @@ class BlobStore(ABC):
     name: str = "abstract"
     #: ``get_range`` reads part of a blob without fetching all of it
     supports_ranges: bool = False
+    #: how coarse modification times are (S3 stamps whole seconds); blob release allows for it
+    mtime_resolution: float = 0.0
 
     @abstractmethod
     def put(self, data: bytes | memoryview) -> str:

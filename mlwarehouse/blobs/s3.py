@@ -210,6 +210,7 @@ class S3BlobStore(BlobStore):
 
     name = "s3"
     supports_ranges = True
+    mtime_resolution = 1.0  # LastModified has whole seconds
 
     def __init__(self, uri: str, *, endpoint_url: str | None = None, region: str | None = None,
                  access_key: str | None = None, secret_key: str | None = None,
