@@ -194,7 +194,27 @@ def _alive(pid: int) -> bool:
         return False
 
 
-STARTERS: dict[str, Callable[[], Server]] = {"seaweedfs": start_seaweedfs}
+def _start_postgres() -> Server:
+    from mlwarehouse.testing.postgres_server import start_postgres  # imports this module: import late
+    return start_postgres()
+
+
+def _start_nx27017() -> Server:
+    from mlwarehouse.testing.mongo_server import start_nx27017
+    return start_nx27017()
+
+
+STARTERS: dict[str, Callable[[], Server]] = {
+    "seaweedfs": start_seaweedfs, "postgres": _start_postgres, "nx27017": _start_nx27017}
+
+
+def stop_any(server: Server) -> None:
+    """Stop a server the way its kind wants (PostgreSQL: a fast shutdown that disconnects clients)."""
+    if server.name == "postgres":
+        from mlwarehouse.testing.postgres_server import stop_postgres
+        stop_postgres(server)
+    else:
+        stop(server)
 
 
 # -- pytest fixture ------------------------------------------------------------------------------------------
@@ -240,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"no state file {state}: nothing to stop", file=sys.stderr)
             return 0
         for entry in json.loads(state.read_text()):
-            stop(Server(**entry))
+            stop_any(Server(**entry))
             print(f"stopped {entry['name']} (pid {entry['pid']})")
         state.unlink()
         return 0
@@ -251,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"started {name} (pid {servers[-1].pid}): {servers[-1].uri}", file=sys.stderr)
     except ServerError as exc:
         for server in servers:
-            stop(server)
+            stop_any(server)
         print(f"error: {exc}", file=sys.stderr)
         return 1
     env = {k: v for s in servers for k, v in s.env.items()}
@@ -264,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
         return subprocess.call(command or [sys.executable, "-m", "pytest"], env={**os.environ, **env})
     finally:
         for server in servers:
-            stop(server)
+            stop_any(server)
 
 
 if __name__ == "__main__":
