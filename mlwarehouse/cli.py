@@ -228,6 +228,158 @@ def sql(query: str, uri: Optional[str] = UriOpt, blobs: Optional[str] = BlobsOpt
     _show(rows, list(rows[0]) if rows else [], as_json, "sql")
 
 
+ENTITIES = ("runs", "models", "datasets", "tasks")
+
+
+@app.command()
+def show(entity_id: str = typer.Argument(..., metavar="ID", help="the _id of a run, model, dataset or task"),
+         uri: Optional[str] = UriOpt, blobs: Optional[str] = BlobsOpt, project: str = ProjectOpt,
+         as_json: bool = JsonOpt):
+    """Show one run, model, dataset or task (arrays by shape and dtype, without loading them)."""
+    from mlwarehouse.errors import NotFound
+    p = _open(uri, blobs, project)
+    for collection in ENTITIES:
+        doc = p.find_one(collection, {"_id": entity_id})
+        if doc is not None:
+            break
+    else:
+        raise NotFound(f"no run, model, dataset or task with id {entity_id!r} in project {project!r}")
+    arrays = _arrays(p, collection, doc) if collection in ("models", "datasets") else []
+    if as_json:
+        print(json.dumps({"collection": collection, "doc": doc, "arrays": arrays}, default=str))
+        return
+    _render(collection, doc, arrays)
+
+
+_HIDDEN = {"_blobs", "weights", "value", "summary", "architecture", "script", "output", "output_blob", "traceback",
+           "error", "project"}
+
+
+def _render(collection: str, doc: dict, arrays: list[dict]) -> None:
+    """One entity as a field table, plus what its kind has: summaries, error tail, arrays."""
+    from rich.panel import Panel
+    kind = collection[:-1]
+    fields = Table.grid(padding=(0, 2))
+    fields.add_column(style="bold")
+    fields.add_column()
+    for key, value in doc.items():
+        if key not in _HIDDEN:
+            fields.add_row(key, _cell(value) if not isinstance(value, (dict, list)) else json.dumps(value))
+    if collection == "models" and isinstance(doc.get("architecture"), dict):
+        arch = doc["architecture"]
+        fields.add_row("architecture", " ".join(f"{k}={arch[k]}" for k in ("format", "class", "torch") if k in arch))
+    console.print(Panel(fields, title=f"{kind} {doc['_id']}", expand=False))
+    if collection == "runs" and doc.get("summary"):
+        table = Table(title="summaries")
+        for column in ("kind", "metric", "last", "min", "max", "count"):
+            table.add_column(column)
+        for kind_name, metrics in doc["summary"].items():
+            for metric, summ in metrics.items():
+                table.add_row(kind_name, metric, *(_cell(summ.get(k)) + _step(summ, k) for k in ("last", "min", "max")),
+                              _cell(summ.get("count")))
+        console.print(table)
+    if doc.get("error"):
+        tail = "\n".join(str(doc.get("traceback") or doc["error"]).splitlines()[-15:])
+        console.print(Panel(tail, title="error (last lines)", border_style="red", expand=False), highlight=False)
+    if arrays:
+        table = Table(title="arrays (read from headers, not loaded)")
+        for column in ("path", "codec", "shape", "dtype", "bytes"):
+            table.add_column(column)
+        for a in arrays:
+            shape = "" if a["shape"] is None else "x".join(map(str, a["shape"])) or "scalar"
+            table.add_row(a["path"], a["codec"], shape, a["dtype"] or "", f"{a['bytes']:,}")
+        console.print(table)
+
+
+def _step(summary: dict, key: str) -> str:
+    step = summary.get(f"{key}_step")
+    return "" if step is None else f" @{step}"
+
+
+def _arrays(p, collection: str, doc: dict) -> list[dict]:
+    """Path, codec, shape, dtype and size of each blob a model or dataset holds, read from headers only."""
+    from mlwarehouse.web.arrays import Leaf, describe, leaves
+    if collection == "models":
+        found = []
+        for name, ref in doc.get("weights") or []:
+            label = ".".join(map(str, name)) if isinstance(name, list) else str(name)
+            found.extend(Leaf(len(found), f"{label}{leaf.path[len('value'):]}", leaf.ref) for leaf in leaves(ref))
+    else:
+        found = leaves(doc.get("value"))
+    return [{"path": leaf.path, "codec": leaf.codec, "shape": list(leaf.shape) if leaf.shape is not None else None,
+             "dtype": leaf.dtype, "bytes": leaf.nbytes} for leaf in (describe(p.blobs, x) for x in found)]
+
+
+@app.command("export")
+def export_(project_name: str = typer.Argument(..., metavar="PROJECT", help="the project to export"),
+            path: str = typer.Argument(..., metavar="FILE.tar", help="the archive to write"),
+            uri: Optional[str] = UriOpt, blobs: Optional[str] = BlobsOpt, as_json: bool = JsonOpt):
+    """Export a project (documents and blobs) to a portable tar archive."""
+    from mlwarehouse.archive import export_project
+    from mlwarehouse.warehouse import connect
+    with connect(uri, blobs=blobs) as wh, _progress(not as_json) as progress:
+        summary = export_project(wh, project_name, path, progress=progress)
+    if as_json:
+        print(json.dumps(summary))
+    else:
+        console.print(f"exported project {summary['project']}: {summary['documents']} documents "
+                      f"({_counts(summary['collections'])}) and {summary['blobs']} blobs "
+                      f"({summary['blob_bytes'] / 1e6:.1f} MB) to {summary['path']}", highlight=False)
+
+
+@app.command("import")
+def import_(path: str = typer.Argument(..., metavar="FILE.tar", help="an archive written by mlw export"),
+            project_name: Optional[str] = typer.Option(None, "--project", "-p",
+                                                       help="import under this name (documents get new ids)"),
+            uri: Optional[str] = UriOpt, blobs: Optional[str] = BlobsOpt, as_json: bool = JsonOpt):
+    """Import a project archive: blobs verified first, then the documents."""
+    from mlwarehouse.archive import import_project
+    from mlwarehouse.warehouse import connect
+    with connect(uri, blobs=blobs) as wh, _progress(not as_json) as progress:
+        summary = import_project(wh, path, project=project_name, progress=progress)
+    if as_json:
+        print(json.dumps(summary))
+    else:
+        renamed = f" (from {summary['source']}, with new ids)" if summary["renamed"] else ""
+        console.print(f"imported project {summary['project']}{renamed}: {summary['documents']} documents "
+                      f"({_counts(summary['collections'])}) and {summary['blobs']} blobs", highlight=False)
+
+
+def _counts(counts: dict) -> str:
+    return ", ".join(f"{n} {c}" for c, n in counts.items())
+
+
+class _progress:
+    """A rich progress display fed by ``progress(stage, done, total)`` callbacks, shown only on a terminal."""
+
+    def __init__(self, wanted: bool):
+        self.bar = None
+        if wanted and console.is_terminal:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TextColumn
+            self.bar = Progress(TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(),
+                                MofNCompleteColumn(), console=console, transient=True)
+        self.tasks: dict[str, Any] = {}
+
+    def __enter__(self):
+        if self.bar is None:
+            return None
+        self.bar.start()
+        return self.update
+
+    def update(self, stage: str, done: int, total: int) -> None:
+        if stage == "blobs":
+            return  # the byte count of the blobs says more
+        if stage == "bytes":  # in MB, so that "M of N" stays readable
+            stage, done, total = "blob MB", round(done / 1e6), max(1, round(total / 1e6))
+        if stage not in self.tasks:
+            self.tasks[stage] = self.bar.add_task(stage, total=total)
+        self.bar.update(self.tasks[stage], completed=done, total=total)
+
+    def __exit__(self, *exc) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
 @app.command()
 def ui(host: str = typer.Option("127.0.0.1", "--host", help="address to bind (loopback by default)"),
        port: int = typer.Option(8765, "--port"),
@@ -254,7 +406,7 @@ def main() -> None:
     try:
         app(standalone_mode=False)
     except WarehouseError as exc:
-        err_console.print(f"[red]error:[/red] {type(exc).__name__}: {exc}", highlight=False)
+        err_console.print(f"[red]error:[/red] {type(exc).__name__}: {exc}", highlight=False, soft_wrap=True)
         sys.exit(1)
     except (typer.Exit, SystemExit) as exc:
         code = getattr(exc, "exit_code", getattr(exc, "code", 0))

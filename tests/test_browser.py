@@ -1,7 +1,10 @@
 """The web UI in a real browser: Playwright drives Debian's headless chromium against a served warehouse.
 
-Skipped (with the reason) where chromium or playwright is missing, except under CI (``$CI`` set), where that is a
-failure. Screenshots go to ``$MLW_SCREENSHOTS`` if set, else to the test's temporary folder.
+Most tests look at a warehouse filled by the real demo (``mlw demo --epochs 3``: the digits dataset, a sweep of
+six MLPs run by two workers, their runs, logs, checkpoints and models); a small hand-made project covers what the
+demo does not produce (a task finishing while the page is open). Skipped (with the reason) where chromium or
+playwright is missing, except under CI (``$CI`` set), where that is a failure. Screenshots go to
+``$MLW_SCREENSHOTS`` if set, else to the test's temporary folder.
 """
 
 from __future__ import annotations
@@ -9,6 +12,8 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -18,14 +23,15 @@ import pytest
 CHROMIUM = os.environ.get("MLW_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def _missing() -> str | None:
-    for module in ("playwright", "fastapi", "uvicorn", "sklearn"):
+    for module in ("playwright", "fastapi", "uvicorn", "sklearn", "torch"):
         try:
             __import__(module)
         except ImportError:
-            return f"{module} is not installed (pip install -e '.[dev]')"
+            return f"{module} is not installed (pip install -e '.[dev,torch]')"
     if not (os.path.exists(CHROMIUM) or shutil.which(CHROMIUM)):
         return f"chromium not found at {CHROMIUM} (apt-get install -y chromium)"
     return None
@@ -36,7 +42,8 @@ if _why and os.environ.get("CI"):
     pytest.fail(f"browser tests cannot run under CI: {_why}", pytrace=False)
 pytestmark = pytest.mark.skipif(_why is not None, reason=_why or "")
 
-PROJECT = "ui-demo"
+DEMO = "digits-demo"
+SMALL = "ui-demo"
 
 
 def _free_port() -> int:
@@ -52,16 +59,11 @@ def shots(tmp_path_factory) -> Path:
     return folder
 
 
-@pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    """A filled warehouse served by uvicorn on 127.0.0.1 and a free port, in a thread of this process."""
+def _serve(wh):
+    """Serve ``wh`` with uvicorn on 127.0.0.1 and a free port, in a thread; returns (base URL, stop)."""
     import uvicorn
 
-    import mlwarehouse
     from mlwarehouse.web import create_app
-    from test_web import fill_warehouse
-    wh = mlwarehouse.connect(home=tmp_path_factory.mktemp("browser") / "wh")
-    filled = fill_warehouse(wh)
     port = _free_port()
     server = uvicorn.Server(uvicorn.Config(create_app(wh), host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
@@ -71,9 +73,40 @@ def served(tmp_path_factory):
         if time.monotonic() > deadline or not thread.is_alive():
             raise RuntimeError("the UI server did not start")
         time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}", filled
-    server.should_exit = True
-    thread.join(timeout=10)
+
+    def stop():
+        server.should_exit = True
+        thread.join(timeout=10)
+    return f"http://127.0.0.1:{port}", stop
+
+
+@pytest.fixture(scope="session")
+def demo(tmp_path_factory):
+    """The warehouse the real demo fills (a subprocess, as a user runs it), served; yields (base URL, project)."""
+    import mlwarehouse
+    home = tmp_path_factory.mktemp("demo") / "wh"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLW_")}
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, "-m", "mlwarehouse.cli", "demo", "--home", str(home), "--epochs", "3"],
+                          env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, f"the demo failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    wh = mlwarehouse.connect(home=home)
+    base, stop = _serve(wh)
+    yield base, wh.project(DEMO)
+    stop()
+    wh.close()
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    """A small hand-made project (tests/test_web.py's), for what the demo does not produce."""
+    import mlwarehouse
+    from test_web import fill_warehouse
+    wh = mlwarehouse.connect(home=tmp_path_factory.mktemp("browser") / "wh")
+    filled = fill_warehouse(wh)
+    base, stop = _serve(wh)
+    yield base, filled
+    stop()
     wh.close()
 
 
@@ -98,67 +131,77 @@ def page(browser):
     assert not errors, f"JavaScript errors: {errors}"
 
 
-def test_runs_page_lists_the_runs(page, served, shots):
-    base, filled = served
-    page.goto(f"{base}/p/{PROJECT}/runs")
+def test_runs_page_lists_the_runs(page, demo, shots):
+    base, p = demo
+    runs = p.runs.find()
+    assert len(runs) == 6
+    page.goto(f"{base}/p/{DEMO}/runs")
     rows = page.locator("#runs tbody tr")
-    assert rows.count() == 3
-    names = page.locator("#runs tbody td:nth-child(2)").all_inner_texts()
-    assert sorted(names) == ["mlp-0", "mlp-1", "mlp-2"]
+    assert rows.count() == 6
+    assert sorted(rows.evaluate_all("rows => rows.map(r => r.dataset.id)")) == sorted(r.id for r in runs)
+    assert set(page.locator("#runs tbody td:nth-child(2)").all_inner_texts()) == {"digits-mlp"}
+    assert page.locator("#runs .status.complete").count() == 6
     page.screenshot(path=str(shots / "runs.png"), full_page=True)
 
 
-def test_selecting_two_runs_draws_their_curves(page, served, shots):
+CANVAS_COLOURS = """() => {
+    const c = document.querySelector('#chart canvas');
+    const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+    let blue = 0, red = 0;
+    for (let i = 0; i < d.length; i += 4) {
+        if (d[i] < 80 && d[i + 1] > 90 && d[i + 1] < 160 && d[i + 2] > 160) blue++;
+        if (d[i] > 180 && d[i + 1] < 80 && d[i + 2] < 80) red++;
+    }
+    return [blue, red];
+}"""
+
+
+def test_selecting_two_runs_draws_their_curves(page, demo, shots):
     from playwright.sync_api import expect
-    base, filled = served
-    runs = filled["runs"]
-    page.goto(f"{base}/p/{PROJECT}/runs")
-    page.check(f'input.pick[value="{runs[0].id}"]')
-    page.check(f'input.pick[value="{runs[2].id}"]')
+    base, p = demo
+    first, second = p.runs.find(sort=[("hyper_parameters.n_hidden", 1), ("hyper_parameters.lr", 1)], limit=2)
+    page.goto(f"{base}/p/{DEMO}/runs")
+    page.check(f'input.pick[value="{first.id}"]')
+    page.check(f'input.pick[value="{second.id}"]')
     page.select_option("#metric", "train.loss")
     page.click("#compare")
     expect(page.locator("#chart")).to_have_attribute("data-series", "2")
-    legend = page.locator("#chart .u-legend").inner_text()
-    assert "mlp-0" in legend and "mlp-2" in legend and "mlp-1" not in legend
-    # the two series' colours are on the canvas: real curves, not an empty frame
-    colours = page.evaluate("""() => {
-        const c = document.querySelector('#chart canvas');
-        const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
-        let blue = 0, red = 0;
-        for (let i = 0; i < d.length; i += 4) {
-            if (d[i] < 80 && d[i + 1] > 90 && d[i + 1] < 160 && d[i + 2] > 160) blue++;
-            if (d[i] > 180 && d[i + 1] < 80 && d[i + 2] < 80) red++;
-        }
-        return [blue, red];
-    }""")
-    assert colours[0] > 50 and colours[1] > 50, colours
-    assert "60 of 60 points" in page.inner_text("#compare-status")
+    points = first.summary["train"]["loss"]["count"]
+    assert page.inner_text("#compare-status").count(f"{points} of {points} points") == 2
+    blue, red = page.evaluate(CANVAS_COLOURS)  # both series' colours are drawn: real curves, not an empty frame
+    assert blue > 50 and red > 50, (blue, red)
     page.screenshot(path=str(shots / "compare.png"), full_page=True)
 
 
-def test_leaderboard_sorts_by_a_metric(page, served, shots):
-    base, _ = served
-    page.goto(f"{base}/p/{PROJECT}/models")
-    def first_column_values():
-        cells = page.locator('#models tbody td[data-field="test_accuracy"]').all_inner_texts()
-        return [float(c) for c in cells]
+def test_leaderboard_sorts_by_test_accuracy(page, demo, shots):
+    base, p = demo
+    page.goto(f"{base}/p/{DEMO}/models")
 
+    def shown() -> list[float]:
+        cells = page.locator('#models tbody td[data-field="test_accuracy"]').all_inner_texts()
+        return [float(c) for c in cells if c]  # checkpoints carry no test accuracy
+
+    stored = sorted((m.test_accuracy for m in p.models.find(name="digits-mlp")), reverse=True)
     page.click('#models thead a:text-is("test_accuracy")')
     page.wait_for_url("**sort=test_accuracy:-1**")
-    assert first_column_values() == [0.97, 0.91, 0.85]
+    assert shown() == [float(f"{a:.4g}") for a in stored] and len(stored) == 6
     page.click('#models thead a:has-text("test_accuracy")')
     page.wait_for_url("**sort=test_accuracy:1**")
-    assert first_column_values() == [0.85, 0.91, 0.97]
+    assert shown() == sorted(shown()) and shown()[0] == float(f"{stored[-1]:.4g}")
     page.screenshot(path=str(shots / "leaderboard.png"), full_page=True)
 
 
-def test_query_box_filters_and_shows_errors(page, served, shots):
-    base, _ = served
-    page.goto(f"{base}/p/{PROJECT}/runs")
-    page.fill('form.query input[name="q"]', '{"hyper_parameters.n_hidden": {"$gt": 40}}')
+def test_query_box_filters_and_shows_errors(page, demo, shots):
+    base, p = demo
+    page.goto(f"{base}/p/{DEMO}/runs")
+    query = '{"hyper_parameters.n_hidden": {"$gt": 40}}'
+    page.fill('form.query input[name="q"]', query)
     page.press('form.query input[name="q"]', "Enter")
     page.wait_for_url("**q=**")
-    assert sorted(page.locator("#runs tbody td:nth-child(2)").all_inner_texts()) == ["mlp-1", "mlp-2"]
+    ids = page.locator("#runs tbody tr").evaluate_all("rows => rows.map(r => r.dataset.id)")
+    expected = [r.id for r in p.runs.find({"hyper_parameters.n_hidden": {"$gt": 40}})]
+    assert len(expected) == 4 and sorted(ids) == sorted(expected)
+    page.screenshot(path=str(shots / "query.png"), full_page=True)
     page.fill('form.query input[name="q"]', '{"status": {"$near": 3}}')
     page.click("form.query button")
     alert = page.locator('[role="alert"]')
@@ -167,39 +210,58 @@ def test_query_box_filters_and_shows_errors(page, served, shots):
     page.screenshot(path=str(shots / "query-error.png"), full_page=True)
 
 
-def test_task_board_shows_finished_tasks_live(page, served, shots):
-    from playwright.sync_api import expect
-    base, filled = served
-    page.goto(f"{base}/p/{PROJECT}/tasks")
+def test_task_board_shows_finished_tasks(page, demo, shots):
+    base, p = demo
+    page.goto(f"{base}/p/{DEMO}/tasks")
     finished = page.locator('#tasks tbody tr[data-status="finished"]')
-    assert finished.count() == 2
-    assert "done: test_accuracy=0.97" in page.inner_text("#tasks")
-    assert page.inner_text('#counts b[data-status="finished"]') == "2"
-    # a task that finishes while the page is open shows up at the next poll
-    p = filled["project"]
-    p.update("tasks", {"status": "pending"}, {"$set": {"status": "finished", "output": "late finisher\n"}})
-    expect(page.locator('#counts b[data-status="finished"]')).to_have_text("3", timeout=6000)
-    expect(finished).to_have_count(3)
-    assert "late finisher" in page.inner_text("#tasks")
+    assert finished.count() == 6 and page.locator("#tasks tbody tr").count() == 6
+    assert page.inner_text('#counts b[data-status="finished"]') == "6"
+    assert "test_accuracy" in page.inner_text("#tasks")
     page.screenshot(path=str(shots / "tasks.png"), full_page=True)
 
 
-def test_dataset_preview_shows_images(page, served, shots):
-    base, filled = served
-    page.goto(f"{base}/p/{PROJECT}/datasets")
-    page.click("text=digits")
-    page.wait_for_url(f"**/datasets/{filled['digits'].id}")
+def test_a_task_finishing_while_the_board_is_open_shows_up(page, small, shots):
+    from playwright.sync_api import expect
+    base, filled = small
+    page.goto(f"{base}/p/{SMALL}/tasks")
+    finished = page.locator('#tasks tbody tr[data-status="finished"]')
+    assert finished.count() == 2
+    filled["project"].update("tasks", {"status": "pending"},
+                             {"$set": {"status": "finished", "output": "late finisher\n"}})
+    expect(page.locator('#counts b[data-status="finished"]')).to_have_text("3", timeout=6000)
+    expect(finished).to_have_count(3)
+    assert "late finisher" in page.inner_text("#tasks")
+    page.screenshot(path=str(shots / "tasks-live.png"), full_page=True)
+
+
+def test_digits_dataset_preview_shows_images(page, demo, shots):
+    base, p = demo
+    digits = p.datasets.get("digits")
+    page.goto(f"{base}/p/{DEMO}/datasets")
+    page.click('#datasets a:text-is("digits")')
+    page.wait_for_url(f"**/datasets/{digits.id}")
     images = page.locator('section.preview[data-leaf="0"] img')
     assert images.count() == 16
     sizes = page.evaluate("""() => [...document.querySelectorAll('section.preview[data-leaf="0"] img')]
                                .map(i => [i.complete, i.naturalWidth, i.naturalHeight])""")
     assert all(size == [True, 96, 96] for size in sizes), sizes
     assert "shown as 8x8" in page.inner_text("section.preview")
+    # the pixels are digits, not a blank square: a rendered image has both dark and light pixels
+    spread = page.evaluate("""() => {
+        const img = document.querySelector('section.preview[data-leaf="0"] img');
+        const c = document.createElement('canvas'); c.width = img.naturalWidth; c.height = img.naturalHeight;
+        const g = c.getContext('2d'); g.drawImage(img, 0, 0);
+        const d = g.getImageData(0, 0, c.width, c.height).data;
+        let lo = 255, hi = 0;
+        for (let i = 0; i < d.length; i += 4) { lo = Math.min(lo, d[i]); hi = Math.max(hi, d[i]); }
+        return hi - lo;
+    }""")
+    assert spread > 100, spread
     page.screenshot(path=str(shots / "dataset.png"), full_page=True)
 
 
-def test_unknown_id_is_a_404_page(page, served):
-    base, _ = served
-    response = page.goto(f"{base}/p/{PROJECT}/runs/NO-SUCH-RUN")
+def test_unknown_id_is_a_404_page(page, demo):
+    base, _ = demo
+    response = page.goto(f"{base}/p/{DEMO}/runs/NO-SUCH-RUN")
     assert response.status == 404
     assert "Not found" in page.inner_text("h1") and "NO-SUCH-RUN" in page.inner_text("main")

@@ -60,3 +60,51 @@ def test_errors_are_one_line(filled):
     assert proc.returncode == 1 and "not valid JSON" in proc.stderr
     proc = mlw(filled, "models", "--sort", "acc:2", ok=False)
     assert proc.returncode == 1 and "--sort" in proc.stderr
+
+
+def _first_id(env, command):
+    return json.loads(mlw(env, command, "-p", "cli", "--json").stdout.splitlines()[0])["_id"]
+
+
+def test_show_one_entity(filled):
+    model_id = _first_id(filled, "models")
+    out = mlw(filled, "show", model_id, "-p", "cli").stdout
+    assert model_id in out and "test_accuracy" in out and "float64" in out  # arrays by dtype, not loaded
+    shown = json.loads(mlw(filled, "show", model_id, "-p", "cli", "--json").stdout)
+    assert shown["collection"] == "models" and shown["arrays"][0]["shape"] == [2]
+    run_id = _first_id(filled, "runs")
+    out = mlw(filled, "show", run_id, "-p", "cli").stdout
+    assert "summaries" in out and "loss" in out and "0.5 @1" in out
+    shown = json.loads(mlw(filled, "show", _first_id(filled, "datasets"), "-p", "cli", "--json").stdout)
+    assert shown["doc"]["name"] == "zeros" and shown["arrays"][0]["dtype"] == "float64"
+    proc = mlw(filled, "show", "NO-SUCH-ID", "-p", "cli", ok=False)
+    assert proc.returncode == 1 and "NotFound" in proc.stderr and "NO-SUCH-ID" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_show_a_failed_task_with_its_error(filled):
+    import mlwarehouse
+    with mlwarehouse.connect(home=filled["MLW_HOME"], project="cli") as wh:
+        task = wh.tasks.create("t", "json:dumps", max_attempts=1)
+        wh.tasks.claim("t", "w")
+        wh.tasks.fail(task.id, "w", "Traceback...\nValueError: bad lr", retry=False)
+    out = mlw(filled, "show", task.id, "-p", "cli").stdout
+    assert "failed" in out and "ValueError: bad lr" in out and "error" in out
+
+
+def test_export_and_import(filled, tmp_path):
+    archive = str(tmp_path / "cli.tar")
+    exported = json.loads(mlw(filled, "export", "cli", archive, "--json").stdout)
+    assert exported["collections"]["models"] == 3 and exported["blobs"] >= 4
+    other = {**filled, "MLW_HOME": str(tmp_path / "other")}
+    imported = json.loads(mlw(other, "import", archive, "--json").stdout)
+    assert imported["project"] == "cli" and imported["documents"] == exported["documents"]
+    rows = [json.loads(x) for x in mlw(other, "models", "-p", "cli", "--json").stdout.splitlines()]
+    assert sorted(r["test_accuracy"] for r in rows) == [0.5, 0.7, 0.9]
+    proc = mlw(other, "import", archive, ok=False)
+    assert proc.returncode == 1 and "DuplicateKey" in proc.stderr and "--project" in proc.stderr
+    out = mlw(other, "import", archive, "--project", "copy").stdout
+    assert "imported project copy (from cli, with new ids)" in out
+    assert "copy" in mlw(other, "projects").stdout
+    proc = mlw(other, "export", "nope", str(tmp_path / "x.tar"), ok=False)
+    assert proc.returncode == 1 and "no project 'nope'" in proc.stderr
