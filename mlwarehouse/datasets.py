@@ -104,8 +104,19 @@ class Datasets:
 
     def load(self, name: str | None = None, *, version: str | int | None = None, where: dict | None = None,
              sort=None, allow_pickle: bool = False) -> Any:
-        """The value of the top matching version (see :meth:`get`)."""
-        return self.get(name, version=version, where=where, sort=sort).load(allow_pickle=allow_pickle)
+        """The value of the top matching version (see :meth:`get`).
+
+        Inside a run of this project (``mlwarehouse.current_run()``), the version loaded is recorded on the run,
+        so "which data trained this model" is answered by the run's ``datasets``.
+        """
+        record = self.get(name, version=version, where=where, sort=sort)
+        value = record.load(allow_pickle=allow_pickle)
+        from mlwarehouse.runs import current_run
+        run = current_run()
+        if run is not None and run.project == self.project.name \
+                and run.warehouse_settings == self.project.warehouse.settings:
+            run.use_datasets(record.id)
+        return value
 
     def names(self) -> list[str]:
         return self.project.index.distinct(COLLECTION, "name", self.project.scope(None))

@@ -146,6 +146,21 @@ class Run(Record):
             self.doc.update(fields)
         return self
 
+    @property
+    def warehouse_settings(self):
+        """Where this run is stored (the URIs), to tell whether another handle points at the same warehouse."""
+        return self._runs.project.warehouse.settings
+
+    def use_datasets(self, *datasets) -> "Run":
+        """Record datasets (records or ids) this run used: the lineage run -> dataset. ``datasets.load`` inside
+        a run records what it loads by itself."""
+        ids = [_dataset_id(d) for d in datasets]
+        new = [i for i in ids if i not in self.doc.get("datasets", [])]
+        if new:
+            self._runs.project.update(RUNS, {"_id": self.id}, {"$addToSet": {"datasets": {"$each": new}}})
+            self.doc.setdefault("datasets", []).extend(new)
+        return self
+
     def finish(self, status: str = "complete", **fields) -> "Run":
         """End the run with ``status`` after flushing its logs; a writer error marks it failed and is raised."""
         if status not in STATUSES or status == "running":

@@ -78,7 +78,7 @@ class Tasks:
                                         ("_id", 1)])
         index.create_index(COLLECTION, [("project", 1), ("task_name", 1), ("config_hash", 1)])
         index.create_index(COLLECTION, [("project", 1), ("status", 1), ("lease_until", 1)])
-        self.project.warehouse._note_blob_collection(COLLECTION)  # scripts and long outputs are blobs
+        self.project.warehouse.note_blob_collection(COLLECTION)  # scripts and long outputs are blobs
         self._ready = True
 
     # -- creating ------------------------------------------------------------------------------------------

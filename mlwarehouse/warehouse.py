@@ -108,7 +108,8 @@ class Warehouse:
         return self.index.sql(query, params)
 
     # -- blob bookkeeping ----------------------------------------------------------------------------------
-    def _note_blob_collection(self, collection: str) -> None:
+    def note_blob_collection(self, collection: str) -> None:
+        """Record that ``collection`` holds documents with blob references (gc and deletes scan only those)."""
         if collection not in self._blob_collections:
             self.index.update_many(META, {"_id": BLOB_COLLECTIONS_ID}, {"$addToSet": {"names": collection}}) or \
                 self._create_blob_collections_doc(collection)
@@ -279,7 +280,7 @@ class Project:
             except InvalidDocument:
                 self.warehouse.release_blobs([doc])
                 raise
-            self.warehouse._note_blob_collection(collection)
+            self.warehouse.note_blob_collection(collection)
         try:
             self.index.insert_one(collection, doc)
         except (DuplicateKey, InvalidDocument):  # certainly not written: its fresh blobs go too
@@ -294,7 +295,7 @@ class Project:
                 self.stamp(doc)
                 if "_blobs" in doc:
                     validate_document(doc)
-                    self.warehouse._note_blob_collection(collection)
+                    self.warehouse.note_blob_collection(collection)
                 yield doc
         return self.index.insert_many(collection, stamped())
 

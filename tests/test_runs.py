@@ -186,3 +186,16 @@ def test_set_fields_and_close_flushes_unfinished_runs(tmp_path):
         run = wh.runs.get(run.id)
         assert run.status == "running" and run.notes == "kept open" and run.test_accuracy == 0.5
         assert wh.project().count("logs") == 1000 and run.summary["train"]["loss"]["count"] == 1000
+
+
+def test_loading_a_dataset_inside_a_run_records_the_lineage(wh):
+    import numpy as np
+    record = wh.datasets.save(np.arange(3), "data")
+    wh.datasets.load("data")  # no run: nothing to record
+    with wh.runs.start("r") as run:
+        wh.datasets.load("data")
+        wh.datasets.load("data")
+        other = wh.datasets.save(np.zeros(1), "other")
+        run.use_datasets(other)
+    assert wh.runs.get(run.id).datasets == [record.id, other.id]
+    assert wh.runs.find(where={"datasets": record.id})[0].id == run.id
