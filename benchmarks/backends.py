@@ -48,6 +48,7 @@ def logging_rate(wh, steps: int) -> float:
 
 def best_model_p50(wh, models: int, queries: int = 100) -> float:
     rng = np.random.default_rng(0)
+    wh.models  # declares the collection's scalar fields first, as any real use does
     docs = ({"name": f"mlp{i % 10}", "test_accuracy": float(rng.random()), "epoch": i % 50, "kind": "arrays"}
             for i in range(models))
     wh.project().insert_many("models", docs)
@@ -73,15 +74,10 @@ def _claimer(env: dict, worker: str, start_at: float, out) -> None:
 
 
 def claims_rate(wh, env: dict, tasks: int, claimers: int) -> tuple[float, bool]:
-    wh.tasks  # declares the collection's scalar fields and indexes, as any real use does first
-    wh.project().insert_many("tasks", ({"task_name": "bench", "status": "pending", "priority": 0, "attempts": 0,
-                                        "max_attempts": 3, "hyper_parameters": {"i": i}, "script":
-                                        {"kind": "callable", "target": "builtins:dict"}, "saved_result_keys": []}
-                                       for i in range(tasks)))
-    wh.tasks.claim("warm-up", "w", 1)  # indexes exist before the clock starts
+    wh.tasks.sweep("bench", "builtins:dict", configs=[{"i": i} for i in range(tasks)])
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
-    start_at = time.time() + 3.0
+    start_at = time.time() + 2.0 + claimers  # every process imported and connected before the start
     procs = [ctx.Process(target=_claimer, args=(env, f"w{i}", start_at, out)) for i in range(claimers)]
     for p in procs:
         p.start()

@@ -150,8 +150,8 @@ class Models:
         return {"kind": "value", "value": self.project.pack(model, allow_pickle=allow_pickle)}
 
     def _ensure_metric_indexes(self, fields: dict) -> None:
-        """Indexes for a numeric field, the first time this process saves it: ``best`` then reads one entry,
-        with or without a name in its filter."""
+        """Indexes for a numeric field, the first time this process saves it or asks for the best by it:
+        ``best`` then reads one entry, with or without a name in its filter."""
         for key, value in fields.items():
             if key in self._indexed or isinstance(value, bool) or not isinstance(value, (int, float)):
                 continue
@@ -186,6 +186,7 @@ class Models:
             raise QueryError(f"mode must be 'max' or 'min', not {mode!r}")
         if not isinstance(metric, str) or not PATH_RE.match(metric):
             raise QueryError(f"invalid metric field {metric!r}")
+        self._ensure_metric_indexes({metric: 0.0})  # models written by others (or imported) may lack it
         bound = {"$gte": -_BIG} if mode == "max" else {"$lte": _BIG}  # numbers only: strings sort above them
         flt = name_filter("model", name, where)
         flt = {"$and": [flt, {metric: bound}]} if metric in flt or "$and" in flt else {**flt, metric: bound}
