@@ -10,8 +10,10 @@ time, so garbage collection's grace period protects a blob that a writer is abou
 from __future__ import annotations
 
 import hashlib
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
+from typing import BinaryIO
 from dataclasses import dataclass
 
 __all__ = ["BlobStore", "BlobInfo", "blob_key", "check_key"]
@@ -49,6 +51,23 @@ class BlobStore(ABC):
     @abstractmethod
     def put(self, data: bytes | memoryview) -> str:
         """Store ``data`` (idempotent) and return its key once it is durable."""
+
+    def put_file(self, source: str | os.PathLike | BinaryIO) -> tuple[str, int]:
+        """Store a file (a path or a binary file object) by streaming it; returns ``(key, size)``."""
+        if isinstance(source, (str, os.PathLike)):
+            try:
+                with open(source, "rb") as f:
+                    return self._put_stream(f)
+            except FileNotFoundError as exc:
+                from mlwarehouse.errors import NotFound
+                raise NotFound(f"no file to store at {source}") from exc
+        return self._put_stream(source)
+
+    def _put_stream(self, source: BinaryIO) -> tuple[str, int]:
+        """Note for implementers: stream ``source`` into the store without holding it all in memory; this
+        default reads it whole."""
+        data = source.read()
+        return self.put(data), len(data)
 
     @abstractmethod
     def get(self, key: str) -> bytes:

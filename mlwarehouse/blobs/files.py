@@ -80,17 +80,11 @@ class FileBlobStore(BlobStore):
             raise BackendError(f"cannot write blob {key} to {path}: {exc}") from exc
         return key
 
-    def put_file(self, source: str | os.PathLike | BinaryIO) -> tuple[str, int]:
-        """Store a file (a path or a binary file object) by streaming it; returns ``(key, size)``.
+    def _put_stream(self, source: BinaryIO) -> tuple[str, int]:
+        """Stream a file object into the store, hashing it on the way; returns ``(key, size)``.
 
         The bytes are hashed while they are copied to a temporary file, so blobs of any size never sit in memory.
         """
-        if isinstance(source, (str, os.PathLike)):
-            try:
-                with open(source, "rb") as f:
-                    return self.put_file(f)
-            except FileNotFoundError as exc:
-                raise NotFound(f"no file to store at {source}") from exc
         tmp = self.root / self._tmp_name()
         digest = hashlib.sha256()
         size = 0

@@ -124,14 +124,8 @@ class GridFSBlobStore(BlobStore):
             self._keep_oldest(key, file_id)
         return key
 
-    def put_file(self, source: str | os.PathLike | BinaryIO) -> tuple[str, int]:
-        """Store a file (a path or a binary file object) by streaming it; returns ``(key, size)``."""
-        if isinstance(source, (str, os.PathLike)):
-            try:
-                with open(source, "rb") as f:
-                    return self.put_file(f)
-            except FileNotFoundError as exc:
-                raise NotFound(f"no file to store at {source}") from exc
+    def _put_stream(self, source: BinaryIO) -> tuple[str, int]:
+        """Stream a file object into GridFS under a temporary name while hashing it, then rename; ``(key, size)``."""
         reader = _HashingReader(source)
         with self.conn.errors():
             tmp_name = f"{_TMP}{os.urandom(8).hex()}"

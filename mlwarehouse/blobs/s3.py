@@ -296,19 +296,13 @@ class S3BlobStore(BlobStore):
             self._put_object(key, body)
         return key
 
-    def put_file(self, source: str | os.PathLike | BinaryIO) -> tuple[str, int]:
-        """Store a file (a path or a binary file object) by streaming it; returns ``(key, size)``.
+    def _put_stream(self, source: BinaryIO) -> tuple[str, int]:
+        """Stream a file object to the bucket; returns ``(key, size)``.
 
         The key must be known before the upload, so the file is hashed first (a stream that cannot seek is
         spooled to a temporary file on the way), then sent; the upload is hashed again and removed if the file
         changed in between.
         """
-        if isinstance(source, (str, os.PathLike)):
-            try:
-                with open(source, "rb") as f:
-                    return self.put_file(f)
-            except FileNotFoundError as exc:
-                raise NotFound(f"no file to store at {source}") from exc
         seekable = getattr(source, "seekable", lambda: False)()
         spool = None if seekable else tempfile.TemporaryFile()
         try:
