@@ -243,11 +243,11 @@ class Run(Record):
         """One metric's history as ``(steps int64, values float64)`` arrays; null values are NaN."""
         self._runs.flush()
         split_path(name, "metric")
-        docs = self._runs.project.find(LOGS, {"run": self.id, "kind": check_kind(kind), name: {"$exists": True}},
-                                       sort=[("step", 1)], projection={"step": 1, name: 1})
-        steps = np.array([d.get("step") if d.get("step") is not None else -1 for d in docs], dtype=np.int64)
-        values = np.array([d[name] if isinstance(d[name], (int, float)) and not isinstance(d[name], bool)
-                           else math.nan for d in docs], dtype=np.float64)
+        rows = self._runs.project.values(LOGS, {"run": self.id, "kind": check_kind(kind), name: {"$exists": True}},
+                                         ["step", name], sort=[("step", 1)])
+        steps = np.fromiter((s if type(s) is int else -1 for s, _ in rows), np.int64, len(rows))
+        values = np.fromiter((v if type(v) is float or type(v) is int else math.nan for _, v in rows),
+                             np.float64, len(rows))
         return steps, values
 
 

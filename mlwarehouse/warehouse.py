@@ -311,6 +311,11 @@ class Project:
     def count(self, collection: str, filter: Filter | None = None) -> int:
         return self.index.count(collection, self.scope(filter))
 
+    def values(self, collection: str, filter: Filter | None, fields: Sequence[str], *, sort: Sort | None = None,
+               limit: int | None = None) -> list[tuple]:
+        """Columns of the matching documents (see :meth:`Index.values`)."""
+        return self.index.values(collection, self.scope(filter), fields, sort=sort, limit=limit)
+
     def update(self, collection: str, filter: Filter | None, update: dict) -> int:
         return self.index.update_many(collection, self.scope(filter), update)
 

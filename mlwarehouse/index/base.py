@@ -98,6 +98,22 @@ class Index(ABC):
             return doc
         return None
 
+    def values(self, collection: str, filter: Filter | None, fields: Sequence[str], *, sort: Sort | None = None,
+               limit: int | None = None) -> list[tuple]:
+        """The values of ``fields`` (None where missing) of each matching document, in ``sort`` order.
+
+        Columns without whole documents: histories of 100k log points read several times faster where a
+        backend can extract them in the database. This default reads the documents.
+        """
+        from mlwarehouse.query import MISSING, get_path, split_path
+        paths = [split_path(f, "field") for f in fields]
+        projection = {".".join(p[:1]): 1 for p in paths}
+        out = []
+        for doc in self.find(collection, filter, sort=sort, limit=limit, projection=projection or None):
+            row = tuple(get_path(doc, p) for p in paths)
+            out.append(tuple(None if v is MISSING else v for v in row))
+        return out
+
     @abstractmethod
     def count(self, collection: str, filter: Filter | None = None) -> int:
         """How many documents match."""

@@ -40,7 +40,7 @@ from mlwarehouse.errors import BackendError, DuplicateKey, InvalidDocument, Quer
 from mlwarehouse.index.base import Filter, Index, Projection, Sort, Update
 from mlwarehouse.query import (compile_regex, get_path, json_text, parse_filter, split_path, validate_sort,
                                validate_update, apply_update)
-from mlwarehouse.sql import REGEX_FUNCTION, Compiler, index_expressions
+from mlwarehouse.sql import REGEX_FUNCTION, SQLITE, Compiler, index_expressions
 
 __all__ = ["SQLiteIndex"]
 
@@ -65,6 +65,18 @@ def _check_name(kind: str, name: Any) -> str:
     if not isinstance(name, str) or not _NAME_RE.match(name):
         raise QueryError(f"invalid {kind} name {name!r}: use lowercase letters, digits and '_', starting with a letter")
     return name
+
+
+_CONVERTED = frozenset({"true", "false", "array", "object"})
+
+
+def _typed(value: Any, json_type: str | None) -> Any:
+    """A json_extract result as the Python value (SQLite returns booleans as 1/0 and containers as text)."""
+    if json_type == "true" or json_type == "false":
+        return json_type == "true"
+    if json_type == "array" or json_type == "object":
+        return json.loads(value)
+    return value
 
 
 class SQLiteIndex(Index):
@@ -394,6 +406,30 @@ class SQLiteIndex(Index):
         if projection:
             return (shape(json.loads(r[0])) for r in rows)
         return (json.loads(r[0]) for r in rows)
+
+    def values(self, collection: str, filter: Filter | None, fields: Sequence[str], *, sort: Sort | None = None,
+               limit: int | None = None) -> list[tuple]:
+        """Extracted in SQL (``json_extract``): no document is parsed in Python unless a value is a container."""
+        node = parse_filter(filter)
+        validate_sort(sort)
+        paths = [SQLITE.path("doc", tuple(split_path(f, "field"))) for f in fields]
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
+            raise QueryError(f"limit must be a non-negative integer, not {limit!r}")
+        if self._scalar_fields(collection) is None or not paths:
+            return []
+        c = Compiler(scalar_fields=self._scalars.get(collection, ()))
+        columns = ", ".join(f"json_extract(doc, {p}), json_type(doc, {p})" for p in paths)
+        sql = f'SELECT {columns} FROM "c_{collection}" WHERE {c.where(node)} ORDER BY {c.order_by(sort)}'
+        params = c.params
+        if limit is not None:
+            sql += " LIMIT ?"
+            params = [*params, limit]
+        with self._connection() as con:
+            rows = con.execute(sql, params).fetchall()
+        n = len(paths)
+        if all(t not in _CONVERTED for row in rows for t in row[1::2]):
+            return [row[0::2] for row in rows] if n > 1 else [(row[0],) for row in rows]
+        return [tuple(_typed(row[2 * i], row[2 * i + 1]) for i in range(n)) for row in rows]
 
     def count(self, collection: str, filter: Filter | None = None) -> int:
         node = parse_filter(filter)

@@ -225,6 +225,22 @@ class IndexTests:
         assert ids({"v.0": 1}) == ["a1", "a2"] and ids({"v.-1": {"$exists": True}}) == []
         assert ids({"v.01": {"$exists": True}}) == []
 
+    def test_values_reads_columns_typed_like_documents(self, index):
+        docs = [{"_id": "a", "run": "r", "step": 2, "loss": 0.5, "ok": True, "tags": ["x"], "m": {"k": 1}},
+                {"_id": "b", "run": "r", "step": 1, "loss": 1, "ok": False, "name": "s"},
+                {"_id": "c", "run": "q", "step": 0, "loss": None},
+                {"_id": "d", "run": "r", "step": 3, "shape": [4, 5]}]
+        index.insert_many("logs", docs)
+        assert index.values("logs", {"run": "r"}, ["step", "loss"], sort=[("step", 1)]) == [
+            (1, 1), (2, 0.5), (3, None)]
+        rows = index.values("logs", {"run": "r"}, ["ok", "tags", "m.k", "name", "shape.1"], sort=[("step", -1)])
+        assert rows == [(None, None, None, None, 5), (True, ["x"], 1, None, None), (False, None, None, "s", None)]
+        assert type(rows[1][0]) is bool and type(rows[2][0]) is bool
+        assert index.values("logs", {"run": "r"}, ["step"], sort=[("step", 1)], limit=2) == [(1,), (2,)]
+        assert index.values("nothing", {}, ["a"]) == []
+        with pytest.raises(QueryError):
+            index.values("logs", {}, ["bad path!"])
+
     def test_threads_share_an_index(self, index):
         ix = index
 

@@ -189,11 +189,9 @@ def metric_series(project, ids: list[str], kind: str, metric: str, points: int =
 
 def _history(project, run_id: str, kind: str, metric: str) -> tuple[np.ndarray, np.ndarray]:
     """Steps and values (finite numbers only) of one metric of one run, in step order."""
-    # no projection: log documents are small, and the index applies projections in Python after decoding
-    docs = project.find("logs", {"run": run_id, "kind": kind}, sort=[("step", 1)])
-    steps = np.fromiter((d.get("step") if isinstance(d.get("step"), int) else -1 for d in docs),
-                        np.float64, len(docs))
-    values = np.fromiter((_number(d.get(metric)) for d in docs), np.float64, len(docs))
+    rows = project.values("logs", {"run": run_id, "kind": kind}, ["step", metric], sort=[("step", 1)])
+    steps = np.fromiter((s if type(s) is int else -1 for s, _ in rows), np.float64, len(rows))
+    values = np.fromiter((_number(v) for _, v in rows), np.float64, len(rows))
     keep = np.isfinite(values)
     return steps[keep], values[keep]
 
