@@ -401,6 +401,14 @@ def demo(home: Optional[str] = typer.Option(None, "--home", help="where the demo
     run_demo(home=home, workers=workers, epochs=epochs)
 
 
+def _add_subcommands() -> None:
+    from mlwarehouse.cli_items import items_app
+    app.add_typer(items_app, name="items", help="Item datasets: import a folder or arrays, show versions and items.")
+
+
+_add_subcommands()
+
+
 def main() -> None:
     """Entry point: typer app with WarehouseErrors shown as one line."""
     try:

@@ -30,6 +30,10 @@ class DatasetRecord(Record):
         object.__setattr__(self, "_datasets", datasets)
 
     def load(self, *, allow_pickle: bool = False) -> Any:
+        """The value; for an item dataset (``kind: "items"``) its :class:`~mlwarehouse.items.ItemDataset`, whose
+        items are read lazily (``.stream()``, ``.find()``)."""
+        if self.doc.get("kind") == "items":
+            return self._datasets.project.items.get(self.doc["name"], version=self.doc["version"])
         return self._datasets.project.unpack(self.doc["value"], allow_pickle=allow_pickle)
 
 

@@ -227,6 +227,11 @@ class Project:
         return Datasets(self)
 
     @cached_property
+    def items(self):
+        from mlwarehouse.items import ItemDatasets
+        return ItemDatasets(self)
+
+    @cached_property
     def models(self):
         from mlwarehouse.models import Models
         return Models(self)

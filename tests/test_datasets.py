@@ -89,3 +89,13 @@ def test_pickle_only_when_allowed(wh):
     with pytest.raises(PickleNotAllowed):
         wh.datasets.load("a-set")
     assert wh.datasets.load("a-set", allow_pickle=True) == obj
+
+
+def test_item_datasets_are_listed_and_loaded_as_datasets(wh):
+    wh.items.from_arrays("points", {"x": np.arange(10.0).reshape(5, 2), "label": np.arange(5)})
+    record = wh.datasets.get("points")
+    assert record.kind == "items" and record.version == 1
+    items = wh.datasets.load("points")
+    assert items.count() == 5 and items.count({"label": {"$gte": 3}}) == 2
+    batch = next(iter(items.stream(batch_size=5, shuffle=False)))
+    assert np.array_equal(batch["x"], np.arange(10.0).reshape(5, 2))

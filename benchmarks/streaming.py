@@ -1,0 +1,166 @@
+"""Streaming throughput: item datasets against a raw memmap gather and against one blob read per item.
+
+    python benchmarks/streaming.py [--scale 1.0] [--no-s3]
+
+Workloads: (a) 60,000 items of 784 bytes + a label (MNIST-like), (b) 5,000 items of 150 KB (224x224x3 uint8),
+read shuffled in batches of 256 (a) or 32 (b), one epoch. Baselines, measured in the same run on the same bytes
+in the same shuffled order: (1) ``raw``: a numpy memmap of all items gathered batch by batch (the limit of any
+reader); (2) ``per-item``: one verified blob read per item, as stores with a document per sample load. The
+stream's time includes planning (the index query). Then the same through S3 (a local SeaweedFS), with the shard
+cache cold and warm (per-item S3 reads measured on a sample). Targets: >= 0.5x raw, >= 20x per-item.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != ROOT / "benchmarks"]
+
+import mlwarehouse  # noqa: E402
+from mlwarehouse.blobs.files import FileBlobStore  # noqa: E402
+from mlwarehouse.items import ItemDatasets  # noqa: E402
+from mlwarehouse.shardcache import ShardCache  # noqa: E402
+
+
+def workload(kind: str, scale: float) -> tuple[np.ndarray, np.ndarray, int]:
+    rng = np.random.default_rng(0)
+    if kind == "a":
+        n = int(60_000 * scale)
+        x = np.zeros((n, 28, 28), np.uint8)
+        x[:, 6:22, 6:22] = rng.integers(0, 256, (n, 16, 16), np.uint8)  # digits: a noisy middle, blank borders
+        return x, rng.integers(0, 10, n), 256
+    n = int(5_000 * scale)
+    return rng.integers(0, 256, (n, 224, 224, 3), np.uint8), rng.integers(0, 1000, n), 32
+
+
+def timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def run_stream(ds, batch: int, **options) -> tuple[float, np.ndarray]:
+    order = []
+
+    def go():
+        for b in ds.stream(batch_size=batch, seed=1, **options):
+            order.append(b["label"])
+    return timed(go), np.concatenate(order)
+
+
+def plan_rows(ds, batch) -> np.ndarray:
+    """Global item numbers (insertion order) of the stream's order, for the baselines."""
+    stream = ds.stream(batch_size=batch, seed=1)
+    plan = stream.plan(0)
+    counts = [d["count"] for d in ds.project.find("item_shards", ds._scope(), sort=[("_id", 1)])]
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    return starts[plan.shard] + plan.row
+
+
+def bench(kind: str, scale: float, tmp: Path, s3: dict | None) -> list[dict]:
+    x, y, batch = workload(kind, scale)
+    n, item_bytes = len(x), x[0].nbytes
+    mb = n * item_bytes / 1e6
+    rows = []
+    wh = mlwarehouse.connect(home=tmp / f"wh-{kind}")
+    items = ItemDatasets(wh.project("bench"))
+    t_write = timed(lambda: items.from_arrays(kind, {"x": x, "label": y}))
+    ds = items.get(kind)
+    order = plan_rows(ds, batch)
+    mm_path = tmp / f"{kind}.npy"
+    np.save(mm_path, x)
+    mm = np.load(mm_path, mmap_mode="r")
+
+    def gather():
+        for a in range(0, n, batch):
+            idx = order[a:a + batch]
+            mm[idx], y[idx]
+    gather()  # page cache warm for every contender
+    t_raw = timed(gather)
+    run_stream(ds, batch)
+    t_stream, got = run_stream(ds, batch)
+    assert np.array_equal(got, y[order]), "the stream's order is not the planned one"
+    per_item = FileBlobStore(tmp / f"per-item-{kind}", fsync=False)
+    keys = [per_item.put(memoryview(x[i]).cast("B")) for i in range(n)]
+
+    def one_by_one():
+        for a in range(0, n, batch):
+            np.stack([np.frombuffer(per_item.get(keys[i]), np.uint8) for i in order[a:a + batch]])
+    t_item = timed(one_by_one)
+    for name, t in (("stream", t_stream), ("raw memmap gather", t_raw), ("one blob per item", t_item)):
+        rows.append({"workload": kind, "store": "local", "reader": name, "items": n, "s": t, "items_s": n / t,
+                     "MB_s": mb / t})
+    rows[-3].update(vs_raw=t_raw / t_stream, vs_per_item=t_item / t_stream, write_s=t_write)
+    wh.close()
+    if s3:
+        rows += bench_s3(kind, x, y, batch, tmp, s3)
+    return rows
+
+
+def bench_s3(kind, x, y, batch, tmp: Path, s3: dict) -> list[dict]:
+    from mlwarehouse.blobs.s3 import S3BlobStore
+    from mlwarehouse.index.sqlite import SQLiteIndex
+    from mlwarehouse.warehouse import Warehouse
+    store = S3BlobStore(s3["uri"].replace("s3://mlw-test", f"s3://mlw-test/bench-{kind}"),
+                        access_key=s3["access_key"], secret_key=s3["secret_key"])
+    wh = Warehouse(SQLiteIndex(tmp / f"s3-{kind}.sqlite"), store)
+    items = ItemDatasets(wh.project("bench"))
+    items.from_arrays(kind, {"x": x, "label": y})
+    ds = items.get(kind)
+    n, mb = len(x), x.nbytes / 1e6
+    cache = ShardCache(tmp / f"cache-{kind}", max_bytes=4 << 30)
+    t_cold, _ = run_stream(ds, batch, cache=cache)
+    t_warm, _ = run_stream(ds, batch, cache=cache)
+    sample = min(n, 500)
+    keys = [store.put(memoryview(x[i]).cast("B")) for i in range(sample)]
+    t_item = timed(lambda: [store.get(k) for k in keys]) * n / sample
+    out = []
+    for name, t in (("stream, cache cold", t_cold), ("stream, cache warm", t_warm),
+                    (f"one blob per item (from {sample})", t_item)):
+        out.append({"workload": kind, "store": "s3", "reader": name, "items": n, "s": t, "items_s": n / t,
+                    "MB_s": mb / t})
+    out[0]["vs_per_item"] = t_item / t_cold
+    out[1]["vs_per_item"] = t_item / t_warm
+    wh.close()
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--scale", type=float, default=1.0, help="fraction of the item counts")
+    parser.add_argument("--no-s3", action="store_true")
+    args = parser.parse_args()
+    server = None
+    s3 = None
+    if not args.no_s3:
+        from mlwarehouse.testing.servers import find_weed, start_seaweedfs
+        if find_weed():
+            server = start_seaweedfs()
+            s3 = {"uri": server.uri, "access_key": server.env["MLW_TEST_S3_ACCESS_KEY"],
+                  "secret_key": server.env["MLW_TEST_S3_SECRET_KEY"]}
+        else:
+            print("no SeaweedFS binary: skipping S3", file=sys.stderr)
+    try:
+        with tempfile.TemporaryDirectory(prefix="mlw-bench-stream-") as tmp:
+            rows = bench("a", args.scale, Path(tmp), s3) + bench("b", args.scale, Path(tmp), s3)
+    finally:
+        if server:
+            from mlwarehouse.testing.servers import stop
+            stop(server)
+    print(f"{'workload':8} {'store':5} {'reader':34} {'items/s':>12} {'MB/s':>9} {'x raw':>7} {'x per-item':>10}")
+    for r in rows:
+        print(f"{r['workload']:8} {r['store']:5} {r['reader']:34} {r['items_s']:12,.0f} {r['MB_s']:9.1f} "
+              f"{r.get('vs_raw', float('nan')):7.2f} {r.get('vs_per_item', float('nan')):10.1f}")
+    print(json.dumps(rows))
+
+
+if __name__ == "__main__":
+    main()

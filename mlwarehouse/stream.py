@@ -1,0 +1,315 @@
+"""Streams of batches from an item dataset: plan from the index, prefetch whole shards, gather batches.
+
+Only the index is read up front (the shard documents, or the matching item documents when ``where`` is given).
+The epoch order is computed from ``(seed, epoch)`` alone: shards in a shuffled order, rows shuffled inside each,
+then every item moved by a random offset of at most ``window`` places (a shuffle window that spans shards). So
+every process computes the same order; a partition (DataLoader worker x rank) takes one contiguous slice of it,
+which keeps each partition on its own shards. The position inside the epoch is the whole state: a stream resumes
+mid-epoch from ``stream.state()``. Shards are fetched by background threads ahead of use and dropped after their
+last use; ``epochs=None`` streams without end and re-plans each epoch, picking up items appended meanwhile.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from mlwarehouse.errors import InvalidDocument, QueryError, WarehouseError
+from mlwarehouse.items import ITEMS, SHARDS
+from mlwarehouse.shardcache import ShardCache
+from mlwarehouse.shards import Shard, ShardHeader, decode_value, read_header, read_item
+
+__all__ = ["ItemStream", "ShardReader", "TransformError", "Plan"]
+
+
+class TransformError(WarehouseError):
+    """A stream's ``transform`` raised; ``item_id`` names the item, the original error is the ``__cause__``."""
+
+    def __init__(self, message: str, item_id: str | None):
+        super().__init__(message)
+        self.item_id = item_id
+
+
+class ShardReader:
+    """Reads shards for streams and random access: whole (through an optional :class:`ShardCache`) or by range."""
+
+    def __init__(self, blobs, cache: ShardCache | None = None, headers: int = 256):
+        self.blobs = blobs
+        self.cache = cache
+        self._headers: OrderedDict[str, ShardHeader] = OrderedDict()
+        self._max_headers = headers
+        self._lock = threading.Lock()
+
+    def shard(self, key: str) -> Shard:
+        data = self.cache.get(key, self.blobs.get) if self.cache is not None else self.blobs.get(key)
+        return Shard(data)
+
+    def header(self, key: str) -> ShardHeader:
+        with self._lock:
+            if key in self._headers:
+                self._headers.move_to_end(key)
+                return self._headers[key]
+        header = read_header(lambda start, length: self.blobs.get_range(key, start, length))
+        with self._lock:
+            self._headers[key] = header
+            while len(self._headers) > self._max_headers:
+                self._headers.popitem(last=False)
+        return header
+
+    def item(self, key: str, row: int, fields: list[str] | None = None) -> dict:
+        """One item's values by range reads, each verified by its checksum."""
+        header = self.header(key)
+        out = {}
+        for name in fields or list(header.fields):
+            layout = header.fields[name]
+            raw = read_item(header, lambda s, n: self.blobs.get_range(key, s, n), name, row)
+            shape = layout.shapes[row] if layout.shapes else None
+            value = decode_value(layout.spec, raw, shape)
+            out[name] = value.item() if isinstance(value, np.ndarray) and value.ndim == 0 else value
+        return out
+
+
+@dataclass
+class Plan:
+    """The items of one epoch: shard keys, and per item its shard's index and row, in stream order."""
+
+    keys: list[str]
+    shard: np.ndarray
+    row: np.ndarray
+    snapshot: str | None  # the largest document id the plan saw: a resumed plan reads no later documents
+
+
+class ItemStream:
+    """An iterable of batches (dicts of stacked numpy arrays; lists for bytes, strings, ragged arrays).
+
+    Options: ``batch_size``, ``shuffle``, ``seed``, ``epochs`` (None: without end), ``epoch`` (the first one),
+    ``transform`` (item dict -> item dict, run on each item), ``window`` (shuffle window in items),
+    ``prefetch`` (shards fetched ahead), ``threads``, ``partition`` ((index, count): this consumer's share),
+    ``drop_last``, ``fields`` (which fields to read), ``cache`` (a ShardCache or a folder), ``cache_bytes``,
+    ``state`` (from :meth:`state`, to resume), ``poll`` (seconds between checks for new items when waiting).
+    """
+
+    def __init__(self, dataset, where: dict | None = None, *, batch_size: int = 32, shuffle: bool = True,
+                 seed: int = 0, epochs: int | None = 1, epoch: int = 0,
+                 transform: Callable[[dict], Any] | None = None, window: int | None = None, prefetch: int = 4,
+                 threads: int = 4, partition: tuple[int, int] = (0, 1), drop_last: bool = False,
+                 fields: list[str] | None = None, cache: ShardCache | str | None = None,
+                 cache_bytes: int = 10 << 30, state: dict | None = None, poll: float = 1.0):
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise QueryError(f"batch_size must be a positive integer, not {batch_size!r}")
+        if epochs is not None and (not isinstance(epochs, int) or epochs < 0):
+            raise QueryError(f"epochs must be None (without end) or an integer >= 0, not {epochs!r}")
+        index, count = partition
+        if not 0 <= index < count:
+            raise QueryError(f"partition must be (index, count) with 0 <= index < count, not {partition!r}")
+        self.dataset = dataset
+        self.where = where
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.seed = int(seed)
+        self.epochs = epochs
+        self.transform = transform
+        self.window = window
+        self.prefetch = max(1, prefetch)
+        self.threads = max(1, threads)
+        self.partition = (index, count)
+        self.drop_last = drop_last
+        known = dataset.field_names
+        unknown = set(fields or ()) - set(known)
+        if unknown:
+            raise QueryError(f"dataset {dataset.doc['name']!r} has no field(s) {sorted(unknown)}; it has {known}")
+        self.fields = list(fields) if fields else None
+        if isinstance(cache, (str, bytes)) or hasattr(cache, "__fspath__"):
+            cache = ShardCache(cache, cache_bytes)
+        self.reader = dataset.reader(cache) if cache is not None else dataset.reader()
+        self.poll = poll
+        self._state = {"seed": self.seed, "epoch": epoch, "position": 0, "snapshot": None}
+        if state is not None:
+            if state.get("seed", self.seed) != self.seed:
+                raise QueryError(f"this state was saved by a stream with seed {state['seed']}, not {self.seed}")
+            self._state.update({k: state[k] for k in ("epoch", "position", "snapshot") if k in state})
+        self._first_epoch = epoch  # epochs counts from here, also when resuming
+
+    def state(self) -> dict:
+        """Where the stream is: pass it as ``state=`` to a new stream to go on from the next item."""
+        return dict(self._state)
+
+    # -- planning --------------------------------------------------------------------------------------------
+    def plan(self, epoch: int, snapshot: str | None = None) -> Plan:
+        """The global order of ``epoch`` (before partitioning)."""
+        project, ds = self.dataset.project, self.dataset
+        keys: list[str] = []
+        shard_of: list[np.ndarray] = []
+        rows: list[np.ndarray] = []
+        newest = None
+        if self.where is None:
+            flt = ds._scope({"_id": {"$lte": snapshot}} if snapshot else None)
+            for doc in project.find(SHARDS, flt, sort=[("_id", 1)], projection={"shard": 1, "count": 1, "rows": 1}):
+                r = np.arange(doc["count"]) if doc.get("rows") is None else np.asarray(doc["rows"], np.int64)
+                shard_of.append(np.full(len(r), len(keys), np.int64))
+                rows.append(r)
+                keys.append(doc["shard"])
+                newest = doc["_id"]
+        else:
+            flt = ds._scope(self.where if not snapshot else {"$and": [self.where, {"_id": {"$lte": snapshot}}]})
+            position: dict[str, int] = {}
+            sh, rw = [], []
+            for doc in project.find(ITEMS, flt, sort=[("_id", 1)], projection={"shard": 1, "row": 1}):
+                k = doc["shard"]
+                if k not in position:
+                    position[k] = len(keys)
+                    keys.append(k)
+                sh.append(position[k])
+                rw.append(doc["row"])
+                newest = doc["_id"]
+            shard_of, rows = [np.asarray(sh, np.int64)], [np.asarray(rw, np.int64)]
+        shard = np.concatenate(shard_of) if shard_of else np.zeros(0, np.int64)
+        row = np.concatenate(rows) if rows else np.zeros(0, np.int64)
+        if self.shuffle and len(row):
+            rng = np.random.default_rng([self.seed, epoch])
+            order = rng.permutation(len(keys))
+            rank = np.empty_like(order)
+            rank[order] = np.arange(len(keys))
+            idx = np.lexsort((rng.random(len(row)), rank[shard]))  # shards shuffled, rows shuffled inside
+            window = self.window if self.window is not None else max(256, 2 * len(row) // len(keys))
+            if window > 1:
+                idx = idx[np.argsort(np.arange(len(idx)) + rng.uniform(0, window, len(idx)), kind="stable")]
+            shard, row = shard[idx], row[idx]
+        return Plan(keys, shard, row, snapshot or newest)
+
+    def _partition(self, plan: Plan) -> tuple[np.ndarray, np.ndarray]:
+        index, count = self.partition
+        n = len(plan.row)
+        lo, hi = index * n // count, (index + 1) * n // count
+        if self.drop_last:
+            hi = lo + (hi - lo) // self.batch_size * self.batch_size
+        return plan.shard[lo:hi], plan.row[lo:hi]
+
+    # -- iterating -------------------------------------------------------------------------------------------
+    def __iter__(self) -> Iterator[dict]:
+        epoch = self._state["epoch"]
+        while self.epochs is None or epoch < self._first_epoch + self.epochs:
+            resumed = epoch == self._state["epoch"] and self._state["position"] > 0
+            plan = self.plan(epoch, self._state["snapshot"] if resumed else None)
+            shard, row = self._partition(plan)
+            if not len(row) and self.epochs is None:
+                if self.dataset.refresh().doc["state"] != "open":
+                    return  # finished and nothing selected: nothing can ever come
+                time.sleep(self.poll)
+                continue
+            self._state.update(epoch=epoch, snapshot=plan.snapshot)
+            start = self._state["position"] if resumed else 0
+            self._state["position"] = start
+            yield from self._epoch(plan.keys, shard, row, start)
+            epoch += 1
+            self._state.update(epoch=epoch, position=0, snapshot=None)
+
+    def _epoch(self, keys: list[str], shard: np.ndarray, row: np.ndarray, start: int) -> Iterator[dict]:
+        shard, row = shard[start:], row[start:]
+        if not len(row):
+            return
+        uniq, first = np.unique(shard, return_index=True)
+        appearance = uniq[np.argsort(first)]  # shard indexes in order of first use
+        ordinal = np.empty(len(keys), np.int64)
+        ordinal[appearance] = np.arange(len(appearance))
+        last_use = np.zeros(len(keys), np.int64)
+        last_use[shard] = np.arange(len(shard))  # later positions overwrite earlier ones
+        futures: dict[int, Future] = {}
+        submitted = 0
+        pool = ThreadPoolExecutor(self.threads, thread_name_prefix="mlw-prefetch")
+        try:
+            for a in range(0, len(row), self.batch_size):
+                b = min(a + self.batch_size, len(row))
+                need = int(ordinal[shard[a:b]].max())
+                while submitted < len(appearance) and submitted <= need + self.prefetch:
+                    s = int(appearance[submitted])
+                    futures[s] = pool.submit(self.reader.shard, keys[s])
+                    submitted += 1
+                present = np.unique(shard[a:b])
+                shards = {int(s): futures[int(s)].result() for s in present}
+                batch = self._gather(keys, shards, shard[a:b], row[a:b])
+                for s in present:
+                    if last_use[s] < b:
+                        futures.pop(int(s), None)
+                self._state["position"] = start + b
+                yield batch
+        finally:
+            for f in futures.values():
+                f.cancel()
+            pool.shutdown(wait=False, cancel_futures=True)
+
+    def _names(self, shards: dict[int, Shard]) -> list[str]:
+        return self.fields or list(next(iter(shards.values())).header.fields)
+
+    def _gather(self, keys: list[str], shards: dict[int, Shard], shard: np.ndarray, row: np.ndarray) -> dict:
+        names = self._names(shards)
+        if self.transform is not None:
+            return self._transformed(keys, shards, names, shard, row)
+        batch = {}
+        for name in names:
+            cols = {s: sh.column(name) for s, sh in shards.items()}
+            arrays = [c for c in cols.values() if isinstance(c, np.ndarray)]
+            if len(arrays) == len(cols) and len({c.shape[1:] for c in arrays}) == 1:
+                out = np.empty((len(row), *arrays[0].shape[1:]), np.result_type(*arrays))
+                if len(cols) == 1:
+                    np.take(arrays[0], row, axis=0, out=out)
+                else:
+                    for s, col in cols.items():
+                        mask = shard == s
+                        out[mask] = col[row[mask]]
+                batch[name] = out
+            else:
+                batch[name] = [cols[int(s)][int(r)] for s, r in zip(shard, row)]
+        return batch
+
+    def _transformed(self, keys, shards, names, shard, row) -> dict:
+        items = []
+        for s, r in zip(shard.tolist(), row.tolist()):
+            item = {}
+            for name in names:
+                v = shards[s].column(name)[r]
+                item[name] = v.item() if isinstance(v, np.generic) else v
+            try:
+                items.append(self.transform(item))
+            except Exception as exc:
+                item_id = self._item_id(keys[s], r)
+                raise TransformError(f"transform failed on item {item_id} (shard {keys[s][:12]}, row {r}): "
+                                     f"{type(exc).__name__}: {exc}", item_id) from exc
+        return collate(items)
+
+    def _item_id(self, key: str, row: int) -> str | None:
+        doc = self.dataset.project.find_one(ITEMS, self.dataset._scope({"shard": key, "row": row}),
+                                            projection={"_id": 1})
+        return doc["_id"] if doc else None
+
+
+def collate(items: list) -> Any:
+    """Stack a list of items (dicts of arrays or numbers) into one batch; lists where values cannot stack."""
+    if not items:
+        return {}
+    if not all(isinstance(it, dict) for it in items):
+        try:
+            return np.stack([np.asarray(it) for it in items])
+        except ValueError:
+            return items
+    keys = list(items[0])
+    if any(list(it) != keys for it in items):
+        raise InvalidDocument(f"transform returned items with different keys: {keys} and others")
+    batch = {}
+    for k in keys:
+        values = [it[k] for it in items]
+        if all(isinstance(v, (np.ndarray, np.generic, int, float, bool)) for v in values):
+            try:
+                batch[k] = np.stack([np.asarray(v) for v in values])
+                continue
+            except ValueError:
+                pass
+        batch[k] = values
+    return batch

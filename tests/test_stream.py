@@ -1,0 +1,140 @@
+"""Streams: order, determinism, resume, partitions, infinite mode, transforms and empty selections."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from mlwarehouse.errors import QueryError
+from mlwarehouse.items import ItemDatasets
+from mlwarehouse.stream import TransformError
+
+N = 1000
+
+
+@pytest.fixture
+def ds(wh):
+    x = np.arange(N, dtype=np.int64).repeat(64).reshape(N, 64)  # row i holds i: checks data follows labels
+    return ItemDatasets(wh.project("p")).from_arrays("s", {"x": x, "label": np.arange(N)}, shard_bytes=1 << 16)
+
+
+def labels(stream) -> list[int]:
+    out = []
+    for batch in stream:
+        assert (batch["x"][:, 0] == batch["label"]).all() and (batch["x"] == batch["x"][:, :1]).all()
+        out.extend(batch["label"].tolist())
+    return out
+
+
+def test_every_item_once_shuffled_and_deterministic(ds):
+    assert ds.doc["shards"] >= 5
+    a = labels(ds.stream(batch_size=64, seed=3))
+    assert sorted(a) == list(range(N)) and a != list(range(N))
+    assert a == labels(ds.stream(batch_size=17, seed=3))  # order depends on (seed, epoch) only
+    assert a != labels(ds.stream(batch_size=64, seed=4))
+    two = labels(ds.stream(batch_size=64, seed=3, epochs=2))
+    assert two[:N] == a and sorted(two[N:]) == list(range(N)) and two[N:] != a
+    assert labels(ds.stream(batch_size=100, shuffle=False)) == list(range(N))
+
+
+def test_partitions_split_without_repeats(ds):
+    parts = [labels(ds.stream(batch_size=32, seed=1, partition=(i, 8))) for i in range(8)]
+    assert sorted(sum(parts, [])) == list(range(N))
+    assert max(map(len, parts)) - min(map(len, parts)) <= 1
+
+
+def test_resume_mid_epoch_yields_exactly_the_rest(ds):
+    stream = ds.stream(batch_size=50, seed=9, epochs=2)
+    full = labels(ds.stream(batch_size=50, seed=9, epochs=2))
+    seen = []
+    for i, batch in enumerate(stream):
+        seen.extend(batch["label"].tolist())
+        if i == 26:  # inside the second epoch
+            break
+    state = stream.state()
+    assert state["epoch"] == 1 and state["position"] == 350
+    ds.refresh()
+    rest = labels(ds.stream(batch_size=50, seed=9, epochs=2, state=state))
+    assert seen + rest == full
+    with pytest.raises(QueryError, match="seed"):
+        ds.stream(seed=1, state=state)
+
+
+def test_where_selects_and_empty_selection_ends(ds):
+    got = labels(ds.stream({"label": {"$lt": 100}}, batch_size=30))
+    assert sorted(got) == list(range(100))
+    assert labels(ds.stream({"label": -1})) == []
+    assert labels(ds.stream({"label": -1}, epochs=None)) == []  # finished version: nothing can come
+
+
+def test_infinite_stream_sees_appended_items(wh):
+    items = ItemDatasets(wh.project("p"))
+    ds = items.create("live")
+    ds.append({"x": np.zeros((20, 4), np.float32), "label": np.zeros(20, np.int64)})
+    seen = []
+    for batch in ds.stream(batch_size=8, epochs=None, poll=0.05):
+        seen.extend(batch["label"].tolist())
+        if len(seen) == 16:
+            ds.append({"x": np.ones((5, 4), np.float32), "label": np.ones(5, np.int64)})
+        if 1 in seen:
+            break
+        assert len(seen) < 200
+    assert seen.count(1) >= 1
+
+
+def test_infinite_stream_waits_for_first_items(wh):
+    ds = ItemDatasets(wh.project("p")).create("empty-now")
+    timer = threading.Timer(0.3, lambda: ItemDatasets(wh.project("p")).get("empty-now").append(
+        [{"v": np.zeros(3), "label": 5}]))
+    timer.start()
+    t0 = time.monotonic()
+    batch = next(iter(ds.stream(epochs=None, poll=0.05)))
+    assert batch["label"].tolist() == [5] and time.monotonic() - t0 < 5
+    timer.join()
+
+
+def test_transform_and_its_errors(ds):
+    def double(item):
+        return {"x": item["x"] * 2, "label": item["label"]}
+    batch = next(iter(ds.stream(batch_size=10, transform=double)))
+    assert (batch["x"][:, 0] == 2 * batch["label"]).all()
+
+    def fail_on_7(item):
+        if item["label"] == 7:
+            raise ValueError("bad pixel")
+        return item
+    with pytest.raises(TransformError, match="bad pixel") as info:
+        labels(ds.stream(batch_size=10, transform=fail_on_7))
+    assert ds.item(info.value.item_id)["label"] == 7
+    assert isinstance(info.value.__cause__, ValueError)
+
+
+def test_bad_options(ds):
+    with pytest.raises(QueryError):
+        ds.stream(batch_size=0)
+    with pytest.raises(QueryError):
+        ds.stream(partition=(2, 2))
+    with pytest.raises(QueryError, match="no field"):
+        ds.stream(fields=["nope"])
+    assert set(next(iter(ds.stream(fields=["label"])))) == {"label"}
+
+
+def test_stream_through_s3_with_a_bounded_cache(s3_server, tmp_path):
+    from mlwarehouse.blobs.s3 import S3BlobStore
+    from mlwarehouse.index.sqlite import SQLiteIndex
+    from mlwarehouse.shardcache import ShardCache
+    from mlwarehouse.warehouse import Warehouse
+    store = S3BlobStore(s3_server["uri"].replace("s3://mlw-test", "s3://mlw-test/stream-test"),
+                        access_key=s3_server["access_key"], secret_key=s3_server["secret_key"])
+    with Warehouse(SQLiteIndex(tmp_path / "i.sqlite"), store) as wh:
+        x = np.arange(300, dtype=np.int64).repeat(64).reshape(300, 64)
+        ds = ItemDatasets(wh.project("p")).from_arrays("s3", {"x": x, "label": np.arange(300)}, shard_bytes=1 << 16)
+        cache = ShardCache(tmp_path / "cache", max_bytes=100_000)
+        assert sorted(labels(ds.stream(batch_size=32, cache=cache))) == list(range(300))
+        assert 0 < cache.used_bytes() <= 100_000 and cache.stats.misses == ds.doc["shards"]
+        assert sorted(labels(ds.stream(batch_size=32, cache=cache, seed=2))) == list(range(300))
+        assert cache.stats.hits >= 1 and cache.used_bytes() <= 100_000
+        assert ds.find({"label": 123})[0].load()["x"][0] == 123  # a range read from S3, checksum verified
