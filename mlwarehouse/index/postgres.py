@@ -31,7 +31,8 @@ from mlwarehouse.errors import BackendError, ConfigError, DuplicateKey, InvalidD
 from mlwarehouse.index.base import Filter, Index, Projection, Sort, Update
 from mlwarehouse.query import (apply_update, get_path, json_text, parse_filter, project, split_path,
                                validate_projection, validate_sort, validate_update)
-from mlwarehouse.sql import POSTGRES, Compiler, sort_expressions
+from mlwarehouse.sql import Compiler, sort_expressions
+from mlwarehouse.sql_postgres import POSTGRES
 
 try:
     import psycopg
