@@ -140,6 +140,29 @@ class WarehouseTests:
             claimed.append(task.hyper_parameters["i"])
         assert sorted(claimed) == list(range(30))
 
+    # -- the web UI reads every backend ---------------------------------------------------------------------
+    def test_web_pages_and_chart(self, wh):
+        pytest.importorskip("fastapi")
+        from fastapi.testclient import TestClient
+
+        from mlwarehouse.web import create_app
+        wh.datasets.save((np.zeros((4, 64), np.float32), np.arange(4)), "digits")
+        wh.models.save({"w": np.ones(2)}, name="m", test_accuracy=0.5)
+        with wh.runs.start("r") as run:
+            for step in range(50):
+                run.log("train", step=step, loss=1 / (step + 1))
+        wh.tasks.create("t", "builtins:dict")
+        project = wh.default_project
+        client = TestClient(create_app(wh))
+        for page in ("runs", "models", "tasks", "datasets"):
+            response = client.get(f"/p/{project}/{page}")
+            assert response.status_code == 200, (page, response.text[:300])
+        chart = client.get(f"/api/p/{project}/runs/metric", params={"ids": run.id, "kind": "train", "metric": "loss"})
+        assert chart.status_code == 200 and "loss" in chart.text
+        bad = client.get(f"/p/{project}/models", params={"q": '{"a": {"$nope": 1}}'})
+        assert bad.status_code == 400 and "$nope" in bad.text
+        assert client.get(f"/p/{project}/runs/{'0' * 26}").status_code == 404
+
     # -- integrity and gc ----------------------------------------------------------------------------------
     def test_gc_and_verified_reads(self, wh):
         wh.datasets.save(np.arange(50), "kept")
