@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import json
 import struct
+import threading
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import zstandard
 
 from mlwarehouse.codecs import compress, decompress
 from mlwarehouse.errors import CodecError, IntegrityError
@@ -222,12 +224,18 @@ def decode_value(spec: FieldSpec, raw: memoryview, shape: Sequence[int] | None =
 
 
 class Shard:
-    """A whole shard in memory (already verified by the blob store); columns decoded lazily, once."""
+    """A whole shard in memory (already verified by the blob store); columns decoded once, on demand or eagerly.
+
+    Decoded arrays are read-only: a shard may be shared (see :class:`mlwarehouse.stream.ShardReader`'s memory
+    cache), so nobody may change its values in place.
+    """
 
     def __init__(self, data: bytes | memoryview):
         self.data = memoryview(data)
         self.header = _parse_header(bytes(self.data[:_PREFIX.size]), self._read)
         self._columns: dict[str, Any] = {}
+        self._decoded_bytes = 0  # bytes decompressed into buffers of their own (beyond ``data``)
+        self._lock = threading.Lock()  # a shard may be shared by threads: each column is decoded once
 
     def _read(self, start: int, length: int) -> memoryview:
         if start + length > len(self.data):
@@ -238,35 +246,90 @@ class Shard:
     def n(self) -> int:
         return self.header.n
 
+    @property
+    def nbytes(self) -> int:
+        """Memory this shard holds: its stored bytes plus the columns it decompressed."""
+        return len(self.data) + self._decoded_bytes
+
     def raw(self, field: str) -> memoryview:
-        """The field's raw column bytes (decompressed once)."""
+        """The field's raw column bytes: a view of the shard when stored as is, else decompressed once."""
         layout = self.header.fields[field]
         k = len(layout.flags)
         body = self._read(layout.payload, int(layout.block_offsets[k]))
         if not layout.flags.any():
             return body
-        out = bytearray(layout.raw)
+        out = np.empty(layout.raw, np.uint8)
+        view = memoryview(out)
         for b in range(k):
             lo, hi = int(layout.block_offsets[b]), int(layout.block_offsets[b + 1])
-            out[b * BLOCK:b * BLOCK + _block_raw_len(layout, b)] = \
-                _decode_block(body[lo:hi], bool(layout.flags[b]), _block_raw_len(layout, b))
-        return memoryview(out)
+            size = _block_raw_len(layout, b)
+            dest = view[b * BLOCK:b * BLOCK + size]
+            if layout.flags[b]:
+                _decompress_into(body[lo:hi], dest)
+            else:
+                if hi - lo != size:
+                    raise _corrupt(f"a stored block of field {field!r} holds {hi - lo} bytes, not {size}")
+                dest[:] = body[lo:hi]
+        self._decoded_bytes += layout.raw
+        return view
+
+    def decode(self, fields: Sequence[str] | None = None) -> "Shard":
+        """Decode ``fields`` (all when None) now: run in a prefetch thread, so the consumer finds them ready."""
+        for name in fields if fields is not None else list(self.header.fields):
+            self.column(name)
+        return self
 
     def column(self, field: str) -> Any:
-        """``(n, *shape)`` array for a fixed-shape array field, else a list of per-item values."""
-        if field not in self._columns:
-            if field not in self.header.fields:
-                raise CodecError(f"this shard has no field {field!r} (it has {sorted(self.header.fields)})")
-            layout = self.header.fields[field]
-            raw = self.raw(field)
-            spec = layout.spec
-            if len(raw) != layout.raw:
-                raise _corrupt(f"field {field!r} holds {len(raw)} bytes, its header says {layout.raw}")
-            if spec.kind == "array" and spec.shape is not None:
-                self._columns[field] = np.frombuffer(raw, np.dtype(spec.dtype)).reshape(self.n, *spec.shape)
-            else:
-                offs = layout.offsets
-                self._columns[field] = [
-                    decode_value(spec, raw[offs[i]:offs[i + 1]], layout.shapes[i] if layout.shapes else None)
-                    for i in range(self.n)]
+        """``(n, *shape)`` read-only array for a fixed-shape array field, else a list of per-item values."""
+        column = self._columns.get(field)
+        if column is not None:
+            return column
+        with self._lock:
+            if field not in self._columns:
+                self._columns[field] = self._decode_column(field)
         return self._columns[field]
+
+    def _decode_column(self, field: str) -> Any:
+        if field not in self.header.fields:
+            raise CodecError(f"this shard has no field {field!r} (it has {sorted(self.header.fields)})")
+        layout = self.header.fields[field]
+        raw = self.raw(field)
+        spec = layout.spec
+        if len(raw) != layout.raw:
+            raise _corrupt(f"field {field!r} holds {len(raw)} bytes, its header says {layout.raw}")
+        if spec.kind == "array" and spec.shape is not None:
+            column = np.frombuffer(raw, np.dtype(spec.dtype)).reshape(self.n, *spec.shape)
+            column.flags.writeable = False
+        else:
+            offs = layout.offsets
+            column = []
+            for i in range(self.n):
+                shape = layout.shapes[i] if layout.shapes else None
+                value = decode_value(spec, raw[offs[i]:offs[i + 1]], shape)
+                if isinstance(value, np.ndarray):
+                    value.flags.writeable = False
+                column.append(value)
+        return column
+
+
+_tls = threading.local()
+
+
+def _decompress_into(data: memoryview, dest: memoryview) -> None:
+    """zstd-decompress ``data`` straight into ``dest``, which it must fill exactly (one copy, GIL released)."""
+    dctx = getattr(_tls, "dctx", None)
+    if dctx is None:
+        dctx = _tls.dctx = zstandard.ZstdDecompressor()
+    try:
+        reader = dctx.stream_reader(data, read_size=len(data) or 1)
+        filled = 0
+        while filled < len(dest):
+            n = reader.readinto(dest[filled:])
+            if n == 0:
+                break
+            filled += n
+        extra = reader.read(1)
+    except zstandard.ZstdError as exc:
+        raise _corrupt(f"a block does not decompress ({exc})") from None
+    if filled != len(dest) or extra:
+        raise _corrupt(f"a block does not hold the recorded {len(dest)} bytes")

@@ -8,7 +8,7 @@ import time
 import numpy as np
 import pytest
 
-from mlwarehouse.errors import QueryError
+from mlwarehouse.errors import IntegrityError, QueryError
 from mlwarehouse.items import ItemDatasets
 from mlwarehouse.stream import TransformError
 
@@ -29,11 +29,23 @@ def labels(stream) -> list[int]:
     return out
 
 
+def planned_labels(stream, epoch: int = 0) -> list[int]:
+    """The labels of the plan's order (labels are insertion numbers, shards are in insertion order)."""
+    counts = [d["count"] for d in stream.dataset.project.find("item_shards", stream.dataset._scope(),
+                                                               sort=[("_id", 1)])]
+    plan = stream.plan(epoch)
+    return (np.concatenate([[0], np.cumsum(counts)[:-1]])[plan.shard] + plan.row).tolist()
+
+
 def test_every_item_once_shuffled_and_deterministic(ds):
     assert ds.doc["shards"] >= 5
     a = labels(ds.stream(batch_size=64, seed=3))
     assert sorted(a) == list(range(N)) and a != list(range(N))
-    assert a == labels(ds.stream(batch_size=17, seed=3))  # order depends on (seed, epoch) only
+    assert a == labels(ds.stream(batch_size=64, seed=3))
+    plan = planned_labels(ds.stream(batch_size=17, seed=3))
+    assert plan == planned_labels(ds.stream(batch_size=64, seed=3))  # the plan depends on (seed, epoch) only
+    b = [batch["label"].tolist() for batch in ds.stream(batch_size=17, seed=3)]
+    assert [sorted(x) for x in b] == [sorted(plan[i:i + 17]) for i in range(0, N, 17)]  # a batch: its slice
     assert a != labels(ds.stream(batch_size=64, seed=4))
     two = labels(ds.stream(batch_size=64, seed=3, epochs=2))
     assert two[:N] == a and sorted(two[N:]) == list(range(N)) and two[N:] != a
@@ -138,3 +150,53 @@ def test_stream_through_s3_with_a_bounded_cache(s3_server, tmp_path):
         assert sorted(labels(ds.stream(batch_size=32, cache=cache, seed=2))) == list(range(300))
         assert cache.stats.hits >= 1 and cache.used_bytes() <= 100_000
         assert ds.find({"label": 123})[0].load()["x"][0] == 123  # a range read from S3, checksum verified
+
+
+class _CountingBlobs:
+    """Delegates to a blob store and counts whole-blob reads."""
+
+    def __init__(self, blobs):
+        self.blobs, self.gets = blobs, 0
+
+    def get(self, key):
+        self.gets += 1
+        return self.blobs.get(key)
+
+    def get_range(self, key, start, length):
+        return self.blobs.get_range(key, start, length)
+
+
+def test_memory_cache_is_bounded_and_spares_later_epochs_the_fetch(ds):
+    reader = ds.reader()
+    counting = reader.blobs = _CountingBlobs(reader.blobs)
+    reader.resize(1 << 30)
+    assert sorted(labels(ds.stream(batch_size=64, seed=5))) == list(range(N))
+    assert counting.gets == ds.doc["shards"] and reader.memory_used > 0
+    assert sorted(labels(ds.stream(batch_size=64, seed=6, epochs=2))) == sorted(list(range(N)) * 2)
+    assert counting.gets == ds.doc["shards"]  # later epochs: decoded shards from memory, no fetch, no hashing
+    bound = reader.memory_used // 3
+    reader.resize(bound)
+    assert 0 < reader.memory_used <= bound
+    assert sorted(labels(ds.stream(batch_size=64, seed=7, memory_bytes=bound))) == list(range(N))
+    assert reader.memory_used <= bound and counting.gets > ds.doc["shards"]
+    reader.resize(0)
+    assert reader.memory_used == 0
+    with pytest.raises(QueryError):
+        reader.resize(-1)
+
+
+def test_cached_values_are_read_only(ds):
+    def mutate(item):
+        item["x"][0] = -1  # would change the cached shard for every later reader
+        return item
+    with pytest.raises(TransformError, match="read-only"):
+        next(iter(ds.stream(batch_size=4, transform=mutate)))
+    batch = next(iter(ds.stream(batch_size=4, seed=2)))
+    batch["x"][:] = -1  # batches are the caller's own arrays
+    assert sorted(labels(ds.stream(batch_size=64, seed=2))) == list(range(N))
+
+
+def test_an_index_row_beyond_its_shard_is_an_integrity_error(ds):
+    assert ds.project.update("items", ds._scope({"label": 7}), {"$set": {"row": 10**6}}) == 1
+    with pytest.raises(IntegrityError, match="row 1000000"):
+        list(ds.stream(where={"label": {"$lt": 20}}, batch_size=8))
