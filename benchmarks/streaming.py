@@ -6,8 +6,8 @@ Workloads: (a) 60,000 items of 784 bytes + a label (MNIST-like), (b) 5,000 items
 read shuffled in batches of 256 (a) or 32 (b). Baselines, measured in the same run on the same bytes in the same
 shuffled order (each epoch's own order): (1) ``raw``: a numpy memmap of all items gathered batch by batch (the limit
 of any reader); (2) ``per-item``: one verified blob read per item, as stores with a document per sample load.
-The stream is measured cold (a fresh reader: every shard fetched, sha256-verified and decoded, one epoch) and warm
-(``--epochs`` epochs after a warm-up epoch, shards served from the reader's bounded memory cache). Its time
+The stream is measured cold (memory cache emptied: every shard fetched, sha256-verified and decoded, one epoch) and
+warm (``--epochs`` epochs after a warm-up epoch, shards served from the process's bounded memory cache). Its time
 includes planning (the index query and the shuffle). Every file is in the OS page cache for every contender. The
 contenders run in ``--rounds`` rounds, each in a rotated order, and each reports its median round. Then the same
 through S3 (a local SeaweedFS), with the disk shard cache cold and warm (per-item S3 reads measured on a sample).
@@ -32,7 +32,8 @@ import mlwarehouse  # noqa: E402
 from mlwarehouse.blobs.files import FileBlobStore  # noqa: E402
 from mlwarehouse.items import ItemDatasets  # noqa: E402
 from mlwarehouse.shardcache import ShardCache  # noqa: E402
-from mlwarehouse.stream import MEMORY_BYTES, batch_order  # noqa: E402
+from mlwarehouse.shardmemory import MEMORY, MEMORY_BYTES  # noqa: E402
+from mlwarehouse.stream import batch_order  # noqa: E402
 
 
 def workload(kind: str, scale: float) -> tuple[np.ndarray, np.ndarray, int]:
@@ -109,8 +110,8 @@ def bench(kind: str, scale: float, tmp: Path, s3: dict | None, epochs: int, coun
     reader = ds.reader()
 
     def cold():
-        reader.resize(0)  # empties the memory cache: every shard is fetched, verified and decoded again
-        reader.resize(MEMORY_BYTES)
+        MEMORY.resize(0)  # empties the memory cache: every shard is fetched, verified and decoded again
+        MEMORY.resize(MEMORY_BYTES)
         return run_stream(ds, batch)[0]
 
     def warm():
@@ -122,7 +123,7 @@ def bench(kind: str, scale: float, tmp: Path, s3: dict | None, epochs: int, coun
     gather(), one_by_one()  # page cache warm for every contender
     t = rounds({"raw": lambda: timed(gather), "cold": cold, "warm": warm,
                 "per-item": lambda: timed(one_by_one)}, count)
-    held = reader.memory_used / 1e6
+    held = MEMORY.used_bytes / 1e6
     rows = [{"workload": kind, "store": "local", "reader": name, "epochs": e, "items": n * e, "s": t[key],
              "items_s": n * e / t[key], "MB_s": mb * e / t[key]}
             for name, key, e in (("stream, cold (fetch+sha256)", "cold", 1),
@@ -191,7 +192,7 @@ def main() -> None:
             from mlwarehouse.testing.servers import stop
             stop(server)
     print(f"local: median of {args.rounds} rounds; raw and warm stream over {args.epochs} epochs, cold stream and "
-          f"per-item over 1; memory cache bound {MEMORY_BYTES >> 20} MiB per reader")
+          f"per-item over 1; memory cache bound {MEMORY_BYTES >> 20} MiB per process")
     print(f"{'workload':8} {'store':5} {'reader':34} {'epochs':>6} {'items/s':>12} {'MB/s':>9} {'x raw':>7} "
           f"{'x per-item':>10}")
     for r in rows:

@@ -275,10 +275,13 @@ class ItemDataset(Record):
         return ItemRecord(doc, self).load()
 
     def reader(self, cache=None):
-        """A :class:`mlwarehouse.stream.ShardReader` for this dataset's shards (whole or by range)."""
+        """A :class:`mlwarehouse.stream.ShardReader` for this dataset's shards (whole or by range): this dataset's
+        own, or a new one reading through the disk ``cache``."""
         from mlwarehouse.stream import ShardReader
-        if self._reader is None or cache is not None:
-            object.__setattr__(self, "_reader", ShardReader(self.project.blobs, cache=cache))
+        if cache is not None:
+            return ShardReader(self.project.blobs, cache=cache)
+        if self._reader is None:
+            object.__setattr__(self, "_reader", ShardReader(self.project.blobs))
         return self._reader
 
     def stream(self, where: dict | None = None, **options):

@@ -5,8 +5,10 @@ The epoch order is computed from ``(seed, epoch)`` alone: shards in a shuffled o
 then every item moved by a random offset of at most ``window`` places (a shuffle window that spans shards). So
 every process computes the same order; a partition (DataLoader worker x rank) takes one contiguous slice of it,
 which keeps each partition on its own shards. The position inside the epoch is the whole state: a stream resumes
-mid-epoch from ``stream.state()``. Shards are fetched by background threads ahead of use and dropped after their
-last use; ``epochs=None`` streams without end and re-plans each epoch, picking up items appended meanwhile.
+mid-epoch from ``stream.state()``. A batch is the next ``batch_size`` items of the plan, handed out grouped by
+shard (:func:`batch_order`). Shards are fetched by background threads ahead of use, verified, decoded and kept in
+a bounded memory cache (:mod:`mlwarehouse.shardmemory`) for later epochs; ``epochs=None`` streams without end and
+re-plans each epoch, picking up items appended meanwhile.
 """
 
 from __future__ import annotations
@@ -24,12 +26,10 @@ import numpy as np
 from mlwarehouse.errors import IntegrityError, InvalidDocument, QueryError, WarehouseError
 from mlwarehouse.items import ITEMS, SHARDS
 from mlwarehouse.shardcache import ShardCache
+from mlwarehouse.shardmemory import MEMORY, DecodedShards
 from mlwarehouse.shards import Shard, ShardHeader, decode_value, read_header, read_item
 
-__all__ = ["ItemStream", "ShardReader", "TransformError", "Plan", "MEMORY_BYTES"]
-
-#: default bound of a reader's memory cache of decoded shards (per process)
-MEMORY_BYTES = 1 << 30
+__all__ = ["ItemStream", "ShardReader", "TransformError", "Plan", "batch_order"]
 
 
 class TransformError(WarehouseError):
@@ -41,64 +41,27 @@ class TransformError(WarehouseError):
 
 
 class ShardReader:
-    """Reads shards for streams and random access: whole (through an optional :class:`ShardCache`) or by range.
-
-    Whole shards are kept decoded in a memory cache of at most ``memory_bytes`` (least recently used out first;
-    0 turns it off), so later epochs read them without fetching, hashing or decompressing again. Only verified
-    shards enter it: bytes from the blob store or the disk cache are checked against their sha256 once per fetch.
-    The bound is per reader, so per process (each DataLoader worker has its own).
-    """
+    """Reads shards for streams and random access: whole (through an optional :class:`ShardCache` on disk, and a
+    :class:`DecodedShards` in memory: the process-wide one unless given another) or by range."""
 
     def __init__(self, blobs, cache: ShardCache | None = None, headers: int = 256,
-                 memory_bytes: int = MEMORY_BYTES):
+                 memory: DecodedShards | None = None):
         self.blobs = blobs
         self.cache = cache
+        self.memory = memory if memory is not None else MEMORY
         self._headers: OrderedDict[str, ShardHeader] = OrderedDict()
         self._max_headers = headers
         self._lock = threading.Lock()
-        self._memory: OrderedDict[str, tuple[Shard, int]] = OrderedDict()
-        self._memory_used = 0
-        self.memory_bytes = memory_bytes
-
-    @property
-    def memory_used(self) -> int:
-        """Bytes of decoded shards held in memory now (never more than ``memory_bytes``)."""
-        return self._memory_used
-
-    def resize(self, memory_bytes: int) -> None:
-        """Change the memory bound, dropping the least recently used shards that no longer fit."""
-        if memory_bytes < 0:
-            raise QueryError(f"memory_bytes must be >= 0, not {memory_bytes}")
-        with self._lock:
-            self.memory_bytes = memory_bytes
-            self._evict(0)
-
-    def _evict(self, incoming: int) -> None:
-        while self._memory and self._memory_used + incoming > self.memory_bytes:
-            _, (_, size) = self._memory.popitem(last=False)
-            self._memory_used -= size
 
     def shard(self, key: str, fields: list[str] | None = None) -> Shard:
         """The shard ``key`` with ``fields`` (all when None) decoded, from memory or fetched and verified."""
-        with self._lock:
-            entry = self._memory.get(key)
-            if entry is not None:
-                self._memory.move_to_end(key)
-        if entry is None:
-            data = self.cache.get(key, self.blobs.get) if self.cache is not None else self.blobs.get(key)
-            shard = Shard(data)
-        else:
-            shard = entry[0]
+        shard = self.memory.get(key)
+        if shard is None:
+            shard = Shard(self.cache.get(key, self.blobs.get) if self.cache is not None else self.blobs.get(key))
+        before = shard.nbytes
         shard.decode(fields)
-        size = shard.nbytes
-        with self._lock:
-            old = self._memory.pop(key, None)  # also when another thread fetched it meanwhile: keep one
-            if old is not None:
-                self._memory_used -= old[1]
-            if size <= self.memory_bytes:
-                self._evict(size)
-                self._memory[key] = (shard, size)
-                self._memory_used += size
+        if shard.nbytes != before or self.memory.get(key) is not shard:
+            self.memory.put(key, shard)  # new, or holding more decoded columns than when it was put
         return shard
 
     def header(self, key: str) -> ShardHeader:
@@ -144,8 +107,9 @@ class ItemStream:
     ``prefetch`` (shards fetched ahead), ``threads``, ``partition`` ((index, count): this consumer's share),
     ``drop_last``, ``fields`` (which fields to read), ``cache`` (a ShardCache or a folder), ``cache_bytes``,
     ``state`` (from :meth:`state`, to resume), ``poll`` (seconds between checks for new items when waiting),
-    ``memory_bytes`` (bound of the reader's memory cache of decoded shards, :data:`MEMORY_BYTES` = 1 GiB per
-    process unless set; 0: none).
+    ``memory`` (where decoded shards are kept for later epochs: the process-wide
+    :data:`mlwarehouse.shardmemory.MEMORY`, 1 GiB, unless given a :class:`DecodedShards` or a bound in bytes for a
+    cache of this stream's own; 0: none).
 
     A batch holds the items of its slice of the planned order, grouped by shard (see :func:`batch_order`), as
     fresh arrays of the caller's own. The arrays a ``transform`` receives are read-only views of cached shards:
@@ -158,7 +122,7 @@ class ItemStream:
                  threads: int = 4, partition: tuple[int, int] = (0, 1), drop_last: bool = False,
                  fields: list[str] | None = None, cache: ShardCache | str | None = None,
                  cache_bytes: int = 10 << 30, state: dict | None = None, poll: float = 1.0,
-                 memory_bytes: int | None = None):
+                 memory: DecodedShards | int | None = None):
         if not isinstance(batch_size, int) or batch_size < 1:
             raise QueryError(f"batch_size must be a positive integer, not {batch_size!r}")
         if epochs is not None and (not isinstance(epochs, int) or epochs < 0):
@@ -185,9 +149,12 @@ class ItemStream:
         self.fields = list(fields) if fields else None
         if isinstance(cache, (str, bytes)) or hasattr(cache, "__fspath__"):
             cache = ShardCache(cache, cache_bytes)
-        self.reader = dataset.reader(cache) if cache is not None else dataset.reader()
-        if memory_bytes is not None:
-            self.reader.resize(memory_bytes)
+        if isinstance(memory, int):
+            memory = DecodedShards(memory)
+        if cache is not None or memory is not None:
+            self.reader = ShardReader(dataset.project.blobs, cache=cache, memory=memory)
+        else:
+            self.reader = dataset.reader()
         self.poll = poll
         self._state = {"seed": self.seed, "epoch": epoch, "position": 0, "snapshot": None}
         if state is not None:

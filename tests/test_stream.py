@@ -10,6 +10,7 @@ import pytest
 
 from mlwarehouse.errors import IntegrityError, QueryError
 from mlwarehouse.items import ItemDatasets
+from mlwarehouse.shardmemory import MEMORY, DecodedShards
 from mlwarehouse.stream import TransformError
 
 N = 1000
@@ -145,9 +146,9 @@ def test_stream_through_s3_with_a_bounded_cache(s3_server, tmp_path):
         x = np.arange(300, dtype=np.int64).repeat(64).reshape(300, 64)
         ds = ItemDatasets(wh.project("p")).from_arrays("s3", {"x": x, "label": np.arange(300)}, shard_bytes=1 << 16)
         cache = ShardCache(tmp_path / "cache", max_bytes=100_000)
-        assert sorted(labels(ds.stream(batch_size=32, cache=cache))) == list(range(300))
+        assert sorted(labels(ds.stream(batch_size=32, cache=cache, memory=0))) == list(range(300))
         assert 0 < cache.used_bytes() <= 100_000 and cache.stats.misses == ds.doc["shards"]
-        assert sorted(labels(ds.stream(batch_size=32, cache=cache, seed=2))) == list(range(300))
+        assert sorted(labels(ds.stream(batch_size=32, cache=cache, seed=2, memory=0))) == list(range(300))
         assert cache.stats.hits >= 1 and cache.used_bytes() <= 100_000
         assert ds.find({"label": 123})[0].load()["x"][0] == 123  # a range read from S3, checksum verified
 
@@ -162,27 +163,44 @@ class _CountingBlobs:
         self.gets += 1
         return self.blobs.get(key)
 
-    def get_range(self, key, start, length):
-        return self.blobs.get_range(key, start, length)
+    def __getattr__(self, name):
+        return getattr(self.blobs, name)
 
 
-def test_memory_cache_is_bounded_and_spares_later_epochs_the_fetch(ds):
-    reader = ds.reader()
-    counting = reader.blobs = _CountingBlobs(reader.blobs)
-    reader.resize(1 << 30)
-    assert sorted(labels(ds.stream(batch_size=64, seed=5))) == list(range(N))
-    assert counting.gets == ds.doc["shards"] and reader.memory_used > 0
-    assert sorted(labels(ds.stream(batch_size=64, seed=6, epochs=2))) == sorted(list(range(N)) * 2)
+def test_memory_cache_is_bounded_and_spares_later_epochs_the_fetch(ds, monkeypatch):
+    memory = DecodedShards(1 << 30)
+    counting = _CountingBlobs(ds.project.blobs)
+    monkeypatch.setattr(ds.project.warehouse, "blobs", counting)
+    assert sorted(labels(ds.stream(batch_size=64, seed=5, memory=memory))) == list(range(N))
+    assert counting.gets == ds.doc["shards"] == len(memory) and memory.used_bytes > 0
+    assert sorted(labels(ds.stream(batch_size=64, seed=6, epochs=2, memory=memory))) == sorted(list(range(N)) * 2)
     assert counting.gets == ds.doc["shards"]  # later epochs: decoded shards from memory, no fetch, no hashing
-    bound = reader.memory_used // 3
-    reader.resize(bound)
-    assert 0 < reader.memory_used <= bound
-    assert sorted(labels(ds.stream(batch_size=64, seed=7, memory_bytes=bound))) == list(range(N))
-    assert reader.memory_used <= bound and counting.gets > ds.doc["shards"]
-    reader.resize(0)
-    assert reader.memory_used == 0
+    bound = memory.used_bytes // 3
+    memory.resize(bound)
+    assert 0 < memory.used_bytes <= bound
+    assert sorted(labels(ds.stream(batch_size=64, seed=7, memory=memory))) == list(range(N))
+    assert memory.used_bytes <= bound and counting.gets > ds.doc["shards"]
+    gets = counting.gets
+    assert sorted(labels(ds.stream(batch_size=64, seed=7, memory=0))) == list(range(N))  # none: every shard fetched
+    assert counting.gets == gets + ds.doc["shards"]
+    memory.resize(0)
+    assert memory.used_bytes == 0 and len(memory) == 0
     with pytest.raises(QueryError):
-        reader.resize(-1)
+        memory.resize(-1)
+    with pytest.raises(QueryError):
+        ds.stream(memory=-5)
+
+
+def test_versions_share_the_process_wide_memory_cache(ds):
+    MEMORY.resize(0)
+    MEMORY.resize(1 << 30)
+    list(ds.stream(batch_size=100))
+    held = len(MEMORY)
+    assert held == ds.doc["shards"]
+    v2 = ds.new_version(exclude={"label": {"$lt": 10}})
+    v2.finish()
+    assert sorted(labels(v2.stream(batch_size=100))) == list(range(10, N))
+    assert len(MEMORY) == held  # its shards are the same blobs: cached once, read from memory
 
 
 def test_cached_values_are_read_only(ds):
