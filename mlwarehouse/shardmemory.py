@@ -56,8 +56,8 @@ class DecodedShards:
 
     def put(self, key: str, shard: Shard) -> None:
         """Keep ``shard`` (again, when it decoded more columns since), evicting the least recently used."""
-        size = shard.nbytes
         with self._lock:
+            size = shard.nbytes  # read under the lock: another thread may have decoded more columns meanwhile
             old = self._shards.pop(key, None)
             if old is not None:
                 self._used -= old[1]

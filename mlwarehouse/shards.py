@@ -71,7 +71,7 @@ def build_shard(columns: dict[str, Sequence[Any]], specs: dict[str, FieldSpec]) 
     for name, values in columns.items():
         spec = specs[name]
         if isinstance(values, np.ndarray):  # a fixed-shape column: one buffer, sliced
-            raw = memoryview(np.ascontiguousarray(values)).cast("B")
+            raw = _byte_view(values)
             step = values.itemsize * (int(np.prod(values.shape[1:])) if values.ndim > 1 else 1)
             offsets = np.arange(n + 1, dtype=np.int64) * step
             parts = [raw[i * step:(i + 1) * step] for i in range(n)]
@@ -105,9 +105,14 @@ def build_shard(columns: dict[str, Sequence[Any]], specs: dict[str, FieldSpec]) 
     return b"".join([_PREFIX.pack(MAGIC, len(head)), head, *tables, *payloads])
 
 
+def _byte_view(array: np.ndarray) -> memoryview:
+    """The array's bytes, flat (also for arrays with a zero in their shape, which memoryview cannot cast)."""
+    return memoryview(np.ascontiguousarray(array).reshape(-1).view(np.uint8))
+
+
 def _raw(value: Any) -> bytes | memoryview:
     if isinstance(value, np.ndarray):
-        return memoryview(np.ascontiguousarray(value)).cast("B")
+        return _byte_view(value)
     if isinstance(value, (bytes, bytearray, memoryview)):
         return value
     return json.dumps(value, separators=(",", ":")).encode()
@@ -252,7 +257,8 @@ class Shard:
         return len(self.data) + self._decoded_bytes
 
     def raw(self, field: str) -> memoryview:
-        """The field's raw column bytes: a view of the shard when stored as is, else decompressed once."""
+        """The field's raw column bytes: a view of the shard when stored as is, else decompressed (on each call:
+        :meth:`column` keeps what it decodes)."""
         layout = self.header.fields[field]
         k = len(layout.flags)
         body = self._read(layout.payload, int(layout.block_offsets[k]))
@@ -270,7 +276,6 @@ class Shard:
                 if hi - lo != size:
                     raise _corrupt(f"a stored block of field {field!r} holds {hi - lo} bytes, not {size}")
                 dest[:] = body[lo:hi]
-        self._decoded_bytes += layout.raw
         return view
 
     def decode(self, fields: Sequence[str] | None = None) -> "Shard":
@@ -297,6 +302,7 @@ class Shard:
         spec = layout.spec
         if len(raw) != layout.raw:
             raise _corrupt(f"field {field!r} holds {len(raw)} bytes, its header says {layout.raw}")
+        held = layout.raw if layout.flags.any() else 0  # decompressed into a buffer of its own
         if spec.kind == "array" and spec.shape is not None:
             column = np.frombuffer(raw, np.dtype(spec.dtype)).reshape(self.n, *spec.shape)
             column.flags.writeable = False
@@ -309,6 +315,9 @@ class Shard:
                 if isinstance(value, np.ndarray):
                     value.flags.writeable = False
                 column.append(value)
+            if spec.kind != "array":  # bytes and JSON values are copies: held besides the raw bytes
+                held += int(offs[-1]) * (2 if spec.kind == "json" else 1)
+        self._decoded_bytes += held
         return column
 
 

@@ -13,6 +13,7 @@ re-plans each epoch, picking up items appended meanwhile.
 
 from __future__ import annotations
 
+import copy
 import threading
 import time
 from collections import OrderedDict
@@ -81,6 +82,8 @@ class ShardReader:
         header = self.header(key)
         out = {}
         for name in fields or list(header.fields):
+            if name not in header.fields:
+                raise QueryError(f"shard {key[:12]} has no field {name!r} (it has {sorted(header.fields)})")
             layout = header.fields[name]
             raw = read_item(header, lambda s, n: self.blobs.get_range(key, s, n), name, row)
             shape = layout.shapes[row] if layout.shapes else None
@@ -123,8 +126,9 @@ class ItemStream:
                  fields: list[str] | None = None, cache: ShardCache | str | None = None,
                  cache_bytes: int = 10 << 30, state: dict | None = None, poll: float = 1.0,
                  memory: DecodedShards | int | None = None):
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise QueryError(f"batch_size must be a positive integer, not {batch_size!r}")
+        for name, value, least in (("batch_size", batch_size, 1), ("seed", seed, 0), ("epoch", epoch, 0)):
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < least:
+                raise QueryError(f"{name} must be an integer >= {least}, not {value!r}")
         if epochs is not None and (not isinstance(epochs, int) or epochs < 0):
             raise QueryError(f"epochs must be None (without end) or an integer >= 0, not {epochs!r}")
         index, count = partition
@@ -237,19 +241,24 @@ class ItemStream:
             self._state.update(epoch=epoch, position=0, snapshot=None)
 
     def _epoch(self, keys: list[str], shard: np.ndarray, row: np.ndarray, start: int) -> Iterator[dict]:
+        size = self.batch_size
         shard, row = shard[start:], row[start:]
-        n, size = len(row), self.batch_size
+        if self.drop_last:  # also after resuming with another batch size
+            shard, row = shard[:len(row) // size * size], row[:len(row) // size * size]
+        n = len(row)
         if not n:
             return
+        if int(row.min()) < 0:
+            raise IntegrityError(f"the index names row {int(row.min())} of a shard: rows are never negative")
         order = batch_order(shard, size)
         shard, row = shard[order], row[order]
         first = np.full(len(keys), n, np.int64)
-        first[shard[::-1]] = np.arange(n - 1, -1, -1)  # the last write, the first use, stays
+        np.minimum.at(first, shard, np.arange(n))
         appearance = np.argsort(first)[:int((first < n).sum())]  # shard indexes in order of first use
         ordinal = np.empty(len(keys), np.int64)
         ordinal[appearance] = np.arange(len(appearance))
         last_use = np.zeros(len(keys), np.int64)
-        last_use[shard] = np.arange(n)  # later positions overwrite earlier ones
+        np.maximum.at(last_use, shard, np.arange(n))
         row_max = np.full(len(keys), -1, np.int64)
         np.maximum.at(row_max, shard, row)
         # runs of one shard inside one batch: (start, end) pairs, in order
@@ -301,7 +310,7 @@ class ItemStream:
             item = {}
             for name in names:
                 v = shards[s].column(name)[r]
-                item[name] = v.item() if isinstance(v, np.generic) else v
+                item[name] = v.item() if isinstance(v, np.generic) else _own(v)
             try:
                 items.append(self.transform(item))
             except Exception as exc:
@@ -342,14 +351,23 @@ def _gather(names: list[str], runs: list[tuple[Shard, int, int]], row: np.ndarra
             else:
                 out = np.empty((len(row), *cols[0].shape[1:]), np.result_type(*cols))
                 for col, (_, lo, hi) in zip(cols, runs):
-                    col.take(row[lo:hi], axis=0, out=out[lo:hi], mode="clip")
+                    if col.dtype == out.dtype:
+                        col.take(row[lo:hi], axis=0, out=out[lo:hi], mode="clip")
+                    else:  # appends that guessed another dtype (int64 and float64 labels): converted
+                        out[lo:hi] = col.take(row[lo:hi], axis=0, mode="clip")
             batch[name] = out
         else:
             values = []
             for col, (_, lo, hi) in zip(cols, runs):
-                values += [col[r] for r in row[lo:hi].tolist()]
+                values += [_own(col[r]) for r in row[lo:hi].tolist()]
             batch[name] = values
     return batch
+
+
+def _own(value: Any) -> Any:
+    """A value the caller may change: JSON lists and dicts are copied (the cached shard keeps the originals);
+    arrays are read-only views, bytes and scalars immutable."""
+    return copy.deepcopy(value) if isinstance(value, (list, dict)) else value
 
 
 def _group_shuffled(group: np.ndarray, groups: int, rng: np.random.Generator) -> np.ndarray:

@@ -27,6 +27,8 @@ def to_torch(value: Any) -> Any:
         return torch.from_numpy(value)
     if isinstance(value, dict):
         return {k: to_torch(v) for k, v in value.items()}
+    if isinstance(value, list) and value and all(isinstance(v, np.ndarray) for v in value):
+        return [to_torch(v) for v in value]  # a ragged field: one tensor per item
     return value
 
 

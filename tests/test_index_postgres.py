@@ -185,7 +185,7 @@ def test_eight_log_writers_and_eight_claimers_at_once(ix, schema_dsn):
         assert p.exitcode == 0
     assert sorted(r[2] for r in results if r[0] == "log") == ["ok"] * 8
     claims = {r[1]: r[2] for r in results if r[0] == "claim"}
-    assert all(isinstance(c, list) for c in claims.values()), claims
+    assert all(isinstance(c, list) for c in claims.values()), {w: c for w, c in claims.items() if not isinstance(c, list)}
     claimed = [t for c in claims.values() for t in c]
     assert len(claimed) == len(set(claimed)) == 800  # nothing lost, nothing claimed twice
     assert ix.count("logs") == 8 * 20 * 100

@@ -218,3 +218,34 @@ def test_an_index_row_beyond_its_shard_is_an_integrity_error(ds):
     assert ds.project.update("items", ds._scope({"label": 7}), {"$set": {"row": 10**6}}) == 1
     with pytest.raises(IntegrityError, match="row 1000000"):
         list(ds.stream(where={"label": {"$lt": 20}}, batch_size=8))
+
+
+def test_values_are_the_callers_own_and_mixed_appends_stack(wh):
+    ds = ItemDatasets(wh.project("p")).create("mixed")
+    ds.append([{"tags": ["a"], "label": 1, "empty": np.zeros((2, 0))} for _ in range(5)])
+    ds.append([{"tags": ["b"], "label": 2.5, "empty": np.zeros((2, 0))} for _ in range(5)])
+    ds.finish()
+    for batch in ds.stream(batch_size=10, memory=DecodedShards(1 << 20), epochs=2):
+        assert sorted(batch["label"].tolist()) == [1] * 5 + [2.5] * 5 and batch["label"].dtype == np.float64
+        assert batch["empty"].shape == (10, 2, 0)
+        assert sorted(t[0] for t in batch["tags"]) == ["a"] * 5 + ["b"] * 5  # unchanged by the last epoch
+        for tags in batch["tags"]:
+            tags.append("mine")  # the caller's own list: the cached shard keeps its own
+
+
+def test_drop_last_holds_after_resuming_with_another_batch_size(ds):
+    stream = ds.stream(batch_size=64, seed=1, drop_last=True)
+    it = iter(stream)
+    first = [next(it)["label"].tolist() for _ in range(3)]
+    rest = [b["label"].tolist() for b in ds.stream(batch_size=30, seed=1, drop_last=True, state=stream.state())]
+    assert all(len(b) == 30 for b in rest) and len(rest) == (N - 3 * 64) // 30
+    assert not set(sum(first, [])) & set(sum(rest, []))
+
+
+def test_negative_rows_and_bad_numbers_are_refused(ds):
+    for bad in ({"seed": -1}, {"epoch": -2}, {"batch_size": True}, {"batch_size": 0}):
+        with pytest.raises(QueryError):
+            ds.stream(**bad)
+    ds.project.update("items", ds._scope({"label": 3}), {"$set": {"row": -1}})
+    with pytest.raises(IntegrityError, match="row -1"):
+        list(ds.stream(where={"label": {"$lt": 10}}))
