@@ -197,13 +197,22 @@ def import_project(warehouse, path: str | os.PathLike, *, project: str | None = 
                  for m in members.values() if m.name.startswith("collections/")}
         blobs = {m.name.removeprefix("blobs/"): m for m in members.values() if m.name.startswith("blobs/")}
         _check_counts(manifest, files)
+        internal = sorted(set(files) & SKIPPED)
+        if internal:
+            raise IntegrityError(f"archive {path} holds the warehouse's internal collection(s) {internal}, which "
+                                 "export never writes; nothing was imported")
 
         # 1. check everything, write nothing
         ids: dict[str, str] = {}
         needed: set[str] = set()
         for collection, member in files.items():
+            seen: set[str] = set()
             for batch in _batches(_docs(tar, member, source)):
                 for doc in batch:
+                    if doc["_id"] in seen:
+                        raise DuplicateKey(f"archive {path} holds {collection} document {doc['_id']!r} twice; "
+                                           "nothing was imported")
+                    seen.add(doc["_id"])
                     needed.update(doc.get("_blobs") or ())
                     needed.update(blob_keys(doc))
                     if renamed and collection not in UNREFERENCED:
@@ -304,6 +313,9 @@ def _docs(tar: tarfile.TarFile, member: tarfile.TarInfo, source: str) -> Iterato
         if doc.get("project") != source:
             raise IntegrityError(f"{where} line {n} belongs to project {doc.get('project')!r}, "
                                  f"not to the archive's {source!r}")
+        keys = blob_keys(doc)
+        if keys or "_blobs" in doc:  # the archive's own list is not trusted: gc must see every reference
+            doc["_blobs"] = sorted(keys | set(doc.get("_blobs") or ()))
         yield doc
 
 

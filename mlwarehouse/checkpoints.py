@@ -12,6 +12,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from mlwarehouse.errors import QueryError
+from mlwarehouse.jsonvalues import get_path
 
 __all__ = ["Retention"]
 
@@ -54,10 +55,11 @@ class Retention:
             newest = sorted(docs, key=lambda d: (_epoch(d), d.get("time") or "", d["_id"]), reverse=True)
             keep.update(d["_id"] for d in newest[:self.keep_last])
         if self.keep_best:
-            scored = [d for d in docs if _number(d.get(self.metric)) is not None]
+            scored = [d for d in docs if _number(get_path(d, self.metric, None)) is not None]
             sign = -1 if self.mode == "max" else 1
             # ties: the later epoch wins, so the checkpoint kept is the one training went on from
-            scored.sort(key=lambda d: (sign * _number(d.get(self.metric)), -_epoch(d), d.get("time") or ""))
+            scored.sort(key=lambda d: (sign * _number(get_path(d, self.metric, None)), -_epoch(d),
+                                       d.get("time") or ""))
             keep.update(d["_id"] for d in scored[:self.keep_best])
         return [d["_id"] for d in docs if d["_id"] not in keep]
 

@@ -234,6 +234,12 @@ def decompress(data: Buffer, meta: dict) -> bytearray:
     raw = meta.get("raw")
     if not isinstance(raw, int) or raw < 0:
         raise CodecError(f"compressed blob meta lacks its raw size: {meta!r}")
+    try:
+        framed = zstandard.frame_content_size(data)
+    except zstandard.ZstdError as exc:
+        raise CodecError(f"cannot decompress a zstd payload of {len(data)} bytes: {exc}") from exc
+    if framed >= 0 and framed != raw:  # checked before allocating what the metadata claims
+        raise CodecError(f"compressed blob meta says {raw} bytes, its zstd frame says {framed}")
     out = bytearray(raw)
     try:
         reader = _zstd()[1].stream_reader(data, read_size=1 << 20)
@@ -272,7 +278,8 @@ def _finish_array(arr: np.ndarray, meta: dict) -> np.ndarray:
 
 
 def _npy_matches(value: Any) -> bool:
-    return isinstance(value, (np.ndarray, np.generic)) and not value.dtype.hasobject
+    """Plain arrays only: a subclass (masked array, matrix) would lose what makes it one."""
+    return (type(value) is np.ndarray or isinstance(value, np.generic)) and not value.dtype.hasobject
 
 
 def _npy_encode(value: Any) -> tuple[Buffer, dict]:

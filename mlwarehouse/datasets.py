@@ -61,12 +61,13 @@ class Datasets:
         extra = normalize_fields(fields)
         for reserved in ("name", "version", "value", "description", "tags"):
             extra.pop(reserved, None)
-        tree = self.project.pack(value, allow_pickle=allow_pickle)
-        doc = {"name": name, "description": description, "tags": normalize_value(list(tags), "tags"),
-               **extra, "value": tree}
+        doc = {"name": name, "description": description, "tags": normalize_value(list(tags), "tags"), **extra}
         for attempt in range(20):
+            # packed on every attempt: a refused insert released the blobs the attempt before had written
+            doc["value"] = self.project.pack(value, allow_pickle=allow_pickle)
             doc["version"] = self._next_version(name) if version is None else version
             doc.pop("_id", None)
+            doc.pop("_blobs", None)
             try:
                 return DatasetRecord(self.project.insert(COLLECTION, doc), self)
             except DuplicateKey:

@@ -145,8 +145,9 @@ class Models:
             raise CodecError(f"arch, example_inputs and config apply to torch modules, not {type(model).__name__}")
         if isinstance(model, dict):
             leaves = list(_flatten(model, ()))
-            refs = self.project.pack([leaf for _, leaf in leaves], allow_pickle=allow_pickle)
-            return {"kind": "arrays", "weights": [[list(path), ref] for (path, _), ref in zip(leaves, refs)]}
+            # one pack per leaf: a packed list of many plain numbers would become a single JSON blob
+            return {"kind": "arrays", "weights": [[list(path), self.project.pack(leaf, allow_pickle=allow_pickle)]
+                                                  for path, leaf in leaves]}
         return {"kind": "value", "value": self.project.pack(model, allow_pickle=allow_pickle)}
 
     def _ensure_metric_indexes(self, fields: dict) -> None:

@@ -208,3 +208,46 @@ def test_progress_reports_blobs_and_documents(source, target):
     assert seen["blobs"] == (summary["blobs"], summary["blobs"])
     assert seen["documents"] == (summary["documents"], summary["documents"])
     assert json.loads(json.dumps(summary))["archive_bytes"] == path.stat().st_size
+
+
+def test_forged_archives_cannot_hide_references_duplicate_ids_or_write_internals(source, target, tmp_path):
+    _, _, path, _ = source
+
+    def edit_docs(name, data, change):
+        if name != "collections/datasets.jsonl":
+            return data
+        docs = [json.loads(line) for line in data.decode().splitlines() if line]
+        return "".join(json.dumps(d) + "\n" for d in change(docs)).encode()
+
+    hidden = tmp_path / "hidden.tar"  # a document whose _blobs omits the blobs it uses
+    _rewrite_archive(path, hidden, lambda n, d: edit_docs(n, d, lambda ds: [{**x, "_blobs": []} for x in ds]))
+    import_project(target, hidden)
+    target.gc(grace_seconds=0)
+    X, y = target.project("src").datasets.get("digits").load()  # gc saw the references anyway
+    assert X.shape == (40, 64)
+
+    twice = tmp_path / "twice.tar"
+    _rewrite_archive(path, twice, lambda n, d: edit_docs(n, d, lambda ds: ds + ds[:1]))
+    fresh = mlwarehouse.connect(home=tmp_path / "fresh")
+    with pytest.raises(DuplicateKey, match="twice"):
+        import_project(fresh, twice)
+    assert fresh.projects() == []
+
+    internal = tmp_path / "internal.tar"
+    with tarfile.open(path) as src, tarfile.open(internal, "w") as dst:
+        for member in src.getmembers():
+            data = src.extractfile(member).read()
+            if member.name == "manifest.json":  # a forger edits the manifest too
+                manifest = json.loads(data)
+                manifest["collections"]["meta"] = 1
+                data = json.dumps(manifest).encode()
+            info = tarfile.TarInfo(member.name)
+            info.size = len(data)
+            dst.addfile(info, io.BytesIO(data))
+        line = json.dumps({"_id": "x", "project": "src", "kind": "blob_collections", "names": "runs"}) + "\n"
+        info = tarfile.TarInfo("collections/meta.jsonl")
+        info.size = len(line)
+        dst.addfile(info, io.BytesIO(line.encode()))
+    with pytest.raises(IntegrityError, match="internal collection"):
+        import_project(fresh, internal)
+    assert fresh.projects() == []

@@ -261,3 +261,17 @@ def test_compression_applied_when_it_pays():
         decode_leaf(bytes(data)[:-3], meta)
     with pytest.raises(CodecError, match="compression"):
         decode_leaf(data, {**meta, "z": "lz4"})
+
+
+def test_array_subclasses_are_not_silently_plain_arrays():
+    masked = np.ma.masked_array([1.0, 2.0, 3.0], mask=[False, True, False])
+    with pytest.raises(PickleNotAllowed, match="MaskedArray"):
+        encode_leaf(masked)
+
+
+def test_a_raw_size_that_disagrees_with_the_zstd_frame_is_refused_before_allocating():
+    data, meta = codecs.compress(np.zeros(100_000, np.uint8).tobytes())
+    assert meta["raw"] == 100_000
+    for lie in (10, 1 << 46):
+        with pytest.raises(CodecError, match="zstd frame says 100000"):
+            codecs.decompress(data, {**meta, "raw": lie})

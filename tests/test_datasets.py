@@ -99,3 +99,18 @@ def test_item_datasets_are_listed_and_loaded_as_datasets(wh):
     assert items.count() == 5 and items.count({"label": {"$gte": 3}}) == 2
     batch = next(iter(items.stream(batch_size=5, shuffle=False)))
     assert np.array_equal(batch["x"], np.arange(10.0).reshape(5, 2))
+
+
+def test_a_version_collision_retries_with_its_blobs_rewritten(wh, monkeypatch):
+    from mlwarehouse.datasets import Datasets
+    wh.datasets.save(np.zeros(3), "d")
+    real, calls = Datasets._next_version, []
+
+    def racing(self, name):  # another process takes version 1 between our look and our insert
+        calls.append(name)
+        return 1 if len(calls) == 1 else real(self, name)
+    monkeypatch.setattr(Datasets, "_next_version", racing)
+    rec = wh.datasets.save(np.arange(1000.0), "d")
+    assert rec.doc["version"] == 2 and len(calls) == 2
+    assert all(wh.blobs.exists(k) for k in rec.doc["_blobs"])
+    assert wh.datasets.get("d", version=2).load()[999] == 999.0

@@ -186,3 +186,17 @@ def test_run_defaults_to_the_current_run(wh, monkeypatch):
     rec = wh.project("r").models.save({"w": np.ones(1)}, "x")
     assert rec.run == "CURRENT"
     assert wh.project("r").models.save({"w": np.ones(1)}, "x", run="MINE").run == "MINE"
+
+
+def test_a_dict_of_many_plain_numbers_keeps_every_name(wh):
+    weights = {f"w{i}": float(i) for i in range(3000)}
+    rec = wh.models.save(weights, name="scalars")
+    assert wh.models.get(rec.id).load() == weights
+
+
+def test_retention_by_a_nested_metric_keeps_the_best(wh):
+    p = wh.project("nested")
+    for epoch, acc in enumerate([0.5, 0.9, 0.6, 0.3]):
+        p.models.checkpoint({"w": np.full(3, epoch, np.float32)}, run="R", epoch=epoch, name="n",
+                            metrics={"val": {"acc": acc}}, keep_last=1, keep_best=1, best_metric="val.acc")
+    assert [r.epoch for r in p.models.find(where={"run": "R"}, sort=[("epoch", 1)])] == [1, 3]
