@@ -13,13 +13,15 @@ from typing import Any, Optional
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from mlwarehouse.errors import QueryError, WarehouseError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="mlwarehouse: the database for the whole machine-learning process.")
-console = Console()
-err_console = Console(stderr=True)
+# markup off: stored names and values may hold [brackets] that rich would read as style tags
+console = Console(markup=False)
+err_console = Console(stderr=True, markup=False)
 
 UriOpt = typer.Option(None, "--uri", envvar="MLW_URI", help="index URI (default: the embedded ./.mlwarehouse)")
 BlobsOpt = typer.Option(None, "--blobs", envvar="MLW_BLOBS", help="blob store URI")
@@ -156,9 +158,11 @@ def runs(where: Optional[str] = WhereOpt, sort: Optional[str] = SortOpt, limit: 
     rows = []
     for doc in docs:
         row = {k: doc.get(k) for k in ("_id", "name", "status", "started", "task")}
-        for kind, metrics in (doc.get("summary") or {}).items():
-            for metric, summary in metrics.items():
-                row[f"{kind}.{metric}"] = summary.get("last")
+        summaries = doc.get("summary") if isinstance(doc.get("summary"), dict) else {}
+        for kind, metrics in summaries.items():
+            for metric, summary in (metrics.items() if isinstance(metrics, dict) else ()):
+                if isinstance(summary, dict):
+                    row[f"{kind}.{metric}"] = summary.get("last")
         rows.append(row)
     columns = list(dict.fromkeys(k for row in rows for k in row))[:10] or ["_id", "name", "status"]
     _show(rows, columns, as_json, f"runs in {project}")
@@ -412,9 +416,14 @@ _add_subcommands()
 def main() -> None:
     """Entry point: typer app with WarehouseErrors shown as one line."""
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)  # a typer.Exit inside a sub-app comes back as its code
     except WarehouseError as exc:
-        err_console.print(f"[red]error:[/red] {type(exc).__name__}: {exc}", highlight=False, soft_wrap=True)
+        err_console.print(Text("error:", style="red"), f"{type(exc).__name__}: {exc}", highlight=False,
+                          soft_wrap=True)
+        sys.exit(1)
+    except OSError as exc:  # a file named on the command line that cannot be read or written
+        err_console.print(Text("error:", style="red"), f"{type(exc).__name__}: {exc}", highlight=False,
+                          soft_wrap=True)
         sys.exit(1)
     except (typer.Exit, SystemExit) as exc:
         code = getattr(exc, "exit_code", getattr(exc, "code", 0))
@@ -427,6 +436,7 @@ def main() -> None:
         if isinstance(exc, click.exceptions.Abort):
             sys.exit(130)
         raise
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

@@ -23,8 +23,8 @@ __all__ = ["items_app"]
 
 items_app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                         help="Item datasets: many small items packed into shards, streamed into training.")
-console = Console()
-err_console = Console(stderr=True)
+console = Console(markup=False)
+err_console = Console(stderr=True, markup=False)
 
 UriOpt = typer.Option(None, "--uri", envvar="MLW_URI", help="index URI (default: the embedded ./.mlwarehouse)")
 BlobsOpt = typer.Option(None, "--blobs", envvar="MLW_BLOBS", help="blob store URI")

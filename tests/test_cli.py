@@ -108,3 +108,18 @@ def test_export_and_import(filled, tmp_path):
     assert "copy" in mlw(other, "projects").stdout
     proc = mlw(other, "export", "nope", str(tmp_path / "x.tar"), ok=False)
     assert proc.returncode == 1 and "no project 'nope'" in proc.stderr
+
+
+def test_brackets_missing_files_huge_limits_and_sub_command_errors_are_one_line(tmp_path, subprocess_env):
+    import mlwarehouse
+    with mlwarehouse.connect(home=tmp_path / "wh", project="odd") as wh:
+        with wh.runs.start("[/bold] run [red]", hyper_parameters={"lr": 0.1}) as run:
+            run.log("train", step=0, loss=1.0)
+        wh.index.insert_one("runs", {"_id": "raw", "project": "odd", "name": "raw", "summary": {"train": 3}})
+    out = mlw(subprocess_env, "runs", "-p", "odd").stdout
+    assert "[/bold]" in out and "[red]" in out  # printed as they are, not read as rich markup
+    for args, message in ((("export", "odd", str(tmp_path / "no-such-dir" / "x.tar")), "FileNotFoundError"),
+                          (("runs", "-p", "odd", "--limit", "99999999999999999999"), "2**63"),
+                          (("items", "show", "nope", "-p", "odd"), "no item dataset")):
+        proc = mlw(subprocess_env, *args, ok=False)
+        assert proc.returncode == 1 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr

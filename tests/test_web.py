@@ -289,3 +289,27 @@ def test_static_assets_are_vendored(client):
     assert js.status_code == 200 and "uPlot" in js.text
     assert client.get("/static/vendor/uPlot.LICENSE").status_code == 200
     assert client.get("/static/app.js").status_code == 200
+
+
+def test_odd_names_and_documents_from_other_tools_render(tmp_path):
+    import mlwarehouse
+    with mlwarehouse.connect(home=tmp_path / "wh") as wh:
+        client = TestClient(create_app(wh))
+        p = wh.project("q?x #1")
+        with p.runs.start("r", hyper_parameters={"batch size": 32}) as run:
+            run.log("train", step=0, loss=1.0)
+        assert client.get("/p/q%3Fx%20%231", follow_redirects=False).headers["location"] == "/p/q%3Fx%20%231/runs"
+        page = client.get("/p/q%3Fx%20%231/runs").text
+        assert 'href="/p/q%3Fx%20%231/runs/' in page
+        assert "sort=hyper_parameters.batch" not in page and "batch size" in page  # no link that would 400
+        odd = [("runs", {"_id": "r1", "name": "odd", "summary": {"train": 3}, "hyper_parameters": [1],
+                         "started": 1e300}),
+               ("models", {"_id": "m1", "name": "w", "run": 12345, "architecture": [1, 2],
+                           "weights": [[["a", 1], "not a reference"], ["short"]]}),
+               ("datasets", {"_id": "d1", "name": "d", "tags": 7}),
+               ("tasks", {"_id": "t1", "name": "t", "status": "done", "output_blob": {"_blob": "nope"}})]
+        for collection, doc in odd:
+            wh.index.insert_one(collection, {"project": "q?x #1", **doc})
+        base = "/p/q%3Fx%20%231"
+        for url in ("/runs", "/runs/r1", "/models", "/models/m1", "/datasets", "/tasks", "/tasks/t1"):
+            assert client.get(base + url).status_code == 200, url

@@ -387,8 +387,8 @@ class MongoIndex(Index):
         spec = validate_sort(sort)
         keep = validate_projection(projection)
         for name, n in (("limit", limit), ("skip", skip)):
-            if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 0):
-                raise QueryError(f"{name} must be a non-negative integer, not {n!r}")
+            if n is not None and (isinstance(n, bool) or not isinstance(n, int) or not 0 <= n < 1 << 63):
+                raise QueryError(f"{name} must be an integer from 0 to 2**63 - 1, not {n!r}")
         _check_name("collection", collection)
         if limit == 0:
             return iter(())

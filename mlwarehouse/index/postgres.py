@@ -412,8 +412,8 @@ class PostgresIndex(Index):
         validate_sort(sort)
         validate_projection(projection)
         for name, n in (("limit", limit), ("skip", skip)):
-            if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 0):
-                raise QueryError(f"{name} must be a non-negative integer, not {n!r}")
+            if n is not None and (isinstance(n, bool) or not isinstance(n, int) or not 0 <= n < 1 << 63):
+                raise QueryError(f"{name} must be an integer from 0 to 2**63 - 1, not {n!r}")
         if self._scalar_fields(collection) is None:
             return iter(())
         c = Compiler(POSTGRES, scalar_fields=self._scalars.get(collection, ()))

@@ -391,8 +391,8 @@ class SQLiteIndex(Index):
         validate_sort(sort)
         shape = projector(projection)
         for name, n in (("limit", limit), ("skip", skip)):
-            if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 0):
-                raise QueryError(f"{name} must be a non-negative integer, not {n!r}")
+            if n is not None and (isinstance(n, bool) or not isinstance(n, int) or not 0 <= n < 1 << 63):
+                raise QueryError(f"{name} must be an integer from 0 to 2**63 - 1, not {n!r}")
         if self._scalar_fields(collection) is None:
             return iter(())
         c = Compiler(scalar_fields=self._scalars.get(collection, ()))
@@ -413,8 +413,8 @@ class SQLiteIndex(Index):
         node = parse_filter(filter)
         validate_sort(sort)
         paths = [SQLITE.path("doc", tuple(split_path(f, "field"))) for f in fields]
-        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
-            raise QueryError(f"limit must be a non-negative integer, not {limit!r}")
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or not 0 <= limit < 1 << 63):
+            raise QueryError(f"limit must be an integer from 0 to 2**63 - 1, not {limit!r}")
         if self._scalar_fields(collection) is None or not paths:
             return []
         c = Compiler(scalar_fields=self._scalars.get(collection, ()))

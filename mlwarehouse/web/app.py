@@ -14,6 +14,7 @@ import logging
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
@@ -24,6 +25,7 @@ from fastapi.templating import Jinja2Templates
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mlwarehouse.errors import NotFound, QueryError, WarehouseError
+from mlwarehouse.jsonvalues import PATH_RE
 from mlwarehouse.web import data
 from mlwarehouse.web.api import router
 from mlwarehouse.web.arrays import describe, image_view, leaves, png_data_uri, preview_images
@@ -41,7 +43,8 @@ def create_app(warehouse, *, writable: bool = False) -> FastAPI:
     app.state.writable = writable
     app.state.histories = data.HistoryCache()
     templates = Jinja2Templates(directory=str(HERE / "templates"))
-    templates.env.filters.update(num=data.fmt, when=_when)
+    templates.env.filters.update(num=data.fmt, when=_when, urlpart=_urlpart)
+    templates.env.tests.update(sortable=lambda field: bool(PATH_RE.match(str(field))))
     templates.env.globals.update(writable=writable)
     app.state.templates = templates
     app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
@@ -59,7 +62,7 @@ def create_app(warehouse, *, writable: bool = False) -> FastAPI:
     @app.get("/p/{project}")
     def project_home(project: str):
         warehouse.project(project)
-        return RedirectResponse(f"/p/{project}/runs")
+        return RedirectResponse(f"/p/{_urlpart(project)}/runs")
 
     @app.get("/p/{project}/runs", response_class=HTMLResponse)
     def runs(request: Request, project: str, q: str = "", sort: str = "", limit: int = Query(1000, ge=1, le=10_000),
@@ -91,9 +94,14 @@ def create_app(warehouse, *, writable: bool = False) -> FastAPI:
     def model(request: Request, project: str, model_id: str):
         p = warehouse.project(project)
         doc = _one(p, "models", model_id, "model", projection={"_blobs": 0, "project": 0})
-        weights = doc.pop("weights", None) or []
+        weights = doc.pop("weights", None)
+        weights = [w for w in weights if isinstance(w, list) and len(w) == 2 and isinstance(w[1], dict)] \
+            if isinstance(weights, list) else []
+        if not isinstance(doc.get("architecture"), (dict, type(None))):
+            doc["architecture"] = {"value": doc["architecture"]}
         return page(request, "model.html", project=project, tab="models", model=doc,
-                    tensors=[(".".join(map(str, w[0])) if isinstance(w[0], list) else w[0], w[1]) for w in weights])
+                    tensors=[(".".join(map(str, w[0])) if isinstance(w[0], list) else str(w[0]), w[1])
+                             for w in weights])
 
     @app.get("/p/{project}/tasks", response_class=HTMLResponse)
     def tasks(request: Request, project: str, q: str = "", limit: int = Query(500, ge=1, le=10_000)):
@@ -109,7 +117,10 @@ def create_app(warehouse, *, writable: bool = False) -> FastAPI:
         doc = _one(p, "tasks", task_id, "task", projection={"_blobs": 0, "project": 0})
         output = doc.get("output") or ""
         if isinstance(doc.get("output_blob"), dict):
-            output = bytes(p.unpack(doc["output_blob"])).decode("utf-8", "replace")
+            try:
+                output = bytes(p.unpack(doc["output_blob"])).decode("utf-8", "replace")
+            except (WarehouseError, TypeError, ValueError) as exc:
+                output = f"(the stored output cannot be read: {type(exc).__name__}: {exc})"
         return page(request, "task.html", project=project, tab="tasks", task=doc, output=output)
 
     @app.get("/p/{project}/datasets", response_class=HTMLResponse)
@@ -200,10 +211,18 @@ def _error_handlers(app: FastAPI) -> None:
         return respond(request, 500, f"internal error ({type(exc).__name__}); the server log has the details")
 
 
+def _urlpart(value: Any) -> str:
+    """One path segment of a URL: every reserved character escaped, ``/`` included."""
+    return quote(str(value), safe="")
+
+
 def _when(value: Any) -> str:
     """An ISO time stamp as ``YYYY-MM-DD HH:MM:SS`` (UTC)."""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return datetime.fromtimestamp(value, timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+        try:
+            return datetime.fromtimestamp(value, timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+        except (OverflowError, OSError, ValueError):
+            return str(value)
     if isinstance(value, str) and len(value) >= 19:
         return value[:19].replace("T", " ")
     return "" if value is None else str(value)

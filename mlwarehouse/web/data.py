@@ -82,10 +82,10 @@ def runs_table(project, flt: dict | None, sort, limit: int, skip: int = 0) -> di
     metrics: dict[str, None] = {}
     rows = []
     for doc in docs:
-        hp = _flat(doc.get("hyper_parameters") or {})
+        hp = _flat(doc.get("hyper_parameters") if isinstance(doc.get("hyper_parameters"), dict) else {})
         summary = {}
-        for kind, by_metric in (doc.get("summary") or {}).items():
-            for name, stats in (by_metric or {}).items():
+        for kind, by_metric in _dict(doc.get("summary")).items():
+            for name, stats in _dict(by_metric).items():
                 if isinstance(stats, dict):
                     summary[f"{kind}.{name}"] = stats
         params.update(dict.fromkeys(hp))
@@ -238,5 +238,10 @@ def datasets_list(project, flt: dict | None, limit: int) -> list[dict]:
     docs = project.find("datasets", flt, sort=[("name", 1), ("time", -1)], limit=limit,
                         projection={"_blobs": 0})
     return [{"id": d["_id"], "name": d.get("name"), "version": d.get("version"), "time": d.get("time"),
-             "description": d.get("description"), "tags": d.get("tags") or [],
+             "description": d.get("description"), "tags": d["tags"] if isinstance(d.get("tags"), list) else [],
              "arrays": len(leaves(d.get("value")))} for d in docs]
+
+
+def _dict(value: Any) -> dict:
+    """``value`` when it is a dict, else empty: documents written by other tools may hold anything."""
+    return value if isinstance(value, dict) else {}
