@@ -75,9 +75,9 @@ def script_spec(project, script: Any) -> dict | None:
         return None
     if callable(script) and not isinstance(script, (str, Path)):
         module, name = getattr(script, "__module__", None), getattr(script, "__qualname__", "")
-        if not module or module == "__main__" or "<" in name:
+        if not module or module == "__main__" or not name or "<" in name or not _names(module, name, script):
             raise TaskError(f"{script!r} cannot be imported by a worker: define it at the top level of a "
-                            f"module, or pass the path of a script file")
+                            f"module (not a bound method or a partial), or pass the path of a script file")
         return {"kind": "callable", "target": f"{module}:{name}"}
     if isinstance(script, str) and _TARGET.match(script) and not Path(script).exists():
         return {"kind": "callable", "target": script}
@@ -95,6 +95,14 @@ def script_spec(project, script: Any) -> dict | None:
         raise TaskError(f"task script {str(path)!r} is not Python source: {exc}") from exc
     return {"kind": "file", "filename": path.name, "sha256": hashlib.sha256(source).hexdigest(),
             "source": project.pack(source)}
+
+
+def _names(module: str, name: str, obj: Any) -> bool:
+    """Whether ``module:name`` leads back to ``obj`` itself (a bound method or a partial does not)."""
+    found: Any = sys.modules.get(module)
+    for part in name.split("."):
+        found = getattr(found, part, None)
+    return found is obj
 
 
 class ScriptError(Exception):
@@ -141,7 +149,7 @@ def _resolve(target: str):
     try:
         obj: Any = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
-        if exc.name and module_name.startswith(exc.name):
+        if exc.name and (exc.name == module_name or module_name.startswith(exc.name + ".")):
             raise ScriptError(f"task target {target!r}: module {module_name!r} cannot be imported on this "
                               f"worker ({exc})") from exc
         raise
@@ -191,7 +199,12 @@ def execute(project, task: dict) -> dict:
         return _results(namespace, keys, f"the script {filename!r}")
     if script.get("kind") == "callable":
         target = script["target"]
-        value = _resolve(target)(**hyper)
+        try:
+            value = _resolve(target)(**hyper)
+        except SystemExit as exc:  # as for scripts: sys.exit(0) ends the call, a non-zero status fails it
+            if exc.code not in (None, 0):
+                raise RuntimeError(f"{target!r} called sys.exit({exc.code!r})") from exc
+            value = None
         where = f"the return value of {target!r}"
         if isinstance(value, dict):
             return _results(value, keys or [k for k in value if isinstance(k, str)], where)
@@ -228,20 +241,22 @@ def main(argv: list[str] | None = None) -> int:
         run = project.runs.start(name=task["task_name"], task=task["_id"],
                                  hyper_parameters=task.get("hyper_parameters") or {})
         outcome["run"] = run.id
-        project.tasks.set_run(task["_id"], worker, run.id)
+        with open(os.path.join(os.path.dirname(spec["result_path"]), "run.id"), "w", encoding="utf-8") as f:
+            f.write(run.id)  # the worker closes this run if the process dies before writing its result
+        project.tasks.set_run(task["_id"], worker, run.id, lease=task.get("lease"))
         _set_current_task(TaskContext(id=task["_id"], task_name=task["task_name"],
                                       hyper_parameters=dict(task.get("hyper_parameters") or {}), run=run.id,
                                       attempt=task.get("attempts", 1), project=project.name, worker=worker))
         try:
             result = execute(project, task)
-        except (Exception, _Terminated) as exc:
+        except BaseException as exc:  # SystemExit from a thread's hook, KeyboardInterrupt, SIGTERM: all fail
             error = str(exc) if isinstance(exc, ScriptError) else _user_traceback(exc)
             outcome.update(error=error, retry=not isinstance(exc, ScriptError))
             run.fail(error)
         else:
             outcome = {"ok": True, "result": result, "run": run.id}
             run.finish()
-    except (Exception, _Terminated) as exc:  # the warehouse or the run could not be set up or closed
+    except BaseException as exc:  # the warehouse or the run could not be set up or closed
         outcome.update(ok=False, error=_user_traceback(exc), retry=True)
     finally:
         _set_current_task(None)
@@ -254,4 +269,7 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":  # run the imported module, so current_task() sees what main() sets
     from mlwarehouse.task_runtime import main as _main
-    sys.exit(_main())
+    _code = _main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(_code)  # the result is written: threads the script left running must not keep the task open

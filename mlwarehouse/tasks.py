@@ -21,7 +21,7 @@ from typing import Any
 
 from mlwarehouse.errors import InvalidDocument, NotFound, TaskError, TaskFailed
 from mlwarehouse.fields import normalize_fields
-from mlwarehouse.ids import utc_now
+from mlwarehouse.ids import new_id, utc_now
 from mlwarehouse.records import Record
 from mlwarehouse.sweeps import config_hash, expand, normalize_config
 from mlwarehouse.task_runtime import TaskContext, current_task, script_spec
@@ -253,7 +253,7 @@ class Tasks:
         doc = self.project.find_one_and_update(
             COLLECTION, flt,
             {"$set": {"status": RUNNING, "worker": worker, "lease_until": time.time() + lease_seconds,
-                      "started": now, "heartbeat": now}, "$inc": {"attempts": 1}},
+                      "lease": new_id(), "started": now, "heartbeat": now}, "$inc": {"attempts": 1}},
             sort=sort or [("priority", -1), ("_id", 1)])
         return None if doc is None else Task(doc, self)
 
@@ -262,29 +262,32 @@ class Tasks:
         return self.project.find_one(COLLECTION, self._filter(where, task_name, PENDING),
                                      projection={"_id": 1}) is not None
 
-    def heartbeat(self, task_id: str, worker: str, lease_seconds: float = 30.0) -> bool:
+    # Every claim draws a new ``lease`` token. The calls below take it (``lease=``) so that an attempt the
+    # task has moved on from (cancelled and retried, requeued) cannot act for a later claim by the same worker.
+    def heartbeat(self, task_id: str, worker: str, lease_seconds: float = 30.0, *, lease: str | None = None) -> bool:
         """Renew the lease; False if the task is no longer ours (cancelled, deleted or taken over)."""
-        return self.project.update(COLLECTION, self._owned(task_id, worker), {"$set": {
+        return self.project.update(COLLECTION, self._owned(task_id, worker, lease), {"$set": {
             "lease_until": time.time() + lease_seconds, "heartbeat": utc_now()}}) > 0
 
-    def set_run(self, task_id: str, worker: str, run_id: str) -> bool:
+    def set_run(self, task_id: str, worker: str, run_id: str, *, lease: str | None = None) -> bool:
         """Record the run that the task's current attempt writes to."""
-        return self.project.update(COLLECTION, self._owned(task_id, worker), {"$set": {"run": run_id}}) > 0
+        return self.project.update(COLLECTION, self._owned(task_id, worker, lease), {"$set": {"run": run_id}}) > 0
 
-    def finish(self, task_id: str, worker: str, result: Mapping | None = None, *, output: bytes | None = None) -> bool:
+    def finish(self, task_id: str, worker: str, result: Mapping | None = None, *, output: bytes | None = None,
+               lease: str | None = None) -> bool:
         """Mark the task finished with its result, output and end time in one update; False if no longer ours."""
         update = self._output_update(output)
         update["$set"].update(status=FINISHED, result=dict(result or {}), ended=utc_now(), lease_until=None,
                               error=None)
-        return self.project.update(COLLECTION, self._owned(task_id, worker), update) > 0
+        return self.project.update(COLLECTION, self._owned(task_id, worker, lease), update) > 0
 
     def fail(self, task_id: str, worker: str, error: str, *, retry: bool = True,
-             output: bytes | None = None) -> str | None:
+             output: bytes | None = None, lease: str | None = None) -> str | None:
         """End this attempt with an error: back to pending if attempts are left and ``retry``, else failed.
 
         Returns the new status, or None if the task was no longer ours.
         """
-        doc = self.project.find_one(COLLECTION, self._owned(task_id, worker),
+        doc = self.project.find_one(COLLECTION, self._owned(task_id, worker, lease),
                                     projection={"attempts": 1, "max_attempts": 1})
         if doc is None:
             return None
@@ -295,11 +298,11 @@ class Tasks:
             update["$set"]["ended"] = utc_now()
         else:
             update["$set"]["worker"] = None
-        return status if self.project.update(COLLECTION, self._owned(task_id, worker), update) else None
+        return status if self.project.update(COLLECTION, self._owned(task_id, worker, lease), update) else None
 
-    def release(self, task_id: str, worker: str) -> bool:
+    def release(self, task_id: str, worker: str, *, lease: str | None = None) -> bool:
         """Give a claimed task back to pending without counting the attempt (a worker shutting down)."""
-        return self.project.update(COLLECTION, self._owned(task_id, worker), {
+        return self.project.update(COLLECTION, self._owned(task_id, worker, lease), {
             "$set": {"status": PENDING, "worker": None, "lease_until": None}, "$inc": {"attempts": -1}}) > 0
 
     def requeue_expired(self, task_name: str | None = None) -> int:
@@ -346,8 +349,11 @@ class Tasks:
         return update
 
     @staticmethod
-    def _owned(task_id: str, worker: str) -> dict:
-        return {"_id": task_id, "worker": worker, "status": RUNNING}
+    def _owned(task_id: str, worker: str, lease: str | None = None) -> dict:
+        owned = {"_id": task_id, "worker": worker, "status": RUNNING}
+        if lease is not None:
+            owned["lease"] = lease
+        return owned
 
     @staticmethod
     def _where(where: Any) -> dict | None:

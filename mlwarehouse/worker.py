@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from mlwarehouse.errors import BackendError, NotFound, TaskError
+from mlwarehouse.errors import BackendError, TaskError
 from mlwarehouse.ids import new_id
 from mlwarehouse.tasks import Task
 
@@ -63,12 +63,15 @@ class _Child:
         except (ProcessLookupError, PermissionError):
             pass
 
+    captured: bytes | None = None  # the output, once read (recording may be retried)
+
     def output(self) -> bytes:
-        size = self.spool.seek(0, os.SEEK_END)
-        self.spool.seek(max(0, size - MAX_OUTPUT))
-        data = self.spool.read()
-        self.spool.close()
-        return data
+        if self.captured is None:
+            size = self.spool.seek(0, os.SEEK_END)
+            self.spool.seek(max(0, size - MAX_OUTPUT))
+            self.captured = self.spool.read()
+            self.spool.close()
+        return self.captured
 
 
 class Worker:
@@ -208,7 +211,8 @@ class Worker:
                 self._terminate(child, "timeout", now)
             elif now >= child.next_beat:
                 child.next_beat = now + self.heartbeat_seconds
-                if not self.tasks.heartbeat(child.task.id, self.id, self.lease_seconds):
+                if not self.tasks.heartbeat(child.task.id, self.id, self.lease_seconds,
+                                            lease=child.task.get("lease")):
                     self._say(f"task {child.task.id} is no longer ours (cancelled, deleted or taken over): "
                               f"stopping it")
                     self._terminate(child, "lost", now)
@@ -226,30 +230,46 @@ class Worker:
             child.reader.join(timeout=5)
             self._children.remove(child)
             try:
-                self._record(child)
+                self._record_retrying(child)
             finally:
                 shutil.rmtree(child.folder, ignore_errors=True)
 
+    def _record_retrying(self, child: _Child, tries: int = 5) -> None:
+        """Record what a finished child did; a warehouse that is briefly unavailable (a server restarting) is
+        retried for about 15 s, so a finished task is not run again only because its result could not be saved."""
+        for attempt in range(tries):
+            try:
+                return self._record(child)
+            except BackendError as exc:
+                if attempt == tries - 1:
+                    raise
+                self._say(f"could not record task {child.task.id} ({type(exc).__name__}: {exc}); retrying")
+                time.sleep(min(8.0, 0.5 * 2 ** attempt))
+
     def _record(self, child: _Child) -> None:
         task, tasks = child.task, self.tasks
+        lease = task.get("lease")
         output = child.output()
         outcome = self._outcome(child)
+        run = outcome.get("run") or self._attempt_run(child)  # this attempt's run, never a later owner's
         elapsed = time.monotonic() - child.started
-        if child.reason in ("shutdown", "lost"):
+        if outcome.get("ok") and child.reason != "lost":
+            pass  # the script succeeded before a timeout or shutdown caught up with it: its result stands
+        elif child.reason in ("shutdown", "lost"):
             if child.reason == "shutdown":
-                tasks.release(task.id, self.id)
+                tasks.release(task.id, self.id, lease=lease)
                 error = "the worker was stopped; the task went back to pending"
             else:
                 error = "the task was cancelled or taken over; its process was killed"
-            tasks.end_run(outcome.get("run") or self._run_of(task.id), "failed", error)
+            tasks.end_run(run, "failed", error)
             return
-        if child.reason == "timeout":
+        if child.reason == "timeout" and not outcome.get("ok"):
             error = f"timed out after {task.get('timeout')} s (attempt {task.get('attempts')}); killed"
-            status = tasks.fail(task.id, self.id, error, output=output)
-            tasks.end_run(outcome.get("run") or self._run_of(task.id), "failed", error)
+            status = tasks.fail(task.id, self.id, error, output=output, lease=lease)
+            tasks.end_run(run, "failed", error)
             self._say(f"task {task.id} {error}: now {status}")
         elif outcome.get("ok"):
-            if tasks.finish(task.id, self.id, outcome.get("result"), output=output):
+            if tasks.finish(task.id, self.id, outcome.get("result"), output=output, lease=lease):
                 self._say(f"task {task.id} finished in {elapsed:.2f} s: {outcome.get('result')}")
             else:
                 self._say(f"task {task.id} finished but was no longer ours: result not recorded")
@@ -257,9 +277,9 @@ class Worker:
             error = outcome.get("error") or (
                 f"the task process exited with status {child.proc.returncode} without reporting a result "
                 f"(killed, out of memory, or a crash in native code); see its output")
-            status = tasks.fail(task.id, self.id, error, retry=outcome.get("retry", True), output=output)
-            if not outcome:
-                tasks.end_run(self._run_of(task.id), "failed", error)
+            status = tasks.fail(task.id, self.id, error, retry=outcome.get("retry", True), output=output,
+                                lease=lease)
+            tasks.end_run(run, "failed", error)  # a no-op when the runtime already ended it
             self._say(f"task {task.id} failed after {elapsed:.2f} s, now {status}: {error.strip()[-300:]}")
         self.processed += 1
 
@@ -270,10 +290,12 @@ class Worker:
         except (OSError, ValueError):
             return {}
 
-    def _run_of(self, task_id: str) -> str | None:
+    @staticmethod
+    def _attempt_run(child: _Child) -> str | None:
+        """The run this attempt started: the runtime writes its id next to the result as soon as it has one."""
         try:
-            return self.tasks.get(task_id).get("run")
-        except NotFound:
+            return (child.folder / "run.id").read_text(encoding="utf-8").strip() or None
+        except OSError:
             return None
 
     def _shutdown(self) -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from mlwarehouse.errors import BackendError, TaskError
 from mlwarehouse.worker import Worker
 
 
@@ -192,3 +193,52 @@ def test_run_one_runs_the_top_matching_task(p):
     assert worker.run_one(where={"hyper_parameters.v": 5}) is None
     assert worker.run_one(sort=[("_id", -1)]).result == {"v": 1}
     assert worker.run_one() is None
+
+
+def test_a_claim_draws_a_lease_that_a_later_claim_by_the_same_worker_replaces(p):
+    p.tasks.create("lease", "builtins:dict")
+    first = p.tasks.claim("lease", "w1")
+    assert first.get("lease") and p.tasks.heartbeat(first.id, "w1", lease=first.get("lease"))
+    p.tasks.cancel(first.id)
+    p.tasks.retry(first.id)
+    second = p.tasks.claim("lease", "w1")  # the same worker claims the retried task again
+    assert second.id == first.id and second.get("lease") != first.get("lease")
+    assert not p.tasks.heartbeat(first.id, "w1", lease=first.get("lease"))  # the old attempt is not the owner
+    assert not p.tasks.finish(first.id, "w1", {}, lease=first.get("lease"))
+    assert p.tasks.finish(second.id, "w1", {}, lease=second.get("lease"))
+
+
+def test_exits_threads_bad_callables_and_a_briefly_unavailable_warehouse(p, tmp_path, monkeypatch):
+    script(tmp_path, "exits_mlw.py", """
+        import sys
+
+        def done():
+            sys.exit(0)
+    """)
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    quits = p.tasks.create("edge", "exits_mlw:done")
+    lingering = p.tasks.create("edge", script(tmp_path, "linger.py", """
+        import threading, time
+        threading.Thread(target=time.sleep, args=(3600,)).start()  # not a daemon: would hold the exit
+        acc = 0.9
+    """), saved_result_keys=["acc"], timeout=30)
+    real, calls = p.tasks.finish, []
+
+    def flaky(*args, **kwargs):  # the first result to record meets a warehouse that is briefly unavailable
+        calls.append(1)
+        if len(calls) == 1:
+            raise BackendError("database is locked (simulated)")
+        return real(*args, **kwargs)
+    started = time.monotonic()
+    worker = Worker(p, "edge", once=True, verbose=False, lease_seconds=10)
+    worker.tasks.finish = flaky
+    assert worker.run() == 2 and time.monotonic() - started < 25
+    assert quits.refresh().status == "finished" and p.find("runs", {"task": quits.id})[0]["status"] == "complete"
+    done = lingering.refresh()
+    assert done.status == "finished" and done.result == {"acc": 0.9} and done.attempts == 1
+    assert len(calls) == 3 and len(p.find("runs", {"task": lingering.id})) == 1
+    import collections
+    import functools
+    for bad in (functools.partial(dict, a=1), collections.Counter().update):
+        with pytest.raises(TaskError, match="bound method or a partial"):
+            p.tasks.create("edge", bad)
