@@ -234,7 +234,7 @@ class Worker:
             finally:
                 shutil.rmtree(child.folder, ignore_errors=True)
 
-    def _record_retrying(self, child: _Child, tries: int = 5) -> None:
+    def _record_retrying(self, child: _Child, tries: int = 6) -> None:
         """Record what a finished child did; a warehouse that is briefly unavailable (a server restarting) is
         retried for about 15 s, so a finished task is not run again only because its result could not be saved."""
         for attempt in range(tries):
