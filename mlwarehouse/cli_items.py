@@ -71,16 +71,26 @@ def import_(source: Path = typer.Argument(..., help="a folder of images (class s
                       console=err_console) as bar:
             task = bar.add_task(f"importing {source.name}", total=total)
             advance = lambda n: bar.advance(task, n)  # noqa: E731
-            with items.create(name, version=version, description=description, shard_bytes=shard_mb << 20) as ds:
+            ds = items.create(name, version=_version(version), description=description,
+                              shard_bytes=shard_mb << 20)
+            try:
                 if columns is None:
                     ds.append_folder(source, progress=advance)
                 else:
                     ds.append(columns, progress=advance)
-        ds.refresh()
+            except BaseException:
+                ds.delete()  # a failed import leaves no half-filled version behind
+                raise
+            ds.finish()
         console.print(f"{name} version {ds.version}: {ds.doc['count']} items in {ds.doc['shards']} shards "
                       f"({ds.doc['bytes'] / 1e6:.1f} MB)", markup=False)
-    except WarehouseError as exc:
+    except (WarehouseError, OSError) as exc:
         _fail(exc)
+
+
+def _version(text: str | None) -> str | int | None:
+    """A version as typed: digits are the integer versions that imports number by default."""
+    return None if text is None else (int(text) if text.isdigit() else text)
 
 
 @items_app.command("show")
@@ -102,8 +112,7 @@ def show(name: str = typer.Argument(..., help="dataset name"),
             table.add_row(str(d["version"]), d["state"], str(d["count"]), str(d["shards"]),
                           f"{d['bytes'] / 1e6:.1f}", d["time"][:19])
         console.print(table)
-        wanted = None if version is None else (int(version) if version.isdigit() else version)
-        ds = items.get(name, version=wanted)
+        ds = items.get(name, version=_version(version))
         fields = Table(title=f"{name} version {ds.version}: fields")
         for col in ("field", "kind", "dtype", "shape"):
             fields.add_column(col)

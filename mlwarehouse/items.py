@@ -18,6 +18,7 @@ import numpy as np
 
 from mlwarehouse.errors import DuplicateKey, InvalidDocument, NotFound, QueryError
 from mlwarehouse.fields import RESERVED_FIELDS, normalize_fields, normalize_value
+from mlwarehouse.ids import new_id
 from mlwarehouse.records import Record, check_name
 from mlwarehouse.shards import FieldSpec, build_shard
 
@@ -41,7 +42,11 @@ def _kind(value: Any) -> str:
 
 
 def _as_array(value: Any) -> np.ndarray:
-    return value.detach().cpu().numpy() if hasattr(value, "detach") else value
+    array = value.detach().cpu().numpy() if hasattr(value, "detach") else value
+    if array.dtype.hasobject:
+        raise InvalidDocument("arrays of Python objects cannot go into shards (they would need pickle): "
+                              "use numeric arrays, bytes, or scalar fields")
+    return array
 
 
 class ItemRecord(Record):
@@ -78,7 +83,7 @@ class ItemDatasets:
         check_name("dataset", name)
         if version is not None and (not isinstance(version, (str, int)) or isinstance(version, bool)):
             raise InvalidDocument(f"version must be a string or an integer, not {version!r}")
-        if not 1 << 16 <= shard_bytes <= 1 << 30:
+        if isinstance(shard_bytes, bool) or not isinstance(shard_bytes, int) or not 1 << 16 <= shard_bytes <= 1 << 30:
             raise InvalidDocument(f"shard_bytes must be between 64 KiB and 1 GiB, not {shard_bytes}")
         extra = normalize_fields(fields)
         doc = {**extra, "name": name, "kind": "items", "state": "open", "description": description,
@@ -176,18 +181,36 @@ class ItemDataset(Record):
         Array and bytes values go to shards; scalar values (numbers, strings, lists of tags) are also indexed so
         queries select items. Every item must have the same fields as the others. Returns how many were added.
         """
+        self._require_open()
+        if not isinstance(data, dict) and (isinstance(data, (str, bytes)) or not hasattr(data, "__iter__")):
+            raise InvalidDocument(f"append takes a dict of columns or an iterable of item dicts, "
+                                  f"not {type(data).__name__}")
+        writer = _ShardWriter(self, progress)
+        try:
+            if isinstance(data, dict):
+                writer.add_columns(data)
+            else:
+                for item in data:
+                    writer.add(item)
+            writer.flush()
+        finally:
+            self.refresh()
+        return writer.added
+
+    def _require_open(self) -> None:
         self.refresh()
         if self.doc["state"] != "open":
             raise InvalidDocument(f"dataset {self.doc['name']!r} version {self.doc['version']!r} is finished "
                                   f"and immutable; use new_version() to change it")
-        writer = _ShardWriter(self, progress)
-        if isinstance(data, dict):
-            writer.add_columns(data)
-        else:
-            for item in data:
-                writer.add(item)
-        writer.flush()
-        return writer.added
+
+    def _committed(self) -> list[str]:
+        """Keys of the shards whose documents are written: a shard's document is the last thing an append
+        writes, so item documents of a shard without one (an append killed half-way) are not items yet."""
+        return sorted({d["shard"] for d in self.project.find(SHARDS, self._scope(), projection={"shard": 1})})
+
+    def _visible(self, where: dict | None) -> dict:
+        return self._scope({"$and": [where, {"shard": {"$in": self._committed()}}]} if where
+                           else {"shard": {"$in": self._committed()}})
 
     def append_folder(self, folder: str | os.PathLike, *, field: str = "image",
                       progress: Callable[[int], None] | None = None) -> int:
@@ -195,9 +218,10 @@ class ItemDataset(Record):
         root = Path(folder)
         if not root.is_dir():
             raise NotFound(f"no folder {str(root)!r}")
-        classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+        self._require_open()
+        classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
         if classes:
-            self.project.update(DATASETS, {"_id": self.id}, {"$set": {"classes": classes}})
+            self.project.update(DATASETS, {"_id": self.id, "state": "open"}, {"$set": {"classes": classes}})
 
         def items() -> Iterator[dict]:
             for label, sub in enumerate(classes or [None]):
@@ -211,8 +235,16 @@ class ItemDataset(Record):
         return self.append(items(), progress=progress)
 
     def finish(self) -> "ItemDataset":
-        """Make this version immutable (appends are refused from now on)."""
+        """Make this version immutable (appends are refused from now on). Its totals are recounted from the
+        shards, and item documents of shards never committed (an append killed half-way) are removed."""
         self.project.update(DATASETS, {"_id": self.id}, {"$set": {"state": "finished"}})
+        shards = list(self.project.find(SHARDS, self._scope(), projection={"shard": 1, "count": 1, "rows": 1,
+                                                                          "bytes": 1}))
+        keys = sorted({d["shard"] for d in shards})
+        self.project.delete(ITEMS, self._scope({"shard": {"$nin": keys}}))
+        self.project.update(DATASETS, {"_id": self.id}, {"$set": {
+            "count": sum(_rows(d) for d in shards), "shards": len(shards),
+            "bytes": sum(_share(d) for d in shards)}})
         return self.refresh()
 
     def __enter__(self) -> "ItemDataset":
@@ -231,7 +263,7 @@ class ItemDataset(Record):
                                     tags=src.get("tags") or ())
         drop: set[tuple[str, int]] = set()
         if exclude:
-            for doc in self.project.find(ITEMS, self._scope(exclude), projection={"shard": 1, "row": 1}):
+            for doc in self.project.find(ITEMS, self._visible(exclude), projection={"shard": 1, "row": 1}):
                 drop.add((doc["shard"], doc["row"]))
         meta = {"dataset": src["name"], "version": new.doc["version"]}
         shard_docs = []
@@ -241,8 +273,10 @@ class ItemDataset(Record):
             kept = [r for r in rows if (doc["shard"], r) not in drop]
             if kept:
                 shard_docs.append({**_copy(doc), **meta, "rows": None if len(kept) == doc["count"] else kept})
+        for doc in shard_docs:
+            doc["bytes"] = _share(doc)
         self.project.insert_many(SHARDS, shard_docs)
-        items = ({**_copy(doc), **meta} for doc in self.project.find(ITEMS, self._scope(), sort=[("_id", 1)])
+        items = ({**_copy(doc), **meta} for doc in self.project.find(ITEMS, self._visible(None), sort=[("_id", 1)])
                  if (doc["shard"], doc["row"]) not in drop)
         count = self.project.insert_many(ITEMS, items)
         self.project.update(DATASETS, {"_id": new.id}, {"$set": {
@@ -259,12 +293,12 @@ class ItemDataset(Record):
 
     # -- reading ---------------------------------------------------------------------------------------------
     def count(self, where: dict | None = None) -> int:
-        return self.project.count(ITEMS, self._scope(where))
+        return self.project.count(ITEMS, self._visible(where))
 
     def find(self, where: dict | None = None, *, sort=None, limit: int | None = None,
              skip: int = 0) -> list[ItemRecord]:
         """Index documents of the matching items (insertion order unless ``sort`` says otherwise)."""
-        docs = self.project.find(ITEMS, self._scope(where), sort=sort, limit=limit, skip=skip)
+        docs = self.project.find(ITEMS, self._visible(where), sort=sort, limit=limit, skip=skip)
         return [ItemRecord(doc, self) for doc in docs]
 
     def item(self, item_id: str) -> dict:
@@ -299,6 +333,16 @@ def _size(value: Any) -> int:
     if isinstance(value, np.ndarray):
         return int(value.nbytes)
     return len(value) if isinstance(value, (bytes, bytearray, memoryview)) else 8
+
+
+def _rows(shard_doc: dict) -> int:
+    rows = shard_doc.get("rows")
+    return shard_doc["count"] if rows is None else len(rows)
+
+
+def _share(shard_doc: dict) -> int:
+    """Bytes of the rows a shard document holds (all, or its share when it keeps a subset)."""
+    return shard_doc["bytes"] * _rows(shard_doc) // max(1, shard_doc["count"])
 
 
 def _copy(doc: dict) -> dict:
@@ -356,6 +400,22 @@ class _ShardWriter:
             out[name] = value
         return out
 
+    def _merged_fields(self) -> dict:
+        """This writer's fields, checked against what another writer may have stored meanwhile."""
+        stored = (self.ds.project.find_one(DATASETS, {"_id": self.ds.id}, projection={"fields": 1}) or {})
+        stored = stored.get("fields") or {}
+        if stored:
+            if set(stored) != set(self.specs) or any(
+                    (stored[n]["kind"], stored[n].get("dtype")) != (s["kind"], s.get("dtype"))
+                    for n, s in self.specs.items()):
+                raise InvalidDocument(f"another append gave dataset {self.ds.doc['name']!r} the fields "
+                                      f"{ {n: s.get('dtype') or s['kind'] for n, s in stored.items()} }, which "
+                                      f"these items do not have")
+            for name, spec in self.specs.items():
+                if spec.get("shape") != stored[name].get("shape"):
+                    spec["shape"] = None  # shapes differ between writers: stored per item
+        return self.specs
+
     def add(self, item: dict) -> None:
         item = self._check(item, self.added + len(self.pending))
         self.pending.append(item)
@@ -391,18 +451,29 @@ class _ShardWriter:
                     columns[name], specs[name] = arr, FieldSpec("array", arr.dtype.str, ())
                 else:
                     columns[name], specs[name] = values, FieldSpec("json")
-        data = build_shard(columns, specs)
+        data = build_shard(columns, specs, tag=new_id())  # tagged: equal items appended twice are two shards
         project, doc = self.ds.project, self.ds.doc
         key = project.blobs.put(data)  # blobs first, index second
         raw = sum(int(v.nbytes) if isinstance(v, np.ndarray) else sum(map(_size, v)) for v in columns.values())
         meta = {"dataset": doc["name"], "version": doc["version"]}
-        project.insert(SHARDS, {**meta, "shard": key, "blob": {"_blob": key, "codec": SHARD_CODEC, "size": len(data)},
-                                "count": len(items), "bytes": raw, "rows": None})
-        scalars = [n for n, s in self.specs.items() if s["kind"] == "scalar"]
-        project.insert_many(ITEMS, ({**meta, "shard": key, "row": i, **{n: it[n] for n in scalars}}
-                                    for i, it in enumerate(items)))
-        project.update(DATASETS, {"_id": self.ds.id}, {"$set": {"fields": self.specs},
-                                                        "$inc": {"count": len(items), "shards": 1, "bytes": raw}})
+        counts = {"count": len(items), "shards": 1, "bytes": raw}
+        # 1. the fields, only while the version is open (a finish() from elsewhere wins)
+        if not project.update(DATASETS, {"_id": self.ds.id, "state": "open"},
+                              {"$set": {"fields": self._merged_fields()}}):
+            raise InvalidDocument(f"dataset {doc['name']!r} version {doc['version']!r} was finished during this "
+                                  f"append; {self.added} items had been added")
+        try:
+            # 2. the item documents, then 3. the shard document: the commit point readers go by
+            scalars = [n for n, s in self.specs.items() if s["kind"] == "scalar"]
+            project.insert_many(ITEMS, ({**meta, "shard": key, "row": i, **{n: it[n] for n in scalars}}
+                                        for i, it in enumerate(items)))
+            project.insert(SHARDS, {**meta, "shard": key, "count": len(items), "bytes": raw, "rows": None,
+                                    "blob": {"_blob": key, "codec": SHARD_CODEC, "size": len(data)}})
+        except BaseException:
+            project.delete(ITEMS, {**meta, "shard": key})
+            raise
+        # 4. the totals (killed before this, they lag until finish() recounts them from the shards)
+        project.update(DATASETS, {"_id": self.ds.id}, {"$inc": counts})
         self.added += len(items)
         if self.progress is not None:
             self.progress(len(items))

@@ -107,7 +107,15 @@ class ShardCache:
     def used_bytes(self) -> int:
         return sum(size for _, size, _ in self.entries())
 
+    def _sweep_temporary(self) -> None:
+        """Remove temporary files (held under the lock, so any found are a killed writer's leftovers)."""
+        with os.scandir(self.root) as it:
+            for entry in it:
+                if entry.name.startswith(_TMP):
+                    Path(entry.path).unlink(missing_ok=True)
+
     def _make_room(self, incoming: int) -> None:
+        self._sweep_temporary()
         entries = sorted(self.entries())
         used = sum(size for _, size, _ in entries)
         for _, size, path in entries:
@@ -122,5 +130,6 @@ class ShardCache:
 
     def clear(self) -> None:
         with self._lock:
+            self._sweep_temporary()
             for _, _, path in self.entries():
                 Path(path).unlink(missing_ok=True)

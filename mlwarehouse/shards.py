@@ -61,10 +61,13 @@ class FieldSpec:
         return cls(doc["kind"], doc.get("dtype"), None if shape is None else tuple(shape))
 
 
-def build_shard(columns: dict[str, Sequence[Any]], specs: dict[str, FieldSpec]) -> bytes:
-    """Pack ``columns`` (field -> one value per item: a numpy array or bytes) into shard bytes."""
+def build_shard(columns: dict[str, Sequence[Any]], specs: dict[str, FieldSpec], *, tag: str | None = None) -> bytes:
+    """Pack ``columns`` (field -> one value per item: a numpy array or bytes) into shard bytes; ``tag`` (kept in
+    the header) makes the bytes, and so the content address, of this shard its own."""
     n = len(next(iter(columns.values()))) if columns else 0
     header: dict[str, Any] = {"n": n, "fields": {}}
+    if tag is not None:
+        header["tag"] = tag
     tables: list[bytes] = []
     payloads: list[bytes | memoryview] = []
     table_at = payload_at = 0

@@ -147,3 +147,71 @@ def test_cli_import_and_show(tmp_path):
     assert "float32[5]" in result.output and "finished" in result.output
     result = runner.invoke(items_app, ["show", "nope", "--uri", home])
     assert result.exit_code == 1 and "no item dataset" in result.output
+    result = runner.invoke(items_app, ["import", str(tmp_path / "a.npz"), "arr", "--version", "5", "--uri", home])
+    assert result.exit_code == 0 and "version 5" in result.output
+    assert runner.invoke(items_app, ["show", "arr", "--version", "5", "--uri", home]).exit_code == 0
+    np.savez(tmp_path / "bad.npz", x=np.zeros((3, 5)), label=np.arange(4))  # columns of different lengths
+    result = runner.invoke(items_app, ["import", str(tmp_path / "bad.npz"), "bad", "--uri", home])
+    assert result.exit_code == 1 and "different lengths" in result.output
+    result = runner.invoke(items_app, ["show", "bad", "--uri", home])
+    assert result.exit_code == 1 and "no item dataset" in result.output  # the failed import left nothing
+    result = runner.invoke(items_app, ["import", str(tmp_path / "missing.npz"), "m", "--uri", home])
+    assert result.exit_code == 1 and "No such file" in result.output
+
+
+def _append_forever(home):
+    import mlwarehouse
+    ds = ItemDatasets(mlwarehouse.connect(home=home).project("p")).get("k")
+    ds.append({"v": np.arange(400_000, dtype=np.int64), "label": np.arange(400_000) % 10})
+
+
+@pytest.mark.slow
+def test_an_append_killed_at_any_moment_leaves_a_consistent_version(tmp_path):
+    import multiprocessing
+    import os
+    import signal
+    import time
+
+    import mlwarehouse
+    ctx = multiprocessing.get_context("spawn")
+    for i, delay in enumerate((0.8, 1.6, 2.4, 3.2)):
+        home = tmp_path / f"wh{i}"
+        items = ItemDatasets(mlwarehouse.connect(home=home).project("p"))
+        items.create("k", shard_bytes=1 << 20)
+        proc = ctx.Process(target=_append_forever, args=(str(home),))
+        proc.start()
+        time.sleep(delay)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.join()
+        ds = items.get("k")
+        shards = ds.project.find(SHARDS, {"dataset": "k"})
+        committed = sum(d["count"] for d in shards)
+        labels = [v for b in ds.stream(batch_size=50_000, shuffle=False) for v in b["label"].tolist()]
+        assert ds.count() == committed == len(labels) == len(ds.find(limit=10**6))  # whole shards only
+        assert len(ds.stream({"label": 3}, batch_size=10**6).plan(0).row) == ds.count({"label": 3})
+        assert ds.finish().doc["count"] == committed and ds.doc["shards"] == len(shards)
+
+
+def test_finished_versions_schemas_and_twin_shards(items, tmp_path):
+    a = items.create("f")
+    b = items.get("f")  # a second handle, opened before anything was appended
+    a.append({"x": np.zeros((3, 2)), "label": [1, 2, 3]})
+    assert a.doc["count"] == 3 and a.field_names == ["x", "label"]  # the handle is fresh after its append
+    with pytest.raises(InvalidDocument, match="field"):  # checked again when each shard is written
+        b.append([{"y": b"bytes", "label": 1}])
+    assert a.refresh().doc["count"] == 3 and len(list(a.stream(batch_size=10))) == 1
+    a.finish()
+    (tmp_path / "cats").mkdir()
+    with pytest.raises(InvalidDocument, match="finished"):
+        b.append_folder(tmp_path)
+    assert "classes" not in a.refresh().doc
+    with pytest.raises(InvalidDocument, match="dict of columns"):
+        items.create("g").append(5)
+    with pytest.raises(InvalidDocument, match="Python objects"):
+        items.create("h").append([{"a": np.array([None, 1])}])
+    twins = items.create("twins")
+    for _ in range(2):  # the same items twice: two shards, two copies
+        twins.append({"x": np.arange(8).reshape(4, 2), "label": np.arange(4)})
+    twins.finish()
+    assert len({d["shard"] for d in items.project.find(SHARDS, {"dataset": "twins"})}) == 2
+    assert twins.new_version(exclude={"_id": twins.find(limit=1)[0].id}).count() == 7

@@ -67,3 +67,14 @@ def test_bound_holds_across_processes(tmp_path):
     assert max(worst) <= 50_000
     assert ShardCache(tmp_path / "c", 50_000).used_bytes() <= 50_000
     assert not [n for n in os.listdir(tmp_path / "c") if n.startswith(".tmp-")]
+
+
+def test_temporary_files_of_a_killed_writer_are_swept(tmp_path):
+    cache = ShardCache(tmp_path / "c", 10_000)
+    leftover = tmp_path / "c" / ".tmp-deadbeef-1-2"
+    leftover.write_bytes(b"x" * 5_000)
+    cache.put("a" * 64, b"y" * 100)
+    assert not leftover.exists()
+    leftover.write_bytes(b"x" * 5_000)
+    cache.clear()
+    assert not leftover.exists() and cache.used_bytes() == 0
