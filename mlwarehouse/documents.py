@@ -32,6 +32,8 @@ def _bad_key(key: Any) -> str | None:
 
 
 def _check_str(s: str, path: str) -> None:
+    if "\0" in s:  # SQLite's JSON functions end a string at NUL (and PostgreSQL refuses it): never stored
+        raise InvalidDocument(f"{path}: string holds a NUL character (\\u0000), which cannot be stored")
     if not s.isascii():
         try:
             s.encode("utf-8")
@@ -159,7 +161,7 @@ def validate_projection(projection: Any) -> dict[str, bool] | None:
     kinds = {keep for path, keep in out.items() if path != "_id"}
     if len(kinds) > 1:
         raise QueryError(f"projection {projection!r} mixes inclusion and exclusion (only _id: 0 may be mixed)")
-    paths = sorted(out)
+    paths = sorted(out, key=lambda p: p.split("."))  # by components: "a-x" must not part "a" and "a.b"
     for a, b in zip(paths, paths[1:]):
         if b.startswith(a + "."):
             raise QueryError(f"projection paths {a!r} and {b!r} overlap")

@@ -32,8 +32,8 @@ class _Missing:
 
 
 MISSING: Any = _Missing()
-PATH_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*(\.[A-Za-z0-9_\-]+)*$")
-_INDEX_RE = re.compile(r"^(0|[1-9][0-9]{0,8})$")
+PATH_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*(\.[A-Za-z0-9_\-]+)*\Z")  # \Z, not $: no final newline
+_INDEX_RE = re.compile(r"^(0|[1-9][0-9]{0,8})\Z")
 
 
 @lru_cache(maxsize=4096)

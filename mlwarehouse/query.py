@@ -102,16 +102,24 @@ def _check_value(value: Any, where: str) -> Any:
         return value
     if isinstance(value, list):
         for item in value:
-            _check_value(item, where)
+            _check_nested(item, where)
         return value
     if isinstance(value, dict):
         for key, item in value.items():
             if not isinstance(key, str):
                 raise QueryError(f"{where}: object key {key!r} is not a string")
-            _check_value(item, where)
+            _check_nested(item, where)
         return value
     hint = " (use a list)" if isinstance(value, tuple) else ""
     raise QueryError(f"{where}: a {type(value).__name__} is not a JSON value{hint}")
+
+
+def _check_nested(value: Any, where: str) -> Any:
+    """A value inside an array or object operand: as :func:`_check_value`, but never infinite (it is compared
+    as JSON text there, and JSON has no infinity)."""
+    if isinstance(value, float) and math.isinf(value):
+        raise QueryError(f"{where}: {value} inside an array or object cannot be compared (JSON has no infinity)")
+    return _check_value(value, where)
 
 
 @lru_cache(maxsize=512)
@@ -173,8 +181,8 @@ def _parse_ops(ops: dict, where: str) -> list[tuple[str, Any]]:
                 raise QueryError(f"{where}: $exists takes true or false, not {arg!r}")
             out.append((op, arg))
         elif op == "$size":
-            if isinstance(arg, bool) or not isinstance(arg, int) or arg < 0:
-                raise QueryError(f"{where}: $size takes a non-negative integer, not {arg!r}")
+            if isinstance(arg, bool) or not isinstance(arg, int) or not 0 <= arg < 1 << 63:
+                raise QueryError(f"{where}: $size takes an integer from 0 to 2**63 - 1, not {arg!r}")
             out.append((op, arg))
         elif op == "$regex":
             out.append((op, _regex(arg, ops.get("$options"), where)))

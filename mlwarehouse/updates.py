@@ -60,7 +60,7 @@ def validate_update(update: Any) -> list[tuple[str, str, tuple[str, ...], Any]]:
             elif op in ("$push", "$addToSet"):
                 arg = _each(op, path, arg)
             out.append((op, path, comps, arg))
-    paths = sorted(p for _, p, _, _ in out)
+    paths = sorted((p for _, p, _, _ in out), key=lambda p: p.split("."))  # "a-x" must not part "a", "a.b"
     for a, b in zip(paths, paths[1:]):
         if a == b or b.startswith(a + "."):
             raise QueryError(f"update paths {a!r} and {b!r} conflict")

@@ -199,4 +199,26 @@ def test_invalid_documents(doc, fragment):
 
 def test_valid_document():
     validate_document(DOC)
-    validate_document({"_id": "x", "i": 2**63 - 1, "j": -(2**63), "s": "é\U0001f600\0", "deep": [[{"a": [None]}]]})
+    validate_document({"_id": "x", "i": 2**63 - 1, "j": -(2**63), "s": "é\U0001f600", "deep": [[{"a": [None]}]]})
+    with pytest.raises(InvalidDocument, match="NUL"):  # SQLite's JSON functions would cut the string there
+        validate_document({"_id": "x", "deep": [{"s": "a\0b"}]})
+
+
+def test_corners_found_in_review_are_refused_with_query_errors(tmp_path):
+    from mlwarehouse.index.sqlite import SQLiteIndex
+    from mlwarehouse.query import parse_filter
+    from mlwarehouse.updates import validate_update
+    for bad in ({"a\n": 1}, {"a.0\n": 1}, {"a": {"$size": 2**64}}, {"a": [float("inf")]},
+                {"a": {"$gt": {"k": float("-inf")}}}):
+        with pytest.raises(QueryError):
+            parse_filter(bad)
+    assert parse_filter({"a": {"$lt": float("inf")}})  # a plain infinite bound stays allowed
+    with pytest.raises(QueryError, match="conflict"):
+        validate_update({"$set": {"a.b": 1, "a-x": 1, "a": 5}})  # "a-x" sorts between "a" and "a.b"
+    ix = SQLiteIndex(tmp_path / "i.sqlite")
+    with pytest.raises(QueryError):
+        ix.insert_one("docs\n", {"_id": "x"})
+    with pytest.raises(InvalidDocument, match="NUL"):
+        ix.insert_one("docs", {"_id": "x", "s": "a\0b"})  # the fast path of bulk writes checks it too
+    assert ix.count("docs") == 0
+    ix.close()

@@ -42,7 +42,7 @@ __all__ = ["MongoIndex", "REVISION", "pushdown"]
 
 REVISION = "_mlw_rev"
 META = "mlw__meta"  # collection names start with a letter, so no user collection maps to this
-_NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
+_NAME_RE = re.compile(r"^[a-z][a-z0-9_]*\Z")
 
 
 def _check_name(kind: str, name: Any) -> str:

@@ -45,7 +45,7 @@ except ImportError as _exc:  # pragma: no cover - depends on the installation
 
 __all__ = ["PostgresIndex"]
 
-_NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,47}$")  # c_ / ix_ prefixes must fit PostgreSQL's 63-byte names
+_NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,47}\Z")  # c_ / ix_ prefixes must fit PostgreSQL's 63-byte names
 _NOTIFY_TTL = 5.0  # seconds a writer trusts its cached "does anyone listen" flags
 
 
@@ -282,7 +282,7 @@ class PostgresIndex(Index):
                 text = json_text(doc)
             except ValueError:
                 pass
-        if text is None:
+        if text is None or "\\u0000" in text:  # NUL: the full validation names the string
             validate_document(doc)
             text = json_text(doc)
         for field in scalars:

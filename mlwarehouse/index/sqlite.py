@@ -44,7 +44,7 @@ from mlwarehouse.sql import REGEX_FUNCTION, SQLITE, Compiler, index_expressions
 
 __all__ = ["SQLiteIndex"]
 
-_NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
+_NAME_RE = re.compile(r"^[a-z][a-z0-9_]*\Z")
 _READ_ACTIONS = {sqlite3.SQLITE_SELECT, sqlite3.SQLITE_READ, sqlite3.SQLITE_FUNCTION,
                  getattr(sqlite3, "SQLITE_RECURSIVE", 33)}
 
@@ -265,7 +265,7 @@ class SQLiteIndex(Index):
                 text = json_text(doc)
             except ValueError:  # NaN or infinity: let the full validation name the field
                 pass
-        if text is None:
+        if text is None or "\\u0000" in text:  # NUL: the full validation names the string
             validate_document(doc)
             text = json_text(doc)
         for field in scalars:
