@@ -61,7 +61,8 @@ class Datasets:
         extra = normalize_fields(fields)
         for reserved in ("name", "version", "value", "description", "tags"):
             extra.pop(reserved, None)
-        doc = {"name": name, "description": description, "tags": normalize_value(list(tags), "tags"), **extra}
+        tags = [tags] if isinstance(tags, str) else list(tags)  # one tag as a plain string, as runs take it
+        doc = {"name": name, "description": description, "tags": normalize_value(tags, "tags"), **extra}
         for attempt in range(20):
             # packed on every attempt: a refused insert released the blobs the attempt before had written
             doc["value"] = self.project.pack(value, allow_pickle=allow_pickle)

@@ -66,6 +66,7 @@ class Run(Record):
         object.__setattr__(self, "_kinds", set())
         object.__setattr__(self, "_names", set())
         object.__setattr__(self, "nonfinite", 0)
+        object.__setattr__(self, "_fresh", False)  # started by this object: no stored steps to continue after
 
     # -- logging -------------------------------------------------------------------------------------------
     def log(self, kind: str = "train", *, step: int | None = None, epoch: int | None = None, **metrics) -> None:
@@ -79,7 +80,7 @@ class Run(Record):
         checked = self._names
         doc: dict[str, Any] = {"run": self.doc["_id"], "kind": kind, "step": None}
         if epoch is not None:
-            doc["epoch"] = epoch if type(epoch) is int else as_step(epoch, "epoch")
+            doc["epoch"] = _in_range(epoch if type(epoch) is int else as_step(epoch, "epoch"), "epoch")
         nonfinite = 0
         for key, value in metrics.items():
             t = type(value)
@@ -103,8 +104,8 @@ class Run(Record):
         with self._lock:
             if step is None:
                 step = self._next_step(kind)
-            elif type(step) is not int:
-                step = as_step(step, "step")
+            else:
+                step = _in_range(step if type(step) is int else as_step(step, "step"), "step")
             self._steps[kind] = step + 1
             if nonfinite:
                 object.__setattr__(self, "nonfinite", self.nonfinite + nonfinite)
@@ -123,10 +124,13 @@ class Run(Record):
 
     def _next_step(self, kind: str) -> int:
         step = self._steps.get(kind)
-        if step is None:  # a run picked up again: continue after its last logged step
-            sums = (self.doc.get("summary") or {}).get(kind) or {}
-            steps = [s.get("last_step") for s in sums.values() if isinstance(s, dict)]
-            step = max((s + 1 for s in steps if type(s) is int), default=0)
+        if step is None and self._fresh:
+            step = 0
+        elif step is None:  # a run picked up again: continue after its highest stored step of this kind
+            self._runs.flush()
+            top = self._runs.project.find_one(LOGS, {"run": self.id, "kind": kind}, sort=[("step", -1)],
+                                              projection={"step": 1})
+            step = top["step"] + 1 if top and type(top.get("step")) is int else 0
         return step
 
     def flush(self) -> "Run":
@@ -193,7 +197,8 @@ class Run(Record):
 
     def _end(self, status: str, fields: dict) -> None:
         update = {"status": status, "ended": utc_now(), **fields}
-        self._runs.project.update(RUNS, {"_id": self.id}, {"$set": update})
+        # only a running run ends: finish() after fail() (or a second finish) leaves the first ending as it is
+        self._runs.project.update(RUNS, {"_id": self.id, "status": "running"}, {"$set": update})
         self._runs.writer.forget([self.id])
         with _active_lock:
             if self in _active:
@@ -335,6 +340,7 @@ class Runs:
         }
         self.project.insert(RUNS, doc)
         run = Run(self, doc)
+        object.__setattr__(run, "_fresh", True)
         if current:
             with _active_lock:
                 _active.append(run)
@@ -445,3 +451,10 @@ def _dataset_id(dataset: Any) -> str:
     if isinstance(dataset, dict) and isinstance(dataset.get("_id"), str):
         return dataset["_id"]
     raise InvalidDocument(f"datasets takes dataset records or ids, not {type(dataset).__name__}")
+
+
+def _in_range(value: int, what: str) -> int:
+    """Steps and epochs are stored as 64-bit integers (the next default step must fit too)."""
+    if not -INT64 <= value < INT64 - 1:
+        raise InvalidDocument(f"{what} {value} does not fit in 64 bits")
+    return value

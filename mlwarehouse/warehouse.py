@@ -104,6 +104,9 @@ class Warehouse:
     def sql(self, query: str, params: Sequence[Any] | dict = ()) -> list[dict]:
         """Read-only SQL over the documented views (``runs``, ``metrics``, ``models``...); rows as dicts."""
         from mlwarehouse.views import ensure_views
+        for project in list(self._projects.values()):
+            if "runs" in project.__dict__:  # points logged in this process are in the views too
+                project.runs.flush()
         ensure_views(self.index)
         return self.index.sql(query, params)
 

@@ -199,3 +199,24 @@ def test_loading_a_dataset_inside_a_run_records_the_lineage(wh):
         run.use_datasets(other)
     assert wh.runs.get(run.id).datasets == [record.id, other.id]
     assert wh.runs.find(where={"datasets": record.id})[0].id == run.id
+
+
+def test_review_corners_of_runs_and_logs(wh):
+    from mlwarehouse.errors import InvalidDocument
+    run = wh.runs.start("r")
+    for step in range(10):
+        run.log("train", step=step, loss=float("nan") if step == 9 else 1.0)
+    run.log("events", note="text only")  # a kind without a numeric summary
+    assert wh.sql("select count(*) as n from metrics where run_id = ?", [run.id])[0]["n"] >= 9  # no flush needed
+    with pytest.raises(InvalidDocument, match="64 bits"):
+        run.log("train", step=2**64, loss=1.0)
+    run.fail("boom")
+    run.finish()  # a second ending leaves the first as it is
+    assert wh.runs.get(run.id).status == "failed" and wh.runs.get(run.id).error == "boom"
+    again = wh.runs.get(run.id)  # picked up again: steps go on after the highest stored one of each kind
+    again.log("train", loss=0.5)
+    again.log("events", note="more")
+    again.flush()
+    assert [p["step"] for p in again.history("train")][-2:] == [9, 10]
+    assert [p["step"] for p in again.history("events")] == [0, 1]
+    assert wh.datasets.save(np.zeros(2), "d", tags="tabular").doc["tags"] == ["tabular"]

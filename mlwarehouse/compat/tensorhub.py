@@ -63,10 +63,11 @@ class TensorHub:
                          **kwargs) -> Any:
         """The top matching dataset's value (newest when ``sort`` is None), or False if none matches."""
         try:
-            return self.project.datasets.load(dataset_name, where=kwargs, sort=sort, allow_pickle=allow_pickle)
+            record = self.project.datasets.get(dataset_name, where=kwargs, sort=sort)
         except NotFound:
             log.info("no dataset %r matching %r in project %r", dataset_name, kwargs, self.project_name)
             return False
+        return record.load(allow_pickle=allow_pickle)  # a blob gone missing is an error, not "no dataset"
 
     def find_datasets(self, dataset_name: str | None = None, *, allow_pickle: bool = False, **kwargs) -> list:
         """Every matching dataset's value, newest first."""
@@ -99,7 +100,7 @@ class TensorHub:
         if isinstance(network, dict):
             network = _Params(network)
         for key, value in record.doc.items():
-            if not key.startswith("_"):
+            if not key.startswith("_") and not hasattr(network, f"_{key}"):  # never over the object's own
                 try:
                     setattr(network, f"_{key}", value)
                 except (AttributeError, TypeError):
