@@ -25,9 +25,10 @@ import sys
 import threading
 import time
 import weakref
+from multiprocessing import util as mp_util
 from typing import Any
 
-from mlwarehouse.errors import BackendError, InvalidDocument, WarehouseError
+from mlwarehouse.errors import BackendError, DuplicateKey, InvalidDocument, WarehouseError
 from mlwarehouse.fields import normalize_value
 
 __all__ = ["LogWriter", "LOG_FIELDS", "LOGS", "RUNS", "check_kind", "check_metric_name", "as_step"]
@@ -252,7 +253,7 @@ class LogWriter:
             except BaseException as exc:  # kept and raised on the caller's next call
                 with cond:
                     self._error = exc
-                    self._lost += len(batch)
+                    self._lost += getattr(exc, "lost", len(batch))
             with cond:
                 self._done += len(batch)
                 cond.notify_all()
@@ -269,12 +270,36 @@ class LogWriter:
             forgotten, self._forgotten = self._forgotten, set()
         for run_id in forgotten:
             self._summaries.pop(run_id, None)
-        self.index.insert_many(LOGS, batch, chunk_size=self.chunk_size)
+        dropped: list[tuple[dict, InvalidDocument]] = []
+        try:
+            self.index.insert_many(LOGS, batch, chunk_size=self.chunk_size)
+        except InvalidDocument:  # a bad point: write the others one by one, drop only the bad ones
+            batch, dropped = self._one_by_one(batch)
         changed = self._summarize(batch)  # after the insert: a failed batch leaves the summaries as they were
         for run_id, paths in changed.items():
             sums = self._summaries[run_id]
             update = {f"summary.{kind}.{metric}": dict(sums[kind][metric]) for kind, metric in paths}
             self.index.update_many(RUNS, {"_id": run_id}, {"$set": update})
+        if dropped:
+            error = InvalidDocument(f"{len(dropped)} log point(s) could not be stored and were dropped, e.g. run "
+                                    f"{dropped[0][0].get('run')} step {dropped[0][0].get('step')}: {dropped[0][1]}")
+            error.lost = len(dropped)
+            raise error
+
+    def _one_by_one(self, batch: list[dict]) -> tuple[list[dict], list[tuple[dict, InvalidDocument]]]:
+        """Insert each point alone: (the points now stored, the points refused with their errors). A point an
+        earlier chunk of the batch already committed counts as stored."""
+        written, dropped = [], []
+        for doc in batch:
+            try:
+                self.index.insert_one(LOGS, doc)
+            except DuplicateKey:
+                pass
+            except InvalidDocument as exc:
+                dropped.append((doc, exc))
+                continue
+            written.append(doc)
+        return written, dropped
 
     def _load(self, run_id: str) -> dict:
         doc = self.index.find_one(RUNS, {"_id": run_id}, projection={"summary": 1})
@@ -348,6 +373,19 @@ def _after_fork_in_child() -> None:
         writer._summaries = {}
 
 
+class _ForkedProcess:
+    """A multiprocessing child ends with os._exit, which skips atexit; its finalizers (registered after
+    multiprocessing has cleared the parent's) still run, so they flush the child's writers."""
+
+    @staticmethod
+    def started(_) -> None:
+        mp_util.Finalize(None, _flush_all_at_exit, exitpriority=10)
+
+
+_FORKED = _ForkedProcess()
+
+
 atexit.register(_flush_all_at_exit)
+mp_util.register_after_fork(_FORKED, _ForkedProcess.started)
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)

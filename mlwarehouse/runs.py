@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from mlwarehouse.documents import check_value
 from mlwarehouse.errors import InvalidDocument, NotFound, QueryError, WarehouseError
 from mlwarehouse.fields import normalize_fields, normalize_value
 from mlwarehouse.ids import new_id, utc_now
@@ -91,7 +92,10 @@ class Run(Record):
             elif t is int:
                 if not -INT64 <= value < INT64:
                     raise InvalidDocument(f"{key}: integer {value} does not fit in 64 bits")
-            elif t is not str and t is not bool and value is not None:
+            elif t is str:
+                if "\0" in value or not value.isascii():
+                    check_value(value, key)  # NUL or a lone surrogate: refused here, not in the writer's batch
+            elif t is not bool and value is not None:
                 new = normalize_value(value, key, nonfinite="null")
                 if new is None:
                     nonfinite += 1

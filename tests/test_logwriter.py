@@ -164,3 +164,37 @@ def test_batch_ids_are_unique_sorted_ulids():
     ids = make(5000) + make(3) + make(1)
     assert len(set(ids)) == len(ids) and ids == sorted(ids) and {len(i) for i in ids} == {26}
     assert all(c in "0123456789ABCDEFGHJKMNPQRSTVWXYZ" for c in "".join(ids[:50]))
+
+
+def _log_in_child(home, run_id):
+    import mlwarehouse
+    wh = mlwarehouse.connect(home=home)
+    run = wh.runs.get(run_id)
+    for step in range(300):
+        run.log("train", step=1000 + step, loss=1.0)
+    # no flush: the child ends with os._exit, the writer's finalizer flushes
+
+
+def test_a_bad_point_drops_alone_and_multiprocessing_children_flush(tmp_path):
+    import multiprocessing
+
+    import mlwarehouse
+    from mlwarehouse.errors import InvalidDocument
+    with mlwarehouse.connect(home=tmp_path / "wh") as wh:
+        run = wh.runs.start("r")
+        with pytest.raises(InvalidDocument, match="NUL"):
+            run.log("train", step=0, note="a\0b")  # refused at the call
+        writer = wh.project().runs.writer
+        for step in range(5):
+            writer.put({"run": run.id, "kind": "train", "step": step, "loss": 1.0, "time": 0.0,
+                        "note": "bad\0" if step == 2 else "ok"})  # one bad point slips past log() checks
+        with pytest.raises(InvalidDocument, match="1 log point"):
+            run.flush()
+        assert [p["step"] for p in run.history("train")] == [0, 1, 3, 4]
+        assert run.refresh().summary["train"]["loss"]["count"] == 4
+        ctx = multiprocessing.get_context("fork")
+        proc = ctx.Process(target=_log_in_child, args=(str(tmp_path / "wh"), run.id))
+        proc.start()
+        proc.join(60)
+        assert proc.exitcode == 0
+        assert len(run.history("train")) == 304
