@@ -83,7 +83,7 @@ class ItemDatasets:
         check_name("dataset", name)
         if version is not None and (not isinstance(version, (str, int)) or isinstance(version, bool)):
             raise InvalidDocument(f"version must be a string or an integer, not {version!r}")
-        if isinstance(shard_bytes, bool) or not isinstance(shard_bytes, int) or not 1 << 16 <= shard_bytes <= 1 << 30:
+        if type(shard_bytes) is not int or not 1 << 16 <= shard_bytes <= 1 << 30:
             raise InvalidDocument(f"shard_bytes must be between 64 KiB and 1 GiB, not {shard_bytes}")
         extra = normalize_fields(fields)
         doc = {**extra, "name": name, "kind": "items", "state": "open", "description": description,

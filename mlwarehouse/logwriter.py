@@ -373,19 +373,13 @@ def _after_fork_in_child() -> None:
         writer._summaries = {}
 
 
-class _ForkedProcess:
-    """A multiprocessing child ends with os._exit, which skips atexit; its finalizers (registered after
+def _flush_at_multiprocessing_exit(_) -> None:
+    """A multiprocessing child ends with os._exit, which skips atexit; its finalizers (registered here, after
     multiprocessing has cleared the parent's) still run, so they flush the child's writers."""
-
-    @staticmethod
-    def started(_) -> None:
-        mp_util.Finalize(None, _flush_all_at_exit, exitpriority=10)
-
-
-_FORKED = _ForkedProcess()
+    mp_util.Finalize(None, _flush_all_at_exit, exitpriority=10)
 
 
 atexit.register(_flush_all_at_exit)
-mp_util.register_after_fork(_FORKED, _ForkedProcess.started)
+mp_util.register_after_fork(_flush_all_at_exit, _flush_at_multiprocessing_exit)
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
