@@ -241,21 +241,25 @@ def decompress(data: Buffer, meta: dict) -> bytearray:
     if framed >= 0 and framed != raw:  # checked before allocating what the metadata claims
         raise CodecError(f"compressed blob meta says {raw} bytes, its zstd frame says {framed}")
     out = bytearray(raw)
+    decompress_into(data, memoryview(out))
+    return out
+
+
+def decompress_into(data: Buffer, dest: memoryview) -> None:
+    """zstd-decompress ``data`` straight into ``dest``, which it must fill exactly (one copy, GIL released)."""
     try:
         reader = _zstd()[1].stream_reader(data, read_size=1 << 20)
         filled = 0
-        view = memoryview(out)
-        while filled < raw:
-            n = reader.readinto(view[filled:])
+        while filled < len(dest):
+            n = reader.readinto(dest[filled:])
             if n == 0:
                 break
             filled += n
         extra = reader.read(1)
     except zstandard.ZstdError as exc:
         raise CodecError(f"cannot decompress a zstd payload of {len(data)} bytes: {exc}") from exc
-    if filled != raw or extra:
-        raise CodecError(f"zstd payload does not hold the recorded {raw} bytes")
-    return out
+    if filled != len(dest) or extra:
+        raise CodecError(f"zstd payload does not hold the recorded {len(dest)} bytes")
 
 
 # -- built-in codecs -----------------------------------------------------------------------------------------

@@ -21,9 +21,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import zstandard
 
-from mlwarehouse.codecs import compress, decompress
+from mlwarehouse.codecs import compress, decompress, decompress_into
 from mlwarehouse.errors import CodecError, IntegrityError
 
 __all__ = ["MAGIC", "BLOCK", "FieldSpec", "build_shard", "Shard", "ShardHeader", "read_header", "read_item",
@@ -324,24 +323,10 @@ class Shard:
         return column
 
 
-_tls = threading.local()
-
-
 def _decompress_into(data: memoryview, dest: memoryview) -> None:
-    """zstd-decompress ``data`` straight into ``dest``, which it must fill exactly (one copy, GIL released)."""
-    dctx = getattr(_tls, "dctx", None)
-    if dctx is None:
-        dctx = _tls.dctx = zstandard.ZstdDecompressor()
+    """A block decompressed into its place in the column; a block that does not decompress to exactly its
+    recorded size is a corrupted shard."""
     try:
-        reader = dctx.stream_reader(data, read_size=len(data) or 1)
-        filled = 0
-        while filled < len(dest):
-            n = reader.readinto(dest[filled:])
-            if n == 0:
-                break
-            filled += n
-        extra = reader.read(1)
-    except zstandard.ZstdError as exc:
+        decompress_into(data, dest)
+    except CodecError as exc:
         raise _corrupt(f"a block does not decompress ({exc})") from None
-    if filled != len(dest) or extra:
-        raise _corrupt(f"a block does not hold the recorded {len(dest)} bytes")
