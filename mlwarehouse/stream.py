@@ -191,8 +191,11 @@ class ItemStream:
             flt = ds._scope(self.where if not snapshot else {"$and": [self.where, {"_id": {"$lte": snapshot}}]})
             position: dict[str, int] = {}
             sh, rw = [], []
+            committed = set(ds._committed())
             for doc in project.find(ITEMS, flt, sort=[("_id", 1)], projection={"shard": 1, "row": 1}):
                 k = doc["shard"]
+                if k not in committed:
+                    continue  # an item of a shard an append has not committed (yet, or ever: it was killed)
                 if k not in position:
                     position[k] = len(keys)
                     keys.append(k)
@@ -200,15 +203,6 @@ class ItemStream:
                 rw.append(doc["row"])
                 newest = doc["_id"]
             shard_of, rows = [np.asarray(sh, np.int64)], [np.asarray(rw, np.int64)]
-            committed = set(ds._committed())
-            if keys and not committed.issuperset(keys):  # items of a shard an append has not committed yet
-                ok = np.array([k in committed for k in keys])
-                keep = ok[shard_of[0]]
-                old = np.flatnonzero(ok)
-                keys = [keys[i] for i in old]
-                renumber = np.full(len(ok), -1, np.int64)
-                renumber[old] = np.arange(len(old))
-                shard_of, rows = [renumber[shard_of[0][keep]]], [rows[0][keep]]
         shard = np.concatenate(shard_of) if shard_of else np.zeros(0, np.int64)
         row = np.concatenate(rows) if rows else np.zeros(0, np.int64)
         if self.shuffle and len(row):
