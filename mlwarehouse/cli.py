@@ -417,11 +417,7 @@ def main() -> None:
     """Entry point: typer app with WarehouseErrors shown as one line."""
     try:
         code = app(standalone_mode=False)  # a typer.Exit inside a sub-app comes back as its code
-    except WarehouseError as exc:
-        err_console.print(Text("error:", style="red"), f"{type(exc).__name__}: {exc}", highlight=False,
-                          soft_wrap=True)
-        sys.exit(1)
-    except OSError as exc:  # a file named on the command line that cannot be read or written
+    except (WarehouseError, OSError) as exc:  # OSError: a file named on the command line
         err_console.print(Text("error:", style="red"), f"{type(exc).__name__}: {exc}", highlight=False,
                           soft_wrap=True)
         sys.exit(1)
