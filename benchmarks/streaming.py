@@ -108,8 +108,6 @@ def bench(kind: str, scale: float, tmp: Path, s3: dict | None, epochs: int, coun
         for a in range(0, n, batch):
             np.stack([np.frombuffer(per_item.get(keys[i]), np.uint8) for i in order[a:a + batch]])
 
-    reader = ds.reader()
-
     def cold():
         MEMORY.resize(0)  # empties the memory cache: every shard is fetched, verified and decoded again
         MEMORY.resize(MEMORY_BYTES)
