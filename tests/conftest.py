@@ -1,9 +1,10 @@
-"""Shared fixtures: a fresh embedded warehouse per test, with no environment leaking in."""
+"""Shared fixtures (a fresh embedded warehouse per test, with no environment leaking in) and process helpers."""
 
 from __future__ import annotations
 
 import os
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,23 @@ import pytest
 from mlwarehouse.testing.servers import s3_server  # noqa: F401  (session-scoped SeaweedFS)
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def wait_for(predicate, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(0.05)
+
+
+def alive(pid: int) -> bool:
+    stat = Path(f"/proc/{pid}/stat")
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return not stat.exists() or stat.read_text().split()[2] != "Z"  # a zombie is dead
 
 
 @pytest.fixture(autouse=True)

@@ -9,9 +9,8 @@ import sys
 import textwrap
 import time
 
-from pathlib import Path
-
 import pytest
+from conftest import alive, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -27,23 +26,6 @@ SCRIPT = textwrap.dedent("""
         time.sleep(60)
     value = attempt
 """)
-
-
-def wait_for(predicate, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.05)
-
-
-def alive(pid: int) -> bool:
-    stat = Path(f"/proc/{pid}/stat")
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return not stat.exists() or stat.read_text().split()[2] != "Z"  # a zombie is dead
 
 
 def start_worker(env, lease: float) -> subprocess.Popen:

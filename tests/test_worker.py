@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import textwrap
 import threading
 import time
 from pathlib import Path
 
 import pytest
+from conftest import alive, wait_for
 
 from mlwarehouse.errors import BackendError, TaskError
 from mlwarehouse.worker import Worker
@@ -28,22 +28,6 @@ def script(tmp_path: Path, name: str, text: str) -> Path:
 def work(p, task_name, **options) -> int:
     options.setdefault("lease_seconds", 10)
     return Worker(p, task_name, once=True, verbose=False, **options).run()
-
-
-def wait_for(predicate, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.05)
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return not Path(f"/proc/{pid}/stat").exists() or Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
 
 
 def test_a_script_runs_with_globals_results_output_and_a_run(p, tmp_path):
