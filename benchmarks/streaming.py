@@ -31,10 +31,10 @@ sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != 
 
 import mlwarehouse  # noqa: E402
 from mlwarehouse.blobs.files import FileBlobStore  # noqa: E402
-from mlwarehouse.items import ItemDatasets  # noqa: E402
-from mlwarehouse.shardcache import ShardCache  # noqa: E402
-from mlwarehouse.shardmemory import MEMORY, MEMORY_BYTES  # noqa: E402
-from mlwarehouse.stream import batch_order  # noqa: E402
+from mlwarehouse.datasets.items import ItemDatasets  # noqa: E402
+from mlwarehouse.datasets.shardcache import ShardCache  # noqa: E402
+from mlwarehouse.datasets.shardmemory import MEMORY, MEMORY_BYTES  # noqa: E402
+from mlwarehouse.datasets.stream import batch_order  # noqa: E402
 
 
 def workload(kind: str, scale: float) -> tuple[np.ndarray, np.ndarray, int]:

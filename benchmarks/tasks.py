@@ -37,7 +37,7 @@ sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != 
 import mlwarehouse  # noqa: E402
 from mlwarehouse.ids import parse_time  # noqa: E402
 
-WORKER = ("import sys; from mlwarehouse import connect; from mlwarehouse.worker import Worker; "
+WORKER = ("import sys; from mlwarehouse import connect; from mlwarehouse.tasks.worker import Worker; "
           "Worker(connect().project('bench'), sys.argv[1], concurrency=int(sys.argv[2]), verbose=False).run()")
 
 

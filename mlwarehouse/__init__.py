@@ -23,8 +23,8 @@ __all__ = [
 
 _LAZY = {
     "TensorHub": ("mlwarehouse.compat.tensorhub", "TensorHub"),
-    "current_run": ("mlwarehouse.runs", "current_run"),
-    "current_task": ("mlwarehouse.tasks", "current_task"),
+    "current_run": ("mlwarehouse.runs.registry", "current_run"),
+    "current_task": ("mlwarehouse.tasks.queue", "current_task"),
     "register_codec": ("mlwarehouse.codecs", "register_codec"),
 }
 

@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
-from mlwarehouse import values
+from mlwarehouse.codecs import values
 from mlwarehouse.blobs.base import BlobStore
-from mlwarehouse.documents import validate_document
+from mlwarehouse.query.documents import validate_document
 from mlwarehouse.errors import DuplicateKey, InvalidDocument, NotFound, QueryError
 from mlwarehouse.ids import new_id, parse_time, utc_now
 from mlwarehouse.index.base import Filter, Index, Sort
@@ -103,7 +103,7 @@ class Warehouse:
     # -- SQL -----------------------------------------------------------------------------------------------
     def sql(self, query: str, params: Sequence[Any] | dict = ()) -> list[dict]:
         """Read-only SQL over the documented views (``runs``, ``metrics``, ``models``...); rows as dicts."""
-        from mlwarehouse.views import ensure_views
+        from mlwarehouse.index.views import ensure_views
         for project in list(self._projects.values()):
             if "runs" in project.__dict__:  # points logged in this process are in the views too
                 project.runs.flush()
@@ -226,27 +226,27 @@ class Project:
     # -- domains -------------------------------------------------------------------------------------------
     @cached_property
     def datasets(self):
-        from mlwarehouse.datasets import Datasets
+        from mlwarehouse.datasets.whole import Datasets
         return Datasets(self)
 
     @cached_property
     def items(self):
-        from mlwarehouse.items import ItemDatasets
+        from mlwarehouse.datasets.items import ItemDatasets
         return ItemDatasets(self)
 
     @cached_property
     def models(self):
-        from mlwarehouse.models import Models
+        from mlwarehouse.models.registry import Models
         return Models(self)
 
     @cached_property
     def runs(self):
-        from mlwarehouse.runs import Runs
+        from mlwarehouse.runs.registry import Runs
         return Runs(self)
 
     @cached_property
     def tasks(self):
-        from mlwarehouse.tasks import Tasks
+        from mlwarehouse.tasks.queue import Tasks
         return Tasks(self)
 
     # -- values --------------------------------------------------------------------------------------------

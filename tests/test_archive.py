@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 import mlwarehouse
-from mlwarehouse.archive import export_project, import_project, read_manifest
-from mlwarehouse.demo import SCRIPT
+from mlwarehouse.archive.tarball import export_project, import_project, read_manifest
+from mlwarehouse.examples.demo import SCRIPT
 from mlwarehouse.errors import DuplicateKey, IntegrityError, NotFound
 
 torch = pytest.importorskip("torch")

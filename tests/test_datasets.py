@@ -102,7 +102,7 @@ def test_item_datasets_are_listed_and_loaded_as_datasets(wh):
 
 
 def test_a_version_collision_retries_with_its_blobs_rewritten(wh, monkeypatch):
-    from mlwarehouse.datasets import Datasets
+    from mlwarehouse.datasets.whole import Datasets
     wh.datasets.save(np.zeros(3), "d")
     real, calls = Datasets._next_version, []
 

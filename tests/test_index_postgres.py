@@ -21,8 +21,8 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo  # noqa: E402
 
 from mlwarehouse.errors import ConfigError, QueryError, Unavailable  # noqa: E402
 from mlwarehouse.index.postgres import PostgresIndex  # noqa: E402
-from mlwarehouse.sql import Compiler  # noqa: E402
-from mlwarehouse.sql_postgres import POSTGRES  # noqa: E402
+from mlwarehouse.index.sql.compiler import Compiler  # noqa: E402
+from mlwarehouse.index.sql.postgres_dialect import POSTGRES  # noqa: E402
 from mlwarehouse.testing.index_conformance import IndexTests, docs  # noqa: E402
 from mlwarehouse.testing.postgres_server import postgres_server  # noqa: E402,F401
 

@@ -36,7 +36,7 @@ def test_index_plan_serves_best_model_query(ix):
     ix.create_index("models", [("name", 1), ("acc", -1)])
     best = ix.find_one("models", {"name": "mlp", "acc": {"$gt": 0.5}}, sort=[("acc", -1)])
     assert best["acc"] == max(d["acc"] for d in ix.find("models", {"name": "mlp"}))
-    from mlwarehouse.sql import Compiler
+    from mlwarehouse.index.sql.compiler import Compiler
     c = Compiler(scalar_fields=["name"])
     where, order = c.where({"name": "mlp", "acc": {"$gt": 0.5}}), c.order_by([("acc", -1)])
     plan = ix.sql(f"EXPLAIN QUERY PLAN SELECT doc FROM c_models WHERE {where} ORDER BY {order} LIMIT 1", c.params)

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from mlwarehouse.errors import IntegrityError, InvalidDocument, NotFound
-from mlwarehouse.items import ItemDatasets, SHARDS
-from mlwarehouse.shards import FieldSpec, Shard, build_shard, is_precompressed, read_header, read_item
+from mlwarehouse.datasets.items import ItemDatasets, SHARDS
+from mlwarehouse.datasets.shards import FieldSpec, Shard, build_shard, is_precompressed, read_header, read_item
 from mlwarehouse.web.arrays import to_png
 
 
@@ -135,7 +135,7 @@ def test_corrupted_shard_raises_integrity_error(items, wh):
 def test_cli_import_and_show(tmp_path):
     from typer.testing import CliRunner
 
-    from mlwarehouse.cli_items import items_app
+    from mlwarehouse.cli.items import items_app
     np.savez(tmp_path / "a.npz", x=np.zeros((30, 5), np.float32), label=np.arange(30))
     home = str(tmp_path / "wh")
     runner = CliRunner()

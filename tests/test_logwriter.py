@@ -11,7 +11,7 @@ import pytest
 import mlwarehouse
 from mlwarehouse.errors import InvalidDocument
 from mlwarehouse.index.sqlite import SQLiteIndex
-from mlwarehouse.logwriter import LogWriter, _BatchIds
+from mlwarehouse.runs.logwriter import LogWriter, _BatchIds
 
 from conftest import PYTHON
 

@@ -6,7 +6,7 @@ import pytest
 
 import mlwarehouse
 from mlwarehouse.errors import InvalidDocument, QueryError
-from mlwarehouse.mldb import Database
+from mlwarehouse.compat.mldb import Database
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from mlwarehouse.errors import CodecError, InvalidDocument, NotFound, PickleNotAllowed, QueryError
-from mlwarehouse.models import Retention
+from mlwarehouse.models.registry import Retention
 
 torch = pytest.importorskip("torch")
 from torch import nn  # noqa: E402
@@ -180,9 +180,9 @@ def test_retention_policy_rules():
 
 def test_run_defaults_to_the_current_run(wh, monkeypatch):
     import types
-    fake_runs = types.ModuleType("mlwarehouse.runs")
+    fake_runs = types.ModuleType("mlwarehouse.runs.registry")
     fake_runs.current_run = lambda: types.SimpleNamespace(id="CURRENT")
-    monkeypatch.setitem(sys.modules, "mlwarehouse.runs", fake_runs)
+    monkeypatch.setitem(sys.modules, "mlwarehouse.runs.registry", fake_runs)
     rec = wh.project("r").models.save({"w": np.ones(1)}, "x")
     assert rec.run == "CURRENT"
     assert wh.project("r").models.save({"w": np.ones(1)}, "x", run="MINE").run == "MINE"

@@ -207,7 +207,7 @@ def test_valid_document():
 def test_corners_found_in_review_are_refused_with_query_errors(tmp_path):
     from mlwarehouse.index.sqlite import SQLiteIndex
     from mlwarehouse.query import parse_filter
-    from mlwarehouse.updates import validate_update
+    from mlwarehouse.query.updates import validate_update
     for bad in ({"a\n": 1}, {"a.0\n": 1}, {"a": {"$size": 2**64}}, {"a": [float("inf")]},
                 {"a": {"$gt": {"k": float("-inf")}}}):
         with pytest.raises(QueryError):

@@ -9,7 +9,7 @@ import pytest
 
 import mlwarehouse
 from mlwarehouse.errors import InvalidDocument, NotFound, QueryError
-from mlwarehouse.runs import current_run
+from mlwarehouse.runs.registry import current_run
 
 
 def test_run_context_manager_logs_and_summaries(wh):

@@ -9,7 +9,7 @@ import os
 import pytest
 
 from mlwarehouse.errors import ConfigError
-from mlwarehouse.shardcache import ShardCache
+from mlwarehouse.datasets.shardcache import ShardCache
 
 
 def blob(i: int, size: int) -> tuple[str, bytes]:

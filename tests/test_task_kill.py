@@ -14,7 +14,7 @@ from conftest import alive, wait_for
 
 pytestmark = pytest.mark.slow
 
-WORKER = ("import sys; from mlwarehouse import connect; from mlwarehouse.worker import Worker; "
+WORKER = ("import sys; from mlwarehouse import connect; from mlwarehouse.tasks.worker import Worker; "
           "Worker(connect().project('k'), 'k', lease_seconds=float(sys.argv[1]), verbose=False, kill_grace=2).run()")
 
 SCRIPT = textwrap.dedent("""

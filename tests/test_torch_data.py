@@ -9,8 +9,8 @@ torch = pytest.importorskip("torch")
 
 from torch.utils.data import DataLoader  # noqa: E402
 
-from mlwarehouse.items import ItemDatasets  # noqa: E402
-from mlwarehouse.torch_data import ItemIterableDataset, ItemMapDataset  # noqa: E402
+from mlwarehouse.datasets.items import ItemDatasets  # noqa: E402
+from mlwarehouse.datasets.torch_data import ItemIterableDataset, ItemMapDataset  # noqa: E402
 
 N = 600
 

@@ -9,7 +9,7 @@ import pytest
 
 import mlwarehouse
 from mlwarehouse.errors import QueryError
-from mlwarehouse.views import VIEWS, ensure_views
+from mlwarehouse.index.views import VIEWS, ensure_views
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ import pytest
 from conftest import alive, wait_for
 
 from mlwarehouse.errors import BackendError, TaskError
-from mlwarehouse.worker import Worker
+from mlwarehouse.tasks.worker import Worker
 
 
 @pytest.fixture

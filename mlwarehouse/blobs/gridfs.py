@@ -24,7 +24,7 @@ from typing import Any, BinaryIO
 
 from mlwarehouse.blobs.base import BlobInfo, BlobStore, blob_key, check_key
 from mlwarehouse.errors import IntegrityError, NotFound
-from mlwarehouse.mongo_common import Connection
+from mlwarehouse.drivers.mongo import Connection
 
 import gridfs  # noqa: E402  (after mongo_common, which explains a missing pymongo)
 

@@ -10,7 +10,7 @@ with their document's fields readable as ``net._<field>`` (e.g. ``net._test_accu
 Fixed: nothing is pickled (arrays and state dicts go through codecs; pass ``allow_pickle=True`` to store other
 objects); deletes remove their blobs; errors raise typed exceptions instead of being printed and swallowed;
 ``sort=None`` means newest first, not the database's natural order; the task name is stored and honoured, tasks have
-leases, bounded retries and a fresh namespace each (see :mod:`mlwarehouse.tasks`); logs can be read back
+leases, bounded retries and a fresh namespace each (see :mod:`mlwarehouse.tasks.queue`); logs can be read back
 (``find_training_logs`` ...).
 """
 
@@ -168,7 +168,7 @@ class TensorHub:
         Returns True if a task ran (finished or failed), False if none was pending. This executes the task's
         script: call it only on a machine meant to run tasks.
         """
-        from mlwarehouse.worker import Worker
+        from mlwarehouse.tasks.worker import Worker
         worker = Worker(self.project, task_name, concurrency=1, once=True, verbose=False)
         return worker.run_one(where=kwargs or None, sort=sort) is not None
 

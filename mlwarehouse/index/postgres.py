@@ -2,7 +2,7 @@
 
 Tables are ``c_<collection>(id TEXT COLLATE "C" PRIMARY KEY, doc JSON NOT NULL)``; ``mlw_meta`` records each
 collection's scalar fields, indexes and whether writes notify listeners. ``json`` (not ``jsonb``) keeps each
-document's exact text, which the reference semantics need (see :class:`mlwarehouse.sql.PostgresDialect`).
+document's exact text, which the reference semantics need (see :class:`mlwarehouse.index.sql.compiler.PostgresDialect`).
 Filters and sorts compile to SQL with bound parameters; updates are applied in Python
 (:func:`mlwarehouse.query.apply_update`) to rows locked with ``SELECT ... FOR UPDATE`` in one transaction, so
 ``find_one_and_update`` is atomic across machines (``SKIP LOCKED`` first, so claimers do not queue behind each
@@ -26,13 +26,13 @@ from contextlib import contextmanager
 from itertools import islice
 from typing import Any
 
-from mlwarehouse.documents import plausible_document, validate_document
+from mlwarehouse.query.documents import plausible_document, validate_document
 from mlwarehouse.errors import BackendError, ConfigError, DuplicateKey, InvalidDocument, QueryError, Unavailable
 from mlwarehouse.index.base import Filter, Index, Projection, Sort, Update
 from mlwarehouse.query import (apply_update, get_path, json_text, parse_filter, project, split_path,
                                validate_projection, validate_sort, validate_update)
-from mlwarehouse.sql import Compiler, sort_expressions
-from mlwarehouse.sql_postgres import POSTGRES
+from mlwarehouse.index.sql.compiler import Compiler, sort_expressions
+from mlwarehouse.index.sql.postgres_dialect import POSTGRES
 
 try:
     import psycopg

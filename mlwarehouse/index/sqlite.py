@@ -1,7 +1,7 @@
 """The embedded index: one SQLite file, one table per collection, documents as compact JSON text.
 
 Tables are ``c_<collection>(id TEXT PRIMARY KEY, doc TEXT NOT NULL)``; ``mlw_meta`` records each collection's
-scalar fields and indexes. Filters and sorts compile to SQL (:mod:`mlwarehouse.sql`); updates are applied in
+scalar fields and indexes. Filters and sorts compile to SQL (:mod:`mlwarehouse.index.sql.compiler`); updates are applied in
 Python (:func:`mlwarehouse.query.apply_update`) inside ``BEGIN IMMEDIATE`` transactions, so every write,
 including ``find_one_and_update``, is atomic across threads and processes. The database runs in WAL mode with
 a long busy timeout, so concurrent writers wait for each other instead of failing.
@@ -35,12 +35,12 @@ from itertools import islice
 from pathlib import Path
 from typing import Any
 
-from mlwarehouse.documents import plausible_document, projector, validate_document
+from mlwarehouse.query.documents import plausible_document, projector, validate_document
 from mlwarehouse.errors import BackendError, DuplicateKey, InvalidDocument, QueryError
 from mlwarehouse.index.base import Filter, Index, Projection, Sort, Update
 from mlwarehouse.query import (compile_regex, get_path, json_text, parse_filter, split_path, validate_sort,
                                validate_update, apply_update)
-from mlwarehouse.sql import REGEX_FUNCTION, SQLITE, Compiler, index_expressions
+from mlwarehouse.index.sql.compiler import REGEX_FUNCTION, SQLITE, Compiler, index_expressions
 
 __all__ = ["SQLiteIndex"]
 

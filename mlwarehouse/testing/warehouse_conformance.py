@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from mlwarehouse import DuplicateKey, IntegrityError, NotFound, QueryError, TensorHub
-from mlwarehouse.worker import Worker
+from mlwarehouse.tasks.worker import Worker
 
 __all__ = ["WarehouseTests"]
 

@@ -25,7 +25,7 @@ from fastapi.templating import Jinja2Templates
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mlwarehouse.errors import NotFound, QueryError, WarehouseError
-from mlwarehouse.jsonvalues import PATH_RE
+from mlwarehouse.query.jsonvalues import PATH_RE
 from mlwarehouse.web import data
 from mlwarehouse.web.api import router
 from mlwarehouse.web.arrays import describe, image_view, leaves, png_data_uri, preview_images

@@ -1,0 +1,1 @@
+"""Portable archives of a project: ``mlw export`` / ``mlw import`` (:mod:`.tarball`)."""

@@ -1,0 +1,479 @@
+"""Item datasets: many small items (arrays, encoded images, bytes, scalar fields) packed into shards of a few MB.
+
+A version is one document in the ``datasets`` collection (``kind: "items"``, shared with whole-value datasets, so
+versions number 1, 2, 3... per name either way), one ``item_shards`` document per shard (it references the shard
+blob, so deletes and ``gc`` account for it) and one ``items`` document per item holding its scalar fields (label,
+tags...), its shard and its row, so a query selects items. Shards are written before any document that names
+them (blobs first, index second). ``finish()`` makes a version immutable; ``new_version()`` reuses its shards.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mlwarehouse.errors import DuplicateKey, InvalidDocument, NotFound, QueryError
+from mlwarehouse.query.fields import RESERVED_FIELDS, normalize_fields, normalize_value
+from mlwarehouse.ids import new_id
+from mlwarehouse.query.records import Record, check_name
+from mlwarehouse.datasets.shards import FieldSpec, build_shard
+
+__all__ = ["ItemDatasets", "ItemDataset", "ItemRecord", "DATASETS", "ITEMS", "SHARDS"]
+
+DATASETS, ITEMS, SHARDS = "datasets", "items", "item_shards"
+ITEM_RESERVED = RESERVED_FIELDS | {"dataset", "version", "shard", "row"}
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff"})
+SHARD_CODEC = "mlw-shard"
+
+
+def _kind(value: Any) -> str:
+    """"array", "bytes" or "scalar" for one item value."""
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return "bytes"
+    if isinstance(value, np.ndarray):
+        return "array" if value.ndim else "scalar"
+    if hasattr(value, "detach") and hasattr(value, "numpy"):  # a torch tensor
+        return "array" if value.dim() else "scalar"
+    return "scalar"
+
+
+def _as_array(value: Any) -> np.ndarray:
+    array = value.detach().cpu().numpy() if hasattr(value, "detach") else value
+    if array.dtype.hasobject:
+        raise InvalidDocument("arrays of Python objects cannot go into shards (they would need pickle): "
+                              "use numeric arrays, bytes, or scalar fields")
+    return array
+
+
+class ItemRecord(Record):
+    """One item's index document (scalar fields as attributes); ``load()`` reads its data fields (verified)."""
+
+    __slots__ = ("_dataset",)
+
+    def __init__(self, doc: dict, dataset: "ItemDataset"):
+        super().__init__(doc)
+        object.__setattr__(self, "_dataset", dataset)
+
+    def load(self) -> dict:
+        return self._dataset.reader().item(self.doc["shard"], self.doc["row"], self._dataset.field_names)
+
+
+class ItemDatasets:
+    """The item datasets of one project: ``ItemDatasets(project).create("mnist")``."""
+
+    def __init__(self, project):
+        self.project = project
+        index = project.index
+        index.ensure_collection(DATASETS, scalar_fields=["project", "name", "version"])
+        index.create_index(DATASETS, [("project", 1), ("name", 1), ("version", 1)], unique=True)
+        index.create_index(DATASETS, [("project", 1), ("name", 1), ("time", -1)])
+        index.ensure_collection(ITEMS, scalar_fields=["project", "dataset", "version", "shard", "row"])
+        index.create_index(ITEMS, [("project", 1), ("dataset", 1), ("version", 1)])
+        index.create_index(ITEMS, [("shard", 1), ("row", 1)])
+        index.ensure_collection(SHARDS, scalar_fields=["project", "dataset", "version", "shard"])
+        index.create_index(SHARDS, [("project", 1), ("dataset", 1), ("version", 1)])
+
+    def create(self, name: str, *, version: str | int | None = None, description: str | None = None,
+               tags: Iterable[str] = (), shard_bytes: int = 16 << 20, **fields) -> "ItemDataset":
+        """A new, open version of item dataset ``name`` (version: one more than the highest integer one)."""
+        check_name("dataset", name)
+        if version is not None and (not isinstance(version, (str, int)) or isinstance(version, bool)):
+            raise InvalidDocument(f"version must be a string or an integer, not {version!r}")
+        if type(shard_bytes) is not int or not 1 << 16 <= shard_bytes <= 1 << 30:
+            raise InvalidDocument(f"shard_bytes must be between 64 KiB and 1 GiB, not {shard_bytes}")
+        extra = normalize_fields(fields)
+        doc = {**extra, "name": name, "kind": "items", "state": "open", "description": description,
+               "tags": normalize_value(list(tags), "tags"), "fields": {}, "count": 0, "shards": 0, "bytes": 0,
+               "shard_bytes": shard_bytes}
+        for _ in range(20):
+            doc["version"] = self._next_version(name) if version is None else version
+            doc.pop("_id", None)
+            try:
+                return ItemDataset(self.project.insert(DATASETS, doc), self)
+            except DuplicateKey:
+                if version is not None:
+                    raise DuplicateKey(f"dataset {name!r} version {version!r} already exists in project "
+                                       f"{self.project.name!r}; versions are immutable") from None
+        raise DuplicateKey(f"could not allocate a version for dataset {name!r} (too many concurrent creates)")
+
+    def _next_version(self, name: str) -> int:
+        top = self.project.find_one(DATASETS, {"name": name, "version": {"$gte": 0}}, sort=[("version", -1)],
+                                    projection={"version": 1})
+        return int(top["version"]) + 1 if top else 1
+
+    def get(self, name: str, *, version: str | int | None = None) -> "ItemDataset":
+        """The given version of ``name``, else its newest item version; NotFound if there is none."""
+        check_name("dataset", name)
+        flt: dict = {"name": name, "kind": "items"}
+        if version is not None:
+            flt["version"] = version
+        doc = self.project.find_one(DATASETS, flt, sort=[("time", -1)])
+        if doc is None:
+            what = f"item dataset {name!r}" + (f" version {version!r}" if version is not None else "")
+            raise NotFound(f"no {what} in project {self.project.name!r}")
+        return ItemDataset(doc, self)
+
+    def versions(self, name: str) -> list["ItemDataset"]:
+        """Every item version of ``name``, newest first."""
+        docs = self.project.find(DATASETS, {"name": check_name("dataset", name), "kind": "items"},
+                                 sort=[("time", -1)])
+        return [ItemDataset(doc, self) for doc in docs]
+
+    def names(self) -> list[str]:
+        return self.project.index.distinct(DATASETS, "name", self.project.scope({"kind": "items"}))
+
+    def from_arrays(self, name: str, columns: dict[str, Any], **options) -> "ItemDataset":
+        """A finished version made of equal-length columns, e.g. ``{"image": X, "label": y}``."""
+        with self.create(name, **options) as ds:
+            ds.append(columns)
+        return ds
+
+    def from_folder(self, name: str, folder: str | os.PathLike, *, progress: Callable[[int], None] | None = None,
+                    **options) -> "ItemDataset":
+        """A finished version of the images under ``folder`` (one class per subfolder), stored as they are."""
+        with self.create(name, **options) as ds:
+            ds.append_folder(folder, progress=progress)
+        return ds
+
+
+class ItemDataset(Record):
+    """One version of an item dataset: append items, query them, stream them."""
+
+    __slots__ = ("_datasets", "_reader")
+
+    def __init__(self, doc: dict, datasets: ItemDatasets):
+        super().__init__(doc)
+        object.__setattr__(self, "_datasets", datasets)
+        object.__setattr__(self, "_reader", None)
+
+    @property
+    def project(self):
+        return self._datasets.project
+
+    @property
+    def field_names(self) -> list[str]:
+        return list(self.doc["fields"])
+
+    def _scope(self, where: dict | None = None) -> dict:
+        base = {"dataset": self.doc["name"], "version": self.doc["version"]}
+        if where is None:
+            return base
+        if not isinstance(where, dict):
+            raise QueryError(f"where must be a filter dict, not {type(where).__name__}")
+        return {"$and": [base, where]} if set(where) & set(base) else {**base, **where}
+
+    def refresh(self) -> "ItemDataset":
+        """Re-read this version's document (counts and state change as items are appended)."""
+        doc = self.project.find_one(DATASETS, {"_id": self.id})
+        if doc is None:
+            raise NotFound(f"item dataset {self.doc['name']!r} version {self.doc['version']!r} was deleted")
+        object.__setattr__(self, "doc", doc)
+        return self
+
+    # -- writing ---------------------------------------------------------------------------------------------
+    def append(self, data: dict[str, Any] | Iterable[dict], *, progress: Callable[[int], None] | None = None) -> int:
+        """Append items: a dict of equal-length columns (arrays, lists) or an iterable of item dicts.
+
+        Array and bytes values go to shards; scalar values (numbers, strings, lists of tags) are also indexed so
+        queries select items. Every item must have the same fields as the others. Returns how many were added.
+        """
+        self._require_open()
+        if not isinstance(data, dict) and (isinstance(data, (str, bytes)) or not hasattr(data, "__iter__")):
+            raise InvalidDocument(f"append takes a dict of columns or an iterable of item dicts, "
+                                  f"not {type(data).__name__}")
+        writer = _ShardWriter(self, progress)
+        try:
+            if isinstance(data, dict):
+                writer.add_columns(data)
+            else:
+                for item in data:
+                    writer.add(item)
+            writer.flush()
+        finally:
+            self.refresh()
+        return writer.added
+
+    def _require_open(self) -> None:
+        self.refresh()
+        if self.doc["state"] != "open":
+            raise InvalidDocument(f"dataset {self.doc['name']!r} version {self.doc['version']!r} is finished "
+                                  f"and immutable; use new_version() to change it")
+
+    def _committed(self) -> list[str]:
+        """Keys of the shards whose documents are written: a shard's document is the last thing an append
+        writes, so item documents of a shard without one (an append killed half-way) are not items yet."""
+        return sorted({d["shard"] for d in self.project.find(SHARDS, self._scope(), projection={"shard": 1})})
+
+    def _visible(self, where: dict | None) -> dict:
+        return self._scope({"$and": [where, {"shard": {"$in": self._committed()}}]} if where
+                           else {"shard": {"$in": self._committed()}})
+
+    def append_folder(self, folder: str | os.PathLike, *, field: str = "image",
+                      progress: Callable[[int], None] | None = None) -> int:
+        """Append the image files under ``folder``; with subfolders, each is a class (``label``, ``class``)."""
+        root = Path(folder)
+        if not root.is_dir():
+            raise NotFound(f"no folder {str(root)!r}")
+        self._require_open()
+        classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        if classes:
+            self.project.update(DATASETS, {"_id": self.id, "state": "open"}, {"$set": {"classes": classes}})
+
+        def items() -> Iterator[dict]:
+            for label, sub in enumerate(classes or [None]):
+                base = root / sub if sub else root
+                for path in sorted(base.rglob("*") if sub else base.iterdir()):
+                    if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file():
+                        item = {field: path.read_bytes(), "path": path.relative_to(root).as_posix()}
+                        if sub:
+                            item.update(label=label, **{"class": sub})
+                        yield item
+        return self.append(items(), progress=progress)
+
+    def finish(self) -> "ItemDataset":
+        """Make this version immutable (appends are refused from now on). Its totals are recounted from the
+        shards, and item documents of shards never committed (an append killed half-way) are removed."""
+        self.project.update(DATASETS, {"_id": self.id}, {"$set": {"state": "finished"}})
+        shards = list(self.project.find(SHARDS, self._scope(), projection={"shard": 1, "count": 1, "rows": 1,
+                                                                          "bytes": 1}))
+        keys = sorted({d["shard"] for d in shards})
+        self.project.delete(ITEMS, self._scope({"shard": {"$nin": keys}}))
+        self.project.update(DATASETS, {"_id": self.id}, {"$set": {
+            "count": sum(_rows(d) for d in shards), "shards": len(shards),
+            "bytes": sum(_share(d) for d in shards)}})
+        return self.refresh()
+
+    def __enter__(self) -> "ItemDataset":
+        return self
+
+    def __exit__(self, exc_type, *exc) -> None:
+        if exc_type is None:
+            self.finish()
+
+    def new_version(self, *, exclude: dict | None = None, version: str | int | None = None,
+                    description: str | None = None) -> "ItemDataset":
+        """An open new version holding this one's items (minus those matching ``exclude``), sharing its shards."""
+        src = self.doc
+        new = self._datasets.create(src["name"], version=version, shard_bytes=src.get("shard_bytes", 16 << 20),
+                                    description=description if description is not None else src.get("description"),
+                                    tags=src.get("tags") or ())
+        drop: set[tuple[str, int]] = set()
+        if exclude:
+            for doc in self.project.find(ITEMS, self._visible(exclude), projection={"shard": 1, "row": 1}):
+                drop.add((doc["shard"], doc["row"]))
+        meta = {"dataset": src["name"], "version": new.doc["version"]}
+        shard_docs = []
+        for doc in self.project.find(SHARDS, self._scope(), sort=[("_id", 1)]):
+            rows = doc.get("rows")
+            rows = list(range(doc["count"])) if rows is None else rows
+            kept = [r for r in rows if (doc["shard"], r) not in drop]
+            if kept:
+                shard_docs.append({**_copy(doc), **meta, "rows": None if len(kept) == doc["count"] else kept})
+        for doc in shard_docs:
+            doc["bytes"] = _share(doc)
+        self.project.insert_many(SHARDS, shard_docs)
+        items = ({**_copy(doc), **meta} for doc in self.project.find(ITEMS, self._visible(None), sort=[("_id", 1)])
+                 if (doc["shard"], doc["row"]) not in drop)
+        count = self.project.insert_many(ITEMS, items)
+        self.project.update(DATASETS, {"_id": new.id}, {"$set": {
+            "fields": src["fields"], "count": count, "shards": len(shard_docs), "derived_from": src["version"],
+            "bytes": sum(d["bytes"] for d in shard_docs), **({"classes": src["classes"]} if "classes" in src else {})}})
+        return new.refresh()
+
+    def delete(self) -> int:
+        """Delete this version: its documents, and the shards no other version shares. Returns items deleted."""
+        items = self.project.delete(ITEMS, self._scope())
+        self.project.delete(SHARDS, self._scope())
+        self.project.delete(DATASETS, {"_id": self.id})
+        return len(items)
+
+    # -- reading ---------------------------------------------------------------------------------------------
+    def count(self, where: dict | None = None) -> int:
+        return self.project.count(ITEMS, self._visible(where))
+
+    def find(self, where: dict | None = None, *, sort=None, limit: int | None = None,
+             skip: int = 0) -> list[ItemRecord]:
+        """Index documents of the matching items (insertion order unless ``sort`` says otherwise)."""
+        docs = self.project.find(ITEMS, self._visible(where), sort=sort, limit=limit, skip=skip)
+        return [ItemRecord(doc, self) for doc in docs]
+
+    def item(self, item_id: str) -> dict:
+        """One item's fields by its id (data read by range and verified)."""
+        doc = self.project.find_one(ITEMS, self._scope({"_id": item_id}))
+        if doc is None:
+            raise NotFound(f"no item {item_id!r} in dataset {self.doc['name']!r} version {self.doc['version']!r}")
+        return ItemRecord(doc, self).load()
+
+    def reader(self, cache=None):
+        """A :class:`mlwarehouse.datasets.stream.ShardReader` for this dataset's shards (whole or by range): this dataset's
+        own, or a new one reading through the disk ``cache``."""
+        from mlwarehouse.datasets.stream import ShardReader
+        if cache is not None:
+            return ShardReader(self.project.blobs, cache=cache)
+        if self._reader is None:
+            object.__setattr__(self, "_reader", ShardReader(self.project.blobs))
+        return self._reader
+
+    def stream(self, where: dict | None = None, **options):
+        """Batches of the selected items: see :class:`mlwarehouse.datasets.stream.ItemStream` for the options."""
+        from mlwarehouse.datasets.stream import ItemStream
+        return ItemStream(self, where, **options)
+
+    def __repr__(self) -> str:
+        d = self.doc
+        return (f"ItemDataset(name={d['name']!r}, version={d['version']!r}, state={d['state']!r}, "
+                f"count={d['count']}, fields={list(d['fields'])})")
+
+
+def _size(value: Any) -> int:
+    if isinstance(value, np.ndarray):
+        return int(value.nbytes)
+    return len(value) if isinstance(value, (bytes, bytearray, memoryview)) else 8
+
+
+def _rows(shard_doc: dict) -> int:
+    rows = shard_doc.get("rows")
+    return shard_doc["count"] if rows is None else len(rows)
+
+
+def _share(shard_doc: dict) -> int:
+    """Bytes of the rows a shard document holds (all, or its share when it keeps a subset)."""
+    return shard_doc["bytes"] * _rows(shard_doc) // max(1, shard_doc["count"])
+
+
+def _copy(doc: dict) -> dict:
+    return {k: v for k, v in doc.items() if k not in ("_id", "time", "project", "_blobs")}
+
+
+class _ShardWriter:
+    """Buffers items of one append and writes a shard (then its documents) each time ``shard_bytes`` fill up."""
+
+    def __init__(self, dataset: ItemDataset, progress: Callable[[int], None] | None):
+        self.ds = dataset
+        self.progress = progress
+        self.specs: dict[str, dict] = {k: dict(v) for k, v in dataset.doc["fields"].items()}
+        self.known = bool(self.specs)
+        self.pending: list[dict] = []
+        self.pending_bytes = 0
+        self.added = 0
+        self.limit = dataset.doc.get("shard_bytes", 16 << 20)
+
+    def _check(self, item: dict, position: int) -> dict:
+        if not isinstance(item, dict):
+            raise InvalidDocument(f"item {position} is a {type(item).__name__}, not a dict of fields")
+        if not self.known:
+            for name, value in item.items():
+                if not isinstance(name, str) or name in ITEM_RESERVED or name.startswith("_"):
+                    raise InvalidDocument(f"item field {name!r} is reserved or not a string")
+                kind = _kind(value)
+                spec: dict = {"kind": kind}
+                if kind == "array":
+                    arr = _as_array(value)
+                    spec.update(dtype=arr.dtype.str, shape=list(arr.shape))
+                self.specs[name] = spec
+            self.known = True
+        missing = self.specs.keys() - item.keys()
+        extra = item.keys() - self.specs.keys()
+        if missing or extra:
+            what = (f"lacks field(s) {sorted(missing)}" if missing else "") + \
+                   (" and " if missing and extra else "") + (f"has unknown field(s) {sorted(extra)}" if extra else "")
+            raise InvalidDocument(f"item {position} {what}: every item of dataset {self.ds.doc['name']!r} has "
+                                  f"the fields {sorted(self.specs)}")
+        out = {}
+        for name, spec in self.specs.items():
+            value, kind = item[name], _kind(item[name])
+            if kind != spec["kind"]:
+                raise InvalidDocument(f"item {position}: field {name!r} is {kind}, other items have {spec['kind']}")
+            if kind == "array":
+                value = _as_array(value)
+                if value.dtype.str != spec["dtype"]:
+                    raise InvalidDocument(f"item {position}: field {name!r} has dtype {value.dtype}, other items "
+                                          f"have {np.dtype(spec['dtype'])}")
+                if spec["shape"] is not None and list(value.shape) != spec["shape"]:
+                    spec["shape"] = None  # shapes vary: stored per item
+            elif kind == "scalar":
+                value = normalize_value(value, f"item {position}: {name}")
+            out[name] = value
+        return out
+
+    def _merged_fields(self) -> dict:
+        """This writer's fields, checked against what another writer may have stored meanwhile."""
+        stored = (self.ds.project.find_one(DATASETS, {"_id": self.ds.id}, projection={"fields": 1}) or {})
+        stored = stored.get("fields") or {}
+        if stored:
+            if set(stored) != set(self.specs) or any(
+                    (stored[n]["kind"], stored[n].get("dtype")) != (s["kind"], s.get("dtype"))
+                    for n, s in self.specs.items()):
+                raise InvalidDocument(f"another append gave dataset {self.ds.doc['name']!r} the fields "
+                                      f"{ {n: s.get('dtype') or s['kind'] for n, s in stored.items()} }, which "
+                                      f"these items do not have")
+            for name, spec in self.specs.items():
+                if spec.get("shape") != stored[name].get("shape"):
+                    spec["shape"] = None  # shapes differ between writers: stored per item
+        return self.specs
+
+    def add(self, item: dict) -> None:
+        item = self._check(item, self.added + len(self.pending))
+        self.pending.append(item)
+        self.pending_bytes += sum(_size(v) for v in item.values())
+        if self.pending_bytes >= self.limit:
+            self.flush()
+
+    def add_columns(self, columns: dict[str, Any]) -> None:
+        lengths = {name: len(col) for name, col in columns.items()}
+        if len(set(lengths.values())) > 1:
+            raise InvalidDocument(f"columns have different lengths: {lengths}")
+        n = next(iter(lengths.values()), 0)
+        for i in range(n):
+            self.add({name: col[i] for name, col in columns.items()})
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        items, self.pending, self.pending_bytes = self.pending, [], 0
+        columns, specs = {}, {}
+        for name, spec in self.specs.items():
+            values = [it[name] for it in items]
+            if spec["kind"] == "array":
+                shapes = {v.shape for v in values}
+                fixed = len(shapes) == 1
+                columns[name] = np.stack(values) if fixed else values
+                specs[name] = FieldSpec("array", spec["dtype"], shapes.pop() if fixed else None)
+            elif spec["kind"] == "bytes":
+                columns[name], specs[name] = values, FieldSpec("bytes")
+            else:
+                arr = np.asarray(values) if all(type(v) in (int, float, bool) for v in values) else None
+                if arr is not None and arr.ndim == 1 and arr.dtype.kind in "biuf":
+                    columns[name], specs[name] = arr, FieldSpec("array", arr.dtype.str, ())
+                else:
+                    columns[name], specs[name] = values, FieldSpec("json")
+        data = build_shard(columns, specs, tag=new_id())  # tagged: equal items appended twice are two shards
+        project, doc = self.ds.project, self.ds.doc
+        key = project.blobs.put(data)  # blobs first, index second
+        raw = sum(int(v.nbytes) if isinstance(v, np.ndarray) else sum(map(_size, v)) for v in columns.values())
+        meta = {"dataset": doc["name"], "version": doc["version"]}
+        counts = {"count": len(items), "shards": 1, "bytes": raw}
+        # 1. the fields, only while the version is open (a finish() from elsewhere wins)
+        if not project.update(DATASETS, {"_id": self.ds.id, "state": "open"},
+                              {"$set": {"fields": self._merged_fields()}}):
+            raise InvalidDocument(f"dataset {doc['name']!r} version {doc['version']!r} was finished during this "
+                                  f"append; {self.added} items had been added")
+        try:
+            # 2. the item documents, then 3. the shard document: the commit point readers go by
+            scalars = [n for n, s in self.specs.items() if s["kind"] == "scalar"]
+            project.insert_many(ITEMS, ({**meta, "shard": key, "row": i, **{n: it[n] for n in scalars}}
+                                        for i, it in enumerate(items)))
+            project.insert(SHARDS, {**meta, "shard": key, "count": len(items), "bytes": raw, "rows": None,
+                                    "blob": {"_blob": key, "codec": SHARD_CODEC, "size": len(data)}})
+        except BaseException:
+            project.delete(ITEMS, {**meta, "shard": key})
+            raise
+        # 4. the totals (killed before this, they lag until finish() recounts them from the shards)
+        project.update(DATASETS, {"_id": self.ds.id}, {"$inc": counts})
+        self.added += len(items)
+        if self.progress is not None:
+            self.progress(len(items))

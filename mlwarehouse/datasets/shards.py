@@ -1,0 +1,332 @@
+"""The shard format: many items' fields packed into one immutable blob of a few MB, readable whole or by range.
+
+A shard is ``MAGIC | u32 header length | header JSON | tables | payloads``. Each field is one column: the raw
+bytes of every item's value, end to end, cut into blocks of ``BLOCK`` raw bytes; each block is stored zstd
+compressed when that saves 10% (:func:`mlwarehouse.codecs.compress`), or as is (JPEG, PNG and other already
+compressed bytes are never tried). Per field, the tables hold the items' raw offsets (int64, n + 1), their crc32
+checksums (uint32, n) and the blocks' stored offsets (int64, k + 1) and flags (uint8, k).
+
+A whole shard comes from the blob store verified by its sha256; a range read (one item of a remote shard) is
+verified by the item's crc32. Fixed-shape array columns decode to one ``(n, *shape)`` numpy view.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import threading
+import zlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from mlwarehouse.codecs import compress, decompress, decompress_into
+from mlwarehouse.errors import CodecError, IntegrityError
+
+__all__ = ["MAGIC", "BLOCK", "FieldSpec", "build_shard", "Shard", "ShardHeader", "read_header", "read_item",
+           "is_precompressed"]
+
+MAGIC = b"MLWSHRD1"
+BLOCK = 256 << 10
+_PREFIX = struct.Struct("<8sI")
+#: leading bytes of formats that are already compressed: stored as they are
+_COMPRESSED_MAGIC = (b"\xff\xd8\xff", b"\x89PNG", b"GIF8", b"RIFF", b"\x28\xb5\x2f\xfd", b"\x1f\x8b", b"PK\x03\x04",
+                     b"BZh", b"\xfd7zXZ", b"\x00\x00\x00\x0cjP")
+
+
+def is_precompressed(data: bytes | memoryview) -> bool:
+    """True for JPEG, PNG, GIF, WebP, zstd, gzip, zip, bzip2, xz and JPEG 2000 payloads."""
+    head = bytes(data[:12])
+    return any(head.startswith(m) for m in _COMPRESSED_MAGIC)
+
+
+@dataclass(frozen=True)
+class FieldSpec:
+    """One field of a shard: ``kind`` "array" (dtype, shape per item or None when it varies), "bytes" or "json"
+    (scalar fields that are not numbers: strings, lists of tags, None)."""
+
+    kind: str
+    dtype: str | None = None
+    shape: tuple[int, ...] | None = None
+
+    def to_json(self) -> dict:
+        return {"kind": self.kind, "dtype": self.dtype, "shape": None if self.shape is None else list(self.shape)}
+
+    @classmethod
+    def from_json(cls, doc: dict) -> "FieldSpec":
+        shape = doc.get("shape")
+        return cls(doc["kind"], doc.get("dtype"), None if shape is None else tuple(shape))
+
+
+def build_shard(columns: dict[str, Sequence[Any]], specs: dict[str, FieldSpec], *, tag: str | None = None) -> bytes:
+    """Pack ``columns`` (field -> one value per item: a numpy array or bytes) into shard bytes; ``tag`` (kept in
+    the header) makes the bytes, and so the content address, of this shard its own."""
+    n = len(next(iter(columns.values()))) if columns else 0
+    header: dict[str, Any] = {"n": n, "fields": {}}
+    if tag is not None:
+        header["tag"] = tag
+    tables: list[bytes] = []
+    payloads: list[bytes | memoryview] = []
+    table_at = payload_at = 0
+    for name, values in columns.items():
+        spec = specs[name]
+        if isinstance(values, np.ndarray):  # a fixed-shape column: one buffer, sliced
+            raw = _byte_view(values)
+            step = values.itemsize * (int(np.prod(values.shape[1:])) if values.ndim > 1 else 1)
+            offsets = np.arange(n + 1, dtype=np.int64) * step
+            parts = [raw[i * step:(i + 1) * step] for i in range(n)]
+        else:
+            parts = [_raw(v) for v in values]
+            offsets = np.zeros(n + 1, np.int64)
+            np.cumsum(np.fromiter((len(p) for p in parts), np.int64, n), out=offsets[1:])
+            raw = b"".join(parts)
+        crcs = np.fromiter((zlib.crc32(p) for p in parts), np.uint32, n)
+        try_compress = not (spec.kind == "bytes" and n and is_precompressed(parts[0]))
+        stored_offsets, flags, stored = [0], [], []
+        for start in range(0, len(raw), BLOCK):
+            block = memoryview(raw)[start:start + BLOCK]
+            data, meta = compress(block) if try_compress else (block, {})
+            stored.append(data)
+            flags.append(1 if meta else 0)
+            stored_offsets.append(stored_offsets[-1] + len(data))
+        field: dict[str, Any] = {**spec.to_json(), "raw": len(raw), "blocks": len(flags)}
+        if spec.kind == "array" and spec.shape is None:
+            field["shapes"] = [list(np.shape(v)) for v in values]
+        parts_t = [offsets.tobytes(), crcs.tobytes(), np.asarray(stored_offsets, np.int64).tobytes(),
+                   np.asarray(flags, np.uint8).tobytes()]
+        field["table"] = table_at
+        table_at += sum(len(t) for t in parts_t)
+        tables.extend(parts_t)
+        field["payload"] = payload_at
+        payload_at += stored_offsets[-1]
+        payloads.extend(stored)
+        header["fields"][name] = field
+    head = json.dumps(header, separators=(",", ":")).encode()
+    return b"".join([_PREFIX.pack(MAGIC, len(head)), head, *tables, *payloads])
+
+
+def _byte_view(array: np.ndarray) -> memoryview:
+    """The array's bytes, flat (also for arrays with a zero in their shape, which memoryview cannot cast)."""
+    return memoryview(np.ascontiguousarray(array).reshape(-1).view(np.uint8))
+
+
+def _raw(value: Any) -> bytes | memoryview:
+    if isinstance(value, np.ndarray):
+        return _byte_view(value)
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return value
+    return json.dumps(value, separators=(",", ":")).encode()
+
+
+@dataclass
+class _FieldLayout:
+    spec: FieldSpec
+    offsets: np.ndarray      # raw offsets of items, n + 1
+    crcs: np.ndarray         # crc32 of items' raw bytes
+    block_offsets: np.ndarray  # stored offsets of blocks (relative to payload start), k + 1
+    flags: np.ndarray        # 1 where a block is zstd compressed
+    raw: int
+    payload: int             # absolute offset of the field's first block in the shard
+    shapes: list | None
+
+
+@dataclass
+class ShardHeader:
+    """The parsed header and tables of a shard: enough to locate and verify any item's bytes."""
+
+    n: int
+    fields: dict[str, _FieldLayout]
+    size: int  # bytes of prefix + header + tables
+
+
+def _corrupt(what: str) -> IntegrityError:
+    return IntegrityError(f"shard is corrupted or not a shard: {what}")
+
+
+def _parse_header(prefix: bytes, read: Callable[[int, int], bytes]) -> ShardHeader:
+    if len(prefix) < _PREFIX.size:
+        raise _corrupt("too short")
+    magic, head_len = _PREFIX.unpack_from(prefix)
+    if magic != MAGIC:
+        raise _corrupt(f"bad magic {magic!r}")
+    try:
+        header = json.loads(bytes(read(_PREFIX.size, head_len)))
+        n = int(header["n"])
+        fields_doc = header["fields"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise _corrupt(f"unreadable header ({exc})") from None
+    tables_at = _PREFIX.size + head_len
+    table_len = sum((n + 1) * 8 + n * 4 + (f["blocks"] + 1) * 8 + f["blocks"] for f in fields_doc.values())
+    tables = bytes(read(tables_at, table_len))
+    if len(tables) != table_len:
+        raise _corrupt("truncated tables")
+    payload_at = tables_at + table_len
+    fields = {}
+    for name, f in fields_doc.items():
+        at, k = f["table"], f["blocks"]
+        offsets = np.frombuffer(tables, np.int64, n + 1, at)
+        crcs = np.frombuffer(tables, np.uint32, n, at + (n + 1) * 8)
+        at += (n + 1) * 8 + n * 4
+        block_offsets = np.frombuffer(tables, np.int64, k + 1, at)
+        flags = np.frombuffer(tables, np.uint8, k, at + (k + 1) * 8)
+        fields[name] = _FieldLayout(FieldSpec.from_json(f), offsets, crcs, block_offsets, flags, f["raw"],
+                                    payload_at + f["payload"], f.get("shapes"))
+    return ShardHeader(n, fields, payload_at)
+
+
+def read_header(get_range: Callable[[int, int], bytes], guess: int = 64 << 10) -> ShardHeader:
+    """Parse a shard's header with range reads (one, usually): for random access to remote shards."""
+    first = get_range(0, guess)
+
+    def read(start: int, length: int) -> bytes:
+        if start + length <= len(first):
+            return first[start:start + length]
+        return get_range(start, length)
+    return _parse_header(first, read)
+
+
+def _decode_block(data: bytes | memoryview, compressed: bool, raw_len: int) -> bytes | bytearray | memoryview:
+    if not compressed:
+        return data
+    try:
+        return decompress(data, {"z": "zstd", "raw": raw_len})
+    except CodecError as exc:
+        raise _corrupt(f"a block does not decompress ({exc})") from None
+
+
+def _block_raw_len(layout: _FieldLayout, b: int) -> int:
+    return min(BLOCK, layout.raw - b * BLOCK)
+
+
+def read_item(header: ShardHeader, get_range: Callable[[int, int], bytes], field: str, row: int) -> memoryview:
+    """One item's raw bytes of ``field``, read by range and verified against its crc32."""
+    layout = header.fields[field]
+    start, end = int(layout.offsets[row]), int(layout.offsets[row + 1])
+    if start == end:
+        return memoryview(b"")
+    first, last = start // BLOCK, (end - 1) // BLOCK
+    at = layout.payload + int(layout.block_offsets[first])
+    data = get_range(at, int(layout.block_offsets[last + 1] - layout.block_offsets[first]))
+    pieces = []
+    for b in range(first, last + 1):
+        lo = int(layout.block_offsets[b] - layout.block_offsets[first])
+        hi = int(layout.block_offsets[b + 1] - layout.block_offsets[first])
+        pieces.append(_decode_block(memoryview(data)[lo:hi], bool(layout.flags[b]), _block_raw_len(layout, b)))
+    raw = pieces[0] if len(pieces) == 1 else b"".join(pieces)
+    item = memoryview(raw)[start - first * BLOCK:end - first * BLOCK]
+    if zlib.crc32(item) != int(layout.crcs[row]):
+        raise IntegrityError(f"item {row} of field {field!r} fails its checksum: the shard is corrupted")
+    return item
+
+
+def decode_value(spec: FieldSpec, raw: memoryview, shape: Sequence[int] | None = None) -> Any:
+    """Turn one item's raw bytes back into its value (a read-only array view, or bytes)."""
+    if spec.kind == "bytes":
+        return bytes(raw)
+    if spec.kind == "json":
+        return json.loads(bytes(raw))
+    return np.frombuffer(raw, np.dtype(spec.dtype)).reshape(tuple(shape if shape is not None else spec.shape))
+
+
+class Shard:
+    """A whole shard in memory (already verified by the blob store); columns decoded once, on demand or eagerly.
+
+    Decoded arrays are read-only: a shard may be shared (see :class:`mlwarehouse.datasets.stream.ShardReader`'s memory
+    cache), so nobody may change its values in place.
+    """
+
+    def __init__(self, data: bytes | memoryview):
+        self.data = memoryview(data)
+        self.header = _parse_header(bytes(self.data[:_PREFIX.size]), self._read)
+        self._columns: dict[str, Any] = {}
+        self._decoded_bytes = 0  # bytes decompressed into buffers of their own (beyond ``data``)
+        self._lock = threading.Lock()  # a shard may be shared by threads: each column is decoded once
+
+    def _read(self, start: int, length: int) -> memoryview:
+        if start + length > len(self.data):
+            raise _corrupt("truncated")
+        return self.data[start:start + length]
+
+    @property
+    def n(self) -> int:
+        return self.header.n
+
+    @property
+    def nbytes(self) -> int:
+        """Memory this shard holds: its stored bytes plus the columns it decompressed."""
+        return len(self.data) + self._decoded_bytes
+
+    def raw(self, field: str) -> memoryview:
+        """The field's raw column bytes: a view of the shard when stored as is, else decompressed (on each call:
+        :meth:`column` keeps what it decodes)."""
+        layout = self.header.fields[field]
+        k = len(layout.flags)
+        body = self._read(layout.payload, int(layout.block_offsets[k]))
+        if not layout.flags.any():
+            return body
+        out = np.empty(layout.raw, np.uint8)
+        view = memoryview(out)
+        for b in range(k):
+            lo, hi = int(layout.block_offsets[b]), int(layout.block_offsets[b + 1])
+            size = _block_raw_len(layout, b)
+            dest = view[b * BLOCK:b * BLOCK + size]
+            if layout.flags[b]:
+                _decompress_into(body[lo:hi], dest)
+            else:
+                if hi - lo != size:
+                    raise _corrupt(f"a stored block of field {field!r} holds {hi - lo} bytes, not {size}")
+                dest[:] = body[lo:hi]
+        return view
+
+    def decode(self, fields: Sequence[str] | None = None) -> "Shard":
+        """Decode ``fields`` (all when None) now: run in a prefetch thread, so the consumer finds them ready."""
+        for name in fields if fields is not None else list(self.header.fields):
+            self.column(name)
+        return self
+
+    def column(self, field: str) -> Any:
+        """``(n, *shape)`` read-only array for a fixed-shape array field, else a list of per-item values."""
+        column = self._columns.get(field)
+        if column is not None:
+            return column
+        with self._lock:
+            if field not in self._columns:
+                self._columns[field] = self._decode_column(field)
+        return self._columns[field]
+
+    def _decode_column(self, field: str) -> Any:
+        if field not in self.header.fields:
+            raise CodecError(f"this shard has no field {field!r} (it has {sorted(self.header.fields)})")
+        layout = self.header.fields[field]
+        raw = self.raw(field)
+        spec = layout.spec
+        if len(raw) != layout.raw:
+            raise _corrupt(f"field {field!r} holds {len(raw)} bytes, its header says {layout.raw}")
+        held = layout.raw if layout.flags.any() else 0  # decompressed into a buffer of its own
+        if spec.kind == "array" and spec.shape is not None:
+            column = np.frombuffer(raw, np.dtype(spec.dtype)).reshape(self.n, *spec.shape)
+            column.flags.writeable = False
+        else:
+            offs = layout.offsets
+            column = []
+            for i in range(self.n):
+                shape = layout.shapes[i] if layout.shapes else None
+                value = decode_value(spec, raw[offs[i]:offs[i + 1]], shape)
+                if isinstance(value, np.ndarray):
+                    value.flags.writeable = False
+                column.append(value)
+            if spec.kind != "array":  # bytes and JSON values are copies: held besides the raw bytes
+                held += int(offs[-1]) * (2 if spec.kind == "json" else 1)
+        self._decoded_bytes += held
+        return column
+
+
+def _decompress_into(data: memoryview, dest: memoryview) -> None:
+    """A block decompressed into its place in the column; a block that does not decompress to exactly its
+    recorded size is a corrupted shard."""
+    try:
+        decompress_into(data, dest)
+    except CodecError as exc:
+        raise _corrupt(f"a block does not decompress ({exc})") from None

@@ -1,0 +1,416 @@
+"""Streams of batches from an item dataset: plan from the index, prefetch whole shards, gather batches.
+
+Only the index is read up front (the shard documents, or the matching item documents when ``where`` is given).
+The epoch order is computed from ``(seed, epoch)`` alone: shards in a shuffled order, rows shuffled inside each,
+then every item moved by a random offset of at most ``window`` places (a shuffle window that spans shards). So
+every process computes the same order; a partition (DataLoader worker x rank) takes one contiguous slice of it,
+which keeps each partition on its own shards. The position inside the epoch is the whole state: a stream resumes
+mid-epoch from ``stream.state()``. A batch is the next ``batch_size`` items of the plan, handed out grouped by
+shard (:func:`batch_order`). Shards are fetched by background threads ahead of use, verified, decoded and kept in
+a bounded memory cache (:mod:`mlwarehouse.datasets.shardmemory`) for later epochs; ``epochs=None`` streams without end and
+re-plans each epoch, picking up items appended meanwhile.
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from mlwarehouse.errors import IntegrityError, InvalidDocument, QueryError, WarehouseError
+from mlwarehouse.datasets.items import ITEMS, SHARDS
+from mlwarehouse.datasets.shardcache import ShardCache
+from mlwarehouse.datasets.shardmemory import MEMORY, DecodedShards
+from mlwarehouse.datasets.shards import Shard, ShardHeader, decode_value, read_header, read_item
+
+__all__ = ["ItemStream", "ShardReader", "TransformError", "Plan", "batch_order"]
+
+
+class TransformError(WarehouseError):
+    """A stream's ``transform`` raised; ``item_id`` names the item, the original error is the ``__cause__``."""
+
+    def __init__(self, message: str, item_id: str | None):
+        super().__init__(message)
+        self.item_id = item_id
+
+
+class ShardReader:
+    """Reads shards for streams and random access: whole (through an optional :class:`ShardCache` on disk, and a
+    :class:`DecodedShards` in memory: the process-wide one unless given another) or by range."""
+
+    def __init__(self, blobs, cache: ShardCache | None = None, headers: int = 256,
+                 memory: DecodedShards | None = None):
+        self.blobs = blobs
+        self.cache = cache
+        self.memory = memory if memory is not None else MEMORY
+        self._headers: OrderedDict[str, ShardHeader] = OrderedDict()
+        self._max_headers = headers
+        self._lock = threading.Lock()
+
+    def shard(self, key: str, fields: list[str] | None = None) -> Shard:
+        """The shard ``key`` with ``fields`` (all when None) decoded, from memory or fetched and verified."""
+        shard = self.memory.get(key)
+        if shard is None:
+            shard = Shard(self.cache.get(key, self.blobs.get) if self.cache is not None else self.blobs.get(key))
+        before = shard.nbytes
+        shard.decode(fields)
+        if shard.nbytes != before or self.memory.get(key) is not shard:
+            self.memory.put(key, shard)  # new, or holding more decoded columns than when it was put
+        return shard
+
+    def header(self, key: str) -> ShardHeader:
+        with self._lock:
+            if key in self._headers:
+                self._headers.move_to_end(key)
+                return self._headers[key]
+        header = read_header(lambda start, length: self.blobs.get_range(key, start, length))
+        with self._lock:
+            self._headers[key] = header
+            while len(self._headers) > self._max_headers:
+                self._headers.popitem(last=False)
+        return header
+
+    def item(self, key: str, row: int, fields: list[str] | None = None) -> dict:
+        """One item's values by range reads, each verified by its checksum."""
+        header = self.header(key)
+        out = {}
+        for name in fields or list(header.fields):
+            if name not in header.fields:
+                raise QueryError(f"shard {key[:12]} has no field {name!r} (it has {sorted(header.fields)})")
+            layout = header.fields[name]
+            raw = read_item(header, lambda s, n: self.blobs.get_range(key, s, n), name, row)
+            shape = layout.shapes[row] if layout.shapes else None
+            value = decode_value(layout.spec, raw, shape)
+            out[name] = value.item() if isinstance(value, np.ndarray) and value.ndim == 0 else value
+        return out
+
+
+@dataclass
+class Plan:
+    """The items of one epoch: shard keys, and per item its shard's index and row, in stream order."""
+
+    keys: list[str]
+    shard: np.ndarray
+    row: np.ndarray
+    snapshot: str | None  # the largest document id the plan saw: a resumed plan reads no later documents
+
+
+class ItemStream:
+    """An iterable of batches (dicts of stacked numpy arrays; lists for bytes, strings, ragged arrays).
+
+    Options: ``batch_size``, ``shuffle``, ``seed``, ``epochs`` (None: without end), ``epoch`` (the first one),
+    ``transform`` (item dict -> item dict, run on each item), ``window`` (shuffle window in items),
+    ``prefetch`` (shards fetched ahead), ``threads``, ``partition`` ((index, count): this consumer's share),
+    ``drop_last``, ``fields`` (which fields to read), ``cache`` (a ShardCache or a folder), ``cache_bytes``,
+    ``state`` (from :meth:`state`, to resume), ``poll`` (seconds between checks for new items when waiting),
+    ``memory`` (where decoded shards are kept for later epochs: the process-wide
+    :data:`mlwarehouse.datasets.shardmemory.MEMORY`, 1 GiB, unless given a :class:`DecodedShards` or a bound in bytes for a
+    cache of this stream's own; 0: none).
+
+    A batch holds the items of its slice of the planned order, grouped by shard (see :func:`batch_order`), as
+    fresh arrays of the caller's own. The arrays a ``transform`` receives are read-only views of cached shards:
+    return new arrays, never change them.
+    """
+
+    def __init__(self, dataset, where: dict | None = None, *, batch_size: int = 32, shuffle: bool = True,
+                 seed: int = 0, epochs: int | None = 1, epoch: int = 0,
+                 transform: Callable[[dict], Any] | None = None, window: int | None = None, prefetch: int = 4,
+                 threads: int = 4, partition: tuple[int, int] = (0, 1), drop_last: bool = False,
+                 fields: list[str] | None = None, cache: ShardCache | str | None = None,
+                 cache_bytes: int = 10 << 30, state: dict | None = None, poll: float = 1.0,
+                 memory: DecodedShards | int | None = None):
+        for name, value, least in (("batch_size", batch_size, 1), ("seed", seed, 0), ("epoch", epoch, 0)):
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < least:
+                raise QueryError(f"{name} must be an integer >= {least}, not {value!r}")
+        if epochs is not None and (not isinstance(epochs, int) or epochs < 0):
+            raise QueryError(f"epochs must be None (without end) or an integer >= 0, not {epochs!r}")
+        index, count = partition
+        if not 0 <= index < count:
+            raise QueryError(f"partition must be (index, count) with 0 <= index < count, not {partition!r}")
+        self.dataset = dataset
+        self.where = where
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.seed = int(seed)
+        self.epochs = epochs
+        self.transform = transform
+        self.window = window
+        self.prefetch = max(1, prefetch)
+        self.threads = max(1, threads)
+        self.partition = (index, count)
+        self.drop_last = drop_last
+        known = dataset.field_names
+        unknown = set(fields or ()) - set(known)
+        if unknown:
+            raise QueryError(f"dataset {dataset.doc['name']!r} has no field(s) {sorted(unknown)}; it has {known}")
+        self.fields = list(fields) if fields else None
+        if isinstance(cache, (str, bytes)) or hasattr(cache, "__fspath__"):
+            cache = ShardCache(cache, cache_bytes)
+        if isinstance(memory, int):
+            memory = DecodedShards(memory)
+        if cache is not None or memory is not None:
+            self.reader = ShardReader(dataset.project.blobs, cache=cache, memory=memory)
+        else:
+            self.reader = dataset.reader()
+        self.poll = poll
+        self._state = {"seed": self.seed, "epoch": epoch, "position": 0, "snapshot": None}
+        if state is not None:
+            if state.get("seed", self.seed) != self.seed:
+                raise QueryError(f"this state was saved by a stream with seed {state['seed']}, not {self.seed}")
+            self._state.update({k: state[k] for k in ("epoch", "position", "snapshot") if k in state})
+        self._first_epoch = epoch  # epochs counts from here, also when resuming
+
+    def state(self) -> dict:
+        """Where the stream is: pass it as ``state=`` to a new stream to go on from the next item."""
+        return dict(self._state)
+
+    # -- planning --------------------------------------------------------------------------------------------
+    def plan(self, epoch: int, snapshot: str | None = None) -> Plan:
+        """The global order of ``epoch`` (before partitioning)."""
+        project, ds = self.dataset.project, self.dataset
+        keys: list[str] = []
+        shard_of: list[np.ndarray] = []
+        rows: list[np.ndarray] = []
+        newest = None
+        if self.where is None:
+            flt = ds._scope({"_id": {"$lte": snapshot}} if snapshot else None)
+            for doc in project.find(SHARDS, flt, sort=[("_id", 1)], projection={"shard": 1, "count": 1, "rows": 1}):
+                r = np.arange(doc["count"]) if doc.get("rows") is None else np.asarray(doc["rows"], np.int64)
+                shard_of.append(np.full(len(r), len(keys), np.int64))
+                rows.append(r)
+                keys.append(doc["shard"])
+                newest = doc["_id"]
+        else:
+            flt = ds._scope(self.where if not snapshot else {"$and": [self.where, {"_id": {"$lte": snapshot}}]})
+            position: dict[str, int] = {}
+            sh, rw = [], []
+            committed = set(ds._committed())
+            for doc in project.find(ITEMS, flt, sort=[("_id", 1)], projection={"shard": 1, "row": 1}):
+                k = doc["shard"]
+                if k not in committed:
+                    continue  # an item of a shard an append has not committed (yet, or ever: it was killed)
+                if k not in position:
+                    position[k] = len(keys)
+                    keys.append(k)
+                sh.append(position[k])
+                rw.append(doc["row"])
+                newest = doc["_id"]
+            shard_of, rows = [np.asarray(sh, np.int64)], [np.asarray(rw, np.int64)]
+        shard = np.concatenate(shard_of) if shard_of else np.zeros(0, np.int64)
+        row = np.concatenate(rows) if rows else np.zeros(0, np.int64)
+        if self.shuffle and len(row):
+            rng = np.random.default_rng([self.seed, epoch])
+            rank = np.empty(len(keys), np.int64)
+            rank[rng.permutation(len(keys))] = np.arange(len(keys))
+            idx = _group_shuffled(rank[shard], len(keys), rng)  # shards shuffled, rows shuffled inside
+            window = self.window if self.window is not None else max(256, 2 * len(row) // len(keys))
+            if window > 1:
+                idx = idx[_window_shuffle(len(idx), window, rng)]
+            shard, row = shard[idx], row[idx]
+        return Plan(keys, shard, row, snapshot or newest)
+
+    def _partition(self, plan: Plan) -> tuple[np.ndarray, np.ndarray]:
+        index, count = self.partition
+        n = len(plan.row)
+        lo, hi = index * n // count, (index + 1) * n // count
+        if self.drop_last:
+            hi = lo + (hi - lo) // self.batch_size * self.batch_size
+        return plan.shard[lo:hi], plan.row[lo:hi]
+
+    # -- iterating -------------------------------------------------------------------------------------------
+    def __iter__(self) -> Iterator[dict]:
+        epoch = self._state["epoch"]
+        while self.epochs is None or epoch < self._first_epoch + self.epochs:
+            resumed = epoch == self._state["epoch"] and self._state["position"] > 0
+            plan = self.plan(epoch, self._state["snapshot"] if resumed else None)
+            shard, row = self._partition(plan)
+            if not len(row) and self.epochs is None:
+                if self.dataset.refresh().doc["state"] != "open":
+                    return  # finished and nothing selected: nothing can ever come
+                time.sleep(self.poll)
+                continue
+            self._state.update(epoch=epoch, snapshot=plan.snapshot)
+            start = self._state["position"] if resumed else 0
+            self._state["position"] = start
+            yield from self._epoch(plan.keys, shard, row, start)
+            epoch += 1
+            self._state.update(epoch=epoch, position=0, snapshot=None)
+
+    def _epoch(self, keys: list[str], shard: np.ndarray, row: np.ndarray, start: int) -> Iterator[dict]:
+        size = self.batch_size
+        shard, row = shard[start:], row[start:]
+        if self.drop_last:  # also after resuming with another batch size
+            shard, row = shard[:len(row) // size * size], row[:len(row) // size * size]
+        n = len(row)
+        if not n:
+            return
+        if int(row.min()) < 0:
+            raise IntegrityError(f"the index names row {int(row.min())} of a shard: rows are never negative")
+        order = batch_order(shard, size)
+        shard, row = shard[order], row[order]
+        first = np.full(len(keys), n, np.int64)
+        np.minimum.at(first, shard, np.arange(n))
+        appearance = np.argsort(first)[:int((first < n).sum())]  # shard indexes in order of first use
+        ordinal = np.empty(len(keys), np.int64)
+        ordinal[appearance] = np.arange(len(appearance))
+        last_use = np.zeros(len(keys), np.int64)
+        np.maximum.at(last_use, shard, np.arange(n))
+        row_max = np.full(len(keys), -1, np.int64)
+        np.maximum.at(row_max, shard, row)
+        # runs of one shard inside one batch: (start, end) pairs, in order
+        cuts = np.union1d(np.flatnonzero(shard[1:] != shard[:-1]) + 1, np.arange(size, n, size)).tolist()
+        runs = list(zip([0, *cuts], [*cuts, n]))
+        futures: dict[int, Future] = {}
+        ready: dict[int, Shard] = {}
+        submitted = j = 0
+        pool = ThreadPoolExecutor(self.threads, thread_name_prefix="mlw-prefetch")
+        try:
+            for a in range(0, n, size):
+                b = min(a + size, n)
+                k = j
+                while k < len(runs) and runs[k][0] < b:
+                    k += 1
+                batch_runs, j = runs[j:k], k
+                present = [int(shard[lo]) for lo, _ in batch_runs]
+                need = int(ordinal[present].max())
+                while submitted < len(appearance) and submitted <= need + self.prefetch:
+                    s = int(appearance[submitted])
+                    futures[s] = pool.submit(self.reader.shard, keys[s], self.fields)
+                    submitted += 1
+                for s in present:
+                    if s not in ready:
+                        ready[s] = futures[s].result()
+                        if row_max[s] >= ready[s].n:
+                            raise IntegrityError(f"the index names row {row_max[s]} of shard {keys[s][:12]}, "
+                                                 f"which holds {ready[s].n} items")
+                names = self.fields or list(ready[present[0]].header.fields)
+                if self.transform is not None:
+                    batch = self._transformed(keys, ready, names, shard[a:b], row[a:b])
+                else:
+                    batch = _gather(names, [(ready[s], lo - a, hi - a) for s, (lo, hi) in zip(present, batch_runs)],
+                                    row[a:b])
+                for s in present:
+                    if last_use[s] < b:
+                        futures.pop(s, None)
+                        ready.pop(s, None)
+                self._state["position"] = start + b
+                yield batch
+        finally:
+            for f in futures.values():
+                f.cancel()
+            pool.shutdown(wait=False, cancel_futures=True)
+
+    def _transformed(self, keys, shards, names, shard, row) -> dict:
+        items = []
+        for s, r in zip(shard.tolist(), row.tolist()):
+            item = {}
+            for name in names:
+                v = shards[s].column(name)[r]
+                item[name] = v.item() if isinstance(v, np.generic) else _own(v)
+            try:
+                items.append(self.transform(item))
+            except Exception as exc:
+                item_id = self._item_id(keys[s], r)
+                raise TransformError(f"transform failed on item {item_id} (shard {keys[s][:12]}, row {r}): "
+                                     f"{type(exc).__name__}: {exc}", item_id) from exc
+        return collate(items)
+
+    def _item_id(self, key: str, row: int) -> str | None:
+        doc = self.dataset.project.find_one(ITEMS, self.dataset._scope({"shard": key, "row": row}),
+                                            projection={"_id": 1})
+        return doc["_id"] if doc else None
+
+
+def batch_order(shard: np.ndarray, batch_size: int) -> np.ndarray:
+    """The order a stream hands out planned items in: each batch (``batch_size`` consecutive items of the plan)
+    grouped by shard, in plan order inside each group. A batch is the same set of items as its slice of the plan;
+    the grouping lets one contiguous gather per shard fill it (a scatter of interleaved items costs 3x more)."""
+    n = len(shard)
+    if not n:
+        return np.arange(0)
+    key = np.arange(n) // batch_size * (int(shard.max()) + 1) + shard
+    if int(key.max()) < 1 << 16:
+        key = key.astype(np.uint16)  # a linear-time radix sort
+    return np.argsort(key, kind="stable")
+
+
+def _gather(names: list[str], runs: list[tuple[Shard, int, int]], row: np.ndarray) -> dict:
+    """Each field's values for a batch of items grouped by shard: ``(shard, lo, hi)`` holds the items at
+    ``lo:hi``, at ``row[lo:hi]``. Fixed-shape arrays: one ``take`` per run into a fresh array (rows were checked
+    against the shard's size, so ``mode="clip"`` never clips; it spares numpy's buffered copy)."""
+    batch = {}
+    for name in names:
+        cols = [sh.column(name) for sh, _, _ in runs]
+        if all(isinstance(c, np.ndarray) for c in cols) and len({c.shape[1:] for c in cols}) == 1:
+            if len(cols) == 1:
+                out = cols[0].take(row, axis=0, mode="clip")
+            else:
+                out = np.empty((len(row), *cols[0].shape[1:]), np.result_type(*cols))
+                for col, (_, lo, hi) in zip(cols, runs):
+                    if col.dtype == out.dtype:
+                        col.take(row[lo:hi], axis=0, out=out[lo:hi], mode="clip")
+                    else:  # appends that guessed another dtype (int64 and float64 labels): converted
+                        out[lo:hi] = col.take(row[lo:hi], axis=0, mode="clip")
+            batch[name] = out
+        else:
+            values = []
+            for col, (_, lo, hi) in zip(cols, runs):
+                values += [_own(col[r]) for r in row[lo:hi].tolist()]
+            batch[name] = values
+    return batch
+
+
+def _own(value: Any) -> Any:
+    """A value the caller may change: JSON lists and dicts are copied (the cached shard keeps the originals);
+    arrays are read-only views, bytes and scalars immutable."""
+    return copy.deepcopy(value) if isinstance(value, (list, dict)) else value
+
+
+def _group_shuffled(group: np.ndarray, groups: int, rng: np.random.Generator) -> np.ndarray:
+    """Positions sorted by ``group``, in random order inside each group: a stable sort of a random permutation
+    (a linear-time radix sort while there are fewer than 65,536 groups)."""
+    perm = rng.permutation(len(group))
+    keys = group[perm]
+    if groups <= 1 << 16:
+        keys = keys.astype(np.uint16)
+    return perm[np.argsort(keys, kind="stable")]
+
+
+def _window_shuffle(n: int, window: int, rng: np.random.Generator) -> np.ndarray:
+    """An order of ``n`` positions where each moves by less than about two windows: position i goes to bucket
+    ``(i + U[0, window)) // step`` and the buckets are shuffled inside, so neighbouring shards mix."""
+    step = max(1, window // 2, -(-n // (1 << 16)))
+    bucket = (np.arange(n) + rng.integers(0, window, n)) // step
+    return _group_shuffled(bucket, int(bucket.max()) + 1 if n else 0, rng)
+
+
+def collate(items: list) -> Any:
+    """Stack a list of items (dicts of arrays or numbers) into one batch; lists where values cannot stack."""
+    if not items:
+        return {}
+    if not all(isinstance(it, dict) for it in items):
+        try:
+            return np.stack([np.asarray(it) for it in items])
+        except ValueError:
+            return items
+    keys = list(items[0])
+    if any(list(it) != keys for it in items):
+        raise InvalidDocument(f"transform returned items with different keys: {keys} and others")
+    batch = {}
+    for k in keys:
+        values = [it[k] for it in items]
+        if all(isinstance(v, (np.ndarray, np.generic, int, float, bool)) for v in values):
+            try:
+                batch[k] = np.stack([np.asarray(v) for v in values])
+                continue
+            except ValueError:
+                pass
+        batch[k] = values
+    return batch

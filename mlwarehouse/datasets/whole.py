@@ -1,0 +1,128 @@
+"""Datasets: whole values (arrays, tuples and dicts of arrays, anything a codec handles) with a name and version.
+
+A dataset document holds the user's fields (description, tags, anything) and the packed value: the JSON tree whose
+leaves are blob references. Versions default to 1, 2, 3... per name; a (project, name, version) is unique and
+immutable once saved. ``load`` with no sort takes the newest version, never the natural order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from mlwarehouse.errors import DuplicateKey, InvalidDocument, NotFound
+from mlwarehouse.query.fields import normalize_fields, normalize_value
+from mlwarehouse.query.records import Record, check_name, name_filter
+
+__all__ = ["Datasets", "DatasetRecord"]
+
+COLLECTION = "datasets"
+NEWEST = [("time", -1)]
+
+
+class DatasetRecord(Record):
+    """One saved dataset version; ``load()`` reads its value back (verified)."""
+
+    __slots__ = ("_datasets",)
+
+    def __init__(self, doc: dict, datasets: "Datasets"):
+        super().__init__(doc)
+        object.__setattr__(self, "_datasets", datasets)
+
+    def load(self, *, allow_pickle: bool = False) -> Any:
+        """The value; for an item dataset (``kind: "items"``) its :class:`~mlwarehouse.datasets.items.ItemDataset`, whose
+        items are read lazily (``.stream()``, ``.find()``)."""
+        if self.doc.get("kind") == "items":
+            return self._datasets.project.items.get(self.doc["name"], version=self.doc["version"])
+        return self._datasets.project.unpack(self.doc["value"], allow_pickle=allow_pickle)
+
+
+class Datasets:
+    """The datasets of one project."""
+
+    def __init__(self, project):
+        self.project = project
+        index = project.index
+        index.ensure_collection(COLLECTION, scalar_fields=["project", "name", "version"])
+        index.create_index(COLLECTION, [("project", 1), ("name", 1), ("version", 1)], unique=True)
+        index.create_index(COLLECTION, [("project", 1), ("name", 1), ("time", -1)])
+
+    # -- writing -------------------------------------------------------------------------------------------
+    def save(self, value: Any, name: str, *, version: str | int | None = None, description: str | None = None,
+             tags: Sequence[str] = (), allow_pickle: bool = False, **fields) -> DatasetRecord:
+        """Store ``value`` as a new version of dataset ``name`` and return its record.
+
+        The blobs are written (and durable) before the document, so a crash never leaves a dataset whose bytes
+        are missing. ``version`` defaults to one more than the highest integer version of this name.
+        """
+        check_name("dataset", name)
+        if version is not None and (not isinstance(version, (str, int)) or isinstance(version, bool)):
+            raise InvalidDocument(f"version must be a string or an integer, not {version!r}")
+        extra = normalize_fields(fields)
+        for reserved in ("name", "version", "value", "description", "tags"):
+            extra.pop(reserved, None)
+        tags = [tags] if isinstance(tags, str) else list(tags)  # one tag as a plain string, as runs take it
+        doc = {"name": name, "description": description, "tags": normalize_value(tags, "tags"), **extra}
+        for attempt in range(20):
+            # packed on every attempt: a refused insert released the blobs the attempt before had written
+            doc["value"] = self.project.pack(value, allow_pickle=allow_pickle)
+            doc["version"] = self._next_version(name) if version is None else version
+            doc.pop("_id", None)
+            doc.pop("_blobs", None)
+            try:
+                return DatasetRecord(self.project.insert(COLLECTION, doc), self)
+            except DuplicateKey:
+                if version is not None:
+                    raise DuplicateKey(f"dataset {name!r} version {version!r} already exists in project "
+                                       f"{self.project.name!r}; versions are immutable") from None
+        raise DuplicateKey(f"could not allocate a version for dataset {name!r} (too many concurrent saves)")
+
+    def _next_version(self, name: str) -> int:
+        top = self.project.find_one(COLLECTION, {"name": name, "version": {"$gte": 0}},
+                                    sort=[("version", -1)], projection={"version": 1})
+        return int(top["version"]) + 1 if top else 1
+
+    def delete(self, name: str | None = None, *, where: dict | None = None) -> int:
+        """Delete matching dataset versions and the blobs only they used; returns how many were deleted."""
+        return len(self.project.delete(COLLECTION, name_filter("dataset", name, where)))
+
+    # -- reading -------------------------------------------------------------------------------------------
+    def find(self, name: str | None = None, *, where: dict | None = None, sort=None, limit: int | None = None,
+             skip: int = 0) -> list[DatasetRecord]:
+        """Every matching version (newest first unless ``sort`` says otherwise)."""
+        flt = name_filter("dataset", name, where)
+        docs = self.project.find(COLLECTION, flt, sort=sort or NEWEST, limit=limit, skip=skip)
+        return [DatasetRecord(doc, self) for doc in docs]
+
+    def get(self, name: str | None = None, *, version: str | int | None = None, where: dict | None = None,
+            sort=None) -> DatasetRecord:
+        """The top matching version (newest unless ``sort`` says otherwise); NotFound if none matches."""
+        flt = name_filter("dataset", name, where)
+        if version is not None:
+            flt = {"$and": [flt, {"version": version}]} if flt else {"version": version}
+        doc = self.project.find_one(COLLECTION, flt, sort=sort or NEWEST)
+        if doc is None:
+            what = f"dataset {name!r}" if name else f"a dataset matching {where!r}"
+            if version is not None:
+                what += f" version {version!r}"
+            raise NotFound(f"no {what} in project {self.project.name!r}")
+        return DatasetRecord(doc, self)
+
+    def load(self, name: str | None = None, *, version: str | int | None = None, where: dict | None = None,
+             sort=None, allow_pickle: bool = False) -> Any:
+        """The value of the top matching version (see :meth:`get`).
+
+        Inside a run of this project (``mlwarehouse.current_run()``), the version loaded is recorded on the run,
+        so "which data trained this model" is answered by the run's ``datasets``.
+        """
+        record = self.get(name, version=version, where=where, sort=sort)
+        value = record.load(allow_pickle=allow_pickle)
+        from mlwarehouse.runs.registry import current_run
+        run = current_run()
+        if run is not None and run.project == self.project.name \
+                and run.warehouse_settings == self.project.warehouse.settings:
+            run.use_datasets(record.id)
+        return value
+
+    def names(self) -> list[str]:
+        return self.project.index.distinct(COLLECTION, "name", self.project.scope(None))

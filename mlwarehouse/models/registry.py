@@ -1,0 +1,264 @@
+"""Models: architecture + weights with a name, metrics, epoch/step, tags, and the run and dataset they came from.
+
+A model document holds the user's fields at the top level (``test_accuracy=0.93`` is queried as
+``{"test_accuracy": {"$gt": 0.9}}``), ``kind`` (``torch``, ``arrays`` or ``value``), and references to its bytes:
+
+- ``weights``: ``[[name, ref], ...]``, one blob per tensor or array (content addressed, so a tensor that did not
+  change between two checkpoints is stored once). For ``arrays`` models the name is the list of dict keys leading
+  to the array, so nested dicts with any string keys come back as they were.
+- ``architecture`` (torch): ``{"format": "export" | "script" | "class" | "pickle", ...}`` (see
+  :mod:`mlwarehouse.models.torch_io`); ``value`` (anything else a codec stores, pickle only with ``allow_pickle=True``).
+
+Blobs are put before the document is inserted (invariant 1), so a process killed while saving leaves at most
+unreferenced blobs. :meth:`Models.checkpoint` saves one epoch and then applies a :class:`Retention` policy.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from mlwarehouse.models.checkpoints import Retention
+from mlwarehouse.errors import CodecError, InvalidDocument, NotFound, QueryError
+from mlwarehouse.query.fields import normalize_fields, normalize_value
+from mlwarehouse.query import PATH_RE
+from mlwarehouse.query.records import Record, check_name, name_filter
+
+__all__ = ["Models", "ModelRecord", "Retention"]
+
+COLLECTION = "models"
+NEWEST = [("time", -1)]
+#: fields the warehouse sets on a model document; keyword fields may not use these names
+FIXED = frozenset({"name", "kind", "epoch", "step", "run", "dataset", "tags", "description", "checkpoint",
+                   "architecture", "weights", "value"})
+_BIG = sys.float_info.max
+
+
+class ModelRecord(Record):
+    """One saved model; ``load()`` rebuilds it (an nn.Module in eval mode, a dict of arrays, or the value)."""
+
+    __slots__ = ("_models",)
+
+    def __init__(self, doc: dict, models: "Models"):
+        super().__init__(doc)
+        object.__setattr__(self, "_models", models)
+
+    def load(self, *, allow_pickle: bool = False) -> Any:
+        return self._models._rebuild(self.doc, allow_pickle=allow_pickle)
+
+
+class Models:
+    """The models of one project."""
+
+    def __init__(self, project):
+        self.project = project
+        index = project.index
+        index.ensure_collection(COLLECTION, scalar_fields=["project", "name", "run", "dataset", "kind"])
+        index.create_index(COLLECTION, [("project", 1), ("name", 1), ("time", -1)])
+        index.create_index(COLLECTION, [("project", 1), ("run", 1), ("name", 1)])
+        self._indexed: set[str] = set()
+
+    # -- writing -------------------------------------------------------------------------------------------
+    def save(self, model: Any, name: str = "model", *, epoch: int | None = None, step: int | None = None,
+             run: Any = None, dataset: Any = None, tags: Sequence[str] = (), description: str | None = None,
+             example_inputs: Any = None, config: dict | None = None, arch: str | Sequence[str] | None = None,
+             allow_pickle: bool = False, **fields) -> ModelRecord:
+        """Store ``model`` with its fields (metrics, hyper-parameters...) and return its record.
+
+        ``model`` is a torch ``nn.Module`` (architecture + weights; ``example_inputs`` enables torch.export,
+        ``config`` the importable-class format, ``arch`` forces a format or an order of formats), a dict (nested
+        or not) of numpy arrays or tensors, or any value a codec stores. ``run`` (default: the current run) and
+        ``dataset`` are ids or records.
+        """
+        return self._save(model, name, epoch=epoch, step=step, run=run, dataset=dataset, tags=tags,
+                          description=description, example_inputs=example_inputs, config=config, arch=arch,
+                          allow_pickle=allow_pickle, checkpoint=False, fields=fields)
+
+    def checkpoint(self, model: Any, *, epoch: int, run: Any = None, metrics: dict | None = None,
+                   name: str = "checkpoint", keep_last: int | None = None, keep_best: int | None = None,
+                   best_metric: str | None = None, mode: str = "max", step: int | None = None,
+                   example_inputs: Any = None, config: dict | None = None, arch: str | Sequence[str] | None = None,
+                   allow_pickle: bool = False, **fields) -> ModelRecord:
+        """Save the model of one epoch (``checkpoint: true``), then delete the run's checkpoints of this name that
+        fall outside the policy: the ``keep_last`` newest epochs ∪ the ``keep_best`` best by ``best_metric``.
+
+        ``None`` for both keeps every checkpoint. Deleted checkpoints release the blobs only they used.
+        """
+        policy = Retention(keep_last, keep_best, best_metric, mode)
+        fields = {**(metrics or {}), **fields}
+        record = self._save(model, name, epoch=epoch, step=step, run=run, dataset=None, tags=(),
+                            description=None, example_inputs=example_inputs, config=config, arch=arch,
+                            allow_pickle=allow_pickle, checkpoint=True, fields=fields)
+        if policy.active:
+            flt = {"name": name, "checkpoint": True, "run": record.doc.get("run")}
+            wanted = {"epoch": 1, "time": 1, **({policy.metric: 1} if policy.metric else {})}
+            doomed = policy.doomed(self.project.find(COLLECTION, flt, projection=wanted))
+            if doomed:
+                self.project.delete(COLLECTION, {"_id": {"$in": doomed}})
+        return record
+
+    def _save(self, model: Any, name: str, *, epoch, step, run, dataset, tags, description, example_inputs,
+              config, arch, allow_pickle: bool, checkpoint: bool, fields: dict) -> ModelRecord:
+        check_name("model", name)
+        taken = FIXED & fields.keys()
+        if taken:
+            raise InvalidDocument(f"field(s) {sorted(taken)} are set by models.save itself; use another name")
+        extra = normalize_fields(fields, nonfinite="null")
+        for label, value in (("epoch", epoch), ("step", step)):
+            if value is not None and (isinstance(value, bool) or not isinstance(normalize_value(value), int)):
+                raise InvalidDocument(f"{label} must be an integer, not {value!r}")
+        doc: dict[str, Any] = {
+            "name": name,
+            "epoch": None if epoch is None else int(normalize_value(epoch)),
+            "step": None if step is None else int(normalize_value(step)),
+            "run": _id_of(run if run is not None else _current_run(), "run"),
+            "dataset": _id_of(dataset, "dataset"),
+            "tags": normalize_value(list(tags), "tags"),
+            "description": description,
+        }
+        if checkpoint:
+            doc["checkpoint"] = True
+        doc.update(extra)
+        doc.update(self._pack_model(model, example_inputs=example_inputs, config=config, arch=arch,
+                                    allow_pickle=allow_pickle))
+        self._ensure_metric_indexes(extra)
+        return ModelRecord(self.project.insert(COLLECTION, doc), self)
+
+    def _pack_model(self, model: Any, *, example_inputs, config, arch, allow_pickle: bool) -> dict:
+        torch = sys.modules.get("torch")
+        if torch is not None and isinstance(model, torch.nn.Module):
+            from mlwarehouse.models import torch_io
+            formats = [arch] if isinstance(arch, str) else arch
+            found = torch_io.describe(model, example_inputs=example_inputs, config=config, formats=formats,
+                                      allow_pickle=allow_pickle)
+            state = torch_io.state_dict_of(model)
+            refs = self.project.pack(list(state.values()))
+            architecture: dict[str, Any] = {"format": found.format, "torch": torch.__version__.split("+")[0]}
+            if found.payload is not None:
+                architecture["archive"] = self.project.pack(found.payload)
+            if found.format == "class":
+                architecture.update({"class": found.target, "config": found.config})
+            return {"kind": "torch", "architecture": architecture, "weights": [list(p) for p in zip(state, refs)]}
+        if arch is not None or example_inputs is not None or config is not None:
+            raise CodecError(f"arch, example_inputs and config apply to torch modules, not {type(model).__name__}")
+        if isinstance(model, dict):
+            leaves = list(_flatten(model, ()))
+            # one pack per leaf: a packed list of many plain numbers would become a single JSON blob
+            return {"kind": "arrays", "weights": [[list(path), self.project.pack(leaf, allow_pickle=allow_pickle)]
+                                                  for path, leaf in leaves]}
+        return {"kind": "value", "value": self.project.pack(model, allow_pickle=allow_pickle)}
+
+    def _ensure_metric_indexes(self, fields: dict) -> None:
+        """Indexes for a numeric field, the first time this process saves it or asks for the best by it:
+        ``best`` then reads one entry, with or without a name in its filter."""
+        for key, value in fields.items():
+            if key in self._indexed or isinstance(value, bool) or not isinstance(value, (int, float)):
+                continue
+            if PATH_RE.match(key):
+                self.project.index.create_index(COLLECTION, [("project", 1), ("name", 1), (key, -1)])
+                self.project.index.create_index(COLLECTION, [("project", 1), (key, -1)])
+            self._indexed.add(key)
+
+    def delete(self, where: dict | None = None, *, name: str | None = None) -> int:
+        """Delete matching models and the blobs only they used; returns how many were deleted."""
+        return len(self.project.delete(COLLECTION, name_filter("model", name, where)))
+
+    # -- reading -------------------------------------------------------------------------------------------
+    def find(self, where: dict | None = None, *, name: str | None = None, sort=None, limit: int | None = None,
+             skip: int = 0) -> list[ModelRecord]:
+        """Matching models, newest first unless ``sort`` says otherwise."""
+        flt = name_filter("model", name, where)
+        docs = self.project.find(COLLECTION, flt, sort=sort or NEWEST, limit=limit, skip=skip)
+        return [ModelRecord(doc, self) for doc in docs]
+
+    def get(self, id: str) -> ModelRecord:
+        """The model with this id; NotFound if there is none in this project."""
+        doc = self.project.find_one(COLLECTION, {"_id": id}) if isinstance(id, str) else None
+        if doc is None:
+            raise NotFound(f"no model with id {id!r} in project {self.project.name!r}")
+        return ModelRecord(doc, self)
+
+    def best(self, metric: str, *, mode: str = "max", where: dict | None = None,
+             name: str | None = None) -> ModelRecord:
+        """The model with the highest (``mode="max"``) or lowest numeric ``metric``; NotFound if none has one."""
+        if mode not in ("max", "min"):
+            raise QueryError(f"mode must be 'max' or 'min', not {mode!r}")
+        if not isinstance(metric, str) or not PATH_RE.match(metric):
+            raise QueryError(f"invalid metric field {metric!r}")
+        self._ensure_metric_indexes({metric: 0.0})  # models written by others (or imported) may lack it
+        bound = {"$gte": -_BIG} if mode == "max" else {"$lte": _BIG}  # numbers only: strings sort above them
+        flt = name_filter("model", name, where)
+        flt = {"$and": [flt, {metric: bound}]} if metric in flt or "$and" in flt else {**flt, metric: bound}
+        doc = self.project.find_one(COLLECTION, flt, sort=[(metric, -1 if mode == "max" else 1), ("time", -1)])
+        if doc is None:
+            what = f"model {name!r}" if name else "model"
+            raise NotFound(f"no {what} with a numeric {metric!r}"
+                           f"{f' matching {where!r}' if where else ''} in project {self.project.name!r}")
+        return ModelRecord(doc, self)
+
+    def load(self, name: str | None = None, *, where: dict | None = None, sort=None,
+             allow_pickle: bool = False) -> Any:
+        """The top matching model (newest unless ``sort`` says otherwise), rebuilt; NotFound if none matches."""
+        found = self.find(where, name=name, sort=sort, limit=1)
+        if not found:
+            what = f"model {name!r}" if name else "model"
+            raise NotFound(f"no {what}{f' matching {where!r}' if where else ''} in project {self.project.name!r}")
+        return found[0].load(allow_pickle=allow_pickle)
+
+    def names(self) -> list[str]:
+        return self.project.index.distinct(COLLECTION, "name", self.project.scope(None))
+
+    def _rebuild(self, doc: dict, *, allow_pickle: bool) -> Any:
+        kind = doc.get("kind")
+        unpack = self.project.unpack
+        if kind == "value":
+            return unpack(doc["value"], allow_pickle=allow_pickle)
+        pairs = doc.get("weights") or []
+        if kind == "arrays":
+            tree: dict = {}
+            for (path, _), leaf in zip(pairs, unpack([ref for _, ref in pairs], allow_pickle=allow_pickle)):
+                node = tree
+                for key in path[:-1]:
+                    node = node.setdefault(key, {})
+                node[path[-1]] = leaf
+            return tree
+        if kind != "torch":
+            raise CodecError(f"model {doc.get('_id')!r} has an unknown kind {kind!r}")
+        from mlwarehouse.models import torch_io
+        spec = doc["architecture"]
+        tensors = unpack([ref for _, ref in pairs], allow_pickle=allow_pickle)
+        weights = {name: t for (name, _), t in zip(pairs, tensors)}
+        payload = unpack(spec["archive"], allow_pickle=allow_pickle) if "archive" in spec else None
+        arch = torch_io.Architecture(spec["format"], payload, spec.get("class"), spec.get("config"))
+        return torch_io.build(arch, weights, allow_pickle=allow_pickle)
+
+
+def _flatten(tree: dict, path: tuple):
+    """(key path, leaf) pairs of a nested dict; a non-dict value or an empty dict is a leaf."""
+    for key, value in tree.items():
+        if not isinstance(key, str):
+            raise CodecError(f"model dict keys must be strings, not {key!r} at {'.'.join(path) or 'the top'}")
+        if isinstance(value, dict) and value:
+            yield from _flatten(value, (*path, key))
+        else:
+            yield (*path, key), value
+
+
+def _current_run() -> Any:
+    try:
+        runs = importlib.import_module("mlwarehouse.runs.registry")
+    except ImportError:
+        return None
+    current = getattr(runs, "current_run", None)
+    return current() if callable(current) else None
+
+
+def _id_of(value: Any, what: str) -> str | None:
+    if value is None or isinstance(value, str):
+        return value
+    ident = getattr(value, "id", None)
+    if isinstance(ident, str):
+        return ident
+    raise InvalidDocument(f"{what} must be an id string or a record with .id, not {type(value).__name__}")

@@ -1,0 +1,373 @@
+"""PyTorch modules <-> (architecture bytes, weights) without pickle, so another process loads and runs them.
+
+An architecture is stored apart from the weights, in the first format that works:
+
+- ``export``: :func:`torch.export.export` with the caller's example inputs (batch dimension dynamic when it can
+  be), saved as a ``.pt2`` archive. The weights inside the archive are replaced by one-element placeholders, and
+  the example inputs by zeros, so the archive is small and the same for every epoch of one architecture.
+- ``script``: :func:`torch.jit.script` of a zero-weight copy, saved as a TorchScript archive. ``torch.jit.load``
+  reads it with TorchScript's own restricted unpickler (TorchScript types only, no Python objects).
+- ``class``: an importable ``module:qualname`` of an ``nn.Module`` subclass and a JSON config (``config=``,
+  ``model.config``, ``model.hparams``, or none when every constructor argument has a default).
+- ``pickle``: a pickled zero-weight copy, only with ``allow_pickle=True``.
+
+Weights always travel as a state dict of tensors (one blob per tensor, chosen by the caller) and are put back with
+``load_state_dict(..., assign=True)``; a loaded module is in eval mode.
+
+What ``torch.export.load`` does with the bytes (read in torch 2.13's ``torch/export/pt2_archive/_package.py`` and
+``torch/_export/serde/serialize.py``): the graph is JSON and plain tensors are raw bytes, but the loader still runs
+code when the archive asks it to: weights and constants whose config says ``use_pickle`` go through
+``torch.load(weights_only=False)``, custom and opaque objects through ``pickle.loads``, the sample inputs through
+``torch.load(weights_only=True)`` with a *fallback to* ``weights_only=False``, AOTInductor entries load shared
+libraries, symbolic shape expressions are parsed by ``sympy.sympify`` (which calls ``eval``), and a node's target
+``torch.<anything>`` resolves to any attribute reachable from the torch module. So it is not safe on untrusted
+bytes by itself. :func:`check_pt2` therefore inspects an archive before torch sees it and refuses (unless
+``allow_pickle=True``) any archive with files beyond graph, weights, tensor constants and sample inputs; with
+pickled payloads; with sample inputs that ``weights_only=True`` cannot load; with symbolic expressions beyond
+plain symbols, numbers and sympy function calls; or with call targets outside ``torch.ops``, ``operator`` and
+``math``. TorchScript programs, like exported graphs, run only TorchScript operators, not Python code.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import inspect
+import io
+import json
+import re
+import warnings
+import weakref
+import zipfile
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, is_dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from mlwarehouse.errors import CodecError, PickleNotAllowed
+from mlwarehouse.query.fields import normalize_value
+
+__all__ = ["FORMATS", "Architecture", "describe", "build", "check_pt2", "state_dict_of"]
+
+FORMATS = ("export", "script", "class", "pickle")
+
+
+@dataclass
+class Architecture:
+    """How to rebuild a module: ``format``, the archive bytes (export, script, pickle) or class + config."""
+
+    format: str
+    payload: bytes | None = None
+    target: str | None = None
+    config: dict | None = None
+
+
+def state_dict_of(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The module's state dict, detached and on the CPU."""
+    return {k: v.detach().to("cpu") for k, v in module.state_dict().items()}
+
+
+# -- saving ----------------------------------------------------------------------------------------------------
+
+# module -> (signature, Architecture): a checkpoint every epoch re-exports nothing while the structure is the same
+_cache: "weakref.WeakKeyDictionary[nn.Module, tuple[Any, Architecture]]" = weakref.WeakKeyDictionary()
+
+
+def describe(module: nn.Module, *, example_inputs: Any = None, config: dict | None = None,
+             formats: Sequence[str] | None = None, allow_pickle: bool = False) -> Architecture:
+    """The first architecture format in ``formats`` (default: export, script, class, pickle) that works.
+
+    CodecError (PickleNotAllowed if only pickle would do) lists why each format failed.
+    """
+    if formats is None:
+        formats = FORMATS
+    unknown = [f for f in formats if f not in FORMATS]
+    if unknown:
+        raise CodecError(f"unknown architecture format(s) {unknown}; choose from {list(FORMATS)}")
+    if example_inputs is not None and not isinstance(example_inputs, tuple):
+        example_inputs = (example_inputs,)
+    signature = _signature(module, example_inputs, config, tuple(formats), allow_pickle)
+    cached = _cache.get(module)
+    if cached is not None and cached[0] == signature:
+        return cached[1]
+    reasons: list[str] = []
+    makers: dict[str, Callable[[], Architecture]] = {
+        "export": lambda: _export(module, example_inputs),
+        "script": lambda: Architecture("script", _script(module)),
+        "class": lambda: _class(module, config),
+        "pickle": lambda: _pickle(module, allow_pickle),
+    }
+    for name in formats:
+        if name == "export" and example_inputs is None:
+            reasons.append("export: needs example_inputs")
+            continue
+        try:
+            arch = makers[name]()
+        except PickleNotAllowed as exc:
+            reasons.append(f"pickle: {exc}")
+            continue
+        except Exception as exc:  # each exporter fails in its own way; the next format is tried
+            first_line = (str(exc).strip().splitlines() or [""])[0][:300]
+            reasons.append(f"{name}: {type(exc).__name__}: {first_line}")
+            continue
+        _cache[module] = (signature, arch)
+        return arch
+    kind = PickleNotAllowed if "pickle" in formats and not allow_pickle else CodecError
+    raise kind(f"cannot store the architecture of {type(module).__qualname__} without pickle; tried "
+               + "; ".join(reasons) + ". Pass example_inputs= (torch.export), make it scriptable, give an "
+               "importable class a config=, or pass allow_pickle=True (trusted data only)")
+
+
+def _signature(module: nn.Module, example_inputs: Any, config: Any, formats: tuple, allow_pickle: bool) -> Any:
+    shapes = tuple((k, tuple(v.shape), str(v.dtype)) for k, v in module.state_dict().items())
+    inputs = torch.utils._pytree.tree_map(
+        lambda a: (tuple(a.shape), str(a.dtype)) if isinstance(a, torch.Tensor) else repr(a), example_inputs)
+    return (type(module), repr(module), shapes, repr(inputs), json.dumps(config, sort_keys=True, default=repr),
+            formats, allow_pickle)
+
+
+def _placeholder(t: torch.Tensor) -> torch.Tensor:
+    """A tensor of ``t``'s shape and dtype backed by one element: what the archive holds instead of weights."""
+    z = torch.zeros((), dtype=t.dtype).expand(t.shape)
+    return nn.Parameter(z, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else z
+
+
+def _export(module: nn.Module, example_inputs: tuple) -> Architecture:
+    dims = torch.utils._pytree.tree_map(
+        lambda a: {0: torch.export.Dim.AUTO} if isinstance(a, torch.Tensor) and a.dim() > 0 else None,
+        example_inputs)
+    was_training = module.training
+    module.eval()  # the loaded module runs as in eval mode: export that graph
+    try:
+        try:
+            program = torch.export.export(module, example_inputs, dynamic_shapes=dims)
+        except Exception:
+            program = torch.export.export(module, example_inputs)
+    finally:
+        module.train(was_training)
+    for key in list(program.state_dict):
+        program.state_dict[key] = _placeholder(program.state_dict[key])
+    program.example_inputs = torch.utils._pytree.tree_map(
+        lambda a: torch.zeros((), dtype=a.dtype).expand(a.shape) if isinstance(a, torch.Tensor) else a,
+        program.example_inputs)
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="No complete tensor found")
+        torch.export.save(program, buf)
+    return Architecture("export", buf.getvalue())
+
+
+def _zero_copy(module: nn.Module) -> nn.Module:
+    """A deep copy whose parameters and buffers are zeros (the real weights are never copied)."""
+    memo: dict[int, Any] = {}
+    for t in list(module.parameters()) + list(module.buffers()):
+        z = torch.zeros_like(t, device="cpu")
+        memo[id(t)] = nn.Parameter(z, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else z
+    return copy.deepcopy(module, memo)
+
+
+def _script(module: nn.Module) -> bytes:
+    skeleton = _zero_copy(module).eval()
+    buf = io.BytesIO()
+    with warnings.catch_warnings():  # deprecated in favour of export, still the way when no inputs are given
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.jit.save(torch.jit.script(skeleton), buf)
+    return buf.getvalue()
+
+
+def _class(module: nn.Module, config: dict | None) -> Architecture:
+    cls = type(module)
+    target = f"{cls.__module__}:{cls.__qualname__}"
+    if cls.__module__ == "__main__" or "<locals>" in cls.__qualname__:
+        raise CodecError(f"{target} cannot be imported by another process")
+    if _resolve_class(target) is not cls:
+        raise CodecError(f"{target} does not import back to the same class")
+    if config is None:
+        for attr in ("config", "hparams"):
+            value = getattr(module, attr, None)
+            if value is not None and not callable(value):
+                config = value
+                break
+    if config is not None and is_dataclass(config) and not isinstance(config, type):
+        config = asdict(config)
+    elif config is not None and not isinstance(config, dict):
+        config = dict(config)  # argparse.Namespace-like mappings, OmegaConf containers...
+    if config is None:
+        required = [p.name for p in inspect.signature(cls).parameters.values()
+                    if p.default is inspect.Parameter.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+        if required:
+            raise CodecError(f"{target} needs {required}: pass config= or give the model a .config dict")
+        config = {}
+    return Architecture("class", target=target, config=normalize_value(config, "config"))
+
+
+def _pickle(module: nn.Module, allow_pickle: bool) -> Architecture:
+    if not allow_pickle:
+        raise PickleNotAllowed("pickling the module needs allow_pickle=True")
+    buf = io.BytesIO()
+    torch.save(_zero_copy(module), buf)
+    return Architecture("pickle", buf.getvalue())
+
+
+# -- loading ---------------------------------------------------------------------------------------------------
+
+def build(arch: Architecture, weights: dict[str, torch.Tensor], *, allow_pickle: bool = False) -> nn.Module:
+    """Rebuild the module, put ``weights`` in it, and return it in eval mode."""
+    if arch.format == "export":
+        check_pt2(arch.payload, allow_pickle=allow_pickle)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            module = torch.export.load(io.BytesIO(arch.payload)).module()
+        _assign(module, weights)
+        for sub in module.modules():  # exported modules refuse .eval(); their graph already is the eval graph
+            sub.training = False
+        return module
+    if arch.format == "script":
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)
+                module = torch.jit.load(io.BytesIO(arch.payload), map_location="cpu")
+        except Exception as exc:
+            raise CodecError(f"cannot read the TorchScript archive: {exc}") from exc
+        _copy_into(module, weights)
+        return module.eval()
+    if arch.format == "class":
+        cls = _resolve_class(arch.target)
+        if cls is None:
+            raise CodecError(f"the model class {arch.target!r} is not importable in this process")
+        if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+            raise CodecError(f"{arch.target!r} is not an nn.Module subclass; refusing to call it")
+        module = cls(**(arch.config or {}))
+        _assign(module, weights)
+        return module.eval()
+    if arch.format == "pickle":
+        if not allow_pickle:
+            raise PickleNotAllowed("this model's architecture is pickled: pass allow_pickle=True (trusted data only)")
+        module = torch.load(io.BytesIO(arch.payload), weights_only=False)
+        _assign(module, weights)
+        return module.eval()
+    raise CodecError(f"unknown architecture format {arch.format!r}")
+
+
+def _assign(module: nn.Module, weights: dict[str, torch.Tensor]) -> None:
+    try:
+        module.load_state_dict(weights, strict=True, assign=True)
+    except RuntimeError as exc:
+        raise CodecError(f"stored weights do not fit the architecture: {exc}") from exc
+
+
+def _copy_into(module: torch.jit.ScriptModule, weights: dict[str, torch.Tensor]) -> None:
+    own = module.state_dict()
+    if own.keys() != weights.keys():
+        raise CodecError(f"stored weights do not fit the TorchScript architecture: missing "
+                         f"{sorted(own.keys() - weights.keys())}, unexpected {sorted(weights.keys() - own.keys())}")
+    with torch.no_grad():
+        for key, target in own.items():
+            if target.shape != weights[key].shape:
+                raise CodecError(f"weight {key!r} has shape {tuple(weights[key].shape)}, the architecture "
+                                 f"wants {tuple(target.shape)}")
+            target.copy_(weights[key])
+
+
+def _resolve_class(target: str | None) -> Any:
+    if not isinstance(target, str) or target.count(":") != 1:
+        return None
+    module_name, qualname = target.split(":")
+    if "__" in qualname:
+        return None
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except ImportError:
+        return None
+    for part in qualname.split("."):
+        obj = getattr(obj, part, None)
+    return obj
+
+
+# -- archive checks --------------------------------------------------------------------------------------------
+
+_PT2_FILES = re.compile(
+    r"(archive_format|archive_version|byteorder|\.data/version|\.data/serialization_id|models/[\w.-]+\.json"
+    r"|data/weights/(weight_\d+|[\w.-]+_weights_config\.json)|data/constants/(tensor_\d+|[\w.-]+_constants_config"
+    r"\.json)|data/sample_inputs/[\w.-]+\.pt)")
+_TARGET = re.compile(r"(torch\.ops\.[A-Za-z]\w*\.(_?[A-Za-z]\w*|__(i?(and|or|xor|lshift|rshift))__)(\.[A-Za-z]\w*)?"
+                     r"|math\.[a-z]+[a-z0-9]*|torch\.(sym_[a-z_]+|_sym_sqrt)"
+                     r"|_operator\.(getitem|add|sub|mul|truediv|floordiv|mod|pow|neg|pos|abs|and_|or_|xor|invert"
+                     r"|eq|ne|lt|le|gt|ge|not_|lshift|rshift|matmul|truth|index))")
+_EXPR_TOKEN = re.compile(r"\s*(?:(\d+(?:\.\d+)?(?:e[+-]?\d+)?)|([A-Za-z_]\w*)|('[a-z]{1,3}\d+')|([-+*/%(),<>=!&|~^]))")
+_EXPR_WORDS = frozenset({"True", "False", "positive", "integer", "nonnegative", "negative", "real", "finite",
+                         "oo", "zoo", "nan", "sqrt", "floor", "ceiling", "log", "exp"})
+
+
+def check_pt2(data: bytes | None, *, allow_pickle: bool = False) -> None:
+    """Refuse a ``.pt2`` archive that would make ``torch.export.load`` run code (see the module docstring)."""
+    if not isinstance(data, (bytes, bytearray)):
+        raise CodecError("the exported architecture has no archive bytes")
+    if allow_pickle:
+        return
+    try:
+        archive = zipfile.ZipFile(io.BytesIO(data))
+        names = archive.namelist()
+    except zipfile.BadZipFile as exc:
+        raise CodecError(f"not a .pt2 archive: {exc}") from exc
+    roots = {n.split("/", 1)[0] for n in names}
+    if len(roots) != 1:
+        raise CodecError(f"a .pt2 archive has one root folder, this one has {sorted(roots)}")
+    refuse = "this exported program {} (torch.export.load would run code): pass allow_pickle=True to trust it"
+    graphs = []
+    for name in names:
+        rel = name.split("/", 1)[1] if "/" in name else ""
+        if not _PT2_FILES.fullmatch(rel):
+            raise PickleNotAllowed(refuse.format(f"holds the file {rel!r}"))
+        if rel.endswith("_config.json"):
+            config = json.loads(archive.read(name)).get("config", {})
+            for fqn, meta in config.items():
+                if meta.get("use_pickle") or not str(meta.get("path_name", "")).startswith(("weight_", "tensor_")):
+                    raise PickleNotAllowed(refuse.format(f"stores {fqn!r} as a pickled object"))
+        elif rel.startswith("data/sample_inputs/"):
+            try:
+                torch.load(io.BytesIO(archive.read(name)), weights_only=True)
+            except Exception as exc:
+                raise PickleNotAllowed(refuse.format("has sample inputs that need pickle")) from exc
+        elif rel.startswith("models/"):
+            graphs.append(json.loads(archive.read(name)))
+    if not graphs:
+        raise CodecError("the .pt2 archive holds no exported program")
+    for graph in graphs:
+        for key, value in _strings(graph):
+            if key == "target" and not _TARGET.fullmatch(value):
+                raise PickleNotAllowed(refuse.format(f"calls {value!r}"))
+            if key == "expr_str" and not _safe_expr(value):
+                raise PickleNotAllowed(refuse.format(f"has the shape expression {value!r}"))
+
+
+def _strings(tree: Any):
+    """Every (key, string value) pair in a JSON tree."""
+    stack = [tree]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            for k, v in node.items():
+                if isinstance(v, str):
+                    yield k, v
+                else:
+                    stack.append(v)
+        elif isinstance(node, list):
+            stack.extend(node)
+
+
+def _safe_expr(text: str) -> bool:
+    """True if a sympy expression string holds only numbers, symbols, operators and sympy function calls."""
+    pos = 0
+    while pos < len(text):
+        m = _EXPR_TOKEN.match(text, pos)
+        if m is None or m.end() == pos:
+            return text[pos:].strip() == ""
+        word = m.group(2)
+        if word is not None and not (word in _EXPR_WORDS or re.fullmatch(r"[a-z]{1,3}\d+", word)
+                                     or re.fullmatch(r"[A-Z][A-Za-z0-9]*", word)):
+            return False
+        pos = m.end()
+    return True

@@ -1,0 +1,464 @@
+"""Runs, their logs and metric summaries.
+
+A run (collection ``runs``) has a status (``running``, ``complete``, ``failed``, ``cancelled``), hyper-parameters,
+the ids of the datasets it used, tags, and ``summary.<kind>.<metric>`` = ``{last, last_step, min, min_step, max,
+max_step, count, nulls}`` kept up to date while it logs, so "the run with the best validation accuracy" is one
+indexed query (:meth:`Runs.best`). Logs (collection ``logs``) are flat documents ``{_id, project, time, run, kind,
+step, epoch, <metrics>}``; ``run.log()`` queues them for the background writer (:mod:`mlwarehouse.runs.logwriter`) and
+returns at once. Reads in this module flush the writer first, so they see everything logged before them.
+
+    with wh.runs.start("mlp", hyper_parameters={"lr": 0.01}) as run:   # complete on exit, failed on error
+        run.log("train", step=i, loss=loss)                            # never blocks training
+    wh.runs.best("valid.accuracy")                                     # summary.valid.accuracy.max, indexed
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+import threading
+import time
+import traceback
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import numpy as np
+
+from mlwarehouse.query.documents import check_value
+from mlwarehouse.errors import InvalidDocument, NotFound, QueryError, WarehouseError
+from mlwarehouse.query.fields import normalize_fields, normalize_value
+from mlwarehouse.ids import new_id, utc_now
+from mlwarehouse.runs.logwriter import INT64, LOGS, RUNS, LogWriter, as_step, check_kind, check_metric_name
+from mlwarehouse.query import split_path
+from mlwarehouse.query.records import Record
+
+__all__ = ["Runs", "Run", "current_run", "STATUSES"]
+
+STATUSES = ("running", "complete", "failed", "cancelled")
+_RUN_FIELDS = frozenset({"status", "started", "ended", "host", "pid", "summary", "error", "traceback"})
+
+_active: list["Run"] = []
+_active_lock = threading.Lock()
+
+
+def current_run() -> "Run | None":
+    """The run most recently started in this process and not yet finished (models saved meanwhile link to it)."""
+    with _active_lock:
+        return _active[-1] if _active else None
+
+
+def _run_id(run: Any) -> str | None:
+    if run is None or isinstance(run, str):
+        return run
+    if isinstance(run, Record):
+        return run.id
+    raise InvalidDocument(f"run must be a Run or a run id, not {type(run).__name__}")
+
+
+class Run(Record):
+    """One run: its document's fields as attributes (``run.status``, ``run.summary``), and logging."""
+
+    def __init__(self, runs: "Runs", doc: dict):
+        super().__init__(doc)
+        object.__setattr__(self, "_runs", runs)
+        object.__setattr__(self, "_steps", {})
+        object.__setattr__(self, "_lock", threading.Lock())
+        object.__setattr__(self, "_kinds", set())
+        object.__setattr__(self, "_names", set())
+        object.__setattr__(self, "nonfinite", 0)
+        object.__setattr__(self, "_fresh", False)  # started by this object: no stored steps to continue after
+
+    # -- logging -------------------------------------------------------------------------------------------
+    def log(self, kind: str = "train", *, step: int | None = None, epoch: int | None = None, **metrics) -> None:
+        """Queue one log point and return at once.
+
+        ``step`` defaults to one more than the last step of this kind; NaN and infinities are stored as null and
+        counted (``run.nonfinite``, and ``nulls`` in the summary). Numpy scalars and 0-d tensors are accepted.
+        """
+        if kind not in self._kinds:
+            self._kinds.add(check_kind(kind))
+        checked = self._names
+        doc: dict[str, Any] = {"run": self.doc["_id"], "kind": kind, "step": None}
+        if epoch is not None:
+            doc["epoch"] = _in_range(epoch if type(epoch) is int else as_step(epoch, "epoch"), "epoch")
+        nonfinite = 0
+        for key, value in metrics.items():
+            t = type(value)
+            if t is float:
+                if value - value != 0.0:  # NaN or infinity
+                    value = None
+                    nonfinite += 1
+            elif t is int:
+                if not -INT64 <= value < INT64:
+                    raise InvalidDocument(f"{key}: integer {value} does not fit in 64 bits")
+            elif t is str:
+                if "\0" in value or not value.isascii():
+                    check_value(value, key)  # NUL or a lone surrogate: refused here, not in the writer's batch
+            elif t is not bool and value is not None:
+                new = normalize_value(value, key, nonfinite="null")
+                if new is None:
+                    nonfinite += 1
+                elif isinstance(new, float):  # np.float64 is a float subclass: summaries want plain floats
+                    new = float(new)
+                value = new
+            if key not in checked:
+                checked.add(check_metric_name(key))
+            doc[key] = value
+        with self._lock:
+            if step is None:
+                step = self._next_step(kind)
+            else:
+                step = _in_range(step if type(step) is int else as_step(step, "step"), "step")
+            self._steps[kind] = step + 1
+            if nonfinite:
+                object.__setattr__(self, "nonfinite", self.nonfinite + nonfinite)
+        doc["step"] = step
+        doc["time"] = time.time()
+        self._runs.writer.put(doc)
+
+    def log_train(self, *, step: int | None = None, epoch: int | None = None, **metrics) -> None:
+        self.log("train", step=step, epoch=epoch, **metrics)
+
+    def log_valid(self, *, step: int | None = None, epoch: int | None = None, **metrics) -> None:
+        self.log("valid", step=step, epoch=epoch, **metrics)
+
+    def log_test(self, *, step: int | None = None, epoch: int | None = None, **metrics) -> None:
+        self.log("test", step=step, epoch=epoch, **metrics)
+
+    def _next_step(self, kind: str) -> int:
+        step = self._steps.get(kind)
+        if step is None and self._fresh:
+            step = 0
+        elif step is None:  # a run picked up again: continue after its highest stored step of this kind
+            self._runs.flush()
+            top = self._runs.project.find_one(LOGS, {"run": self.id, "kind": kind}, sort=[("step", -1)],
+                                              projection={"step": 1})
+            step = top["step"] + 1 if top and type(top.get("step")) is int else 0
+        return step
+
+    def flush(self) -> "Run":
+        """Block until every point logged so far is durable."""
+        self._runs.flush()
+        return self
+
+    # -- state ---------------------------------------------------------------------------------------------
+    def set(self, **fields) -> "Run":
+        """Set user fields on the run's document (``run.set(notes="...", test_accuracy=0.91)``)."""
+        fields = normalize_fields(fields)
+        bad = sorted(set(fields) & _RUN_FIELDS)
+        if bad:
+            raise InvalidDocument(f"run fields {bad} are managed by the run itself")
+        if fields:
+            self._runs.project.update(RUNS, {"_id": self.id}, {"$set": fields})
+            self.doc.update(fields)
+        return self
+
+    @property
+    def warehouse_settings(self):
+        """Where this run is stored (the URIs), to tell whether another handle points at the same warehouse."""
+        return self._runs.project.warehouse.settings
+
+    def use_datasets(self, *datasets) -> "Run":
+        """Record datasets (records or ids) this run used: the lineage run -> dataset. ``datasets.load`` inside
+        a run records what it loads by itself."""
+        ids = [_dataset_id(d) for d in datasets]
+        new = [i for i in ids if i not in self.doc.get("datasets", [])]
+        if new:
+            self._runs.project.update(RUNS, {"_id": self.id}, {"$addToSet": {"datasets": {"$each": new}}})
+            self.doc.setdefault("datasets", []).extend(new)
+        return self
+
+    def finish(self, status: str = "complete", **fields) -> "Run":
+        """End the run with ``status`` after flushing its logs; a writer error marks it failed and is raised."""
+        if status not in STATUSES or status == "running":
+            raise QueryError(f"a run finishes as one of {STATUSES[1:]}, not {status!r}")
+        try:
+            self._runs.flush()
+        except WarehouseError as exc:
+            self._end("failed", {"error": f"{type(exc).__name__}: {exc}"})
+            raise
+        self._end(status, normalize_fields(fields) if fields else {})
+        return self
+
+    def fail(self, error: BaseException | str) -> "Run":
+        """End the run as failed, keeping the error text (and the traceback of an exception)."""
+        fields: dict[str, Any] = {}
+        if isinstance(error, BaseException):
+            fields["error"] = f"{type(error).__name__}: {error}"
+            if error.__traceback__ is not None:
+                fields["traceback"] = "".join(traceback.format_exception(error))
+        else:
+            fields["error"] = str(error)
+        try:
+            self._runs.flush()
+        except WarehouseError as exc:
+            fields["error"] += f" (and the log writer failed: {exc})"
+            self._end("failed", fields)
+            raise
+        self._end("failed", fields)
+        return self
+
+    def _end(self, status: str, fields: dict) -> None:
+        update = {"status": status, "ended": utc_now(), **fields}
+        # only a running run ends: finish() after fail() (or a second finish) leaves the first ending as it is
+        self._runs.project.update(RUNS, {"_id": self.id, "status": "running"}, {"$set": update})
+        self._runs.writer.forget([self.id])
+        with _active_lock:
+            if self in _active:
+                _active.remove(self)
+        self.refresh()
+
+    def refresh(self) -> "Run":
+        """Re-read the run's document (status, summaries) from the index."""
+        doc = self._runs.project.find_one(RUNS, {"_id": self.id})
+        if doc is None:
+            raise NotFound(f"run {self.id!r} was deleted")
+        object.__setattr__(self, "doc", doc)
+        return self
+
+    def __enter__(self) -> "Run":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if self.doc.get("status") != "running":
+            return
+        if exc is None:
+            self.finish()
+        elif isinstance(exc, KeyboardInterrupt):
+            self.finish("cancelled", error="KeyboardInterrupt")
+        else:
+            self.fail(exc)
+
+    def __eq__(self, other: object) -> bool:
+        return self is other or (isinstance(other, Run) and other.id == self.id)
+
+    def __hash__(self) -> int:
+        return hash(self.id)
+
+    # -- reading back --------------------------------------------------------------------------------------
+    def history(self, kind: str = "train", metrics: Sequence[str] | None = None) -> list[dict]:
+        """The points of one kind in step order: ``{"step", "epoch", "time", <metrics>}`` each."""
+        self._runs.flush()
+        projection = None
+        if metrics is not None:
+            projection = {"step": 1, "epoch": 1, "time": 1, **{m: 1 for m in metrics}}
+        docs = self._runs.project.find(LOGS, {"run": self.id, "kind": check_kind(kind)}, sort=[("step", 1)],
+                                       projection=projection)
+        drop = ("_id", "project", "run", "kind", "_blobs")
+        return [{k: v for k, v in d.items() if k not in drop} for d in docs]
+
+    def metric(self, kind: str, name: str) -> tuple[np.ndarray, np.ndarray]:
+        """One metric's history as ``(steps int64, values float64)`` arrays; null values are NaN."""
+        self._runs.flush()
+        split_path(name, "metric")
+        rows = self._runs.project.values(LOGS, {"run": self.id, "kind": check_kind(kind), name: {"$exists": True}},
+                                         ["step", name], sort=[("step", 1)])
+        steps = np.fromiter((s if type(s) is int else -1 for s, _ in rows), np.int64, len(rows))
+        values = np.fromiter((v if type(v) is float or type(v) is int else math.nan for _, v in rows),
+                             np.float64, len(rows))
+        return steps, values
+
+
+class Runs:
+    """The runs and logs of one project (``wh.runs``)."""
+
+    def __init__(self, project):
+        self.project = project
+        self._writer: LogWriter | None = None
+        self._writer_lock = threading.Lock()
+        self._ready = False
+        self._indexed: set[str] = set()
+        self._ensure()
+
+    def _ensure(self) -> None:
+        if self._ready:
+            return
+        index = self.project.index
+        index.ensure_collection(RUNS, scalar_fields=["name", "status", "task", "project"])
+        index.ensure_collection(LOGS, scalar_fields=["run", "kind", "project"])
+        # (run, kind) and not (run, kind, step): keeping a step index up to date cost a third of the logging
+        # throughput, and reading a run's history was no faster with it (1.8 s for 200k points either way).
+        index.create_index(LOGS, [("run", 1), ("kind", 1)])
+        index.create_index(RUNS, [("name", 1)])
+        self._ready = True
+
+    @property
+    def writer(self) -> LogWriter:
+        """The background log writer of this project (started on first use)."""
+        if self._writer is None:
+            with self._writer_lock:
+                if self._writer is None:
+                    self._writer = LogWriter(self.project.index, self.project.name)
+        return self._writer
+
+    def flush(self) -> None:
+        """Block until every queued log point is durable (raises the writer's error, if any)."""
+        if self._writer is not None:
+            self._writer.flush()
+
+    def close(self) -> None:
+        """Flush and stop the writer (``wh.close()`` does this); this project's runs stop being current."""
+        with _active_lock:
+            _active[:] = [r for r in _active if r._runs is not self]
+        if self._writer is not None:
+            self._writer.close()
+
+    # -- runs ----------------------------------------------------------------------------------------------
+    def start(self, name: str | None = None, *, hyper_parameters: dict | None = None, datasets: Iterable = (),
+              tags: Iterable[str] = (), task: Any = None, **fields) -> Run:
+        """Start a run (status "running") and make it the current run until it finishes.
+
+        Use it as a context manager: complete on normal exit, failed (with the error) on an exception,
+        cancelled on Ctrl-C. ``datasets`` takes dataset records or ids; extra keyword fields are stored too.
+        """
+        return self._start(name, hyper_parameters, datasets, tags, task, fields, current=True)
+
+    def _start(self, name, hyper_parameters, datasets, tags, task, fields: dict, *, current: bool) -> Run:
+        if name is not None and not isinstance(name, str):
+            raise InvalidDocument(f"a run name must be a string, not {type(name).__name__}")
+        extra = normalize_fields(fields)
+        bad = sorted(set(extra) & _RUN_FIELDS)
+        if bad:
+            raise InvalidDocument(f"run fields {bad} are managed by the run itself")
+        if isinstance(tags, str):
+            tags = [tags]
+        tags = list(tags)
+        if not all(isinstance(t, str) for t in tags):
+            raise InvalidDocument(f"tags must be strings, got {tags!r}")
+        run_id = new_id()
+        doc = {
+            "_id": run_id,
+            "name": name if name is not None else f"run-{run_id[-8:].lower()}",
+            "status": "running",
+            "started": utc_now(),
+            "ended": None,
+            "hyper_parameters": normalize_value(dict(hyper_parameters or {}), "hyper_parameters"),
+            "datasets": [_dataset_id(d) for d in datasets],
+            "tags": tags,
+            "task": _run_id(task),
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "summary": {},
+            **extra,
+        }
+        self.project.insert(RUNS, doc)
+        run = Run(self, doc)
+        object.__setattr__(run, "_fresh", True)
+        if current:
+            with _active_lock:
+                _active.append(run)
+        return run
+
+    def get(self, run_id: str) -> Run:
+        """The run with this id (NotFound otherwise)."""
+        doc = self.project.find_one(RUNS, {"_id": run_id})
+        if doc is None:
+            raise NotFound(f"no run {run_id!r} in project {self.project.name!r}")
+        return Run(self, doc)
+
+    def find(self, where: dict | None = None, sort=None, limit: int | None = None, skip: int = 0) -> list[Run]:
+        """Runs matching a filter, newest first unless ``sort`` says otherwise."""
+        self.flush()
+        docs = self.project.find(RUNS, where, sort=sort or [("started", -1)], limit=limit, skip=skip)
+        return [Run(self, d) for d in docs]
+
+    def best(self, metric: str | tuple[str, str], mode: str = "max", where: dict | None = None) -> Run:
+        """The run with the best summary of a metric: ``"valid.accuracy"`` or ``("valid", "accuracy")``
+        compares ``summary.valid.accuracy.<mode>``; a full ``"summary.<kind>.<metric>.<stat>"`` path is used as
+        given. ``mode`` is "max" or "min". NotFound if no run has that metric."""
+        if mode not in ("max", "min"):
+            raise QueryError(f"mode must be 'max' or 'min', not {mode!r}")
+        if isinstance(metric, tuple) and len(metric) == 2:
+            path = f"summary.{check_kind(metric[0])}.{check_metric_name(metric[1])}.{mode}"
+        elif isinstance(metric, str) and metric.startswith("summary."):
+            path = metric
+        elif isinstance(metric, str) and metric.count(".") == 1:
+            path = f"summary.{metric}.{mode}"
+        else:
+            raise QueryError(f"metric {metric!r}: write 'kind.metric', (kind, metric) or 'summary.kind.metric.stat'")
+        split_path(path, "metric")
+        direction = -1 if mode == "max" else 1
+        if path not in self._indexed:
+            self.project.index.create_index(RUNS, [(path, direction)])
+            self._indexed.add(path)
+        self.flush()
+        flt = {path: {"$exists": True}}
+        if where:
+            flt = {"$and": [where, flt]}
+        doc = self.project.find_one(RUNS, flt, sort=[(path, direction)])
+        if doc is None:
+            raise NotFound(f"no run in project {self.project.name!r} has {path!r}"
+                           + (f" and matches {where!r}" if where else ""))
+        return Run(self, doc)
+
+    def delete(self, where: dict | None = None) -> int:
+        """Delete matching runs (all of this project's runs if ``where`` is None) and their logs."""
+        self.flush()
+        deleted = self.project.delete(RUNS, where)
+        ids = [d["_id"] for d in deleted]
+        for start in range(0, len(ids), 500):
+            self.project.delete(LOGS, {"run": {"$in": ids[start:start + 500]}})
+        if ids and self._writer is not None:
+            self._writer.forget(ids)
+        gone = set(ids)
+        with _active_lock:
+            _active[:] = [r for r in _active if r.id not in gone]
+        return len(ids)
+
+    # -- logs without (or outside) a run object -------------------------------------------------------------
+    def log_point(self, kind: str, run: Any = None, **fields) -> dict:
+        """Write one log document now (TensorHub's ``save_training_log``); returns it once durable."""
+        doc: dict[str, Any] = {"run": _run_id(run), "kind": check_kind(kind)}
+        for key, value in normalize_fields(fields, nonfinite="null").items():
+            if key in ("step", "epoch"):
+                doc[key] = value
+            else:
+                doc[check_metric_name(key)] = value
+        doc["time"] = time.time()
+        self.writer.put(doc)
+        self.writer.flush()
+        return doc
+
+    def find_logs(self, kind: str | None = None, where: dict | None = None, sort=None,
+                  limit: int | None = None, run: Any = None) -> list[dict]:
+        """Log documents (of one kind, one run, matching ``where``), oldest first unless ``sort`` says otherwise."""
+        self.flush()
+        return self.project.find(LOGS, self._log_filter(kind, where, run), sort=sort or [("time", 1)],
+                                 limit=limit)
+
+    def delete_logs(self, kind: str | None = None, where: dict | None = None, run: Any = None) -> int:
+        """Delete matching log documents; returns how many. Run summaries are left as they were."""
+        self.flush()
+        return len(self.project.delete(LOGS, self._log_filter(kind, where, run)))
+
+    @staticmethod
+    def _log_filter(kind: str | None, where: dict | None, run: Any) -> dict:
+        parts = [dict(where)] if where else []
+        if kind is not None:
+            parts.append({"kind": check_kind(kind)})
+        if run is not None:
+            parts.append({"run": _run_id(run)})
+        if not parts:
+            return {}
+        return parts[0] if len(parts) == 1 else {"$and": parts}
+
+    def __repr__(self) -> str:
+        return f"<Runs of {self.project.name!r}>"
+
+
+def _dataset_id(dataset: Any) -> str:
+    if isinstance(dataset, str):
+        return dataset
+    if isinstance(dataset, Record):
+        return dataset.id
+    if isinstance(dataset, dict) and isinstance(dataset.get("_id"), str):
+        return dataset["_id"]
+    raise InvalidDocument(f"datasets takes dataset records or ids, not {type(dataset).__name__}")
+
+
+def _in_range(value: int, what: str) -> int:
+    """Steps and epochs are stored as 64-bit integers (the next default step must fit too)."""
+    if not -INT64 <= value < INT64 - 1:
+        raise InvalidDocument(f"{what} {value} does not fit in 64 bits")
+    return value

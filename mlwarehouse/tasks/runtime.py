@@ -1,0 +1,275 @@
+"""What runs inside a task's own process: ``python -m mlwarehouse.tasks.runtime SPEC.json``.
+
+A worker starts one such process per task attempt, in a new session, with stdout and stderr piped to it and the
+warehouse named by ``MLW_URI`` / ``MLW_BLOBS`` / ``MLW_PROJECT``. This process:
+
+1. connects to the warehouse and starts a run for the task (its id is recorded on the task), so the logs and
+   models the task saves link back to it (task -> run -> model -> dataset);
+2. makes :func:`mlwarehouse.current_task` return the task's id, name, hyper-parameters, run and attempt;
+3. runs the script: a file's source (read from the blob store and checked against its sha256) is executed in a
+   fresh namespace whose globals are the hyper-parameters plus ``__name__ = "__main__"``, as TensorHub scripts
+   expect; a ``"module:function"`` target is imported and called with the hyper-parameters as keyword arguments;
+4. reads the saved result keys from the namespace (or the function's return value), checks they can be stored,
+   and writes the outcome as JSON to the result file the worker named; the worker records it.
+
+It exits by itself if its worker dies (it checks its parent every half second), so a killed worker leaves no
+task process behind.
+"""
+
+from __future__ import annotations
+
+import builtins
+import hashlib
+import importlib
+import json
+import linecache
+import os
+import re
+import signal
+import sys
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mlwarehouse.errors import TaskError
+
+__all__ = ["main", "execute", "script_spec", "ScriptError", "TaskContext", "current_task"]
+
+_TARGET = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
+
+
+@dataclass(frozen=True)
+class TaskContext:
+    """What a running task knows about itself (``mlwarehouse.current_task()``)."""
+    id: str
+    task_name: str
+    hyper_parameters: dict = field(default_factory=dict)
+    run: str | None = None
+    attempt: int = 1
+    project: str = "default"
+    worker: str | None = None
+
+
+_current: "TaskContext | None" = None
+
+
+def current_task() -> TaskContext | None:
+    """The task this process is running (set by the worker's task runtime), or None outside a task."""
+    return _current
+
+
+def _set_current_task(context: TaskContext | None) -> None:
+    global _current
+    _current = context
+
+
+def script_spec(project, script: Any) -> dict | None:
+    """What a task stores about its script: a file's source (as a blob) and sha256, or a callable's target.
+
+    Raises TaskError for a missing file or a syntax error, so bad scripts are refused when tasks are created.
+    """
+    if script is None:
+        return None
+    if callable(script) and not isinstance(script, (str, Path)):
+        module, name = getattr(script, "__module__", None), getattr(script, "__qualname__", "")
+        if not module or module == "__main__" or not name or "<" in name or not _names(module, name, script):
+            raise TaskError(f"{script!r} cannot be imported by a worker: define it at the top level of a "
+                            f"module (not a bound method or a partial), or pass the path of a script file")
+        return {"kind": "callable", "target": f"{module}:{name}"}
+    if isinstance(script, str) and _TARGET.match(script) and not Path(script).exists():
+        return {"kind": "callable", "target": script}
+    if not isinstance(script, (str, Path)):
+        raise TaskError(f"script must be a file path or 'module:function', not {type(script).__name__}")
+    path = Path(script).expanduser()
+    if not path.is_file():
+        raise TaskError(f"task script {str(path)!r} does not exist (or is not a file)")
+    source = path.read_bytes()
+    try:
+        compile(source, str(path), "exec")
+    except SyntaxError as exc:
+        raise TaskError(f"task script {str(path)!r} has a syntax error at line {exc.lineno}: {exc.msg}") from exc
+    except ValueError as exc:  # null bytes
+        raise TaskError(f"task script {str(path)!r} is not Python source: {exc}") from exc
+    return {"kind": "file", "filename": path.name, "sha256": hashlib.sha256(source).hexdigest(),
+            "source": project.pack(source)}
+
+
+def _names(module: str, name: str, obj: Any) -> bool:
+    """Whether ``module:name`` leads back to ``obj`` itself (a bound method or a partial does not)."""
+    found: Any = sys.modules.get(module)
+    for part in name.split("."):
+        found = getattr(found, part, None)
+    return found is obj
+
+
+class ScriptError(Exception):
+    """A problem with the task itself (bad script, missing or unstorable result): retrying cannot help."""
+
+
+class _Terminated(BaseException):
+    """The worker asked this process to stop (SIGTERM)."""
+
+
+def _on_sigterm(signum, frame):
+    raise _Terminated("terminated by the worker")
+
+
+def _watch_parent(parent: int) -> None:
+    def watch():
+        while True:
+            time.sleep(0.5)
+            if os.getppid() != parent:  # the worker died: take our whole session down with us
+                try:
+                    os.killpg(os.getpgrp(), signal.SIGKILL)
+                finally:
+                    os._exit(137)
+    threading.Thread(target=watch, name="mlw-parent-watch", daemon=True).start()
+
+
+def _user_traceback(exc: BaseException) -> str:
+    """The traceback without this module's own frames, so it starts in the user's code."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_frame.f_code.co_filename == __file__:
+        tb = tb.tb_next
+    return "".join(traceback.format_exception(type(exc), exc, tb))
+
+
+def _load_source(project, script: dict) -> tuple[str, str]:
+    source = bytes(project.unpack(script["source"]))
+    if hashlib.sha256(source).hexdigest() != script.get("sha256"):
+        raise ScriptError(f"task script {script.get('filename')!r}: stored source does not match its sha256")
+    return source.decode("utf-8"), script.get("filename") or "task.py"
+
+
+def _resolve(target: str):
+    module_name, _, name = target.partition(":")
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name and (exc.name == module_name or module_name.startswith(exc.name + ".")):
+            raise ScriptError(f"task target {target!r}: module {module_name!r} cannot be imported on this "
+                              f"worker ({exc})") from exc
+        raise
+    for part in name.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise ScriptError(f"task target {target!r}: {module_name!r} has no attribute {name!r}") from None
+    if not callable(obj):
+        raise ScriptError(f"task target {target!r} is not callable")
+    return obj
+
+
+def _results(values: dict, keys: list[str], where: str) -> dict:
+    from mlwarehouse.errors import InvalidDocument
+    from mlwarehouse.query.fields import normalize_value
+    out = {}
+    for key in keys:
+        if key not in values:
+            raise ScriptError(f"result key {key!r} was never set by {where}")
+        try:
+            out[key] = normalize_value(values[key], f"result {key!r}")
+        except InvalidDocument as exc:
+            raise ScriptError(f"{exc} (set by {where}); results must be JSON values: numbers, strings, lists, "
+                              f"dicts; save arrays and models to the warehouse instead") from None
+    return out
+
+
+def execute(project, task: dict) -> dict:
+    """Run the task's script in this process and return its normalised results."""
+    script = task.get("script")
+    hyper = dict(task.get("hyper_parameters") or {})
+    keys = list(task.get("saved_result_keys") or [])
+    if not script:
+        raise ScriptError("the task has no script: create it with a file path or 'module:function'")
+    if script.get("kind") == "file":
+        source, filename = _load_source(project, script)
+        linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)  # tracebacks show lines
+        code = compile(source, filename, "exec")
+        namespace = {**hyper, "__name__": "__main__", "__file__": filename, "__builtins__": builtins}
+        sys.argv = [filename]
+        try:
+            exec(code, namespace)
+        except SystemExit as exc:  # sys.exit() ends a script; only a non-zero status is a failure
+            if exc.code not in (None, 0):
+                raise RuntimeError(f"the script called sys.exit({exc.code!r})") from exc
+        return _results(namespace, keys, f"the script {filename!r}")
+    if script.get("kind") == "callable":
+        target = script["target"]
+        try:
+            value = _resolve(target)(**hyper)
+        except SystemExit as exc:  # as for scripts: sys.exit(0) ends the call, a non-zero status fails it
+            if exc.code not in (None, 0):
+                raise RuntimeError(f"{target!r} called sys.exit({exc.code!r})") from exc
+            value = None
+        where = f"the return value of {target!r}"
+        if isinstance(value, dict):
+            return _results(value, keys or [k for k in value if isinstance(k, str)], where)
+        if len(keys) == 1:
+            return _results({keys[0]: value}, keys, where)
+        if keys:
+            raise ScriptError(f"{target!r} returned a {type(value).__name__}, not a dict holding the result keys "
+                              f"{keys}")
+        return {} if value is None else _results({"return": value}, ["return"], where)
+    raise ScriptError(f"unknown script kind {script.get('kind')!r}")
+
+
+def _write(path: str, outcome: dict) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(outcome, f)
+    os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    with open(argv[0], encoding="utf-8") as f:
+        spec = json.load(f)
+    _watch_parent(spec["parent_pid"])
+    signal.signal(signal.SIGTERM, _on_sigterm)
+
+    import mlwarehouse
+
+    task, worker = spec["task"], spec["worker"]
+    outcome: dict = {"ok": False, "retry": True, "error": "the task process stopped before running the script"}
+    wh = mlwarehouse.connect(project=spec["project"])
+    try:
+        project = wh.project(spec["project"])
+        run = project.runs.start(name=task["task_name"], task=task["_id"],
+                                 hyper_parameters=task.get("hyper_parameters") or {})
+        outcome["run"] = run.id
+        with open(os.path.join(os.path.dirname(spec["result_path"]), "run.id"), "w", encoding="utf-8") as f:
+            f.write(run.id)  # the worker closes this run if the process dies before writing its result
+        project.tasks.set_run(task["_id"], worker, run.id, lease=task.get("lease"))
+        _set_current_task(TaskContext(id=task["_id"], task_name=task["task_name"],
+                                      hyper_parameters=dict(task.get("hyper_parameters") or {}), run=run.id,
+                                      attempt=task.get("attempts", 1), project=project.name, worker=worker))
+        try:
+            result = execute(project, task)
+        except BaseException as exc:  # SystemExit from a thread's hook, KeyboardInterrupt, SIGTERM: all fail
+            error = str(exc) if isinstance(exc, ScriptError) else _user_traceback(exc)
+            outcome.update(error=error, retry=not isinstance(exc, ScriptError))
+            run.fail(error)
+        else:
+            outcome = {"ok": True, "result": result, "run": run.id}
+            run.finish()
+    except BaseException as exc:  # the warehouse or the run could not be set up or closed
+        outcome.update(ok=False, error=_user_traceback(exc), retry=True)
+    finally:
+        _set_current_task(None)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        _write(spec["result_path"], outcome)
+        wh.close()
+    return 0 if outcome["ok"] else 1
+
+
+if __name__ == "__main__":  # run the imported module, so current_task() sees what main() sets
+    from mlwarehouse.tasks.runtime import main as _main
+    _code = _main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(_code)  # the result is written: threads the script left running must not keep the task open

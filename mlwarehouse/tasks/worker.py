@@ -1,0 +1,336 @@
+"""The worker: pull tasks of one task name from the warehouse and run each in its own process.
+
+Starting a worker is the explicit permission to execute task scripts stored in the warehouse (``mlw worker`` or
+``Worker(...).run()``); nothing else in mlwarehouse runs them. Each attempt runs in a fresh process
+(:mod:`mlwarehouse.tasks.runtime`) in its own session, so no global leaks from one task to the next and a killed
+task takes its own subprocesses with it. The worker:
+
+- claims up to ``concurrency`` tasks (one atomic update each), polling cheaply while idle;
+- renews each task's lease every ``heartbeat_seconds``; if a renewal matches nothing (the task was cancelled,
+  deleted or taken over) it kills that task's process and records nothing;
+- kills a task that runs past its ``timeout`` (SIGTERM, then SIGKILL after ``kill_grace`` seconds);
+- records the outcome in one update: finished with the result, or failed / back to pending with the error;
+- requeues tasks whose lease expired (workers that died), every ``lease_seconds / 2``;
+- on SIGTERM or Ctrl-C stops claiming, terminates its task processes and puts their tasks back to pending
+  without counting the attempt, then returns.
+
+Leases compare wall clocks (epoch seconds): machines sharing a warehouse need synchronised clocks (NTP).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from mlwarehouse.errors import BackendError, TaskError
+from mlwarehouse.ids import new_id
+from mlwarehouse.tasks.queue import Task
+
+__all__ = ["Worker"]
+
+#: at most this much of a task's output is stored (its end); the rest is dropped
+MAX_OUTPUT = 64 * 1024 * 1024
+
+
+@dataclass
+class _Child:
+    task: Task
+    proc: subprocess.Popen
+    folder: Path
+    started: float
+    deadline: float | None
+    next_beat: float
+    spool: IO[bytes] = field(default_factory=lambda: tempfile.TemporaryFile())
+    reader: threading.Thread | None = None
+    reason: str | None = None      # why the worker stopped it: "timeout", "lost" or "shutdown"
+    kill_at: float | None = None   # when SIGTERM turns into SIGKILL
+
+    def signal(self, sig: int) -> None:
+        try:
+            os.killpg(self.proc.pid, sig)  # the child leads its own session: its group has its pid
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    captured: bytes | None = None  # the output, once read (recording may be retried)
+
+    def output(self) -> bytes:
+        if self.captured is None:
+            size = self.spool.seek(0, os.SEEK_END)
+            self.spool.seek(max(0, size - MAX_OUTPUT))
+            self.captured = self.spool.read()
+            self.spool.close()
+        return self.captured
+
+
+class Worker:
+    """Runs the tasks named ``task_name`` (any name if None) of a project, ``concurrency`` at a time."""
+
+    def __init__(self, target: Any, task_name: str | None = None, *, concurrency: int = 1,
+                 lease_seconds: float = 30.0, heartbeat_seconds: float | None = None, poll_interval: float = 0.1,
+                 once: bool = False, verbose: bool = True, kill_grace: float = 5.0, where: dict | None = None):
+        from mlwarehouse.warehouse import Warehouse
+        self.project = target.project() if isinstance(target, Warehouse) else target
+        settings = self.project.warehouse.settings
+        if settings is None:
+            raise TaskError("a worker needs a warehouse opened with mlwarehouse.connect() (its URIs are passed "
+                            "to the task processes)")
+        if concurrency < 1 or lease_seconds <= 0:
+            raise TaskError(f"concurrency must be >= 1 and lease_seconds > 0 (got {concurrency}, {lease_seconds})")
+        self.tasks = self.project.tasks
+        self.task_name = task_name
+        self.concurrency = concurrency
+        self.lease_seconds = float(lease_seconds)
+        self.heartbeat_seconds = float(heartbeat_seconds or lease_seconds / 3)
+        self.poll_interval = poll_interval
+        self.once = once
+        self.verbose = verbose
+        self.kill_grace = kill_grace
+        self.where = where
+        self.id = f"{socket.gethostname()}:{os.getpid()}:{new_id()[-6:]}"
+        self.processed = 0
+        self._children: list[_Child] = []
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._echo_lock = threading.Lock()
+        self._env = {**os.environ, "MLW_URI": settings.index_uri, "MLW_BLOBS": settings.blobs_uri,
+                     "MLW_PROJECT": self.project.name, "PYTHONUNBUFFERED": "1"}
+
+    # -- public --------------------------------------------------------------------------------------------
+    def run(self) -> int:
+        """Work until stopped (or, with ``once``, until no pending task is left); returns tasks processed."""
+        self._say(f"worker {self.id} on project {self.project.name!r}, task name {self.task_name!r}, "
+                  f"concurrency {self.concurrency}")
+        with self._signals():
+            self._loop(None, self.where, None)
+        self._say(f"worker {self.id} stopped after {self.processed} tasks")
+        return self.processed
+
+    def run_one(self, where: dict | None = None, sort=None) -> Task | None:
+        """Claim one task (matching ``where``, in ``sort`` order) and run it to its end; None if none was pending."""
+        before = self.processed
+        with self._signals():
+            last = self._loop(1, where or self.where, sort)
+        return self.tasks.get(last) if last and self.processed > before else None
+
+    def stop(self) -> None:
+        """Ask the worker to stop claiming, terminate its tasks, release them and return (thread-safe)."""
+        self._stop.set()
+        self._wake.set()
+
+    # -- the loop ------------------------------------------------------------------------------------------
+    def _loop(self, max_tasks: int | None, where: dict | None, sort) -> str | None:
+        started, last_id, next_requeue, idle = 0, None, 0.0, False
+        try:
+            while not self._stop.is_set():
+                now = time.monotonic()
+                try:
+                    if now >= next_requeue:
+                        self.tasks.requeue_expired(self.task_name)
+                        next_requeue = now + self.lease_seconds / 2
+                    self._reap()
+                    self._supervise(now)
+                    while (len(self._children) < self.concurrency and not self._stop.is_set()
+                           and (max_tasks is None or started < max_tasks)):
+                        if idle and not self.tasks.has_pending(self.task_name, where):
+                            break
+                        task = self.tasks.claim(self.task_name, self.id, self.lease_seconds, where=where, sort=sort)
+                        idle = task is None
+                        if task is None:
+                            break
+                        started, last_id = started + 1, task.id
+                        self._start(task)
+                except BackendError as exc:  # the store is busy or unreachable: keep the tasks, try again
+                    self._say(f"warehouse error, retrying: {exc}")
+                    idle = False
+                if not self._children and (
+                        (self.once and idle) or (max_tasks is not None and (started >= max_tasks or idle))):
+                    break
+                index = self.project.index
+                if idle and not self._children and index.supports_listen:
+                    index.listen("tasks", min(1.0, self.lease_seconds / 3))  # wakes when a task is written
+                else:
+                    self._wake.wait(self.poll_interval)
+                self._wake.clear()
+        finally:
+            self._shutdown()
+        return last_id
+
+    def _start(self, task: Task) -> None:
+        folder = Path(tempfile.mkdtemp(prefix="mlw-task-"))
+        doc = task.doc
+        spec = {"task": {k: doc.get(k) for k in ("_id", "task_name", "hyper_parameters", "script",
+                                                 "saved_result_keys", "attempts")},
+                "project": self.project.name, "worker": self.id, "result_path": str(folder / "result.json"),
+                "parent_pid": os.getpid()}
+        (folder / "spec.json").write_text(json.dumps(spec), encoding="utf-8")
+        proc = subprocess.Popen([sys.executable, "-m", "mlwarehouse.tasks.runtime", str(folder / "spec.json")],
+                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                env=self._env, start_new_session=True)
+        now = time.monotonic()
+        timeout = doc.get("timeout")
+        child = _Child(task, proc, folder, now, now + timeout if timeout else None, now + self.heartbeat_seconds)
+        child.reader = threading.Thread(target=self._pump, args=(child,), name=f"mlw-output-{task.id}", daemon=True)
+        child.reader.start()
+        self._children.append(child)
+        self._say(f"task {task.id} ({task.task_name}) started, attempt {doc.get('attempts')}: "
+                  f"{doc.get('hyper_parameters')}")
+
+    def _pump(self, child: _Child) -> None:
+        """Copy the child's output to its spool file (and to our stdout when verbose) until it closes."""
+        prefix = f"[{child.task.task_name} {child.task.id[-6:]}] "
+        for line in iter(lambda: child.proc.stdout.readline(65536), b""):
+            child.spool.write(line)
+            if self.verbose:
+                with self._echo_lock:
+                    sys.stdout.write(prefix + line.decode("utf-8", "replace").rstrip("\n") + "\n")
+                    sys.stdout.flush()
+        child.proc.stdout.close()
+        self._wake.set()
+
+    def _supervise(self, now: float) -> None:
+        for child in self._children:
+            if child.proc.poll() is not None:
+                continue
+            if child.kill_at is not None:
+                if now >= child.kill_at:
+                    child.signal(signal.SIGKILL)
+                continue
+            if child.deadline is not None and now >= child.deadline:
+                self._terminate(child, "timeout", now)
+            elif now >= child.next_beat:
+                child.next_beat = now + self.heartbeat_seconds
+                if not self.tasks.heartbeat(child.task.id, self.id, self.lease_seconds,
+                                            lease=child.task.get("lease")):
+                    self._say(f"task {child.task.id} is no longer ours (cancelled, deleted or taken over): "
+                              f"stopping it")
+                    self._terminate(child, "lost", now)
+
+    def _terminate(self, child: _Child, reason: str, now: float) -> None:
+        child.reason = reason
+        child.kill_at = now + self.kill_grace
+        child.signal(signal.SIGTERM)
+
+    def _reap(self) -> None:
+        for child in list(self._children):
+            if child.proc.poll() is None:
+                continue
+            child.signal(signal.SIGKILL)  # anything the task left running in its session
+            child.reader.join(timeout=5)
+            self._children.remove(child)
+            try:
+                self._record_retrying(child)
+            finally:
+                shutil.rmtree(child.folder, ignore_errors=True)
+
+    def _record_retrying(self, child: _Child, tries: int = 6) -> None:
+        """Record what a finished child did; a warehouse that is briefly unavailable (a server restarting) is
+        retried for about 15 s, so a finished task is not run again only because its result could not be saved."""
+        for attempt in range(tries):
+            try:
+                return self._record(child)
+            except BackendError as exc:
+                if attempt == tries - 1:
+                    raise
+                self._say(f"could not record task {child.task.id} ({type(exc).__name__}: {exc}); retrying")
+                time.sleep(min(8.0, 0.5 * 2 ** attempt))
+
+    def _record(self, child: _Child) -> None:
+        task, tasks = child.task, self.tasks
+        lease = task.get("lease")
+        output = child.output()
+        outcome = self._outcome(child)
+        run = outcome.get("run") or self._attempt_run(child)  # this attempt's run, never a later owner's
+        elapsed = time.monotonic() - child.started
+        if outcome.get("ok") and child.reason != "lost":
+            pass  # the script succeeded before a timeout or shutdown caught up with it: its result stands
+        elif child.reason in ("shutdown", "lost"):
+            if child.reason == "shutdown":
+                tasks.release(task.id, self.id, lease=lease)
+                error = "the worker was stopped; the task went back to pending"
+            else:
+                error = "the task was cancelled or taken over; its process was killed"
+            tasks.end_run(run, "failed", error)
+            return
+        if child.reason == "timeout" and not outcome.get("ok"):
+            error = f"timed out after {task.get('timeout')} s (attempt {task.get('attempts')}); killed"
+            status = tasks.fail(task.id, self.id, error, output=output, lease=lease)
+            tasks.end_run(run, "failed", error)
+            self._say(f"task {task.id} {error}: now {status}")
+        elif outcome.get("ok"):
+            if tasks.finish(task.id, self.id, outcome.get("result"), output=output, lease=lease):
+                self._say(f"task {task.id} finished in {elapsed:.2f} s: {outcome.get('result')}")
+            else:
+                self._say(f"task {task.id} finished but was no longer ours: result not recorded")
+        else:
+            error = outcome.get("error") or (
+                f"the task process exited with status {child.proc.returncode} without reporting a result "
+                f"(killed, out of memory, or a crash in native code); see its output")
+            status = tasks.fail(task.id, self.id, error, retry=outcome.get("retry", True), output=output,
+                                lease=lease)
+            tasks.end_run(run, "failed", error)  # a no-op when the runtime already ended it
+            self._say(f"task {task.id} failed after {elapsed:.2f} s, now {status}: {error.strip()[-300:]}")
+        self.processed += 1
+
+    @staticmethod
+    def _outcome(child: _Child) -> dict:
+        try:
+            return json.loads((child.folder / "result.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return {}
+
+    @staticmethod
+    def _attempt_run(child: _Child) -> str | None:
+        """The run this attempt started: the runtime writes its id next to the result as soon as it has one."""
+        try:
+            return (child.folder / "run.id").read_text(encoding="utf-8").strip() or None
+        except OSError:
+            return None
+
+    def _shutdown(self) -> None:
+        """Terminate every task process still running, wait for them, and give their tasks back."""
+        if not self._children:
+            return
+        now = time.monotonic()
+        for child in self._children:
+            if child.proc.poll() is None and child.reason is None:
+                self._terminate(child, "shutdown", now)
+        deadline = now + self.kill_grace
+        while any(c.proc.poll() is None for c in self._children):
+            if time.monotonic() >= deadline:
+                for child in self._children:
+                    child.signal(signal.SIGKILL)
+            time.sleep(0.02)
+        self._reap()
+
+    # -- plumbing ------------------------------------------------------------------------------------------
+    @contextmanager
+    def _signals(self):
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+        for sig in previous:
+            signal.signal(sig, lambda signum, frame: self.stop())
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def _say(self, message: str) -> None:
+        if self.verbose:
+            with self._echo_lock:
+                print(f"[mlw worker] {message}", flush=True)
+
