@@ -1,13 +1,15 @@
 """Warehouse (an index + a blob store) and Project (everything scoped to one project name).
 
-Domain modules (datasets, models, runs, tasks) use only the few methods of :class:`Project` below and the two
-protocols; they never see a backend. Project enforces the invariants that every domain shares:
+Domain packages (datasets, models, runs, tasks) use only the methods of :class:`Project` below and the
+collections declared in :mod:`mlwarehouse.schema`; they never see a backend. Project enforces the invariants that
+every domain shares (numbered as in the design document):
 
 1. Blobs first, index second: ``insert`` packs the value (every blob put and durable) before the document is
    written, so a reader never sees a document whose bytes are missing; a crash leaves at most unreferenced blobs.
 2. Deletes are real: ``delete`` removes documents, then removes each blob they referenced that no document
    references any more and that nobody has re-put since the document was written; ``Warehouse.gc`` sweeps the rest.
-5. Every write is stamped with ``_id`` (sortable, client-made), ``project`` and ``time`` (UTC).
+3. Integrity: every blob read is verified by the blob store (see :mod:`mlwarehouse.blobs.base`).
+4. Every write is stamped with ``_id`` (sortable, client-made), ``project`` and ``time`` (UTC).
 """
 
 from __future__ import annotations
@@ -19,8 +21,9 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
-from mlwarehouse.codecs import values
+from mlwarehouse import schema
 from mlwarehouse.blobs.base import BlobStore
+from mlwarehouse.codecs import values
 from mlwarehouse.query.documents import validate_document
 from mlwarehouse.errors import DuplicateKey, InvalidDocument, NotFound, QueryError
 from mlwarehouse.ids import new_id, parse_time, utc_now
@@ -28,7 +31,7 @@ from mlwarehouse.index.base import Filter, Index, Sort
 
 __all__ = ["Warehouse", "Project", "GcReport", "connect"]
 
-META = "meta"
+META = schema.META.name
 #: collections whose documents may reference blobs (others, e.g. logs, are never scanned for references)
 BLOB_COLLECTIONS_ID = "blob_collections"
 
@@ -74,7 +77,9 @@ class Warehouse:
         self.default_project = default_project
         self._projects: dict[str, Project] = {}
         self._blob_collections: set[str] = set()
-        index.ensure_collection(META)
+        self._ensured: set[str] = set()
+        self._indexed: set[tuple] = set()
+        self.ensure(schema.META)
 
     # -- projects ------------------------------------------------------------------------------------------
     def project(self, name: str | None = None) -> "Project":
@@ -100,6 +105,25 @@ class Warehouse:
             raise AttributeError(attr)
         return getattr(self.project(), attr)
 
+    # -- schema --------------------------------------------------------------------------------------------
+    def ensure(self, collection: schema.Collection) -> None:
+        """Create a declared collection, its scalar fields and its indexes (idempotent; once per object)."""
+        if collection.name in self._ensured:
+            return
+        self.index.ensure_collection(collection.name, scalar_fields=collection.scalar_fields)
+        for spec in collection.indexes:
+            self.create_index(collection.name, spec.keys, unique=spec.unique)
+        if collection.blobs:
+            self.note_blob_collection(collection.name)
+        self._ensured.add(collection.name)
+
+    def create_index(self, collection: str, keys: Sequence[tuple[str, int]], *, unique: bool = False) -> None:
+        """Create an index once per warehouse object (the backends make it idempotent across processes)."""
+        key = (collection, tuple(map(tuple, keys)), unique)
+        if key not in self._indexed:
+            self.index.create_index(collection, keys, unique=unique)
+            self._indexed.add(key)
+
     # -- SQL -----------------------------------------------------------------------------------------------
     def sql(self, query: str, params: Sequence[Any] | dict = ()) -> list[dict]:
         """Read-only SQL over the documented views (``runs``, ``metrics``, ``models``...); rows as dicts."""
@@ -114,12 +138,12 @@ class Warehouse:
     def note_blob_collection(self, collection: str) -> None:
         """Record that ``collection`` holds documents with blob references (gc and deletes scan only those)."""
         if collection not in self._blob_collections:
-            self.index.update_many(META, {"_id": BLOB_COLLECTIONS_ID}, {"$addToSet": {"names": collection}}) or \
-                self._create_blob_collections_doc(collection)
+            if collection not in self.blob_collections():  # read first: opening a warehouse writes nothing
+                self.index.update_many(META, {"_id": BLOB_COLLECTIONS_ID}, {"$addToSet": {"names": collection}}) \
+                    or self._create_blob_collections_doc(collection)
             self._blob_collections.add(collection)
 
     def _create_blob_collections_doc(self, collection: str) -> None:
-        from mlwarehouse.errors import DuplicateKey
         try:
             self.index.insert_one(META, {"_id": BLOB_COLLECTIONS_ID, "names": [collection]})
         except DuplicateKey:  # another process created it first
@@ -249,6 +273,15 @@ class Project:
         from mlwarehouse.tasks.queue import Tasks
         return Tasks(self)
 
+    # -- schema --------------------------------------------------------------------------------------------
+    def ensure(self, collection: schema.Collection) -> None:
+        """Create a declared collection with its scalar fields and indexes (once per warehouse object)."""
+        self.warehouse.ensure(collection)
+
+    def create_index(self, collection: str | schema.Collection, keys: Sequence[tuple[str, int]]) -> None:
+        """An extra index for a query shape users ask for (e.g. a sort on a metric); idempotent."""
+        self.warehouse.create_index(str(collection), keys)
+
     # -- values --------------------------------------------------------------------------------------------
     def pack(self, value: Any, *, allow_pickle: bool = False) -> Any:
         """Store the blobs a value needs and return its JSON tree (blob references at the leaves)."""
@@ -322,7 +355,20 @@ class Project:
     def values(self, collection: str, filter: Filter | None, fields: Sequence[str], *, sort: Sort | None = None,
                limit: int | None = None) -> list[tuple]:
         """Columns of the matching documents (see :meth:`Index.values`)."""
-        return self.index.values(collection, self.scope(filter), fields, sort=sort, limit=limit)
+        return self.index.values(str(collection), self.scope(filter), fields, sort=sort, limit=limit)
+
+    def distinct(self, collection: str, field: str, filter: Filter | None = None) -> list:
+        """Distinct values of ``field`` among this project's matching documents, in sort order."""
+        return self.index.distinct(str(collection), field, self.scope(filter))
+
+    def listen(self, collection: str, timeout: float) -> bool:
+        """Wait until ``collection`` may have been written (True) or ``timeout`` passes (see :meth:`Index.listen`)."""
+        return self.index.listen(str(collection), timeout)
+
+    @property
+    def wakes_on_writes(self) -> bool:
+        """Whether :meth:`listen` wakes at once on a write (else it sleeps out its timeout)."""
+        return self.index.supports_listen
 
     def update(self, collection: str, filter: Filter | None, update: dict) -> int:
         return self.index.update_many(collection, self.scope(filter), update)

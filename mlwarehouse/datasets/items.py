@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from mlwarehouse import schema
 from mlwarehouse.errors import DuplicateKey, InvalidDocument, NotFound, QueryError
 from mlwarehouse.query.fields import RESERVED_FIELDS, normalize_fields, normalize_value
 from mlwarehouse.ids import new_id
@@ -24,7 +25,7 @@ from mlwarehouse.datasets.shards import FieldSpec, build_shard
 
 __all__ = ["ItemDatasets", "ItemDataset", "ItemRecord", "DATASETS", "ITEMS", "SHARDS"]
 
-DATASETS, ITEMS, SHARDS = "datasets", "items", "item_shards"
+DATASETS, ITEMS, SHARDS = schema.DATASETS.name, schema.ITEMS.name, schema.ITEM_SHARDS.name
 ITEM_RESERVED = RESERVED_FIELDS | {"dataset", "version", "shard", "row"}
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff"})
 SHARD_CODEC = "mlw-shard"
@@ -67,15 +68,8 @@ class ItemDatasets:
 
     def __init__(self, project):
         self.project = project
-        index = project.index
-        index.ensure_collection(DATASETS, scalar_fields=["project", "name", "version"])
-        index.create_index(DATASETS, [("project", 1), ("name", 1), ("version", 1)], unique=True)
-        index.create_index(DATASETS, [("project", 1), ("name", 1), ("time", -1)])
-        index.ensure_collection(ITEMS, scalar_fields=["project", "dataset", "version", "shard", "row"])
-        index.create_index(ITEMS, [("project", 1), ("dataset", 1), ("version", 1)])
-        index.create_index(ITEMS, [("shard", 1), ("row", 1)])
-        index.ensure_collection(SHARDS, scalar_fields=["project", "dataset", "version", "shard"])
-        index.create_index(SHARDS, [("project", 1), ("dataset", 1), ("version", 1)])
+        for collection in (schema.DATASETS, schema.ITEMS, schema.ITEM_SHARDS):
+            project.ensure(collection)
 
     def create(self, name: str, *, version: str | int | None = None, description: str | None = None,
                tags: Iterable[str] = (), shard_bytes: int = 16 << 20, **fields) -> "ItemDataset":
@@ -124,7 +118,7 @@ class ItemDatasets:
         return [ItemDataset(doc, self) for doc in docs]
 
     def names(self) -> list[str]:
-        return self.project.index.distinct(DATASETS, "name", self.project.scope({"kind": "items"}))
+        return self.project.distinct(DATASETS, "name", {"kind": "items"})
 
     def from_arrays(self, name: str, columns: dict[str, Any], **options) -> "ItemDataset":
         """A finished version made of equal-length columns, e.g. ``{"image": X, "label": y}``."""

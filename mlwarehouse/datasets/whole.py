@@ -10,13 +10,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from mlwarehouse import schema
 from mlwarehouse.errors import DuplicateKey, InvalidDocument, NotFound
 from mlwarehouse.query.fields import normalize_fields, normalize_value
 from mlwarehouse.query.records import Record, check_name, name_filter
 
 __all__ = ["Datasets", "DatasetRecord"]
 
-COLLECTION = "datasets"
+COLLECTION = schema.DATASETS.name
 NEWEST = [("time", -1)]
 
 
@@ -42,10 +43,7 @@ class Datasets:
 
     def __init__(self, project):
         self.project = project
-        index = project.index
-        index.ensure_collection(COLLECTION, scalar_fields=["project", "name", "version"])
-        index.create_index(COLLECTION, [("project", 1), ("name", 1), ("version", 1)], unique=True)
-        index.create_index(COLLECTION, [("project", 1), ("name", 1), ("time", -1)])
+        project.ensure(schema.DATASETS)
 
     # -- writing -------------------------------------------------------------------------------------------
     def save(self, value: Any, name: str, *, version: str | int | None = None, description: str | None = None,
@@ -125,4 +123,4 @@ class Datasets:
         return value
 
     def names(self) -> list[str]:
-        return self.project.index.distinct(COLLECTION, "name", self.project.scope(None))
+        return self.project.distinct(COLLECTION, "name")

@@ -20,6 +20,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from mlwarehouse import schema
 from mlwarehouse.models.checkpoints import Retention
 from mlwarehouse.errors import CodecError, InvalidDocument, NotFound, QueryError
 from mlwarehouse.query.fields import normalize_fields, normalize_value
@@ -28,7 +29,7 @@ from mlwarehouse.query.records import Record, check_name, name_filter
 
 __all__ = ["Models", "ModelRecord", "Retention"]
 
-COLLECTION = "models"
+COLLECTION = schema.MODELS.name
 NEWEST = [("time", -1)]
 #: fields the warehouse sets on a model document; keyword fields may not use these names
 FIXED = frozenset({"name", "kind", "epoch", "step", "run", "dataset", "tags", "description", "checkpoint",
@@ -54,10 +55,7 @@ class Models:
 
     def __init__(self, project):
         self.project = project
-        index = project.index
-        index.ensure_collection(COLLECTION, scalar_fields=["project", "name", "run", "dataset", "kind"])
-        index.create_index(COLLECTION, [("project", 1), ("name", 1), ("time", -1)])
-        index.create_index(COLLECTION, [("project", 1), ("run", 1), ("name", 1)])
+        project.ensure(schema.MODELS)
         self._indexed: set[str] = set()
 
     # -- writing -------------------------------------------------------------------------------------------
@@ -157,8 +155,8 @@ class Models:
             if key in self._indexed or isinstance(value, bool) or not isinstance(value, (int, float)):
                 continue
             if PATH_RE.match(key):
-                self.project.index.create_index(COLLECTION, [("project", 1), ("name", 1), (key, -1)])
-                self.project.index.create_index(COLLECTION, [("project", 1), (key, -1)])
+                self.project.create_index(COLLECTION, [("project", 1), ("name", 1), (key, -1)])
+                self.project.create_index(COLLECTION, [("project", 1), (key, -1)])
             self._indexed.add(key)
 
     def delete(self, where: dict | None = None, *, name: str | None = None) -> int:
@@ -208,7 +206,7 @@ class Models:
         return found[0].load(allow_pickle=allow_pickle)
 
     def names(self) -> list[str]:
-        return self.project.index.distinct(COLLECTION, "name", self.project.scope(None))
+        return self.project.distinct(COLLECTION, "name")
 
     def _rebuild(self, doc: dict, *, allow_pickle: bool) -> Any:
         kind = doc.get("kind")

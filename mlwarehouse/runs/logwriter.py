@@ -28,13 +28,14 @@ import weakref
 from multiprocessing import util as mp_util
 from typing import Any
 
+from mlwarehouse import schema
 from mlwarehouse.errors import BackendError, DuplicateKey, InvalidDocument, WarehouseError
 from mlwarehouse.query.fields import normalize_value
 
 __all__ = ["LogWriter", "LOG_FIELDS", "LOGS", "RUNS", "check_kind", "check_metric_name", "as_step"]
 
-LOGS = "logs"
-RUNS = "runs"
+LOGS = schema.LOGS.name
+RUNS = schema.RUNS.name
 #: fields of a log document that are not metrics
 LOG_FIELDS = frozenset({"_id", "project", "time", "run", "kind", "step", "epoch", "_blobs"})
 

@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from mlwarehouse import schema
 from mlwarehouse.query.documents import check_value
 from mlwarehouse.errors import InvalidDocument, NotFound, QueryError, WarehouseError
 from mlwarehouse.query.fields import normalize_fields, normalize_value
@@ -274,13 +275,8 @@ class Runs:
     def _ensure(self) -> None:
         if self._ready:
             return
-        index = self.project.index
-        index.ensure_collection(RUNS, scalar_fields=["name", "status", "task", "project"])
-        index.ensure_collection(LOGS, scalar_fields=["run", "kind", "project"])
-        # (run, kind) and not (run, kind, step): keeping a step index up to date cost a third of the logging
-        # throughput, and reading a run's history was no faster with it (1.8 s for 200k points either way).
-        index.create_index(LOGS, [("run", 1), ("kind", 1)])
-        index.create_index(RUNS, [("name", 1)])
+        self.project.ensure(schema.RUNS)
+        self.project.ensure(schema.LOGS)
         self._ready = True
 
     @property
@@ -380,7 +376,7 @@ class Runs:
         split_path(path, "metric")
         direction = -1 if mode == "max" else 1
         if path not in self._indexed:
-            self.project.index.create_index(RUNS, [(path, direction)])
+            self.project.create_index(RUNS, [(path, direction)])
             self._indexed.add(path)
         self.flush()
         flt = {path: {"$exists": True}}

@@ -19,6 +19,7 @@ import time
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from mlwarehouse import schema
 from mlwarehouse.errors import InvalidDocument, NotFound, TaskError, TaskFailed
 from mlwarehouse.query.fields import normalize_fields
 from mlwarehouse.ids import new_id, utc_now
@@ -28,7 +29,7 @@ from mlwarehouse.tasks.runtime import TaskContext, current_task, script_spec
 
 __all__ = ["Tasks", "Task", "TaskContext", "current_task", "PENDING", "RUNNING", "FINISHED", "FAILED", "CANCELLED"]
 
-COLLECTION = "tasks"
+COLLECTION = schema.TASKS.name
 PENDING, RUNNING, FINISHED, FAILED, CANCELLED = "pending", "running", "finished", "failed", "cancelled"
 UNFINISHED = [PENDING, RUNNING]
 ENDED = [FINISHED, FAILED, CANCELLED]
@@ -71,14 +72,7 @@ class Tasks:
     def _ensure(self) -> None:
         if self._ready:
             return
-        index = self.project.index
-        index.ensure_collection(COLLECTION, scalar_fields=["task_name", "status", "project", "run", "worker",
-                                                           "config_hash"])
-        index.create_index(COLLECTION, [("project", 1), ("task_name", 1), ("status", 1), ("priority", -1),
-                                        ("_id", 1)])
-        index.create_index(COLLECTION, [("project", 1), ("task_name", 1), ("config_hash", 1)])
-        index.create_index(COLLECTION, [("project", 1), ("status", 1), ("lease_until", 1)])
-        self.project.warehouse.note_blob_collection(COLLECTION)  # scripts and long outputs are blobs
+        self.project.ensure(schema.TASKS)
         self._ready = True
 
     # -- creating ------------------------------------------------------------------------------------------

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from mlwarehouse import schema
 from mlwarehouse.errors import BackendError, TaskError
 from mlwarehouse.ids import new_id
 from mlwarehouse.tasks.queue import Task
@@ -157,9 +158,8 @@ class Worker:
                 if not self._children and (
                         (self.once and idle) or (max_tasks is not None and (started >= max_tasks or idle))):
                     break
-                index = self.project.index
-                if idle and not self._children and index.supports_listen:
-                    index.listen("tasks", min(1.0, self.lease_seconds / 3))  # wakes when a task is written
+                if idle and not self._children and self.project.wakes_on_writes:
+                    self.project.listen(schema.TASKS, min(1.0, self.lease_seconds / 3))  # wakes on a new task
                 else:
                     self._wake.wait(self.poll_interval)
                 self._wake.clear()
