@@ -8,9 +8,21 @@
 See the README for the concepts; :mod:`mlwarehouse.errors` for the exception tree.
 """
 
-from mlwarehouse.errors import (BackendError, CodecError, ConfigError, DuplicateKey, IntegrityError,
-                                InvalidDocument, NotFound, PickleNotAllowed, QueryError, TaskError, TaskFailed,
-                                Unavailable, WarehouseError)
+from mlwarehouse.errors import (
+    BackendError,
+    CodecError,
+    ConfigError,
+    DuplicateKey,
+    IntegrityError,
+    InvalidDocument,
+    NotFound,
+    PickleNotAllowed,
+    QueryError,
+    TaskError,
+    TaskFailed,
+    Unavailable,
+    WarehouseError,
+)
 from mlwarehouse.warehouse import GcReport, Project, Warehouse, connect
 
 __version__ = "0.1.0"
@@ -23,8 +35,8 @@ __all__ = [
 
 _LAZY = {
     "TensorHub": ("mlwarehouse.compat.tensorhub", "TensorHub"),
-    "current_run": ("mlwarehouse.runs.registry", "current_run"),
-    "current_task": ("mlwarehouse.tasks.queue", "current_task"),
+    "current_run": ("mlwarehouse.context", "current_run"),
+    "current_task": ("mlwarehouse.context", "current_task"),
     "register_codec": ("mlwarehouse.codecs", "register_codec"),
 }
 

@@ -24,10 +24,10 @@ from typing import Any
 from mlwarehouse import schema
 from mlwarehouse.blobs.base import BlobStore
 from mlwarehouse.codecs import values
-from mlwarehouse.query.documents import validate_document
 from mlwarehouse.errors import DuplicateKey, InvalidDocument, NotFound, QueryError
 from mlwarehouse.ids import new_id, parse_time, utc_now
 from mlwarehouse.index.base import Filter, Index, Sort
+from mlwarehouse.query.documents import validate_document
 
 __all__ = ["Warehouse", "Project", "GcReport", "connect"]
 

@@ -11,8 +11,8 @@ import pytest
 
 import mlwarehouse
 from mlwarehouse.archive.tarball import export_project, import_project, read_manifest
-from mlwarehouse.examples.demo import SCRIPT
 from mlwarehouse.errors import DuplicateKey, IntegrityError, NotFound
+from mlwarehouse.examples.demo import SCRIPT
 
 torch = pytest.importorskip("torch")
 

@@ -19,8 +19,7 @@ from boto3.exceptions import S3UploadFailedError  # noqa: E402
 from mlwarehouse.blobs.base import blob_key  # noqa: E402
 from mlwarehouse.blobs.s3 import S3BlobStore, map_error  # noqa: E402
 from mlwarehouse.config import open_blobs  # noqa: E402
-from mlwarehouse.errors import (BackendError, ConfigError, IntegrityError, NotFound, Unavailable,  # noqa: E402
-                                WarehouseError)
+from mlwarehouse.errors import BackendError, ConfigError, IntegrityError, NotFound, Unavailable, WarehouseError  # noqa: E402
 from mlwarehouse.testing.blob_conformance import BlobStoreTests  # noqa: E402
 
 

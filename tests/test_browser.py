@@ -100,8 +100,9 @@ def demo(tmp_path_factory):
 @pytest.fixture(scope="module")
 def small(tmp_path_factory):
     """A small hand-made project (tests/test_web.py's), for what the demo does not produce."""
-    import mlwarehouse
     from test_web import fill_warehouse
+
+    import mlwarehouse
     wh = mlwarehouse.connect(home=tmp_path_factory.mktemp("browser") / "wh")
     filled = fill_warehouse(wh)
     base, stop = _serve(wh)

@@ -5,10 +5,9 @@ from __future__ import annotations
 import subprocess
 
 import pytest
+from conftest import PYTHON
 
 import mlwarehouse
-
-from conftest import PYTHON
 
 PROCESSES = 8
 STEPS = 5000

@@ -90,8 +90,9 @@ def test_delete_rechecks_a_document_changed_meanwhile(ix):
     found = ix._fetch("c", parse_filter({"s": "old"}), None)
     ix.update_many("c", {"_id": "b"}, {"$set": {"s": "new"}})  # changes after the read, before the delete
     coll = ix._coll("c")
-    from mlwarehouse.index.mongo import _guard
     import pymongo
+
+    from mlwarehouse.index.mongo import _guard
     coll.bulk_write([pymongo.DeleteOne(_guard(d["_id"], rev)) for d, rev in found], ordered=False)
     assert [d["_id"] for d in ix.find("c")] == ["b"]  # the guard kept the changed document
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mlwarehouse.errors import IntegrityError, InvalidDocument, NotFound
-from mlwarehouse.datasets.items import ItemDatasets, SHARDS
+from mlwarehouse.datasets.items import SHARDS, ItemDatasets
 from mlwarehouse.datasets.shards import FieldSpec, Shard, build_shard, is_precompressed, read_header, read_item
+from mlwarehouse.errors import IntegrityError, InvalidDocument, NotFound
 from mlwarehouse.web.arrays import to_png
 
 

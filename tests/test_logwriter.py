@@ -7,13 +7,12 @@ import threading
 import time
 
 import pytest
+from conftest import PYTHON
 
 import mlwarehouse
 from mlwarehouse.errors import InvalidDocument
 from mlwarehouse.index.sqlite import SQLiteIndex
 from mlwarehouse.runs.logwriter import LogWriter, _BatchIds
-
-from conftest import PYTHON
 
 
 class SlowIndex(SQLiteIndex):

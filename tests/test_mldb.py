@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 import mlwarehouse
-from mlwarehouse.errors import InvalidDocument, QueryError
 from mlwarehouse.compat.mldb import Database
+from mlwarehouse.errors import InvalidDocument, QueryError
 
 
 @pytest.fixture

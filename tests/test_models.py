@@ -178,14 +178,12 @@ def test_retention_policy_rules():
             Retention(**bad)
 
 
-def test_run_defaults_to_the_current_run(wh, monkeypatch):
-    import types
-    fake_runs = types.ModuleType("mlwarehouse.runs.registry")
-    fake_runs.current_run = lambda: types.SimpleNamespace(id="CURRENT")
-    monkeypatch.setitem(sys.modules, "mlwarehouse.runs.registry", fake_runs)
-    rec = wh.project("r").models.save({"w": np.ones(1)}, "x")
-    assert rec.run == "CURRENT"
-    assert wh.project("r").models.save({"w": np.ones(1)}, "x", run="MINE").run == "MINE"
+def test_run_defaults_to_the_current_run(wh):
+    p = wh.project("r")
+    with p.runs.start("training") as run:
+        rec = p.models.save({"w": np.ones(1)}, "x")
+    assert rec.run == run.id
+    assert p.models.save({"w": np.ones(1)}, "y").run is None  # the run ended: nothing is current
 
 
 def test_a_dict_of_many_plain_numbers_keeps_every_name(wh):

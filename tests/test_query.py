@@ -7,9 +7,20 @@ import re
 import pytest
 
 from mlwarehouse.errors import InvalidDocument, QueryError
-from mlwarehouse.query import (MISSING, apply_update, distinct_values, get_path, matches, project, sort_docs,
-                               validate_document, validate_filter, validate_projection, validate_sort,
-                               validate_update)
+from mlwarehouse.query import (
+    MISSING,
+    apply_update,
+    distinct_values,
+    get_path,
+    matches,
+    project,
+    sort_docs,
+    validate_document,
+    validate_filter,
+    validate_projection,
+    validate_sort,
+    validate_update,
+)
 
 DOC = {
     "_id": "d1", "name": "mlp", "tags": ["mnist", "small"], "n": 3, "f": 2.5, "flag": True, "none": None,

@@ -8,8 +8,8 @@ import os
 
 import pytest
 
-from mlwarehouse.errors import ConfigError
 from mlwarehouse.datasets.shardcache import ShardCache
+from mlwarehouse.errors import ConfigError
 
 
 def blob(i: int, size: int) -> tuple[str, bytes]:

@@ -8,10 +8,10 @@ import time
 import numpy as np
 import pytest
 
-from mlwarehouse.errors import IntegrityError, QueryError
 from mlwarehouse.datasets.items import ItemDatasets
 from mlwarehouse.datasets.shardmemory import MEMORY, DecodedShards
 from mlwarehouse.datasets.stream import TransformError
+from mlwarehouse.errors import IntegrityError, QueryError
 
 N = 1000
 
@@ -137,8 +137,8 @@ def test_bad_options(ds):
 
 def test_stream_through_s3_with_a_bounded_cache(s3_server, tmp_path):
     from mlwarehouse.blobs.s3 import S3BlobStore
-    from mlwarehouse.index.sqlite import SQLiteIndex
     from mlwarehouse.datasets.shardcache import ShardCache
+    from mlwarehouse.index.sqlite import SQLiteIndex
     from mlwarehouse.warehouse import Warehouse
     store = S3BlobStore(s3_server["uri"].replace("s3://mlw-test", "s3://mlw-test/stream-test"),
                         access_key=s3_server["access_key"], secret_key=s3_server["secret_key"])

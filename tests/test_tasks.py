@@ -9,8 +9,8 @@ import pytest
 
 import mlwarehouse
 from mlwarehouse.errors import InvalidDocument, NotFound, TaskError, TaskFailed
-from mlwarehouse.tasks.sweeps import config_hash, expand
 from mlwarehouse.tasks.queue import OUTPUT_TAIL, current_task
+from mlwarehouse.tasks.sweeps import config_hash, expand
 
 
 @pytest.fixture

@@ -14,8 +14,8 @@ import pytest
 torch = pytest.importorskip("torch")
 from torch import nn  # noqa: E402
 
-from mlwarehouse.models import torch_io  # noqa: E402
 from mlwarehouse.errors import CodecError, PickleNotAllowed  # noqa: E402
+from mlwarehouse.models import torch_io  # noqa: E402
 
 
 class Net(nn.Module):

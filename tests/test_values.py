@@ -16,8 +16,8 @@ from hypothesis.extra import numpy as hnp
 
 from mlwarehouse.blobs.files import FileBlobStore
 from mlwarehouse.codecs import register_codec, unregister_codec
-from mlwarehouse.errors import CodecError, IntegrityError, NotFound, PickleNotAllowed
 from mlwarehouse.codecs.values import blob_keys, pack, unpack
+from mlwarehouse.errors import CodecError, IntegrityError, NotFound, PickleNotAllowed
 
 
 @pytest.fixture(scope="module")

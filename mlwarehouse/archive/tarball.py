@@ -36,10 +36,10 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from mlwarehouse.blobs.base import check_key
-from mlwarehouse.query.documents import validate_document
+from mlwarehouse.codecs.values import blob_keys
 from mlwarehouse.errors import DuplicateKey, IntegrityError, NotFound, WarehouseError
 from mlwarehouse.ids import new_id, utc_now
-from mlwarehouse.codecs.values import blob_keys
+from mlwarehouse.query.documents import validate_document
 
 __all__ = ["export_project", "import_project", "read_manifest", "FORMAT", "FORMAT_VERSION"]
 

@@ -13,8 +13,8 @@ import hashlib
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
-from typing import BinaryIO
 from dataclasses import dataclass
+from typing import BinaryIO
 
 __all__ = ["BlobStore", "BlobInfo", "blob_key", "check_key"]
 

@@ -23,10 +23,10 @@ from datetime import datetime, timezone
 from typing import Any, BinaryIO
 
 from mlwarehouse.blobs.base import BlobInfo, BlobStore, blob_key, check_key
-from mlwarehouse.errors import IntegrityError, NotFound
 from mlwarehouse.drivers.mongo import Connection
+from mlwarehouse.errors import IntegrityError, NotFound
 
-import gridfs  # noqa: E402  (after mongo_common, which explains a missing pymongo)
+import gridfs  # noqa: E402  # isort: skip  (after drivers.mongo, which explains a missing pymongo)
 
 __all__ = ["GridFSBlobStore"]
 

@@ -39,8 +39,7 @@ from urllib.parse import parse_qs, urlparse
 
 from mlwarehouse.blobs.base import BlobInfo, BlobStore, blob_key, check_key
 from mlwarehouse.blobs.files import FileBlobStore
-from mlwarehouse.errors import (BackendError, ConfigError, IntegrityError, NotFound, Unavailable,
-                                WarehouseError)
+from mlwarehouse.errors import BackendError, ConfigError, IntegrityError, NotFound, Unavailable, WarehouseError
 from mlwarehouse.ids import utc_now
 
 try:

@@ -5,8 +5,18 @@
 - :mod:`.values`    pack any Python value into a JSON tree whose large leaves are blob references, and back
 """
 
-from mlwarehouse.codecs.registry import (Codec, codec_names, compress, decode_leaf, decompress, decompress_into,
-                                         encode_leaf, get_codec, register_codec, unregister_codec)
+from mlwarehouse.codecs.registry import (
+                                         Codec,
+                                         codec_names,
+                                         compress,
+                                         decode_leaf,
+                                         decompress,
+                                         decompress_into,
+                                         encode_leaf,
+                                         get_codec,
+                                         register_codec,
+                                         unregister_codec,
+)
 
 __all__ = ["Codec", "register_codec", "unregister_codec", "get_codec", "codec_names", "encode_leaf", "decode_leaf",
            "compress", "decompress", "decompress_into"]

@@ -17,11 +17,11 @@ from typing import Any
 import numpy as np
 
 from mlwarehouse import schema
-from mlwarehouse.errors import DuplicateKey, InvalidDocument, NotFound, QueryError
-from mlwarehouse.query.fields import RESERVED_FIELDS, normalize_fields, normalize_value
-from mlwarehouse.ids import new_id
-from mlwarehouse.query.records import Record, check_name
 from mlwarehouse.datasets.shards import FieldSpec, build_shard
+from mlwarehouse.errors import DuplicateKey, InvalidDocument, NotFound, QueryError
+from mlwarehouse.ids import new_id
+from mlwarehouse.query.fields import RESERVED_FIELDS, normalize_fields, normalize_value
+from mlwarehouse.query.records import Record, check_name
 
 __all__ = ["ItemDatasets", "ItemDataset", "ItemRecord", "DATASETS", "ITEMS", "SHARDS"]
 

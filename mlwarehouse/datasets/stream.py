@@ -24,11 +24,11 @@ from typing import Any
 
 import numpy as np
 
-from mlwarehouse.errors import IntegrityError, InvalidDocument, QueryError, WarehouseError
 from mlwarehouse.datasets.items import ITEMS, SHARDS
 from mlwarehouse.datasets.shardcache import ShardCache
 from mlwarehouse.datasets.shardmemory import MEMORY, DecodedShards
 from mlwarehouse.datasets.shards import Shard, ShardHeader, decode_value, read_header, read_item
+from mlwarehouse.errors import IntegrityError, InvalidDocument, QueryError, WarehouseError
 
 __all__ = ["ItemStream", "ShardReader", "TransformError", "Plan", "batch_order"]
 

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from mlwarehouse import schema
+from mlwarehouse.context import current_run
 from mlwarehouse.errors import DuplicateKey, InvalidDocument, NotFound
 from mlwarehouse.query.fields import normalize_fields, normalize_value
 from mlwarehouse.query.records import Record, check_name, name_filter
@@ -115,7 +116,6 @@ class Datasets:
         """
         record = self.get(name, version=version, where=where, sort=sort)
         value = record.load(allow_pickle=allow_pickle)
-        from mlwarehouse.runs.registry import current_run
         run = current_run()
         if run is not None and run.project == self.project.name \
                 and run.warehouse_settings == self.project.warehouse.settings:

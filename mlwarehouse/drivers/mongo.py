@@ -13,8 +13,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from urllib.parse import unquote, urlsplit
 
-from mlwarehouse.errors import (BackendError, ConfigError, DuplicateKey, InvalidDocument, Unavailable,
-                                WarehouseError)
+from mlwarehouse.errors import BackendError, ConfigError, DuplicateKey, InvalidDocument, Unavailable, WarehouseError
 
 try:
     import bson

@@ -32,11 +32,24 @@ import bson
 import pymongo
 from pymongo import errors as perr
 
+from mlwarehouse.drivers.mongo import Connection
 from mlwarehouse.errors import DuplicateKey, InvalidDocument, QueryError
 from mlwarehouse.index.base import Filter, Index, Projection, Sort, Update
-from mlwarehouse.drivers.mongo import Connection
-from mlwarehouse.query import (Field, Logical, apply_update, get_path, matches, parse_filter, project, sort_key,
-                               split_path, validate_document, validate_projection, validate_sort, validate_update)
+from mlwarehouse.query import (
+    Field,
+    Logical,
+    apply_update,
+    get_path,
+    matches,
+    parse_filter,
+    project,
+    sort_key,
+    split_path,
+    validate_document,
+    validate_projection,
+    validate_sort,
+    validate_update,
+)
 
 __all__ = ["MongoIndex", "REVISION", "pushdown"]
 

@@ -26,13 +26,22 @@ from contextlib import contextmanager
 from itertools import islice
 from typing import Any
 
-from mlwarehouse.query.documents import plausible_document, validate_document
 from mlwarehouse.errors import BackendError, ConfigError, DuplicateKey, InvalidDocument, QueryError, Unavailable
 from mlwarehouse.index.base import Filter, Index, Projection, Sort, Update
-from mlwarehouse.query import (apply_update, get_path, json_text, parse_filter, project, split_path,
-                               validate_projection, validate_sort, validate_update)
 from mlwarehouse.index.sql.compiler import Compiler, sort_expressions
 from mlwarehouse.index.sql.postgres_dialect import POSTGRES
+from mlwarehouse.query import (
+    apply_update,
+    get_path,
+    json_text,
+    parse_filter,
+    project,
+    split_path,
+    validate_projection,
+    validate_sort,
+    validate_update,
+)
+from mlwarehouse.query.documents import plausible_document, validate_document
 
 try:
     import psycopg

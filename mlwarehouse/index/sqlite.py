@@ -35,12 +35,20 @@ from itertools import islice
 from pathlib import Path
 from typing import Any
 
-from mlwarehouse.query.documents import plausible_document, projector, validate_document
 from mlwarehouse.errors import BackendError, DuplicateKey, InvalidDocument, QueryError
 from mlwarehouse.index.base import Filter, Index, Projection, Sort, Update
-from mlwarehouse.query import (compile_regex, get_path, json_text, parse_filter, split_path, validate_sort,
-                               validate_update, apply_update)
 from mlwarehouse.index.sql.compiler import REGEX_FUNCTION, SQLITE, Compiler, index_expressions
+from mlwarehouse.query import (
+    apply_update,
+    compile_regex,
+    get_path,
+    json_text,
+    parse_filter,
+    split_path,
+    validate_sort,
+    validate_update,
+)
+from mlwarehouse.query.documents import plausible_document, projector, validate_document
 
 __all__ = ["SQLiteIndex"]
 

@@ -15,16 +15,16 @@ unreferenced blobs. :meth:`Models.checkpoint` saves one epoch and then applies a
 
 from __future__ import annotations
 
-import importlib
 import sys
 from collections.abc import Sequence
 from typing import Any
 
 from mlwarehouse import schema
-from mlwarehouse.models.checkpoints import Retention
+from mlwarehouse.context import current_run
 from mlwarehouse.errors import CodecError, InvalidDocument, NotFound, QueryError
-from mlwarehouse.query.fields import normalize_fields, normalize_value
+from mlwarehouse.models.checkpoints import Retention
 from mlwarehouse.query import PATH_RE
+from mlwarehouse.query.fields import normalize_fields, normalize_value
 from mlwarehouse.query.records import Record, check_name, name_filter
 
 __all__ = ["Models", "ModelRecord", "Retention"]
@@ -111,7 +111,7 @@ class Models:
             "name": name,
             "epoch": None if epoch is None else int(normalize_value(epoch)),
             "step": None if step is None else int(normalize_value(step)),
-            "run": _id_of(run if run is not None else _current_run(), "run"),
+            "run": _id_of(run if run is not None else current_run(), "run"),
             "dataset": _id_of(dataset, "dataset"),
             "tags": normalize_value(list(tags), "tags"),
             "description": description,
@@ -242,15 +242,6 @@ def _flatten(tree: dict, path: tuple):
             yield from _flatten(value, (*path, key))
         else:
             yield (*path, key), value
-
-
-def _current_run() -> Any:
-    try:
-        runs = importlib.import_module("mlwarehouse.runs.registry")
-    except ImportError:
-        return None
-    current = getattr(runs, "current_run", None)
-    return current() if callable(current) else None
 
 
 def _id_of(value: Any, what: str) -> str | None:

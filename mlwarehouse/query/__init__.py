@@ -11,10 +11,36 @@ The names below are the package's interface; import them from ``mlwarehouse.quer
 """
 
 from mlwarehouse.query.documents import project, validate_document, validate_projection
-from mlwarehouse.query.filters import (ElemMatch, Field, Logical, compile_regex, distinct_values, matches,
-                                       parse_filter, sort_docs, sort_key, validate_filter, validate_sort)
-from mlwarehouse.query.jsonvalues import (ARRAY, BOOL, MISSING, NULL, NUMBER, OBJECT, PATH_RE, STRING, get_path,
-                                          is_index, json_text, sort_value, split_path, type_rank, values_equal)
+from mlwarehouse.query.filters import (
+                                       ElemMatch,
+                                       Field,
+                                       Logical,
+                                       compile_regex,
+                                       distinct_values,
+                                       matches,
+                                       parse_filter,
+                                       sort_docs,
+                                       sort_key,
+                                       validate_filter,
+                                       validate_sort,
+)
+from mlwarehouse.query.jsonvalues import (
+                                       ARRAY,
+                                       BOOL,
+                                       MISSING,
+                                       NULL,
+                                       NUMBER,
+                                       OBJECT,
+                                       PATH_RE,
+                                       STRING,
+                                       get_path,
+                                       is_index,
+                                       json_text,
+                                       sort_value,
+                                       split_path,
+                                       type_rank,
+                                       values_equal,
+)
 from mlwarehouse.query.updates import apply_update, validate_update
 
 __all__ = [

@@ -36,8 +36,12 @@ from functools import lru_cache
 from typing import Any
 
 from mlwarehouse.errors import QueryError
-from mlwarehouse.query.jsonvalues import (ARRAY, BOOL, MISSING, NULL, NUMBER, OBJECT, PATH_RE, STRING, get_path,
-                                    is_index, json_text, sort_value, split_path, type_rank, values_equal)
+from mlwarehouse.query.jsonvalues import (
+    MISSING,
+    get_path,
+    sort_value,
+    split_path,
+)
 
 __all__ = [
     "Field", "Logical", "ElemMatch", "parse_filter", "validate_filter", "matches", "validate_sort",

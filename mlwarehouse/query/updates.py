@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from mlwarehouse.query.documents import check_value
 from mlwarehouse.errors import QueryError
+from mlwarehouse.query.documents import check_value
 from mlwarehouse.query.jsonvalues import is_index, sort_value, split_path, type_rank, values_equal
 
 __all__ = ["UPDATE_OPERATORS", "validate_update", "apply_update"]

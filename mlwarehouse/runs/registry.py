@@ -26,28 +26,19 @@ from typing import Any
 import numpy as np
 
 from mlwarehouse import schema
-from mlwarehouse.query.documents import check_value
+from mlwarehouse.context import current_run, pop_run, push_run
 from mlwarehouse.errors import InvalidDocument, NotFound, QueryError, WarehouseError
-from mlwarehouse.query.fields import normalize_fields, normalize_value
 from mlwarehouse.ids import new_id, utc_now
-from mlwarehouse.runs.logwriter import INT64, LOGS, RUNS, LogWriter, as_step, check_kind, check_metric_name
 from mlwarehouse.query import split_path
+from mlwarehouse.query.documents import check_value
+from mlwarehouse.query.fields import normalize_fields, normalize_value
 from mlwarehouse.query.records import Record
+from mlwarehouse.runs.logwriter import INT64, LOGS, RUNS, LogWriter, as_step, check_kind, check_metric_name
 
 __all__ = ["Runs", "Run", "current_run", "STATUSES"]
 
 STATUSES = ("running", "complete", "failed", "cancelled")
 _RUN_FIELDS = frozenset({"status", "started", "ended", "host", "pid", "summary", "error", "traceback"})
-
-_active: list["Run"] = []
-_active_lock = threading.Lock()
-
-
-def current_run() -> "Run | None":
-    """The run most recently started in this process and not yet finished (models saved meanwhile link to it)."""
-    with _active_lock:
-        return _active[-1] if _active else None
-
 
 def _run_id(run: Any) -> str | None:
     if run is None or isinstance(run, str):
@@ -205,9 +196,7 @@ class Run(Record):
         # only a running run ends: finish() after fail() (or a second finish) leaves the first ending as it is
         self._runs.project.update(RUNS, {"_id": self.id, "status": "running"}, {"$set": update})
         self._runs.writer.forget([self.id])
-        with _active_lock:
-            if self in _active:
-                _active.remove(self)
+        pop_run(self)
         self.refresh()
 
     def refresh(self) -> "Run":
@@ -295,8 +284,7 @@ class Runs:
 
     def close(self) -> None:
         """Flush and stop the writer (``wh.close()`` does this); this project's runs stop being current."""
-        with _active_lock:
-            _active[:] = [r for r in _active if r._runs is not self]
+        pop_run(where=lambda r: r._runs is self)
         if self._writer is not None:
             self._writer.close()
 
@@ -342,8 +330,7 @@ class Runs:
         run = Run(self, doc)
         object.__setattr__(run, "_fresh", True)
         if current:
-            with _active_lock:
-                _active.append(run)
+            push_run(run)
         return run
 
     def get(self, run_id: str) -> Run:
@@ -398,8 +385,7 @@ class Runs:
         if ids and self._writer is not None:
             self._writer.forget(ids)
         gone = set(ids)
-        with _active_lock:
-            _active[:] = [r for r in _active if r.id not in gone]
+        pop_run(where=lambda r: r.id in gone)
         return len(ids)
 
     # -- logs without (or outside) a run object -------------------------------------------------------------

@@ -20,12 +20,13 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from mlwarehouse import schema
+from mlwarehouse.context import TaskContext, current_task
 from mlwarehouse.errors import InvalidDocument, NotFound, TaskError, TaskFailed
-from mlwarehouse.query.fields import normalize_fields
 from mlwarehouse.ids import new_id, utc_now
+from mlwarehouse.query.fields import normalize_fields
 from mlwarehouse.query.records import Record
+from mlwarehouse.tasks.runtime import script_spec
 from mlwarehouse.tasks.sweeps import config_hash, expand, normalize_config
-from mlwarehouse.tasks.runtime import TaskContext, current_task, script_spec
 
 __all__ = ["Tasks", "Task", "TaskContext", "current_task", "PENDING", "RUNNING", "FINISHED", "FAILED", "CANCELLED"]
 

@@ -30,40 +30,15 @@ import sys
 import threading
 import time
 import traceback
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mlwarehouse.context import TaskContext, current_task, set_current_task
 from mlwarehouse.errors import TaskError
 
 __all__ = ["main", "execute", "script_spec", "ScriptError", "TaskContext", "current_task"]
 
 _TARGET = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
-
-
-@dataclass(frozen=True)
-class TaskContext:
-    """What a running task knows about itself (``mlwarehouse.current_task()``)."""
-    id: str
-    task_name: str
-    hyper_parameters: dict = field(default_factory=dict)
-    run: str | None = None
-    attempt: int = 1
-    project: str = "default"
-    worker: str | None = None
-
-
-_current: "TaskContext | None" = None
-
-
-def current_task() -> TaskContext | None:
-    """The task this process is running (set by the worker's task runtime), or None outside a task."""
-    return _current
-
-
-def _set_current_task(context: TaskContext | None) -> None:
-    global _current
-    _current = context
 
 
 def script_spec(project, script: Any) -> dict | None:
@@ -244,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
         with open(os.path.join(os.path.dirname(spec["result_path"]), "run.id"), "w", encoding="utf-8") as f:
             f.write(run.id)  # the worker closes this run if the process dies before writing its result
         project.tasks.set_run(task["_id"], worker, run.id, lease=task.get("lease"))
-        _set_current_task(TaskContext(id=task["_id"], task_name=task["task_name"],
+        set_current_task(TaskContext(id=task["_id"], task_name=task["task_name"],
                                       hyper_parameters=dict(task.get("hyper_parameters") or {}), run=run.id,
                                       attempt=task.get("attempts", 1), project=project.name, worker=worker))
         try:
@@ -259,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     except BaseException as exc:  # the warehouse or the run could not be set up or closed
         outcome.update(ok=False, error=_user_traceback(exc), retry=True)
     finally:
-        _set_current_task(None)
+        set_current_task(None)
         sys.stdout.flush()
         sys.stderr.flush()
         _write(spec["result_path"], outcome)

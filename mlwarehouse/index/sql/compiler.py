@@ -21,8 +21,23 @@ from __future__ import annotations
 from collections.abc import Collection
 from typing import Any
 
-from mlwarehouse.query import (ARRAY, BOOL, NULL, NUMBER, OBJECT, STRING, ElemMatch, Field, Logical, is_index,
-                               json_text, parse_filter, split_path, type_rank, validate_sort)
+from mlwarehouse.query import (
+    ARRAY,
+    BOOL,
+    NULL,
+    NUMBER,
+    OBJECT,
+    STRING,
+    ElemMatch,
+    Field,
+    Logical,
+    is_index,
+    json_text,
+    parse_filter,
+    split_path,
+    type_rank,
+    validate_sort,
+)
 
 __all__ = ["Dialect", "SQLiteDialect", "SQLITE", "Compiler",
            "compile_filter", "compile_sort", "sort_expressions", "index_expressions", "REGEX_FUNCTION"]

@@ -8,8 +8,8 @@ from decimal import Decimal
 from typing import Any
 
 from mlwarehouse.errors import QueryError
-from mlwarehouse.query import ARRAY, BOOL, NULL, NUMBER, OBJECT, STRING, is_index, type_rank
 from mlwarehouse.index.sql.compiler import Dialect
+from mlwarehouse.query import ARRAY, BOOL, NULL, NUMBER, OBJECT, STRING, is_index, type_rank
 
 __all__ = ["PostgresDialect", "POSTGRES", "pg_regex"]
 
