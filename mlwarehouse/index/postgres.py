@@ -460,6 +460,18 @@ class PostgresIndex(Index):
                     pgerrors.ActiveSqlTransaction, psycopg.ProgrammingError) as exc:
                 raise QueryError(f"sql(): {exc} (only read-only SELECT statements are allowed)") from exc
 
+    def create_view(self, name: str, select_sql: str, *, replace: bool = False) -> None:
+        """Create (idempotently, or replacing it) a view that :meth:`sql` can read."""
+        _check_name("view", name)
+        with self._transaction() as con:
+            con.execute("SELECT pg_advisory_xact_lock(hashtext('mlw_ddl'))")
+            if replace:
+                con.execute(f'DROP VIEW IF EXISTS "{name}"')
+            exists = con.execute("SELECT 1 FROM pg_views WHERE viewname = %s AND schemaname = current_schema()",
+                                 (name,)).fetchone()
+            if not exists:
+                con.execute(f'CREATE VIEW "{name}" AS {select_sql}')
+
     def close(self) -> None:
         with self._lock:
             self._closed = True
