@@ -188,7 +188,7 @@ def main() -> None:
             rows = [r for kind in ("a", "b") for r in bench(kind, args.scale, Path(tmp), s3, args.epochs, args.rounds)]
     finally:
         if server:
-            from mlwarehouse.testing.servers import stop
+            from mlwarehouse.testing.processes import stop
             stop(server)
     print(f"local: median of {args.rounds} rounds; raw and warm stream over {args.epochs} epochs, cold stream and "
           f"per-item over 1; memory cache bound {MEMORY_BYTES >> 20} MiB per process")

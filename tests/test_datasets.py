@@ -102,15 +102,37 @@ def test_item_datasets_are_listed_and_loaded_as_datasets(wh):
 
 
 def test_a_version_collision_retries_with_its_blobs_rewritten(wh, monkeypatch):
-    from mlwarehouse.datasets.whole import Datasets
+    from mlwarehouse.datasets import versions
     wh.datasets.save(np.zeros(3), "d")
-    real, calls = Datasets._next_version, []
+    real, calls = versions.next_version, []
 
-    def racing(self, name):  # another process takes version 1 between our look and our insert
+    def racing(project, name):  # another process takes version 1 between our look and our insert
         calls.append(name)
-        return 1 if len(calls) == 1 else real(self, name)
-    monkeypatch.setattr(Datasets, "_next_version", racing)
+        return 1 if len(calls) == 1 else real(project, name)
+    monkeypatch.setattr(versions, "next_version", racing)
     rec = wh.datasets.save(np.arange(1000.0), "d")
     assert rec.doc["version"] == 2 and len(calls) == 2
     assert all(wh.blobs.exists(k) for k in rec.doc["_blobs"])
     assert wh.datasets.get("d", version=2).load()[999] == 999.0
+
+
+def test_whole_and_item_versions_share_one_allocator(wh, monkeypatch):
+    from mlwarehouse.datasets import versions
+    wh.datasets.save(np.zeros(3), "mixed")
+    ds = wh.items.create("mixed")
+    assert ds.version == 2 and wh.datasets.save(np.ones(2), "mixed").version == 3
+    wh.datasets.save(np.ones(2), "mixed", version="gold")  # a string version does not count for the next integer
+    for write in (lambda: wh.datasets.save(np.zeros(1), "mixed", version=2),
+                  lambda: wh.items.create("mixed", version=3)):
+        with pytest.raises(DuplicateKey, match="version .* already exists .*versions are immutable"):
+            write()
+    real, calls = versions.next_version, []
+
+    def racing(project, name):  # another writer takes version 3 between our look and our insert
+        calls.append(name)
+        return 3 if len(calls) == 1 else real(project, name)
+    monkeypatch.setattr(versions, "next_version", racing)
+    assert wh.items.create("mixed").version == 4 and len(calls) == 2
+    monkeypatch.setattr(versions, "next_version", lambda project, name: 1)
+    with pytest.raises(DuplicateKey, match="too many concurrent creates"):
+        wh.items.create("mixed")

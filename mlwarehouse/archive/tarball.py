@@ -35,6 +35,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from mlwarehouse import schema
 from mlwarehouse.blobs.base import check_key
 from mlwarehouse.codecs.values import blob_keys
 from mlwarehouse.errors import DuplicateKey, IntegrityError, NotFound, WarehouseError
@@ -45,11 +46,11 @@ __all__ = ["export_project", "import_project", "read_manifest", "FORMAT", "FORMA
 
 FORMAT = "mlwarehouse-archive"
 FORMAT_VERSION = 1
-SKIPPED = frozenset({"meta"})
+SKIPPED = frozenset({schema.META.name})
 #: collections whose documents nothing refers to by id (their new ids are not remembered on a renaming import)
-UNREFERENCED = frozenset({"logs"})
-#: collections a domain class sets up (indexes, scalar fields); imported in this order
-DOMAINS = ("datasets", "runs", "tasks", "models", "logs")
+UNREFERENCED = frozenset({schema.LOGS.name})
+#: collections imported first, in this order (the others follow by name)
+ORDER = (schema.DATASETS.name, schema.RUNS.name, schema.TASKS.name, schema.MODELS.name, schema.LOGS.name)
 
 _CHUNK = 1 << 22
 _BATCH = 500
@@ -84,6 +85,7 @@ def export_project(warehouse, project, path: str | os.PathLike, progress: Progre
             file = Path(scratch) / f"{collection}.jsonl"
             n = 0
             with open(file, "w", encoding="utf-8") as out:
+                # the index's cursor, not Project.find's list: a project's logs need not fit in memory
                 for doc in index.find(collection, {"project": name}, sort=[("_id", 1)]):
                     out.write(json.dumps(doc, separators=(",", ":"), ensure_ascii=False))
                     out.write("\n")
@@ -139,15 +141,14 @@ def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 
 
 class _BlobReader(io.RawIOBase):
-    """A blob as a file object, read in chunks (ranged reads where the store has them) and hashed on the way:
-    the archive never holds bytes that do not match their key, and never a whole large blob in memory."""
+    """A blob as a file object, read in ranges and hashed on the way: the archive never holds bytes that do not
+    match their key, and never a whole large blob in memory."""
 
     def __init__(self, store, key: str, size: int):
         super().__init__()
         self.store, self.key, self.size = store, key, size
         self.offset = 0
         self.digest = hashlib.sha256()
-        self.whole: bytes | None = None if store.supports_ranges else store.get(key)  # get() verifies
 
     def readable(self) -> bool:
         return True
@@ -157,15 +158,12 @@ class _BlobReader(io.RawIOBase):
         n = left if n is None or n < 0 else min(n, left, _CHUNK)
         if n <= 0:
             return b""
-        if self.whole is not None:
-            data = self.whole[self.offset:self.offset + n]
-        else:
-            data = self.store.get_range(self.key, self.offset, n)
-            if len(data) != n:
-                raise IntegrityError(f"blob {self.key} is shorter than its recorded {self.size} bytes")
-            self.digest.update(data)
+        data = self.store.get_range(self.key, self.offset, n)
+        if len(data) != n:
+            raise IntegrityError(f"blob {self.key} is shorter than its recorded {self.size} bytes")
+        self.digest.update(data)
         self.offset += n
-        if self.whole is None and self.offset == self.size and self.digest.hexdigest() != self.key:
+        if self.offset == self.size and self.digest.hexdigest() != self.key:
             raise IntegrityError(f"blob {self.key} does not match its hash; nothing was exported")
         return data
 
@@ -190,7 +188,7 @@ def import_project(warehouse, path: str | os.PathLike, *, project: str | None = 
         manifest = _manifest(tar)
         source = manifest["project"]
         name = source if project is None else project
-        p = warehouse.project(name)  # validates the name
+        warehouse.project(name)  # validates the name
         renamed = name != source
         members = _members(tar)
         files = {m.name.removeprefix("collections/").removesuffix(".jsonl"): m
@@ -223,21 +221,21 @@ def import_project(warehouse, path: str | os.PathLike, *, project: str | None = 
         if missing:
             raise IntegrityError(f"archive {path} lacks {len(missing)} blob(s) its documents use, "
                                  f"e.g. {sorted(missing)[0]}; nothing was imported")
-        _check_unique_indexes(p, files, tar, source)
+        _check_unique_indexes(warehouse.index, name, files, tar, source)
 
         # 2. blobs, each verified against its name
         total = sum(blobs[k].size for k in needed)
         written = 0
         for i, key in enumerate(sorted(needed), 1):
             member = blobs[key]
-            _put_verified(warehouse.blobs, key, tar.extractfile(member), member.size)
+            _put_verified(warehouse.blobs, key, tar.extractfile(member))
             written += member.size
             progress("blobs", i, len(needed))
             progress("bytes", written, total)
 
         # 3. documents, now that their blobs are durable
-        _prepare(p, files)
-        order = [c for c in DOMAINS if c in files] + sorted(set(files) - set(DOMAINS))
+        _prepare(warehouse, files)
+        order = [c for c in ORDER if c in files] + sorted(set(files) - set(ORDER))
         done = 0
         counts: dict[str, int] = {}
         for collection in order:
@@ -338,16 +336,17 @@ def _check_free(index, collection: str, batch: list[dict]) -> None:
                            f"{taken[0].get('project')!r}); import under another name with --project NEW_NAME")
 
 
-def _check_unique_indexes(p, files: dict, tar: tarfile.TarFile, source: str) -> None:
-    """Free ids are not enough: a unique index (dataset name + version in a project) can collide too."""
+def _check_unique_indexes(index, project: str, files: dict, tar: tarfile.TarFile, source: str) -> None:
+    """Free ids are not enough: a unique index (dataset name + version in a project) can collide too. Checked on
+    the whole index: a unique index need not hold the project."""
     for collection, member in files.items():
-        uniques = [[f for f, _ in ix["keys"]] for ix in p.index.indexes(collection) if ix.get("unique")]
+        uniques = [[f for f, _ in ix["keys"]] for ix in index.indexes(collection) if ix.get("unique")]
         if not uniques:
             continue
         for doc in _docs(tar, member, source):
             for fields in uniques:
-                flt = {f: p.name if f == "project" else _get(doc, f) for f in fields}
-                if p.index.count(collection, flt):
+                flt = {f: project if f == "project" else _get(doc, f) for f in fields}
+                if index.count(collection, flt):
                     raise DuplicateKey(f"{collection} already holds a document with {flt} (a unique index); "
                                        f"nothing was imported")
 
@@ -359,26 +358,24 @@ def _get(doc: dict, path: str) -> Any:
     return node
 
 
-def _put_verified(store, key: str, source: BinaryIO, size: int) -> None:
-    put_file = getattr(store, "put_file", None)
-    if put_file is not None:  # streams, hashing on the way: the store files the bytes under their true key
-        got, _ = put_file(source)
-    else:
-        data = source.read()
-        got = hashlib.sha256(data).hexdigest()
-        if got == key:
-            store.put(data)
+def _put_verified(store, key: str, source: BinaryIO) -> None:
+    """Stream an archive blob into the store, which files the bytes under their true hash: a damaged blob lands
+    under another key (unreferenced, for ``gc``) and raises here, before any document is written."""
+    got, _ = store.put_file(source)
     if got != check_key(key):
         raise IntegrityError(f"archive blob {key} does not match its hash (its bytes hash to {got}); "
                              f"no document was imported")
 
 
-def _prepare(p, files: dict) -> None:
-    """Create the collections with the indexes their domain classes use, before writing into them."""
-    for attr in ("datasets", "runs", "tasks", "models"):
-        getattr(p, attr)
+def _prepare(warehouse, files: dict) -> None:
+    """Create the collections before writing into them: the declared ones with their scalar fields and indexes
+    (:mod:`mlwarehouse.schema`), any other as a plain collection."""
     for collection in files:
-        p.index.ensure_collection(collection)
+        declared = schema.COLLECTIONS.get(collection)
+        if declared is not None:
+            warehouse.ensure(declared)
+        else:
+            warehouse.index.ensure_collection(collection)
 
 
 def _renamed(doc: dict, project: str, ids: dict[str, str]) -> dict:

@@ -13,33 +13,16 @@ from typing import Optional
 
 import numpy as np
 import typer
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from mlwarehouse.cli.common import BlobsOpt, ProjectOpt, UriOpt, console, err_console, fail, open_project
 from mlwarehouse.errors import NotFound, WarehouseError
 
 __all__ = ["items_app"]
 
 items_app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                         help="Item datasets: many small items packed into shards, streamed into training.")
-console = Console(markup=False)
-err_console = Console(stderr=True, markup=False)
-
-UriOpt = typer.Option(None, "--uri", envvar="MLW_URI", help="index URI (default: the embedded ./.mlwarehouse)")
-BlobsOpt = typer.Option(None, "--blobs", envvar="MLW_BLOBS", help="blob store URI")
-ProjectOpt = typer.Option("default", "--project", "-p", envvar="MLW_PROJECT", help="project name")
-
-
-def _items(uri, blobs, project):
-    from mlwarehouse.datasets.items import ItemDatasets
-    from mlwarehouse.warehouse import connect
-    return ItemDatasets(connect(uri, blobs=blobs).project(project))
-
-
-def _fail(exc: Exception) -> None:
-    err_console.print(f"error: {exc}", markup=False)
-    raise typer.Exit(1)
 
 
 def _columns(path: Path) -> dict:
@@ -60,7 +43,7 @@ def import_(source: Path = typer.Argument(..., help="a folder of images (class s
             uri: Optional[str] = UriOpt, blobs: Optional[str] = BlobsOpt, project: str = ProjectOpt) -> None:
     """Import a folder of images or a file of arrays as a new, finished version of an item dataset."""
     try:
-        items = _items(uri, blobs, project)
+        items = open_project(uri, blobs, project).items
         if source.is_dir():
             total = sum(1 for p in source.rglob("*") if p.is_file())
             columns = None
@@ -85,7 +68,7 @@ def import_(source: Path = typer.Argument(..., help="a folder of images (class s
         console.print(f"{name} version {ds.version}: {ds.doc['count']} items in {ds.doc['shards']} shards "
                       f"({ds.doc['bytes'] / 1e6:.1f} MB)", markup=False)
     except (WarehouseError, OSError) as exc:
-        _fail(exc)
+        fail(exc)
 
 
 def _version(text: str | None) -> str | int | None:
@@ -100,7 +83,7 @@ def show(name: str = typer.Argument(..., help="dataset name"),
          uri: Optional[str] = UriOpt, blobs: Optional[str] = BlobsOpt, project: str = ProjectOpt) -> None:
     """Show a dataset's versions, then one version's fields and first items."""
     try:
-        items = _items(uri, blobs, project)
+        items = open_project(uri, blobs, project).items
         versions = items.versions(name)
         if not versions:
             raise NotFound(f"no item dataset {name!r} in project {project!r}")
@@ -128,7 +111,7 @@ def show(name: str = typer.Argument(..., help="dataset name"),
             shown.add_row(rec.id, *[_describe(values[f]) for f in ds.doc["fields"]])
         console.print(shown)
     except WarehouseError as exc:
-        _fail(exc)
+        fail(exc)
 
 
 def _describe(value) -> str:

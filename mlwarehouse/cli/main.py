@@ -11,30 +11,21 @@ import sys
 from typing import Any, Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
-from rich.text import Text
 
-from mlwarehouse.errors import QueryError, WarehouseError
+from mlwarehouse import schema
+from mlwarehouse.cli.common import BlobsOpt, ProjectOpt, UriOpt, connect, console, open_project, show_error
+from mlwarehouse.cli.items import items_app
+from mlwarehouse.errors import NotFound, QueryError, WarehouseError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="mlwarehouse: the database for the whole machine-learning process.")
-# markup off: stored names and values may hold [brackets] that rich would read as style tags
-console = Console(markup=False)
-err_console = Console(stderr=True, markup=False)
-
-UriOpt = typer.Option(None, "--uri", envvar="MLW_URI", help="index URI (default: the embedded ./.mlwarehouse)")
-BlobsOpt = typer.Option(None, "--blobs", envvar="MLW_BLOBS", help="blob store URI")
-ProjectOpt = typer.Option("default", "--project", "-p", envvar="MLW_PROJECT", help="project name")
-WhereOpt = typer.Option(None, "--where", "-w", help='a MongoDB filter as JSON, e.g. \'{"test_accuracy": {"$gt": 0.9}}\'')
+app.add_typer(items_app, name="items", help="Item datasets: import a folder or arrays, show versions and items.")
+WhereOpt = typer.Option(None, "--where", "-w",
+                        help='a MongoDB filter as JSON, e.g. \'{"test_accuracy": {"$gt": 0.9}}\'')
 SortOpt = typer.Option(None, "--sort", "-s", help="field:1 or field:-1, comma separated (default: newest first)")
 LimitOpt = typer.Option(20, "--limit", "-n", help="how many rows")
 JsonOpt = typer.Option(False, "--json", help="JSON lines instead of a table")
-
-
-def _open(uri, blobs, project):
-    from mlwarehouse.warehouse import connect
-    return connect(uri, blobs=blobs).project(project)
 
 
 def parse_where(text: str | None) -> dict:
@@ -97,40 +88,34 @@ def _user_fields(docs: list[dict], skip: set[str], most: int = 6) -> list[str]:
 @app.command()
 def init(uri: Optional[str] = UriOpt, blobs: Optional[str] = BlobsOpt):
     """Create (or open) the warehouse and say where it is."""
-    from mlwarehouse.warehouse import connect
-    with connect(uri, blobs=blobs) as wh:
+    with connect(uri, blobs) as wh:
         console.print(f"warehouse ready: index {wh.settings.index_uri}, blobs {wh.settings.blobs_uri}")
 
 
 @app.command()
 def projects(uri: Optional[str] = UriOpt, blobs: Optional[str] = BlobsOpt, as_json: bool = JsonOpt):
     """List the projects."""
-    from mlwarehouse.warehouse import connect
-    with connect(uri, blobs=blobs) as wh:
+    with connect(uri, blobs) as wh:
         _show([{"project": name} for name in wh.projects()], ["project"], as_json, "projects")
 
 
-@app.command()
-def datasets(where: Optional[str] = WhereOpt, sort: Optional[str] = SortOpt, limit: int = LimitOpt,
-             uri: Optional[str] = UriOpt, blobs: Optional[str] = BlobsOpt, project: str = ProjectOpt,
-             as_json: bool = JsonOpt):
-    """List datasets (newest first)."""
-    p = _open(uri, blobs, project)
-    docs = [r.doc for r in p.datasets.find(where=parse_where(where), sort=parse_sort(sort), limit=limit)]
-    base = ["_id", "name", "version", "time", "description"]
-    _show(docs, base + _user_fields(docs, set(base) | {"project", "value"}), as_json, f"datasets in {project}")
+def _listing(registry: str, summary: str, base: list[str], hidden: set[str]) -> None:
+    """Add ``mlw REGISTRY``: the records its ``find`` returns as rows, the ``base`` columns first, then the first
+    user fields that are neither there nor ``hidden``."""
+    def command(where: Optional[str] = WhereOpt, sort: Optional[str] = SortOpt, limit: int = LimitOpt,
+                uri: Optional[str] = UriOpt, blobs: Optional[str] = BlobsOpt, project: str = ProjectOpt,
+                as_json: bool = JsonOpt):
+        found = getattr(open_project(uri, blobs, project), registry).find(
+            where=parse_where(where), sort=parse_sort(sort), limit=limit)
+        docs = [r.doc for r in found]
+        _show(docs, base + _user_fields(docs, set(base) | hidden), as_json, f"{registry} in {project}")
+    app.command(registry, help=summary)(command)
 
 
-@app.command()
-def models(where: Optional[str] = WhereOpt, sort: Optional[str] = SortOpt, limit: int = LimitOpt,
-           uri: Optional[str] = UriOpt, blobs: Optional[str] = BlobsOpt, project: str = ProjectOpt,
-           as_json: bool = JsonOpt):
-    """List models (newest first, or --sort test_accuracy:-1 for a leaderboard)."""
-    p = _open(uri, blobs, project)
-    docs = [r.doc for r in p.models.find(where=parse_where(where), sort=parse_sort(sort), limit=limit)]
-    base = ["_id", "name", "epoch", "run"]
-    _show(docs, base + _user_fields(docs, set(base) | {"project", "time", "kind", "checkpoint"}), as_json,
-          f"models in {project}")
+_listing("datasets", "List datasets (newest first).", ["_id", "name", "version", "time", "description"],
+         {"project", "value"})
+_listing("models", "List models (newest first, or --sort test_accuracy:-1 for a leaderboard).",
+         ["_id", "name", "epoch", "run"], {"project", "time", "kind", "checkpoint"})
 
 
 @app.command()
@@ -139,7 +124,7 @@ def best(metric: str = typer.Argument(..., help="the field to rank by, e.g. test
          uri: Optional[str] = UriOpt, blobs: Optional[str] = BlobsOpt, project: str = ProjectOpt,
          as_json: bool = JsonOpt):
     """Show the best model by a metric."""
-    p = _open(uri, blobs, project)
+    p = open_project(uri, blobs, project)
     record = p.models.best(metric, mode=mode, where=parse_where(where) or None)
     doc = {k: v for k, v in record.doc.items() if k not in ("weights", "architecture", "_blobs")}
     if as_json:
@@ -153,7 +138,7 @@ def runs(where: Optional[str] = WhereOpt, sort: Optional[str] = SortOpt, limit: 
          uri: Optional[str] = UriOpt, blobs: Optional[str] = BlobsOpt, project: str = ProjectOpt,
          as_json: bool = JsonOpt):
     """List runs with their status and metric summaries."""
-    p = _open(uri, blobs, project)
+    p = open_project(uri, blobs, project)
     docs = [r.doc for r in p.runs.find(where=parse_where(where), sort=parse_sort(sort), limit=limit)]
     rows = []
     for doc in docs:
@@ -175,7 +160,7 @@ def tasks(where: Optional[str] = WhereOpt, sort: Optional[str] = SortOpt, limit:
           uri: Optional[str] = UriOpt, blobs: Optional[str] = BlobsOpt, project: str = ProjectOpt,
           as_json: bool = JsonOpt):
     """List tasks with status, attempts and results."""
-    p = _open(uri, blobs, project)
+    p = open_project(uri, blobs, project)
     records = p.tasks.find(where=parse_where(where) or None, task_name=task_name, status=status,
                            sort=parse_sort(sort), limit=limit)
     rows = [{k: r.doc.get(k) for k in ("_id", "task_name", "status", "attempts", "hyper_parameters", "result")}
@@ -188,7 +173,7 @@ def tasks(where: Optional[str] = WhereOpt, sort: Optional[str] = SortOpt, limit:
 def output(task_id: str, uri: Optional[str] = UriOpt, blobs: Optional[str] = BlobsOpt,
            project: str = ProjectOpt):
     """Print a task's captured output."""
-    p = _open(uri, blobs, project)
+    p = open_project(uri, blobs, project)
     sys.stdout.write(p.tasks.output(task_id))
 
 
@@ -200,7 +185,7 @@ def worker(task_name: Optional[str] = typer.Option(None, "--task-name", "-t", he
            uri: Optional[str] = UriOpt, blobs: Optional[str] = BlobsOpt, project: str = ProjectOpt):
     """Pull tasks from the warehouse and run each in its own process (this executes task scripts)."""
     from mlwarehouse.tasks.worker import Worker
-    p = _open(uri, blobs, project)
+    p = open_project(uri, blobs, project)
     Worker(p, task_name, concurrency=concurrency, lease_seconds=lease, once=once).run()
 
 
@@ -209,8 +194,7 @@ def gc(grace: float = typer.Option(3600.0, "--grace", help="keep blobs written i
        dry_run: bool = typer.Option(False, "--dry-run", help="only report what would be removed"),
        uri: Optional[str] = UriOpt, blobs: Optional[str] = BlobsOpt, as_json: bool = JsonOpt):
     """Remove blobs that no document references."""
-    from mlwarehouse.warehouse import connect
-    with connect(uri, blobs=blobs) as wh:
+    with connect(uri, blobs) as wh:
         report = wh.gc(grace_seconds=grace, dry_run=dry_run)
     verb = "would remove" if dry_run else "removed"
     figures = {"scanned": report.scanned, "referenced": report.referenced, "removed": len(report.removed),
@@ -226,13 +210,14 @@ def gc(grace: float = typer.Option(3600.0, "--grace", help="keep blobs written i
 @app.command()
 def sql(query: str, uri: Optional[str] = UriOpt, blobs: Optional[str] = BlobsOpt, as_json: bool = JsonOpt):
     """Run read-only SQL over the documented views (runs, metrics, models, datasets)."""
-    from mlwarehouse.warehouse import connect
-    with connect(uri, blobs=blobs) as wh:
+    with connect(uri, blobs) as wh:
         rows = wh.sql(query)
     _show(rows, list(rows[0]) if rows else [], as_json, "sql")
 
 
-ENTITIES = ("runs", "models", "datasets", "tasks")
+ENTITIES = (schema.RUNS.name, schema.MODELS.name, schema.DATASETS.name, schema.TASKS.name)
+#: the collections whose documents hold arrays (shown by shape and dtype)
+WITH_ARRAYS = (schema.MODELS.name, schema.DATASETS.name)
 
 
 @app.command()
@@ -240,15 +225,14 @@ def show(entity_id: str = typer.Argument(..., metavar="ID", help="the _id of a r
          uri: Optional[str] = UriOpt, blobs: Optional[str] = BlobsOpt, project: str = ProjectOpt,
          as_json: bool = JsonOpt):
     """Show one run, model, dataset or task (arrays by shape and dtype, without loading them)."""
-    from mlwarehouse.errors import NotFound
-    p = _open(uri, blobs, project)
+    p = open_project(uri, blobs, project)
     for collection in ENTITIES:
         doc = p.find_one(collection, {"_id": entity_id})
         if doc is not None:
             break
     else:
         raise NotFound(f"no run, model, dataset or task with id {entity_id!r} in project {project!r}")
-    arrays = _arrays(p, collection, doc) if collection in ("models", "datasets") else []
+    arrays = _arrays(p, collection, doc) if collection in WITH_ARRAYS else []
     if as_json:
         print(json.dumps({"collection": collection, "doc": doc, "arrays": arrays}, default=str))
         return
@@ -269,11 +253,11 @@ def _render(collection: str, doc: dict, arrays: list[dict]) -> None:
     for key, value in doc.items():
         if key not in _HIDDEN:
             fields.add_row(key, _cell(value) if not isinstance(value, (dict, list)) else json.dumps(value))
-    if collection == "models" and isinstance(doc.get("architecture"), dict):
+    if collection == schema.MODELS.name and isinstance(doc.get("architecture"), dict):
         arch = doc["architecture"]
         fields.add_row("architecture", " ".join(f"{k}={arch[k]}" for k in ("format", "class", "torch") if k in arch))
     console.print(Panel(fields, title=f"{kind} {doc['_id']}", expand=False))
-    if collection == "runs" and doc.get("summary"):
+    if collection == schema.RUNS.name and doc.get("summary"):
         table = Table(title="summaries")
         for column in ("kind", "metric", "last", "min", "max", "count"):
             table.add_column(column)
@@ -303,7 +287,7 @@ def _step(summary: dict, key: str) -> str:
 def _arrays(p, collection: str, doc: dict) -> list[dict]:
     """Path, codec, shape, dtype and size of each blob a model or dataset holds, read from headers only."""
     from mlwarehouse.web.arrays import Leaf, describe, leaves
-    if collection == "models":
+    if collection == schema.MODELS.name:
         found = []
         for name, ref in doc.get("weights") or []:
             label = ".".join(map(str, name)) if isinstance(name, list) else str(name)
@@ -320,8 +304,7 @@ def export_(project_name: str = typer.Argument(..., metavar="PROJECT", help="the
             uri: Optional[str] = UriOpt, blobs: Optional[str] = BlobsOpt, as_json: bool = JsonOpt):
     """Export a project (documents and blobs) to a portable tar archive."""
     from mlwarehouse.archive.tarball import export_project
-    from mlwarehouse.warehouse import connect
-    with connect(uri, blobs=blobs) as wh, _progress(not as_json) as progress:
+    with connect(uri, blobs) as wh, _progress(not as_json) as progress:
         summary = export_project(wh, project_name, path, progress=progress)
     if as_json:
         print(json.dumps(summary))
@@ -338,8 +321,7 @@ def import_(path: str = typer.Argument(..., metavar="FILE.tar", help="an archive
             uri: Optional[str] = UriOpt, blobs: Optional[str] = BlobsOpt, as_json: bool = JsonOpt):
     """Import a project archive: blobs verified first, then the documents."""
     from mlwarehouse.archive.tarball import import_project
-    from mlwarehouse.warehouse import connect
-    with connect(uri, blobs=blobs) as wh, _progress(not as_json) as progress:
+    with connect(uri, blobs) as wh, _progress(not as_json) as progress:
         summary = import_project(wh, path, project=project_name, progress=progress)
     if as_json:
         print(json.dumps(summary))
@@ -390,9 +372,8 @@ def ui(host: str = typer.Option("127.0.0.1", "--host", help="address to bind (lo
        writable: bool = typer.Option(False, "--writable", help="allow cancelling and retrying tasks from the UI"),
        uri: Optional[str] = UriOpt, blobs: Optional[str] = BlobsOpt):
     """Serve the web UI: runs and their curves, the model leaderboard, the task board, dataset previews."""
-    from mlwarehouse.warehouse import connect
     from mlwarehouse.web import serve
-    with connect(uri, blobs=blobs) as wh:
+    with connect(uri, blobs) as wh:
         serve(wh, host=host, port=port, writable=writable)
 
 
@@ -405,21 +386,12 @@ def demo(home: Optional[str] = typer.Option(None, "--home", help="where the demo
     run_demo(home=home, workers=workers, epochs=epochs)
 
 
-def _add_subcommands() -> None:
-    from mlwarehouse.cli.items import items_app
-    app.add_typer(items_app, name="items", help="Item datasets: import a folder or arrays, show versions and items.")
-
-
-_add_subcommands()
-
-
 def main() -> None:
     """Entry point: typer app with WarehouseErrors shown as one line."""
     try:
         code = app(standalone_mode=False)  # a typer.Exit inside a sub-app comes back as its code
     except (WarehouseError, OSError) as exc:  # OSError: a file named on the command line
-        err_console.print(Text("error:", style="red"), f"{type(exc).__name__}: {exc}", highlight=False,
-                          soft_wrap=True)
+        show_error(exc)
         sys.exit(1)
     except (typer.Exit, SystemExit) as exc:
         code = getattr(exc, "exit_code", getattr(exc, "code", 0))

@@ -2,6 +2,7 @@
 
 - :mod:`.whole`        a value (arrays, tuples, dicts) saved and loaded whole, versioned
 - :mod:`.items`        item datasets: items packed into immutable shards, their scalar fields indexed
+- :mod:`.versions`     the one version allocator both kinds share (1, 2, 3... per name; explicit ones immutable)
 - :mod:`.shards`       the shard format (blocks of columns, zstd, verified)
 - :mod:`.stream`       deterministic, resumable, prefetched batches of items selected by a query
 - :mod:`.shardcache`   the size-bounded local disk cache of shards from remote stores

@@ -18,7 +18,9 @@ import numpy as np
 
 from mlwarehouse import schema
 from mlwarehouse.datasets.shards import FieldSpec, build_shard
-from mlwarehouse.errors import DuplicateKey, InvalidDocument, NotFound, QueryError
+from mlwarehouse.datasets.stream import ItemStream, ShardReader
+from mlwarehouse.datasets.versions import check_version, insert_version
+from mlwarehouse.errors import InvalidDocument, NotFound, QueryError
 from mlwarehouse.ids import new_id
 from mlwarehouse.query.fields import RESERVED_FIELDS, normalize_fields, normalize_value
 from mlwarehouse.query.records import Record, check_name
@@ -75,29 +77,14 @@ class ItemDatasets:
                tags: Iterable[str] = (), shard_bytes: int = 16 << 20, **fields) -> "ItemDataset":
         """A new, open version of item dataset ``name`` (version: one more than the highest integer one)."""
         check_name("dataset", name)
-        if version is not None and (not isinstance(version, (str, int)) or isinstance(version, bool)):
-            raise InvalidDocument(f"version must be a string or an integer, not {version!r}")
+        check_version(version)
         if type(shard_bytes) is not int or not 1 << 16 <= shard_bytes <= 1 << 30:
             raise InvalidDocument(f"shard_bytes must be between 64 KiB and 1 GiB, not {shard_bytes}")
         extra = normalize_fields(fields)
         doc = {**extra, "name": name, "kind": "items", "state": "open", "description": description,
                "tags": normalize_value(list(tags), "tags"), "fields": {}, "count": 0, "shards": 0, "bytes": 0,
                "shard_bytes": shard_bytes}
-        for _ in range(20):
-            doc["version"] = self._next_version(name) if version is None else version
-            doc.pop("_id", None)
-            try:
-                return ItemDataset(self.project.insert(DATASETS, doc), self)
-            except DuplicateKey:
-                if version is not None:
-                    raise DuplicateKey(f"dataset {name!r} version {version!r} already exists in project "
-                                       f"{self.project.name!r}; versions are immutable") from None
-        raise DuplicateKey(f"could not allocate a version for dataset {name!r} (too many concurrent creates)")
-
-    def _next_version(self, name: str) -> int:
-        top = self.project.find_one(DATASETS, {"name": name, "version": {"$gte": 0}}, sort=[("version", -1)],
-                                    projection={"version": 1})
-        return int(top["version"]) + 1 if top else 1
+        return ItemDataset(insert_version(self.project, doc, version, racing="creates"), self)
 
     def get(self, name: str, *, version: str | int | None = None) -> "ItemDataset":
         """The given version of ``name``, else its newest item version; NotFound if there is none."""
@@ -303,9 +290,8 @@ class ItemDataset(Record):
         return ItemRecord(doc, self).load()
 
     def reader(self, cache=None):
-        """A :class:`mlwarehouse.datasets.stream.ShardReader` for this dataset's shards (whole or by range): this dataset's
-        own, or a new one reading through the disk ``cache``."""
-        from mlwarehouse.datasets.stream import ShardReader
+        """A :class:`~mlwarehouse.datasets.stream.ShardReader` for this dataset's shards (whole or by range): this
+        dataset's own, or a new one reading through the disk ``cache``."""
         if cache is not None:
             return ShardReader(self.project.blobs, cache=cache)
         if self._reader is None:
@@ -314,7 +300,6 @@ class ItemDataset(Record):
 
     def stream(self, where: dict | None = None, **options):
         """Batches of the selected items: see :class:`mlwarehouse.datasets.stream.ItemStream` for the options."""
-        from mlwarehouse.datasets.stream import ItemStream
         return ItemStream(self, where, **options)
 
     def __repr__(self) -> str:

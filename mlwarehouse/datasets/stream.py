@@ -7,8 +7,8 @@ every process computes the same order; a partition (DataLoader worker x rank) ta
 which keeps each partition on its own shards. The position inside the epoch is the whole state: a stream resumes
 mid-epoch from ``stream.state()``. A batch is the next ``batch_size`` items of the plan, handed out grouped by
 shard (:func:`batch_order`). Shards are fetched by background threads ahead of use, verified, decoded and kept in
-a bounded memory cache (:mod:`mlwarehouse.datasets.shardmemory`) for later epochs; ``epochs=None`` streams without end and
-re-plans each epoch, picking up items appended meanwhile.
+a bounded memory cache (:mod:`mlwarehouse.datasets.shardmemory`) for later epochs; ``epochs=None`` streams without
+end and re-plans each epoch, picking up items appended meanwhile.
 """
 
 from __future__ import annotations
@@ -24,13 +24,15 @@ from typing import Any
 
 import numpy as np
 
-from mlwarehouse.datasets.items import ITEMS, SHARDS
+from mlwarehouse import schema
 from mlwarehouse.datasets.shardcache import ShardCache
 from mlwarehouse.datasets.shardmemory import MEMORY, DecodedShards
 from mlwarehouse.datasets.shards import Shard, ShardHeader, decode_value, read_header, read_item
 from mlwarehouse.errors import IntegrityError, InvalidDocument, QueryError, WarehouseError
 
 __all__ = ["ItemStream", "ShardReader", "TransformError", "Plan", "batch_order"]
+
+ITEMS, SHARDS = schema.ITEMS.name, schema.ITEM_SHARDS.name
 
 
 class TransformError(WarehouseError):
@@ -111,8 +113,8 @@ class ItemStream:
     ``drop_last``, ``fields`` (which fields to read), ``cache`` (a ShardCache or a folder), ``cache_bytes``,
     ``state`` (from :meth:`state`, to resume), ``poll`` (seconds between checks for new items when waiting),
     ``memory`` (where decoded shards are kept for later epochs: the process-wide
-    :data:`mlwarehouse.datasets.shardmemory.MEMORY`, 1 GiB, unless given a :class:`DecodedShards` or a bound in bytes for a
-    cache of this stream's own; 0: none).
+    :data:`mlwarehouse.datasets.shardmemory.MEMORY`, 1 GiB, unless given a :class:`DecodedShards` or a bound in bytes
+    for a cache of this stream's own; 0: none).
 
     A batch holds the items of its slice of the planned order, grouped by shard (see :func:`batch_order`), as
     fresh arrays of the caller's own. The arrays a ``transform`` receives are read-only views of cached shards:

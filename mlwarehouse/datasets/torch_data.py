@@ -47,10 +47,9 @@ class _Reopen:
         if self._dataset is None or self._pid != os.getpid():
             if self._where is None:
                 raise RuntimeError("this warehouse has no settings to reopen it in a worker process")
-            from mlwarehouse.datasets.items import ItemDatasets
             from mlwarehouse.warehouse import connect
             wh = connect(self._where[0], blobs=self._where[1])
-            self._dataset = ItemDatasets(wh.project(self._project)).get(self._key[0], version=self._key[1])
+            self._dataset = wh.project(self._project).items.get(self._key[0], version=self._key[1])
             self._pid = os.getpid()
         return self._dataset
 
@@ -98,8 +97,7 @@ class ItemMapDataset(Dataset):
     """Random access to the selected items: ``ds[i]`` reads item i by range reads (checksums verified)."""
 
     def __init__(self, dataset, *, where: dict | None = None, fields: list[str] | None = None, transform=None):
-        from mlwarehouse.datasets.stream import ItemStream
-        plan = ItemStream(dataset, where, shuffle=False).plan(0)
+        plan = dataset.stream(where, shuffle=False).plan(0)
         self._keys = plan.keys
         self._shard, self._row = plan.shard, plan.row
         self.fields = fields

@@ -12,7 +12,8 @@ from typing import Any
 
 from mlwarehouse import schema
 from mlwarehouse.context import current_run
-from mlwarehouse.errors import DuplicateKey, InvalidDocument, NotFound
+from mlwarehouse.datasets.versions import check_version, insert_version
+from mlwarehouse.errors import NotFound
 from mlwarehouse.query.fields import normalize_fields, normalize_value
 from mlwarehouse.query.records import Record, check_name, name_filter
 
@@ -32,8 +33,8 @@ class DatasetRecord(Record):
         object.__setattr__(self, "_datasets", datasets)
 
     def load(self, *, allow_pickle: bool = False) -> Any:
-        """The value; for an item dataset (``kind: "items"``) its :class:`~mlwarehouse.datasets.items.ItemDataset`, whose
-        items are read lazily (``.stream()``, ``.find()``)."""
+        """The value; for an item dataset (``kind: "items"``) its
+        :class:`~mlwarehouse.datasets.items.ItemDataset`, whose items are read lazily (``.stream()``, ``.find()``)."""
         if self.doc.get("kind") == "items":
             return self._datasets.project.items.get(self.doc["name"], version=self.doc["version"])
         return self._datasets.project.unpack(self.doc["value"], allow_pickle=allow_pickle)
@@ -55,31 +56,17 @@ class Datasets:
         are missing. ``version`` defaults to one more than the highest integer version of this name.
         """
         check_name("dataset", name)
-        if version is not None and (not isinstance(version, (str, int)) or isinstance(version, bool)):
-            raise InvalidDocument(f"version must be a string or an integer, not {version!r}")
+        check_version(version)
         extra = normalize_fields(fields)
         for reserved in ("name", "version", "value", "description", "tags"):
             extra.pop(reserved, None)
         tags = [tags] if isinstance(tags, str) else list(tags)  # one tag as a plain string, as runs take it
         doc = {"name": name, "description": description, "tags": normalize_value(tags, "tags"), **extra}
-        for attempt in range(20):
-            # packed on every attempt: a refused insert released the blobs the attempt before had written
-            doc["value"] = self.project.pack(value, allow_pickle=allow_pickle)
-            doc["version"] = self._next_version(name) if version is None else version
-            doc.pop("_id", None)
-            doc.pop("_blobs", None)
-            try:
-                return DatasetRecord(self.project.insert(COLLECTION, doc), self)
-            except DuplicateKey:
-                if version is not None:
-                    raise DuplicateKey(f"dataset {name!r} version {version!r} already exists in project "
-                                       f"{self.project.name!r}; versions are immutable") from None
-        raise DuplicateKey(f"could not allocate a version for dataset {name!r} (too many concurrent saves)")
 
-    def _next_version(self, name: str) -> int:
-        top = self.project.find_one(COLLECTION, {"name": name, "version": {"$gte": 0}},
-                                    sort=[("version", -1)], projection={"version": 1})
-        return int(top["version"]) + 1 if top else 1
+        def pack(doc: dict) -> None:
+            doc["value"] = self.project.pack(value, allow_pickle=allow_pickle)
+
+        return DatasetRecord(insert_version(self.project, doc, version, prepare=pack, racing="saves"), self)
 
     def delete(self, name: str | None = None, *, where: dict | None = None) -> int:
         """Delete matching dataset versions and the blobs only they used; returns how many were deleted."""

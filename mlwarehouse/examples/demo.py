@@ -17,6 +17,8 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+from mlwarehouse import schema
+
 PROJECT = "digits-demo"
 SCRIPT = Path(__file__).with_name("digits_mlp.py")
 
@@ -34,14 +36,15 @@ def load_digits_splits(seed: int = 0):
 
 
 def run_demo(home: str | None = None, workers: int = 2, epochs: int = 15) -> dict:
-    import mlwarehouse
+    from mlwarehouse.warehouse import connect
     console = Console(soft_wrap=True)
-    wh = mlwarehouse.connect(home=home, project=PROJECT)
+    wh = connect(home=home, project=PROJECT)
     p = wh.project(PROJECT)
     where = wh.settings.index_uri
     console.rule("[bold]mlwarehouse demo")
     console.print(f"warehouse: {where}  (project [cyan]{PROJECT}[/cyan])")
-    removed = sum(len(p.delete(c)) for c in ("tasks", "models", "runs", "logs", "datasets"))
+    removed = sum(len(p.delete(c.name)) for c in (schema.TASKS, schema.MODELS, schema.RUNS, schema.LOGS,
+                                                    schema.DATASETS))
     if removed:
         console.print(f"cleared {removed} documents left by an earlier demo run")
 
@@ -56,9 +59,7 @@ def run_demo(home: str | None = None, workers: int = 2, epochs: int = 15) -> dic
                           timeout=300)
     console.print(f"2. dispatched a sweep of {len(tasks)} tasks (grid over n_hidden x lr)")
 
-    env = {**os.environ, "MLW_PROJECT": PROJECT}
-    if wh.settings:
-        env.update(MLW_URI=wh.settings.index_uri, MLW_BLOBS=wh.settings.blobs_uri)
+    env = {**os.environ, "MLW_PROJECT": PROJECT, "MLW_URI": wh.settings.index_uri, "MLW_BLOBS": wh.settings.blobs_uri}
     procs = [subprocess.Popen([sys.executable, "-m", "mlwarehouse.cli", "worker", "--task-name", "digits-mlp",
                                "--once", "--project", PROJECT], env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

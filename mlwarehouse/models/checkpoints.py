@@ -1,8 +1,9 @@
 """Retention of checkpoints: keep the top k by a metric and the last n epochs of a run, drop the rest.
 
 The policy is pure: :meth:`Retention.doomed` looks at the checkpoint documents of one run (name) and says which
-to delete; :meth:`mlwarehouse.models.registry.Models.checkpoint` applies it after each save, deleting through the project
-so their blobs are released (tensors shared with a kept checkpoint stay, content addressing counts them once).
+to delete; :meth:`mlwarehouse.models.registry.Models.checkpoint` applies it after each save, deleting through the
+project so their blobs are released (tensors shared with a kept checkpoint stay, content addressing counts them
+once).
 """
 
 from __future__ import annotations

@@ -1,2 +1,3 @@
-"""Tasks: the leased queue (:mod:`.queue`), sweeps (:mod:`.sweeps`), the worker that pulls and runs them
-(:mod:`.worker`) and what runs inside each task's own process (:mod:`.runtime`)."""
+"""Tasks: the leased queue (:mod:`.queue`), sweeps (:mod:`.sweeps`), what a task stores about its script
+(:mod:`.scripts`), the worker that pulls and runs tasks (:mod:`.worker`) and the task process it starts for each
+attempt (:mod:`.runtime`)."""

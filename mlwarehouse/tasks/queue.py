@@ -25,7 +25,7 @@ from mlwarehouse.errors import InvalidDocument, NotFound, TaskError, TaskFailed
 from mlwarehouse.ids import new_id, utc_now
 from mlwarehouse.query.fields import normalize_fields
 from mlwarehouse.query.records import Record
-from mlwarehouse.tasks.runtime import script_spec
+from mlwarehouse.tasks.scripts import script_spec
 from mlwarehouse.tasks.sweeps import config_hash, expand, normalize_config
 
 __all__ = ["Tasks", "Task", "TaskContext", "current_task", "PENDING", "RUNNING", "FINISHED", "FAILED", "CANCELLED"]
@@ -326,7 +326,7 @@ class Tasks:
     def end_run(self, run_id: str | None, status: str, error: str) -> None:
         """Close a run that its task process could not close (killed, timed out, lease expired)."""
         if run_id:
-            self.project.update("runs", {"_id": run_id, "status": "running"},
+            self.project.update(schema.RUNS.name, {"_id": run_id, "status": "running"},
                                 {"$set": {"status": status, "error": error, "ended": utc_now()}})
 
     # -- helpers -------------------------------------------------------------------------------------------

@@ -24,60 +24,18 @@ import importlib
 import json
 import linecache
 import os
-import re
 import signal
 import sys
 import threading
 import time
 import traceback
-from pathlib import Path
 from typing import Any
 
 from mlwarehouse.context import TaskContext, current_task, set_current_task
-from mlwarehouse.errors import TaskError
+from mlwarehouse.errors import InvalidDocument
+from mlwarehouse.query.fields import normalize_value
 
-__all__ = ["main", "execute", "script_spec", "ScriptError", "TaskContext", "current_task"]
-
-_TARGET = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
-
-
-def script_spec(project, script: Any) -> dict | None:
-    """What a task stores about its script: a file's source (as a blob) and sha256, or a callable's target.
-
-    Raises TaskError for a missing file or a syntax error, so bad scripts are refused when tasks are created.
-    """
-    if script is None:
-        return None
-    if callable(script) and not isinstance(script, (str, Path)):
-        module, name = getattr(script, "__module__", None), getattr(script, "__qualname__", "")
-        if not module or module == "__main__" or not name or "<" in name or not _names(module, name, script):
-            raise TaskError(f"{script!r} cannot be imported by a worker: define it at the top level of a "
-                            f"module (not a bound method or a partial), or pass the path of a script file")
-        return {"kind": "callable", "target": f"{module}:{name}"}
-    if isinstance(script, str) and _TARGET.match(script) and not Path(script).exists():
-        return {"kind": "callable", "target": script}
-    if not isinstance(script, (str, Path)):
-        raise TaskError(f"script must be a file path or 'module:function', not {type(script).__name__}")
-    path = Path(script).expanduser()
-    if not path.is_file():
-        raise TaskError(f"task script {str(path)!r} does not exist (or is not a file)")
-    source = path.read_bytes()
-    try:
-        compile(source, str(path), "exec")
-    except SyntaxError as exc:
-        raise TaskError(f"task script {str(path)!r} has a syntax error at line {exc.lineno}: {exc.msg}") from exc
-    except ValueError as exc:  # null bytes
-        raise TaskError(f"task script {str(path)!r} is not Python source: {exc}") from exc
-    return {"kind": "file", "filename": path.name, "sha256": hashlib.sha256(source).hexdigest(),
-            "source": project.pack(source)}
-
-
-def _names(module: str, name: str, obj: Any) -> bool:
-    """Whether ``module:name`` leads back to ``obj`` itself (a bound method or a partial does not)."""
-    found: Any = sys.modules.get(module)
-    for part in name.split("."):
-        found = getattr(found, part, None)
-    return found is obj
+__all__ = ["main", "execute", "ScriptError", "TaskContext", "current_task"]
 
 
 class ScriptError(Exception):
@@ -139,8 +97,6 @@ def _resolve(target: str):
 
 
 def _results(values: dict, keys: list[str], where: str) -> dict:
-    from mlwarehouse.errors import InvalidDocument
-    from mlwarehouse.query.fields import normalize_value
     out = {}
     for key in keys:
         if key not in values:
@@ -206,11 +162,11 @@ def main(argv: list[str] | None = None) -> int:
     _watch_parent(spec["parent_pid"])
     signal.signal(signal.SIGTERM, _on_sigterm)
 
-    import mlwarehouse
+    from mlwarehouse.warehouse import connect
 
     task, worker = spec["task"], spec["worker"]
     outcome: dict = {"ok": False, "retry": True, "error": "the task process stopped before running the script"}
-    wh = mlwarehouse.connect(project=spec["project"])
+    wh = connect(project=spec["project"])
     try:
         project = wh.project(spec["project"])
         run = project.runs.start(name=task["task_name"], task=task["_id"],

@@ -57,14 +57,13 @@ class _Child:
     reader: threading.Thread | None = None
     reason: str | None = None      # why the worker stopped it: "timeout", "lost" or "shutdown"
     kill_at: float | None = None   # when SIGTERM turns into SIGKILL
+    captured: bytes | None = None  # the output, once read (recording may be retried)
 
     def signal(self, sig: int) -> None:
         try:
             os.killpg(self.proc.pid, sig)  # the child leads its own session: its group has its pid
         except (ProcessLookupError, PermissionError):
             pass
-
-    captured: bytes | None = None  # the output, once read (recording may be retried)
 
     def output(self) -> bytes:
         if self.captured is None:

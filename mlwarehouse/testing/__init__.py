@@ -1,5 +1,7 @@
-"""Helpers for testing mlwarehouse and its backends: the blob conformance suite and local test servers.
+"""Helpers for testing mlwarehouse and its backends: the conformance suites and the local test servers.
 
-``mlwarehouse.testing.blob_conformance.BlobStoreTests`` is subclassed by each blob backend's tests;
-``mlwarehouse.testing.servers`` starts and stops local servers (SeaweedFS as the S3 store). Both need pytest.
+:mod:`.blob_conformance`, :mod:`.index_conformance` and :mod:`.warehouse_conformance` hold the suites that each
+backend's tests subclass. :mod:`.servers` starts and stops the local servers (SeaweedFS as the S3 store; PostgreSQL
+in :mod:`.postgres_server`, a MongoDB-wire server in :mod:`.mongo_server`), all on the process helpers of
+:mod:`.processes`. The suites and the fixtures need pytest.
 """

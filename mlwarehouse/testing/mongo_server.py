@@ -2,7 +2,7 @@
 
 No real ``mongod`` is needed: nx-27017 speaks the wire protocol over SQLite files kept in a temporary folder
 (one file per database). It is started as ``python -m nx_27017.nx_27017`` in its own session and stopped by its
-process id (:func:`mlwarehouse.testing.servers.stop`). It has no authentication, and its query engine has bugs
+process id (:func:`mlwarehouse.testing.processes.stop`). It has no authentication, and its query engine has bugs
 (``$addToSet`` on a missing field, ``true == 1``, range queries that skip array elements); the MongoDB backend
 works around them, so the same tests pass on it and on a real server.
 
@@ -17,14 +17,13 @@ from __future__ import annotations
 import importlib.util
 import os
 import secrets
-import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
-from mlwarehouse.testing.servers import HOST, Server, ServerError, _port_open, _wait_ready, free_port, in_ci, stop
+from mlwarehouse.testing.processes import HOST, Server, ServerError, free_port, in_ci, launch, port_open, session_server
 
 __all__ = ["start_nx27017", "have_nx27017", "mongo_server", "fresh_uri"]
 
@@ -35,7 +34,7 @@ def have_nx27017() -> bool:
 
 def start_nx27017(*, timeout: float = 30.0, data_dir: str | None = None) -> Server:
     """Start nx-27017 on 127.0.0.1 with a fresh data folder (or the folder of a server that was stopped without
-    :func:`~mlwarehouse.testing.servers.stop`, to restart it on its files); ``uri`` is
+    :func:`~mlwarehouse.testing.processes.stop`, to restart it on its files); ``uri`` is
     ``mongodb://127.0.0.1:PORT/``."""
     if not have_nx27017():
         raise ServerError("the nx-27017 server is not installed: pip install nx-27017 (the dev extra)")
@@ -45,15 +44,11 @@ def start_nx27017(*, timeout: float = 30.0, data_dir: str | None = None) -> Serv
     port = free_port()
     cmd = [sys.executable, "-m", "nx_27017.nx_27017", "--data-dir", str(data_dir / "data"), "--host", HOST,
            "--port", str(port), "--pid-file", str(data_dir / "nx.pid"), "--log-file", str(data_dir / "nx.log")]
-    log = data_dir / "output.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                cwd=data_dir, start_new_session=True)
     uri = f"mongodb://{HOST}:{port}/"
-    server = Server("nx27017", proc.pid, str(data_dir), uri, {"MLW_TEST_MONGO_URI": uri})
+    server = Server("nx27017", 0, str(data_dir), uri, {"MLW_TEST_MONGO_URI": uri})
 
     def ready() -> bool:
-        if not _port_open(port):
+        if not port_open(port):
             return False
         import pymongo
         client = pymongo.MongoClient(uri, serverSelectionTimeoutMS=1000)
@@ -63,12 +58,7 @@ def start_nx27017(*, timeout: float = 30.0, data_dir: str | None = None) -> Serv
             client.close()
         return True
 
-    try:
-        _wait_ready(proc, log, ready, timeout, f"nx-27017 ({' '.join(cmd)})")
-    except BaseException:
-        stop(server)
-        raise
-    return server
+    return launch(server, cmd, data_dir / "output.log", ready, timeout=timeout, what="nx-27017", cwd=data_dir)
 
 
 def fresh_uri(base: str, prefix: str = "mlwt") -> str:
@@ -91,15 +81,10 @@ if pytest is not None:
     @pytest.fixture(scope="session")
     def mongo_server() -> Iterator[str]:
         """The URI of a MongoDB(-compatible) server for this test session."""
-        if os.environ.get("MLW_TEST_MONGO_URI"):
-            yield os.environ["MLW_TEST_MONGO_URI"]
-            return
-        if not in_ci():
-            if importlib.util.find_spec("pymongo") is None or not have_nx27017():
+        def start() -> Server:
+            if not in_ci() and (importlib.util.find_spec("pymongo") is None or not have_nx27017()):
                 pytest.skip("no MongoDB server: install pymongo and nx-27017 (pip install -e '.[dev]') "
                             "or set MLW_TEST_MONGO_URI")
-        server = start_nx27017()  # in CI a failure here is an error, never a skip
-        try:
-            yield server.uri
-        finally:
-            stop(server)
+            return start_nx27017()  # in CI a failure here is an error, never a skip
+
+        yield from session_server(os.environ.get("MLW_TEST_MONGO_URI") or None, start)

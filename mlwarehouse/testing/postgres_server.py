@@ -20,11 +20,20 @@ import shutil
 import signal
 import subprocess
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from mlwarehouse.testing.servers import HOST, Server, ServerError, _alive, _port_open, _wait_ready, free_port, in_ci
+from mlwarehouse.testing.processes import (
+    HOST,
+    Server,
+    ServerError,
+    free_port,
+    in_ci,
+    launch,
+    port_open,
+    session_server,
+    stop,
+)
 
 __all__ = ["find_pg_bin", "start_postgres", "stop_postgres", "postgres_server", "TEST_DATABASE", "TEST_USER"]
 
@@ -88,14 +97,11 @@ def start_postgres(*, timeout: float = 60.0, durable: bool = False, bin_dir: str
            "-c", f"unix_socket_directories={root}", "-c", "max_connections=200", "-c", "shared_buffers=128MB"]
     if not durable:
         cmd += ["-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off"]
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=root,
-                                env=env, start_new_session=True, **user)
     uri = f"postgresql://{TEST_USER}:{password}@{HOST}:{port}/{TEST_DATABASE}"
-    server = Server("postgres", proc.pid, str(root), uri, {"MLW_TEST_POSTGRES": uri})
+    server = Server("postgres", 0, str(root), uri, {"MLW_TEST_POSTGRES": uri})
 
     def ready() -> bool:
-        if not _port_open(port):
+        if not port_open(port):
             return False
         import psycopg
         with psycopg.connect(host=HOST, port=port, user=TEST_USER, password=password, dbname="postgres",
@@ -104,33 +110,17 @@ def start_postgres(*, timeout: float = 60.0, durable: bool = False, bin_dir: str
                 con.execute(f"CREATE DATABASE {TEST_DATABASE}")
         return True
 
-    try:
-        _wait_ready(proc, log, ready, timeout, f"PostgreSQL ({' '.join(cmd)})")
-    except BaseException:
-        stop_postgres(server)
-        raise
-    return server
+    return launch(server, cmd, log, ready, timeout=timeout, what="PostgreSQL", stopper=stop_postgres, cwd=root,
+                  env=env, **user)
+
+
+#: SIGINT (a fast shutdown: clients are disconnected), then SIGQUIT, then SIGKILL (see :func:`~.processes.stop`)
+FAST_SHUTDOWN = ((signal.SIGINT, 1.0), (signal.SIGQUIT, 0.5), (signal.SIGKILL, 1.0))
 
 
 def stop_postgres(server: Server, *, grace: float = 10.0) -> None:
-    """Stop by pid: SIGINT (fast shutdown: clients are disconnected), then SIGQUIT, then SIGKILL; remove the folder."""
-    try:
-        cmdline = Path(f"/proc/{server.pid}/cmdline").read_bytes()
-        ours = server.data_dir.encode() in cmdline
-    except FileNotFoundError:
-        ours = not Path("/proc/self").exists() and _alive(server.pid)
-    if ours:
-        for sig, wait in ((signal.SIGINT, grace), (signal.SIGQUIT, grace / 2), (signal.SIGKILL, grace)):
-            try:
-                os.kill(server.pid, sig)
-            except ProcessLookupError:
-                break
-            deadline = time.monotonic() + wait
-            while time.monotonic() < deadline and _alive(server.pid):
-                time.sleep(0.05)
-            if not _alive(server.pid):
-                break
-    shutil.rmtree(server.data_dir, ignore_errors=True)
+    """Stop by pid with a fast shutdown (see :data:`FAST_SHUTDOWN`) and remove the folder."""
+    stop(server, grace=grace, ladder=FAST_SHUTDOWN)
 
 
 try:
@@ -142,19 +132,15 @@ if pytest is not None:
     @pytest.fixture(scope="session")
     def postgres_server() -> Iterator[str]:
         """The URI of a PostgreSQL database for tests (``$MLW_TEST_POSTGRES``, or a private cluster)."""
-        if os.environ.get("MLW_TEST_POSTGRES"):
-            yield os.environ["MLW_TEST_POSTGRES"]
-            return
-        try:
-            import psycopg  # noqa: F401  (the client the tests need)
-        except ImportError:
-            if in_ci():
-                raise
-            pytest.skip("psycopg is not installed: pip install -e '.[postgres]'")
-        if find_pg_bin() is None and not in_ci():
-            pytest.skip("no PostgreSQL server binaries: apt-get install -y postgresql, or set MLW_TEST_POSTGRES")
-        server = start_postgres()  # in CI, or with the binaries present, a failure here is an error
-        try:
-            yield server.uri
-        finally:
-            stop_postgres(server)
+        def start() -> Server:
+            try:
+                import psycopg  # noqa: F401  (the client the tests need)
+            except ImportError:
+                if in_ci():
+                    raise
+                pytest.skip("psycopg is not installed: pip install -e '.[postgres]'")
+            if find_pg_bin() is None and not in_ci():
+                pytest.skip("no PostgreSQL server binaries: apt-get install -y postgresql, or set MLW_TEST_POSTGRES")
+            return start_postgres()  # in CI, or with the binaries present, a failure here is an error
+
+        yield from session_server(os.environ.get("MLW_TEST_POSTGRES") or None, start, stopper=stop_postgres)

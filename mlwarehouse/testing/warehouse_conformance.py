@@ -88,7 +88,8 @@ class WarehouseTests:
         best = wh.runs.best("valid.accuracy")
         assert best.hyper_parameters == {"lr": 0.01} and best.status == "complete"
         summary = best.summary["train"]["loss"]
-        assert summary["count"] == 300 and summary["min_step"] == 299 and summary["last"] == pytest.approx(0.01 + 1 / 300)
+        assert summary["count"] == 300 and summary["min_step"] == 299
+        assert summary["last"] == pytest.approx(0.01 + 1 / 300)
         steps, values = best.metric("train", "loss")
         assert list(steps) == list(range(300)) and values[0] == pytest.approx(1.01)
         assert len(wh.runs.find(where={"hyper_parameters.lr": {"$gt": 0.05}})) == 1
