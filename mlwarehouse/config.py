@@ -5,8 +5,12 @@ or ``./.mlwarehouse``. For blobs: the ``blobs`` argument, ``$MLW_BLOBS``, then t
 (a ``blobs/`` folder beside an SQLite file).
 
 Index URIs: ``sqlite:///abs/path/index.sqlite``, ``sqlite:relative/path.sqlite``, or a plain folder path (the
-embedded layout: ``<folder>/index.sqlite`` + ``<folder>/blobs``). Blob URIs: ``file:///abs/path`` or a folder path.
-Server backends (``postgresql://``, ``mongodb://``, ``s3://``) plug in here as they are added.
+embedded layout: ``<folder>/index.sqlite`` + ``<folder>/blobs``), ``postgresql://...`` or ``mongodb://...``.
+Blob URIs: ``file:///abs/path`` or a folder path, ``s3://bucket/prefix?endpoint_url=...`` or ``mongodb://...``
+(GridFS). ``cache_dir=/local/folder`` in an ``s3://`` URI puts a 1 GiB local read cache in front of the bucket
+(:class:`~mlwarehouse.blobs.cache.CachedBlobStore`). GridFS has none by default: it sits beside the MongoDB index,
+which every reader already reaches, and a cache needs a folder and disk space the user chooses (wrap it in a
+``CachedBlobStore`` for a far server).
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import unquote, urlparse
+from urllib.parse import parse_qsl, unquote, urlencode, urlparse
 
 from mlwarehouse.errors import ConfigError
 
@@ -81,11 +85,12 @@ def open_index(uri: str):
     if scheme in _MONGO_SCHEMES:
         from mlwarehouse.index.mongo import MongoIndex
         return MongoIndex(uri)
-    raise ConfigError(f"no index backend for {scheme!r} URIs yet ({uri!r}); use an SQLite file or folder")
+    raise ConfigError(f"no index backend for {scheme!r} URIs ({uri!r}): use an SQLite file or folder, "
+                      "postgresql://... or mongodb://...")
 
 
 def open_blobs(uri: str):
-    """Open the blob backend a URI names."""
+    """Open the blob backend a URI names (behind a local read cache if an ``s3://`` URI asks for one)."""
     parsed = urlparse(uri)
     if parsed.scheme in ("", "file") or (len(parsed.scheme) == 1 and os.name == "nt"):
         from mlwarehouse.blobs.files import FileBlobStore
@@ -93,8 +98,24 @@ def open_blobs(uri: str):
         return FileBlobStore(root)
     if parsed.scheme == "s3":
         from mlwarehouse.blobs.s3 import S3BlobStore
-        return S3BlobStore(uri)
+        query = parse_qsl(parsed.query)
+        cache_dir = dict(query).get("cache_dir")
+        if cache_dir is None:
+            return S3BlobStore(uri)
+        rest = parsed._replace(query=urlencode([(k, v) for k, v in query if k != "cache_dir"])).geturl()
+        return _cached(S3BlobStore(rest), cache_dir)
     if parsed.scheme in _MONGO_SCHEMES:
         from mlwarehouse.blobs.gridfs import GridFSBlobStore
         return GridFSBlobStore(uri)
-    raise ConfigError(f"no blob backend for {parsed.scheme!r} URIs yet ({uri!r}); use a folder or s3://bucket/prefix")
+    raise ConfigError(f"no blob backend for {parsed.scheme!r} URIs ({uri!r}); use a folder, s3://bucket/prefix "
+                      f"or mongodb://host/database")
+
+
+def _cached(store, cache_dir: str):
+    """``store`` behind a local read cache of 1 GiB in ``cache_dir`` (closed again if the cache cannot open)."""
+    from mlwarehouse.blobs.cache import CachedBlobStore
+    try:
+        return CachedBlobStore(store, Path(cache_dir).expanduser())
+    except BaseException:
+        store.close()
+        raise

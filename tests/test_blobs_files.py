@@ -1,4 +1,5 @@
-"""FileBlobStore: the blob conformance suite, plus its file layout, temp files and multi-process writers."""
+"""FileBlobStore: the blob conformance suite, plus its file layout, temp files and multi-process writers; and the
+read cache wrapper (CachedBlobStore) over a local inner store, which needs no server."""
 
 from __future__ import annotations
 
@@ -10,8 +11,9 @@ from pathlib import Path
 import pytest
 
 from mlwarehouse.blobs.base import blob_key
+from mlwarehouse.blobs.cache import CachedBlobStore
 from mlwarehouse.blobs.files import FileBlobStore
-from mlwarehouse.errors import IntegrityError, NotFound
+from mlwarehouse.errors import ConfigError, IntegrityError, NotFound
 from mlwarehouse.testing.blob_conformance import BAD_KEYS, BlobStoreTests
 
 
@@ -19,7 +21,8 @@ def all_files(root: Path) -> list[Path]:
     return sorted(p for p in root.rglob("*") if p.is_file())
 
 
-def blob_path(store: FileBlobStore, key: str) -> Path:
+def blob_path(store: FileBlobStore | CachedBlobStore, key: str) -> Path:
+    """Where ``store`` (a file store, or a cache's folder of copies) keeps ``key``."""
     return store.root / key[:2] / key[2:4] / key
 
 
@@ -76,7 +79,7 @@ class TestFileBlobStore(BlobStoreTests):
         assert fresh.exists() and not stale.exists() and not stale_top.exists()
 
     def test_put_file_streams_paths_and_file_objects(self, store, tmp_path, monkeypatch):
-        monkeypatch.setattr("mlwarehouse.blobs.files._CHUNK", 1 << 16)  # many chunks without a big file
+        monkeypatch.setattr("mlwarehouse.blobs.common.CHUNK", 1 << 16)  # many chunks without a big file
         super().test_put_file_streams_paths_and_file_objects(store, tmp_path)
         assert not [p for p in all_files(store.root) if p.name.startswith(".tmp-")]
 
@@ -103,3 +106,128 @@ def test_concurrent_puts_of_the_same_content_from_processes(tmp_path):
     assert all_files(root) == sorted(root / k[:2] / k[2:4] / k for k in keys)  # one file each, no temp files
     store = FileBlobStore(root)
     assert [store.get(k) for k in keys] == payloads
+
+
+class TestCachedFileBlobStore(BlobStoreTests):
+    """The read cache over a local inner store: the whole suite, with every blob read whole kept locally."""
+
+    large_size = 16 << 20
+    mtime_resolution = 0.02
+
+    @pytest.fixture
+    def store(self, tmp_path):
+        return CachedBlobStore(FileBlobStore(tmp_path / "inner", fsync=False), tmp_path / "cache", 64 << 20)
+
+    def corrupt(self, store, key):
+        blob_path(store.inner, key).write_bytes(b"precious bytez")
+        if blob_path(store, key).exists():
+            blob_path(store, key).write_bytes(b"precious bytez")
+
+
+@pytest.fixture
+def cached(tmp_path):
+    return CachedBlobStore(FileBlobStore(tmp_path / "inner", fsync=False), tmp_path / "cache", 1 << 20)
+
+
+def test_cache_keeps_blobs_read_whole_and_serves_them(cached):
+    data = os.urandom(100_000)
+    key = cached.put(data)
+    assert not blob_path(cached, key).exists()  # writes go to the inner store only
+    assert cached.get(key) == data and blob_path(cached, key).read_bytes() == data
+    blob_path(cached.inner, key).write_bytes(b"changed behind the cache")  # content-addressed: never stale
+    assert cached.get(key) == data and cached.get_range(key, 10, 5) == data[10:15]
+    assert (cached.name, cached.mtime_resolution) == (cached.inner.name, cached.inner.mtime_resolution)
+    assert cached.delete(key) and not blob_path(cached, key).exists() and not cached.exists(key)
+
+
+def test_a_damaged_copy_is_dropped_and_fetched_again(cached):
+    data = os.urandom(50_000)
+    key = cached.put(data)
+    cached.get(key)
+    blob_path(cached, key).write_bytes(b"rotten")
+    assert cached.get(key) == data  # fetched again from the inner store, never the rotten copy
+    assert blob_path(cached, key).read_bytes() == data
+    blob_path(cached, key).write_bytes(b"x" * len(data))  # same size, new bytes: a range is not served from it
+    assert cached.get_range(key, 0, 4) == data[:4]
+    assert not blob_path(cached, key).exists()
+
+
+def test_a_range_is_served_from_a_copy_only_once_it_was_verified(cached, monkeypatch):
+    data = os.urandom(60_000)
+    key = cached.put(data)
+    cached.get(key)
+    other = CachedBlobStore(cached.inner, cached.root, cached.max_bytes)  # another process: nothing verified
+    reads = []
+    monkeypatch.setattr(cached.inner, "get_range", lambda *a: reads.append(a) or b"")
+    assert other.get_range(key, 100, 10) == data[100:110] and not reads  # verified whole, then served
+    assert other._verified and other.get_range(key, 0, 3) == data[:3]
+
+
+def test_cache_stays_within_its_bound_and_evicts_the_least_recently_used(cached):
+    keys = [cached.put(os.urandom(200_000)) for _ in range(8)]
+
+    def read(key):
+        cached.get(key)
+        time.sleep(0.02)  # distinct modification times, however coarse the file system's clock
+
+    for key in keys[:5]:
+        read(key)  # 1,000,000 bytes: within the 1 MiB bound
+    read(keys[0])  # used again: keys 1 and 2 are now the least recently used
+    read(keys[5])  # over the bound: room down to 80% is made before the copy is written
+    assert [blob_path(cached, k).exists() for k in keys[:6]] == [True, False, False, True, True, True]
+    for key in keys[6:]:
+        read(key)
+        assert 0 < cached.used_bytes() <= cached.max_bytes
+    big = cached.put(os.urandom(300_000))  # over a quarter of the bound: read, never kept
+    cached.get(big)
+    assert not blob_path(cached, big).exists()
+    assert int((cached.root / ".used").read_text()) == cached.used_bytes()
+    with pytest.raises(ConfigError):
+        CachedBlobStore(cached.inner, cached.root, 0)
+
+
+def test_cache_recounts_a_lost_count(cached):
+    key = cached.put(b"a" * 1000)
+    cached.get(key)
+    (cached.root / ".used").write_text("garbled")
+    cached.get(cached.put(b"b" * 1000))
+    assert int((cached.root / ".used").read_text()) == cached.used_bytes() == 2000
+
+
+def test_cache_refuses_bad_keys_before_touching_files(cached, tmp_path):
+    (tmp_path / "secret").write_bytes(b"outside the cache")
+    for bad in BAD_KEYS:
+        for call in (cached.get, cached.delete, lambda k: cached.get_range(k, 0, 5)):
+            with pytest.raises(NotFound):
+                call(bad)
+    assert (tmp_path / "secret").read_bytes() == b"outside the cache"
+
+
+def test_cache_passes_public_attributes_of_the_inner_store(cached):
+    assert cached.fsync is False  # FileBlobStore's own attribute, as if unwrapped
+    with pytest.raises(AttributeError):
+        cached._nothing_private
+
+
+def _read_through_one_cache(inner_root: str, cache_root: str, keys: list[str], rounds: int) -> None:
+    store = CachedBlobStore(FileBlobStore(inner_root, fsync=False), cache_root, 1 << 20)
+    for _ in range(rounds):
+        for key in keys:
+            assert blob_key(store.get(key)) == key
+
+
+def test_processes_sharing_one_cache_keep_it_within_its_bound(tmp_path):
+    inner = FileBlobStore(tmp_path / "inner", fsync=False)
+    keys = [inner.put(os.urandom(150_000)) for _ in range(12)]  # 1.8 MB through a 1 MiB cache
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=_read_through_one_cache,
+                         args=(str(inner.root), str(tmp_path / "cache"), keys[i:] + keys[:i], 3)) for i in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert [p.exitcode for p in procs] == [0, 0, 0, 0]
+    store = CachedBlobStore(inner, tmp_path / "cache", 1 << 20)
+    assert 0 < store.used_bytes() <= 1 << 20
+    assert int((store.root / ".used").read_text()) == store.used_bytes()
+    assert not [p for p in all_files(store.root) if p.name.startswith(".tmp-")]

@@ -1,5 +1,5 @@
 """GridFSBlobStore against a local nx-27017 server (or $MLW_TEST_MONGO_URI): the blob conformance suite,
-duplicate uploads from racing writers, temporary uploads, and error mapping."""
+duplicate uploads from racing writers, temporary uploads, the read cache in front of GridFS, and error mapping."""
 
 from __future__ import annotations
 
@@ -16,9 +16,10 @@ if not in_ci():  # in CI a missing driver is an error, never a skip
     pytest.importorskip("pymongo", reason="the GridFS backend needs pymongo (pip install -e '.[mongo]')")
 
 from mlwarehouse.blobs.base import blob_key  # noqa: E402
+from mlwarehouse.blobs.cache import CachedBlobStore  # noqa: E402
 from mlwarehouse.blobs.gridfs import GridFSBlobStore  # noqa: E402
 from mlwarehouse.config import open_blobs  # noqa: E402
-from mlwarehouse.errors import Unavailable  # noqa: E402
+from mlwarehouse.errors import IntegrityError, Unavailable  # noqa: E402
 from mlwarehouse.testing.blob_conformance import BlobStoreTests  # noqa: E402
 
 
@@ -29,6 +30,13 @@ def make(mongo_server, **options) -> GridFSBlobStore:  # noqa: F811
 def drop(store: GridFSBlobStore) -> None:
     store.conn.drop_database()
     store.close()
+
+
+def corrupt(store: GridFSBlobStore, key: str) -> None:
+    """Replace the file under ``key`` with other bytes, written straight through GridFS."""
+    for doc in store._copies(key):
+        store.bucket.delete(doc["_id"])
+    store.bucket.upload_from_stream(key, b"precious bytez", metadata={"mtime": time.time()})
 
 
 class TestGridFSBlobStore(BlobStoreTests):
@@ -42,10 +50,7 @@ class TestGridFSBlobStore(BlobStoreTests):
         drop(store)
 
     def corrupt(self, store, key):
-        """Replace the file under ``key`` with other bytes, written straight through GridFS."""
-        for doc in store._copies(key):
-            store.bucket.delete(doc["_id"])
-        store.bucket.upload_from_stream(key, b"precious bytez", metadata={"mtime": time.time()})
+        corrupt(store, key)
 
 
 @pytest.fixture
@@ -97,6 +102,20 @@ def test_processes_putting_the_same_bytes(store):
     assert all(r == [blob_key(p) for p in payloads] for r in results)
     assert sorted(i.key for i in store.list()) == sorted(blob_key(p) for p in payloads)
     assert all(store.get(blob_key(p)) == p for p in payloads)
+
+
+def test_the_read_cache_wraps_gridfs_too(store, tmp_path):
+    cached = CachedBlobStore(store, tmp_path / "cache", 1 << 20)
+    data = os.urandom(100_000)
+    key = cached.put(data)
+    assert cached.get(key) == data and cached.used_bytes() == len(data)
+    corrupt(store, key)  # the local copy still holds the verified bytes
+    assert cached.get(key) == data and cached.get_range(key, 5, 5) == data[5:10]
+    copy = cached.root / key[:2] / key[2:4] / key
+    copy.write_bytes(b"rotten")  # a damaged copy is dropped and GridFS asked again, which is damaged too
+    with pytest.raises(IntegrityError):
+        cached.get(key)
+    assert not copy.exists() and cached.delete(key) and not store.exists(key)
 
 
 def test_open_blobs_with_a_mongodb_uri(mongo_server):  # noqa: F811

@@ -1,4 +1,5 @@
-"""S3BlobStore against a local SeaweedFS: the blob conformance suite, multipart, the cache and error mapping."""
+"""S3BlobStore against a local SeaweedFS: the blob conformance suite (plain, and behind the read cache), multipart,
+the cache and error mapping."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import botocore.exceptions as bx  # noqa: E402
 from boto3.exceptions import S3UploadFailedError  # noqa: E402
 
 from mlwarehouse.blobs.base import blob_key  # noqa: E402
+from mlwarehouse.blobs.cache import DEFAULT_CACHE_BYTES, CachedBlobStore  # noqa: E402
 from mlwarehouse.blobs.s3 import S3BlobStore, map_error  # noqa: E402
 from mlwarehouse.config import open_blobs  # noqa: E402
 from mlwarehouse.errors import BackendError, ConfigError, IntegrityError, NotFound, Unavailable, WarehouseError  # noqa: E402
@@ -33,6 +35,10 @@ def raw_client(store: S3BlobStore):
     return store._client
 
 
+def corrupt_object(store: S3BlobStore, key: str) -> None:
+    raw_client(store).put_object(Bucket=store.bucket, Key=store._name(key), Body=b"precious bytez")
+
+
 class TestS3BlobStore(BlobStoreTests):
     large_size = 80 << 20  # above the 64 MiB multipart threshold
     mtime_resolution = 1.1  # S3 stamps whole seconds
@@ -44,7 +50,7 @@ class TestS3BlobStore(BlobStoreTests):
         store.close()
 
     def corrupt(self, store, key):
-        raw_client(store).put_object(Bucket=store.bucket, Key=store._name(key), Body=b"precious bytez")
+        corrupt_object(store, key)
 
     def test_layout_under_the_prefix(self, store):
         key = store.put(b"hello")
@@ -80,14 +86,58 @@ class TestS3BlobStore(BlobStoreTests):
         monkeypatch.setattr(store._client, "get_paginator", small_pages)
         assert {i.key for i in store.list()} == keys
 
-    def test_read_cache_serves_repeated_reads(self, s3_server, tmp_path):
-        store = make_store(s3_server, cache_dir=tmp_path / "cache")
+    def test_refresh_after_skips_the_copy_for_young_blobs(self, s3_server):
+        store = make_store(s3_server, refresh_after=3600)
+        key = store.put(b"young")
+        before = store.stat(key).mtime
+        time.sleep(1.1)
+        store.put(b"young")
+        assert store.stat(key).mtime == before
+
+    def test_uri_parameters_and_open_blobs(self, s3_server, monkeypatch, tmp_path):
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3_server["access_key"])
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3_server["secret_key"])
+        store = open_blobs(s3_server["uri"].replace("?", "/via-config?", 1))
+        assert isinstance(store, S3BlobStore) and store.prefix == "via-config"
+        assert store.get(store.put(b"configured")) == b"configured"
+        cached = open_blobs(s3_server["uri"].replace("?", f"/via-config?cache_dir={tmp_path / 'c'}&", 1))
+        assert isinstance(cached, CachedBlobStore) and isinstance(cached.inner, S3BlobStore)
+        assert (cached.root, cached.max_bytes) == (tmp_path / "c", DEFAULT_CACHE_BYTES)
+        assert (cached.name, cached.prefix, cached.bucket) == ("s3", "via-config", store.bucket)  # as before
+        assert cached.get(store.put(b"configured")) == b"configured" and cached.used_bytes() == 10
+        with pytest.raises(ConfigError, match="secret_key"):
+            S3BlobStore("s3://bucket/p?secret_key=oops")
+        with pytest.raises(ConfigError, match="open_blobs"):
+            S3BlobStore("s3://bucket/p?cache_dir=/somewhere")
+        with pytest.raises(ConfigError, match="s3://bucket"):
+            S3BlobStore("s3:///no-bucket")
+
+
+class TestCachedS3BlobStore(BlobStoreTests):
+    """The whole suite through the read cache: every blob read whole is then served from a local copy."""
+
+    large_size = 80 << 20
+    mtime_resolution = 1.1
+
+    @pytest.fixture
+    def store(self, s3_server, tmp_path):
+        store = CachedBlobStore(make_store(s3_server), tmp_path / "cache")
+        yield store
+        store.close()
+
+    def corrupt(self, store, key):
+        corrupt_object(store.inner, key)
+        copy = store.root / key[:2] / key[2:4] / key
+        if copy.exists():
+            copy.write_bytes(b"precious bytez")
+
+    def test_read_cache_serves_repeated_reads(self, store):
         data = os.urandom(300_000)
         key = store.put(data)
         assert store.get(key) == data
-        cached = tmp_path / "cache" / key[:2] / key[2:4] / key
+        cached = store.root / key[:2] / key[2:4] / key
         assert cached.read_bytes() == data
-        self.corrupt(store, key)  # the cache is content-addressed: a cached blob cannot go stale
+        corrupt_object(store.inner, key)  # the cache is content-addressed: a cached blob cannot go stale
         assert store.get(key) == data
         assert store.get_range(key, 10, 5) == data[10:15]
         cached.write_bytes(b"rotten")  # a damaged cache entry is dropped and the server is asked again
@@ -97,31 +147,13 @@ class TestS3BlobStore(BlobStoreTests):
         assert store.delete(key) and not cached.exists()
 
     def test_read_cache_stays_within_its_size(self, s3_server, tmp_path):
-        store = make_store(s3_server, cache_dir=tmp_path / "cache", cache_bytes=1 << 20)
+        store = CachedBlobStore(make_store(s3_server), tmp_path / "small", max_bytes=1 << 20)
         keys = [store.put(os.urandom(200_000)) for _ in range(8)]
         for key in keys:
             store.get(key)
-        cached = sum(p.stat().st_size for p in (tmp_path / "cache").rglob("*") if p.is_file())
+        cached = sum(p.stat().st_size for p in (tmp_path / "small").rglob("*") if p.is_file() and
+                     not p.name.startswith("."))
         assert 0 < cached <= 1 << 20
-
-    def test_refresh_after_skips_the_copy_for_young_blobs(self, s3_server):
-        store = make_store(s3_server, refresh_after=3600)
-        key = store.put(b"young")
-        before = store.stat(key).mtime
-        time.sleep(1.1)
-        store.put(b"young")
-        assert store.stat(key).mtime == before
-
-    def test_uri_parameters_and_open_blobs(self, s3_server, monkeypatch):
-        monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3_server["access_key"])
-        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3_server["secret_key"])
-        store = open_blobs(s3_server["uri"].replace("?", "/via-config?", 1))
-        assert isinstance(store, S3BlobStore) and store.prefix == "via-config"
-        assert store.get(store.put(b"configured")) == b"configured"
-        with pytest.raises(ConfigError, match="secret_key"):
-            S3BlobStore("s3://bucket/p?secret_key=oops")
-        with pytest.raises(ConfigError, match="s3://bucket"):
-            S3BlobStore("s3:///no-bucket")
 
 
 class TestBadSettings:

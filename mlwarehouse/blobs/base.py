@@ -3,8 +3,13 @@
 A blob's key is the lowercase hex sha256 of its stored bytes. ``put`` is idempotent and durable when it
 returns (invariant 1: blobs first, index second); putting bytes that already exist refreshes their modification
 time, so garbage collection's grace period protects a blob that a writer is about to reference again.
-``get`` checks the hash and raises IntegrityError rather than return bad bytes. Backends: local directory
-(:mod:`mlwarehouse.blobs.files`), and later S3-compatible stores and GridFS.
+``get`` checks the hash and raises IntegrityError rather than return bad bytes. Backends: a local directory
+(:mod:`.files`), S3-compatible stores (:mod:`.s3`), GridFS (:mod:`.gridfs`); :mod:`.cache` puts a bounded
+local read cache in front of any of them, and :mod:`.common` holds the helpers they share.
+
+The public surface is deliberate: ``put``, ``put_file``, ``get``, ``get_range``, ``exists``, ``stat``,
+``delete``, ``list``, ``close``, plus the attributes ``name`` and ``mtime_resolution``. Backends implement the
+abstract methods and may override the private hooks ``_put_stream`` and ``_read_range``.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import BinaryIO
 
-__all__ = ["BlobStore", "BlobInfo", "blob_key", "check_key"]
+__all__ = ["BlobStore", "BlobInfo", "blob_key", "check_key", "check_range"]
 
 
 @dataclass(frozen=True)
@@ -39,12 +44,17 @@ def check_key(key: str) -> str:
     return key
 
 
+def check_range(start: int, length: int) -> None:
+    """Refuse a negative ``start`` or ``length`` before any storage is touched: QueryError, a malformed request."""
+    if start < 0 or length < 0:
+        from mlwarehouse.errors import QueryError
+        raise QueryError(f"get_range needs start >= 0 and length >= 0, got {start} and {length}")
+
+
 class BlobStore(ABC):
     """Abstract blob backend. Safe to share between threads; many processes may use one store at once."""
 
     name: str = "abstract"
-    #: ``get_range`` reads part of a blob without fetching all of it
-    supports_ranges: bool = False
     #: how coarse modification times are (S3 stamps whole seconds); blob release allows for it
     mtime_resolution: float = 0.0
 
@@ -74,7 +84,14 @@ class BlobStore(ABC):
         """The whole blob, verified against its key. NotFound if missing, IntegrityError if corrupted."""
 
     def get_range(self, key: str, start: int, length: int) -> bytes:
-        """``length`` bytes from ``start`` (not verifiable on its own: callers carry their own checksums)."""
+        """``length`` bytes from ``start`` (fewer at the end of the blob, none past it); not verifiable on its
+        own: callers carry their own checksums. QueryError for a negative ``start`` or ``length``."""
+        check_range(start, length)
+        return self._read_range(key, start, length)
+
+    def _read_range(self, key: str, start: int, length: int) -> bytes:
+        """Note for implementers: the range is already checked; read only the bytes asked for, and raise
+        NotFound for a missing blob even when ``length`` is 0. This default fetches (and verifies) it whole."""
         return self.get(key)[start:start + length]
 
     @abstractmethod

@@ -8,24 +8,22 @@ an hour (left by a crashed writer).
 
 from __future__ import annotations
 
-import hashlib
 import os
 import secrets
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
-from mlwarehouse.blobs.base import BlobInfo, BlobStore, blob_key, check_key
-from mlwarehouse.errors import BackendError, IntegrityError, NotFound
+from mlwarehouse.blobs.base import BlobInfo, BlobStore, blob_key
+from mlwarehouse.blobs.common import STALE_TMP_S, copy_hashed, fanout, fanout_key, is_fanout_dir, verified
+from mlwarehouse.errors import BackendError, NotFound
 
 __all__ = ["FileBlobStore"]
 
 _TMP = ".tmp-"
-_STALE_TMP_S = 3600
-_CHUNK = 8 << 20
-_HEX = frozenset("0123456789abcdef")
 
 
 def _fsync_dir(path: Path) -> None:
@@ -40,7 +38,6 @@ class FileBlobStore(BlobStore):
     """Content-addressed blobs under ``root``. ``fsync=False`` trades durability for speed (tests, caches)."""
 
     name = "files"
-    supports_ranges = True
 
     def __init__(self, root: str | os.PathLike, *, fsync: bool = True):
         self.root = Path(root)
@@ -54,8 +51,17 @@ class FileBlobStore(BlobStore):
         return f"FileBlobStore({str(self.root)!r})"
 
     def _path(self, key: str) -> Path:
-        check_key(key)
-        return self.root / key[:2] / key[2:4] / key
+        return self.root / fanout(key)
+
+    @contextmanager
+    def _errors(self, key: str, path: Path, doing: str):
+        """OS errors of one blob file, translated: a missing file is NotFound, anything else BackendError."""
+        try:
+            yield
+        except FileNotFoundError:
+            raise NotFound(f"blob {key} not found in {self.root}") from None
+        except OSError as exc:
+            raise BackendError(f"cannot {doing} blob file {path}: {exc}") from exc
 
     def _tmp_name(self) -> str:
         return f"{_TMP}{os.getpid()}-{threading.get_ident()}-{secrets.token_hex(6)}"
@@ -86,22 +92,11 @@ class FileBlobStore(BlobStore):
         The bytes are hashed while they are copied to a temporary file, so blobs of any size never sit in memory.
         """
         tmp = self.root / self._tmp_name()
-        digest = hashlib.sha256()
-        size = 0
-        buf = bytearray(_CHUNK)
-        view = memoryview(buf)
         try:
             with open(tmp, "xb") as out:
-                while True:
-                    n = source.readinto(view) if hasattr(source, "readinto") else self._read_into(source, view)
-                    if not n:
-                        break
-                    digest.update(view[:n])
-                    out.write(view[:n])
-                    size += n
+                key, size = copy_hashed(source, out)
                 if self.fsync:
                     os.fsync(out.fileno())
-            key = digest.hexdigest()
             path = self._path(key)
             if self._touch(path):
                 self._discard(tmp)
@@ -112,12 +107,6 @@ class FileBlobStore(BlobStore):
             self._discard(tmp)
             raise BackendError(f"cannot store a file in {self.root}: {exc}") from exc
         return key, size
-
-    @staticmethod
-    def _read_into(source: BinaryIO, view: memoryview) -> int:
-        chunk = source.read(len(view))
-        view[:len(chunk)] = chunk
-        return len(chunk)
 
     def _touch(self, path: Path) -> bool:
         """Refresh the mtime of an existing blob (gc's grace period); False if it is not there."""
@@ -156,29 +145,14 @@ class FileBlobStore(BlobStore):
 
     def get(self, key: str) -> bytes:
         path = self._path(key)
-        try:
-            with open(path, "rb") as f:
-                data = f.read()
-        except FileNotFoundError:
-            raise NotFound(f"blob {key} not found in {self.root}") from None
-        except OSError as exc:
-            raise BackendError(f"cannot read blob file {path}: {exc}") from exc
-        actual = blob_key(data)
-        if actual != key:
-            raise IntegrityError(f"blob {key} is corrupted: its file {path} hashes to {actual}")
-        return data
+        with self._errors(key, path, "read"), open(path, "rb") as f:
+            data = f.read()
+        return verified(key, data, f"its file {path}")
 
-    def get_range(self, key: str, start: int, length: int) -> bytes:
-        if start < 0 or length < 0:
-            raise ValueError(f"get_range needs start >= 0 and length >= 0, got {start} and {length}")
+    def _read_range(self, key: str, start: int, length: int) -> bytes:
         path = self._path(key)
-        try:
-            with open(path, "rb") as f:
-                return os.pread(f.fileno(), length, start) if length else b""
-        except FileNotFoundError:
-            raise NotFound(f"blob {key} not found in {self.root}") from None
-        except OSError as exc:
-            raise BackendError(f"cannot read blob file {path}: {exc}") from exc
+        with self._errors(key, path, "read"), open(path, "rb") as f:
+            return os.pread(f.fileno(), length, start) if length else b""
 
     def exists(self, key: str) -> bool:
         try:
@@ -188,41 +162,34 @@ class FileBlobStore(BlobStore):
 
     def stat(self, key: str) -> BlobInfo:
         path = self._path(key)
-        try:
+        with self._errors(key, path, "stat"):
             st = path.stat()
-        except FileNotFoundError:
-            raise NotFound(f"blob {key} not found in {self.root}") from None
-        except OSError as exc:
-            raise BackendError(f"cannot stat blob file {path}: {exc}") from exc
         return BlobInfo(key, st.st_size, st.st_mtime)
 
     def delete(self, key: str) -> bool:
         path = self._path(key)
         try:
-            path.unlink()
-            return True
-        except FileNotFoundError:
+            with self._errors(key, path, "delete"):
+                path.unlink()
+        except NotFound:
             return False
-        except OSError as exc:
-            raise BackendError(f"cannot delete blob file {path}: {exc}") from exc
+        return True
 
     def list(self) -> Iterator[BlobInfo]:
         """Every blob, walking the fan-out folders; removes temporary files older than an hour on the way."""
-        stale_before = time.time() - _STALE_TMP_S
+        stale_before = time.time() - STALE_TMP_S
         self._clean_tmp(self.root, stale_before)
         for top in self._subdirs(self.root):
             for sub in self._subdirs(top):
-                prefix = top.name + sub.name
                 for entry in self._scan(sub):
-                    name = entry.name
-                    if name.startswith(_TMP):
+                    if entry.name.startswith(_TMP):
                         self._remove_if_stale(entry, stale_before)
-                    elif len(name) == 64 and name.startswith(prefix) and _HEX.issuperset(name):
+                    elif key := fanout_key(top.name, sub.name, entry.name):
                         try:
                             st = entry.stat()
                         except FileNotFoundError:  # deleted while we walked
                             continue
-                        yield BlobInfo(name, st.st_size, st.st_mtime)
+                        yield BlobInfo(key, st.st_size, st.st_mtime)
 
     def _clean_tmp(self, folder: Path, stale_before: float) -> None:
         for entry in self._scan(folder):
@@ -238,8 +205,7 @@ class FileBlobStore(BlobStore):
             pass
 
     def _subdirs(self, folder: Path) -> list[Path]:
-        return sorted(Path(e.path) for e in self._scan(folder)
-                      if len(e.name) == 2 and _HEX.issuperset(e.name) and e.is_dir())
+        return sorted(Path(e.path) for e in self._scan(folder) if is_fanout_dir(e.name) and e.is_dir())
 
     @staticmethod
     def _scan(folder: Path) -> list[os.DirEntry]:

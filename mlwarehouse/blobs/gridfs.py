@@ -15,7 +15,6 @@ hour, left by a crashed writer, are removed by :meth:`list`).
 
 from __future__ import annotations
 
-import hashlib
 import os
 import time
 from collections.abc import Iterator
@@ -23,6 +22,7 @@ from datetime import datetime, timezone
 from typing import Any, BinaryIO
 
 from mlwarehouse.blobs.base import BlobInfo, BlobStore, blob_key, check_key
+from mlwarehouse.blobs.common import STALE_TMP_S, HashingReader, verified
 from mlwarehouse.drivers.mongo import Connection
 from mlwarehouse.errors import IntegrityError, NotFound
 
@@ -31,8 +31,6 @@ import gridfs  # noqa: E402  # isort: skip  (after drivers.mongo, which explains
 __all__ = ["GridFSBlobStore"]
 
 _TMP = "tmp-"
-_STALE_TMP_S = 3600
-_CHUNK = 8 << 20
 _WINDOW = 8 << 20  # bytes of chunks fetched per query when reading
 
 
@@ -48,24 +46,10 @@ def _mtime(doc: dict) -> float:
     return 0.0
 
 
-class _HashingReader:
-    """Reads a binary file object, hashing and counting what passes through."""
-
-    def __init__(self, source: BinaryIO):
-        self.source, self.digest, self.size = source, hashlib.sha256(), 0
-
-    def read(self, n: int = -1) -> bytes:
-        chunk = self.source.read(n if n is not None and n >= 0 else _CHUNK)
-        self.digest.update(chunk)
-        self.size += len(chunk)
-        return chunk
-
-
 class GridFSBlobStore(BlobStore):
     """Content-addressed blobs in GridFS, in the database a ``mongodb://`` URI names."""
 
     name = "gridfs"
-    supports_ranges = True
 
     def __init__(self, uri: str, *, bucket: str = "mlw_blobs", database: str | None = None, timeout: float = 3.0):
         self.conn = Connection(uri, database=database, timeout=timeout, what="GridFS blob store")
@@ -110,7 +94,14 @@ class GridFSBlobStore(BlobStore):
         """After an upload: if another writer stored the same key first, drop our copy."""
         copies = self._copies(key)
         if copies and copies[0]["_id"] != mine and any(d["_id"] == mine for d in copies):
-            self.bucket.delete(mine)
+            self._delete_file(mine)
+
+    def _delete_file(self, file_id: Any) -> None:
+        """Remove one GridFS file (its chunks too); one that someone else removed meanwhile is gone already."""
+        try:
+            self.bucket.delete(file_id)
+        except gridfs.errors.NoFile:
+            pass
 
     # -- writes --------------------------------------------------------------------------------------------
     def put(self, data: bytes | bytearray | memoryview) -> str:
@@ -126,14 +117,14 @@ class GridFSBlobStore(BlobStore):
 
     def _put_stream(self, source: BinaryIO) -> tuple[str, int]:
         """Stream a file object into GridFS under a temporary name while hashing it, then rename; ``(key, size)``."""
-        reader = _HashingReader(source)
+        reader = HashingReader(source)
         with self.conn.errors():
             tmp_name = f"{_TMP}{os.urandom(8).hex()}"
             file_id = self.bucket.upload_from_stream(tmp_name, reader, metadata={"mtime": time.time()})
-            key = reader.digest.hexdigest()
+            key = reader.hexdigest()
             copies = self._copies(key)
             if copies:
-                self.bucket.delete(file_id)
+                self._delete_file(file_id)
                 self._refresh(copies)
                 return key, reader.size
             self.bucket.rename(file_id, key)
@@ -145,10 +136,7 @@ class GridFSBlobStore(BlobStore):
         with self.conn.errors():
             copies = self._copies(key)
             for doc in copies:
-                try:
-                    self.bucket.delete(doc["_id"])
-                except gridfs.errors.NoFile:  # deleted by someone else meanwhile
-                    pass
+                self._delete_file(doc["_id"])
         return bool(copies)
 
     # -- reads ---------------------------------------------------------------------------------------------
@@ -183,14 +171,9 @@ class GridFSBlobStore(BlobStore):
         with self.conn.errors():
             doc = self._file(key)
             data = self._read(doc, key, 0, int(doc["length"]))
-        if blob_key(data) != key:
-            raise IntegrityError(f"blob {key} in GridFS bucket {self.bucket_name!r} does not match its hash "
-                                 f"({len(data)} bytes read)")
-        return data
+        return verified(key, data, f"its file in GridFS bucket {self.bucket_name!r}")
 
-    def get_range(self, key: str, start: int, length: int) -> bytes:
-        if start < 0 or length < 0:
-            raise ValueError(f"get_range needs start >= 0 and length >= 0, not ({start}, {length})")
+    def _read_range(self, key: str, start: int, length: int) -> bytes:
         with self.conn.errors():
             doc = self._file(key)
             return self._read(doc, key, start, start + length)
@@ -216,7 +199,7 @@ class GridFSBlobStore(BlobStore):
             for doc in self._files.find({}, {"_id": 1, "filename": 1, "length": 1, "uploadDate": 1, "metadata": 1}):
                 name = doc.get("filename")
                 if isinstance(name, str) and name.startswith(_TMP):
-                    if _mtime(doc) < time.time() - _STALE_TMP_S:
+                    if _mtime(doc) < time.time() - STALE_TMP_S:
                         stale.append(doc["_id"])
                     continue
                 try:
@@ -227,10 +210,7 @@ class GridFSBlobStore(BlobStore):
                 if name not in found or found[name].mtime < info.mtime:
                     found[name] = info
             for file_id in stale:
-                try:
-                    self.bucket.delete(file_id)
-                except gridfs.errors.NoFile:
-                    pass
+                self._delete_file(file_id)
         return iter([found[k] for k in sorted(found)])
 
     def close(self) -> None:

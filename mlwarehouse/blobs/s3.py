@@ -16,29 +16,27 @@ re-put blob exact; raise it to save copies of large blobs at the cost of that ch
 ``stat`` and ``list`` report the end of that second: a blob is never seen as older than it is. Server and client
 clocks must agree to within the grace period that ``gc`` is given.
 
-Reads verify the sha256 (IntegrityError on mismatch). With ``cache_dir`` a size-bounded local copy of blobs read
-whole is kept (content-addressed, so never stale; a blob deleted by another process may still be served from it).
-Every botocore/boto3 error is translated in one place, :func:`map_error`.
+Reads verify the sha256 (IntegrityError on mismatch). A local read cache is not this module's: ``open_blobs`` wraps
+the store in a :class:`~mlwarehouse.blobs.cache.CachedBlobStore` when the URI has ``cache_dir=/local/folder``.
+Every botocore/boto3 error is translated in one place, :func:`map_error`, at one boundary, :meth:`_boundary`.
 """
 
 from __future__ import annotations
 
 import base64
-import hashlib
 import io
 import os
 import tempfile
 import threading
 import time
-import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime
 from typing import BinaryIO
 from urllib.parse import parse_qs, urlparse
 
-from mlwarehouse.blobs.base import BlobInfo, BlobStore, blob_key, check_key
-from mlwarehouse.blobs.files import FileBlobStore
+from mlwarehouse.blobs.base import BlobInfo, BlobStore, blob_key
+from mlwarehouse.blobs.common import STALE_TMP_S, HashingReader, copy_hashed, fanout, fanout_key, verified
 from mlwarehouse.errors import BackendError, ConfigError, IntegrityError, NotFound, Unavailable, WarehouseError
 from mlwarehouse.ids import utc_now
 
@@ -54,10 +52,7 @@ except ImportError as exc:  # pragma: no cover - boto3 is an optional dependency
 __all__ = ["S3BlobStore", "map_error"]
 
 _DRIVER_ERRORS = (bx.ClientError, bx.BotoCoreError, Boto3Error)
-_CHUNK = 8 << 20
 _MAX_COPY = 5 << 30  # the largest object a single CopyObject accepts
-_STALE_UPLOAD_S = 3600
-_HEX = frozenset("0123456789abcdef")
 _CREDENTIAL_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "InvalidToken",
                      "ExpiredToken", "TokenRefreshRequired", "InvalidSecurity", "AuthorizationHeaderMalformed"}
 _BUSY_CODES = {"SlowDown", "ServiceUnavailable", "RequestTimeout", "Throttling", "ThrottlingException",
@@ -131,99 +126,25 @@ def _mtime(stamp: datetime) -> float:
     return seconds + 1.0 if stamp.microsecond == 0 else seconds
 
 
-class _ReadCache:
-    """Local copies of blobs read whole, bounded to ``max_bytes`` (least recently used go first)."""
-
-    def __init__(self, root: str | os.PathLike, max_bytes: int):
-        self.files = FileBlobStore(root, fsync=False)
-        self.max_bytes = max_bytes
-        self._lock = threading.Lock()
-        self._used = sum(info.size for info in self.files.list())
-
-    def get(self, key: str) -> bytes | None:
-        try:
-            data = self.files.get(key)
-        except (NotFound, IntegrityError, BackendError):
-            self.discard(key)
-            return None
-        try:
-            os.utime(self.files.root / key[:2] / key[2:4] / key)  # recently used: evicted last
-        except OSError:
-            pass
-        return data
-
-    def get_range(self, key: str, start: int, length: int) -> bytes | None:
-        try:
-            return self.files.get_range(key, start, length)
-        except (NotFound, BackendError):
-            return None
-
-    def add(self, data: bytes) -> None:
-        if len(data) > self.max_bytes // 4:  # one big blob must not flush everything else
-            return
-        try:
-            self.files.put(data)
-        except BackendError as exc:
-            warnings.warn(f"the S3 read cache in {self.files.root} cannot store a blob: {exc}", stacklevel=3)
-            return
-        with self._lock:
-            self._used += len(data)
-            if self._used > self.max_bytes:
-                self._evict()
-
-    def _evict(self) -> None:
-        infos = sorted(self.files.list(), key=lambda i: i.mtime)
-        used = sum(i.size for i in infos)
-        for info in infos:
-            if used <= self.max_bytes * 0.8:
-                break
-            if self.files.delete(info.key):
-                used -= info.size
-        self._used = used
-
-    def discard(self, key: str) -> None:
-        try:
-            self.files.delete(key)
-        except BackendError:
-            pass
-
-
-class _HashingReader(io.RawIOBase):
-    """A read-only, non-seekable view of a file that hashes what is read (checks a streamed upload)."""
-
-    def __init__(self, source: BinaryIO):
-        self.source = source
-        self.digest = hashlib.sha256()
-
-    def readable(self) -> bool:
-        return True
-
-    def read(self, n: int = -1) -> bytes:
-        chunk = self.source.read(n)
-        self.digest.update(chunk)
-        return chunk
-
-
 class S3BlobStore(BlobStore):
-    """Content-addressed blobs in ``s3://bucket/prefix``; see the module notes for writes, mtimes and the cache."""
+    """Content-addressed blobs in ``s3://bucket/prefix``; see the module notes for writes and mtimes."""
 
     name = "s3"
-    supports_ranges = True
     mtime_resolution = 1.0  # LastModified has whole seconds
 
     def __init__(self, uri: str, *, endpoint_url: str | None = None, region: str | None = None,
-                 access_key: str | None = None, secret_key: str | None = None,
-                 cache_dir: str | os.PathLike | None = None, cache_bytes: int = 1 << 30,
-                 multipart_threshold: int = 64 << 20, refresh_after: float = 0.0, connect_timeout: float = 3.0,
-                 read_timeout: float = 60.0, max_attempts: int = 4, check: bool = True):
+                 access_key: str | None = None, secret_key: str | None = None, multipart_threshold: int = 64 << 20,
+                 refresh_after: float = 0.0, connect_timeout: float = 3.0, read_timeout: float = 60.0,
+                 max_attempts: int = 4, check: bool = True):
         parsed = urlparse(uri)
         if parsed.scheme != "s3" or not parsed.netloc:
             raise ConfigError(f"not an S3 URI: {uri!r} (write s3://bucket/prefix)")
         query = {k: v[-1] for k, v in parse_qs(parsed.query).items()}
-        unknown = set(query) - {"endpoint_url", "region", "cache_dir"}
+        unknown = set(query) - {"endpoint_url", "region"}
         if unknown:
-            raise ConfigError(f"unknown S3 URI parameter(s) {sorted(unknown)} in {uri!r}; "
-                              f"known: endpoint_url, region, cache_dir (credentials come from the environment)")
+            raise ConfigError(f"unknown S3 URI parameter(s) {sorted(unknown)} in {uri!r}; known: endpoint_url, "
+                              f"region (credentials come from the environment; cache_dir is read by open_blobs, "
+                              f"which wraps the store in a CachedBlobStore)")
         self.bucket = parsed.netloc
         self.prefix = parsed.path.strip("/")
         self._root = f"{self.prefix}/" if self.prefix else ""
@@ -258,8 +179,6 @@ class S3BlobStore(BlobStore):
         self.endpoint = self._client.meta.endpoint_url
         self._transfer = TransferConfig(multipart_threshold=multipart_threshold, multipart_chunksize=16 << 20,
                                         max_concurrency=4)
-        cache_dir = cache_dir or query.get("cache_dir")
-        self._cache = _ReadCache(cache_dir, cache_bytes) if cache_dir else None
         if check:
             with self._boundary():
                 self._client.head_bucket(Bucket=self.bucket)
@@ -268,8 +187,7 @@ class S3BlobStore(BlobStore):
         return f"S3BlobStore('s3://{self.bucket}/{self.prefix}', endpoint_url={self.endpoint!r})"
 
     def _name(self, key: str) -> str:
-        check_key(key)
-        return f"{self._root}{key[:2]}/{key[2:4]}/{key}"
+        return f"{self._root}{fanout(key)}"
 
     def _error(self, exc: BaseException, key: str | None = None) -> WarehouseError:
         return map_error(exc, endpoint=self.endpoint, bucket=self.bucket, access_key=self.access_key_id, key=key)
@@ -299,32 +217,30 @@ class S3BlobStore(BlobStore):
         """Stream a file object to the bucket; returns ``(key, size)``.
 
         The key must be known before the upload, so the file is hashed first (a stream that cannot seek is
-        spooled to a temporary file on the way), then sent; the upload is hashed again and removed if the file
-        changed in between.
+        spooled to a temporary file on the way), then sent; what is sent is hashed again, and nothing is kept if
+        the file changed in between.
         """
         seekable = getattr(source, "seekable", lambda: False)()
         spool = None if seekable else tempfile.TemporaryFile()
         try:
             start = source.tell() if seekable else 0
-            digest, size = hashlib.sha256(), 0
-            while chunk := source.read(_CHUNK):
-                digest.update(chunk)
-                size += len(chunk)
-                if spool is not None:
-                    spool.write(chunk)
+            key, size = copy_hashed(source, spool)
             stream = source if spool is None else spool
             stream.seek(start)
-            key = digest.hexdigest()
             if self._refresh_if_exists(key):
                 return key, size
+            reader = HashingReader(stream)
+            changed = IntegrityError(f"the file changed while it was stored in s3://{self.bucket}; nothing kept")
             if size < self.multipart_threshold:
-                self._put_object(key, stream.read(size))
+                body = reader.read(size)
+                if reader.hexdigest() != key:
+                    raise changed
+                self._put_object(key, body)
                 return key, size
-            reader = _HashingReader(stream)
             self._upload(key, reader)
-            if reader.digest.hexdigest() != key:
+            if reader.hexdigest() != key:
                 self.delete(key)
-                raise IntegrityError(f"the file changed while it was stored in s3://{self.bucket}; nothing kept")
+                raise changed
             return key, size
         finally:
             if spool is not None:
@@ -334,18 +250,19 @@ class S3BlobStore(BlobStore):
         args = {"Bucket": self.bucket, "Key": self._name(key), "Body": body}
         if self._conditional:
             args.update(IfNoneMatch="*", ChecksumSHA256=base64.b64encode(bytes.fromhex(key)).decode())
-        try:
-            self._client.put_object(**args)
-        except bx.ClientError as exc:
-            code, status = _code(exc)
-            if code in ("PreconditionFailed", "ConditionalRequestConflict") or status == 412:
-                return  # another writer stored these same bytes a moment ago
-            if self._conditional and (code == "NotImplemented" or status == 501):
-                self._conditional = False
-                return self._put_object(key, body)
-            raise self._error(exc, key) from exc
-        except _DRIVER_ERRORS as exc:
-            raise self._error(exc, key) from exc
+        retry = False
+        with self._boundary(key):
+            try:
+                self._client.put_object(**args)
+            except bx.ClientError as exc:
+                code, status = _code(exc)
+                if code in ("PreconditionFailed", "ConditionalRequestConflict") or status == 412:
+                    return  # another writer stored these same bytes a moment ago
+                if not ("IfNoneMatch" in args and (code == "NotImplemented" or status == 501)):
+                    raise
+                self._conditional, retry = False, True  # a server without conditional puts: plain ones
+        if retry:
+            self._put_object(key, body)
 
     def _upload(self, key: str, stream: BinaryIO) -> None:
         with self._boundary(key):
@@ -382,35 +299,24 @@ class S3BlobStore(BlobStore):
 
     def get(self, key: str) -> bytes:
         name = self._name(key)
-        if self._cache and (data := self._cache.get(key)) is not None:
-            return data
         with self._boundary(key):
             data = self._client.get_object(Bucket=self.bucket, Key=name)["Body"].read()
-        actual = blob_key(data)
-        if actual != key:
-            raise IntegrityError(f"blob {key} is corrupted: s3://{self.bucket}/{name} hashes to {actual}")
-        if self._cache:
-            self._cache.add(data)
-        return data
+        return verified(key, data, f"s3://{self.bucket}/{name}")
 
-    def get_range(self, key: str, start: int, length: int) -> bytes:
-        if start < 0 or length < 0:
-            raise ValueError(f"get_range needs start >= 0 and length >= 0, got {start} and {length}")
+    def _read_range(self, key: str, start: int, length: int) -> bytes:
         name = self._name(key)
-        if self._cache and (data := self._cache.get_range(key, start, length)) is not None:
-            return data
         if length == 0:
             self._head(key)  # NotFound when missing, as for any other length
             return b""
-        try:
-            reply = self._client.get_object(Bucket=self.bucket, Key=name, Range=f"bytes={start}-{start + length - 1}")
+        with self._boundary(key):
+            try:
+                reply = self._client.get_object(Bucket=self.bucket, Key=name,
+                                                Range=f"bytes={start}-{start + length - 1}")
+            except bx.ClientError as exc:
+                if _code(exc)[0] == "InvalidRange" or _code(exc)[1] == 416:  # start is at or past the end
+                    return b""
+                raise
             data = reply["Body"].read()
-        except bx.ClientError as exc:
-            if _code(exc)[0] == "InvalidRange" or _code(exc)[1] == 416:  # start is at or past the end
-                return b""
-            raise self._error(exc, key) from exc
-        except _DRIVER_ERRORS as exc:
-            raise self._error(exc, key) from exc
         return data if "ContentRange" in reply else data[start:start + length]  # a server that ignored Range
 
     def exists(self, key: str) -> bool:
@@ -426,8 +332,6 @@ class S3BlobStore(BlobStore):
 
     def delete(self, key: str) -> bool:
         name = self._name(key)
-        if self._cache:
-            self._cache.discard(key)
         if not self.exists(key):
             return False
         with self._boundary(key):
@@ -442,25 +346,23 @@ class S3BlobStore(BlobStore):
                                                                               Prefix=self._root):
                 for obj in page.get("Contents", ()):
                     parts = obj["Key"][len(self._root):].split("/")
-                    if (len(parts) == 3 and len(parts[2]) == 64 and _HEX.issuperset(parts[2])
-                            and parts[2].startswith(parts[0] + parts[1]) and len(parts[0]) == len(parts[1]) == 2):
-                        yield BlobInfo(parts[2], obj["Size"], _mtime(obj["LastModified"]))
+                    if len(parts) == 3 and (key := fanout_key(*parts)):
+                        yield BlobInfo(key, obj["Size"], _mtime(obj["LastModified"]))
 
     def _abort_stale_uploads(self) -> None:
-        stale_before = time.time() - _STALE_UPLOAD_S
-        try:
-            pages = self._client.get_paginator("list_multipart_uploads").paginate(Bucket=self.bucket,
-                                                                                  Prefix=self._root)
-            for page in pages:
-                for upload in page.get("Uploads", ()):
-                    if upload["Initiated"].timestamp() < stale_before:
-                        self._client.abort_multipart_upload(Bucket=self.bucket, Key=upload["Key"],
-                                                            UploadId=upload["UploadId"])
-        except bx.ClientError as exc:
-            if _code(exc)[0] != "NotImplemented":  # a server without the call simply has nothing to clean
-                raise self._error(exc) from exc
-        except _DRIVER_ERRORS as exc:
-            raise self._error(exc) from exc
+        stale_before = time.time() - STALE_TMP_S
+        with self._boundary():
+            try:
+                pages = self._client.get_paginator("list_multipart_uploads").paginate(Bucket=self.bucket,
+                                                                                      Prefix=self._root)
+                for page in pages:
+                    for upload in page.get("Uploads", ()):
+                        if upload["Initiated"].timestamp() < stale_before:
+                            self._client.abort_multipart_upload(Bucket=self.bucket, Key=upload["Key"],
+                                                                UploadId=upload["UploadId"])
+            except bx.ClientError as exc:
+                if _code(exc)[0] != "NotImplemented":  # a server without the call simply has nothing to clean
+                    raise
 
     def close(self) -> None:
         self._client.close()

@@ -13,10 +13,20 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from urllib.parse import unquote, urlsplit
 
-from mlwarehouse.errors import BackendError, ConfigError, DuplicateKey, InvalidDocument, Unavailable, WarehouseError
+from mlwarehouse.errors import (
+    BackendError,
+    ConfigError,
+    DuplicateKey,
+    IntegrityError,
+    InvalidDocument,
+    NotFound,
+    Unavailable,
+    WarehouseError,
+)
 
 try:
     import bson
+    import gridfs.errors
     import pymongo
     from pymongo import errors as perr
 except ImportError as exc:  # pragma: no cover - the optional dependency is missing
@@ -63,6 +73,10 @@ def map_error(exc: BaseException, *, where: str, user: str | None = None) -> War
                            f"({first})")
     if isinstance(exc, (bson.errors.InvalidDocument, bson.errors.InvalidStringData, UnicodeEncodeError)):
         return InvalidDocument(f"MongoDB cannot store a value: {exc}")
+    if isinstance(exc, gridfs.errors.NoFile):  # a GridFS file removed by another writer meanwhile
+        return NotFound(f"MongoDB at {where}: {exc}")
+    if isinstance(exc, gridfs.errors.CorruptGridFile):
+        return IntegrityError(f"MongoDB at {where}: a damaged GridFS file: {exc}")
     if isinstance(exc, perr.PyMongoError):
         return BackendError(f"MongoDB at {where}: {exc}")
     return BackendError(f"MongoDB at {where}: {type(exc).__name__}: {exc}")
