@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 __all__ = ["Collection", "IndexSpec", "META", "DATASETS", "ITEMS", "ITEM_SHARDS", "MODELS", "RUNS", "LOGS", "TASKS",
-           "COLLECTIONS", "LOG_FIELDS", "BOOKKEEPING_FIELDS"]
+           "COLLECTIONS", "LOG_FIELDS", "BOOKKEEPING_FIELDS", "SUMMARY_FIELD"]
 
 
 @dataclass(frozen=True)
@@ -91,3 +91,6 @@ BOOKKEEPING_FIELDS = ("_id", "project", "time", "_blobs")
 
 #: the fields of a log document that are not metrics
 LOG_FIELDS = ("_id", "project", "time", "run", "kind", "step", "epoch", "_blobs")
+
+#: the field of a run document that holds its per-metric summaries (their layout: :mod:`mlwarehouse.runs.summary`)
+SUMMARY_FIELD = "summary"

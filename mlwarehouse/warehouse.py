@@ -126,12 +126,14 @@ class Warehouse:
 
     # -- SQL -----------------------------------------------------------------------------------------------
     def sql(self, query: str, params: Sequence[Any] | dict = ()) -> list[dict]:
-        """Read-only SQL over the documented views (``runs``, ``metrics``, ``models``...); rows as dicts."""
+        """Read-only SQL over the documented views (``runs``, ``metrics``, ``models``, ``datasets``, ``tasks``: see
+        :mod:`mlwarehouse.index.views`); rows as dicts. Placeholders are the database's own: ``?`` on SQLite,
+        ``%s`` on PostgreSQL. MongoDB has no SQL: ConfigError."""
         from mlwarehouse.index.views import ensure_views
+        ensure_views(self.index)  # first: a backend without SQL says so before anything else happens
         for project in list(self._projects.values()):
             if "runs" in project.__dict__:  # points logged in this process are in the views too
                 project.runs.flush()
-        ensure_views(self.index)
         return self.index.sql(query, params)
 
     # -- blob bookkeeping ----------------------------------------------------------------------------------

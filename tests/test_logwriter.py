@@ -10,9 +10,11 @@ import pytest
 from conftest import PYTHON
 
 import mlwarehouse
+from mlwarehouse.blobs.files import FileBlobStore
 from mlwarehouse.errors import InvalidDocument
 from mlwarehouse.index.sqlite import SQLiteIndex
 from mlwarehouse.runs.logwriter import LogWriter, _BatchIds
+from mlwarehouse.warehouse import Warehouse
 
 
 class SlowIndex(SQLiteIndex):
@@ -31,6 +33,11 @@ class SlowIndex(SQLiteIndex):
         return super().insert_many(collection, docs, chunk_size=chunk_size)
 
 
+def _project(index, tmp_path):
+    """Project "p" of a warehouse over ``index`` (the writer goes through the Project)."""
+    return Warehouse(index, FileBlobStore(tmp_path / "blobs")).project("p")
+
+
 @pytest.fixture
 def slow(tmp_path):
     index = SlowIndex(tmp_path / "index.sqlite")
@@ -39,8 +46,8 @@ def slow(tmp_path):
     index.close()
 
 
-def test_put_returns_at_once_and_flush_makes_durable(slow):
-    writer = LogWriter(slow, "p", interval=0.05)
+def test_put_returns_at_once_and_flush_makes_durable(slow, tmp_path):
+    writer = LogWriter(_project(slow, tmp_path), interval=0.05)
     start = time.perf_counter()
     for step in range(2000):
         writer.put({"run": None, "kind": "train", "step": step, "loss": 1.0, "time": time.time()})
@@ -56,7 +63,7 @@ def test_put_returns_at_once_and_flush_makes_durable(slow):
 
 def test_writer_error_is_raised_on_the_next_call_then_logging_goes_on(tmp_path):
     index = SQLiteIndex(tmp_path / "index.sqlite")
-    writer = LogWriter(index, "p", interval=0.01)
+    writer = LogWriter(_project(index, tmp_path), interval=0.01)
     writer.put({"run": None, "kind": "train", "x": float("nan")})  # the index refuses NaN: fails in the thread
     time.sleep(0.2)
     with pytest.raises(InvalidDocument, match="1 log points were not written"):
@@ -71,9 +78,9 @@ def test_writer_error_is_raised_on_the_next_call_then_logging_goes_on(tmp_path):
     index.close()
 
 
-def test_memory_is_bounded_by_waiting_for_the_writer(slow):
+def test_memory_is_bounded_by_waiting_for_the_writer(slow, tmp_path):
     slow.delay = 0.05
-    writer = LogWriter(slow, "p", interval=0.01, max_pending=100)
+    writer = LogWriter(_project(slow, tmp_path), interval=0.01, max_pending=100)
     seen = []
     watcher = threading.Thread(target=lambda: [seen.append(len(writer._pending)) or time.sleep(0.002)
                                                for _ in range(300)])
@@ -105,9 +112,21 @@ def test_summaries_kept_in_memory_and_written_per_batch(wh):
     assert wh.runs.get(run.id).summary["late"]["x"]["count"] == 1
 
 
+def test_points_keep_their_own_time_and_summaries_stay_in_their_project(wh):
+    run = wh.runs.start("r")
+    other = wh.project("other").runs.start("o")
+    writer = wh.runs.writer
+    writer.put({"run": run.id, "kind": "train", "step": 0, "loss": 1.0, "time": 1.25})
+    writer.put({"run": other.id, "kind": "train", "step": 0, "loss": 2.0, "time": 1.25})  # another project's run
+    writer.flush()
+    assert [d["time"] for d in wh.runs.find_logs(run=run)] == ["1970-01-01T00:00:01.250000Z"]  # not the write's
+    assert wh.runs.get(run.id).summary["train"]["loss"]["count"] == 1
+    assert wh.project("other").runs.get(other.id).summary == {}  # the writer goes through its own Project
+
+
 def test_close_is_final(tmp_path):
     index = SQLiteIndex(tmp_path / "index.sqlite")
-    writer = LogWriter(index, "p")
+    writer = LogWriter(_project(index, tmp_path))
     writer.put({"run": None, "kind": "t", "x": 1})
     writer.close()
     writer.close()

@@ -7,6 +7,8 @@ import pytest
 import mlwarehouse
 from mlwarehouse.compat.mldb import Database
 from mlwarehouse.errors import InvalidDocument, QueryError
+from mlwarehouse.testing.postgres_server import postgres_server  # noqa: F401  (session fixture)
+from mlwarehouse.testing.views_conformance import postgres_schema
 
 
 @pytest.fixture
@@ -83,3 +85,19 @@ def test_projects_are_separate(tmp_path):
     with mlwarehouse.connect(home=tmp_path / "wh") as wh:
         assert wh.sql("select EXP_ID, project from mldb_status order by project") == [
             {"EXP_ID": "a", "project": "mldb"}, {"EXP_ID": "b", "project": "two"}]
+
+
+def test_the_tables_on_postgresql(postgres_server, tmp_path):  # noqa: F811
+    with postgres_schema(postgres_server) as uri, Database(uri, blobs=str(tmp_path / "blobs")) as db:
+        db.set_exp_status("exp", "TRAINING")
+        for epoch, loss in enumerate([0.9, 0.5]):
+            db.add_loss_value("exp", "train", epoch, loss)
+        db.add_metric_value("exp", "f1", 1, 0.5)
+        db.set_exp_status("done", "COMPLETE")
+        cur = db.cursor.execute("SELECT EXP_ID FROM STATUS WHERE STATUS.STATUS = 'TRAINING'")
+        assert cur.fetchall() == [("exp",)] and cur.description[0][0] == "exp_id"  # PostgreSQL folds names
+        assert db.sql("SELECT EPOCH, VALUE FROM LOSS WHERE KIND = %s ORDER BY EPOCH", ["train"]) == [
+            {"epoch": 0, "value": 0.9}, {"epoch": 1, "value": 0.5}]
+        assert db.sql("SELECT NAME, VALUE FROM METRICS") == [{"name": "f1", "value": 0.5}]
+        schema = db.sql("SELECT current_schema() AS s")[0]["s"]  # the warehouse's metrics view, behind METRICS
+        assert db.sql(f"SELECT count(*) AS n FROM {schema}.metrics") == [{"n": 3}]

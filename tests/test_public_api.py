@@ -29,3 +29,25 @@ def test_import_is_light():
     code = "import sys, mlwarehouse; print('torch' in sys.modules, 'sqlite3' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split()[0] == "False"  # torch is optional and only imported when a model needs it
+
+
+def test_exception_tree_shape():
+    """The documented tree of mlwarehouse/errors.py: each error's direct bases, and nothing more."""
+    tree = {name: tuple(base.__name__ for base in getattr(errors, name).__bases__) for name in errors.__all__}
+    assert tree == {
+        "WarehouseError": ("Exception",),
+        "ConfigError": ("WarehouseError",),
+        "QueryError": ("WarehouseError", "ValueError"),
+        "InvalidDocument": ("WarehouseError", "ValueError"),
+        "CodecError": ("WarehouseError", "ValueError"),
+        "PickleNotAllowed": ("CodecError",),
+        "NotFound": ("WarehouseError", "KeyError"),
+        "DuplicateKey": ("WarehouseError",),
+        "IntegrityError": ("WarehouseError",),
+        "BackendError": ("WarehouseError",),
+        "Unavailable": ("BackendError",),
+        "TaskError": ("WarehouseError",),
+        "TaskFailed": ("TaskError",),
+    }
+    for name in errors.__all__:  # the docstring's drawing names every class
+        assert f" {name} " in errors.__doc__ or f"{name}\n" in errors.__doc__, name

@@ -9,6 +9,7 @@ import pytest
 
 import mlwarehouse
 from mlwarehouse.errors import InvalidDocument, NotFound, QueryError
+from mlwarehouse.runs import summary
 from mlwarehouse.runs.registry import current_run
 
 
@@ -121,6 +122,27 @@ def test_best_run_uses_an_index_and_modes(wh):
         wh.runs.best("accuracy")
     with pytest.raises(QueryError):
         wh.runs.best("valid.accuracy", mode="best")
+    with pytest.raises(QueryError, match="summary path"):
+        wh.runs.best("summary.valid.accuracy.best")
+
+
+def test_the_summary_layout_is_defined_once():
+    assert summary.path("valid", "acc", summary.MAX) == "summary.valid.acc.max"
+    assert summary.path("valid") == "summary.valid"
+    assert summary.parse("summary.valid.acc.min_step") == ("valid", "acc", "min_step")
+    for bad in ("summary.valid.acc", "runs.valid.acc.max", "summary.valid.acc.mean", "summary..acc.max"):
+        with pytest.raises(QueryError):
+            summary.parse(bad)
+    assert summary.split_key("valid.acc") == ("valid", "acc") and summary.key("valid", "acc") == "valid.acc"
+    doc = {summary.ROOT: {"train": {"loss": {summary.LAST: 1.0}, "odd": 3}, "bad": 1}}
+    assert summary.metrics(doc) == {"train.loss": {"last": 1.0}}
+    assert summary.of(doc, "train", "loss") == {"last": 1.0} and summary.of(doc, "train", "odd") is None
+    by_metric, touched = {}, set()
+    for step, value in enumerate([None, 2.0, 1, 3.5]):
+        summary.fold(by_metric, {"step": step, "loss": value, "note": "x", "flag": True}, step, {"step"}, touched)
+    assert touched == {"loss"} and set(by_metric["loss"]) == set(summary.STATS)
+    assert by_metric["loss"] == {"last": 3.5, "last_step": 3, "min": 1, "min_step": 2, "max": 3.5, "max_step": 3,
+                                 "count": 3, "nulls": 1}
 
 
 def test_find_get_delete_and_datasets(wh):

@@ -1,4 +1,5 @@
-"""The documented SQL views: their columns, their rows, read-only access, and upgrades of their definitions."""
+"""The documented SQL views: their columns, their rows, read-only access, upgrades of their definitions, and
+every backend either offering them or saying it has no SQL (the cross-backend suite is test_views_backends.py)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,11 @@ import numpy as np
 import pytest
 
 import mlwarehouse
-from mlwarehouse.errors import QueryError
-from mlwarehouse.index.views import VIEWS, ensure_views
+from mlwarehouse.errors import ConfigError, QueryError
+from mlwarehouse.index.views import VIEW_NAMES, definitions, ensure_views
+from mlwarehouse.testing.mongo_server import fresh_uri, mongo_server  # noqa: F401  (session fixture)
+from mlwarehouse.testing.postgres_server import postgres_server  # noqa: F401  (session fixture)
+from mlwarehouse.testing.views_conformance import postgres_warehouse
 
 
 @pytest.fixture
@@ -62,7 +66,7 @@ def test_models_and_datasets_views(filled):
 
 
 def test_views_exist_on_an_empty_warehouse_and_sql_is_read_only(wh):
-    for name in VIEWS:
+    for name in VIEW_NAMES:
         assert wh.sql(f"select * from {name}") == []
     with pytest.raises(QueryError):
         wh.sql("delete from c_runs")
@@ -73,15 +77,34 @@ def test_views_exist_on_an_empty_warehouse_and_sql_is_read_only(wh):
 def test_changed_definitions_are_replaced(tmp_path):
     with mlwarehouse.connect(home=tmp_path / "w") as wh:
         wh.index.create_view("runs", "SELECT 1 AS old_column")  # as an older version might have left it
-        wh.index.create_view("metrics", VIEWS["metrics"])
+        wh.index.create_view("metrics", definitions(wh.index)["metrics"])
     with mlwarehouse.connect(home=tmp_path / "w") as wh:
         wh.runs.start("r").finish()
         assert wh.sql("select name from runs") == [{"name": "r"}]
         ensure_views(wh.index)  # cached: nothing to do a second time
 
 
-def test_backends_without_views_are_left_alone():
-    class NoViews:
-        name = "mongodb"
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql", "mongodb"])
+def test_every_backend_has_the_views_or_says_it_has_no_sql(backend, request, tmp_path):
+    def check(wh):
+        wh.runs.start("r").finish()
+        if backend == "mongodb":
+            with pytest.raises(ConfigError, match="the mongodb index has no SQL"):
+                wh.sql("select count(*) as n from runs")
+            with pytest.raises(ConfigError, match="mongodb"):
+                ensure_views(wh.index)
+            return
+        for name in VIEW_NAMES:
+            assert isinstance(wh.sql(f"select * from {name}"), list)
+        assert wh.sql("select count(*) as n, min(name) as name from runs") == [{"n": 1, "name": "r"}]
 
-    ensure_views(NoViews())  # no create_view: nothing happens, nothing raises
+    if backend == "sqlite":
+        with mlwarehouse.connect(home=tmp_path / "w") as wh:
+            check(wh)
+    elif backend == "postgresql":
+        with postgres_warehouse(request.getfixturevalue("postgres_server"), str(tmp_path / "blobs")) as wh:
+            check(wh)
+    else:
+        uri = fresh_uri(request.getfixturevalue("mongo_server"))
+        with mlwarehouse.connect(uri, blobs=uri) as wh:
+            check(wh)

@@ -214,7 +214,7 @@ def test_leaderboard_sorts_by_any_metric(client, filled):
     assert {"test_accuracy", "valid_accuracy", "lr"} <= set(api["metrics"])
     assert all("weights" not in row for row in api["rows"])
     bad = client.get(f"/p/{PROJECT}/models", params={"sort": "test_accuracy:up"})
-    assert bad.status_code == 400 and "direction" in bad.text
+    assert bad.status_code == 400 and "field:1 or field:-1" in bad.text
 
 
 def test_task_board_and_api(client, filled):

@@ -16,7 +16,8 @@ from rich.table import Table
 from mlwarehouse import schema
 from mlwarehouse.cli.common import BlobsOpt, ProjectOpt, UriOpt, connect, console, open_project, show_error
 from mlwarehouse.cli.items import items_app
-from mlwarehouse.errors import NotFound, QueryError, WarehouseError
+from mlwarehouse.errors import NotFound, WarehouseError
+from mlwarehouse.query.text import parse_filter_text, parse_sort_text
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="mlwarehouse: the database for the whole machine-learning process.")
@@ -29,29 +30,13 @@ JsonOpt = typer.Option(False, "--json", help="JSON lines instead of a table")
 
 
 def parse_where(text: str | None) -> dict:
-    """``--where`` JSON to a filter dict, with QueryError for anything else."""
-    if not text:
-        return {}
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise QueryError(f"--where is not valid JSON: {exc.msg} at character {exc.pos}") from None
-    if not isinstance(value, dict):
-        raise QueryError("--where must be a JSON object such as '{\"name\": \"mlp\"}'")
-    return value
+    """``--where`` JSON to a filter dict ({} when empty), with QueryError for anything else."""
+    return parse_filter_text(text, "--where") or {}
 
 
 def parse_sort(text: str | None) -> list[tuple[str, int]] | None:
     """``--sort acc:-1,time:1`` to a sort list."""
-    if not text:
-        return None
-    out = []
-    for part in text.split(","):
-        field, _, direction = part.strip().partition(":")
-        if not field or direction not in ("", "1", "-1", "+1"):
-            raise QueryError(f"--sort wants field:1 or field:-1, got {part!r}")
-        out.append((field, -1 if direction == "-1" else 1))
-    return out
+    return parse_sort_text(text, "--sort")
 
 
 def _cell(value: Any) -> str:

@@ -16,7 +16,9 @@ failed, CANCELLED/KILLED/... -> cancelled. Loss values are logs of their kind (`
 SQL (``db.sql()``, ``db.cursor``) is read-only and sees, besides the views of :mod:`mlwarehouse.index.views`, MLDB's
 tables of this project: ``STATUS(EXP_ID, STATUS)``, ``LOSS(EXP_ID, KIND, EPOCH, VALUE)`` and
 ``METRICS(EXP_ID, NAME, EPOCH, VALUE)``. Inside this facade ``METRICS`` is MLDB's table; the warehouse's own
-``metrics`` view stays readable as ``main.metrics``.
+``metrics`` view stays readable as ``main.metrics`` (on PostgreSQL, as ``<schema>.metrics``, e.g. ``public.metrics``).
+The SQL is the database's: on SQLite (MLDB's own) everything MLDB accepted works; on PostgreSQL strings take single
+quotes, placeholders are ``%s``, and column names come back in lower case (``exp_id``).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
+from mlwarehouse import schema
 from mlwarehouse.errors import QueryError
 from mlwarehouse.query.fields import normalize_value
 from mlwarehouse.runs.registry import Run
@@ -113,7 +116,7 @@ class Database:
         run = self.run(exp_id)
         ours = STATUS_MAP.get(status.upper(), "running")
         if ours == "running":
-            self.project.update("runs", {"_id": run.id},
+            self.project.update(schema.RUNS.name, {"_id": run.id},
                                 {"$set": {"status": "running", "ended": None, "mldb_status": status}})
             run.refresh()
         else:
@@ -132,7 +135,7 @@ class Database:
         run = self.run(exp_id)
         params = dict(run.doc.get("hyper_parameters") or {})
         params[name] = normalize_value(value, f"hyper_parameters.{name}")
-        self.project.update("runs", {"_id": run.id}, {"$set": {"hyper_parameters": params}})
+        self.project.update(schema.RUNS.name, {"_id": run.id}, {"$set": {"hyper_parameters": params}})
         run.refresh()
 
     # -- SQL -----------------------------------------------------------------------------------------------
@@ -140,10 +143,7 @@ class Database:
         """Read-only SQL with MLDB's STATUS, LOSS and METRICS tables of this project; rows as dicts."""
         if not isinstance(query, str):
             raise QueryError(f"sql() takes a string, not {type(query).__name__}")
-        self.project.runs.flush()
-        from mlwarehouse.index.views import ensure_views
-        ensure_views(self.warehouse.index)
-        return self.warehouse.index.sql(self._with_tables(query), params)
+        return self.warehouse.sql(self._with_tables(query), params)  # flushes the logs, creates the views
 
     def _with_tables(self, query: str) -> str:
         project = _literal(self.project.name)

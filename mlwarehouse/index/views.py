@@ -1,102 +1,255 @@
-"""The documented, stable SQL views that ``wh.sql()`` (and ``mlw sql``) read.
+"""The documented, stable SQL views that ``wh.sql()`` (and ``mlw sql``) read, on SQLite and PostgreSQL alike.
 
 Documents stay JSON in their collections; these views give them columns. Their names and columns are a public
-interface: new columns may be added, none is renamed or removed. JSON columns hold JSON text (read them with
-``json_extract``). Every view spans all projects; filter on ``project``.
+interface: new columns may be added, none is renamed or removed. Every view spans all projects; filter on
+``project``. The same SELECT returns the same rows on both databases: columns are typed (``integer``: 64-bit
+integers, NULL when the field holds anything else; ``real``: any number, as a float; ``text``: strings as they
+are, other values as their JSON text; ``json``: JSON text; a JSON null or a missing field is NULL in every
+type), and text sorts by code point (PostgreSQL's ``"C"`` collation, SQLite's default). Placeholders are the
+database's own: ``?`` on SQLite, ``%s`` on PostgreSQL (write ``%%`` for a literal ``%`` when passing parameters),
+and each keeps its SQL: NULLs sort first on SQLite and last on PostgreSQL unless told (``NULLS FIRST`` works on both).
 
-========  ===================================================================================================
-view      columns
-========  ===================================================================================================
-runs      run_id, project, name, status, started, ended, hyper_parameters (JSON), tags (JSON), task_id,
-          datasets (JSON list of ids), summary (JSON: kind -> metric -> last/min/max/...), error
-metrics   run_id, project, kind, step, epoch, time, metric, value: one row per numeric field of each log
-          document (nulls, strings and booleans are left out)
-models    model_id, project, name, run_id, dataset_id, epoch, step, time, fields (JSON: the document without
-          its bookkeeping and stored values)
-datasets  dataset_id, project, name, version, time, description, tags (JSON)
-========  ===================================================================================================
+=========  ==================================================================================================
+view       columns
+=========  ==================================================================================================
+runs       run_id, project, name, status, started, ended, hyper_parameters (json), tags (json), task_id,
+           datasets (json list of ids), summary (json: kind -> metric -> stats, see
+           :mod:`mlwarehouse.runs.summary`), error
+metrics    run_id, project, kind, step, epoch, time, metric, value (real): one row per numeric field of each
+           log document (nulls, strings and booleans are left out)
+models     model_id, project, name, run_id, dataset_id, epoch, step, time, fields (json: the document without
+           its bookkeeping and stored values)
+datasets   dataset_id, project, name, version (integer; NULL for a string version), time, description,
+           tags (json), version_label (the version as text, string versions included)
+tasks      task_id, project, task_name, status, priority (real), attempts, max_attempts, worker, run_id,
+           created, started, ended, time, hyper_parameters (json), result (json), error, tags (json)
+=========  ==================================================================================================
 
 Views named after MLDB's tables, for :mod:`mlwarehouse.compat.mldb` (its cursor reads them as ``STATUS``, ``LOSS``
 and ``METRICS``): ``mldb_status(EXP_ID, STATUS, project)`` (the run's name and its MLDB status string, else its
 status in capitals), ``mldb_loss(EXP_ID, KIND, EPOCH, VALUE, project)`` (``loss`` of every log kind but
 ``metrics``), ``mldb_metrics(EXP_ID, NAME, EPOCH, VALUE, project)`` (the numeric fields of logs of kind
-``metrics``).
+``metrics``). PostgreSQL folds unquoted names to lower case, so there these columns read ``exp_id``, ``status``...
 
-Only backends that can create views (SQLite) get them; elsewhere :func:`ensure_views` does nothing.
+Every definition is built here from :mod:`mlwarehouse.schema` (collections and their fields) through a small
+:class:`Spelling` per database: SQLite's JSON1 functions over ``doc`` text, PostgreSQL's operators over its ``json``
+column. A backend without SQL (MongoDB) has no views: :func:`ensure_views` raises ConfigError naming it.
 """
 
 from __future__ import annotations
 
+import hashlib
+import re
 import threading
 import weakref
+from collections.abc import Sequence
+from dataclasses import dataclass
 
-__all__ = ["ensure_views", "VIEWS", "VIEW_COLLECTIONS"]
+from mlwarehouse import schema
+from mlwarehouse.errors import ConfigError
 
+__all__ = ["ensure_views", "definitions", "table_name", "Spelling", "SQLITE", "POSTGRES", "SPELLINGS", "VIEW_NAMES",
+           "VIEW_COLLECTIONS", "TEXT", "INTEGER", "REAL", "JSON"]
 
-def _j(field: str, table: str = "") -> str:
-    return f"json_extract({table + '.' if table else ''}doc, '$.{field}')"
+TEXT, INTEGER, REAL, JSON = "text", "integer", "real", "json"
 
-
-_LOG_FIELDS = "('_id', 'project', 'time', 'run', 'kind', 'step', 'epoch', '_blobs')"
-
-#: view name -> SELECT over the SQLite tables ``c_<collection>(id, doc)``
-VIEWS: dict[str, str] = {
-    "runs": (
-        f"SELECT id AS run_id, {_j('project')} AS project, {_j('name')} AS name, {_j('status')} AS status, "
-        f"{_j('started')} AS started, {_j('ended')} AS ended, {_j('hyper_parameters')} AS hyper_parameters, "
-        f"{_j('tags')} AS tags, {_j('task')} AS task_id, {_j('datasets')} AS datasets, "
-        f"{_j('summary')} AS summary, {_j('error')} AS error FROM c_runs"),
-    "metrics": (
-        f"SELECT {_j('run', 'l')} AS run_id, {_j('project', 'l')} AS project, {_j('kind', 'l')} AS kind, "
-        f"{_j('step', 'l')} AS step, {_j('epoch', 'l')} AS epoch, {_j('time', 'l')} AS time, "
-        f"m.key AS metric, m.value AS value FROM c_logs AS l, json_each(l.doc) AS m "
-        f"WHERE m.type IN ('integer', 'real') AND m.key NOT IN {_LOG_FIELDS}"),
-    "models": (
-        f"SELECT id AS model_id, {_j('project')} AS project, {_j('name')} AS name, {_j('run')} AS run_id, "
-        f"{_j('dataset')} AS dataset_id, {_j('epoch')} AS epoch, {_j('step')} AS step, {_j('time')} AS time, "
-        "json_remove(doc, '$._id', '$._blobs', '$.project', '$.time', '$.value', '$.weights', "
-        "'$.architecture') AS fields FROM c_models"),
-    "datasets": (
-        f"SELECT id AS dataset_id, {_j('project')} AS project, {_j('name')} AS name, {_j('version')} AS version, "
-        f"{_j('time')} AS time, {_j('description')} AS description, {_j('tags')} AS tags FROM c_datasets"),
-    # MLDB's tables, over the base tables (not the views above) so that the MLDB cursor's STATUS/LOSS/METRICS
-    # names can never capture them
-    "mldb_status": (
-        f"SELECT {_j('name')} AS EXP_ID, "
-        f"coalesce({_j('mldb_status')}, upper({_j('status')})) AS STATUS, {_j('project')} AS project FROM c_runs"),
-    "mldb_loss": (
-        f"SELECT {_j('name', 'r')} AS EXP_ID, {_j('kind', 'l')} AS KIND, "
-        f"{_j('epoch', 'l')} AS EPOCH, {_j('loss', 'l')} AS VALUE, {_j('project', 'l')} AS project "
-        f"FROM c_logs AS l JOIN c_runs AS r ON r.id = {_j('run', 'l')} "
-        f"WHERE json_type(l.doc, '$.loss') IN ('integer', 'real') AND {_j('kind', 'l')} <> 'metrics'"),
-    "mldb_metrics": (
-        f"SELECT {_j('name', 'r')} AS EXP_ID, m.key AS NAME, "
-        f"{_j('epoch', 'l')} AS EPOCH, m.value AS VALUE, {_j('project', 'l')} AS project "
-        f"FROM c_logs AS l JOIN c_runs AS r ON r.id = {_j('run', 'l')}, json_each(l.doc) AS m "
-        f"WHERE {_j('kind', 'l')} = 'metrics' AND m.type IN ('integer', 'real') AND m.key NOT IN {_LOG_FIELDS}"),
-}
+#: (column, document field, type) of the views with one row per document; ``_id`` reads the table's id column
+_RUNS = (("run_id", "_id", TEXT), ("project", "project", TEXT), ("name", "name", TEXT), ("status", "status", TEXT),
+         ("started", "started", TEXT), ("ended", "ended", TEXT), ("hyper_parameters", "hyper_parameters", JSON),
+         ("tags", "tags", JSON), ("task_id", "task", TEXT), ("datasets", "datasets", JSON),
+         ("summary", schema.SUMMARY_FIELD, JSON), ("error", "error", TEXT))
+_MODELS = (("model_id", "_id", TEXT), ("project", "project", TEXT), ("name", "name", TEXT), ("run_id", "run", TEXT),
+           ("dataset_id", "dataset", TEXT), ("epoch", "epoch", INTEGER), ("step", "step", INTEGER),
+           ("time", "time", TEXT))
+_DATASETS = (("dataset_id", "_id", TEXT), ("project", "project", TEXT), ("name", "name", TEXT),
+             ("version", "version", INTEGER), ("time", "time", TEXT), ("description", "description", TEXT),
+             ("tags", "tags", JSON), ("version_label", "version", TEXT))
+_TASKS = (("task_id", "_id", TEXT), ("project", "project", TEXT), ("task_name", "task_name", TEXT),
+          ("status", "status", TEXT), ("priority", "priority", REAL), ("attempts", "attempts", INTEGER),
+          ("max_attempts", "max_attempts", INTEGER), ("worker", "worker", TEXT), ("run_id", "run", TEXT),
+          ("created", "created", TEXT), ("started", "started", TEXT), ("ended", "ended", TEXT),
+          ("time", "time", TEXT), ("hyper_parameters", "hyper_parameters", JSON), ("result", "result", JSON),
+          ("error", "error", TEXT), ("tags", "tags", JSON))
+#: fields of a model document left out of its ``fields`` column: bookkeeping and stored values (blob trees)
+_MODEL_HIDDEN = (*schema.BOOKKEEPING_FIELDS, "value", "weights", "architecture")
+#: the log kind that MLDB's METRICS table reads (every other kind is LOSS)
+_MLDB_METRICS_KIND = "metrics"
 
 #: the collections the views read (created empty if missing, so that every view can be queried at once)
-VIEW_COLLECTIONS = ("runs", "logs", "models", "datasets")
+VIEW_COLLECTIONS = (schema.RUNS, schema.LOGS, schema.MODELS, schema.DATASETS, schema.TASKS)
+VIEW_NAMES = ("runs", "metrics", "models", "datasets", "tasks", "mldb_status", "mldb_loss", "mldb_metrics")
 
+_FIELD_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\Z")  # inlined in SQL: only plain names, checked once here
+
+
+@dataclass(frozen=True)
+class Spelling:
+    """How one database spells JSON access over a table whose ``doc`` column holds each document.
+
+    Each column template takes ``{doc}`` (the document's expression) and ``{f}`` (a plain field name) and gives an
+    expression of that type (see the module docstring), guarded so that a field of another JSON type gives NULL
+    (or its JSON text, for ``text``) instead of an error.
+    """
+
+    name: str
+    #: a statement listing the views that exist (column ``name``)
+    catalog: str
+    #: a string field as it is; a field of another type as its JSON text
+    text: str
+    #: an integer field as a 64-bit integer; NULL for anything else (3.0 and "3" included)
+    integer: str
+    #: a number field (integer or not) as a double
+    real: str
+    #: any field's JSON text (a string quoted)
+    json: str
+    #: the document's JSON text without some fields (``{paths}``: '$.a', ...; ``{names}``: ('a', ...)), in order
+    without: str
+    #: whether the member ``{m}`` of ``json_each(doc) AS {m}`` holds a number, and its value as a double
+    is_number: str
+    number: str
+
+    def column(self, doc: str, field: str, kind: str) -> str:
+        """The expression of ``field`` as a column of type ``kind`` (TEXT, INTEGER, REAL or JSON)."""
+        return getattr(self, kind).format(doc=doc, f=field)
+
+    def remove(self, doc: str, fields: Sequence[str]) -> str:
+        return self.without.format(doc=doc, paths=", ".join(f"'$.{f}'" for f in fields), names=_in(fields))
+
+
+#: SQLite's JSON1 functions over the ``doc`` text (``json_type`` tells integers from reals)
+SQLITE = Spelling(
+    name="sqlite",
+    catalog="SELECT name FROM sqlite_master WHERE type = 'view'",
+    text="CASE json_type({doc}, '$.{f}') WHEN 'text' THEN json_extract({doc}, '$.{f}') WHEN 'null' THEN NULL "
+         "ELSE {doc} -> '$.{f}' END",
+    integer="CASE json_type({doc}, '$.{f}') WHEN 'integer' THEN json_extract({doc}, '$.{f}') END",
+    real="CASE WHEN json_type({doc}, '$.{f}') IN ('integer', 'real') THEN CAST(json_extract({doc}, '$.{f}') AS REAL) "
+         "END",
+    json="CASE json_type({doc}, '$.{f}') WHEN 'null' THEN NULL ELSE {doc} -> '$.{f}' END",
+    without="json_remove({doc}, {paths})",
+    is_number="{m}.type IN ('integer', 'real')",
+    number="CAST({m}.value AS REAL)")
+
+#: PostgreSQL's operators over the ``json`` column ``doc`` (``->>`` text, ``->`` JSON, ``json_typeof``); text in the
+#: "C" collation, so that it sorts like SQLite's. ``without`` rebuilds the object member by member: the json type has
+#: no "minus", and jsonb would reorder the keys and add spaces.
+POSTGRES = Spelling(
+    name="postgresql",
+    catalog="SELECT viewname AS name FROM pg_views WHERE schemaname = current_schema()",
+    text="({doc} ->> '{f}') COLLATE \"C\"",
+    integer="CASE WHEN json_typeof({doc} -> '{f}') = 'number' AND {doc} ->> '{f}' ~ '^-?[0-9]+$' "
+            "THEN ({doc} ->> '{f}')::bigint END",
+    real="CASE WHEN json_typeof({doc} -> '{f}') = 'number' THEN ({doc} ->> '{f}')::float8 END",
+    json="CASE WHEN json_typeof({doc} -> '{f}') <> 'null' THEN ({doc} -> '{f}')::text COLLATE \"C\" END",
+    without="coalesce((SELECT '{{' || string_agg(to_json(e.key)::text || ':' || e.value::text, ',' ORDER BY e.n) "
+            "|| '}}' FROM json_each({doc}) WITH ORDINALITY AS e(key, value, n) WHERE e.key NOT IN {names}), '{{}}') "
+            "COLLATE \"C\"",
+    is_number="json_typeof({m}.value) = 'number'",
+    number="({m}.value::text)::float8")
+
+#: index name (``Index.name``) -> its spelling
+SPELLINGS: dict[str, Spelling] = {s.name: s for s in (SQLITE, POSTGRES)}
+
+
+def table_name(index, collection: schema.Collection) -> str:
+    """The quoted table of a collection: the index's answer where it offers ``table_name``, else ``c_<name>``."""
+    ask = getattr(index, "table_name", None)
+    return f'"{ask(collection.name) if ask is not None else "c_" + collection.name}"'
+
+
+def _in(values: Sequence[str]) -> str:
+    return "(" + ", ".join(f"'{v}'" for v in values) + ")"
+
+
+def _check(field: str) -> str:
+    if not _FIELD_RE.match(field):
+        raise ValueError(f"view field {field!r} is not a plain name")
+    return field
+
+
+def _documents(s: Spelling, table: str, columns, extra: str = "") -> str:
+    """One row per document of ``table``, with the declared columns."""
+    parts = [f"id AS {name}" if field == "_id" else f"{s.column('doc', _check(field), kind)} AS {name}"
+             for name, field, kind in columns]
+    return f"SELECT {', '.join(parts + ([extra] if extra else []))} FROM {table}"
+
+
+def definitions(index) -> dict[str, str]:
+    """View name -> its SELECT on ``index`` (ConfigError for a backend without SQL views)."""
+    s = SPELLINGS.get(getattr(index, "name", None))
+    if s is None or not hasattr(index, "create_view"):
+        raise ConfigError(f"the {getattr(index, 'name', type(index).__name__)} index has no SQL and no SQL views "
+                          "(they need SQLite or PostgreSQL)")
+    runs, logs = table_name(index, schema.RUNS), table_name(index, schema.LOGS)
+    log_fields = _in(schema.LOG_FIELDS)
+
+    def t(doc: str, field: str) -> str:
+        return s.column(doc, field, TEXT)
+
+    def i(doc: str, field: str) -> str:
+        return s.column(doc, field, INTEGER)
+
+    def r(doc: str, field: str) -> str:
+        return s.column(doc, field, REAL)
+
+    is_number, number = s.is_number.format(m="m"), s.number.format(m="m")
+    return {
+        "runs": _documents(s, runs, _RUNS),
+        "metrics": (
+            f"SELECT {t('l.doc', 'run')} AS run_id, {t('l.doc', 'project')} AS project, {t('l.doc', 'kind')} AS kind, "
+            f"{i('l.doc', 'step')} AS step, {i('l.doc', 'epoch')} AS epoch, {t('l.doc', 'time')} AS time, "
+            f"m.key AS metric, {number} AS value FROM {logs} AS l CROSS JOIN json_each(l.doc) AS m "
+            f"WHERE {is_number} AND m.key NOT IN {log_fields}"),
+        "models": _documents(s, table_name(index, schema.MODELS), _MODELS,
+                             f"{s.remove('doc', _MODEL_HIDDEN)} AS fields"),
+        "datasets": _documents(s, table_name(index, schema.DATASETS), _DATASETS),
+        "tasks": _documents(s, table_name(index, schema.TASKS), _TASKS),
+        # MLDB's tables, over the base tables (not the views above) so that the MLDB cursor's STATUS/LOSS/METRICS
+        # names can never capture them
+        "mldb_status": (
+            f"SELECT {t('doc', 'name')} AS EXP_ID, coalesce({t('doc', 'mldb_status')}, upper({t('doc', 'status')})) "
+            f"AS STATUS, {t('doc', 'project')} AS project FROM {runs}"),
+        "mldb_loss": (
+            f"SELECT {t('r.doc', 'name')} AS EXP_ID, {t('l.doc', 'kind')} AS KIND, {i('l.doc', 'epoch')} AS EPOCH, "
+            f"{r('l.doc', 'loss')} AS VALUE, {t('l.doc', 'project')} AS project "
+            f"FROM {logs} AS l JOIN {runs} AS r ON r.id = {t('l.doc', 'run')} "
+            f"WHERE {r('l.doc', 'loss')} IS NOT NULL AND {t('l.doc', 'kind')} <> '{_MLDB_METRICS_KIND}'"),
+        "mldb_metrics": (
+            f"SELECT {t('r.doc', 'name')} AS EXP_ID, m.key AS NAME, {i('l.doc', 'epoch')} AS EPOCH, "
+            f"{number} AS VALUE, {t('l.doc', 'project')} AS project "
+            f"FROM {logs} AS l JOIN {runs} AS r ON r.id = {t('l.doc', 'run')} CROSS JOIN json_each(l.doc) AS m "
+            f"WHERE {t('l.doc', 'kind')} = '{_MLDB_METRICS_KIND}' AND {is_number} "
+            f"AND m.key NOT IN {log_fields}"),
+    }
+
+
+#: the META document recording a digest of each view's definition (PostgreSQL keeps no comparable SQL text)
+STAMPS_ID = "sql_views"
 _done: "weakref.WeakSet" = weakref.WeakSet()
 _lock = threading.Lock()
 
 
 def ensure_views(index) -> None:
-    """Create or update the views on ``index`` (once per index object; a no-op without ``create_view``)."""
-    create = getattr(index, "create_view", None)
-    if create is None or getattr(index, "name", None) != "sqlite":
-        return
+    """Create the views on ``index``, or replace those whose definition changed (once per index object).
+
+    ConfigError on a backend without SQL views. Each definition's digest is kept in the ``meta`` collection, so
+    an upgrade that changes a view replaces it on the first ``sql()`` call, on every database.
+    """
+    wanted = definitions(index)
     with _lock:
         if index in _done:
             return
         for collection in VIEW_COLLECTIONS:
-            index.ensure_collection(collection)
-        existing = {row["name"]: row["sql"] for row in
-                    index.sql("SELECT name, sql FROM sqlite_master WHERE type = 'view'")}
-        for name, select in VIEWS.items():
-            current = existing.get(name)
-            if current is None or not current.endswith(" AS " + select):
-                create(name, select, replace=current is not None)
+            index.ensure_collection(collection.name, scalar_fields=collection.scalar_fields)
+        index.ensure_collection(schema.META.name)
+        existing = {row["name"] for row in index.sql(SPELLINGS[index.name].catalog)}
+        stored = index.find_one(schema.META.name, {"_id": STAMPS_ID}) or {}
+        stamps = dict(stored.get("views") or {})
+        for name, select in wanted.items():
+            digest = hashlib.sha256(select.encode()).hexdigest()[:16]
+            if name not in existing or stamps.get(name) != digest:
+                index.create_view(name, select, replace=name in existing)
+                stamps[name] = digest
+        if stamps != stored.get("views"):
+            index.replace_one(schema.META.name, {"_id": STAMPS_ID, "views": stamps}, upsert=True)
         _done.add(index)

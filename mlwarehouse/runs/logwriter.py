@@ -3,8 +3,8 @@
 ``put()`` only appends to an in-memory list (no I/O on the caller's thread). A daemon thread drains the list
 every ``interval`` seconds, or at once when ``batch_size`` points are waiting or someone calls ``flush()``, and
 writes each drained batch with one ``insert_many`` (one transaction per ``chunk_size`` documents) followed by one
-update per run of the run's metric summaries (``summary.<kind>.<metric>``: last, last_step, min, min_step, max,
-max_step, count, nulls), which the writer keeps in memory so they are never re-read.
+update per run of the run's metric summaries (the layout of :mod:`mlwarehouse.runs.summary`), which the writer
+keeps in memory so they are never re-read.
 
 Guarantees:
 - ``flush()`` returns once every point queued before it is durable.
@@ -31,13 +31,14 @@ from typing import Any
 from mlwarehouse import schema
 from mlwarehouse.errors import BackendError, DuplicateKey, InvalidDocument, WarehouseError
 from mlwarehouse.query.fields import normalize_value
+from mlwarehouse.runs import summary
 
 __all__ = ["LogWriter", "LOG_FIELDS", "LOGS", "RUNS", "check_kind", "check_metric_name", "as_step"]
 
 LOGS = schema.LOGS.name
 RUNS = schema.RUNS.name
 #: fields of a log document that are not metrics
-LOG_FIELDS = frozenset({"_id", "project", "time", "run", "kind", "step", "epoch", "_blobs"})
+LOG_FIELDS = frozenset(schema.LOG_FIELDS)
 
 NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_\-]*$")
 INT64 = 1 << 63
@@ -122,17 +123,12 @@ class _BatchIds:
         return ids
 
 
-def _new_summary(value: float, step: Any) -> dict:
-    return {"last": value, "last_step": step, "min": value, "min_step": step, "max": value, "max_step": step,
-            "count": 1, "nulls": 0}
-
-
 class LogWriter:
-    """Writes queued log documents of one project in the background. Safe to share between threads."""
+    """Writes queued log documents of a :class:`~mlwarehouse.warehouse.Project` in the background. Safe to
+    share between threads."""
 
-    def __init__(self, index, project: str, *, interval: float = 0.2, batch_size: int = 5000,
-                 chunk_size: int = 5000, max_pending: int = 1_000_000):
-        self.index = index
+    def __init__(self, project, *, interval: float = 0.2, batch_size: int = 5000, chunk_size: int = 5000,
+                 max_pending: int = 1_000_000):
         self.project = project
         self.interval = interval
         self.batch_size = batch_size
@@ -230,7 +226,7 @@ class LogWriter:
                 raise wrapped from error
 
     def _start(self) -> None:
-        self._thread = threading.Thread(target=self._loop, name=f"mlwarehouse-logs-{self.project}", daemon=True)
+        self._thread = threading.Thread(target=self._loop, name=f"mlwarehouse-logs-{self.project.name}", daemon=True)
         self._thread.start()
 
     # -- the writer's side ---------------------------------------------------------------------------------
@@ -260,7 +256,7 @@ class LogWriter:
                 cond.notify_all()
 
     def _write(self, batch: list[dict], stamp: _Stamper, ids: _BatchIds) -> None:
-        project = self.project
+        project = self.project.name
         for doc, _id in zip(batch, ids(len(batch))):
             doc["_id"] = _id
             doc["project"] = project
@@ -273,19 +269,30 @@ class LogWriter:
             self._summaries.pop(run_id, None)
         dropped: list[tuple[dict, InvalidDocument]] = []
         try:
-            self.index.insert_many(LOGS, batch, chunk_size=self.chunk_size)
+            self._insert(batch)
         except InvalidDocument:  # a bad point: write the others one by one, drop only the bad ones
             batch, dropped = self._one_by_one(batch)
         changed = self._summarize(batch)  # after the insert: a failed batch leaves the summaries as they were
-        for run_id, paths in changed.items():
+        for run_id, kinds in changed.items():
             sums = self._summaries[run_id]
-            update = {f"summary.{kind}.{metric}": dict(sums[kind][metric]) for kind, metric in paths}
-            self.index.update_many(RUNS, {"_id": run_id}, {"$set": update})
+            update = {summary.path(kind, metric): dict(sums[kind][metric])
+                      for kind, names in kinds.items() for metric in names}
+            self.project.update(RUNS, {"_id": run_id}, {"$set": update})
         if dropped:
             error = InvalidDocument(f"{len(dropped)} log point(s) could not be stored and were dropped, e.g. run "
                                     f"{dropped[0][0].get('run')} step {dropped[0][0].get('step')}: {dropped[0][1]}")
             error.lost = len(dropped)
             raise error
+
+    def _insert(self, batch: list[dict]) -> None:
+        """One bulk insert of documents this writer stamped itself (``_id``, ``project``, ``time``).
+
+        The project's index, not ``Project.insert_many``: that one stamps again, and would replace each point's
+        time (when ``log()`` was called) by the time of the write, draw one ``new_id()`` per point instead of a
+        batch of ids, scan every point for blob references (logs have none) and take no chunk size; together
+        that cost about 30% of the logging throughput (``benchmarks/logging.py``). Everything else goes through
+        the Project."""
+        self.project.index.insert_many(LOGS, batch, chunk_size=self.chunk_size)
 
     def _one_by_one(self, batch: list[dict]) -> tuple[list[dict], list[tuple[dict, InvalidDocument]]]:
         """Insert each point alone: (the points now stored, the points refused with their errors). A point an
@@ -293,7 +300,7 @@ class LogWriter:
         written, dropped = [], []
         for doc in batch:
             try:
-                self.index.insert_one(LOGS, doc)
+                self.project.index.insert_one(LOGS, doc)
             except DuplicateKey:
                 pass
             except InvalidDocument as exc:
@@ -303,16 +310,16 @@ class LogWriter:
         return written, dropped
 
     def _load(self, run_id: str) -> dict:
-        doc = self.index.find_one(RUNS, {"_id": run_id}, projection={"summary": 1})
-        summary = (doc or {}).get("summary")
+        doc = self.project.find_one(RUNS, {"_id": run_id}, projection={summary.ROOT: 1})
+        stored = (doc or {}).get(summary.ROOT)
         return {k: {m: dict(s) for m, s in v.items() if isinstance(s, dict)}
-                for k, v in summary.items() if isinstance(v, dict)} if isinstance(summary, dict) else {}
+                for k, v in stored.items() if isinstance(v, dict)} if isinstance(stored, dict) else {}
 
-    def _summarize(self, batch: list[dict]) -> dict[str, set[tuple[str, str]]]:
-        """Fold the batch into the running summaries; returns the (kind, metric) pairs changed per run."""
-        changed: dict[str, set[tuple[str, str]]] = {}
+    def _summarize(self, batch: list[dict]) -> dict[str, dict[str, set[str]]]:
+        """Fold the batch into the running summaries; returns the metrics changed per run and kind."""
+        changed: dict[str, dict[str, set[str]]] = {}
         summaries = self._summaries
-        reserved = LOG_FIELDS
+        fold = summary.fold
         for doc in batch:
             run_id = doc.get("run")
             if run_id is None:
@@ -324,39 +331,13 @@ class LogWriter:
             sums = runs.get(kind)
             if sums is None:
                 sums = runs[kind] = {}
-            step = doc.get("step")
-            touched = changed.get(run_id)
+            kinds = changed.get(run_id)
+            if kinds is None:
+                kinds = changed[run_id] = {}
+            touched = kinds.get(kind)
             if touched is None:
-                touched = changed[run_id] = set()
-            for key, value in doc.items():
-                if key in reserved:
-                    continue
-                t = type(value)
-                if t is not float and t is not int and value is not None:
-                    continue
-                s = sums.get(key)
-                touched.add((kind, key))
-                if value is None:
-                    if s is None:
-                        s = sums[key] = {"count": 0, "nulls": 0}
-                    s["nulls"] = s.get("nulls", 0) + 1
-                    continue
-                if s is None or "min" not in s:
-                    base = _new_summary(value, step)
-                    if s is not None:
-                        base["count"] += s.get("count", 0)
-                        base["nulls"] = s.get("nulls", 0)
-                    sums[key] = base
-                    continue
-                s["last"] = value
-                s["last_step"] = step
-                s["count"] += 1
-                if value < s["min"]:
-                    s["min"] = value
-                    s["min_step"] = step
-                if value > s["max"]:
-                    s["max"] = value
-                    s["max_step"] = step
+                touched = kinds[kind] = set()
+            fold(sums, doc, doc.get("step"), LOG_FIELDS, touched)
         return changed
 
 

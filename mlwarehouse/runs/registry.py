@@ -1,11 +1,12 @@
 """Runs, their logs and metric summaries.
 
-A run (collection ``runs``) has a status (``running``, ``complete``, ``failed``, ``cancelled``), hyper-parameters,
-the ids of the datasets it used, tags, and ``summary.<kind>.<metric>`` = ``{last, last_step, min, min_step, max,
-max_step, count, nulls}`` kept up to date while it logs, so "the run with the best validation accuracy" is one
-indexed query (:meth:`Runs.best`). Logs (collection ``logs``) are flat documents ``{_id, project, time, run, kind,
-step, epoch, <metrics>}``; ``run.log()`` queues them for the background writer (:mod:`mlwarehouse.runs.logwriter`) and
-returns at once. Reads in this module flush the writer first, so they see everything logged before them.
+A run (collection :data:`mlwarehouse.schema.RUNS`) has a status (``running``, ``complete``, ``failed``,
+``cancelled``), hyper-parameters, the ids of the datasets it used, tags, and per-metric summaries
+(``summary.<kind>.<metric>.<stat>``, see :mod:`mlwarehouse.runs.summary`) kept up to date while it logs, so "the
+run with the best validation accuracy" is one indexed query (:meth:`Runs.best`). Logs (:data:`mlwarehouse.schema.LOGS`)
+are flat documents ``{_id, project, time, run, kind, step, epoch, <metrics>}``; ``run.log()`` queues them for the
+background writer (:mod:`mlwarehouse.runs.logwriter`) and returns at once. Reads in this module flush the writer
+first, so they see everything logged before them.
 
     with wh.runs.start("mlp", hyper_parameters={"lr": 0.01}) as run:   # complete on exit, failed on error
         run.log("train", step=i, loss=loss)                            # never blocks training
@@ -33,12 +34,16 @@ from mlwarehouse.query import split_path
 from mlwarehouse.query.documents import check_value
 from mlwarehouse.query.fields import normalize_fields, normalize_value
 from mlwarehouse.query.records import Record
-from mlwarehouse.runs.logwriter import INT64, LOGS, RUNS, LogWriter, as_step, check_kind, check_metric_name
+from mlwarehouse.runs import summary
+from mlwarehouse.runs.logwriter import INT64, LogWriter, as_step, check_kind, check_metric_name
 
 __all__ = ["Runs", "Run", "current_run", "STATUSES"]
 
 STATUSES = ("running", "complete", "failed", "cancelled")
-_RUN_FIELDS = frozenset({"status", "started", "ended", "host", "pid", "summary", "error", "traceback"})
+RUNS = schema.RUNS.name
+LOGS = schema.LOGS.name
+_RUN_FIELDS = frozenset({"status", "started", "ended", "host", "pid", summary.ROOT, "error", "traceback"})
+
 
 def _run_id(run: Any) -> str | None:
     if run is None or isinstance(run, str):
@@ -274,7 +279,7 @@ class Runs:
         if self._writer is None:
             with self._writer_lock:
                 if self._writer is None:
-                    self._writer = LogWriter(self.project.index, self.project.name)
+                    self._writer = LogWriter(self.project)
         return self._writer
 
     def flush(self) -> None:
@@ -323,7 +328,7 @@ class Runs:
             "task": _run_id(task),
             "host": socket.gethostname(),
             "pid": os.getpid(),
-            "summary": {},
+            summary.ROOT: {},
             **extra,
         }
         self.project.insert(RUNS, doc)
@@ -350,14 +355,14 @@ class Runs:
         """The run with the best summary of a metric: ``"valid.accuracy"`` or ``("valid", "accuracy")``
         compares ``summary.valid.accuracy.<mode>``; a full ``"summary.<kind>.<metric>.<stat>"`` path is used as
         given. ``mode`` is "max" or "min". NotFound if no run has that metric."""
-        if mode not in ("max", "min"):
+        if mode not in summary.BEST:
             raise QueryError(f"mode must be 'max' or 'min', not {mode!r}")
         if isinstance(metric, tuple) and len(metric) == 2:
-            path = f"summary.{check_kind(metric[0])}.{check_metric_name(metric[1])}.{mode}"
-        elif isinstance(metric, str) and metric.startswith("summary."):
-            path = metric
+            path = summary.path(check_kind(metric[0]), check_metric_name(metric[1]), mode)
+        elif isinstance(metric, str) and metric.startswith(summary.ROOT + "."):
+            path = summary.path(*summary.parse(metric))
         elif isinstance(metric, str) and metric.count(".") == 1:
-            path = f"summary.{metric}.{mode}"
+            path = summary.path(*summary.split_key(metric), mode)
         else:
             raise QueryError(f"metric {metric!r}: write 'kind.metric', (kind, metric) or 'summary.kind.metric.stat'")
         split_path(path, "metric")

@@ -71,7 +71,7 @@ def change_task(request: Request, project: str, task_id: str, action: str,
     if action not in ("cancel", "retry"):
         raise NotFound(f"unknown task action {action!r} (cancel or retry)")
     p = _project(request, project)
-    if p.find_one("tasks", {"_id": task_id}, projection={"_id": 1}) is None:
+    if p.find_one(data.TASKS, {"_id": task_id}, projection={"_id": 1}) is None:
         raise NotFound(f"no task {task_id!r} in project {project!r}")
     changed = getattr(p.tasks, action)({"_id": task_id})
     return JSONResponse({"changed": changed})
@@ -82,7 +82,7 @@ def preview_png(request: Request, project: str, dataset_id: str, leaf: int = Que
                 index: int = Query(0, ge=0, le=15)) -> Response:
     """Item ``index`` (of the first 16) of array ``leaf`` of a dataset, as a PNG."""
     p = _project(request, project)
-    doc = p.find_one("datasets", {"_id": dataset_id}, projection={"value": 1})
+    doc = p.find_one(data.DATASETS, {"_id": dataset_id}, projection={"value": 1})
     if doc is None:
         raise NotFound(f"no dataset {dataset_id!r} in project {project!r}")
     found = leaves(doc.get("value"))

@@ -45,7 +45,7 @@ def create_app(warehouse, *, writable: bool = False) -> FastAPI:
     templates = Jinja2Templates(directory=str(HERE / "templates"))
     templates.env.filters.update(num=data.fmt, when=_when, urlpart=_urlpart)
     templates.env.tests.update(sortable=lambda field: bool(PATH_RE.match(str(field))))
-    templates.env.globals.update(writable=writable)
+    templates.env.globals.update(writable=writable, metric_sort=data.metric_sort, run_stats=data.RUN_STATS)
     app.state.templates = templates
     app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
     app.add_middleware(GZipMiddleware, minimum_size=2048)
@@ -54,6 +54,14 @@ def create_app(warehouse, *, writable: bool = False) -> FastAPI:
 
     def page(request: Request, name: str, status: int = 200, **context: Any) -> HTMLResponse:
         return templates.TemplateResponse(request, name, context, status_code=status)
+
+    def listing(request: Request, project: str, tab: str, fetch, q: str, empty: dict, **extra: Any) -> HTMLResponse:
+        """The page ``<tab>.html`` of what ``fetch(project, filter)`` returns: a bad filter is shown inline (400),
+        an empty page of a project that holds nothing is a 404."""
+        p = warehouse.project(project)
+        context, status = _queried(lambda flt: fetch(p, flt), q, empty=empty)
+        _require_project(p, context, q)
+        return page(request, f"{tab}.html", status, project=project, tab=tab, q=q, **extra, **context)
 
     @app.get("/", response_class=HTMLResponse)
     def projects(request: Request):
@@ -67,16 +75,15 @@ def create_app(warehouse, *, writable: bool = False) -> FastAPI:
     @app.get("/p/{project}/runs", response_class=HTMLResponse)
     def runs(request: Request, project: str, q: str = "", sort: str = "", limit: int = Query(1000, ge=1, le=10_000),
              skip: int = Query(0, ge=0)):
-        p = warehouse.project(project)
-        context, status = _queried(lambda flt: data.runs_table(p, flt, data.parse_sort(sort), limit, skip), q,
-                                   empty={"rows": [], "params": [], "metrics": [], "total": 0})
-        _require_project(p, context, q)
-        return page(request, "runs.html", status, project=project, tab="runs", q=q, sort=sort, **context)
+        def fetch(p, flt):
+            return data.runs_table(p, flt, data.parse_sort(sort), limit, skip)
+        return listing(request, project, "runs", fetch, q, {"rows": [], "params": [], "metrics": [], "total": 0},
+                       sort=sort)
 
     @app.get("/p/{project}/runs/{run_id}", response_class=HTMLResponse)
     def run(request: Request, project: str, run_id: str):
         p = warehouse.project(project)
-        doc = _one(p, "runs", run_id, "run")
+        doc = _one(p, data.RUNS, run_id, "run")
         table = data.runs_table(p, {"_id": run_id}, None, 1)
         return page(request, "run.html", project=project, tab="runs", run=doc, row=table["rows"][0],
                     metrics=table["metrics"])
@@ -84,16 +91,14 @@ def create_app(warehouse, *, writable: bool = False) -> FastAPI:
     @app.get("/p/{project}/models", response_class=HTMLResponse)
     def models(request: Request, project: str, q: str = "", sort: str = "", limit: int = Query(500, ge=1, le=10_000),
                skip: int = Query(0, ge=0)):
-        p = warehouse.project(project)
-        context, status = _queried(lambda flt: data.leaderboard(p, flt, data.parse_sort(sort), limit, skip), q,
-                                   empty={"rows": [], "metrics": [], "total": 0})
-        _require_project(p, context, q)
-        return page(request, "models.html", status, project=project, tab="models", q=q, sort=sort, **context)
+        def fetch(p, flt):
+            return data.leaderboard(p, flt, data.parse_sort(sort), limit, skip)
+        return listing(request, project, "models", fetch, q, {"rows": [], "metrics": [], "total": 0}, sort=sort)
 
     @app.get("/p/{project}/models/{model_id}", response_class=HTMLResponse)
     def model(request: Request, project: str, model_id: str):
         p = warehouse.project(project)
-        doc = _one(p, "models", model_id, "model", projection={"_blobs": 0, "project": 0})
+        doc = _one(p, data.MODELS, model_id, "model", projection={"_blobs": 0, "project": 0})
         weights = doc.pop("weights", None)
         weights = [w for w in weights if isinstance(w, list) and len(w) == 2 and isinstance(w[1], dict)] \
             if isinstance(weights, list) else []
@@ -105,16 +110,13 @@ def create_app(warehouse, *, writable: bool = False) -> FastAPI:
 
     @app.get("/p/{project}/tasks", response_class=HTMLResponse)
     def tasks(request: Request, project: str, q: str = "", limit: int = Query(500, ge=1, le=10_000)):
-        p = warehouse.project(project)
-        context, status = _queried(lambda flt: data.tasks_board(p, flt, None, limit), q,
-                                   empty={"rows": [], "counts": {}})
-        _require_project(p, context, q)
-        return page(request, "tasks.html", status, project=project, tab="tasks", q=q, **context)
+        return listing(request, project, "tasks", lambda p, flt: data.tasks_board(p, flt, None, limit), q,
+                       {"rows": [], "counts": {}})
 
     @app.get("/p/{project}/tasks/{task_id}", response_class=HTMLResponse)
     def task(request: Request, project: str, task_id: str):
         p = warehouse.project(project)
-        doc = _one(p, "tasks", task_id, "task", projection={"_blobs": 0, "project": 0})
+        doc = _one(p, data.TASKS, task_id, "task", projection={"_blobs": 0, "project": 0})
         output = doc.get("output") or ""
         if isinstance(doc.get("output_blob"), dict):
             try:
@@ -125,15 +127,13 @@ def create_app(warehouse, *, writable: bool = False) -> FastAPI:
 
     @app.get("/p/{project}/datasets", response_class=HTMLResponse)
     def datasets(request: Request, project: str, q: str = "", limit: int = Query(500, ge=1, le=10_000)):
-        p = warehouse.project(project)
-        context, status = _queried(lambda flt: {"rows": data.datasets_list(p, flt, limit)}, q, empty={"rows": []})
-        _require_project(p, context, q)
-        return page(request, "datasets.html", status, project=project, tab="datasets", q=q, **context)
+        return listing(request, project, "datasets", lambda p, flt: {"rows": data.datasets_list(p, flt, limit)}, q,
+                       {"rows": []})
 
     @app.get("/p/{project}/datasets/{dataset_id}", response_class=HTMLResponse)
     def dataset(request: Request, project: str, dataset_id: str):
         p = warehouse.project(project)
-        doc = _one(p, "datasets", dataset_id, "dataset", projection={"_blobs": 0, "project": 0})
+        doc = _one(p, data.DATASETS, dataset_id, "dataset", projection={"_blobs": 0, "project": 0})
         found = [describe(p.blobs, leaf) for leaf in leaves(doc.get("value"))]
         previews = []
         for leaf in found:
@@ -145,7 +145,7 @@ def create_app(warehouse, *, writable: bool = False) -> FastAPI:
                 previews.append({"leaf": leaf, "images": [], "note": str(exc)})
                 continue
             previews.append({"leaf": leaf, "images": [png_data_uri(i) for i in images], "note": note})
-        versions = p.find("datasets", {"name": doc.get("name")}, sort=[("time", -1)], limit=50,
+        versions = p.find(data.DATASETS, {"name": doc.get("name")}, sort=[("time", -1)], limit=50,
                           projection={"version": 1, "time": 1, "description": 1})
         fields = {k: v for k, v in doc.items() if k not in ("value", "_id")}
         return page(request, "dataset.html", project=project, tab="datasets", dataset=doc, fields=fields,

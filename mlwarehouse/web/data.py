@@ -1,13 +1,13 @@
 """What the pages show, read through the Project API only: projections and limits, never whole collections.
 
-Each function returns plain dicts and lists ready for a template or a JSON response. Filters typed by the user
-arrive as text and are parsed here (:func:`parse_filter_text`), so malformed JSON and invalid filters both surface
-as :class:`~mlwarehouse.errors.QueryError` with a message that names the problem.
+Each function returns plain dicts and lists ready for a template or a JSON response. Filters and sorts typed by
+the user arrive as text and are parsed by the parser every front end shares (:mod:`mlwarehouse.query.text`), so
+malformed JSON and invalid filters both surface as :class:`~mlwarehouse.errors.QueryError` with a message that
+names the problem, the same in the browser as in the shell.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import threading
 from collections import OrderedDict
@@ -15,15 +15,22 @@ from typing import Any
 
 import numpy as np
 
+from mlwarehouse import schema
 from mlwarehouse.errors import NotFound, QueryError
 from mlwarehouse.query import split_path
+from mlwarehouse.query.text import parse_filter_text, parse_sort_text
+from mlwarehouse.runs import summary
 from mlwarehouse.web.downsample import minmax_downsample
 
 __all__ = ["parse_filter_text", "parse_sort", "runs_table", "metric_series", "leaderboard", "tasks_board",
-           "datasets_list", "project_exists", "HistoryCache", "TASK_STATUSES"]
+           "datasets_list", "project_exists", "metric_sort", "HistoryCache", "TASK_STATUSES", "RUN_STATS"]
 
-RUN_FIELDS = {"name": 1, "status": 1, "started": 1, "ended": 1, "hyper_parameters": 1, "summary": 1, "task": 1,
+RUNS, LOGS, MODELS, TASKS, DATASETS = (c.name for c in (schema.RUNS, schema.LOGS, schema.MODELS, schema.TASKS,
+                                                        schema.DATASETS))
+RUN_FIELDS = {"name": 1, "status": 1, "started": 1, "ended": 1, "hyper_parameters": 1, summary.ROOT: 1, "task": 1,
               "tags": 1}
+#: the summary stats a run's page shows, with their column titles
+RUN_STATS = ((summary.LAST, "last"), (summary.MIN, "min"), (summary.MAX, "max"), (summary.COUNT, "points"))
 MODEL_HIDDEN = ("weights", "architecture", "value", "_blobs", "project")
 MODEL_FIXED = ("name", "kind", "epoch", "step", "run", "dataset", "tags", "description", "checkpoint", "time", "_id")
 TASK_FIELDS = {"task_name": 1, "status": 1, "attempts": 1, "max_attempts": 1, "hyper_parameters": 1, "result": 1,
@@ -33,37 +40,14 @@ TAIL = 2000
 MAX_COLUMNS = 24
 
 
-def parse_filter_text(text: str | None) -> dict | None:
-    """The filter a user typed (JSON text), or None when the box is empty."""
-    if text is None or not text.strip():
-        return None
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise QueryError(f"the query is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
-    if not isinstance(value, dict):
-        raise QueryError(f"the query must be a JSON object such as {{\"status\": \"complete\"}}, "
-                         f"not {type(value).__name__}")
-    return value
-
-
 def parse_sort(text: str | None) -> list[tuple[str, int]] | None:
     """``"field:-1"`` or ``"field"`` (ascending) -> a sort list; several may be joined with commas."""
-    if not text:
-        return None
-    out = []
-    for part in text.split(","):
-        name, _, direction = part.strip().partition(":")
-        if direction not in ("", "1", "-1"):
-            raise QueryError(f"sort {part!r}: the direction must be 1 or -1")
-        split_path(name, "sort")
-        out.append((name, -1 if direction == "-1" else 1))
-    return out
+    return parse_sort_text(text, "sort")
 
 
 def project_exists(project) -> bool:
     """True if the project holds any run, model, task or dataset (used only to tell an empty page from a 404)."""
-    return any(project.find_one(c, projection={"_id": 1}) for c in ("runs", "models", "tasks", "datasets"))
+    return any(project.find_one(c, projection={"_id": 1}) for c in (RUNS, MODELS, TASKS, DATASETS))
 
 
 def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
@@ -77,29 +61,30 @@ def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
 
 def runs_table(project, flt: dict | None, sort, limit: int, skip: int = 0) -> dict:
     """Runs with their hyper-parameters (flattened) and the last value of each metric (min/max kept for titles)."""
-    docs = project.find("runs", flt, sort=sort or [("started", -1)], limit=limit, skip=skip, projection=RUN_FIELDS)
+    docs = project.find(RUNS, flt, sort=sort or [("started", -1)], limit=limit, skip=skip, projection=RUN_FIELDS)
     params: dict[str, None] = {}
     metrics: dict[str, None] = {}
     rows = []
     for doc in docs:
         hp = _flat(doc.get("hyper_parameters") if isinstance(doc.get("hyper_parameters"), dict) else {})
-        summary = {}
-        for kind, by_metric in _dict(doc.get("summary")).items():
-            for name, stats in _dict(by_metric).items():
-                if isinstance(stats, dict):
-                    summary[f"{kind}.{name}"] = stats
+        stats = summary.metrics(doc)
         params.update(dict.fromkeys(hp))
-        metrics.update(dict.fromkeys(summary))
+        metrics.update(dict.fromkeys(stats))
         rows.append({"id": doc["_id"], "name": doc.get("name"), "status": doc.get("status"),
                      "started": doc.get("started"), "ended": doc.get("ended"), "task": doc.get("task"),
-                     "params": hp, "summary": summary})
+                     "params": hp, "summary": stats})
     param_cols, metric_cols = sorted(params)[:MAX_COLUMNS], sorted(metrics)[:MAX_COLUMNS]
     for row in rows:  # formatted here, once: a thousand rows of Jinja filters would dominate the page's time
-        hp, summary = row["params"], row["summary"]
+        hp, stats = row["params"], row["summary"]
         row["cells"] = [(fmt(hp.get(h)), "") for h in param_cols] + [
-            (fmt(summary[m].get("last")), _stats_title(summary[m])) if m in summary else ("", "")
+            (fmt(stats[m].get(summary.LAST)), _stats_title(stats[m])) if m in stats else ("", "")
             for m in metric_cols]
-    return {"rows": rows, "params": param_cols, "metrics": metric_cols, "total": project.count("runs", flt)}
+    return {"rows": rows, "params": param_cols, "metrics": metric_cols, "total": project.count(RUNS, flt)}
+
+
+def metric_sort(key: str) -> str:
+    """The field that sorts runs by a metric column (``"valid.acc"``): its last value."""
+    return summary.path(*summary.split_key(key), summary.LAST)
 
 
 def fmt(value: Any) -> str:
@@ -112,8 +97,9 @@ def fmt(value: Any) -> str:
 
 
 def _stats_title(stats: dict) -> str:
-    return (f"min {fmt(stats.get('min'))} (step {stats.get('min_step')}), max {fmt(stats.get('max'))} "
-            f"(step {stats.get('max_step')}), {stats.get('count')} points")
+    return (f"min {fmt(stats.get(summary.MIN))} (step {stats.get(summary.MIN_STEP)}), "
+            f"max {fmt(stats.get(summary.MAX))} (step {stats.get(summary.MAX_STEP)}), "
+            f"{stats.get(summary.COUNT)} points")
 
 
 class HistoryCache:
@@ -164,16 +150,15 @@ def metric_series(project, ids: list[str], kind: str, metric: str, points: int =
         raise QueryError(f"points must be between 4 and 1000000, not {points}")
     split_path(kind, "kind")
     split_path(metric, "metric")
-    stats_path = f"summary.{kind}.{metric}"
-    runs = {d["_id"]: d for d in project.find("runs", {"_id": {"$in": ids}},
-                                              projection={"name": 1, stats_path: 1})}
+    runs = {d["_id"]: d for d in project.find(RUNS, {"_id": {"$in": ids}},
+                                              projection={"name": 1, summary.path(kind, metric): 1})}
     missing = [i for i in ids if i not in runs]
     if missing:
         raise NotFound(f"no run {missing[0]!r} in project {project.name!r}")
     series = []
     for run_id in ids:
-        stats = ((runs[run_id].get("summary") or {}).get(kind) or {}).get(metric)
-        version = (stats.get("count"), stats.get("last_step")) if isinstance(stats, dict) else None
+        stats = summary.of(runs[run_id], kind, metric)
+        version = (stats.get(summary.COUNT), stats.get(summary.LAST_STEP)) if stats is not None else None
         key = (project.name, run_id, kind, metric)
         found = cache.get(key, version) if cache is not None and version else None
         if found is None:
@@ -189,7 +174,7 @@ def metric_series(project, ids: list[str], kind: str, metric: str, points: int =
 
 def _history(project, run_id: str, kind: str, metric: str) -> tuple[np.ndarray, np.ndarray]:
     """Steps and values (finite numbers only) of one metric of one run, in step order."""
-    rows = project.values("logs", {"run": run_id, "kind": kind}, ["step", metric], sort=[("step", 1)])
+    rows = project.values(LOGS, {"run": run_id, "kind": kind}, ["step", metric], sort=[("step", 1)])
     steps = np.fromiter((s if type(s) is int else -1 for s, _ in rows), np.float64, len(rows))
     values = np.fromiter((_number(v) for _, v in rows), np.float64, len(rows))
     keep = np.isfinite(values)
@@ -204,19 +189,19 @@ def _number(value: Any) -> float:
 
 def leaderboard(project, flt: dict | None, sort, limit: int, skip: int = 0) -> dict:
     """Models with every numeric field as a sortable column (metrics and numeric hyper-parameters alike)."""
-    docs = project.find("models", flt, sort=sort or [("time", -1)], limit=limit, skip=skip,
+    docs = project.find(MODELS, flt, sort=sort or [("time", -1)], limit=limit, skip=skip,
                         projection={f: 0 for f in MODEL_HIDDEN})
     columns: dict[str, None] = {}
     for doc in docs:
         for key, value in doc.items():
             if key not in MODEL_FIXED and isinstance(value, (int, float)) and not isinstance(value, bool):
                 columns[key] = None
-    return {"rows": docs, "metrics": sorted(columns)[:MAX_COLUMNS], "total": project.count("models", flt)}
+    return {"rows": docs, "metrics": sorted(columns)[:MAX_COLUMNS], "total": project.count(MODELS, flt)}
 
 
 def tasks_board(project, flt: dict | None, sort, limit: int) -> dict:
     """Tasks (newest first) with the tails of their output and error, and the count of each status."""
-    docs = project.find("tasks", flt, sort=sort or [("_id", -1)], limit=limit, projection=TASK_FIELDS)
+    docs = project.find(TASKS, flt, sort=sort or [("_id", -1)], limit=limit, projection=TASK_FIELDS)
     rows = []
     for doc in docs:
         output = doc.get("output") or ""
@@ -227,7 +212,7 @@ def tasks_board(project, flt: dict | None, sort, limit: int) -> dict:
                      "worker": doc.get("worker"), "started": doc.get("started"), "ended": doc.get("ended"),
                      "error_tail": str(error)[-TAIL:], "output_tail": str(output)[-TAIL:]})
     base = [flt] if flt else []
-    counts = {s: project.count("tasks", {"$and": [*base, {"status": s}]} if base else {"status": s})
+    counts = {s: project.count(TASKS, {"$and": [*base, {"status": s}]} if base else {"status": s})
               for s in TASK_STATUSES}
     return {"rows": rows, "counts": counts}
 
@@ -235,13 +220,9 @@ def tasks_board(project, flt: dict | None, sort, limit: int) -> dict:
 def datasets_list(project, flt: dict | None, limit: int) -> list[dict]:
     """Dataset versions, newest first, with the number of arrays each value holds (no blob is read)."""
     from mlwarehouse.web.arrays import leaves
-    docs = project.find("datasets", flt, sort=[("name", 1), ("time", -1)], limit=limit,
+    docs = project.find(DATASETS, flt, sort=[("name", 1), ("time", -1)], limit=limit,
                         projection={"_blobs": 0})
     return [{"id": d["_id"], "name": d.get("name"), "version": d.get("version"), "time": d.get("time"),
              "description": d.get("description"), "tags": d["tags"] if isinstance(d.get("tags"), list) else [],
              "arrays": len(leaves(d.get("value")))} for d in docs]
 
-
-def _dict(value: Any) -> dict:
-    """``value`` when it is a dict, else empty: documents written by other tools may hold anything."""
-    return value if isinstance(value, dict) else {}
