@@ -13,18 +13,20 @@ import threading
 import time
 from datetime import datetime, timezone
 
-__all__ = ["new_id", "utc_now", "parse_time"]
+__all__ = ["new_id", "utc_now", "parse_time", "ALPHABET", "encode32"]
 
-_ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+#: Crockford base32, the digits of every id
+ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 _lock = threading.Lock()
 _last_ms = -1
 _last_rand = 0
 
 
-def _encode(value: int, length: int) -> str:
+def encode32(value: int, length: int) -> str:
+    """The low ``5 * length`` bits of ``value`` as ``length`` base32 digits, most significant first."""
     out = []
     for _ in range(length):
-        out.append(_ALPHABET[value & 31])
+        out.append(ALPHABET[value & 31])
         value >>= 5
     return "".join(reversed(out))
 
@@ -43,7 +45,7 @@ def new_id() -> str:
         else:
             _last_rand = int.from_bytes(os.urandom(10), "big") >> 1  # headroom for increments
         _last_ms = ms
-        return _encode(ms, 10) + _encode(_last_rand, 16)
+        return encode32(ms, 10) + encode32(_last_rand, 16)
 
 
 def utc_now() -> str:

@@ -18,6 +18,7 @@ from mlwarehouse.cli.common import BlobsOpt, ProjectOpt, UriOpt, connect, consol
 from mlwarehouse.cli.items import items_app
 from mlwarehouse.errors import NotFound, WarehouseError
 from mlwarehouse.query.text import parse_filter_text, parse_sort_text
+from mlwarehouse.runs import summary
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="mlwarehouse: the database for the whole machine-learning process.")
@@ -84,7 +85,7 @@ def projects(uri: Optional[str] = UriOpt, blobs: Optional[str] = BlobsOpt, as_js
         _show([{"project": name} for name in wh.projects()], ["project"], as_json, "projects")
 
 
-def _listing(registry: str, summary: str, base: list[str], hidden: set[str]) -> None:
+def _listing(registry: str, help_text: str, base: list[str], hidden: set[str]) -> None:
     """Add ``mlw REGISTRY``: the records its ``find`` returns as rows, the ``base`` columns first, then the first
     user fields that are neither there nor ``hidden``."""
     def command(where: Optional[str] = WhereOpt, sort: Optional[str] = SortOpt, limit: int = LimitOpt,
@@ -94,7 +95,7 @@ def _listing(registry: str, summary: str, base: list[str], hidden: set[str]) -> 
             where=parse_where(where), sort=parse_sort(sort), limit=limit)
         docs = [r.doc for r in found]
         _show(docs, base + _user_fields(docs, set(base) | hidden), as_json, f"{registry} in {project}")
-    app.command(registry, help=summary)(command)
+    app.command(registry, help=help_text)(command)
 
 
 _listing("datasets", "List datasets (newest first).", ["_id", "name", "version", "time", "description"],
@@ -128,11 +129,8 @@ def runs(where: Optional[str] = WhereOpt, sort: Optional[str] = SortOpt, limit: 
     rows = []
     for doc in docs:
         row = {k: doc.get(k) for k in ("_id", "name", "status", "started", "task")}
-        summaries = doc.get("summary") if isinstance(doc.get("summary"), dict) else {}
-        for kind, metrics in summaries.items():
-            for metric, summary in (metrics.items() if isinstance(metrics, dict) else ()):
-                if isinstance(summary, dict):
-                    row[f"{kind}.{metric}"] = summary.get("last")
+        for name, stats in summary.metrics(doc).items():
+            row[name] = stats.get(summary.LAST)
         rows.append(row)
     columns = list(dict.fromkeys(k for row in rows for k in row))[:10] or ["_id", "name", "status"]
     _show(rows, columns, as_json, f"runs in {project}")
@@ -242,14 +240,14 @@ def _render(collection: str, doc: dict, arrays: list[dict]) -> None:
         arch = doc["architecture"]
         fields.add_row("architecture", " ".join(f"{k}={arch[k]}" for k in ("format", "class", "torch") if k in arch))
     console.print(Panel(fields, title=f"{kind} {doc['_id']}", expand=False))
-    if collection == schema.RUNS.name and doc.get("summary"):
+    if collection == schema.RUNS.name and summary.metrics(doc):
         table = Table(title="summaries")
         for column in ("kind", "metric", "last", "min", "max", "count"):
             table.add_column(column)
-        for kind_name, metrics in doc["summary"].items():
-            for metric, summ in metrics.items():
-                table.add_row(kind_name, metric, *(_cell(summ.get(k)) + _step(summ, k) for k in ("last", "min", "max")),
-                              _cell(summ.get("count")))
+        for name, stats in summary.metrics(doc).items():
+            kind_name, metric = summary.split_key(name)
+            table.add_row(kind_name, metric, *(_cell(stats.get(k[0])) + _step(stats, k) for k in _STEPPED),
+                          _cell(stats.get(summary.COUNT)))
         console.print(table)
     if doc.get("error"):
         tail = "\n".join(str(doc.get("traceback") or doc["error"]).splitlines()[-15:])
@@ -264,8 +262,12 @@ def _render(collection: str, doc: dict, arrays: list[dict]) -> None:
         console.print(table)
 
 
-def _step(summary: dict, key: str) -> str:
-    step = summary.get(f"{key}_step")
+#: the stats shown with the step they were seen at
+_STEPPED = ((summary.LAST, summary.LAST_STEP), (summary.MIN, summary.MIN_STEP), (summary.MAX, summary.MAX_STEP))
+
+
+def _step(stats: dict, stat_and_step: tuple[str, str]) -> str:
+    step = stats.get(stat_and_step[1])
     return "" if step is None else f" @{step}"
 
 
@@ -290,13 +292,13 @@ def export_(project_name: str = typer.Argument(..., metavar="PROJECT", help="the
     """Export a project (documents and blobs) to a portable tar archive."""
     from mlwarehouse.archive.tarball import export_project
     with connect(uri, blobs) as wh, _progress(not as_json) as progress:
-        summary = export_project(wh, project_name, path, progress=progress)
+        report = export_project(wh, project_name, path, progress=progress)
     if as_json:
-        print(json.dumps(summary))
+        print(json.dumps(report))
     else:
-        console.print(f"exported project {summary['project']}: {summary['documents']} documents "
-                      f"({_counts(summary['collections'])}) and {summary['blobs']} blobs "
-                      f"({summary['blob_bytes'] / 1e6:.1f} MB) to {summary['path']}", highlight=False)
+        console.print(f"exported project {report['project']}: {report['documents']} documents "
+                      f"({_counts(report['collections'])}) and {report['blobs']} blobs "
+                      f"({report['blob_bytes'] / 1e6:.1f} MB) to {report['path']}", highlight=False)
 
 
 @app.command("import")
@@ -307,13 +309,13 @@ def import_(path: str = typer.Argument(..., metavar="FILE.tar", help="an archive
     """Import a project archive: blobs verified first, then the documents."""
     from mlwarehouse.archive.tarball import import_project
     with connect(uri, blobs) as wh, _progress(not as_json) as progress:
-        summary = import_project(wh, path, project=project_name, progress=progress)
+        report = import_project(wh, path, project=project_name, progress=progress)
     if as_json:
-        print(json.dumps(summary))
+        print(json.dumps(report))
     else:
-        renamed = f" (from {summary['source']}, with new ids)" if summary["renamed"] else ""
-        console.print(f"imported project {summary['project']}{renamed}: {summary['documents']} documents "
-                      f"({_counts(summary['collections'])}) and {summary['blobs']} blobs", highlight=False)
+        renamed = f" (from {report['source']}, with new ids)" if report["renamed"] else ""
+        console.print(f"imported project {report['project']}{renamed}: {report['documents']} documents "
+                      f"({_counts(report['collections'])}) and {report['blobs']} blobs", highlight=False)
 
 
 def _counts(counts: dict) -> str:

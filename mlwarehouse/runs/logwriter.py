@@ -30,6 +30,7 @@ from typing import Any
 
 from mlwarehouse import schema
 from mlwarehouse.errors import BackendError, DuplicateKey, InvalidDocument, WarehouseError
+from mlwarehouse.ids import ALPHABET, encode32
 from mlwarehouse.query.fields import normalize_value
 from mlwarehouse.runs import summary
 
@@ -84,16 +85,7 @@ class _Stamper:
         return f"{self._prefix}.{int((t - second) * 1e6):06d}Z"
 
 
-_ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
-_PAIRS = [a + b for a in _ALPHABET for b in _ALPHABET]  # 10 bits -> 2 characters
-
-
-def _base32(value: int, length: int) -> str:
-    out = []
-    for _ in range(length):
-        out.append(_ALPHABET[value & 31])
-        value >>= 5
-    return "".join(reversed(out))
+_PAIRS = [a + b for a in ALPHABET for b in ALPHABET]  # 10 bits -> 2 characters
 
 
 class _BatchIds:
@@ -115,7 +107,7 @@ class _BatchIds:
         pairs = _PAIRS
         while n > 0:
             take = min(n, (1 << 30) - low)
-            prefix = _base32(ms, 10) + _base32(high, 10)
+            prefix = encode32(ms, 10) + encode32(high, 10)
             ids.extend(prefix + pairs[(x >> 20) & 1023] + pairs[(x >> 10) & 1023] + pairs[x & 1023]
                        for x in range(low, low + take))
             n -= take
