@@ -80,6 +80,39 @@ def test_sql_is_read_only(ix):
     assert ix.count("c") == 6
 
 
+def test_views_are_created_once_and_replaced_on_request(schema_dsn):
+    with PostgresIndex(schema_dsn, max_connections=1) as ix, PostgresIndex(schema_dsn, max_connections=1) as other:
+        ix.insert_many("c", docs(3))
+        ix.create_view("v", "SELECT id FROM c_c")
+        ix.create_view("v", "SELECT id, doc::text AS doc FROM c_c")  # exists: left as it is
+        assert list(ix.sql("SELECT * FROM v")[0]) == ["id"]
+        ix.create_view("v", "SELECT id, doc::text AS doc FROM c_c", replace=True)
+        assert list(ix.sql("SELECT * FROM v")[0]) == ["id", "doc"]
+        other.create_view("v", "SELECT id AS x FROM c_c", replace=True)  # ix's prepared "SELECT * FROM v" is stale
+        assert list(ix.sql("SELECT * FROM v")[0]) == ["x"]
+        with pytest.raises(QueryError, match="at most 48"):
+            ix.create_view("v" * 49, "SELECT 1")
+
+
+def test_names_are_at_most_48_characters(ix):
+    ix.insert_one("a" * 48, {"_id": "x"})
+    ix.create_index("a" * 48, [("k", 1)])
+    assert ix.collections() == ["a" * 48]
+    for call in (lambda: ix.insert_one("a" * 49, {"_id": "x"}), lambda: ix.count("a" * 49),
+                 lambda: ix.listen("a" * 49, 0)):
+        with pytest.raises(QueryError, match="invalid collection name 'a+': use at most 48 lowercase letters"):
+            call()
+
+
+def test_listen_wakes_on_a_delete(ix):
+    ix.insert_one("tasks", {"_id": "t1"})
+    assert ix.listen("tasks", 0.1) is False
+    other = threading.Timer(0.3, ix.delete_many, ("tasks", {}))
+    other.start()
+    assert ix.listen("tasks", 10) is True
+    other.join()
+
+
 def test_listen_wakes_on_a_write_from_another_process(ix, schema_dsn):
     ix.ensure_collection("tasks")
     assert ix.listen("tasks", 0.2) is False  # nothing written: times out

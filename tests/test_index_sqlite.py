@@ -59,6 +59,22 @@ def test_sql_is_read_only(ix):
         ix.create_view("Bad Name", "SELECT 1")
 
 
+def test_views_are_created_once_and_replaced_on_request(ix):
+    ix.insert_many("c", docs(3))
+    ix.create_view("v", "SELECT id FROM c_c")
+    ix.create_view("v", "SELECT id, doc FROM c_c")  # exists: left as it is
+    assert list(ix.sql("SELECT * FROM v ORDER BY id")[0]) == ["id"]
+    ix.create_view("v", "SELECT id, doc FROM c_c", replace=True)
+    assert list(ix.sql("SELECT * FROM v ORDER BY id")[0]) == ["id", "doc"]
+
+
+def test_names_have_no_length_limit(ix):
+    name = "a" * 200  # SQLite has no limit on names; PostgreSQL's index refuses more than 48 characters
+    ix.insert_one(name, {"_id": "x"})
+    ix.create_index(name, [("k", 1)])
+    assert ix.collections() == [name] and ix.count(name) == 1
+
+
 def test_locked_database_maps_to_backend_error(tmp_path):
     path = tmp_path / "locked.sqlite"
     ix = SQLiteIndex(path, timeout=0.2)

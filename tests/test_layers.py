@@ -29,7 +29,7 @@ FRONTS = ("cli", "web", "compat", "archive", "examples")
 #: the front door: the warehouse, and the package itself (whose ``__init__`` imports it)
 TOP = ("warehouse", "")
 #: concrete backends that domain code reaches only through ``Project`` and the two protocols
-BACKENDS = ("index.sqlite", "index.postgres", "index.mongo", "index.sql", "blobs.files", "blobs.s3",
+BACKENDS = ("index.sqlite", "index.postgres", "index.mongo", "index.sql", "index.sqlbase", "blobs.files", "blobs.s3",
             "blobs.gridfs", "blobs.cache", "drivers")
 
 #: violations found in files this change could not edit, each with the reason it is still allowed to fail

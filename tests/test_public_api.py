@@ -51,3 +51,38 @@ def test_exception_tree_shape():
     }
     for name in errors.__all__:  # the docstring's drawing names every class
         assert f" {name} " in errors.__doc__ or f"{name}\n" in errors.__doc__, name
+
+
+def _public(cls) -> set[str]:
+    return {name for name in dir(cls) if not name.startswith("_")}
+
+
+def test_index_protocol_surface():
+    """What every index backend offers (and nothing a caller could come to rely on by accident)."""
+    from mlwarehouse.index.base import Index
+    assert _public(Index) == {
+        "name", "supports_listen",
+        "ensure_collection", "create_index", "collections", "indexes",
+        "insert_many", "insert_one", "update_many", "find_one_and_update", "replace_one", "delete_many",
+        "find", "find_one", "values", "count", "distinct", "listen", "sql", "close",
+    }
+
+
+def test_blob_protocol_surface():
+    from mlwarehouse.blobs.base import BlobStore
+    assert _public(BlobStore) == {
+        "name", "mtime_resolution",
+        "put", "put_file", "get", "get_range", "exists", "stat", "delete", "list", "close",
+    }
+
+
+def test_every_backend_implements_its_protocol_and_adds_little():
+    """Backends may add a few documented extras (SQL views, the read cache's size), never rename the protocol."""
+    from mlwarehouse.blobs.base import BlobStore
+    from mlwarehouse.blobs.cache import CachedBlobStore
+    from mlwarehouse.blobs.files import FileBlobStore
+    from mlwarehouse.index.base import Index
+    from mlwarehouse.index.sqlite import SQLiteIndex
+    assert _public(SQLiteIndex) - _public(Index) == {"create_view", "table_name", "dialect", "name_limit"}
+    assert _public(FileBlobStore) - _public(BlobStore) <= {"root"}
+    assert _public(CachedBlobStore) - _public(BlobStore) == {"used_bytes"}

@@ -13,20 +13,29 @@ Conventions every backend honours:
 - Every write is atomic per document; ``insert_many`` is atomic per chunk; ``find_one_and_update`` is atomic
   across processes (it is how tasks are claimed).
 - Driver errors are mapped to :mod:`mlwarehouse.errors` at the backend boundary.
+
+Below the protocol, :class:`IndexBackend`, the base of every backend: what they share so that they say the same
+thing everywhere (the checks of names, limits, index keys and scalar fields, index naming, the scalar-field cache).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
+
+from mlwarehouse.errors import ConfigError, InvalidDocument, QueryError
+from mlwarehouse.query import MISSING, distinct_values, get_path, split_path, validate_sort
 
 Filter = dict[str, Any]
 Sort = Sequence[tuple[str, int]]
 Update = dict[str, Any]
 Projection = dict[str, int]
 
-__all__ = ["Index", "Filter", "Sort", "Update", "Projection"]
+__all__ = ["Index", "IndexBackend", "Filter", "Sort", "Update", "Projection"]
 
 
 class Index(ABC):
@@ -34,8 +43,6 @@ class Index(ABC):
 
     #: short name of the backend ("sqlite", "postgresql", "mongodb")
     name: str = "abstract"
-    #: ``wh.sql()`` is available (SQLite and PostgreSQL)
-    supports_sql: bool = False
     #: ``listen`` wakes on writes (PostgreSQL's LISTEN/NOTIFY) instead of sleeping out its timeout
     supports_listen: bool = False
 
@@ -105,7 +112,6 @@ class Index(ABC):
         Columns without whole documents: histories of 100k log points read several times faster where a
         backend can extract them in the database. This default reads the documents.
         """
-        from mlwarehouse.query import MISSING, get_path, split_path
         paths = [split_path(f, "field") for f in fields]
         projection = {".".join(p[:1]): 1 for p in paths}
         out = []
@@ -120,7 +126,6 @@ class Index(ABC):
 
     def distinct(self, collection: str, field: str, filter: Filter | None = None) -> list:
         """Distinct values of a field (array values contribute their elements), in sort order."""
-        from mlwarehouse.query import distinct_values  # reference implementation; backends may override
         return distinct_values(self.find(collection, filter, projection={field: 1}), field)
 
     def indexes(self, collection: str) -> list[dict]:
@@ -140,7 +145,6 @@ class Index(ABC):
     # -- raw SQL (SQLite, PostgreSQL) ----------------------------------------------------------------------
     def sql(self, query: str, params: Sequence[Any] | dict = ()) -> list[dict]:
         """Run read-only SQL over the documented views; rows as dicts."""
-        from mlwarehouse.errors import ConfigError
         raise ConfigError(f"the {self.name} index does not support SQL")
 
     def close(self) -> None:
@@ -151,3 +155,102 @@ class Index(ABC):
 
     def __exit__(self, *exc):
         self.close()
+
+
+# -- what every backend shares ---------------------------------------------------------------------------------
+_NAME_RE = re.compile(r"^[a-z][a-z0-9_]*\Z")
+
+
+class IndexBackend(Index):
+    """The base of every backend: the protocol, plus what backends share so that they say the same thing.
+
+    Checks (names, limits, index keys, scalar fields), index naming, and each collection's scalar fields as the
+    backend last read them from its metadata: read once, then cached (they only grow; a collection not seen yet
+    is looked up again on each use). A backend supplies :meth:`_read_scalar_fields` and, if its names are
+    bounded, :attr:`name_limit`. Callers see only :class:`Index`.
+    """
+
+    #: the longest collection or view name the backend can hold (None: no limit)
+    name_limit: int | None = None
+
+    def __init__(self) -> None:
+        self._scalars: dict[str, frozenset[str]] = {}
+
+    # -- checks --------------------------------------------------------------------------------------------
+    def _check_name(self, kind: str, name: Any) -> str:
+        """``name`` if it can name a collection (or a view): lowercase letters, digits and '_', starting with a
+        letter, at most :attr:`name_limit` characters; otherwise QueryError."""
+        limit = self.name_limit
+        if isinstance(name, str) and _NAME_RE.match(name) and (limit is None or len(name) <= limit):
+            return name
+        most = "" if limit is None else f"at most {limit} "
+        raise QueryError(f"invalid {kind} name {name!r}: use {most}lowercase letters, digits and '_', "
+                         "starting with a letter")
+
+    @staticmethod
+    def _check_limits(limit: Any, skip: Any = 0) -> None:
+        """QueryError unless ``limit`` (None: no limit) and ``skip`` are integers from 0 to 2**63 - 1."""
+        for what, n in (("limit", limit), ("skip", skip)):
+            if n is not None and (isinstance(n, bool) or not isinstance(n, int) or not 0 <= n < 1 << 63):
+                raise QueryError(f"{what} must be an integer from 0 to 2**63 - 1, not {n!r}")
+
+    @staticmethod
+    def _index_spec(collection: str, keys: Sequence[tuple[str, int]], unique: bool) -> tuple[list, str]:
+        """The validated keys of :meth:`create_index` (at least one ``(field, 1 | -1)``) and the index's name,
+        derived from what it indexes so that every process and backend agrees on it."""
+        keys = list(keys)
+        if not keys:
+            raise QueryError("create_index needs at least one (field, 1 or -1) key")
+        spec = validate_sort(keys)[:len(keys)]  # without the appended tie-breaker
+        digest = hashlib.sha1(json.dumps([spec, unique]).encode()).hexdigest()[:12]
+        return spec, f"ix_{collection}_{digest}"
+
+    @staticmethod
+    def _check_scalars(doc: dict, scalars: Iterable[str], collection: str) -> None:
+        """InvalidDocument if ``doc`` holds an array or object at one of the collection's scalar fields."""
+        for field in scalars:
+            value = doc.get(field) if "." not in field else get_path(doc, field)  # the common case, cheaply
+            if isinstance(value, (dict, list)):
+                raise IndexBackend._not_scalar(doc, field, collection)
+
+    @staticmethod
+    def _not_scalar(doc: dict, field: str, collection: str) -> InvalidDocument:
+        return InvalidDocument(f"collection {collection!r}: {field!r} is a scalar field and cannot hold an array "
+                               f"or object (document {doc['_id']!r})")
+
+    # -- scalar fields, cached -----------------------------------------------------------------------------
+    @abstractmethod
+    def _read_scalar_fields(self, collection: str) -> Iterable[str] | None:
+        """The stored scalar fields of ``collection``, or None if it does not exist."""
+
+    def _scalar_fields(self, collection: str) -> frozenset[str] | None:
+        """Scalar fields of a collection, or None if it does not exist (checks the name before reading)."""
+        known = self._scalars.get(collection)
+        if known is not None:
+            return known
+        fields = self._read_scalar_fields(self._check_name("collection", collection))
+        if fields is None:
+            return None
+        known = self._scalars[collection] = frozenset(fields)
+        return known
+
+    def _known(self, collection: str) -> frozenset[str]:
+        """Scalar fields of a collection, created first if it does not exist (for writes)."""
+        known = self._scalar_fields(collection)
+        if known is None:
+            self.ensure_collection(collection)
+            known = self._scalars[collection]
+        return known
+
+    def _wanted(self, collection: str, scalar_fields: Sequence[str]) -> set[str] | None:
+        """The checked arguments of ``ensure_collection``: the scalar fields asked for, or None when the cache
+        shows there is nothing to do."""
+        self._check_name("collection", collection)
+        if isinstance(scalar_fields, str):
+            raise QueryError(f"scalar_fields must be a list of field paths, not the string {scalar_fields!r}")
+        wanted = {f for f in scalar_fields if split_path(f, "scalar field")}
+        known = self._scalars.get(collection)
+        return None if known is not None and wanted <= known else wanted
+
+    def _remember(self, collection: str, fields: Iterable[str]) -> None:
+        self._scalars[collection] = frozenset(fields)

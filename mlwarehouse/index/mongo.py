@@ -19,11 +19,8 @@ Collection metadata (scalar fields, indexes) lives in ``mlw__meta``. Driver erro
 
 from __future__ import annotations
 
-import hashlib
 import heapq
-import json
 import os
-import re
 from collections.abc import Iterable, Iterator, Sequence
 from itertools import islice
 from typing import Any
@@ -33,8 +30,8 @@ import pymongo
 from pymongo import errors as perr
 
 from mlwarehouse.drivers.mongo import Connection
-from mlwarehouse.errors import DuplicateKey, InvalidDocument, QueryError
-from mlwarehouse.index.base import Filter, Index, Projection, Sort, Update
+from mlwarehouse.errors import DuplicateKey, InvalidDocument
+from mlwarehouse.index.base import Filter, IndexBackend, Projection, Sort, Update
 from mlwarehouse.query import (
     Field,
     Logical,
@@ -55,13 +52,6 @@ __all__ = ["MongoIndex", "REVISION", "pushdown"]
 
 REVISION = "_mlw_rev"
 META = "mlw__meta"  # collection names start with a letter, so no user collection maps to this
-_NAME_RE = re.compile(r"^[a-z][a-z0-9_]*\Z")
-
-
-def _check_name(kind: str, name: Any) -> str:
-    if not isinstance(name, str) or not _NAME_RE.match(name):
-        raise QueryError(f"invalid {kind} name {name!r}: use lowercase letters, digits and '_', starting with a letter")
-    return name
 
 
 def _plain(value: Any) -> Any:
@@ -125,7 +115,7 @@ def _top_fields(node: Any, out: set[str]) -> set[str]:
     return out
 
 
-class MongoIndex(Index):
+class MongoIndex(IndexBackend):
     """An :class:`~mlwarehouse.index.base.Index` in a MongoDB database (or a wire-compatible server)."""
 
     name = "mongodb"
@@ -134,7 +124,7 @@ class MongoIndex(Index):
         self.conn = Connection(uri, database=database, timeout=timeout, what="MongoDB index")
         self.uri, self.where, self.user, self.database = uri, self.conn.where, self.conn.user, self.conn.database
         self.chunk_size = chunk_size
-        self._scalars: dict[str, frozenset[str]] = {}
+        super().__init__()
 
     def _db(self):
         return self.conn.db()
@@ -165,25 +155,14 @@ class MongoIndex(Index):
             if metas.replace_one({"_id": collection, "rev": old.get("rev")}, new).matched_count:
                 return new
 
-    def _scalar_fields(self, collection: str) -> frozenset[str] | None:
-        known = self._scalars.get(collection)
-        if known is not None:
-            return known
-        _check_name("collection", collection)
+    def _read_scalar_fields(self, collection: str) -> list[str] | None:
         with self._errors():
             meta = self._meta(collection)
-        if meta is None:
-            return None
-        fields = self._scalars[collection] = frozenset(meta["scalar_fields"])
-        return fields
+        return None if meta is None else meta["scalar_fields"]
 
     def ensure_collection(self, collection: str, *, scalar_fields: Sequence[str] = ()) -> None:
-        _check_name("collection", collection)
-        if isinstance(scalar_fields, str):
-            raise QueryError(f"scalar_fields must be a list of field paths, not the string {scalar_fields!r}")
-        wanted = {f for f in scalar_fields if split_path(f, "scalar field")}
-        known = self._scalars.get(collection)
-        if known is not None and wanted <= known:
+        wanted = self._wanted(collection, scalar_fields)
+        if wanted is None:
             return
 
         def add(meta: dict) -> dict:
@@ -198,16 +177,11 @@ class MongoIndex(Index):
 
         with self._errors():
             meta = self._change_meta(collection, add)
-        self._scalars[collection] = frozenset(meta["scalar_fields"])
+        self._remember(collection, meta["scalar_fields"])
 
     def create_index(self, collection: str, keys: Sequence[tuple[str, int]], *, unique: bool = False) -> None:
-        keys = list(keys)
-        if not keys:
-            raise QueryError("create_index needs at least one (field, 1 or -1) key")
-        spec = validate_sort(keys)[:len(keys)]
+        spec, name = self._index_spec(collection, keys, unique)
         self.ensure_collection(collection)
-        digest = hashlib.sha1(json.dumps([spec, unique]).encode()).hexdigest()[:12]
-        name = f"ix_{collection}_{digest}"
         # _id is left out of the server's index: every collection already has one on it, sorting happens here,
         # and some wire-compatible servers refuse every later insert once _id is part of a compound index.
         server_keys = [(f, d) for f, d in spec if f != "_id"]
@@ -235,17 +209,7 @@ class MongoIndex(Index):
     # -- writes --------------------------------------------------------------------------------------------
     def _check(self, doc: Any, scalars: frozenset[str], collection: str) -> None:
         validate_document(doc)
-        for field in scalars:
-            if isinstance(get_path(doc, field), (dict, list)):
-                raise InvalidDocument(f"collection {collection!r}: {field!r} is a scalar field and cannot hold "
-                                      f"an array or object (document {doc['_id']!r})")
-
-    def _known(self, collection: str) -> frozenset[str]:
-        scalars = self._scalar_fields(collection)
-        if scalars is None:
-            self.ensure_collection(collection)
-            scalars = self._scalars[collection]
-        return scalars
+        self._check_scalars(doc, scalars, collection)
 
     def insert_many(self, collection: str, docs: Iterable[dict], *, chunk_size: int | None = None) -> int:
         scalars = self._known(collection)
@@ -399,10 +363,8 @@ class MongoIndex(Index):
         node = parse_filter(filter)
         spec = validate_sort(sort)
         keep = validate_projection(projection)
-        for name, n in (("limit", limit), ("skip", skip)):
-            if n is not None and (isinstance(n, bool) or not isinstance(n, int) or not 0 <= n < 1 << 63):
-                raise QueryError(f"{name} must be an integer from 0 to 2**63 - 1, not {n!r}")
-        _check_name("collection", collection)
+        self._check_limits(limit, skip)
+        self._check_name("collection", collection)
         if limit == 0:
             return iter(())
         want = None if limit is None else skip + limit
@@ -422,7 +384,7 @@ class MongoIndex(Index):
 
     def count(self, collection: str, filter: Filter | None = None) -> int:
         node = parse_filter(filter)
-        _check_name("collection", collection)
+        self._check_name("collection", collection)
         with self._errors():
             if not node.children:
                 return self._coll(collection).count_documents({})

@@ -152,9 +152,8 @@ SPELLINGS: dict[str, Spelling] = {s.name: s for s in (SQLITE, POSTGRES)}
 
 
 def table_name(index, collection: schema.Collection) -> str:
-    """The quoted table of a collection: the index's answer where it offers ``table_name``, else ``c_<name>``."""
-    ask = getattr(index, "table_name", None)
-    return f'"{ask(collection.name) if ask is not None else "c_" + collection.name}"'
+    """The quoted table of a collection, as the SQL index names it."""
+    return f'"{index.table_name(collection.name)}"'
 
 
 def _in(values: Sequence[str]) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import multiprocessing
 import re
 import threading
+from collections import OrderedDict
 
 import pytest
 
@@ -151,10 +152,17 @@ class IndexTests:
                 ix.insert_one("m", bad)
         with pytest.raises(InvalidDocument, match="scalar"):
             ix.update_many("m", {}, {"$set": {"name": [1]}})
+        for bad in [{"_id": "b", "name": OrderedDict(k=1)}, {"_id": "b", "cfg": {"kind": OrderedDict(k=1)}}]:
+            with pytest.raises(InvalidDocument, match="scalar"):  # a dict subclass is an object too
+                ix.insert_many("m", [bad])
+        with pytest.raises(InvalidDocument, match="scalar"):
+            ix.replace_one("m", {"_id": "a", "name": ["mlp"]}, upsert=True)
         ix.insert_one("m", {"_id": "c", "tags": [1]})
         with pytest.raises(InvalidDocument, match="'c'"):
             ix.ensure_collection("m", scalar_fields=["tags"])
         assert ix.count("m", {"name": "mlp"}) == 1 and ix.count("m", {"name": None}) == 1
+        with pytest.raises(QueryError, match="not the string"):
+            ix.ensure_collection("m", scalar_fields="name")
 
     def test_index_serves_best_model_query(self, index):
         ix = index
@@ -177,15 +185,21 @@ class IndexTests:
 
     def test_bad_names_and_arguments(self, index):
         ix = index
-        for bad in ["Runs", "1x", "a-b", "x; drop table mlw_meta", ""]:
-            with pytest.raises(QueryError):
+        for bad in ["Runs", "1x", "a-b", "x; drop table mlw_meta", "", None]:
+            with pytest.raises(QueryError, match="invalid collection name .*lowercase letters, digits and '_'"):
                 ix.ensure_collection(bad)
-        with pytest.raises(QueryError):
-            list(ix.find("c", {}, limit=-1))
+            with pytest.raises(QueryError, match="invalid collection name"):
+                ix.count(bad)
+        for limit, skip, what in [(-1, 0, "limit"), (True, 0, "limit"), (2**63, 0, "limit"), (None, -1, "skip"),
+                                  (1, 1.0, "skip")]:
+            with pytest.raises(QueryError, match=f"{what} must be an integer from 0 to 2\\*\\*63 - 1"):
+                list(ix.find("c", {}, limit=limit, skip=skip))
         with pytest.raises(QueryError):
             list(ix.find("c", {}, sort="a"))
         with pytest.raises(QueryError):
             ix.create_index("c", [("a'); drop table x;--", 1)])
+        with pytest.raises(QueryError, match="at least one"):
+            ix.create_index("c", [])
 
     def test_documents_come_back_exactly_as_written(self, index):
         """Key order, int versus float, large and negative-zero numbers, unicode: all survive the round trip."""

@@ -11,9 +11,10 @@ objects and arrays). Sorting is ``ORDER BY rank, value`` per field; a comparison
 skipped for ``scalar_fields`` so that filters on them are plain index lookups. Element-level JSON functions
 sit behind ``CASE`` so they never see a value that is not JSON.
 
-SQL text that differs between databases lives in a :class:`Dialect`: :class:`SQLiteDialect` (JSON text with
-JSON1 functions) and :class:`mlwarehouse.index.sql.postgres_dialect.PostgresDialect` (the ``json`` type, see its docstring for
-why not ``jsonb``).
+SQL text that differs between databases lives in a :class:`Dialect` (placeholders included):
+:class:`SQLiteDialect` (JSON text with JSON1 functions) and
+:class:`mlwarehouse.index.sql.postgres_dialect.PostgresDialect` (the ``json`` type; its docstring says why not
+``jsonb``).
 """
 
 from __future__ import annotations
@@ -39,8 +40,8 @@ from mlwarehouse.query import (
     validate_sort,
 )
 
-__all__ = ["Dialect", "SQLiteDialect", "SQLITE", "Compiler",
-           "compile_filter", "compile_sort", "sort_expressions", "index_expressions", "REGEX_FUNCTION"]
+__all__ = ["Dialect", "SQLiteDialect", "SQLITE", "Compiler", "sort_expressions", "index_expressions",
+           "REGEX_FUNCTION"]
 
 REGEX_FUNCTION = "mlw_regex"  # (pattern, flags, value) -> 1/0, registered by the backend
 
@@ -51,10 +52,12 @@ class Dialect:
     id_column = "id"
     doc_column = "doc"
     true, false = "1", "0"  # boolean literals; the compiler simplifies on them
+    placeholder = "?"  # the driver's parameter marker
+    no_limit = -1  # the LIMIT parameter that means "no limit"
 
     def bind(self, rank: int | None = None) -> str:
         """The placeholder of a parameter compared with values of class ``rank``."""
-        return "?"
+        return self.placeholder
 
     def not_(self, part: str) -> str:
         return f"NOT ifnull({part}, 0)"  # NULL means "no match" everywhere; negation must keep it so
@@ -71,6 +74,10 @@ class Dialect:
 
     def sort_keys(self, doc: str, path: str) -> list[str]:
         return [self.rank(doc, path), self.extract(doc, path)]
+
+    def index_keys(self, keys: list[str], unique: bool) -> list[str]:
+        """A field's sort keys as ``CREATE INDEX`` terms (of a unique index if ``unique``)."""
+        return keys
 
     def regex_params(self, pattern: str, flags: int) -> list:
         return [pattern, flags]
@@ -170,8 +177,6 @@ class SQLiteDialect(Dialect):
 
 
 SQLITE = SQLiteDialect()
-
-
 
 
 class _PathTarget:
@@ -428,22 +433,10 @@ def sort_expressions(field: str, dialect: Dialect = SQLITE) -> list[str]:
     return dialect.sort_keys(dialect.doc_column, dialect.path(dialect.doc_column, comps))
 
 
-def index_expressions(keys: list[tuple[str, int]], dialect: Dialect = SQLITE) -> list[str]:
+def index_expressions(keys: list[tuple[str, int]], dialect: Dialect = SQLITE, *, unique: bool = False) -> list[str]:
     """Index terms serving filters and sorts on ``keys`` (each field's rank and value, with its direction)."""
     terms = []
     for field, direction in keys:
         suffix = " DESC" if direction == -1 else ""
-        terms.extend(e + suffix for e in sort_expressions(field, dialect))
+        terms.extend(e + suffix for e in dialect.index_keys(sort_expressions(field, dialect), unique))
     return terms
-
-
-def compile_filter(filter: dict | Logical | None, scalar_fields: Collection[str] = (),
-                   dialect: Dialect = SQLITE) -> tuple[str, list]:
-    """``(sql_boolean_expression, params)`` for a filter."""
-    c = Compiler(dialect, scalar_fields)
-    return c.where(filter), c.params
-
-
-def compile_sort(sort: Any, dialect: Dialect = SQLITE) -> str:
-    """ORDER BY terms for a sort (validated; ``_id`` tie-breaker appended)."""
-    return Compiler(dialect).order_by(sort)

@@ -1,4 +1,5 @@
-"""The PostgreSQL dialect of the query compiler (:mod:`mlwarehouse.index.sql.compiler`): documents in a ``json`` column."""
+"""The PostgreSQL dialect of the query compiler (:mod:`mlwarehouse.index.sql.compiler`): documents in a ``json``
+column."""
 
 from __future__ import annotations
 
@@ -39,6 +40,8 @@ class PostgresDialect(Dialect):
     """
 
     true, false = "true", "false"
+    placeholder = "%s"
+    no_limit = None
 
     def bind(self, rank: int | None = None) -> str:
         if rank in (NUMBER, BOOL):
@@ -83,6 +86,13 @@ class PostgresDialect(Dialect):
 
     def sort_keys(self, doc: str, path: str) -> list[str]:
         return [self.rank(doc, path), _pg_num(path), _pg_txt(path)]
+
+    def index_keys(self, keys: list[str], unique: bool) -> list[str]:
+        if unique and len(keys) == 3:  # NULL only for null/missing (distinct, as in SQLite), never a value
+            rank, num, txt = keys
+            keys = [rank, f"CASE WHEN {rank} = 0 THEN NULL ELSE {num} END",
+                    f"CASE WHEN {rank} = 0 THEN NULL ELSE {txt} END"]
+        return [f"({e})" for e in keys]  # PostgreSQL indexes an expression only in parentheses
 
     def each(self, json_expr: str, path: str | None) -> str:
         return f"json_array_elements({path or json_expr})"
