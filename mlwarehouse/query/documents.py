@@ -8,7 +8,7 @@ values (numpy scalars, tuples, datetimes) are converted by the layer above (:mod
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from mlwarehouse.errors import InvalidDocument, QueryError
@@ -75,30 +75,16 @@ _good_keys: set[str] = set()  # keys already checked: documents of one collectio
 
 def _plausible(obj: dict) -> bool:
     good = _good_keys
-    for key, value in obj.items():
+    for key in obj:
         if key not in good:
             if type(key) is not str or _bad_key(key):
                 return False
             if len(good) < 100_000:
                 good.add(key)
-        t = type(value)
-        if t is str or t is float or t is bool or value is None:
-            continue
-        if t is int:
-            if not _INT_MIN <= value <= _INT_MAX:
-                return False
-        elif t is dict:
-            if not _plausible(value):
-                return False
-        elif t is list:
-            if not _plausible_list(value):
-                return False
-        else:
-            return False
-    return True
+    return _plausible_values(obj.values())
 
 
-def _plausible_list(items: list) -> bool:
+def _plausible_values(items: Iterable[Any]) -> bool:
     for value in items:
         t = type(value)
         if t is str or t is float or t is bool or value is None:
@@ -110,7 +96,7 @@ def _plausible_list(items: list) -> bool:
             if not _plausible(value):
                 return False
         elif t is list:
-            if not _plausible_list(value):
+            if not _plausible_values(value):
                 return False
         else:
             return False
