@@ -39,7 +39,7 @@ def test_statuses_map_to_runs_and_keep_the_original(db):
     db.set_exp_status("e", "Complete")
     assert db.sql("select STATUS from STATUS") == [{"STATUS": "Complete"}]
     assert db.project.runs.get(run.id).status == "complete"
-    assert len(db.project.runs.find({"name": "e"})) == 1
+    assert len(db.project.runs.find("e")) == 1
     db.project.runs.start("plain").finish()
     assert db.sql("select STATUS from STATUS where EXP_ID = 'plain'") == [{"STATUS": "COMPLETE"}]
     with pytest.raises(QueryError):
@@ -76,6 +76,24 @@ def test_sql_keeps_the_warehouse_views_and_user_ctes(db):
         db.sql("delete from c_runs")
 
 
+def test_writes_are_refused_naming_the_wrapper_functions(db):
+    """MLDB's cursor wrote to its SQLite file; here its tables are views: a write says so (not "no such table")."""
+    db.set_exp_status("exp", "TRAINING")
+    cases = {'INSERT INTO STATUS VALUES ("exp2", "TRAINING")': "db.set_exp_status(",
+             "  -- fix a status\n UPDATE STATUS SET STATUS = 'COMPLETE'": "db.set_exp_status(",
+             "insert into LOSS (EXP_ID, KIND, EPOCH, VALUE) values ('exp', 'train', 0, 0.5);": "db.add_loss_value(",
+             "WITH v AS (SELECT 1) INSERT INTO METRICS SELECT * FROM v": "db.add_metric_value(",
+             "DELETE FROM c_runs": "db.add_hyperparam(", "create table notes (a)": "db.set_exp_status("}
+    for query, wrapper in cases.items():
+        for attempt in (db.sql, db.cursor.execute):
+            with pytest.raises(QueryError) as info:
+                attempt(query)
+            message = str(info.value)
+            assert "read-only" in message and wrapper in message and "no such table" not in message, message
+    assert db.sql("SELECT STATUS FROM STATUS") == [{"STATUS": "TRAINING"}]  # nothing was written
+    assert db.sql("SELECT 'insert into STATUS' AS x -- update STATUS set x") == [{"x": "insert into STATUS"}]
+
+
 def test_projects_are_separate(tmp_path):
     with Database(home=tmp_path / "wh") as one, Database(home=tmp_path / "wh", project="two") as two:
         one.set_exp_status("a", "TRAINING")
@@ -101,3 +119,5 @@ def test_the_tables_on_postgresql(postgres_server, tmp_path):  # noqa: F811
         assert db.sql("SELECT NAME, VALUE FROM METRICS") == [{"name": "f1", "value": 0.5}]
         schema = db.sql("SELECT current_schema() AS s")[0]["s"]  # the warehouse's metrics view, behind METRICS
         assert db.sql(f"SELECT count(*) AS n FROM {schema}.metrics") == [{"n": 3}]
+        with pytest.raises(QueryError, match=r"read-only.*db\.set_exp_status\("):
+            db.cursor.execute("INSERT INTO STATUS VALUES ('x', 'TRAINING')")

@@ -13,11 +13,15 @@ failed, CANCELLED/KILLED/... -> cancelled. Loss values are logs of their kind (`
 ``loss`` field; metric values are logs of kind ``metrics``, one field per metric. Hyper-parameters go to the run's
 ``hyper_parameters``.
 
-SQL (``db.sql()``, ``db.cursor``) is read-only and sees, besides the views of :mod:`mlwarehouse.index.views`, MLDB's
+SQL (``db.sql()``, ``db.cursor``) is read-only. MLDB's cursor wrote to its SQLite file; here its tables are views
+of the warehouse's runs and logs, so a statement that writes (``INSERT INTO STATUS ...``, ``UPDATE``, ``DELETE``,
+``CREATE``...) raises :class:`~mlwarehouse.errors.QueryError` naming the wrapper function that does the same write
+(``set_exp_status``, ``add_loss_value``, ``add_metric_value``, ``add_hyperparam``): MLDB's writes are supported
+through its wrapper functions only. The SQL sees, besides the views of :mod:`mlwarehouse.index.views`, MLDB's
 tables of this project: ``STATUS(EXP_ID, STATUS)``, ``LOSS(EXP_ID, KIND, EPOCH, VALUE)`` and
 ``METRICS(EXP_ID, NAME, EPOCH, VALUE)``. Inside this facade ``METRICS`` is MLDB's table; the warehouse's own
 ``metrics`` view stays readable as ``main.metrics`` (on PostgreSQL, as ``<schema>.metrics``, e.g. ``public.metrics``).
-The SQL is the database's: on SQLite (MLDB's own) everything MLDB accepted works; on PostgreSQL strings take single
+The SQL is the database's: on SQLite (MLDB's own) every query MLDB accepted works; on PostgreSQL strings take single
 quotes, placeholders are ``%s``, and column names come back in lower case (``exp_id``).
 """
 
@@ -33,7 +37,7 @@ from mlwarehouse.query.fields import normalize_value
 from mlwarehouse.runs.registry import Run
 from mlwarehouse.warehouse import connect
 
-__all__ = ["Database", "Cursor", "STATUS_MAP"]
+__all__ = ["Database", "Cursor", "STATUS_MAP", "WRITERS"]
 
 #: MLDB status strings (upper case) -> run statuses; anything else counts as running
 STATUS_MAP = {
@@ -44,6 +48,37 @@ STATUS_MAP = {
 }
 
 _WITH_RE = re.compile(r"^\s*with\s+(recursive\s+)?", re.I)
+#: string literals, quoted names and comments: blanked before looking for a statement's verb
+_NOISE_RE = re.compile(r"'(?:[^']|'')*'|\"(?:[^\"]|\"\")*\"|`[^`]*`|--[^\n]*|/\*.*?(?:\*/|$)", re.S)
+_VERB_RE = re.compile(r"[\s(;]*([a-z]+)", re.I)
+_WRITE_VERBS = frozenset({"insert", "update", "delete", "replace", "upsert", "merge", "create", "drop", "alter",
+                          "truncate", "copy", "grant", "revoke", "attach", "detach", "vacuum", "reindex", "pragma"})
+#: a write after ``WITH ...`` (SQLite and PostgreSQL accept ``WITH x AS (...) INSERT INTO ...``)
+_CTE_WRITE_RE = re.compile(r"\b(insert|replace)\s+into\b|\bdelete\s+from\b|\bupdate\s+\S+\s+set\b|\bmerge\s+into\b",
+                           re.I)
+#: MLDB's tables -> the wrapper function that writes them (hyper-parameters: ``add_hyperparam``)
+WRITERS = {
+    "STATUS": "db.set_exp_status(exp_id, status)",
+    "LOSS": "db.add_loss_value(exp_id, kind, epoch, value)",
+    "METRICS": "db.add_metric_value(exp_id, metric, epoch, value)",
+}
+
+
+def _check_read_only(query: str) -> None:
+    """Refuse a statement that writes before it reaches the database, whose own answer would be the misleading
+    ``no such table: STATUS`` (MLDB's tables are read-only views here), and name the wrapper that writes instead."""
+    text = _NOISE_RE.sub(" ", query)
+    match = _VERB_RE.match(text)
+    verb = match.group(1).lower() if match else ""
+    cte_write = _CTE_WRITE_RE.search(text) if verb == "with" else None
+    if verb not in _WRITE_VERBS and not cte_write:
+        return
+    verb = cte_write.group(0).split()[0] if cte_write else verb
+    tables = [name for name in WRITERS if re.search(rf"\b{name}\b", text, re.I)]
+    wanted = [WRITERS[name] for name in tables] or [*WRITERS.values(), "db.add_hyperparam(exp_id, name, value)"]
+    raise QueryError(f"MLDB's SQL is read-only here ({verb.upper()} refused): STATUS, LOSS and METRICS are views of "
+                     f"the warehouse's runs and logs; write through the wrapper functions instead: "
+                     f"{', '.join(wanted)}")
 
 
 def _literal(text: str) -> str:
@@ -104,7 +139,7 @@ class Database:
         run = self._runs.get(exp_id)
         if run is None:
             runs = self.project.runs
-            found = runs.find({"name": exp_id}, sort=[("started", -1)], limit=1)
+            found = runs.find(where={"name": exp_id}, sort=[("started", -1)], limit=1)
             run = found[0] if found else runs._start(exp_id, None, (), (), None, {}, current=False)
             self._runs[exp_id] = run
         return run
@@ -143,6 +178,7 @@ class Database:
         """Read-only SQL with MLDB's STATUS, LOSS and METRICS tables of this project; rows as dicts."""
         if not isinstance(query, str):
             raise QueryError(f"sql() takes a string, not {type(query).__name__}")
+        _check_read_only(query)
         return self.warehouse.sql(self._with_tables(query), params)  # flushes the logs, creates the views
 
     def _with_tables(self, query: str) -> str:

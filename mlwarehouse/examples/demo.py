@@ -3,6 +3,10 @@
 It stores scikit-learn's digits as a dataset, dispatches a sweep of PyTorch MLPs as tasks, starts two worker
 processes, waits with a progress display, prints a leaderboard, loads the best model back (in this process, which
 never defined it) and evaluates it, then says where to look next.
+
+A re-run first removes what an earlier demo run created, and only that: the ``digits`` dataset, the tasks named
+``digits-mlp``, their runs, those runs' logs and models (checkpoints included). Anything else in the project (an item
+dataset imported into it, other runs, user documents) is kept.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from mlwarehouse import schema
 
 PROJECT = "digits-demo"
 SCRIPT = Path(__file__).with_name("digits_mlp.py")
+DATASET, TASK_NAME = "digits", "digits-mlp"
 
 
 def load_digits_splits(seed: int = 0):
@@ -35,7 +40,21 @@ def load_digits_splits(seed: int = 0):
     return X[:a], y[:a], X[a:b], y[a:b], X[b:], y[b:]
 
 
-def run_demo(home: str | None = None, workers: int = 2, epochs: int = 15) -> dict:
+def clear_earlier_demo(p) -> int:
+    """Delete what an earlier demo run created in project ``p`` (see the module's docstring); how many documents."""
+    task_ids = [doc["_id"] for doc in p.find(schema.TASKS.name, {"task_name": TASK_NAME})]
+    run_ids = [doc["_id"] for doc in p.find(schema.RUNS.name, {"task": {"$in": task_ids}})] if task_ids else []
+    removed = len(p.delete(schema.TASKS.name, {"_id": {"$in": task_ids}})) if task_ids else 0
+    if run_ids:
+        removed += len(p.delete(schema.MODELS.name, {"run": {"$in": run_ids}}))  # final models and checkpoints
+        removed += len(p.delete(schema.LOGS.name, {"run": {"$in": run_ids}}))
+        removed += len(p.delete(schema.RUNS.name, {"_id": {"$in": run_ids}}))
+    return removed + len(p.delete(schema.DATASETS.name, {"name": DATASET, "kind": {"$ne": "items"}}))
+
+
+def run_demo(home: str | None = None, workers: int = 2, epochs: int = 15, *,
+             n_hidden: tuple[int, ...] = (16, 64, 128), lr: tuple[float, ...] = (0.003, 0.01)) -> dict:
+    """Run the demo; ``n_hidden`` and ``lr`` are the sweep's grid (6 tasks by default)."""
     from mlwarehouse.warehouse import connect
     console = Console(soft_wrap=True)
     wh = connect(home=home, project=PROJECT)
@@ -43,24 +62,23 @@ def run_demo(home: str | None = None, workers: int = 2, epochs: int = 15) -> dic
     where = wh.settings.index_uri
     console.rule("[bold]mlwarehouse demo")
     console.print(f"warehouse: {where}  (project [cyan]{PROJECT}[/cyan])")
-    removed = sum(len(p.delete(c.name)) for c in (schema.TASKS, schema.MODELS, schema.RUNS, schema.LOGS,
-                                                    schema.DATASETS))
+    removed = clear_earlier_demo(p)
     if removed:
         console.print(f"cleared {removed} documents left by an earlier demo run")
 
     splits = load_digits_splits()
-    record = p.datasets.save(splits, "digits", description="scikit-learn digits, 60/20/20 split",
+    record = p.datasets.save(splits, name=DATASET, description="scikit-learn digits, 60/20/20 split",
                              tags=["images", "8x8"], source="sklearn.datasets.load_digits")
     console.print(f"1. saved dataset [cyan]digits[/cyan] v{record.version}: "
                   f"{len(splits[0])} train / {len(splits[2])} valid / {len(splits[4])} test items")
 
-    grid = {"n_hidden": [16, 64, 128], "lr": [0.003, 0.01], "epochs": [epochs], "seed": [0]}
-    tasks = p.tasks.sweep("digits-mlp", str(SCRIPT), grid=grid, saved_result_keys=["test_accuracy"],
+    grid = {"n_hidden": list(n_hidden), "lr": list(lr), "epochs": [epochs], "seed": [0]}
+    tasks = p.tasks.sweep(task_name=TASK_NAME, script=str(SCRIPT), grid=grid, saved_result_keys=["test_accuracy"],
                           timeout=300)
     console.print(f"2. dispatched a sweep of {len(tasks)} tasks (grid over n_hidden x lr)")
 
     env = {**os.environ, "MLW_PROJECT": PROJECT, "MLW_URI": wh.settings.index_uri, "MLW_BLOBS": wh.settings.blobs_uri}
-    procs = [subprocess.Popen([sys.executable, "-m", "mlwarehouse.cli", "worker", "--task-name", "digits-mlp",
+    procs = [subprocess.Popen([sys.executable, "-m", "mlwarehouse.cli", "worker", "--task-name", TASK_NAME,
                                "--once", "--project", PROJECT], env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
              for _ in range(workers)]
@@ -80,7 +98,7 @@ def run_demo(home: str | None = None, workers: int = 2, epochs: int = 15) -> dic
     for task in failed:
         console.print(f"[red]task {task.id} {task.status}:[/red] {str(task.get('error'))[-500:]}")
 
-    board = p.models.find(name="digits-mlp", sort=[("test_accuracy", -1)])
+    board = p.models.find(name=TASK_NAME, sort=[("test_accuracy", -1)])
     table = Table(title="4. leaderboard: models by test accuracy")
     for column in ("rank", "model id", "n_hidden", "lr", "valid acc", "test acc", "run"):
         table.add_column(column)
@@ -89,7 +107,7 @@ def run_demo(home: str | None = None, workers: int = 2, epochs: int = 15) -> dic
                       f"{model.test_accuracy:.4f}", str(model.get("run")))
     console.print(table)
 
-    best = p.models.best("test_accuracy", name="digits-mlp")
+    best = p.models.best(metric="test_accuracy", name=TASK_NAME)
     net = best.load()
     import torch
     X_test, y_test = splits[4], splits[5]

@@ -3,8 +3,12 @@
 Run by a worker, like a TensorHub task script: the hyper-parameters ``n_hidden``, ``lr``, ``epochs`` and
 ``seed`` arrive as global variables, and ``test_accuracy`` (a saved result key) is read back from the globals
 when the script ends. Logs and models saved here link to the task's run.
+
+Loaded arrays are zero-copy, read-only views of the stored bytes; ``torch.from_numpy`` warns about those ("The given
+NumPy array is not writable"), so the script copies them once into writable arrays (``np.array``) before training.
 """
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -12,7 +16,7 @@ import mlwarehouse
 
 wh = mlwarehouse.connect()  # inside a worker: the worker's warehouse and project
 run = mlwarehouse.current_run()
-X_train, y_train, X_valid, y_valid, X_test, y_test = wh.datasets.load("digits")
+X_train, y_train, X_valid, y_valid, X_test, y_test = (np.array(a) for a in wh.datasets.load(name="digits"))
 
 torch.manual_seed(seed)
 model = nn.Sequential(nn.Linear(64, n_hidden), nn.ReLU(), nn.Linear(n_hidden, n_hidden), nn.ReLU(),
@@ -51,6 +55,6 @@ for epoch in range(epochs):
 test_accuracy = accuracy(X_test, y_test)
 run.log("test", step=step, accuracy=test_accuracy)
 wh.models.save(model, name="digits-mlp", test_accuracy=test_accuracy, valid_accuracy=valid_accuracy,
-               n_hidden=n_hidden, lr=lr, epochs=epochs, dataset=wh.datasets.get("digits").id,
+               n_hidden=n_hidden, lr=lr, epochs=epochs, dataset=wh.datasets.find(name="digits", limit=1)[0].id,
                example_inputs=(Xt[:2],))
 print(f"n_hidden={n_hidden} lr={lr}: test accuracy {test_accuracy:.4f}")
