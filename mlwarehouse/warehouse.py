@@ -15,6 +15,7 @@ every domain shares (numbered as in the design document):
 from __future__ import annotations
 
 import os
+import re
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -34,6 +35,8 @@ __all__ = ["Warehouse", "Project", "GcReport", "connect"]
 META = schema.META.name
 #: collections whose documents may reference blobs (others, e.g. logs, are never scanned for references)
 BLOB_COLLECTIONS_ID = "blob_collections"
+#: the collections whose documents ``Warehouse.locate`` looks in by default (what ``mlw show`` shows)
+ENTITY_COLLECTIONS = (schema.RUNS.name, schema.MODELS.name, schema.DATASETS.name, schema.TASKS.name)
 
 
 def connect(uri: str | None = None, *, blobs: str | None = None, home: str | os.PathLike | None = None,
@@ -98,6 +101,36 @@ class Warehouse:
             if collection != META:
                 names.update(v for v in self.index.distinct(collection, "project") if isinstance(v, str))
         return sorted(names)
+
+    def locate(self, id_or_prefix: str, collections: Sequence[str] = ENTITY_COLLECTIONS, *,
+               project: str | None = None) -> tuple[str, dict]:
+        """``(collection, doc)`` of the document whose ``_id`` is ``id_or_prefix`` or the only one that starts with
+        it (as git takes commits), in any project unless ``project`` is given: ids are unique across projects.
+        Prefixes also match in upper case (ids are upper-case base32). NotFound if none; QueryError listing the
+        candidates if several match."""
+        if not isinstance(id_or_prefix, str) or not id_or_prefix:
+            raise QueryError(f"an id or id prefix must be a non-empty string, not {id_or_prefix!r}")
+        existing = set(self.index.collections())
+        names = [c for c in collections if c in existing]
+        scope = {} if project is None else {"project": project}
+        for name in names:
+            doc = self.index.find_one(name, {"_id": id_or_prefix, **scope})
+            if doc is not None:
+                return name, doc
+        for prefix in dict.fromkeys((id_or_prefix, id_or_prefix.upper())):
+            found = [(name, doc) for name in names
+                     for doc in self.index.find(name, {"_id": {"$regex": "^" + re.escape(prefix)}, **scope},
+                                                sort=[("_id", 1)], limit=11)]
+            if len(found) == 1:
+                return found[0]
+            if found:
+                shown = ", ".join(f"{doc['_id']} ({name[:-1]} in {doc.get('project')})" for name, doc in found[:10])
+                more = ", ..." if len(found) > 10 else ""
+                raise QueryError(f"id prefix {id_or_prefix!r} is ambiguous: {shown}{more}")
+        where = "" if project is None else f" in project {project!r}"
+        kinds = [c[:-1] if c.endswith("s") else c for c in collections] or ["document"]
+        what = f"{', '.join(kinds[:-1])} or {kinds[-1]}" if len(kinds) > 1 else kinds[0]
+        raise NotFound(f"no {what} with id or id prefix {id_or_prefix!r}{where}")
 
     def __getattr__(self, attr: str):
         # wh.datasets, wh.models, wh.runs, wh.tasks, wh.log... act on the default project

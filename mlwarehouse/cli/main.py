@@ -1,7 +1,8 @@
 """The ``mlw`` command: look into a warehouse, run workers, collect garbage, run the demo.
 
 Every command takes ``--uri/--blobs`` (else ``$MLW_URI``/``$MLW_BLOBS``, else the embedded default) and
-``--project``. Listings print tables, or JSON lines with ``--json`` for scripts. Errors print one line and exit 1.
+``--project``. Listings print tables, or with ``--json`` one JSON document (a list of rows) for scripts. Ids are
+taken whole or by a unique prefix. Errors print one line and exit 1; usage errors one line and a hint, exit 2.
 """
 
 from __future__ import annotations
@@ -14,9 +15,10 @@ import typer
 from rich.table import Table
 
 from mlwarehouse import schema
-from mlwarehouse.cli.common import BlobsOpt, ProjectOpt, UriOpt, connect, console, open_project, show_error
+from mlwarehouse.cli.common import (BlobsOpt, ProjectOpt, UriOpt, click_exit_status, connect, console,
+                                    open_existing, open_project, show_error)
 from mlwarehouse.cli.items import items_app
-from mlwarehouse.errors import NotFound, WarehouseError
+from mlwarehouse.errors import WarehouseError
 from mlwarehouse.query.text import parse_filter_text, parse_sort_text
 from mlwarehouse.runs import summary
 
@@ -27,7 +29,25 @@ WhereOpt = typer.Option(None, "--where", "-w",
                         help='a MongoDB filter as JSON, e.g. \'{"test_accuracy": {"$gt": 0.9}}\'')
 SortOpt = typer.Option(None, "--sort", "-s", help="field:1 or field:-1, comma separated (default: newest first)")
 LimitOpt = typer.Option(20, "--limit", "-n", help="how many rows")
-JsonOpt = typer.Option(False, "--json", help="JSON lines instead of a table")
+JsonOpt = typer.Option(False, "--json", help="print one JSON document (a list of rows) instead of a table")
+ObjectJsonOpt = typer.Option(False, "--json", help="print one JSON object instead of a table")
+AnyProjectOpt = typer.Option(None, "--project", "-p", help="look only in this project (default: in every project; "
+                             "ids are unique across projects)")
+#: columns that hold ids: never cut, so that they can be pasted back into ``mlw show``
+ID_COLUMNS = {"_id", "run", "task"}
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        from mlwarehouse import __version__
+        console.print(f"mlw {__version__}", highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", callback=_version_callback, is_eager=True,
+                                       help="print the version and exit")) -> None:
+    """mlwarehouse: the database for the whole machine-learning process."""
 
 
 def parse_where(text: str | None) -> dict:
@@ -51,12 +71,15 @@ def _cell(value: Any) -> str:
 
 def _show(rows: list[dict], columns: list[str], as_json: bool, title: str) -> None:
     if as_json:
-        for row in rows:
-            print(json.dumps(row, default=str))
+        print(json.dumps(rows, default=str))
         return
     table = Table(title=title, show_lines=False)
     for column in columns:
-        table.add_column(column)
+        if column in ID_COLUMNS:  # whole, even on a narrow terminal (rich would cut it to "01M8…")
+            width = max([len(column)] + [len(_cell(row.get(column))) for row in rows])
+            table.add_column(column, no_wrap=True, min_width=width)
+        else:
+            table.add_column(column)
     for row in rows:
         table.add_row(*(_cell(row.get(c)) for c in columns))
     console.print(table)
@@ -85,33 +108,47 @@ def projects(uri: Optional[str] = UriOpt, blobs: Optional[str] = BlobsOpt, as_js
         _show([{"project": name} for name in wh.projects()], ["project"], as_json, "projects")
 
 
-def _listing(registry: str, help_text: str, base: list[str], hidden: set[str]) -> None:
-    """Add ``mlw REGISTRY``: the records its ``find`` returns as rows, the ``base`` columns first, then the first
-    user fields that are neither there nor ``hidden``."""
-    def command(where: Optional[str] = WhereOpt, sort: Optional[str] = SortOpt, limit: int = LimitOpt,
-                uri: Optional[str] = UriOpt, blobs: Optional[str] = BlobsOpt, project: str = ProjectOpt,
-                as_json: bool = JsonOpt):
-        found = getattr(open_project(uri, blobs, project), registry).find(
-            where=parse_where(where), sort=parse_sort(sort), limit=limit)
-        docs = [r.doc for r in found]
-        _show(docs, base + _user_fields(docs, set(base) | hidden), as_json, f"{registry} in {project}")
-    app.command(registry, help=help_text)(command)
+def _list(registry: str, base: list[str], hidden: set[str], where, sort, limit, uri, blobs, project, as_json,
+          **find) -> None:
+    """``mlw REGISTRY``: the records its ``find`` returns as rows, the ``base`` columns first, then the first user
+    fields that are neither there nor ``hidden``."""
+    flt, order = parse_where(where), parse_sort(sort)  # a typo in them is told before a missing project
+    found = getattr(open_existing(uri, blobs, project), registry).find(where=flt, sort=order, limit=limit, **find)
+    docs = [r.doc for r in found]
+    _show(docs, base + _user_fields(docs, set(base) | hidden), as_json, f"{registry} in {project}")
 
 
-_listing("datasets", "List datasets (newest first).", ["_id", "name", "version", "time", "description"],
-         {"project", "value"})
-_listing("models", "List models (newest first, or --sort test_accuracy:-1 for a leaderboard).",
-         ["_id", "name", "epoch", "run"], {"project", "time", "kind", "checkpoint"})
+@app.command()
+def datasets(where: Optional[str] = WhereOpt, sort: Optional[str] = SortOpt, limit: int = LimitOpt,
+             uri: Optional[str] = UriOpt, blobs: Optional[str] = BlobsOpt, project: str = ProjectOpt,
+             as_json: bool = JsonOpt):
+    """List datasets (newest first)."""
+    _list("datasets", ["_id", "name", "version", "time", "description"], {"project", "value"},
+          where, sort, limit, uri, blobs, project, as_json)
+
+
+CheckpointsOpt = typer.Option(False, "--checkpoints", help="checkpoints too (default: final models only)")
+
+
+@app.command()
+def models(where: Optional[str] = WhereOpt, sort: Optional[str] = SortOpt, limit: int = LimitOpt,
+           checkpoints: bool = CheckpointsOpt, uri: Optional[str] = UriOpt, blobs: Optional[str] = BlobsOpt,
+           project: str = ProjectOpt, as_json: bool = JsonOpt):
+    """List final models (newest first, or --sort test_accuracy:-1 for a leaderboard)."""
+    base = ["_id", "name", "epoch", "run"] + (["checkpoint"] if checkpoints else [])
+    _list("models", base, {"project", "time", "kind", "checkpoint"}, where, sort, limit, uri, blobs, project,
+          as_json, checkpoints=checkpoints)
 
 
 @app.command()
 def best(metric: str = typer.Argument(..., help="the field to rank by, e.g. test_accuracy"),
          mode: str = typer.Option("max", help="max or min"), where: Optional[str] = WhereOpt,
+         checkpoints: bool = CheckpointsOpt,
          uri: Optional[str] = UriOpt, blobs: Optional[str] = BlobsOpt, project: str = ProjectOpt,
-         as_json: bool = JsonOpt):
-    """Show the best model by a metric."""
-    p = open_project(uri, blobs, project)
-    record = p.models.best(metric, mode=mode, where=parse_where(where) or None)
+         as_json: bool = ObjectJsonOpt):
+    """Show the best final model (or checkpoint, with --checkpoints) by a metric."""
+    flt = parse_where(where) or None
+    record = open_existing(uri, blobs, project).models.best(metric, mode=mode, where=flt, checkpoints=checkpoints)
     doc = {k: v for k, v in record.doc.items() if k not in ("weights", "architecture", "_blobs")}
     if as_json:
         print(json.dumps(doc, default=str))
@@ -123,17 +160,42 @@ def best(metric: str = typer.Argument(..., help="the field to rank by, e.g. test
 def runs(where: Optional[str] = WhereOpt, sort: Optional[str] = SortOpt, limit: int = LimitOpt,
          uri: Optional[str] = UriOpt, blobs: Optional[str] = BlobsOpt, project: str = ProjectOpt,
          as_json: bool = JsonOpt):
-    """List runs with their status and metric summaries."""
-    p = open_project(uri, blobs, project)
-    docs = [r.doc for r in p.runs.find(where=parse_where(where), sort=parse_sort(sort), limit=limit)]
-    rows = []
+    """List runs: status, the hyper-parameters that differ between the listed runs, the last metric values."""
+    flt, order = parse_where(where), parse_sort(sort)
+    docs = [r.doc for r in open_existing(uri, blobs, project).runs.find(where=flt, sort=order, limit=limit)]
+    if as_json:
+        _show([{k: doc.get(k) for k in RUN_FIELDS + ("hyper_parameters",)} | _metrics(doc) for doc in docs],
+              [], True, "")
+        return
+    varying = _varying(docs)
+    rows, metrics = [], {}
     for doc in docs:
-        row = {k: doc.get(k) for k in ("_id", "name", "status", "started", "task")}
-        for name, stats in summary.metrics(doc).items():
-            row[name] = stats.get(summary.LAST)
+        hp = doc.get("hyper_parameters") if isinstance(doc.get("hyper_parameters"), dict) else {}
+        row = {k: doc.get(k) for k in RUN_FIELDS}
+        row.update({column: hp.get(key) for key, column in varying.items()})
+        row.update(_metrics(doc))
+        metrics.update(dict.fromkeys(_metrics(doc)))
         rows.append(row)
-    columns = list(dict.fromkeys(k for row in rows for k in row))[:10] or ["_id", "name", "status"]
-    _show(rows, columns, as_json, f"runs in {project}")
+    columns = [*RUN_FIELDS, *list(varying.values())[:8], *list(metrics)[:8]]
+    _show(rows, columns, False, f"runs in {project}")
+
+
+RUN_FIELDS = ("_id", "name", "status", "started", "task")
+
+
+def _metrics(doc: dict) -> dict:
+    """The last value of each metric a run logged, by summary key."""
+    return {name: stats.get(summary.LAST) for name, stats in summary.metrics(doc).items()}
+
+
+def _varying(docs: list[dict]) -> dict[str, str]:
+    """Hyper-parameter name -> column name, for those whose values differ between ``docs`` (all of them when
+    one run is listed): what tells the runs of a sweep apart."""
+    hps = [d.get("hyper_parameters") if isinstance(d.get("hyper_parameters"), dict) else {} for d in docs]
+    keys = dict.fromkeys(k for hp in hps for k in hp)
+    varying = [k for k in keys
+               if len(docs) == 1 or len({json.dumps(hp.get(k), sort_keys=True, default=str) for hp in hps}) > 1]
+    return {k: k if k not in RUN_FIELDS else f"hyper_parameters.{k}" for k in varying}
 
 
 @app.command()
@@ -143,9 +205,9 @@ def tasks(where: Optional[str] = WhereOpt, sort: Optional[str] = SortOpt, limit:
           uri: Optional[str] = UriOpt, blobs: Optional[str] = BlobsOpt, project: str = ProjectOpt,
           as_json: bool = JsonOpt):
     """List tasks with status, attempts and results."""
-    p = open_project(uri, blobs, project)
-    records = p.tasks.find(where=parse_where(where) or None, task_name=task_name, status=status,
-                           sort=parse_sort(sort), limit=limit)
+    flt, order = parse_where(where) or None, parse_sort(sort)
+    records = open_existing(uri, blobs, project).tasks.find(where=flt, task_name=task_name, status=status,
+                                                            sort=order, limit=limit)
     rows = [{k: r.doc.get(k) for k in ("_id", "task_name", "status", "attempts", "hyper_parameters", "result")}
             for r in records]
     _show(rows, ["_id", "task_name", "status", "attempts", "hyper_parameters", "result"], as_json,
@@ -153,11 +215,21 @@ def tasks(where: Optional[str] = WhereOpt, sort: Optional[str] = SortOpt, limit:
 
 
 @app.command()
-def output(task_id: str, uri: Optional[str] = UriOpt, blobs: Optional[str] = BlobsOpt,
-           project: str = ProjectOpt):
+def output(task_id: str = typer.Argument(..., metavar="TASK_ID", help="a task's id or a unique prefix of it"),
+           uri: Optional[str] = UriOpt, blobs: Optional[str] = BlobsOpt, project: Optional[str] = AnyProjectOpt):
     """Print a task's captured output."""
-    p = open_project(uri, blobs, project)
-    sys.stdout.write(p.tasks.output(task_id))
+    wh, collection, doc = _locate(uri, blobs, project, task_id, (schema.TASKS.name,))
+    sys.stdout.write(wh.project(doc["project"]).tasks.output(doc["_id"]))
+
+
+def _locate(uri, blobs, project: str | None, id_or_prefix: str, collections: tuple[str, ...]):
+    """``(warehouse, collection, doc)`` for an id or unique id prefix, in any project unless ``-p`` names one."""
+    if project is None:
+        wh = connect(uri, blobs)
+    else:
+        wh = open_existing(uri, blobs, project).warehouse
+    collection, doc = wh.locate(id_or_prefix, collections, project=project)
+    return wh, collection, doc
 
 
 @app.command()
@@ -175,7 +247,7 @@ def worker(task_name: Optional[str] = typer.Option(None, "--task-name", "-t", he
 @app.command()
 def gc(grace: float = typer.Option(3600.0, "--grace", help="keep blobs written in the last N seconds"),
        dry_run: bool = typer.Option(False, "--dry-run", help="only report what would be removed"),
-       uri: Optional[str] = UriOpt, blobs: Optional[str] = BlobsOpt, as_json: bool = JsonOpt):
+       uri: Optional[str] = UriOpt, blobs: Optional[str] = BlobsOpt, as_json: bool = ObjectJsonOpt):
     """Remove blobs that no document references."""
     with connect(uri, blobs) as wh:
         report = wh.gc(grace_seconds=grace, dry_run=dry_run)
@@ -204,17 +276,13 @@ WITH_ARRAYS = (schema.MODELS.name, schema.DATASETS.name)
 
 
 @app.command()
-def show(entity_id: str = typer.Argument(..., metavar="ID", help="the _id of a run, model, dataset or task"),
-         uri: Optional[str] = UriOpt, blobs: Optional[str] = BlobsOpt, project: str = ProjectOpt,
-         as_json: bool = JsonOpt):
-    """Show one run, model, dataset or task (arrays by shape and dtype, without loading them)."""
-    p = open_project(uri, blobs, project)
-    for collection in ENTITIES:
-        doc = p.find_one(collection, {"_id": entity_id})
-        if doc is not None:
-            break
-    else:
-        raise NotFound(f"no run, model, dataset or task with id {entity_id!r} in project {project!r}")
+def show(entity_id: str = typer.Argument(..., metavar="ID",
+                                         help="the _id of a run, model, dataset or task, or a unique prefix of it"),
+         uri: Optional[str] = UriOpt, blobs: Optional[str] = BlobsOpt, project: Optional[str] = AnyProjectOpt,
+         as_json: bool = ObjectJsonOpt):
+    """Show one run, model, dataset or task, in whichever project it is (arrays by shape and dtype, not loaded)."""
+    wh, collection, doc = _locate(uri, blobs, project, entity_id, ENTITIES)
+    p = wh.project(doc["project"])
     arrays = _arrays(p, collection, doc) if collection in WITH_ARRAYS else []
     if as_json:
         print(json.dumps({"collection": collection, "doc": doc, "arrays": arrays}, default=str))
@@ -288,10 +356,10 @@ def _arrays(p, collection: str, doc: dict) -> list[dict]:
 @app.command("export")
 def export_(project_name: str = typer.Argument(..., metavar="PROJECT", help="the project to export"),
             path: str = typer.Argument(..., metavar="FILE.tar", help="the archive to write"),
-            uri: Optional[str] = UriOpt, blobs: Optional[str] = BlobsOpt, as_json: bool = JsonOpt):
+            uri: Optional[str] = UriOpt, blobs: Optional[str] = BlobsOpt, as_json: bool = ObjectJsonOpt):
     """Export a project (documents and blobs) to a portable tar archive."""
     from mlwarehouse.archive.tarball import export_project
-    with connect(uri, blobs) as wh, _progress(not as_json) as progress:
+    with open_existing(uri, blobs, project_name).warehouse as wh, _progress(not as_json) as progress:
         report = export_project(wh, project_name, path, progress=progress)
     if as_json:
         print(json.dumps(report))
@@ -305,7 +373,7 @@ def export_(project_name: str = typer.Argument(..., metavar="PROJECT", help="the
 def import_(path: str = typer.Argument(..., metavar="FILE.tar", help="an archive written by mlw export"),
             project_name: Optional[str] = typer.Option(None, "--project", "-p",
                                                        help="import under this name (documents get new ids)"),
-            uri: Optional[str] = UriOpt, blobs: Optional[str] = BlobsOpt, as_json: bool = JsonOpt):
+            uri: Optional[str] = UriOpt, blobs: Optional[str] = BlobsOpt, as_json: bool = ObjectJsonOpt):
     """Import a project archive: blobs verified first, then the documents."""
     from mlwarehouse.archive.tarball import import_project
     with connect(uri, blobs) as wh, _progress(not as_json) as progress:
@@ -374,22 +442,18 @@ def demo(home: Optional[str] = typer.Option(None, "--home", help="where the demo
 
 
 def main() -> None:
-    """Entry point: typer app with WarehouseErrors shown as one line."""
+    """Entry point: WarehouseErrors as one line (exit 1), usage errors as one line and a hint (exit 2)."""
     try:
-        code = app(standalone_mode=False)  # a typer.Exit inside a sub-app comes back as its code
+        code = app(prog_name="mlw", standalone_mode=False)  # a typer.Exit in a sub-app comes back as its code
     except (WarehouseError, OSError) as exc:  # OSError: a file named on the command line
         show_error(exc)
         sys.exit(1)
     except (typer.Exit, SystemExit) as exc:
         code = getattr(exc, "exit_code", getattr(exc, "code", 0))
         sys.exit(code or 0)
-    except Exception as exc:  # click usage errors and the like
-        import click
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        if isinstance(exc, click.exceptions.Abort):
-            sys.exit(130)
-        raise
+    except Exception as exc:  # click's usage errors and the like
+        handled = click_exit_status(exc)
+        if handled is None:
+            raise
+        sys.exit(handled)
     sys.exit(code if isinstance(code, int) else 0)
-
