@@ -13,10 +13,13 @@ import threading
 import time
 from datetime import datetime, timezone
 
-__all__ = ["new_id", "utc_now", "parse_time", "ALPHABET", "encode32"]
+__all__ = ["new_id", "utc_now", "parse_time", "ALPHABET", "encode32", "ID_LENGTH", "MIN_PREFIX", "prefix_filter"]
 
 #: Crockford base32, the digits of every id
 ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+#: ids are 26 digits; a shorter run of their first digits (at least MIN_PREFIX, as git takes hashes) is a prefix
+ID_LENGTH = 26
+MIN_PREFIX = 4
 _lock = threading.Lock()
 _last_ms = -1
 _last_rand = 0
@@ -56,3 +59,15 @@ def utc_now() -> str:
 def parse_time(stamp: str) -> datetime:
     """Parse a time stamp written by :func:`utc_now` back to an aware datetime."""
     return datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=timezone.utc)
+
+
+def prefix_filter(prefix: str) -> dict | None:
+    """The ``_id`` range filter of the ids that start with ``prefix`` (any case), or None when ``prefix`` cannot
+    start an id (too short, too long, or not base32). A range, not a regex, so every backend uses its key index."""
+    key = prefix.upper()
+    if not MIN_PREFIX <= len(key) <= ID_LENGTH or not set(key) <= _DIGITS:
+        return None
+    return {"_id": {"$gte": key, "$lt": key + "~"}}  # "~" sorts after every base32 digit
+
+
+_DIGITS = frozenset(ALPHABET)

@@ -15,7 +15,6 @@ every domain shares (numbered as in the design document):
 from __future__ import annotations
 
 import os
-import re
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -26,7 +25,7 @@ from mlwarehouse import schema
 from mlwarehouse.blobs.base import BlobStore
 from mlwarehouse.codecs import values
 from mlwarehouse.errors import DuplicateKey, InvalidDocument, NotFound, QueryError
-from mlwarehouse.ids import new_id, parse_time, utc_now
+from mlwarehouse.ids import MIN_PREFIX, new_id, parse_time, prefix_filter, utc_now
 from mlwarehouse.index.base import Filter, Index, Sort
 from mlwarehouse.query.documents import validate_document
 
@@ -117,16 +116,18 @@ class Warehouse:
             doc = self.index.find_one(name, {"_id": id_or_prefix, **scope})
             if doc is not None:
                 return name, doc
-        for prefix in dict.fromkeys((id_or_prefix, id_or_prefix.upper())):
-            found = [(name, doc) for name in names
-                     for doc in self.index.find(name, {"_id": {"$regex": "^" + re.escape(prefix)}, **scope},
-                                                sort=[("_id", 1)], limit=11)]
-            if len(found) == 1:
-                return found[0]
-            if found:
-                shown = ", ".join(f"{doc['_id']} ({name[:-1]} in {doc.get('project')})" for name, doc in found[:10])
-                more = ", ..." if len(found) > 10 else ""
-                raise QueryError(f"id prefix {id_or_prefix!r} is ambiguous: {shown}{more}")
+        prefix = prefix_filter(id_or_prefix)
+        if prefix is None and len(id_or_prefix) < MIN_PREFIX:
+            raise QueryError(f"id prefix {id_or_prefix!r} is too short: give at least {MIN_PREFIX} characters")
+        found = [] if prefix is None else [
+            (name, doc) for name in names
+            for doc in self.index.find(name, {**prefix, **scope}, sort=[("_id", 1)], limit=11)]
+        if len(found) == 1:
+            return found[0]
+        if found:
+            shown = ", ".join(f"{doc['_id']} ({name[:-1]} in {doc.get('project')})" for name, doc in found[:10])
+            more = ", ..." if len(found) > 10 else ""
+            raise QueryError(f"id prefix {id_or_prefix!r} is ambiguous: {shown}{more}")
         where = "" if project is None else f" in project {project!r}"
         kinds = [c[:-1] if c.endswith("s") else c for c in collections] or ["document"]
         what = f"{', '.join(kinds[:-1])} or {kinds[-1]}" if len(kinds) > 1 else kinds[0]
@@ -322,9 +323,10 @@ class Project:
         """Store the blobs a value needs and return its JSON tree (blob references at the leaves)."""
         return values.pack(value, self.blobs.put, allow_pickle=allow_pickle)
 
-    def unpack(self, tree: Any, *, allow_pickle: bool = False) -> Any:
-        """Rebuild a value from its JSON tree, reading (and verifying) its blobs."""
-        return values.unpack(tree, self.blobs.get, allow_pickle=allow_pickle)
+    def unpack(self, tree: Any, *, allow_pickle: bool = False, writable: bool = False) -> Any:
+        """Rebuild a value from its JSON tree, reading (and verifying) its blobs. Arrays are read-only views of
+        the bytes read unless ``writable`` (then each owns writable memory, e.g. for ``torch.from_numpy``)."""
+        return values.unpack(tree, self.blobs.get, allow_pickle=allow_pickle, writable=writable)
 
     # -- documents -----------------------------------------------------------------------------------------
     def scope(self, filter: Filter | None) -> Filter:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -128,9 +129,13 @@ def test_ids_by_unique_prefix_in_any_project_and_whole_in_tables(filled):
     prefix = next(i[:n] for n in range(1, 27) for i in ids if sum(j.startswith(i[:n]) for j in ids) == 1)
     found = json.loads(mlw(filled, "show", prefix.lower(), "--json").stdout)["doc"]["_id"]
     assert found.startswith(prefix)
-    proc = mlw(filled, "show", model_id[:1], ok=False)
-    assert proc.returncode == 1 and "ambiguous" in proc.stderr and model_id in proc.stderr
+    shared = os.path.commonprefix(ids)  # ids made within seconds share their time digits
+    assert len(shared) >= 4
+    proc = mlw(filled, "show", shared, ok=False)
+    assert proc.returncode == 1 and "ambiguous" in proc.stderr and ids[0] in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+    proc = mlw(filled, "show", model_id[:2], ok=False)
+    assert proc.returncode == 1 and "too short" in proc.stderr
     proc = mlw(filled, "show", other, "-p", "cli", ok=False)  # -p narrows the search to one project
     assert proc.returncode == 1 and "NotFound" in proc.stderr
     assert mlw(filled, "output", task.id[:-3]).stdout == ""  # a pending task has no output yet

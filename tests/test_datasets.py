@@ -136,3 +136,14 @@ def test_whole_and_item_versions_share_one_allocator(wh, monkeypatch):
     monkeypatch.setattr(versions, "next_version", lambda project, name: 1)
     with pytest.raises(DuplicateKey, match="too many concurrent creates"):
         wh.items.create("mixed")
+
+
+def test_load_writable_gives_arrays_that_own_their_memory(wh):
+    X = np.arange(12, dtype=np.float32).reshape(3, 4)
+    wh.datasets.save((X, X[:, 0]), "w")
+    viewed, _ = wh.datasets.load("w")
+    assert not viewed.flags.writeable  # zero-copy views of the verified bytes
+    owned, column = wh.datasets.load("w", writable=True)
+    assert owned.flags.writeable and column.flags.writeable
+    owned[0, 0] = 99.0  # writing it changes neither the store nor a later load
+    np.testing.assert_array_equal(wh.datasets.load("w")[0], X)

@@ -33,7 +33,7 @@ def save_forever(seed):
                 param.add_(torch.randn_like(param) * 0.01)
         if epoch % 2:
             p.models.save(net, "plain", epoch=epoch, loss=1.0 / (epoch + 1), arch="script")
-            p.models.delete({"epoch": {"$lt": epoch - 6}}, name="plain")
+            p.models.delete("plain", where={"epoch": {"$lt": epoch - 6}})
         else:
             p.models.checkpoint(net, run=f"R{seed}", epoch=epoch, metrics={"loss": 1.0 / (epoch + 1)},
                                 keep_last=2, keep_best=1, best_metric="loss", mode="min", arch="script")

@@ -108,7 +108,7 @@ def test_find_best_get_delete(wh):
 
     newest = p.models.find(name="mlp")
     assert [r.get("test_accuracy") for r in newest] == ["n/a", 0.8, 0.9, 0.7]  # newest first by default
-    board = p.models.find({"test_accuracy": {"$gt": 0.75}}, sort=[("test_accuracy", -1)])
+    board = p.models.find(where={"test_accuracy": {"$gt": 0.75}}, sort=[("test_accuracy", -1)])
     assert [r.test_accuracy for r in board] == [0.99, 0.9, 0.8]
     assert np.array_equal(p.models.load(where={"name": "mlp"}, sort=[("test_accuracy", 1)])["w"], np.zeros(4))
     keys = [ix["keys"] for ix in wh.index.indexes("models")]
@@ -119,7 +119,7 @@ def test_find_best_get_delete(wh):
         p.models.load("missing")
 
     blobs = _blob_count(wh)
-    assert p.models.delete({"test_accuracy": {"$lt": 0.85}}, name="mlp") == 2
+    assert p.models.delete("mlp", where={"test_accuracy": {"$lt": 0.85}}) == 2
     assert len(p.models.find(name="mlp")) == 2
     assert _blob_count(wh) == blobs - 2  # the arrays full of 0 and 2 only; zeros are still used
     assert p.models.delete() == 3
@@ -136,14 +136,14 @@ def test_checkpoint_retention_keeps_best_and_last(wh):
         p.models.checkpoint(net, run="R1", epoch=epoch, metrics={"valid_accuracy": acc}, name="mlp-ckpt",
                             keep_last=2, keep_best=1, best_metric="valid_accuracy")
     p.models.checkpoint(net, run="R2", epoch=0, metrics={"valid_accuracy": 0.1}, name="mlp-ckpt", keep_last=1)
-    kept = p.models.find(where={"run": "R1"}, sort=[("epoch", 1)])
+    kept = p.models.find(where={"run": "R1"}, sort=[("epoch", 1)], checkpoints=True)
     assert [r.epoch for r in kept] == [1, 4, 5]
     assert all(r.checkpoint for r in kept)
-    assert len(p.models.find(where={"run": "R2"})) == 1
+    assert len(p.models.find(where={"run": "R2"}, checkpoints=True)) == 1
     # blobs: the four unchanged tensors once, one last-layer bias per kept checkpoint (R2's equals epoch 5's),
     # and the architecture archive once
     assert _blob_count(wh) == 5 + 3 + 1
-    assert p.models.best("valid_accuracy", where={"run": "R1"}).epoch == 1
+    assert p.models.best("valid_accuracy", where={"run": "R1"}, checkpoints=True).epoch == 1
     assert all(r.load() is not None for r in kept)
 
 
@@ -197,4 +197,4 @@ def test_retention_by_a_nested_metric_keeps_the_best(wh):
     for epoch, acc in enumerate([0.5, 0.9, 0.6, 0.3]):
         p.models.checkpoint({"w": np.full(3, epoch, np.float32)}, run="R", epoch=epoch, name="n",
                             metrics={"val": {"acc": acc}}, keep_last=1, keep_best=1, best_metric="val.acc")
-    assert [r.epoch for r in p.models.find(where={"run": "R"}, sort=[("epoch", 1)])] == [1, 3]
+    assert [r.epoch for r in p.models.find(where={"run": "R"}, sort=[("epoch", 1)], checkpoints=True)] == [1, 3]

@@ -43,7 +43,7 @@ def test_failed_and_cancelled_runs_keep_the_error(wh):
     with pytest.raises(KeyboardInterrupt):
         with wh.runs.start("stopped"):
             raise KeyboardInterrupt
-    assert wh.runs.find({"name": "stopped"})[0].status == "cancelled"
+    assert wh.runs.find("stopped")[0].status == "cancelled"
     other = wh.runs.start("manual")
     assert other.fail("diverged").status == "failed" and other.error == "diverged"
     with pytest.raises(QueryError):
@@ -154,10 +154,10 @@ def test_find_get_delete_and_datasets(wh):
     run_b.log(loss=2.0)
     assert [r.name for r in wh.runs.find()] == ["b", "a"]  # newest first
     assert wh.runs.get(run_a.id).datasets == [data.id, "01ABC"] and run_a.task == "01TASK"
-    assert wh.runs.find({"status": "running"})[0].id == run_b.id
+    assert wh.runs.find(where={"status": "running"})[0].id == run_b.id
     with pytest.raises(NotFound):
         wh.runs.get("nope")
-    assert wh.runs.delete({"name": "b"}) == 1
+    assert wh.runs.delete("b") == 1
     assert wh.runs.find_logs(run=run_b) == [] and len(wh.runs.find_logs(run=run_a.id)) == 1
     assert current_run() is None  # the deleted running run is no longer current
     assert wh.runs.delete() == 1 and wh.runs.find_logs() == []

@@ -60,7 +60,7 @@ def test_sigkilled_worker_task_runs_again_after_its_lease_and_is_recorded_once(w
         second.send_signal(signal.SIGTERM)
         assert second.wait(10) == 0, second.stderr.read().decode()
     assert done.status == "finished" and done.result == {"value": 2} and done.attempts == 2
-    runs = p.runs.find({"task": task.id}, sort=[("started", 1)])
+    runs = p.runs.find(where={"task": task.id}, sort=[("started", 1)])
     assert [r.status for r in runs] == ["failed", "complete"] and runs[1].id == done.run
     assert "lease expired" in runs[0].error
 

@@ -151,7 +151,7 @@ def test_cancel_retry_delete(p, script):
     assert p.tasks.retry({"task_name": "a"}) == 2
     assert {t.status for t in p.tasks.find(task_name="a")} == {"pending"}
     assert [t.attempts for t in p.tasks.find(status=["pending"])] == [0, 0, 0]
-    assert p.tasks.delete(tasks[2].id) == 1 and p.tasks.delete() == 2
+    assert p.tasks.delete(where={"_id": tasks[2].id}) == 1 and p.tasks.delete() == 2
     with pytest.raises(NotFound):
         p.tasks.get(tasks[0].id)
 
@@ -160,9 +160,9 @@ def test_find_filters(p):
     for i in range(4):
         p.tasks.create("a" if i % 2 else "b", "builtins:dict", hyper_parameters={"i": i}, owner="ann" if i else "bo")
     assert len(p.tasks.find(task_name="a")) == 2
-    assert [t.hyper_parameters["i"] for t in p.tasks.find({"owner": "ann"}, sort=[("hyper_parameters.i", -1)])] \
+    assert [t.hyper_parameters["i"] for t in p.tasks.find(where={"owner": "ann"}, sort=[("hyper_parameters.i", -1)])] \
         == [3, 2, 1]
-    assert len(p.tasks.find({"hyper_parameters.i": {"$gte": 1}}, task_name="b", status="pending")) == 1
+    assert len(p.tasks.find("b", where={"hyper_parameters.i": {"$gte": 1}}, status="pending")) == 1
     assert p.tasks.has_unfinished("a") and p.tasks.has_unfinished(where={"owner": "bo"})
     assert not p.tasks.has_unfinished("zzz")
 

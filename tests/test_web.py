@@ -217,6 +217,39 @@ def test_leaderboard_sorts_by_any_metric(client, filled):
     assert bad.status_code == 400 and "field:1 or field:-1" in bad.text
 
 
+def test_leaderboard_shows_final_models_ranked_by_a_metric_with_a_checkpoint_toggle(tmp_path):
+    """The models page used to mix every checkpoint with the final models, newest first."""
+    import mlwarehouse
+    with mlwarehouse.connect(home=tmp_path / "wh") as wh:
+        p = wh.project("board")
+        finals = [p.models.save({"w": np.full(2, i, np.float32)}, "mlp", test_accuracy=acc, n_hidden=8 * (i + 1))
+                  for i, acc in enumerate([0.8, 0.95, 0.9])]
+        ckpts = [p.models.checkpoint({"w": np.zeros(2, np.float32)}, run="R", epoch=e, name="mlp-ckpt",
+                                     metrics={"test_accuracy": 0.99 - e / 100}) for e in range(4)]
+        client = TestClient(create_app(wh))
+        api = client.get("/api/p/board/models").json()
+        assert [row["_id"] for row in api["rows"]] == [finals[1].id, finals[2].id, finals[0].id]
+        assert api["ranked"] == "test_accuracy:-1" and api["total"] == 3 and api["hidden_checkpoints"] == 4
+        both = client.get("/api/p/board/models", params={"checkpoints": "true"}).json()
+        assert both["total"] == 7 and both["rows"][0]["_id"] == ckpts[0].id
+        page = client.get("/p/board/models")
+        assert page.status_code == 200 and "Ranked by <b>test_accuracy</b>" in page.text
+        assert all(c.id not in page.text for c in ckpts) and "4 checkpoints hidden" in page.text
+        assert 'href="?checkpoints=1&sort=test_accuracy%3A-1"' in page.text
+        shown = client.get("/p/board/models", params={"checkpoints": "1", "sort": "n_hidden:1"})
+        assert all(c.id in shown.text for c in ckpts) and "final models only" in shown.text
+        assert "checkpoints=1" in shown.text.split('data-field="test_accuracy"')[1].split("</th>")[0]
+        assert shown.text.index(finals[0].id) < shown.text.index(finals[2].id)  # n_hidden ascending
+
+
+def test_rank_metric_prefers_test_metrics_and_knows_lower_is_better():
+    from mlwarehouse.web.data import rank_metric
+    assert rank_metric(["lr", "n_hidden", "test_accuracy", "valid_accuracy"]) == ("test_accuracy", -1)
+    assert rank_metric(["lr", "valid_loss"]) == ("valid_loss", 1)
+    assert rank_metric(["lr", "f1"]) == ("f1", -1)
+    assert rank_metric(["lr", "n_hidden"]) is None  # nothing looks like a metric: newest first
+
+
 def test_task_board_and_api(client, filled):
     r = client.get(f"/p/{PROJECT}/tasks")
     assert r.status_code == 200

@@ -15,8 +15,17 @@ import typer
 from rich.table import Table
 
 from mlwarehouse import schema
-from mlwarehouse.cli.common import (BlobsOpt, ProjectOpt, UriOpt, click_exit_status, connect, console,
-                                    open_existing, open_project, show_error)
+from mlwarehouse.cli.common import (
+    BlobsOpt,
+    ProjectOpt,
+    UriOpt,
+    click_exit_status,
+    connect,
+    console,
+    open_existing,
+    open_project,
+    show_error,
+)
 from mlwarehouse.cli.items import items_app
 from mlwarehouse.errors import WarehouseError
 from mlwarehouse.query.text import parse_filter_text, parse_sort_text

@@ -148,7 +148,7 @@ DATASET = Fields(
 _TASK_SHARED = frozenset({"task_name", "hyper_parameters", "saved_result_keys", "status", "result", "script"})
 TASK = Fields(
     None,
-    _union(getattr(tasks_queue, "_OWN_FIELDS", ()), _params(tasks_queue.Tasks.create), {"lease"},
+    _union(tasks_queue.OWN_FIELDS, _params(tasks_queue.Tasks.create), {"lease"},
            _BOOKKEEPING) - _TASK_SHARED - {"tags"},
     shared=_TASK_SHARED, dropped=_STAMPED | {"status", "result"}, typed={"tags": _tags})
 

@@ -23,7 +23,7 @@ from mlwarehouse.datasets.versions import check_version, insert_version
 from mlwarehouse.errors import InvalidDocument, NotFound, QueryError
 from mlwarehouse.ids import new_id
 from mlwarehouse.query.fields import RESERVED_FIELDS, normalize_fields, normalize_value
-from mlwarehouse.query.records import Record, check_name
+from mlwarehouse.query.records import Record, check_name, find_by_id, name_filter
 
 __all__ = ["ItemDatasets", "ItemDataset", "ItemRecord", "DATASETS", "ITEMS", "SHARDS"]
 
@@ -86,23 +86,63 @@ class ItemDatasets:
                "shard_bytes": shard_bytes}
         return ItemDataset(insert_version(self.project, doc, version, racing="creates"), self)
 
-    def get(self, name: str, *, version: str | int | None = None) -> "ItemDataset":
-        """The given version of ``name``, else its newest item version; NotFound if there is none."""
-        check_name("dataset", name)
-        flt: dict = {"name": name, "kind": "items"}
+    def _filter(self, name, where, version) -> dict:
+        parts = [{"kind": "items"}, name_filter("dataset", name, where)]
         if version is not None:
-            flt["version"] = version
-        doc = self.project.find_one(DATASETS, flt, sort=[("time", -1)])
-        if doc is None:
-            what = f"item dataset {name!r}" + (f" version {version!r}" if version is not None else "")
-            raise NotFound(f"no {what} in project {self.project.name!r}")
-        return ItemDataset(doc, self)
+            parts.append({"version": version})
+        return {"$and": [p for p in parts if p]}
+
+    def find(self, name: str | None = None, *, where: dict | None = None, version: str | int | None = None,
+             sort=None, limit: int | None = None, skip: int = 0) -> list["ItemDataset"]:
+        """Matching item dataset versions, newest first unless ``sort`` says otherwise."""
+        docs = self.project.find(DATASETS, self._filter(name, where, version), sort=sort or [("time", -1)],
+                                 limit=limit, skip=skip)
+        return [ItemDataset(doc, self) for doc in docs]
+
+    def get(self, id: str, *, version: str | int | None = None) -> "ItemDataset":
+        """The version with this id (whole or a unique prefix); NotFound if there is none.
+
+        A name is taken too, as earlier releases took only names: the given ``version`` of it, else its newest.
+        """
+        if version is None:
+            doc = find_by_id(self.project, DATASETS, id, "item dataset", {"kind": "items"})
+            if doc is not None:
+                return ItemDataset(doc, self)
+        return self.load(id, version=version)
+
+    def load(self, name: str | None = None, *, id: str | None = None, version: str | int | None = None,
+             where: dict | None = None, sort=None) -> "ItemDataset":
+        """The top matching version (newest unless ``sort`` says otherwise), or the one with ``id``; its items
+        are read lazily. A ``name`` that no item dataset has but that is an id (or unique prefix) opens that one."""
+        if id is not None:
+            if name is not None:
+                raise QueryError("give an item dataset name or id=, not both")
+            doc = find_by_id(self.project, DATASETS, id, "item dataset", self._filter(None, where, version))
+            if doc is None:
+                raise NotFound(f"no item dataset with id {id!r} in project {self.project.name!r}")
+            return ItemDataset(doc, self)
+        found = self.find(name, where=where, version=version, sort=sort, limit=1)
+        if not found and isinstance(name, str) and version is None and where is None:
+            doc = find_by_id(self.project, DATASETS, name, "item dataset", {"kind": "items"})
+            found = [ItemDataset(doc, self)] if doc is not None else []
+        if not found:
+            what = f"item dataset {name!r}" if name else "item dataset"
+            what += f" version {version!r}" if version is not None else ""
+            raise NotFound(f"no {what}{f' matching {where!r}' if where else ''} in project {self.project.name!r}")
+        return found[0]
+
+    def delete(self, name: str | None = None, *, where: dict | None = None,
+               version: str | int | None = None) -> int:
+        """Delete matching versions (their items, and the shards no other version shares); returns how many
+        versions were deleted."""
+        doomed = self.find(name, where=where, version=version)
+        for ds in doomed:
+            ds.delete()
+        return len(doomed)
 
     def versions(self, name: str) -> list["ItemDataset"]:
         """Every item version of ``name``, newest first."""
-        docs = self.project.find(DATASETS, {"name": check_name("dataset", name), "kind": "items"},
-                                 sort=[("time", -1)])
-        return [ItemDataset(doc, self) for doc in docs]
+        return self.find(check_name("dataset", name))
 
     def names(self) -> list[str]:
         return self.project.distinct(DATASETS, "name", {"kind": "items"})

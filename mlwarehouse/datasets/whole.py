@@ -13,9 +13,9 @@ from typing import Any
 from mlwarehouse import schema
 from mlwarehouse.context import current_run
 from mlwarehouse.datasets.versions import check_version, insert_version
-from mlwarehouse.errors import NotFound
+from mlwarehouse.errors import NotFound, QueryError
 from mlwarehouse.query.fields import normalize_fields, normalize_value
-from mlwarehouse.query.records import Record, check_name, name_filter
+from mlwarehouse.query.records import Record, check_name, find_by_id, name_filter
 
 __all__ = ["Datasets", "DatasetRecord"]
 
@@ -32,12 +32,12 @@ class DatasetRecord(Record):
         super().__init__(doc)
         object.__setattr__(self, "_datasets", datasets)
 
-    def load(self, *, allow_pickle: bool = False) -> Any:
-        """The value; for an item dataset (``kind: "items"``) its
-        :class:`~mlwarehouse.datasets.items.ItemDataset`, whose items are read lazily (``.stream()``, ``.find()``)."""
+    def load(self, *, allow_pickle: bool = False, writable: bool = False) -> Any:
+        """The value (arrays read-only and zero-copy unless ``writable``); for an item dataset (``kind:
+        "items"``) its :class:`~mlwarehouse.datasets.items.ItemDataset`, whose items are read lazily."""
         if self.doc.get("kind") == "items":
             return self._datasets.project.items.get(self.doc["name"], version=self.doc["version"])
-        return self._datasets.project.unpack(self.doc["value"], allow_pickle=allow_pickle)
+        return self._datasets.project.unpack(self.doc["value"], allow_pickle=allow_pickle, writable=writable)
 
 
 class Datasets:
@@ -68,25 +68,40 @@ class Datasets:
 
         return DatasetRecord(insert_version(self.project, doc, version, prepare=pack, racing="saves"), self)
 
-    def delete(self, name: str | None = None, *, where: dict | None = None) -> int:
+    def delete(self, name: str | None = None, *, where: dict | None = None,
+               version: str | int | None = None) -> int:
         """Delete matching dataset versions and the blobs only they used; returns how many were deleted."""
-        return len(self.project.delete(COLLECTION, name_filter("dataset", name, where)))
+        return len(self.project.delete(COLLECTION, self._filter(name, where, version)))
 
     # -- reading -------------------------------------------------------------------------------------------
-    def find(self, name: str | None = None, *, where: dict | None = None, sort=None, limit: int | None = None,
-             skip: int = 0) -> list[DatasetRecord]:
-        """Every matching version (newest first unless ``sort`` says otherwise)."""
-        flt = name_filter("dataset", name, where)
-        docs = self.project.find(COLLECTION, flt, sort=sort or NEWEST, limit=limit, skip=skip)
-        return [DatasetRecord(doc, self) for doc in docs]
-
-    def get(self, name: str | None = None, *, version: str | int | None = None, where: dict | None = None,
-            sort=None) -> DatasetRecord:
-        """The top matching version (newest unless ``sort`` says otherwise); NotFound if none matches."""
+    def _filter(self, name, where, version) -> dict:
         flt = name_filter("dataset", name, where)
         if version is not None:
             flt = {"$and": [flt, {"version": version}]} if flt else {"version": version}
-        doc = self.project.find_one(COLLECTION, flt, sort=sort or NEWEST)
+        return flt
+
+    def find(self, name: str | None = None, *, where: dict | None = None, version: str | int | None = None,
+             sort=None, limit: int | None = None, skip: int = 0) -> list[DatasetRecord]:
+        """Every matching version (newest first unless ``sort`` says otherwise)."""
+        docs = self.project.find(COLLECTION, self._filter(name, where, version), sort=sort or NEWEST,
+                                 limit=limit, skip=skip)
+        return [DatasetRecord(doc, self) for doc in docs]
+
+    def get(self, id: str, *, version: str | int | None = None, where: dict | None = None,
+            sort=None) -> DatasetRecord:
+        """The version with this id (whole or a unique prefix); NotFound if there is none.
+
+        A dataset name is taken too (the newest version of it, narrowed by ``version``/``where``/``sort``), as
+        earlier releases took only names: ``find(name, limit=1)`` is the form to prefer for names.
+        """
+        if version is None and where is None and sort is None:
+            doc = find_by_id(self.project, COLLECTION, id, "dataset")
+            if doc is not None:
+                return DatasetRecord(doc, self)
+        return self._top(id, version, where, sort)
+
+    def _top(self, name, version, where, sort) -> DatasetRecord:
+        doc = self.project.find_one(COLLECTION, self._filter(name, where, version), sort=sort or NEWEST)
         if doc is None:
             what = f"dataset {name!r}" if name else f"a dataset matching {where!r}"
             if version is not None:
@@ -94,20 +109,41 @@ class Datasets:
             raise NotFound(f"no {what} in project {self.project.name!r}")
         return DatasetRecord(doc, self)
 
-    def load(self, name: str | None = None, *, version: str | int | None = None, where: dict | None = None,
-             sort=None, allow_pickle: bool = False) -> Any:
-        """The value of the top matching version (see :meth:`get`).
+    def load(self, name: str | None = None, *, id: str | None = None, version: str | int | None = None,
+             where: dict | None = None, sort=None, allow_pickle: bool = False, writable: bool = False) -> Any:
+        """The value of the top matching version (newest unless ``sort`` says otherwise), or of the version
+        ``id``. A ``name`` that no dataset has but that is an id (or a unique id prefix) loads that version.
+        Arrays are read-only views of the verified bytes; ``writable=True`` gives arrays that own writable memory
+        (one copy), which ``torch.from_numpy`` takes without a warning.
 
         Inside a run of this project (``mlwarehouse.current_run()``), the version loaded is recorded on the run,
         so "which data trained this model" is answered by the run's ``datasets``.
         """
-        record = self.get(name, version=version, where=where, sort=sort)
-        value = record.load(allow_pickle=allow_pickle)
+        record = self._record(name, id=id, version=version, where=where, sort=sort)
+        value = record.load(allow_pickle=allow_pickle, writable=writable)
         run = current_run()
         if run is not None and run.project == self.project.name \
                 and run.warehouse_settings == self.project.warehouse.settings:
             run.use_datasets(record.id)
         return value
+
+    def _record(self, name: str | None = None, *, id: str | None = None, version: str | int | None = None,
+               where: dict | None = None, sort=None) -> DatasetRecord:
+        """The record :meth:`load` would load (same arguments), without reading the value."""
+        if id is not None:
+            if name is not None:
+                raise QueryError("give a dataset name or id=, not both")
+            doc = find_by_id(self.project, COLLECTION, id, "dataset", self._filter(None, where, version) or None)
+            if doc is None:
+                raise NotFound(f"no dataset with id {id!r} in project {self.project.name!r}")
+            return DatasetRecord(doc, self)
+        try:
+            return self._top(name, version, where, sort)
+        except NotFound:
+            doc = find_by_id(self.project, COLLECTION, name, "dataset") if isinstance(name, str) else None
+            if doc is None or version is not None or where is not None:
+                raise
+            return DatasetRecord(doc, self)
 
     def names(self) -> list[str]:
         return self.project.distinct(COLLECTION, "name")

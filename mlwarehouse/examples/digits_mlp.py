@@ -4,11 +4,10 @@ Run by a worker, like a TensorHub task script: the hyper-parameters ``n_hidden``
 ``seed`` arrive as global variables, and ``test_accuracy`` (a saved result key) is read back from the globals
 when the script ends. Logs and models saved here link to the task's run.
 
-Loaded arrays are zero-copy, read-only views of the stored bytes; ``torch.from_numpy`` warns about those ("The given
-NumPy array is not writable"), so the script copies them once into writable arrays (``np.array``) before training.
+Loaded arrays are zero-copy, read-only views of the stored bytes, which ``torch.from_numpy`` warns about ("The
+given NumPy array is not writable"); ``writable=True`` loads arrays that own writable memory, as training wants.
 """
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -16,7 +15,7 @@ import mlwarehouse
 
 wh = mlwarehouse.connect()  # inside a worker: the worker's warehouse and project
 run = mlwarehouse.current_run()
-X_train, y_train, X_valid, y_valid, X_test, y_test = (np.array(a) for a in wh.datasets.load(name="digits"))
+X_train, y_train, X_valid, y_valid, X_test, y_test = wh.datasets.load(name="digits", writable=True)
 
 torch.manual_seed(seed)
 model = nn.Sequential(nn.Linear(64, n_hidden), nn.ReLU(), nn.Linear(n_hidden, n_hidden), nn.ReLU(),

@@ -11,6 +11,9 @@ A model document holds the user's fields at the top level (``test_accuracy=0.93`
 
 Blobs are put before the document is inserted (invariant 1), so a process killed while saving leaves at most
 unreferenced blobs. :meth:`Models.checkpoint` saves one epoch and then applies a :class:`Retention` policy.
+
+Final models and checkpoints are told apart by ``checkpoint: true`` on checkpoints: ``find``, ``best`` and ``load``
+see final models unless given ``checkpoints=True`` (``get(id)`` and ``delete`` see both).
 """
 
 from __future__ import annotations
@@ -25,9 +28,9 @@ from mlwarehouse.errors import CodecError, InvalidDocument, NotFound, QueryError
 from mlwarehouse.models.checkpoints import Retention
 from mlwarehouse.query import PATH_RE
 from mlwarehouse.query.fields import normalize_fields, normalize_value
-from mlwarehouse.query.records import Record, check_name, name_filter
+from mlwarehouse.query.records import Record, check_name, find_by_id, name_filter
 
-__all__ = ["Models", "ModelRecord", "Retention"]
+__all__ = ["Models", "ModelRecord", "Retention", "FINAL", "final_filter"]
 
 COLLECTION = schema.MODELS.name
 NEWEST = [("time", -1)]
@@ -35,6 +38,8 @@ NEWEST = [("time", -1)]
 FIXED = frozenset({"name", "kind", "epoch", "step", "run", "dataset", "tags", "description", "checkpoint",
                    "architecture", "weights", "value"})
 _BIG = sys.float_info.max
+#: final models: checkpoints carry ``checkpoint: true``, anything else is a final model
+FINAL = {"checkpoint": {"$ne": True}}
 
 
 class ModelRecord(Record):
@@ -159,51 +164,77 @@ class Models:
                 self.project.create_index(COLLECTION, [("project", 1), (key, -1)])
             self._indexed.add(key)
 
-    def delete(self, where: dict | None = None, *, name: str | None = None) -> int:
-        """Delete matching models and the blobs only they used; returns how many were deleted."""
+    def delete(self, name: str | None = None, *, where: dict | None = None) -> int:
+        """Delete matching models, checkpoints included, and the blobs only they used; returns how many."""
         return len(self.project.delete(COLLECTION, name_filter("model", name, where)))
 
     # -- reading -------------------------------------------------------------------------------------------
-    def find(self, where: dict | None = None, *, name: str | None = None, sort=None, limit: int | None = None,
-             skip: int = 0) -> list[ModelRecord]:
-        """Matching models, newest first unless ``sort`` says otherwise."""
-        flt = name_filter("model", name, where)
-        docs = self.project.find(COLLECTION, flt, sort=sort or NEWEST, limit=limit, skip=skip)
+    @staticmethod
+    def _filter(name: str | None, where: dict | None, checkpoints: bool) -> dict:
+        return final_filter(name_filter("model", name, where), checkpoints)
+
+    def find(self, name: str | None = None, *, where: dict | None = None, checkpoints: bool = False, sort=None,
+             limit: int | None = None, skip: int = 0) -> list[ModelRecord]:
+        """Matching final models (and checkpoints if ``checkpoints``), newest first unless ``sort`` says
+        otherwise."""
+        docs = self.project.find(COLLECTION, self._filter(name, where, checkpoints), sort=sort or NEWEST,
+                                 limit=limit, skip=skip)
         return [ModelRecord(doc, self) for doc in docs]
 
     def get(self, id: str) -> ModelRecord:
-        """The model with this id; NotFound if there is none in this project."""
-        doc = self.project.find_one(COLLECTION, {"_id": id}) if isinstance(id, str) else None
+        """The model (or checkpoint) with this id, whole or a unique prefix; NotFound if there is none."""
+        doc = find_by_id(self.project, COLLECTION, id, "model")
         if doc is None:
             raise NotFound(f"no model with id {id!r} in project {self.project.name!r}")
         return ModelRecord(doc, self)
 
-    def best(self, metric: str, *, mode: str = "max", where: dict | None = None,
-             name: str | None = None) -> ModelRecord:
-        """The model with the highest (``mode="max"``) or lowest numeric ``metric``; NotFound if none has one."""
+    def best(self, metric: str, *, mode: str = "max", where: dict | None = None, name: str | None = None,
+             checkpoints: bool = False) -> ModelRecord:
+        """The final model (or checkpoint too if ``checkpoints``) with the highest (``mode="max"``) or lowest
+        numeric ``metric``; NotFound if none has one."""
         if mode not in ("max", "min"):
             raise QueryError(f"mode must be 'max' or 'min', not {mode!r}")
         if not isinstance(metric, str) or not PATH_RE.match(metric):
             raise QueryError(f"invalid metric field {metric!r}")
         self._ensure_metric_indexes({metric: 0.0})  # models written by others (or imported) may lack it
         bound = {"$gte": -_BIG} if mode == "max" else {"$lte": _BIG}  # numbers only: strings sort above them
-        flt = name_filter("model", name, where)
+        flt = self._filter(name, where, checkpoints)
         flt = {"$and": [flt, {metric: bound}]} if metric in flt or "$and" in flt else {**flt, metric: bound}
         doc = self.project.find_one(COLLECTION, flt, sort=[(metric, -1 if mode == "max" else 1), ("time", -1)])
         if doc is None:
-            what = f"model {name!r}" if name else "model"
-            raise NotFound(f"no {what} with a numeric {metric!r}"
-                           f"{f' matching {where!r}' if where else ''} in project {self.project.name!r}")
+            raise NotFound(self._missing(f"with a numeric {metric!r}", name, where, checkpoints, {metric: bound}))
         return ModelRecord(doc, self)
 
-    def load(self, name: str | None = None, *, where: dict | None = None, sort=None,
-             allow_pickle: bool = False) -> Any:
-        """The top matching model (newest unless ``sort`` says otherwise), rebuilt; NotFound if none matches."""
-        found = self.find(where, name=name, sort=sort, limit=1)
+    def load(self, name: str | None = None, *, id: str | None = None, where: dict | None = None, sort=None,
+             checkpoints: bool = False, allow_pickle: bool = False) -> Any:
+        """The top matching final model (newest unless ``sort`` says otherwise), or the model ``id``, rebuilt.
+
+        A ``name`` that no model has but that is a model id (or a unique id prefix) loads that model, so
+        ``load(ID)`` works as ``load(id=ID)`` does. NotFound if nothing matches.
+        """
+        if id is not None:
+            if name is not None:
+                raise QueryError("give a model name or id=, not both")
+            return self.get(id).load(allow_pickle=allow_pickle)
+        found = self.find(name, where=where, checkpoints=checkpoints, sort=sort, limit=1)
+        if not found and isinstance(name, str) and where is None \
+                and not self.project.count(COLLECTION, {"name": name}):
+            doc = find_by_id(self.project, COLLECTION, name, "model")
+            found = [ModelRecord(doc, self)] if doc is not None else []
         if not found:
-            what = f"model {name!r}" if name else "model"
-            raise NotFound(f"no {what}{f' matching {where!r}' if where else ''} in project {self.project.name!r}")
+            raise NotFound(self._missing("", name, where, checkpoints))
         return found[0].load(allow_pickle=allow_pickle)
+
+    def _missing(self, what: str, name, where, checkpoints: bool, extra: dict | None = None) -> str:
+        """Why nothing matched, pointing at ``checkpoints=True`` when checkpoints would have."""
+        label = f"model {name!r}" if name else "model"
+        text = f"no {label}{f' {what}' if what else ''}{f' matching {where!r}' if where else ''} " \
+               f"in project {self.project.name!r}"
+        if not checkpoints and "checkpoint" not in (where or {}):
+            parts = [name_filter("model", name, where), {"checkpoint": True}, *([extra] if extra else [])]
+            if self.project.count(COLLECTION, {"$and": parts}):
+                text += " (checkpoints match: pass checkpoints=True to include them)"
+        return text
 
     def names(self) -> list[str]:
         return self.project.distinct(COLLECTION, "name")
@@ -231,6 +262,15 @@ class Models:
         payload = unpack(spec["archive"], allow_pickle=allow_pickle) if "archive" in spec else None
         arch = torch_io.Architecture(spec["format"], payload, spec.get("class"), spec.get("config"))
         return torch_io.build(arch, weights, allow_pickle=allow_pickle)
+
+
+def final_filter(flt: dict | None, checkpoints: bool = False) -> dict:
+    """``flt`` narrowed to final models (no ``checkpoint: true``) unless ``checkpoints``, or unless ``flt`` names
+    the ``checkpoint`` field itself (``{"checkpoint": True}`` lists checkpoints only)."""
+    flt = dict(flt or {})
+    if checkpoints or "checkpoint" in flt:
+        return flt
+    return {"$and": [flt, FINAL]} if "$and" in flt else {**flt, **FINAL}
 
 
 def _flatten(tree: dict, path: tuple):

@@ -9,8 +9,11 @@ from __future__ import annotations
 from typing import Any
 
 from mlwarehouse.errors import InvalidDocument, QueryError
+from mlwarehouse.ids import prefix_filter
 
-__all__ = ["Record", "check_name", "name_filter"]
+__all__ = ["Record", "check_name", "check_where", "name_filter", "find_by_id"]
+
+_CANDIDATES = 5
 
 
 class Record:
@@ -62,12 +65,44 @@ def check_name(kind: str, name: Any) -> str:
     return name
 
 
-def name_filter(kind: str, name: str | None, where: dict | None) -> dict:
-    """``where`` narrowed to ``name`` when one is given (both must hold if ``where`` names one too)."""
+def check_where(where: Any) -> dict | None:
+    """``where`` as given (a filter dict or None); anything else is a QueryError naming what was passed."""
     if where is not None and not isinstance(where, dict):
         raise QueryError(f"where must be a filter dict, not {type(where).__name__}")
-    flt = dict(where or {})
+    return where
+
+
+def name_filter(kind: str, name: str | None, where: dict | None, field: str = "name") -> dict:
+    """``where`` narrowed to ``name`` (stored in ``field``) when one is given (both hold if ``where`` names one).
+
+    A filter dict passed as the name (the old ``find({"name": "x"})``) is a QueryError that says to use ``where=``.
+    """
+    if isinstance(name, dict):
+        raise QueryError(f"the first argument is a {kind} name; pass a filter dict as where= (where={name!r})")
+    flt = dict(check_where(where) or {})
     if name is not None:
         check_name(kind, name)
-        flt = {"$and": [{"name": name}, flt]} if "name" in flt else {**flt, "name": name}
+        flt = {"$and": [{field: name}, flt]} if field in flt else {**flt, field: name}
     return flt
+
+
+def find_by_id(project, collection: str, ident: Any, kind: str, scope: dict | None = None) -> dict | None:
+    """The document whose id is ``ident`` or starts with it (case-insensitive, at least ``ids.MIN_PREFIX``
+    digits, as git takes hashes); None if none does. A prefix that several ids share is a QueryError listing them."""
+    if isinstance(ident, dict):
+        raise QueryError(f"get takes a {kind} id; use find(where={ident!r}) for a filter")
+    if not isinstance(ident, str) or not ident:
+        raise QueryError(f"a {kind} id must be a non-empty string, not {ident!r}")
+
+    def scoped(flt: dict) -> dict:
+        return {"$and": [scope, flt]} if scope else flt
+
+    doc = project.find_one(collection, scoped({"_id": ident}))
+    prefix = prefix_filter(ident)
+    if doc is not None or prefix is None:
+        return doc
+    docs = project.find(collection, scoped(prefix), sort=[("_id", 1)], limit=_CANDIDATES + 1)
+    if len(docs) > 1:
+        shown = ", ".join(d["_id"] for d in docs[:_CANDIDATES]) + (", ..." if len(docs) > _CANDIDATES else "")
+        raise QueryError(f"{kind} id prefix {ident!r} is ambiguous: it matches {shown}; give more of the id")
+    return docs[0] if docs else None

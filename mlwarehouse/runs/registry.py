@@ -33,7 +33,7 @@ from mlwarehouse.ids import new_id, utc_now
 from mlwarehouse.query import split_path
 from mlwarehouse.query.documents import check_value
 from mlwarehouse.query.fields import normalize_fields, normalize_value
-from mlwarehouse.query.records import Record
+from mlwarehouse.query.records import Record, find_by_id, name_filter
 from mlwarehouse.runs import summary
 from mlwarehouse.runs.logwriter import INT64, LogWriter, as_step, check_kind, check_metric_name
 
@@ -338,17 +338,19 @@ class Runs:
             push_run(run)
         return run
 
-    def get(self, run_id: str) -> Run:
-        """The run with this id (NotFound otherwise)."""
-        doc = self.project.find_one(RUNS, {"_id": run_id})
+    def get(self, id: str) -> Run:
+        """The run with this id, whole or a unique prefix (NotFound otherwise)."""
+        doc = find_by_id(self.project, RUNS, id, "run")
         if doc is None:
-            raise NotFound(f"no run {run_id!r} in project {self.project.name!r}")
+            raise NotFound(f"no run {id!r} in project {self.project.name!r}")
         return Run(self, doc)
 
-    def find(self, where: dict | None = None, sort=None, limit: int | None = None, skip: int = 0) -> list[Run]:
-        """Runs matching a filter, newest first unless ``sort`` says otherwise."""
+    def find(self, name: str | None = None, *, where: dict | None = None, sort=None, limit: int | None = None,
+             skip: int = 0) -> list[Run]:
+        """Runs named ``name`` and matching ``where``, newest first unless ``sort`` says otherwise."""
+        flt = name_filter("run", name, where)
         self.flush()
-        docs = self.project.find(RUNS, where, sort=sort or [("started", -1)], limit=limit, skip=skip)
+        docs = self.project.find(RUNS, flt, sort=sort or [("started", -1)], limit=limit, skip=skip)
         return [Run(self, d) for d in docs]
 
     def best(self, metric: str | tuple[str, str], mode: str = "max", where: dict | None = None) -> Run:
@@ -380,10 +382,11 @@ class Runs:
                            + (f" and matches {where!r}" if where else ""))
         return Run(self, doc)
 
-    def delete(self, where: dict | None = None) -> int:
-        """Delete matching runs (all of this project's runs if ``where`` is None) and their logs."""
+    def delete(self, name: str | None = None, *, where: dict | None = None) -> int:
+        """Delete matching runs (all of this project's runs if neither is given) and their logs."""
+        flt = name_filter("run", name, where)
         self.flush()
-        deleted = self.project.delete(RUNS, where)
+        deleted = self.project.delete(RUNS, flt)
         ids = [d["_id"] for d in deleted]
         for start in range(0, len(ids), 500):
             self.project.delete(LOGS, {"run": {"$in": ids[start:start + 500]}})

@@ -24,7 +24,7 @@ from mlwarehouse.context import TaskContext, current_task
 from mlwarehouse.errors import InvalidDocument, NotFound, TaskError, TaskFailed
 from mlwarehouse.ids import new_id, utc_now
 from mlwarehouse.query.fields import normalize_fields
-from mlwarehouse.query.records import Record
+from mlwarehouse.query.records import Record, find_by_id, name_filter
 from mlwarehouse.tasks.scripts import script_spec
 from mlwarehouse.tasks.sweeps import config_hash, expand, normalize_config
 
@@ -38,7 +38,7 @@ ENDED = [FINISHED, FAILED, CANCELLED]
 OUTPUT_TAIL = 64 * 1024
 _TEXT_TAIL = 64 * 1024
 _IDENT = re.compile(r"^[A-Za-z_]\w*$")
-_OWN_FIELDS = frozenset({
+OWN_FIELDS = frozenset({
     "task_name", "status", "priority", "hyper_parameters", "config_hash", "script", "saved_result_keys",
     "max_attempts", "attempts", "timeout", "lease_until", "worker", "heartbeat", "result", "error", "output",
     "output_size", "output_blob", "created", "started", "ended", "run", "tags"})
@@ -135,7 +135,7 @@ class Tasks:
         if not all(isinstance(t, str) for t in tags):
             raise InvalidDocument(f"tags must be strings: {tags!r}")
         extra = normalize_fields(fields)
-        clash = sorted(_OWN_FIELDS & set(extra))
+        clash = sorted(OWN_FIELDS & set(extra))
         if clash:
             raise InvalidDocument(f"field {clash[0]!r} is set by the task queue; choose another name")
         return {"task_name": task_name, "status": PENDING, "priority": priority, "hyper_parameters": config,
@@ -145,17 +145,21 @@ class Tasks:
                 "created": utc_now(), "started": None, "ended": None, "run": None, "tags": tags, **extra}
 
     # -- looking -------------------------------------------------------------------------------------------
-    def get(self, task_id: str) -> Task:
-        doc = self.project.find_one(COLLECTION, {"_id": task_id})
+    def get(self, id: str) -> Task:
+        """The task with this id, whole or a unique prefix (NotFound otherwise)."""
+        doc = find_by_id(self.project, COLLECTION, id, "task")
         if doc is None:
-            raise NotFound(f"no task {task_id!r} in project {self.project.name!r}")
+            raise NotFound(f"no task {id!r} in project {self.project.name!r}")
         return Task(doc, self)
 
-    def find(self, where: Mapping | None = None, *, task_name: str | None = None,
-             status: str | Iterable[str] | None = None, sort=None, limit: int | None = None) -> list[Task]:
-        """Tasks matching a filter (and task name / status), oldest first unless ``sort`` says otherwise."""
-        flt = self._filter(where, task_name, status)
-        return [Task(d, self) for d in self.project.find(COLLECTION, flt, sort=sort or [("_id", 1)], limit=limit)]
+    def find(self, task_name: str | None = None, *, where: Mapping | None = None,
+             status: str | Iterable[str] | None = None, sort=None, limit: int | None = None,
+             skip: int = 0) -> list[Task]:
+        """Tasks of ``task_name`` (and ``status``) matching ``where``, oldest first unless ``sort`` says
+        otherwise."""
+        flt = self._filter(where, _task_name(task_name), status)
+        return [Task(d, self) for d in self.project.find(COLLECTION, flt, sort=sort or [("_id", 1)], limit=limit,
+                                                         skip=skip)]
 
     def has_unfinished(self, task_name: str | None = None, where: Mapping | None = None) -> bool:
         """True while a matching task is pending or running."""
@@ -202,7 +206,7 @@ class Tasks:
             by_id = {d["_id"]: d for d in self.project.find(COLLECTION, {"_id": {"$in": ids}})}
             records = [Task(by_id[i], self) for i in ids]
         else:
-            records = self.find(flt)
+            records = self.find(where=flt)
         if raise_on_failure:
             for task in records:
                 if task.status != FINISHED:
@@ -234,9 +238,10 @@ class Tasks:
             "status": PENDING, "attempts": 0, "worker": None, "lease_until": None, "result": None,
             "ended": None}})
 
-    def delete(self, where: Any = None) -> int:
-        """Delete matching tasks (and blobs only they used); a running one's worker kills it. Returns how many."""
-        return len(self.project.delete(COLLECTION, self._filter(self._where(where), None, None)))
+    def delete(self, task_name: str | None = None, *, where: Mapping | None = None) -> int:
+        """Delete matching tasks (all of this project's if neither is given) and blobs only they used; a running
+        one's worker kills it. Returns how many."""
+        return len(self.project.delete(COLLECTION, self._filter(where, _task_name(task_name), None)))
 
     # -- the worker protocol -------------------------------------------------------------------------------
     def claim(self, task_name: str | None, worker: str, lease_seconds: float = 30.0, *,
@@ -375,6 +380,14 @@ class Tasks:
         if set(where) & set(flt):
             return {"$and": [flt, dict(where)]} if flt else dict(where)
         return {**where, **flt}
+
+
+def _task_name(task_name: Any) -> str | None:
+    """A task name argument; a filter dict passed in its place (the old positional ``where``) says to use where=."""
+    if task_name is None:
+        return None
+    name_filter("task", task_name, None, field="task_name")
+    return task_name
 
 
 class _Progress:

@@ -49,9 +49,11 @@ def run_metric(request: Request, project: str, ids: str, metric: str, kind: str 
 
 @router.get("/p/{project}/models")
 def models(request: Request, project: str, q: str | None = None, sort: str | None = None,
-           limit: int = Query(500, ge=1, le=10_000), skip: int = Query(0, ge=0)) -> dict:
+           limit: int = Query(500, ge=1, le=10_000), skip: int = Query(0, ge=0), checkpoints: bool = False) -> dict:
+    """The leaderboard (final models ranked by a metric; ``checkpoints=true`` includes checkpoints)."""
     p = _project(request, project)
-    return data.leaderboard(p, data.parse_filter_text(q), data.parse_sort(sort), limit, skip)
+    return data.leaderboard(p, data.parse_filter_text(q), data.parse_sort(sort), limit, skip,
+                            checkpoints=checkpoints)
 
 
 @router.get("/p/{project}/tasks")

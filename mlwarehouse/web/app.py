@@ -61,7 +61,7 @@ def create_app(warehouse, *, writable: bool = False) -> FastAPI:
         p = warehouse.project(project)
         context, status = _queried(lambda flt: fetch(p, flt), q, empty=empty)
         _require_project(p, context, q)
-        return page(request, f"{tab}.html", status, project=project, tab=tab, q=q, **extra, **context)
+        return page(request, f"{tab}.html", status, project=project, tab=tab, q=q, **{**extra, **context})
 
     @app.get("/", response_class=HTMLResponse)
     def projects(request: Request):
@@ -90,10 +90,14 @@ def create_app(warehouse, *, writable: bool = False) -> FastAPI:
 
     @app.get("/p/{project}/models", response_class=HTMLResponse)
     def models(request: Request, project: str, q: str = "", sort: str = "", limit: int = Query(500, ge=1, le=10_000),
-               skip: int = Query(0, ge=0)):
+               skip: int = Query(0, ge=0), checkpoints: bool = False):
+        """The leaderboard: final models ranked by a metric; ``checkpoints=1`` shows checkpoints too."""
         def fetch(p, flt):
-            return data.leaderboard(p, flt, data.parse_sort(sort), limit, skip)
-        return listing(request, project, "models", fetch, q, {"rows": [], "metrics": [], "total": 0}, sort=sort)
+            board = data.leaderboard(p, flt, data.parse_sort(sort), limit, skip, checkpoints=checkpoints)
+            return {**board, "sort": sort or board["ranked"] or ""}
+        return listing(request, project, "models", fetch, q,
+                       {"rows": [], "metrics": [], "total": 0, "hidden_checkpoints": 0}, sort=sort,
+                       checkpoints=checkpoints)
 
     @app.get("/p/{project}/models/{model_id}", response_class=HTMLResponse)
     def model(request: Request, project: str, model_id: str):

@@ -17,13 +17,15 @@ import numpy as np
 
 from mlwarehouse import schema
 from mlwarehouse.errors import NotFound, QueryError
+from mlwarehouse.models.registry import final_filter
 from mlwarehouse.query import split_path
 from mlwarehouse.query.text import parse_filter_text, parse_sort_text
 from mlwarehouse.runs import summary
 from mlwarehouse.web.downsample import minmax_downsample
 
 __all__ = ["parse_filter_text", "parse_sort", "runs_table", "metric_series", "leaderboard", "tasks_board",
-           "datasets_list", "project_exists", "metric_sort", "HistoryCache", "TASK_STATUSES", "RUN_STATS"]
+           "datasets_list", "project_exists", "metric_sort", "rank_metric", "HistoryCache", "TASK_STATUSES",
+           "RUN_STATS"]
 
 RUNS, LOGS, MODELS, TASKS, DATASETS = (c.name for c in (schema.RUNS, schema.LOGS, schema.MODELS, schema.TASKS,
                                                         schema.DATASETS))
@@ -187,16 +189,59 @@ def _number(value: Any) -> float:
     return math.nan
 
 
-def leaderboard(project, flt: dict | None, sort, limit: int, skip: int = 0) -> dict:
-    """Models with every numeric field as a sortable column (metrics and numeric hyper-parameters alike)."""
-    docs = project.find(MODELS, flt, sort=sort or [("time", -1)], limit=limit, skip=skip,
-                        projection={f: 0 for f in MODEL_HIDDEN})
+#: prefixes of the fields a leaderboard ranks by when no sort is asked for, in order of preference
+RANK_PREFIXES = ("test_", "valid_", "val_", "eval_")
+#: words that mark a metric where lower is better (ranked ascending)
+LOWER_IS_BETTER = ("loss", "error", "mse", "mae", "rmse", "perplexity")
+_SCORES = ("accuracy", "acc", "f1", "auc", "score", "precision", "recall")
+
+
+def rank_metric(metrics: list[str]) -> tuple[str, int] | None:
+    """The metric a leaderboard ranks by when none is chosen: the first ``test_*`` field (then ``valid_*``,
+    ``val_*``, ``eval_*``, then any accuracy/score-like field), descending unless its name says lower is better."""
+    def direction(name: str) -> int:
+        return 1 if any(word in name.lower() for word in LOWER_IS_BETTER) else -1
+    for prefix in RANK_PREFIXES:
+        for name in metrics:
+            if name.startswith(prefix):
+                return name, direction(name)
+    for name in metrics:
+        if any(word in name.lower() for word in _SCORES):
+            return name, direction(name)
+    return None
+
+
+def leaderboard(project, flt: dict | None, sort, limit: int, skip: int = 0, *, checkpoints: bool = False) -> dict:
+    """Final models (checkpoints too if ``checkpoints``) with every numeric field as a sortable column (metrics
+    and numeric hyper-parameters alike), ranked by ``sort`` or else by :func:`rank_metric` (newest first when
+    no field looks like a metric). ``ranked`` is the sort applied, as ``field:-1`` text."""
+    shown = final_filter(flt, checkpoints)
+    hidden = {f: 0 for f in MODEL_HIDDEN}
+    ranked = None
+    if sort:
+        ties = [] if any(key == "time" for key, _ in sort) else [("time", -1)]
+        docs = project.find(MODELS, shown, sort=[*sort, *ties], limit=limit, skip=skip, projection=hidden)
+        if len(sort) == 1:
+            ranked = f"{sort[0][0]}:{sort[0][1]}"
+    else:
+        docs = project.find(MODELS, shown, sort=[("time", -1)], limit=limit, skip=skip, projection=hidden)
+        top = rank_metric(_metric_columns(docs))
+        if top is not None:
+            ranked = f"{top[0]}:{top[1]}"
+            docs = project.find(MODELS, shown, sort=[top, ("time", -1)], limit=limit, skip=skip, projection=hidden)
+    hidden_checkpoints = 0 if checkpoints or "checkpoint" in (flt or {}) else \
+        project.count(MODELS, {"$and": [dict(flt or {}), {"checkpoint": True}]})
+    return {"rows": docs, "metrics": _metric_columns(docs)[:MAX_COLUMNS], "total": project.count(MODELS, shown),
+            "ranked": ranked, "checkpoints": checkpoints, "hidden_checkpoints": hidden_checkpoints}
+
+
+def _metric_columns(docs: list[dict]) -> list[str]:
     columns: dict[str, None] = {}
     for doc in docs:
         for key, value in doc.items():
             if key not in MODEL_FIXED and isinstance(value, (int, float)) and not isinstance(value, bool):
                 columns[key] = None
-    return {"rows": docs, "metrics": sorted(columns)[:MAX_COLUMNS], "total": project.count(MODELS, flt)}
+    return sorted(columns)
 
 
 def tasks_board(project, flt: dict | None, sort, limit: int) -> dict:
