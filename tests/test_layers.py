@@ -193,3 +193,19 @@ def test_layer_rule(edge):
 def test_no_stale_known_violations():
     still = {(m, t) for m, t, _ in _violations(GRAPH)}
     assert not set(KNOWN) - still, f"fixed, drop from KNOWN: {sorted(set(KNOWN) - still)}"
+
+
+def test_domain_code_reaches_storage_through_project_only():
+    """No ``project.index`` or ``warehouse.index`` in the domain packages: Project is their door to the index (the
+    blob store they may use through its protocol, ``project.blobs``: shards are read from it in ranges)."""
+    found = []
+    for module, path in MODULES.items():
+        if not _within(module, DOMAIN):
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Attribute) and node.attr == "index" \
+                    and isinstance(node.value, (ast.Attribute, ast.Name)):
+                owner = node.value.attr if isinstance(node.value, ast.Attribute) else node.value.id
+                if owner in ("project", "warehouse", "wh", "p"):
+                    found.append(f"{module}:{node.lineno}: {owner}.{node.attr}")
+    assert not found, "\n".join(found)

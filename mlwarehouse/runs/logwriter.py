@@ -279,12 +279,11 @@ class LogWriter:
     def _insert(self, batch: list[dict]) -> None:
         """One bulk insert of documents this writer stamped itself (``_id``, ``project``, ``time``).
 
-        The project's index, not ``Project.insert_many``: that one stamps again, and would replace each point's
+        ``Project.insert_stamped``, not ``insert_many``: that one stamps again, and would replace each point's
         time (when ``log()`` was called) by the time of the write, draw one ``new_id()`` per point instead of a
-        batch of ids, scan every point for blob references (logs have none) and take no chunk size; together
-        that cost about 30% of the logging throughput (``benchmarks/logging.py``). Everything else goes through
-        the Project."""
-        self.project.index.insert_many(LOGS, batch, chunk_size=self.chunk_size)
+        batch of ids and scan every point for blob references (logs have none); together that cost about 30% of
+        the logging throughput (``benchmarks/logging.py``)."""
+        self.project.insert_stamped(LOGS, batch, chunk_size=self.chunk_size)
 
     def _one_by_one(self, batch: list[dict]) -> tuple[list[dict], list[tuple[dict, InvalidDocument]]]:
         """Insert each point alone: (the points now stored, the points refused with their errors). A point an
@@ -292,7 +291,7 @@ class LogWriter:
         written, dropped = [], []
         for doc in batch:
             try:
-                self.project.index.insert_one(LOGS, doc)
+                self.project.insert_stamped(LOGS, [doc])
             except DuplicateKey:
                 pass
             except InvalidDocument as exc:
