@@ -30,7 +30,7 @@ from typing import BinaryIO
 
 from filelock import FileLock
 
-from mlwarehouse.blobs.base import BlobInfo, BlobStore, blob_key
+from mlwarehouse.blobs.base import BlobInfo, BlobStore, blob_key, check_key
 from mlwarehouse.blobs.common import fanout
 from mlwarehouse.blobs.files import FileBlobStore
 from mlwarehouse.errors import BackendError, ConfigError
@@ -99,36 +99,33 @@ class CachedBlobStore(BlobStore):
         try:
             os.utime(path)  # recently used: evicted last
             with open(path, "rb") as f:
-                st = os.fstat(f.fileno())
-                data = f.read()
+                return self._whole(key, f)
         except OSError:  # no copy (or an unreadable one): the inner store has the truth
             return None
+
+    def _read_range(self, key: str, start: int, length: int) -> bytes:
+        try:
+            with open(self._path(key), "rb") as f:
+                if self._verified.get(key) == _identity(os.fstat(f.fileno())):
+                    return os.pread(f.fileno(), length, start) if length else b""
+                data = self._whole(key, f)
+        except OSError:
+            data = None
+        if data is None:
+            return self.inner.get_range(key, start, length)
+        return data[start:start + length]
+
+    def _whole(self, key: str, f: BinaryIO) -> bytes | None:
+        """The copy open in ``f``, read whole: remembered as verified if it hashes to ``key``, else dropped (None)."""
+        st = os.fstat(f.fileno())
+        data = f.read()
         if blob_key(data) != key:
             self._drop(key)
             return None
-        self._remember(key, st)
-        return data
-
-    def _read_range(self, key: str, start: int, length: int) -> bytes:
-        path = self._path(key)
-        try:
-            with open(path, "rb") as f:
-                st = os.fstat(f.fileno())
-                if self._verified.get(key) == _identity(st):
-                    return os.pread(f.fileno(), length, start) if length else b""
-                data = f.read()
-        except OSError:
-            return self.inner.get_range(key, start, length)
-        if blob_key(data) != key:
-            self._drop(key)
-            return self.inner.get_range(key, start, length)
-        self._remember(key, st)
-        return data[start:start + length]
-
-    def _remember(self, key: str, st: os.stat_result) -> None:
         if len(self._verified) >= _MAX_VERIFIED:
             self._verified.clear()
         self._verified[key] = _identity(st)
+        return data
 
     # -- the bounded folder -----------------------------------------------------------------------------------
 
@@ -143,8 +140,10 @@ class CachedBlobStore(BlobStore):
                 used = self._used()
                 if used + len(data) > self.max_bytes:
                     used = self._evict(int(self.max_bytes * 0.8) - len(data))
-                self.copies.put(data)
+                # counted first: a writer killed before its copy lands leaves the count high (the next eviction
+                # recounts), never low; the bytes were verified by the inner store, so they are not hashed again
                 self._count(used + len(data))
+                self.copies._put_keyed(key, data)
         except (BackendError, OSError) as exc:
             warnings.warn(f"the blob read cache in {self.root} cannot keep blob {key}: {exc}", stacklevel=3)
 
@@ -168,7 +167,7 @@ class CachedBlobStore(BlobStore):
             return self._recount()
 
     def _recount(self) -> int:
-        used = sum(info.size for info in self.copies.list())
+        used = self.used_bytes()
         self._count(used)
         return used
 
@@ -206,7 +205,7 @@ class CachedBlobStore(BlobStore):
         return self.inner.stat(key)
 
     def delete(self, key: str) -> bool:
-        self._path(key)  # a bad key is refused before anything is touched
+        check_key(key)  # a bad key is refused before anything is touched
         self._drop(key)
         return self.inner.delete(key)
 

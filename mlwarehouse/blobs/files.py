@@ -69,7 +69,10 @@ class FileBlobStore(BlobStore):
     # -- writing ---------------------------------------------------------------------------------------------
 
     def put(self, data: bytes | bytearray | memoryview) -> str:
-        key = blob_key(data)
+        return self._put_keyed(blob_key(data), data)
+
+    def _put_keyed(self, key: str, data: bytes | bytearray | memoryview) -> str:
+        """``put`` of bytes whose key the caller has just computed (a read cache keeps verified bytes unhashed)."""
         path = self._path(key)
         if self._touch(path):
             return key

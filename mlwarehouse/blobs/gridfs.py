@@ -195,11 +195,12 @@ class GridFSBlobStore(BlobStore):
         """Every blob (one entry per key); removes temporary uploads left by crashed writers."""
         found: dict[str, BlobInfo] = {}
         stale: list[Any] = []
+        stale_before = time.time() - STALE_TMP_S
         with self.conn.errors():
             for doc in self._files.find({}, {"_id": 1, "filename": 1, "length": 1, "uploadDate": 1, "metadata": 1}):
                 name = doc.get("filename")
                 if isinstance(name, str) and name.startswith(_TMP):
-                    if _mtime(doc) < time.time() - STALE_TMP_S:
+                    if _mtime(doc) < stale_before:
                         stale.append(doc["_id"])
                     continue
                 try:

@@ -313,7 +313,8 @@ class S3BlobStore(BlobStore):
                 reply = self._client.get_object(Bucket=self.bucket, Key=name,
                                                 Range=f"bytes={start}-{start + length - 1}")
             except bx.ClientError as exc:
-                if _code(exc)[0] == "InvalidRange" or _code(exc)[1] == 416:  # start is at or past the end
+                code, status = _code(exc)
+                if code == "InvalidRange" or status == 416:  # start is at or past the end
                     return b""
                 raise
             data = reply["Body"].read()

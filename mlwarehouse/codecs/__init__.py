@@ -6,16 +6,16 @@
 """
 
 from mlwarehouse.codecs.registry import (
-                                         Codec,
-                                         codec_names,
-                                         compress,
-                                         decode_leaf,
-                                         decompress,
-                                         decompress_into,
-                                         encode_leaf,
-                                         get_codec,
-                                         register_codec,
-                                         unregister_codec,
+    Codec,
+    codec_names,
+    compress,
+    decode_leaf,
+    decompress,
+    decompress_into,
+    encode_leaf,
+    get_codec,
+    register_codec,
+    unregister_codec,
 )
 
 __all__ = ["Codec", "register_codec", "unregister_codec", "get_codec", "codec_names", "encode_leaf", "decode_leaf",

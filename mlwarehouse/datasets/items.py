@@ -19,11 +19,11 @@ import numpy as np
 from mlwarehouse import schema
 from mlwarehouse.datasets.shards import FieldSpec, build_shard
 from mlwarehouse.datasets.stream import ItemStream, ShardReader
-from mlwarehouse.datasets.versions import check_version, insert_version
+from mlwarehouse.datasets.versions import check_version, insert_version, version_filter
 from mlwarehouse.errors import InvalidDocument, NotFound, QueryError
 from mlwarehouse.ids import new_id
 from mlwarehouse.query.fields import RESERVED_FIELDS, normalize_fields, normalize_value
-from mlwarehouse.query.records import Record, check_name, find_by_id, name_filter
+from mlwarehouse.query.records import Record, check_name, find_by_id
 
 __all__ = ["ItemDatasets", "ItemDataset", "ItemRecord", "DATASETS", "ITEMS", "SHARDS"]
 
@@ -87,10 +87,8 @@ class ItemDatasets:
         return ItemDataset(insert_version(self.project, doc, version, racing="creates"), self)
 
     def _filter(self, name, where, version) -> dict:
-        parts = [{"kind": "items"}, name_filter("dataset", name, where)]
-        if version is not None:
-            parts.append({"version": version})
-        return {"$and": [p for p in parts if p]}
+        flt = version_filter(name, where, version)
+        return {"$and": [{"kind": "items"}, flt]} if flt else {"kind": "items"}
 
     def find(self, name: str | None = None, *, where: dict | None = None, version: str | int | None = None,
              sort=None, limit: int | None = None, skip: int = 0) -> list["ItemDataset"]:

@@ -11,8 +11,9 @@ from collections.abc import Callable
 
 from mlwarehouse import schema
 from mlwarehouse.errors import DuplicateKey, InvalidDocument
+from mlwarehouse.query.records import name_filter
 
-__all__ = ["check_version", "next_version", "insert_version"]
+__all__ = ["check_version", "version_filter", "next_version", "insert_version"]
 
 COLLECTION = schema.DATASETS.name
 #: how many numbers a writer tries before it gives up (each loss means another writer just took one)
@@ -23,6 +24,14 @@ def check_version(version) -> None:
     """An explicit version is a string or an integer (None: allocate the next integer)."""
     if version is not None and (not isinstance(version, (str, int)) or isinstance(version, bool)):
         raise InvalidDocument(f"version must be a string or an integer, not {version!r}")
+
+
+def version_filter(name: str | None, where: dict | None, version: str | int | None) -> dict:
+    """The versions of dataset ``name`` (any name when None) that match ``where``, narrowed to ``version``."""
+    flt = name_filter("dataset", name, where)
+    if version is not None:
+        flt = {"$and": [flt, {"version": version}]} if flt else {"version": version}
+    return flt
 
 
 def next_version(project, name: str) -> int:

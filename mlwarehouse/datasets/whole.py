@@ -12,10 +12,10 @@ from typing import Any
 
 from mlwarehouse import schema
 from mlwarehouse.context import current_run
-from mlwarehouse.datasets.versions import check_version, insert_version
+from mlwarehouse.datasets.versions import check_version, insert_version, version_filter
 from mlwarehouse.errors import NotFound, QueryError
 from mlwarehouse.query.fields import normalize_fields, normalize_value
-from mlwarehouse.query.records import Record, check_name, find_by_id, name_filter
+from mlwarehouse.query.records import Record, check_name, find_by_id
 
 __all__ = ["Datasets", "DatasetRecord"]
 
@@ -71,19 +71,13 @@ class Datasets:
     def delete(self, name: str | None = None, *, where: dict | None = None,
                version: str | int | None = None) -> int:
         """Delete matching dataset versions and the blobs only they used; returns how many were deleted."""
-        return len(self.project.delete(COLLECTION, self._filter(name, where, version)))
+        return len(self.project.delete(COLLECTION, version_filter(name, where, version)))
 
     # -- reading -------------------------------------------------------------------------------------------
-    def _filter(self, name, where, version) -> dict:
-        flt = name_filter("dataset", name, where)
-        if version is not None:
-            flt = {"$and": [flt, {"version": version}]} if flt else {"version": version}
-        return flt
-
     def find(self, name: str | None = None, *, where: dict | None = None, version: str | int | None = None,
              sort=None, limit: int | None = None, skip: int = 0) -> list[DatasetRecord]:
         """Every matching version (newest first unless ``sort`` says otherwise)."""
-        docs = self.project.find(COLLECTION, self._filter(name, where, version), sort=sort or NEWEST,
+        docs = self.project.find(COLLECTION, version_filter(name, where, version), sort=sort or NEWEST,
                                  limit=limit, skip=skip)
         return [DatasetRecord(doc, self) for doc in docs]
 
@@ -101,7 +95,7 @@ class Datasets:
         return self._top(id, version, where, sort)
 
     def _top(self, name, version, where, sort) -> DatasetRecord:
-        doc = self.project.find_one(COLLECTION, self._filter(name, where, version), sort=sort or NEWEST)
+        doc = self.project.find_one(COLLECTION, version_filter(name, where, version), sort=sort or NEWEST)
         if doc is None:
             what = f"dataset {name!r}" if name else f"a dataset matching {where!r}"
             if version is not None:
@@ -133,7 +127,7 @@ class Datasets:
         if id is not None:
             if name is not None:
                 raise QueryError("give a dataset name or id=, not both")
-            doc = find_by_id(self.project, COLLECTION, id, "dataset", self._filter(None, where, version) or None)
+            doc = find_by_id(self.project, COLLECTION, id, "dataset", version_filter(None, where, version) or None)
             if doc is None:
                 raise NotFound(f"no dataset with id {id!r} in project {self.project.name!r}")
             return DatasetRecord(doc, self)

@@ -134,7 +134,7 @@ def _is_ours(server: Server) -> bool:
     try:
         cmdline = Path(f"/proc/{server.pid}/cmdline").read_bytes()
     except FileNotFoundError:
-        return Path("/proc/self").exists() is False and alive(server.pid)  # no /proc (macOS): trust the pid
+        return not Path("/proc/self").exists() and alive(server.pid)  # no /proc (macOS): trust the pid
     except OSError:
         return True
     return server.data_dir.encode() in cmdline
