@@ -17,6 +17,7 @@ __all__ = ["new_id", "utc_now", "parse_time", "ALPHABET", "encode32", "ID_LENGTH
 
 #: Crockford base32, the digits of every id
 ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+_DIGITS = frozenset(ALPHABET)
 #: ids are 26 digits; a shorter run of their first digits (at least MIN_PREFIX, as git takes hashes) is a prefix
 ID_LENGTH = 26
 MIN_PREFIX = 4
@@ -68,6 +69,3 @@ def prefix_filter(prefix: str) -> dict | None:
     if not MIN_PREFIX <= len(key) <= ID_LENGTH or not set(key) <= _DIGITS:
         return None
     return {"_id": {"$gte": key, "$lt": key + "~"}}  # "~" sorts after every base32 digit
-
-
-_DIGITS = frozenset(ALPHABET)

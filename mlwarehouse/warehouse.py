@@ -380,8 +380,6 @@ class Project:
     def insert_stamped(self, collection: str, docs: Iterable[dict], *, chunk_size: int | None = None) -> int:
         """Insert documents the caller stamped itself (``_id``, this ``project``, ``time``) and that reference no
         blobs: the log writer's bulk path, which makes ids in batches and keeps each point's own time."""
-        if chunk_size is None:
-            return self.index.insert_many(collection, docs)
         return self.index.insert_many(collection, docs, chunk_size=chunk_size)
 
     def find(self, collection: str, filter: Filter | None = None, *, sort: Sort | None = None,

@@ -66,8 +66,9 @@ class Index(ABC):
 
     # -- writes --------------------------------------------------------------------------------------------
     @abstractmethod
-    def insert_many(self, collection: str, docs: Iterable[dict], *, chunk_size: int = 1000) -> int:
-        """Insert documents from any iterable, one transaction per chunk; returns how many were inserted.
+    def insert_many(self, collection: str, docs: Iterable[dict], *, chunk_size: int | None = None) -> int:
+        """Insert documents from any iterable, one transaction per chunk of ``chunk_size`` (None: the backend's
+        own, set when it was opened); returns how many were inserted.
 
         Raises DuplicateKey if an ``_id`` exists (the failing chunk is not written), InvalidDocument for a value
         that cannot be stored (validated before anything of that chunk is written).
@@ -113,7 +114,7 @@ class Index(ABC):
         backend can extract them in the database. This default reads the documents.
         """
         paths = [split_path(f, "field") for f in fields]
-        projection = {".".join(p[:1]): 1 for p in paths}
+        projection = {p[0]: 1 for p in paths}
         out = []
         for doc in self.find(collection, filter, sort=sort, limit=limit, projection=projection or None):
             row = tuple(get_path(doc, p) for p in paths)

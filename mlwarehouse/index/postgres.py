@@ -147,14 +147,14 @@ class PostgresIndex(SQLIndex):
         con.execute(_DDL_LOCK)  # concurrent CREATE TABLE / INDEX IF NOT EXISTS race
 
     def _bulk_insert(self, con, collection: str, rows: list[tuple[str, str]]) -> None:
-        with con.cursor().copy(f'COPY "{self.table_name(collection)}" (id, doc) FROM STDIN') as copy:
+        with con.cursor().copy(f'COPY {self._table(collection)} (id, doc) FROM STDIN') as copy:
             for row in rows:
                 copy.write_row(row)
 
     def create_index(self, collection: str, keys: Sequence[tuple[str, int]], *, unique: bool = False) -> None:
         super().create_index(collection, keys, unique=unique)
         with self._connection() as con:
-            con.execute(f'ANALYZE "{self.table_name(collection)}"')  # so that the planner knows the new index pays
+            con.execute(f'ANALYZE {self._table(collection)}')  # so that the planner knows the new index pays
 
     # -- notifications -------------------------------------------------------------------------------------
     def _after_write(self, con, collection: str) -> None:

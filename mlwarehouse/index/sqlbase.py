@@ -64,6 +64,10 @@ class SQLIndex(IndexBackend):
         """The (unquoted) table that holds ``collection``: what the SQL views and hand-written SQL read."""
         return "c_" + collection
 
+    def _table(self, collection: str) -> str:
+        """The table of ``collection`` quoted, as the statements here name it."""
+        return f'"{self.table_name(collection)}"'
+
     # -- hooks ---------------------------------------------------------------------------------------------
     @abstractmethod
     def _connection(self) -> AbstractContextManager[Any]:
@@ -79,7 +83,7 @@ class SQLIndex(IndexBackend):
     def _bulk_insert(self, con, collection: str, rows: list[tuple[str, str]]) -> None:
         """Insert ``(id, json_text)`` rows in the open transaction."""
         p = self.dialect.placeholder
-        con.cursor().executemany(f'INSERT INTO "{self.table_name(collection)}" (id, doc) VALUES ({p}, {self._doc_in})', rows)
+        con.cursor().executemany(f'INSERT INTO {self._table(collection)} (id, doc) VALUES ({p}, {self._doc_in})', rows)
 
     def _after_write(self, con, collection: str) -> None:
         """Called in the transaction of every write that changed ``collection`` (notifications)."""
@@ -103,7 +107,7 @@ class SQLIndex(IndexBackend):
         wanted = self._wanted(collection, scalar_fields)
         if wanted is None:
             return
-        d, p, table = self.dialect, self.dialect.placeholder, f'"{self.table_name(collection)}"'
+        d, p, table = self.dialect, self.dialect.placeholder, self._table(collection)
         with self._transaction() as con:
             self._lock_ddl(con)
             con.execute(f"CREATE TABLE IF NOT EXISTS {table} {self._table_columns}")
@@ -130,7 +134,7 @@ class SQLIndex(IndexBackend):
         with self._transaction() as con:
             self._lock_ddl(con)
             con.execute(f'CREATE {"UNIQUE " if unique else ""}INDEX IF NOT EXISTS "{name}" '
-                        f'ON "{self.table_name(collection)}" ({", ".join(terms)})')
+                        f'ON {self._table(collection)} ({", ".join(terms)})')
             indexes = self._meta(con, collection, "indexes", self._update_lock)
             if all(old["name"] != name for old in indexes):
                 indexes.append({"name": name, "keys": spec, "unique": unique})
@@ -198,8 +202,8 @@ class SQLIndex(IndexBackend):
         with self._connection() as con:
             for start in range(0, len(ids), 500):
                 part = ids[start:start + 500]
-                row = con.execute(f'SELECT id FROM "{self.table_name(collection)}" WHERE id IN ({", ".join([p] * len(part))}) '
-                                  "LIMIT 1", part).fetchone()
+                row = con.execute(f'SELECT id FROM {self._table(collection)} '
+                                  f'WHERE id IN ({", ".join([p] * len(part))}) LIMIT 1', part).fetchone()
                 if row:
                     return f"collection {collection!r}: a document with _id {row[0]!r} already exists"
         return f"collection {collection!r}: {exc}"
@@ -208,7 +212,7 @@ class SQLIndex(IndexBackend):
                 limit: int | None) -> tuple[str, list]:
         """The compiled ``SELECT id, doc`` of the matching rows, and its parameters."""
         c = Compiler(self.dialect, scalar_fields=scalars)
-        sql = f'SELECT id, {self._doc_out} FROM "{self.table_name(collection)}" WHERE {c.where(node)}'
+        sql = f'SELECT id, {self._doc_out} FROM {self._table(collection)} WHERE {c.where(node)}'
         if sort is not None:
             sql += f" ORDER BY {c.order_by(sort)}"
         if limit is not None:
@@ -236,7 +240,7 @@ class SQLIndex(IndexBackend):
                 out.append((self._encode(new, scalars, collection), _id))
                 updated.append(new)
             if out:
-                con.cursor().executemany(f'UPDATE "{self.table_name(collection)}" SET doc = {self._doc_in} '
+                con.cursor().executemany(f'UPDATE {self._table(collection)} SET doc = {self._doc_in} '
                                          f"WHERE id = {self.dialect.placeholder}", out)
                 self._after_write(con, collection)
         return updated
@@ -255,7 +259,7 @@ class SQLIndex(IndexBackend):
             validate_document(doc)
             return False
         text = self._encode(doc, scalars, collection)
-        p, table = self.dialect.placeholder, f'"{self.table_name(collection)}"'
+        p, table = self.dialect.placeholder, self._table(collection)
         with self._transaction() as con:
             if upsert:
                 con.execute(f"INSERT INTO {table} (id, doc) VALUES ({p}, {self._doc_in}) "
@@ -273,7 +277,7 @@ class SQLIndex(IndexBackend):
             return []
         c = Compiler(self.dialect, scalar_fields=scalars)
         with self._transaction() as con:
-            rows = con.execute(f'DELETE FROM "{self.table_name(collection)}" WHERE {c.where(node)} RETURNING {self._doc_out}',
+            rows = con.execute(f'DELETE FROM {self._table(collection)} WHERE {c.where(node)} RETURNING {self._doc_out}',
                                c.params).fetchall()
             if rows:
                 self._after_write(con, collection)
@@ -291,7 +295,7 @@ class SQLIndex(IndexBackend):
         if scalars is None:
             return iter(())
         c = Compiler(self.dialect, scalar_fields=scalars)
-        sql = f'SELECT {self._doc_out} FROM "{self.table_name(collection)}" WHERE {c.where(node)} ORDER BY {c.order_by(sort)}'
+        sql = f'SELECT {self._doc_out} FROM {self._table(collection)} WHERE {c.where(node)} ORDER BY {c.order_by(sort)}'
         params = c.params
         if limit is not None or skip:
             p = self.dialect.placeholder
@@ -309,8 +313,9 @@ class SQLIndex(IndexBackend):
         if scalars is None:
             return 0
         c = Compiler(self.dialect, scalar_fields=scalars)
+        sql = f"SELECT count(*) FROM {self._table(collection)} WHERE {c.where(node)}"
         with self._connection() as con:
-            return con.execute(f'SELECT count(*) FROM "{self.table_name(collection)}" WHERE {c.where(node)}', c.params).fetchone()[0]
+            return con.execute(sql, c.params).fetchone()[0]
 
     # -- views ---------------------------------------------------------------------------------------------
     def create_view(self, name: str, select_sql: str, *, replace: bool = False) -> None:

@@ -181,7 +181,7 @@ class SQLiteIndex(SQLIndex):
             return []
         c = Compiler(SQLITE, scalar_fields=scalars)
         columns = ", ".join(f"json_extract(doc, {p}), json_type(doc, {p})" for p in paths)
-        sql = f'SELECT {columns} FROM "{self.table_name(collection)}" WHERE {c.where(node)} ORDER BY {c.order_by(sort)}'
+        sql = f'SELECT {columns} FROM {self._table(collection)} WHERE {c.where(node)} ORDER BY {c.order_by(sort)}'
         params = c.params
         if limit is not None:
             sql += " LIMIT ?"
@@ -190,7 +190,7 @@ class SQLiteIndex(SQLIndex):
             rows = con.execute(sql, params).fetchall()
         n = len(paths)
         if all(t not in _CONVERTED for row in rows for t in row[1::2]):
-            return [row[0::2] for row in rows] if n > 1 else [(row[0],) for row in rows]
+            return [row[0::2] for row in rows]
         return [tuple(_typed(row[2 * i], row[2 * i + 1]) for i in range(n)) for row in rows]
 
     # -- raw SQL and views ---------------------------------------------------------------------------------

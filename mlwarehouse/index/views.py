@@ -234,10 +234,10 @@ def ensure_views(index) -> None:
     ConfigError on a backend without SQL views. Each definition's digest is kept in the ``meta`` collection, so
     an upgrade that changes a view replaces it on the first ``sql()`` call, on every database.
     """
-    wanted = definitions(index)
     with _lock:
-        if index in _done:
+        if index in _done:  # checked first: every sql() call comes here
             return
+        wanted = definitions(index)
         for collection in VIEW_COLLECTIONS:
             index.ensure_collection(collection.name, scalar_fields=collection.scalar_fields)
         index.ensure_collection(schema.META.name)

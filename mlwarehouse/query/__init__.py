@@ -6,40 +6,41 @@
 - :mod:`.updates`     update validation and the reference update applier
 - :mod:`.fields`      user-supplied values (numpy scalars, tensors, dates) normalised to JSON at the edge
 - :mod:`.records`     a stored document seen with attribute access, and name checks and filters
+- :mod:`.text`        filters and sorts typed as text (the CLI's and the web UI's one parser)
 
 The names below are the package's interface; import them from ``mlwarehouse.query``.
 """
 
 from mlwarehouse.query.documents import project, validate_document, validate_projection
 from mlwarehouse.query.filters import (
-                                       ElemMatch,
-                                       Field,
-                                       Logical,
-                                       compile_regex,
-                                       distinct_values,
-                                       matches,
-                                       parse_filter,
-                                       sort_docs,
-                                       sort_key,
-                                       validate_filter,
-                                       validate_sort,
+    ElemMatch,
+    Field,
+    Logical,
+    compile_regex,
+    distinct_values,
+    matches,
+    parse_filter,
+    sort_docs,
+    sort_key,
+    validate_filter,
+    validate_sort,
 )
 from mlwarehouse.query.jsonvalues import (
-                                       ARRAY,
-                                       BOOL,
-                                       MISSING,
-                                       NULL,
-                                       NUMBER,
-                                       OBJECT,
-                                       PATH_RE,
-                                       STRING,
-                                       get_path,
-                                       is_index,
-                                       json_text,
-                                       sort_value,
-                                       split_path,
-                                       type_rank,
-                                       values_equal,
+    ARRAY,
+    BOOL,
+    MISSING,
+    NULL,
+    NUMBER,
+    OBJECT,
+    PATH_RE,
+    STRING,
+    get_path,
+    is_index,
+    json_text,
+    sort_value,
+    split_path,
+    type_rank,
+    values_equal,
 )
 from mlwarehouse.query.updates import apply_update, validate_update
 

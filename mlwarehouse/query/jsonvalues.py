@@ -1,6 +1,6 @@
 """JSON values as the query language sees them: field paths, type classes, order, equality, JSON text.
 
-The rules are those of :mod:`mlwarehouse.query` (see its docstring); this module holds the primitives that
+The rules are those of :mod:`mlwarehouse.query.filters` (see its docstring); this module holds the primitives that
 the matcher, the update applier, document validation and the SQL compiler share.
 
 (Named jsonvalues, not values: mlwarehouse/codecs/values.py is the module that packs values into blob references.)
