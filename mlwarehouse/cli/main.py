@@ -182,8 +182,9 @@ def runs(where: Optional[str] = WhereOpt, sort: Optional[str] = SortOpt, limit: 
         hp = doc.get("hyper_parameters") if isinstance(doc.get("hyper_parameters"), dict) else {}
         row = {k: doc.get(k) for k in RUN_FIELDS}
         row.update({column: hp.get(key) for key, column in varying.items()})
-        row.update(_metrics(doc))
-        metrics.update(dict.fromkeys(_metrics(doc)))
+        last = _metrics(doc)
+        row.update(last)
+        metrics.update(dict.fromkeys(last))
         rows.append(row)
     columns = [*RUN_FIELDS, *list(varying.values())[:8], *list(metrics)[:8]]
     _show(rows, columns, False, f"runs in {project}")

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from mlwarehouse.compat.tensorhub_fields import DATASET, LOG, MODEL, TASK
-from mlwarehouse.context import current_run, pop_run
+from mlwarehouse.context import current_run
 from mlwarehouse.errors import ConfigError, WarehouseError
 from mlwarehouse.tasks.worker import Worker
 
@@ -208,8 +208,8 @@ class TensorHub:
         with _runs_lock:
             run_id = _process_runs.get(key)
             if run_id is None:
-                started = self.project.runs.start(name=_script_name(), tags=["tensorhub"])
-                pop_run(started)  # it holds the hub's logs; it does not become the process's current run
+                # it holds the hub's logs; it never becomes the process's current run
+                started = self.project.runs._start(_script_name(), None, (), ["tensorhub"], None, {}, current=False)
                 run_id = _process_runs[key] = started.id
                 if not _atexit_registered:  # after the log writer's handler: runs before it, at exit
                     atexit.register(_finish_process_runs)
@@ -253,7 +253,7 @@ class TensorHub:
         False if it failed (it goes back to pending while attempts are left) or if none was pending. This
         executes the task's script: call it only on a machine meant to run tasks.
         """
-        worker = _EchoingWorker(self.project, task_name, concurrency=1, once=True, verbose=False)
+        worker = Worker(self.project, task_name, concurrency=1, once=True, verbose=False, echo=_echo_plain)
         task = worker.run_one(where=TASK.to_filter(kwargs) or None, sort=TASK.to_sort(sort))
         if task is None:
             return False
@@ -294,18 +294,11 @@ class _Params(dict):
     """A dict of arrays that also carries ``_<field>`` attributes, like TensorHub's returned networks."""
 
 
-class _EchoingWorker(Worker):
-    """A worker that copies its task's output to this process's stdout as it comes, without a prefix: the
-    original ran the script in the runner itself, so its prints appeared there."""
-
-    def _pump(self, child) -> None:
-        for line in iter(lambda: child.proc.stdout.readline(65536), b""):
-            child.spool.write(line)
-            with self._echo_lock:
-                sys.stdout.write(line.decode("utf-8", "replace"))
-                sys.stdout.flush()
-        child.proc.stdout.close()
-        self._wake.set()
+def _echo_plain(task, line: str) -> None:
+    """A task's output on this process's stdout as it comes, without a prefix: the original ran the script in the
+    runner itself, so its prints appeared there."""
+    sys.stdout.write(line)
+    sys.stdout.flush()
 
 
 def _script_name() -> str:

@@ -141,7 +141,7 @@ MODEL = Fields(
 
 DATASET = Fields(
     "dataset_name",
-    _union({"name", "value", "kind", "state", "fields", "count", "tags"}, _params(Datasets.save, "value"),
+    _union({"name", "value", "kind", "state", "fields", "count"}, _params(Datasets.save, "value"),
            _BOOKKEEPING) - {"description", "version", "tags"},
     shared=frozenset({"description"}), typed={"version": _version, "tags": _tags})
 

@@ -109,13 +109,15 @@ class Models:
         if taken:
             raise InvalidDocument(f"field(s) {sorted(taken)} are set by models.save itself; use another name")
         extra = normalize_fields(fields, nonfinite="null")
+        counters: dict[str, int | None] = {}
         for label, value in (("epoch", epoch), ("step", step)):
-            if value is not None and (isinstance(value, bool) or not isinstance(normalize_value(value), int)):
+            number = None if value is None else normalize_value(value)
+            if value is not None and (isinstance(value, bool) or not isinstance(number, int)):
                 raise InvalidDocument(f"{label} must be an integer, not {value!r}")
+            counters[label] = None if number is None else int(number)
         doc: dict[str, Any] = {
             "name": name,
-            "epoch": None if epoch is None else int(normalize_value(epoch)),
-            "step": None if step is None else int(normalize_value(step)),
+            **counters,
             "run": _id_of(run if run is not None else current_run(), "run"),
             "dataset": _id_of(dataset, "dataset"),
             "tags": normalize_value(list(tags), "tags"),

@@ -127,11 +127,11 @@ class LogWriter:
         self.chunk_size = chunk_size
         self.max_pending = max_pending
         self._reset()
-        self._summaries: dict[str, dict[str, dict[str, dict]]] = {}
         self._closed = False
         _LIVE.add(self)
 
     def _reset(self) -> None:
+        """A fresh queue, thread and summaries (at start, and in a forked child: the parent's are not ours)."""
         self._cond = threading.Condition(threading.Lock())
         self._pending: list[dict] = []
         self._forgotten: set[str] = set()
@@ -142,6 +142,7 @@ class LogWriter:
         self._lost = 0
         self._thread: threading.Thread | None = None
         self._pid = os.getpid()
+        self._summaries: dict[str, dict[str, dict[str, dict]]] = {}
 
     # -- the caller's side ---------------------------------------------------------------------------------
     def put(self, doc: dict) -> None:
@@ -205,7 +206,6 @@ class LogWriter:
     def _check(self) -> None:
         if self._pid != os.getpid():  # a forked child: the parent's thread and queue are not ours
             self._reset()
-            self._summaries = {}
         if self._closed:
             raise BackendError("the log writer is closed (the warehouse was closed)")
         if self._error is not None:
@@ -343,7 +343,6 @@ def _flush_all_at_exit() -> None:
 def _after_fork_in_child() -> None:
     for writer in list(_LIVE):
         writer._reset()
-        writer._summaries = {}
 
 
 def _flush_at_multiprocessing_exit(_) -> None:

@@ -45,6 +45,15 @@ LOGS = schema.LOGS.name
 _RUN_FIELDS = frozenset({"status", "started", "ended", "host", "pid", summary.ROOT, "error", "traceback"})
 
 
+def _user_fields(fields: dict) -> dict:
+    """User fields of a run, normalized; InvalidDocument for those the run manages itself."""
+    fields = normalize_fields(fields)
+    bad = sorted(set(fields) & _RUN_FIELDS)
+    if bad:
+        raise InvalidDocument(f"run fields {bad} are managed by the run itself")
+    return fields
+
+
 def _run_id(run: Any) -> str | None:
     if run is None or isinstance(run, str):
         return run
@@ -142,10 +151,7 @@ class Run(Record):
     # -- state ---------------------------------------------------------------------------------------------
     def set(self, **fields) -> "Run":
         """Set user fields on the run's document (``run.set(notes="...", test_accuracy=0.91)``)."""
-        fields = normalize_fields(fields)
-        bad = sorted(set(fields) & _RUN_FIELDS)
-        if bad:
-            raise InvalidDocument(f"run fields {bad} are managed by the run itself")
+        fields = _user_fields(fields)
         if fields:
             self._runs.project.update(RUNS, {"_id": self.id}, {"$set": fields})
             self.doc.update(fields)
@@ -262,16 +268,9 @@ class Runs:
         self.project = project
         self._writer: LogWriter | None = None
         self._writer_lock = threading.Lock()
-        self._ready = False
         self._indexed: set[str] = set()
-        self._ensure()
-
-    def _ensure(self) -> None:
-        if self._ready:
-            return
-        self.project.ensure(schema.RUNS)
-        self.project.ensure(schema.LOGS)
-        self._ready = True
+        project.ensure(schema.RUNS)
+        project.ensure(schema.LOGS)
 
     @property
     def writer(self) -> LogWriter:
@@ -306,10 +305,7 @@ class Runs:
     def _start(self, name, hyper_parameters, datasets, tags, task, fields: dict, *, current: bool) -> Run:
         if name is not None and not isinstance(name, str):
             raise InvalidDocument(f"a run name must be a string, not {type(name).__name__}")
-        extra = normalize_fields(fields)
-        bad = sorted(set(extra) & _RUN_FIELDS)
-        if bad:
-            raise InvalidDocument(f"run fields {bad} are managed by the run itself")
+        extra = _user_fields(fields)
         if isinstance(tags, str):
             tags = [tags]
         tags = list(tags)

@@ -29,6 +29,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,11 +76,16 @@ class _Child:
 
 
 class Worker:
-    """Runs the tasks named ``task_name`` (any name if None) of a project, ``concurrency`` at a time."""
+    """Runs the tasks named ``task_name`` (any name if None) of a project, ``concurrency`` at a time.
+
+    ``echo(task, line)`` receives each line a task prints (decoded, with its newline), one call at a time; by
+    default, when ``verbose``, the line goes to stdout after the task's name and id.
+    """
 
     def __init__(self, target: Any, task_name: str | None = None, *, concurrency: int = 1,
                  lease_seconds: float = 30.0, heartbeat_seconds: float | None = None, poll_interval: float = 0.1,
-                 once: bool = False, verbose: bool = True, kill_grace: float = 5.0, where: dict | None = None):
+                 once: bool = False, verbose: bool = True, kill_grace: float = 5.0, where: dict | None = None,
+                 echo: Callable[[Task, str], None] | None = None):
         from mlwarehouse.warehouse import Warehouse
         self.project = target.project() if isinstance(target, Warehouse) else target
         settings = self.project.warehouse.settings
@@ -98,6 +104,7 @@ class Worker:
         self.verbose = verbose
         self.kill_grace = kill_grace
         self.where = where
+        self.echo = echo if echo is not None else (_echo_prefixed if verbose else None)
         self.id = f"{socket.gethostname()}:{os.getpid()}:{new_id()[-6:]}"
         self.processed = 0
         self._children: list[_Child] = []
@@ -187,14 +194,12 @@ class Worker:
                   f"{doc.get('hyper_parameters')}")
 
     def _pump(self, child: _Child) -> None:
-        """Copy the child's output to its spool file (and to our stdout when verbose) until it closes."""
-        prefix = f"[{child.task.task_name} {child.task.id[-6:]}] "
+        """Copy the child's output to its spool file (and to ``echo``, if any) until it closes."""
         for line in iter(lambda: child.proc.stdout.readline(65536), b""):
             child.spool.write(line)
-            if self.verbose:
+            if self.echo is not None:
                 with self._echo_lock:
-                    sys.stdout.write(prefix + line.decode("utf-8", "replace").rstrip("\n") + "\n")
-                    sys.stdout.flush()
+                    self.echo(child.task, line.decode("utf-8", "replace"))
         child.proc.stdout.close()
         self._wake.set()
 
@@ -333,3 +338,9 @@ class Worker:
             with self._echo_lock:
                 print(f"[mlw worker] {message}", flush=True)
 
+
+def _echo_prefixed(task: Task, line: str) -> None:
+    """The default echo: a task's line on stdout after its task name and the end of its id."""
+    text = line.rstrip("\n")
+    sys.stdout.write(f"[{task.task_name} {task.id[-6:]}] {text}\n")
+    sys.stdout.flush()
