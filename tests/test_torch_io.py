@@ -95,9 +95,12 @@ def test_describe_falls_back_and_explains():
         torch_io.describe(model, formats=["onnx"])
 
 
-def test_class_format_refuses_what_is_not_a_module():
+def test_class_format_refuses_what_is_not_a_module(monkeypatch):
     arch = torch_io.Architecture("class", target="os:system", config={"command": "echo hacked"})
-    with pytest.raises(CodecError, match="not an nn.Module"):
+    with pytest.raises(PickleNotAllowed, match="not trusted"):  # os is not on the allow-list
+        torch_io.build(arch, {})
+    monkeypatch.setenv(torch_io.TRUSTED_MODULES_ENV, "os, no_such_module_xyz")
+    with pytest.raises(CodecError, match="not an nn.Module"):  # trusted, but still never called
         torch_io.build(arch, {})
     with pytest.raises(CodecError, match="not importable"):
         torch_io.build(torch_io.Architecture("class", target="no_such_module_xyz:Net", config={}), {})

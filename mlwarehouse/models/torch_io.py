@@ -8,7 +8,11 @@ An architecture is stored apart from the weights, in the first format that works
 - ``script``: :func:`torch.jit.script` of a zero-weight copy, saved as a TorchScript archive. ``torch.jit.load``
   reads it with TorchScript's own restricted unpickler (TorchScript types only, no Python objects).
 - ``class``: an importable ``module:qualname`` of an ``nn.Module`` subclass and a JSON config (``config=``,
-  ``model.config``, ``model.hparams``, or none when every constructor argument has a default).
+  ``model.config``, ``model.hparams``, or none when every constructor argument has a default). Importing a module
+  runs its code, so loading imports only a *trusted* module (or a submodule of one): listed in
+  ``$MLW_TRUSTED_MODULES`` (comma-separated), passed to :func:`trust_modules`, or the module of a class this
+  process saved itself; ``allow_pickle=True`` trusts any (the data is trusted as a whole). Anything else is refused
+  with PickleNotAllowed before any import.
 - ``pickle``: a pickled zero-weight copy, only with ``allow_pickle=True``.
 
 Weights always travel as a state dict of tensors (one blob per tensor, chosen by the caller) and are put back with
@@ -21,11 +25,12 @@ code when the archive asks it to: weights and constants whose config says ``use_
 ``torch.load(weights_only=True)`` with a *fallback to* ``weights_only=False``, AOTInductor entries load shared
 libraries, symbolic shape expressions are parsed by ``sympy.sympify`` (which calls ``eval``), and a node's target
 ``torch.<anything>`` resolves to any attribute reachable from the torch module. So it is not safe on untrusted
-bytes by itself. :func:`check_pt2` therefore inspects an archive before torch sees it and refuses (unless
-``allow_pickle=True``) any archive with files beyond graph, weights, tensor constants and sample inputs; with
-pickled payloads; with sample inputs that ``weights_only=True`` cannot load; with symbolic expressions beyond
-plain symbols, numbers and sympy function calls; or with call targets outside ``torch.ops``, ``operator`` and
-``math``. TorchScript programs, like exported graphs, run only TorchScript operators, not Python code.
+bytes by itself. :func:`~mlwarehouse.models.pt2_check.check_pt2` therefore inspects an archive and refuses
+(unless ``allow_pickle=True``) any archive with an entry twice or files beyond graph, weights, tensor constants
+and sample inputs; with pickled payloads; with sample inputs that ``weights_only=True`` cannot load; with symbolic
+expressions beyond plain symbols, numbers and sympy function calls; or with call targets outside ``torch.ops``,
+``operator`` and ``math``; and torch is then given the archive the check rebuilt from what it read, never the
+stored bytes. TorchScript programs, like exported graphs, run only TorchScript operators, not Python code.
 """
 
 from __future__ import annotations
@@ -35,10 +40,10 @@ import importlib
 import inspect
 import io
 import json
+import os
 import re
 import warnings
 import weakref
-import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, is_dataclass
 from typing import Any
@@ -47,11 +52,17 @@ import torch
 from torch import nn
 
 from mlwarehouse.errors import CodecError, PickleNotAllowed
+from mlwarehouse.models.pt2_check import check_pt2
 from mlwarehouse.query.fields import normalize_value
 
-__all__ = ["FORMATS", "Architecture", "describe", "build", "check_pt2", "state_dict_of"]
+__all__ = ["FORMATS", "Architecture", "describe", "build", "check_pt2", "state_dict_of", "trust_modules",
+           "trusted_modules", "TRUSTED_MODULES_ENV"]
 
 FORMATS = ("export", "script", "class", "pickle")
+#: the environment variable listing modules (comma-separated) whose ``class`` models may be imported on load
+TRUSTED_MODULES_ENV = "MLW_TRUSTED_MODULES"
+_MODULE_NAME = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*", re.ASCII)
+_trusted: set[str] = set()  # trust_modules() and the modules of classes this process saved
 
 
 @dataclass
@@ -182,8 +193,9 @@ def _class(module: nn.Module, config: dict | None) -> Architecture:
     target = f"{cls.__module__}:{cls.__qualname__}"
     if cls.__module__ == "__main__" or "<locals>" in cls.__qualname__:
         raise CodecError(f"{target} cannot be imported by another process")
-    if _resolve_class(target) is not cls:
+    if _resolve_class(target, trusted=True) is not cls:
         raise CodecError(f"{target} does not import back to the same class")
+    _trusted.add(cls.__module__)  # the caller's own class: loading it back in this process imports nothing new
     if config is None:
         for attr in ("config", "hparams"):
             value = getattr(module, attr, None)
@@ -216,10 +228,13 @@ def _pickle(module: nn.Module, allow_pickle: bool) -> Architecture:
 def build(arch: Architecture, weights: dict[str, torch.Tensor], *, allow_pickle: bool = False) -> nn.Module:
     """Rebuild the module, put ``weights`` in it, and return it in eval mode."""
     if arch.format == "export":
-        check_pt2(arch.payload, allow_pickle=allow_pickle)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            module = torch.export.load(io.BytesIO(arch.payload)).module()
+        checked = check_pt2(arch.payload, allow_pickle=allow_pickle)  # torch reads only the checked copy
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                module = torch.export.load(io.BytesIO(checked)).module()
+        except Exception as exc:  # torch's own errors on a malformed (already checked) archive
+            raise CodecError(f"cannot read the exported program: {type(exc).__name__}: {exc}") from exc
         _assign(module, weights)
         for sub in module.modules():  # exported modules refuse .eval(); their graph already is the eval graph
             sub.training = False
@@ -234,7 +249,7 @@ def build(arch: Architecture, weights: dict[str, torch.Tensor], *, allow_pickle:
         _copy_into(module, weights)
         return module.eval()
     if arch.format == "class":
-        cls = _resolve_class(arch.target)
+        cls = _resolve_class(arch.target, trusted=allow_pickle)
         if cls is None:
             raise CodecError(f"the model class {arch.target!r} is not importable in this process")
         if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
@@ -271,12 +286,38 @@ def _copy_into(module: torch.jit.ScriptModule, weights: dict[str, torch.Tensor])
             target.copy_(weights[key])
 
 
-def _resolve_class(target: str | None) -> Any:
+def trust_modules(*names: str) -> None:
+    """Let ``class`` models from these modules (and their submodules) be imported on load in this process."""
+    for name in names:
+        if not isinstance(name, str) or not _MODULE_NAME.fullmatch(name):
+            raise CodecError(f"not a module name: {name!r}")
+    _trusted.update(names)
+
+
+def trusted_modules() -> frozenset[str]:
+    """The modules trusted now: :func:`trust_modules`, saved classes' modules and ``$MLW_TRUSTED_MODULES``."""
+    env = {n.strip() for n in os.environ.get(TRUSTED_MODULES_ENV, "").split(",")}
+    return frozenset(_trusted | {n for n in env if _MODULE_NAME.fullmatch(n)})
+
+
+def _is_trusted(module_name: str) -> bool:
+    parts = module_name.split(".")
+    allowed = trusted_modules()
+    return any(".".join(parts[:i]) in allowed for i in range(1, len(parts) + 1))
+
+
+def _resolve_class(target: str | None, *, trusted: bool = False) -> Any:
+    """The object ``module:qualname`` names; PickleNotAllowed before importing a module that is not trusted."""
     if not isinstance(target, str) or target.count(":") != 1:
         return None
     module_name, qualname = target.split(":")
-    if "__" in qualname:
+    if "__" in qualname or not _MODULE_NAME.fullmatch(module_name):
         return None
+    if not (trusted or _is_trusted(module_name)):
+        raise PickleNotAllowed(f"the model class {target!r} is in a module that is not trusted: importing it would "
+                               f"run its code. Add {module_name!r} (or its package) to ${TRUSTED_MODULES_ENV} or "
+                               "mlwarehouse.models.torch_io.trust_modules(), or pass allow_pickle=True (trusted "
+                               "data only)")
     try:
         obj: Any = importlib.import_module(module_name)
     except ImportError:
@@ -284,90 +325,3 @@ def _resolve_class(target: str | None) -> Any:
     for part in qualname.split("."):
         obj = getattr(obj, part, None)
     return obj
-
-
-# -- archive checks --------------------------------------------------------------------------------------------
-
-_PT2_FILES = re.compile(
-    r"(archive_format|archive_version|byteorder|\.data/version|\.data/serialization_id|models/[\w.-]+\.json"
-    r"|data/weights/(weight_\d+|[\w.-]+_weights_config\.json)|data/constants/(tensor_\d+|[\w.-]+_constants_config"
-    r"\.json)|data/sample_inputs/[\w.-]+\.pt)")
-_TARGET = re.compile(r"(torch\.ops\.[A-Za-z]\w*\.(_?[A-Za-z]\w*|__(i?(and|or|xor|lshift|rshift))__)(\.[A-Za-z]\w*)?"
-                     r"|math\.[a-z]+[a-z0-9]*|torch\.(sym_[a-z_]+|_sym_sqrt)"
-                     r"|_operator\.(getitem|add|sub|mul|truediv|floordiv|mod|pow|neg|pos|abs|and_|or_|xor|invert"
-                     r"|eq|ne|lt|le|gt|ge|not_|lshift|rshift|matmul|truth|index))")
-_EXPR_TOKEN = re.compile(r"\s*(?:(\d+(?:\.\d+)?(?:e[+-]?\d+)?)|([A-Za-z_]\w*)|('[a-z]{1,3}\d+')|([-+*/%(),<>=!&|~^]))")
-_EXPR_WORDS = frozenset({"True", "False", "positive", "integer", "nonnegative", "negative", "real", "finite",
-                         "oo", "zoo", "nan", "sqrt", "floor", "ceiling", "log", "exp"})
-
-
-def check_pt2(data: bytes | None, *, allow_pickle: bool = False) -> None:
-    """Refuse a ``.pt2`` archive that would make ``torch.export.load`` run code (see the module docstring)."""
-    if not isinstance(data, (bytes, bytearray)):
-        raise CodecError("the exported architecture has no archive bytes")
-    if allow_pickle:
-        return
-    try:
-        archive = zipfile.ZipFile(io.BytesIO(data))
-        names = archive.namelist()
-    except zipfile.BadZipFile as exc:
-        raise CodecError(f"not a .pt2 archive: {exc}") from exc
-    roots = {n.split("/", 1)[0] for n in names}
-    if len(roots) != 1:
-        raise CodecError(f"a .pt2 archive has one root folder, this one has {sorted(roots)}")
-    refuse = "this exported program {} (torch.export.load would run code): pass allow_pickle=True to trust it"
-    graphs = []
-    for name in names:
-        rel = name.split("/", 1)[1] if "/" in name else ""
-        if not _PT2_FILES.fullmatch(rel):
-            raise PickleNotAllowed(refuse.format(f"holds the file {rel!r}"))
-        if rel.endswith("_config.json"):
-            config = json.loads(archive.read(name)).get("config", {})
-            for fqn, meta in config.items():
-                if meta.get("use_pickle") or not str(meta.get("path_name", "")).startswith(("weight_", "tensor_")):
-                    raise PickleNotAllowed(refuse.format(f"stores {fqn!r} as a pickled object"))
-        elif rel.startswith("data/sample_inputs/"):
-            try:
-                torch.load(io.BytesIO(archive.read(name)), weights_only=True)
-            except Exception as exc:
-                raise PickleNotAllowed(refuse.format("has sample inputs that need pickle")) from exc
-        elif rel.startswith("models/"):
-            graphs.append(json.loads(archive.read(name)))
-    if not graphs:
-        raise CodecError("the .pt2 archive holds no exported program")
-    for graph in graphs:
-        for key, value in _strings(graph):
-            if key == "target" and not _TARGET.fullmatch(value):
-                raise PickleNotAllowed(refuse.format(f"calls {value!r}"))
-            if key == "expr_str" and not _safe_expr(value):
-                raise PickleNotAllowed(refuse.format(f"has the shape expression {value!r}"))
-
-
-def _strings(tree: Any):
-    """Every (key, string value) pair in a JSON tree."""
-    stack = [tree]
-    while stack:
-        node = stack.pop()
-        if isinstance(node, dict):
-            for k, v in node.items():
-                if isinstance(v, str):
-                    yield k, v
-                else:
-                    stack.append(v)
-        elif isinstance(node, list):
-            stack.extend(node)
-
-
-def _safe_expr(text: str) -> bool:
-    """True if a sympy expression string holds only numbers, symbols, operators and sympy function calls."""
-    pos = 0
-    while pos < len(text):
-        m = _EXPR_TOKEN.match(text, pos)
-        if m is None or m.end() == pos:
-            return text[pos:].strip() == ""
-        word = m.group(2)
-        if word is not None and not (word in _EXPR_WORDS or re.fullmatch(r"[a-z]{1,3}\d+", word)
-                                     or re.fullmatch(r"[A-Z][A-Za-z0-9]*", word)):
-            return False
-        pos = m.end()
-    return True
