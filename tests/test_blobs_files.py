@@ -3,6 +3,7 @@ read cache wrapper (CachedBlobStore) over a local inner store, which needs no se
 
 from __future__ import annotations
 
+import io
 import multiprocessing
 import os
 import time
@@ -34,8 +35,8 @@ class TestFileBlobStore(BlobStoreTests):
     def store(self, tmp_path):
         return FileBlobStore(tmp_path / "blobs")
 
-    def corrupt(self, store, key):
-        blob_path(store, key).write_bytes(b"precious bytez")
+    def corrupt(self, store, key, data=b"precious bytez"):
+        blob_path(store, key).write_bytes(data)
 
     def test_layout(self, store):
         key = store.put(b"hello")
@@ -47,6 +48,13 @@ class TestFileBlobStore(BlobStoreTests):
         assert store.stat(key).mtime == 1_000_000
         store.put(b"x" * 10)
         assert store.stat(key).mtime > time.time() - 60
+
+    def test_putting_the_same_bytes_repairs_other_bytes_of_the_same_size(self, store):
+        key = store.put(b"precious bytes")
+        self.corrupt(store, key)  # same length, other bytes: only a comparison can tell
+        assert store.put(b"precious bytes") == key and store.get(key) == b"precious bytes"
+        self.corrupt(store, key)
+        assert store.put_file(io.BytesIO(b"precious bytes"))[0] == key and store.get(key) == b"precious bytes"
 
     def test_integrity_error_names_the_file(self, store):
         key = store.put(b"precious bytes")
@@ -118,10 +126,10 @@ class TestCachedFileBlobStore(BlobStoreTests):
     def store(self, tmp_path):
         return CachedBlobStore(FileBlobStore(tmp_path / "inner", fsync=False), tmp_path / "cache", 64 << 20)
 
-    def corrupt(self, store, key):
-        blob_path(store.inner, key).write_bytes(b"precious bytez")
+    def corrupt(self, store, key, data=b"precious bytez"):
+        blob_path(store.inner, key).write_bytes(data)
         if blob_path(store, key).exists():
-            blob_path(store, key).write_bytes(b"precious bytez")
+            blob_path(store, key).write_bytes(data)
 
 
 @pytest.fixture

@@ -32,11 +32,11 @@ def drop(store: GridFSBlobStore) -> None:
     store.close()
 
 
-def corrupt(store: GridFSBlobStore, key: str) -> None:
-    """Replace the file under ``key`` with other bytes, written straight through GridFS."""
+def corrupt(store: GridFSBlobStore, key: str, data: bytes = b"precious bytez") -> None:
+    """Replace the file under ``key`` with ``data``, written straight through GridFS."""
     for doc in store._copies(key):
         store.bucket.delete(doc["_id"])
-    store.bucket.upload_from_stream(key, b"precious bytez", metadata={"mtime": time.time()})
+    store.bucket.upload_from_stream(key, data, metadata={"mtime": time.time()})
 
 
 class TestGridFSBlobStore(BlobStoreTests):
@@ -49,8 +49,8 @@ class TestGridFSBlobStore(BlobStoreTests):
         yield store
         drop(store)
 
-    def corrupt(self, store, key):
-        corrupt(store, key)
+    def corrupt(self, store, key, data=b"precious bytez"):
+        corrupt(store, key, data)
 
 
 @pytest.fixture

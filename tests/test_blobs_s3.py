@@ -35,8 +35,8 @@ def raw_client(store: S3BlobStore):
     return store._client
 
 
-def corrupt_object(store: S3BlobStore, key: str) -> None:
-    raw_client(store).put_object(Bucket=store.bucket, Key=store._name(key), Body=b"precious bytez")
+def corrupt_object(store: S3BlobStore, key: str, data: bytes = b"precious bytez") -> None:
+    raw_client(store).put_object(Bucket=store.bucket, Key=store._name(key), Body=data)
 
 
 class TestS3BlobStore(BlobStoreTests):
@@ -49,8 +49,8 @@ class TestS3BlobStore(BlobStoreTests):
         yield store
         store.close()
 
-    def corrupt(self, store, key):
-        corrupt_object(store, key)
+    def corrupt(self, store, key, data=b"precious bytez"):
+        corrupt_object(store, key, data)
 
     def test_layout_under_the_prefix(self, store):
         key = store.put(b"hello")
@@ -125,11 +125,11 @@ class TestCachedS3BlobStore(BlobStoreTests):
         yield store
         store.close()
 
-    def corrupt(self, store, key):
-        corrupt_object(store.inner, key)
+    def corrupt(self, store, key, data=b"precious bytez"):
+        corrupt_object(store.inner, key, data)
         copy = store.root / key[:2] / key[2:4] / key
         if copy.exists():
-            copy.write_bytes(b"precious bytez")
+            copy.write_bytes(data)
 
     def test_read_cache_serves_repeated_reads(self, store):
         data = os.urandom(300_000)

@@ -3,7 +3,9 @@
 A put writes a temporary file in the destination folder, fsyncs it, renames it over the final name and fsyncs
 the folder, so a reader sees either nothing or the whole blob, and many processes may put the same bytes at once
 (each rename installs identical content). Temporary files start with ``.tmp-``; ``list`` removes those older than
-an hour (left by a crashed writer).
+an hour (left by a crashed writer). Putting bytes that are there already compares the file with them first and
+writes it again if it is damaged (a zero-length file is a common crash artefact): a put never "succeeds" over bad
+bytes, and a streamed put installs its new copy over the old one.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from mlwarehouse.blobs.base import BlobInfo, BlobStore, blob_key
-from mlwarehouse.blobs.common import STALE_TMP_S, copy_hashed, fanout, fanout_key, is_fanout_dir, verified
+from mlwarehouse.blobs.common import CHUNK, STALE_TMP_S, copy_hashed, fanout, fanout_key, is_fanout_dir, verified
 from mlwarehouse.errors import BackendError, NotFound
 
 __all__ = ["FileBlobStore"]
@@ -74,7 +76,7 @@ class FileBlobStore(BlobStore):
     def _put_keyed(self, key: str, data: bytes | bytearray | memoryview) -> str:
         """``put`` of bytes whose key the caller has just computed (a read cache keeps verified bytes unhashed)."""
         path = self._path(key)
-        if self._touch(path):
+        if self._intact(path, data):
             return key
         folder = self._make_folder(path.parent)
         tmp = folder / self._tmp_name()
@@ -101,25 +103,40 @@ class FileBlobStore(BlobStore):
                 if self.fsync:
                     os.fsync(out.fileno())
             path = self._path(key)
-            if self._touch(path):
-                self._discard(tmp)
-                return key, size
             self._make_folder(path.parent)
-            self._install(tmp, path)
+            self._install(tmp, path)  # over an existing file too: the bytes are written already, and this
+            # repairs a damaged copy and refreshes the mtime in one rename
         except OSError as exc:
             self._discard(tmp)
             raise BackendError(f"cannot store a file in {self.root}: {exc}") from exc
         return key, size
 
-    def _touch(self, path: Path) -> bool:
-        """Refresh the mtime of an existing blob (gc's grace period); False if it is not there."""
+    def _intact(self, path: Path, data: bytes | bytearray | memoryview) -> bool:
+        """Whether ``path`` already holds exactly ``data``; if so its mtime is refreshed (gc's grace period).
+
+        False for a missing file and for a damaged one (truncated, zero-length after a crash, other bytes): the
+        put then writes it again, so putting the same bytes repairs a blob instead of trusting its name.
+        Comparing is a read of a file that is usually cached, cheaper than the write and fsync it saves.
+        """
+        view = memoryview(data).cast("B")
         try:
+            with open(path, "rb", buffering=0) as f:
+                if os.fstat(f.fileno()).st_size != len(view):
+                    return False
+                buf = bytearray(min(CHUNK, len(view)))
+                offset = 0
+                while offset < len(view):
+                    n = f.readinto(buf)
+                    # a bytearray against any buffer is one memcmp (a memoryview against one goes item by item)
+                    if not n or (buf if n == len(buf) else buf[:n]) != view[offset:offset + n]:
+                        return False
+                    offset += n
             os.utime(path)
             return True
         except FileNotFoundError:
             return False
         except OSError as exc:
-            raise BackendError(f"cannot touch blob file {path}: {exc}") from exc
+            raise BackendError(f"cannot check blob file {path}: {exc}") from exc
 
     def _make_folder(self, folder: Path) -> Path:
         if not folder.is_dir():

@@ -90,6 +90,18 @@ class GridFSBlobStore(BlobStore):
         for doc in copies:
             self._files.update_one({"_id": doc["_id"]}, {"$set": {"metadata": {"mtime": now}}})
 
+    @staticmethod
+    def _intact(copies: list[dict], size: int) -> bool:
+        """Whether every copy has the blob's size (one truncated by a crash is replaced by the put, not
+        trusted; the bytes of one of the right size are not read back, which would cost a download)."""
+        return all(int(d["length"]) == size for d in copies)
+
+    def _drop_damaged(self, copies: list[dict], size: int) -> None:
+        """After the good copy is stored: remove the copies of the wrong size, so a read never meets one."""
+        for doc in copies:
+            if int(doc["length"]) != size:
+                self._delete_file(doc["_id"])
+
     def _keep_oldest(self, key: str, mine: Any) -> None:
         """After an upload: if another writer stored the same key first, drop our copy."""
         copies = self._copies(key)
@@ -107,11 +119,13 @@ class GridFSBlobStore(BlobStore):
     def put(self, data: bytes | bytearray | memoryview) -> str:
         key = blob_key(data)
         with self.conn.errors():
+            size = memoryview(data).nbytes
             copies = self._copies(key)
-            if copies:
+            if copies and self._intact(copies, size):
                 self._refresh(copies)
                 return key
             file_id = self.bucket.upload_from_stream(key, bytes(data), metadata={"mtime": time.time()})
+            self._drop_damaged(copies, size)
             self._keep_oldest(key, file_id)
         return key
 
@@ -123,11 +137,12 @@ class GridFSBlobStore(BlobStore):
             file_id = self.bucket.upload_from_stream(tmp_name, reader, metadata={"mtime": time.time()})
             key = reader.hexdigest()
             copies = self._copies(key)
-            if copies:
+            if copies and self._intact(copies, reader.size):
                 self._delete_file(file_id)
                 self._refresh(copies)
                 return key, reader.size
             self.bucket.rename(file_id, key)
+            self._drop_damaged(copies, reader.size)
             self._keep_oldest(key, file_id)
         return key, reader.size
 

@@ -13,7 +13,9 @@ Modification time and gc: S3 cannot touch an object, so putting bytes that alrea
 ``LastModified`` with a server-side copy onto itself (no bytes travel), when the object is older than
 ``refresh_after`` seconds (default 0: always, as the file store does, which keeps ``release_blobs``' check of a
 re-put blob exact; raise it to save copies of large blobs at the cost of that check). S3 stamps whole seconds, so
-``stat`` and ``list`` report the end of that second: a blob is never seen as older than it is. Server and client
+``stat`` and ``list`` report the end of that second: a blob is never seen as older than it is. An existing object
+of the wrong size (truncated, zero-length) is replaced by the put rather than trusted; one of the right size is
+not read back (that would cost a download). Server and client
 clocks must agree to within the grace period that ``gc`` is given.
 
 Reads verify the sha256 (IntegrityError on mismatch). A local read cache is not this module's: ``open_blobs`` wraps
@@ -204,13 +206,14 @@ class S3BlobStore(BlobStore):
 
     def put(self, data: bytes | bytearray | memoryview) -> str:
         key = blob_key(data)
-        if self._refresh_if_exists(key):
+        found = self._refresh_if_exists(key, memoryview(data).nbytes)
+        if found is True:
             return key
         body = data if isinstance(data, (bytes, bytearray)) else bytes(data)
         if len(body) >= self.multipart_threshold:
             self._upload(key, io.BytesIO(body))
         else:
-            self._put_object(key, body)
+            self._put_object(key, body, replace=found is None)
         return key
 
     def _put_stream(self, source: BinaryIO) -> tuple[str, int]:
@@ -227,7 +230,8 @@ class S3BlobStore(BlobStore):
             key, size = copy_hashed(source, spool)
             stream = source if spool is None else spool
             stream.seek(start)
-            if self._refresh_if_exists(key):
+            found = self._refresh_if_exists(key, size)
+            if found is True:
                 return key, size
             reader = HashingReader(stream)
             changed = IntegrityError(f"the file changed while it was stored in s3://{self.bucket}; nothing kept")
@@ -235,7 +239,7 @@ class S3BlobStore(BlobStore):
                 body = reader.read(size)
                 if reader.hexdigest() != key:
                     raise changed
-                self._put_object(key, body)
+                self._put_object(key, body, replace=found is None)
                 return key, size
             self._upload(key, reader)
             if reader.hexdigest() != key:
@@ -246,10 +250,13 @@ class S3BlobStore(BlobStore):
             if spool is not None:
                 spool.close()
 
-    def _put_object(self, key: str, body: bytes | bytearray) -> None:
+    def _put_object(self, key: str, body: bytes | bytearray, *, replace: bool = False) -> None:
+        """Send one object; ``replace`` overwrites a damaged one (no ``If-None-Match``, still checksummed)."""
         args = {"Bucket": self.bucket, "Key": self._name(key), "Body": body}
         if self._conditional:
-            args.update(IfNoneMatch="*", ChecksumSHA256=base64.b64encode(bytes.fromhex(key)).decode())
+            args.update(ChecksumSHA256=base64.b64encode(bytes.fromhex(key)).decode())
+            if not replace:
+                args.update(IfNoneMatch="*")
         retry = False
         with self._boundary(key):
             try:
@@ -268,12 +275,15 @@ class S3BlobStore(BlobStore):
         with self._boundary(key):
             self._client.upload_fileobj(stream, self.bucket, self._name(key), Config=self._transfer)
 
-    def _refresh_if_exists(self, key: str) -> bool:
-        """Refresh LastModified of an existing blob (gc's grace period); False if it is not there."""
+    def _refresh_if_exists(self, key: str, size: int) -> bool | None:
+        """Refresh LastModified of an existing blob (gc's grace period): True; False if it is not there; None
+        if the object there has another size (truncated, or zero-length after a crash): it is to be replaced."""
         try:
             head = self._head(key)
         except NotFound:
             return False
+        if head["ContentLength"] != size:
+            return None
         if time.time() - head["LastModified"].timestamp() < self.refresh_after:
             return True
         name = self._name(key)

@@ -8,8 +8,8 @@ share a server with other tests) and implements :meth:`BlobStoreTests.corrupt`::
         def store(self, tmp_path):
             return FileBlobStore(tmp_path / "blobs")
 
-        def corrupt(self, store, key):
-            ...  # overwrite the stored bytes behind the store's back
+        def corrupt(self, store, key, data=b"precious bytez"):
+            ...  # overwrite the stored bytes with ``data`` behind the store's back
 
 Class attributes tune the costly tests: ``large_size`` (a blob big enough to take the backend's large-blob
 path, e.g. multipart uploads) and ``mtime_resolution`` (seconds between two distinguishable modification times).
@@ -47,8 +47,8 @@ class BlobStoreTests:
     def store(self) -> BlobStore:
         raise NotImplementedError("a BlobStoreTests subclass supplies the store fixture")
 
-    def corrupt(self, store: BlobStore, key: str) -> None:
-        """Replace the bytes stored under ``key`` with different bytes, bypassing the store's checks."""
+    def corrupt(self, store: BlobStore, key: str, data: bytes = b"precious bytez") -> None:
+        """Replace the bytes stored under ``key`` with ``data``, bypassing the store's checks."""
         raise NotImplementedError
 
     def test_put_get_round_trip(self, store):
@@ -87,6 +87,24 @@ class BlobStoreTests:
         with pytest.raises(IntegrityError) as err:
             store.get(key)
         assert key in str(err.value)
+
+    def test_zero_length_blob_is_an_integrity_error(self, store):
+        key = store.put(b"precious bytes")
+        self.corrupt(store, key, b"")  # a crash artefact: the name is there, the bytes are not
+        with pytest.raises(IntegrityError) as err:
+            store.get(key)
+        assert key in str(err.value)
+
+    @pytest.mark.parametrize("how", ["put", "put_file"])
+    def test_putting_the_same_bytes_repairs_a_truncated_blob(self, store, how):
+        data = os.urandom(1000)
+        key = store.put(data)
+        for damage in (b"", data[:10]):
+            self.corrupt(store, key, damage)
+            put = store.put(data) if how == "put" else store.put_file(io.BytesIO(data))[0]
+            assert put == key
+            assert store.get(key) == data
+            assert store.stat(key).size == len(data)
 
     def test_missing_blob_raises_not_found(self, store):
         key = blob_key(b"never stored")
