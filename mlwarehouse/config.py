@@ -76,7 +76,7 @@ def open_index(uri: str):
     path = _sqlite_path(uri)
     if path is not None:
         from mlwarehouse.index.sqlite import SQLiteIndex
-        path.parent.mkdir(parents=True, exist_ok=True)
+        _folder(path.parent, f"the folder of the SQLite index {path}")
         return SQLiteIndex(path)
     scheme = urlparse(uri).scheme
     if scheme in _POSTGRES_SCHEMES:
@@ -95,7 +95,7 @@ def open_blobs(uri: str):
     if parsed.scheme in ("", "file") or (len(parsed.scheme) == 1 and os.name == "nt"):
         from mlwarehouse.blobs.files import FileBlobStore
         root = Path(unquote(parsed.path) if parsed.scheme == "file" else uri).expanduser().absolute()
-        return FileBlobStore(root)
+        return FileBlobStore(_folder(root, "the blob folder"))
     if parsed.scheme == "s3":
         from mlwarehouse.blobs.s3 import S3BlobStore
         query = parse_qsl(parsed.query)
@@ -109,6 +109,22 @@ def open_blobs(uri: str):
         return GridFSBlobStore(uri)
     raise ConfigError(f"no blob backend for {parsed.scheme!r} URIs ({uri!r}); use a folder, s3://bucket/prefix "
                       f"or mongodb://host/database")
+
+
+def _folder(path: Path, what: str) -> Path:
+    """``path`` made a folder if it is not one; ConfigError naming it when it cannot be (a file, or one above it).
+
+    A folder that exists is left alone, so a read-only one still opens for reading.
+    """
+    if path.is_dir():
+        return path
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        blocker = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
+        why = f"{blocker} is a file, not a folder" if blocker is not None else exc.strerror or str(exc)
+        raise ConfigError(f"cannot use {what} {path}: {why} (check MLW_HOME, MLW_URI and MLW_BLOBS)") from exc
+    return path
 
 
 def _cached(store, cache_dir: str):

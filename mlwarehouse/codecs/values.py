@@ -34,6 +34,15 @@ MARKERS = frozenset({"_blob", "_tuple", "_dict", "_float"})
 _INT_MIN, _INT_MAX = -(1 << 63), (1 << 63) - 1
 _NUMBERS = frozenset({int, float, bool})
 _KEY_TYPES = (str, int, float, bool, type(None), np.bool_, np.integer, np.floating)
+_CONTAINERS = frozenset({list, dict})
+_STORED_KEYS = frozenset({str, int, float, bool, type(None)})
+_SPECIAL_FLOATS = frozenset({"nan", "inf", "infinity"})
+#: containers nested deeper than this are refused by pack and unpack (a crafted document cannot exhaust the stack)
+MAX_DEPTH = 200
+#: a bound on the JSON that one unpack decodes from blobs (JSON blobs that repeat each other cannot multiply)
+MAX_JSON_BYTES = 1 << 30
+#: zstd output per input byte is below this (an RLE block: 4 bytes for 128 KiB), so a larger claim is a lie
+_ZSTD_MAX_RATIO = 1 << 16
 
 
 def _dumps(value: Any) -> str:
@@ -54,7 +63,10 @@ def unpack(tree: Any, get: Callable[[str], bytes], *, allow_pickle: bool = False
 
     numpy arrays are zero-copy views over the blob bytes and read-only, unless ``writable=True``.
     """
-    return _Unpacker(get, allow_pickle, writable).unpack(tree)
+    try:
+        return _Unpacker(get, allow_pickle, writable).unpack(tree)
+    except RecursionError:  # the caller's own stack was nearly full
+        raise _too_deep() from None
 
 
 def blob_keys(tree: Any) -> set[str]:
@@ -81,6 +93,7 @@ class _Packer:
         self.inline_limit = inline_limit
         self.compress = compress_blobs
         self.blobs = 0                     # blob references made so far
+        self.depth = 0                     # containers open around the value being packed
         self.seen: dict[int, dict] = {}    # id(leaf) -> its reference
         self.alive: list[Any] = []         # keeps leaves alive so their ids are not reused during this pack
 
@@ -119,8 +132,19 @@ class _Packer:
                 if fast is not None:
                     return fast
         before = self.blobs
-        out = [self.pack(x, f"{path}.{i}") for i, x in enumerate(v)]
+        self._enter(path)
+        try:
+            out = [self.pack(x, f"{path}.{i}") for i, x in enumerate(v)]
+        finally:
+            self.depth -= 1
         return self._maybe_blob(out, before)
+
+    def _enter(self, path: str) -> None:
+        """One container level deeper: refused past MAX_DEPTH, so whatever pack stores, unpack can read."""
+        self.depth += 1
+        if self.depth > MAX_DEPTH:
+            self.depth -= 1
+            raise CodecError(f"{path}: nested deeper than {MAX_DEPTH} levels")
 
     def _fast_list(self, v: list | tuple, kinds: set) -> Any:
         """A list of plain numbers or strings, checked with C-speed passes; None if the slow path is needed."""
@@ -138,16 +162,25 @@ class _Packer:
     def _pack_dict(self, d: dict, path: str) -> Any:
         before = self.blobs
         if all(type(k) is str for k in d) and MARKERS.isdisjoint(d):
-            return self._maybe_blob({k: self.pack(x, f"{path}.{k}") for k, x in d.items()}, before)
+            self._enter(path)
+            try:
+                out = {k: self.pack(x, f"{path}.{k}") for k, x in d.items()}
+            finally:
+                self.depth -= 1
+            return self._maybe_blob(out, before)
         pairs = []
-        for k, x in d.items():
-            if not isinstance(k, _KEY_TYPES):
-                if self.allow_pickle:
-                    return self._leaf(d, path)
-                raise PickleNotAllowed(
-                    f"{path}: dict key {k!r} of type {type(k).__qualname__} is not a JSON scalar; "
-                    f"pass allow_pickle=True (trusted data only) to pickle this dict")
-            pairs.append([self.pack(k, path), self.pack(x, f"{path}[{k!r}]")])
+        self._enter(path)
+        try:
+            for k, x in d.items():
+                if not isinstance(k, _KEY_TYPES):
+                    if self.allow_pickle:
+                        return self._leaf(d, path)
+                    raise PickleNotAllowed(
+                        f"{path}: dict key {k!r} of type {type(k).__qualname__} is not a JSON scalar; "
+                        f"pass allow_pickle=True (trusted data only) to pickle this dict")
+                pairs.append([self.pack(k, path), self.pack(x, f"{path}[{k!r}]")])
+        finally:
+            self.depth -= 1
         return self._maybe_blob({"_dict": pairs}, before)
 
     def _maybe_blob(self, out: Any, before: int) -> Any:
@@ -185,36 +218,100 @@ class _Packer:
 
 
 class _Unpacker:
+    """Rebuilds a value from a stored tree, which may have been crafted: every malformed marker, blob reference or
+    nesting past :data:`MAX_DEPTH` is a CodecError (IntegrityError for bytes that disagree with their reference),
+    never a raw Python error, and no claimed size is allocated before it is checked against the bytes."""
+
     def __init__(self, get: Callable[[str], bytes], allow_pickle: bool, writable: bool):
         self.get = get
         self.allow_pickle = allow_pickle
         self.writable = writable
-        self.fetched: dict[str, Any] = {}
+        self.fetched: dict[str, Any] = {}  # uncompressed blobs read so far (their arrays are views of them anyway)
+        self.opening: set[str] = set()  # JSON blobs being unpacked now: one that refers to itself is refused
+        self.json_bytes = 0             # decoded JSON blob bytes so far, bounded by MAX_JSON_BYTES
 
-    def unpack(self, t: Any) -> Any:
+    def unpack(self, t: Any, depth: int = 0) -> Any:
         ty = type(t)
-        if ty is list:
-            return [self.unpack(x) for x in t]
-        if ty is not dict:
+        if ty is not list and ty is not dict:
             return t
+        if depth >= MAX_DEPTH:
+            raise _too_deep()
+        inner, unpack = depth + 1, self.unpack
+        if ty is list:
+            return [x if type(x) not in _CONTAINERS else unpack(x, inner) for x in t]
         if "_blob" in t:
-            return self._blob(t)
+            return self._blob(t, depth)
+        if "_tuple" not in t and "_dict" not in t and "_float" not in t:
+            return {k: v if type(v) not in _CONTAINERS else unpack(v, inner) for k, v in t.items()}
+        if len(t) != 1:
+            raise CodecError(f"a stored marker must stand alone, not with the keys {sorted(map(str, t))[:8]}")
         if "_tuple" in t:
-            return tuple(self.unpack(t["_tuple"]))
+            items = self.unpack(t["_tuple"], depth + 1)  # a list, or a JSON blob that holds one
+            if type(items) is not list:
+                raise CodecError(f"_tuple marker holds {type(items).__name__}, not a list")
+            return tuple(items)
         if "_dict" in t:
-            return {k: v for k, v in self.unpack(t["_dict"])}
-        if "_float" in t:
-            return float(t["_float"])
-        return {k: self.unpack(v) for k, v in t.items()}
+            return self._dict(t["_dict"], depth)
+        text = t["_float"]
+        if type(text) is not str or (text[1:] if text[:1] in ("+", "-") else text).lower() not in _SPECIAL_FLOATS:
+            raise CodecError(f"_float marker holds {_short(text)}, not 'nan', 'inf' or '-inf'")
+        return float(text)
 
-    def _blob(self, ref: dict) -> Any:
-        key = ref["_blob"]
+    def _dict(self, pairs: Any, depth: int) -> dict:
+        if type(pairs) is not list:
+            raise CodecError(f"_dict marker holds {type(pairs).__name__}, not a list of [key, value] pairs")
+        out = {}
+        for pair in pairs:
+            if type(pair) is not list or len(pair) != 2:
+                raise CodecError(f"_dict marker holds {_short(pair)}, not a [key, value] pair")
+            key = self.unpack(pair[0], depth + 1)
+            if type(key) not in _STORED_KEYS:
+                raise CodecError(f"_dict marker holds a key of type {type(key).__name__}, not a JSON scalar")
+            out[key] = self.unpack(pair[1], depth + 1)
+        return out
+
+    def _blob(self, ref: dict, depth: int) -> Any:
+        key, size = ref["_blob"], ref.get("size")
+        if type(key) is not str:
+            raise CodecError(f"blob reference names {_short(key)}, not a blob key")
+        if size is not None and (type(size) is not int or size < 0):
+            raise CodecError(f"blob reference to {key} has a bad size {_short(size)}")
+        meta = {k: v for k, v in ref.items() if k not in ("_blob", "size")}
+        codec = meta.get("codec")
+        if codec == "json" and key in self.opening:
+            raise IntegrityError(f"JSON blob {key} refers to itself")
         data = self.fetched.get(key)
         if data is None:
-            data = self.fetched[key] = self.get(key)
-        size = ref.get("size")
-        if size is not None and len(data) != size:
-            raise IntegrityError(f"blob {key} holds {len(data)} bytes, its reference says {size}")
-        meta = {k: v for k, v in ref.items() if k not in ("_blob", "size")}
+            data = self.get(key)
+            if not meta.get("z"):  # kept for repeats; compressed bytes are dead once decoded, so never held on
+                self.fetched[key] = data
+        n = data.nbytes if isinstance(data, memoryview) else len(data)
+        if size is not None and n != size:
+            raise IntegrityError(f"blob {key} holds {n} bytes, its reference says {size}")
+        decoded = n
+        if meta.get("z"):
+            decoded = meta.get("raw")
+            if type(decoded) is not int or decoded < 0 or decoded > max(n, 1) * _ZSTD_MAX_RATIO:
+                raise CodecError(f"compressed blob {key} of {n} bytes claims an impossible raw size "
+                                 f"{_short(decoded)}")
+        if codec == "json":
+            self.json_bytes += decoded
+            if self.json_bytes > MAX_JSON_BYTES:
+                raise CodecError(f"the JSON blobs of this value decode to more than {MAX_JSON_BYTES} bytes")
         value = decode_leaf(data, meta, allow_pickle=self.allow_pickle, writable=self.writable)
-        return self.unpack(value) if meta.get("codec") == "json" else value
+        if codec != "json":
+            return value
+        self.opening.add(key)
+        try:
+            return self.unpack(value, depth + 1)
+        finally:
+            self.opening.discard(key)
+
+
+def _too_deep() -> CodecError:
+    return CodecError(f"a stored value is nested deeper than {MAX_DEPTH} levels")
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."

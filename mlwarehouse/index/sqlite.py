@@ -11,6 +11,12 @@ the lock sat idle between sleeps; a blocking ``flock`` hands it over at once and
 from about 750 to over 1,000 per second with 8 processes). The lock is held only for the short transaction our
 code runs (no user code), and the kernel releases it if the process dies.
 
+Errors: a full disk (SQLite's ``SQLITE_FULL``, also a database at its ``max_page_count``) is a BackendError that
+says so, with SQLite's error chained; SQLite has already rolled the transaction back then, so no second ROLLBACK
+hides it. A file or folder that cannot be written (a read-only mount, a chmod'ed folder, or ``read_only=True``)
+is opened read-only (``mode=ro``, or ``immutable=1`` where SQLite cannot create its shared-memory file there):
+reads work, schema creation is skipped, and every write raises a BackendError that says the index is read-only.
+
 Connections: one per thread (and per process: a forked child opens its own), created on first use. An
 in-memory database (``":memory:"``) has a single connection shared by all threads under a lock.
 """
@@ -21,6 +27,7 @@ import json
 import os
 import sqlite3
 import threading
+from urllib.parse import quote
 
 try:
     import fcntl
@@ -67,17 +74,34 @@ def _typed(value: Any, json_type: str | None) -> Any:
     return value
 
 
+def _writable(path: str) -> bool:
+    """Whether SQLite can write ``path``: the file (if there is one) and its folder (for the -wal and -shm files)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.exists(path):
+        return os.access(path, os.W_OK) and os.access(folder, os.W_OK)
+    existing = folder
+    while not os.path.isdir(existing) and os.path.dirname(existing) != existing:
+        existing = os.path.dirname(existing)
+    return os.access(existing, os.W_OK)
+
+
 class SQLiteIndex(SQLIndex):
     """An :class:`~mlwarehouse.index.base.Index` in one SQLite file (or ``":memory:"``)."""
 
     name = "sqlite"
     dialect = SQLITE
 
-    def __init__(self, path: str | os.PathLike, *, timeout: float = 60.0, chunk_size: int = 1000):
+    def __init__(self, path: str | os.PathLike, *, timeout: float = 60.0, chunk_size: int = 1000,
+                 read_only: bool | None = None):
         self.path = str(path)
         self.timeout = timeout
         self._memory = self.path == ":memory:"
-        if not self._memory:
+        #: opened read-only: given, or found (the file or its folder cannot be written)
+        self.read_only = bool(read_only) if read_only is not None else (not self._memory and not _writable(self.path))
+        self._immutable = False  # read-only where SQLite cannot create its -shm file: opened with immutable=1
+        if self.read_only and not os.path.isfile(self.path):
+            raise BackendError(f"the SQLite index {self.path} does not exist and its folder is read-only")
+        if not self._memory and not self.read_only:
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
         self._lock = threading.RLock()
@@ -86,17 +110,22 @@ class SQLiteIndex(SQLIndex):
         self._writer = threading.Lock()  # one writer per process; flock serialises processes
         self._lock_fd: int | None = None
         self._lock_pid: int | None = None
-        super().__init__(chunk_size=chunk_size)
+        if self.read_only:  # SQLIndex.__init__ would create mlw_meta: nothing is created in a read-only file
+            super(SQLIndex, self).__init__()
+            self.chunk_size = chunk_size
+        else:
+            super().__init__(chunk_size=chunk_size)
 
     # -- connections and errors ----------------------------------------------------------------------------
     def _open(self) -> sqlite3.Connection:
         if self._closed:
             raise BackendError(f"the SQLite index {self.path} is closed")
         try:
-            con = sqlite3.connect(self.path, timeout=self.timeout, isolation_level=None,
-                                  check_same_thread=False, cached_statements=256)
+            con = self._connect_read_only() if self.read_only else sqlite3.connect(
+                self.path, timeout=self.timeout, isolation_level=None, check_same_thread=False,
+                cached_statements=256)
             con.execute(f"PRAGMA busy_timeout = {int(self.timeout * 1000)}")
-            if not self._memory:
+            if not self._memory and not self.read_only:
                 con.execute("PRAGMA journal_mode = WAL")
                 con.execute("PRAGMA synchronous = NORMAL")
             con.create_function(REGEX_FUNCTION, 3, _regex, deterministic=True)
@@ -106,6 +135,23 @@ class SQLiteIndex(SQLIndex):
         with self._lock:
             self._all.append(con)
         return con
+
+    def _connect_read_only(self) -> sqlite3.Connection:
+        """``mode=ro``; ``immutable=1`` where a WAL file's shared memory cannot be created beside it."""
+        for immutable in ((True,) if self._immutable else (False, True)):
+            uri = f"file:{quote(os.path.abspath(self.path))}?" + ("immutable=1" if immutable else "mode=ro")
+            con = sqlite3.connect(uri, uri=True, timeout=self.timeout, isolation_level=None,
+                                  check_same_thread=False, cached_statements=256)
+            try:
+                con.execute("SELECT count(*) FROM sqlite_master").fetchone()
+            except sqlite3.OperationalError:
+                con.close()
+                if immutable:
+                    raise
+                continue
+            self._immutable = immutable
+            return con
+        raise AssertionError("unreachable")
 
     @contextmanager
     def _connection(self) -> Iterator[sqlite3.Connection]:
@@ -123,15 +169,34 @@ class SQLiteIndex(SQLIndex):
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
-        """A ``BEGIN IMMEDIATE`` transaction: committed on success, rolled back on any error."""
+        """A ``BEGIN IMMEDIATE`` transaction: committed on success, rolled back on any error.
+
+        SQLite ends the transaction itself on some errors (a full disk): then there is nothing to roll back, and
+        a failing ROLLBACK never replaces the error that caused it.
+        """
+        if self.read_only:
+            raise BackendError(f"the SQLite index {self.path} is read-only (its file or folder cannot be written, "
+                               f"or it was opened with read_only=True): writes are refused")
         with self._connection() as con, self._write_lock():
             con.execute("BEGIN IMMEDIATE")
             try:
                 yield con
-            except BaseException:
-                con.execute("ROLLBACK")
+                con.execute("COMMIT")
+            except BaseException as exc:
+                if con.in_transaction:
+                    try:
+                        con.execute("ROLLBACK")
+                    except sqlite3.Error as again:
+                        exc.add_note(f"the rollback after it failed too: {again}")
                 raise
-            con.execute("COMMIT")
+
+    def ensure_collection(self, collection: str, *, scalar_fields: Sequence[str] = ()) -> None:
+        if not self.read_only:  # read-only: nothing is created; a missing collection reads as empty
+            super().ensure_collection(collection, scalar_fields=scalar_fields)
+
+    def create_index(self, collection: str, keys: Sequence[tuple[str, int]], *, unique: bool = False) -> None:
+        if not self.read_only:
+            super().create_index(collection, keys, unique=unique)
 
     @contextmanager
     def _write_lock(self) -> Iterator[None]:
@@ -141,7 +206,10 @@ class SQLiteIndex(SQLIndex):
             return
         with self._writer:
             if self._lock_pid != os.getpid():  # first use, or a forked child: never share the parent's lock
-                self._lock_fd = os.open(self.path + ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+                try:
+                    self._lock_fd = os.open(self.path + ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+                except OSError as exc:
+                    raise BackendError(f"cannot open the write lock {self.path}.lock: {exc}") from exc
                 self._lock_pid = os.getpid()
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
             try:
@@ -159,6 +227,12 @@ class SQLiteIndex(SQLIndex):
             raise BackendError(f"SQLite integrity error in {self.path}: {exc}") from exc
         except sqlite3.OperationalError as exc:
             msg = str(exc)
+            code = getattr(exc, "sqlite_errorcode", 0) & 0xFF
+            if code == sqlite3.SQLITE_FULL:
+                raise BackendError(f"the disk holding the SQLite index {self.path} is full (or the database reached "
+                                   f"its size limit); nothing of this write was stored: {msg}") from exc
+            if code == sqlite3.SQLITE_READONLY:
+                raise BackendError(f"the SQLite index {self.path} cannot be written (read-only): {msg}") from exc
             if "locked" in msg or "busy" in msg:
                 raise BackendError(f"the SQLite index {self.path} stayed locked by another writer for more than "
                                    f"{self.timeout:g} s ({msg})") from exc
