@@ -41,7 +41,8 @@ def _ix(*keys: tuple[str, int], unique: bool = False) -> IndexSpec:
     return IndexSpec(tuple(keys), unique)
 
 
-#: bookkeeping of the warehouse itself (which collections reference blobs); never exported
+#: bookkeeping of the warehouse itself (which collections reference blobs; writers' leases and removal
+#: announcements, see :mod:`mlwarehouse.warehouse`); never exported
 META = Collection("meta")
 
 #: whole datasets and the version documents of item datasets (``kind: "items"``) share one version space

@@ -6,17 +6,28 @@ every domain shares (numbered as in the design document):
 
 1. Blobs first, index second: ``insert`` packs the value (every blob put and durable) before the document is
    written, so a reader never sees a document whose bytes are missing; a crash leaves at most unreferenced blobs.
-2. Deletes are real: ``delete`` removes documents, then removes each blob they referenced that no document
-   references any more and that nobody has re-put since the document was written; ``Warehouse.gc`` sweeps the rest.
+2. Deletes are real: ``delete`` removes documents, then each blob they referenced that no document references
+   any more, at once unless another writer is in flight (then ``Warehouse.gc`` removes them after its grace).
 3. Integrity: every blob read is verified by the blob store (see :mod:`mlwarehouse.blobs.base`).
 4. Every write is stamped with ``_id`` (sortable, client-made), ``project`` and ``time`` (UTC).
+
+Deletes beside writers in flight (content addressing shares bytes): each writing thread holds a lease in ``meta``
+from before its first put (``pack`` writes it) until the insert or update storing what it packed drops it (two small
+index writes per save; logs skip it). A delete announces its removal in ``meta`` and reads the leases: another live
+one means it removes nothing (``gc`` will); else it removes the blobs, never those its own thread packed and has not
+stored. A new lease waits until no removal is announced before its first put. Either a delete sees the writer's
+lease or the writer's puts follow the removal (and write the bytes again), so a writer whose first put and commit
+lie within ``LEASE_SECONDS`` never commits a reference to a removed blob, on any backend, comparing no mtimes.
+Crashed processes' leases and announcements expire. Other writers hold ``Warehouse.writing()``.
 """
 
 from __future__ import annotations
 
 import os
+import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
@@ -25,7 +36,7 @@ from mlwarehouse import schema
 from mlwarehouse.blobs.base import BlobStore
 from mlwarehouse.codecs import values
 from mlwarehouse.errors import DuplicateKey, InvalidDocument, NotFound, QueryError
-from mlwarehouse.ids import MIN_PREFIX, new_id, parse_time, prefix_filter, utc_now
+from mlwarehouse.ids import MIN_PREFIX, new_id, prefix_filter, utc_now
 from mlwarehouse.index.base import Filter, Index, Sort
 from mlwarehouse.query.documents import validate_document
 
@@ -36,6 +47,9 @@ META = schema.META.name
 BLOB_COLLECTIONS_ID = "blob_collections"
 #: the collections whose documents ``Warehouse.locate`` looks in by default (what ``mlw show`` shows)
 ENTITY_COLLECTIONS = (schema.RUNS.name, schema.MODELS.name, schema.DATASETS.name, schema.TASKS.name)
+#: how long a writer may take from its first blob put to its commit (its lease; also deletes' grace period)
+LEASE_SECONDS = 3600.0
+REMOVAL_SECONDS = 10.0  # a removal's announcement lasts this long unless renewed (a crashed deleter's expires)
 
 
 def connect(uri: str | None = None, *, blobs: str | None = None, home: str | os.PathLike | None = None,
@@ -81,6 +95,7 @@ class Warehouse:
         self._blob_collections: set[str] = set()
         self._ensured: set[str] = set()
         self._indexed: set[tuple] = set()
+        self._local = threading.local()  # this thread's write lease: id, renewal time, keys packed, not stored
         self.ensure(schema.META)
 
     # -- projects ------------------------------------------------------------------------------------------
@@ -202,33 +217,66 @@ class Warehouse:
         return found if wanted is None else found & set(wanted)
 
     def release_blobs(self, deleted: Iterable[dict]) -> int:
-        """After documents were deleted: remove the blobs only they referenced. Returns how many were removed.
-
-        A blob whose modification time is later than the deleting document's time stamp was put again by a
-        writer in flight (content addressing shares bytes), so it is left for ``gc`` and its grace period. On
-        stores with coarse time stamps (S3: whole seconds) a re-put within that resolution is not distinguishable:
-        that window is the price of immediate deletes there.
-        """
-        newest: dict[str, float] = {}
-        for doc in deleted:
-            stamp = parse_time(doc["time"]).timestamp() if isinstance(doc.get("time"), str) else 0.0
-            for key in doc.get("_blobs") or ():
-                newest[key] = max(newest.get(key, 0.0), stamp)
-        if not newest:
+        """After documents were deleted: remove the blobs only they referenced; returns how many. While another
+        writer holds a lease nothing is removed: ``gc`` does it after its grace (see the module notes)."""
+        keys = {key for doc in deleted for key in doc.get("_blobs") or ()}
+        keys -= getattr(self._local, "pending", set())  # packed by this thread and about to be stored
+        keys -= self.referenced_blobs(keys) if keys else set()
+        if not keys:
             return 0
-        still = self.referenced_blobs(newest)
-        slack = 1e-3 + self.blobs.mtime_resolution  # within it, a re-put by a writer in flight is not seen
-        removed = 0
-        for key, stamp in newest.items():
-            if key in still:
-                continue
-            try:
-                info = self.blobs.stat(key)
-            except NotFound:
-                continue
-            if info.mtime <= stamp + slack and self.blobs.delete(key):
-                removed += 1
-        return removed
+        mark, renewed, removed = f"removing:{new_id()}", time.time(), 0
+        self.index.insert_one(META, {"_id": mark, "until": renewed + REMOVAL_SECONDS})
+        try:
+            if self._in_flight("lease:", getattr(self._local, "lease", None)):
+                return 0
+            for key in sorted(keys):
+                if time.time() - renewed > REMOVAL_SECONDS / 3:  # a long removal keeps new writers waiting
+                    renewed = time.time()
+                    self.index.update_many(META, {"_id": mark}, {"$set": {"until": renewed + REMOVAL_SECONDS}})
+                removed += bool(self.blobs.delete(key))
+            return removed
+        finally:
+            self.index.delete_many(META, {"_id": mark})
+
+    def _in_flight(self, kind: str, own: str | None = None) -> bool:
+        """Whether a live ``meta`` record of ``kind`` ("lease:", "removing:") but ``own`` exists (clears expired)."""
+        now, span = time.time(), {"_id": {"$gte": kind, "$lt": kind[:-1] + ";"}}
+        found = [d for d in self.index.find(META, span, projection={"until": 1}) if d["_id"] != own]
+        expired = [d["_id"] for d in found if not isinstance(d.get("until"), (int, float)) or d["until"] <= now]
+        expired and self.index.delete_many(META, {"_id": {"$in": expired}})
+        return len(expired) < len(found)
+
+    def _lease_begin(self) -> None:
+        """Hold this thread's lease before a put (renewed when half its time has passed)."""
+        local, now = self._local, time.time()
+        if getattr(local, "lease", None) is None:
+            lease = f"lease:{new_id()}"
+            self.index.insert_one(META, {"_id": lease, "until": now + LEASE_SECONDS})  # held once stored
+            local.lease, local.renewed, local.pending = lease, now, set()
+            while self._in_flight("removing:"):  # its puts come after any removal that did not see it
+                time.sleep(0.002)
+        elif now - local.renewed > LEASE_SECONDS / 2:
+            self.index.update_many(META, {"_id": local.lease}, {"$set": {"until": now + LEASE_SECONDS}})
+            local.renewed = now
+
+    def _lease_end(self, stored: Iterable[str] = (), packed: Iterable[str] = ()) -> None:
+        """Blobs ``stored`` in the index are safe, ``packed`` ones wait; no key left waiting ends the lease."""
+        local = self._local
+        if getattr(local, "lease", None) is not None:
+            local.pending = (local.pending | set(packed)) - set(stored)
+            if not local.pending:
+                self.index.delete_many(META, {"_id": local.lease})
+                local.lease = None
+
+    @contextmanager
+    def writing(self) -> Iterator[None]:
+        """Hold a write lease around blob puts made outside ``Project.pack`` until their documents are stored."""
+        self._lease_begin()
+        self._local.pending.add(marker := f"writing:{new_id()}")
+        try:
+            yield
+        finally:
+            self._lease_end(stored=[marker])
 
     def gc(self, *, grace_seconds: float = 3600.0, dry_run: bool = False) -> GcReport:
         """Remove blobs no document references and nobody wrote in the last ``grace_seconds``."""
@@ -253,6 +301,7 @@ class Warehouse:
         try:
             for project in self._projects.values():
                 project._close()
+            self._lease_end(stored=list(getattr(self._local, "pending", ())))  # packed values never stored
         finally:
             self.index.close()
             self.blobs.close()
@@ -320,8 +369,15 @@ class Project:
 
     # -- values --------------------------------------------------------------------------------------------
     def pack(self, value: Any, *, allow_pickle: bool = False) -> Any:
-        """Store the blobs a value needs and return its JSON tree (blob references at the leaves)."""
-        return values.pack(value, self.blobs.put, allow_pickle=allow_pickle)
+        """Store the blobs a value needs and return its JSON tree (blob references at the leaves), under this
+        thread's write lease until a document holding the tree is inserted or updated (see the module notes)."""
+        self.warehouse._lease_begin()
+        tree = None
+        try:
+            tree = values.pack(value, self.blobs.put, allow_pickle=allow_pickle)
+        finally:
+            self.warehouse._lease_end(packed=values.blob_keys(tree))
+        return tree
 
     def unpack(self, tree: Any, *, allow_pickle: bool = False, writable: bool = False) -> Any:
         """Rebuild a value from its JSON tree, reading (and verifying) its blobs. Arrays are read-only views of
@@ -343,7 +399,7 @@ class Project:
         """Add ``_id``, ``project``, ``time`` and the ``_blobs`` list to a new document (in place)."""
         doc.setdefault("_id", new_id())
         doc["project"] = self.name
-        doc["time"] = utc_now()  # stamped after the blobs were put: release_blobs relies on it
+        doc["time"] = utc_now()  # stamped after the blobs were put
         keys = values.blob_keys(doc)
         if keys:
             doc["_blobs"] = sorted(keys)
@@ -352,30 +408,34 @@ class Project:
     def insert(self, collection: str, doc: dict) -> dict:
         """Stamp and insert one document whose values are already packed."""
         self.stamp(doc)
-        if "_blobs" in doc:
-            try:
-                validate_document(doc)  # a bad document must not leave even the bookkeeping below behind
-            except InvalidDocument:
-                self.warehouse.release_blobs([doc])
-                raise
-            self.warehouse.note_blob_collection(collection)
+        keys = doc.get("_blobs", ())
         try:
+            if keys:
+                validate_document(doc)  # a bad document must not leave even the bookkeeping below behind
+                self.warehouse.note_blob_collection(collection)
             self.index.insert_one(collection, doc)
         except (DuplicateKey, InvalidDocument):  # certainly not written: its fresh blobs go too
+            self.warehouse._lease_end(stored=keys)
             self.warehouse.release_blobs([doc])
             raise
+        finally:  # written or not, this thread no longer guards these keys
+            self.warehouse._lease_end(stored=keys)
         return doc
 
     def insert_many(self, collection: str, docs: Iterable[dict]) -> int:
         """Stamp and insert many documents (any iterable, chunked by the backend)."""
+        keys: set[str] = set()
         def stamped():
             for doc in docs:
                 self.stamp(doc)
                 if "_blobs" in doc:
                     validate_document(doc)
                     self.warehouse.note_blob_collection(collection)
+                    keys.update(doc["_blobs"])
                 yield doc
-        return self.index.insert_many(collection, stamped())
+        count = self.index.insert_many(collection, stamped())
+        self.warehouse._lease_end(stored=keys)
+        return count
 
     def insert_stamped(self, collection: str, docs: Iterable[dict], *, chunk_size: int | None = None) -> int:
         """Insert documents the caller stamped itself (``_id``, this ``project``, ``time``) and that reference no
@@ -413,11 +473,17 @@ class Project:
         return self.index.supports_listen
 
     def update(self, collection: str, filter: Filter | None, update: dict) -> int:
-        return self.index.update_many(collection, self.scope(filter), update)
+        return self._stored(update, self.index.update_many(collection, self.scope(filter), update))
 
     def find_one_and_update(self, collection: str, filter: Filter | None, update: dict, *,
                             sort: Sort | None = None) -> dict | None:
-        return self.index.find_one_and_update(collection, self.scope(filter), update, sort=sort)
+        return self._stored(update, self.index.find_one_and_update(collection, self.scope(filter), update, sort=sort))
+
+    def _stored(self, update: dict, result: Any) -> Any:
+        """An update that wrote packed references ends their wait (and maybe this thread's lease); ``result``."""
+        if getattr(self.warehouse._local, "lease", None) is not None:
+            self.warehouse._lease_end(stored=values.blob_keys(update))
+        return result
 
     def delete(self, collection: str, filter: Filter | None = None) -> list[dict]:
         """Delete matching documents and release the blobs only they referenced; returns the deleted docs."""

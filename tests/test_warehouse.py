@@ -82,3 +82,40 @@ def test_default_project_attributes(wh):
     assert wh.datasets is wh.project("default").datasets
     with pytest.raises(AttributeError):
         wh.no_such_thing
+
+
+def _leases(wh, kind="lease:"):
+    return [d["_id"] for d in wh.index.find("meta", {"_id": {"$gte": kind, "$lt": kind[:-1] + ";"}})]
+
+
+def test_a_delete_beside_a_writer_in_flight_leaves_its_blobs_to_gc(wh):
+    wh.index.insert_one("meta", {"_id": "lease:other", "until": time.time() + 60})  # another writer, mid-save
+    wh.models.save({"w": np.arange(5.0)}, name="m")
+    assert _leases(wh) == ["lease:other"]  # the save's own lease ended with its insert
+    assert wh.models.delete("m") == 1 and len(list(wh.blobs.list())) == 1
+    assert len(wh.gc(grace_seconds=0).removed) == 1
+    wh.index.update_many("meta", {"_id": "lease:other"}, {"$set": {"until": time.time() - 1}})  # it crashed
+    wh.models.save({"w": np.arange(5.0)}, name="m")
+    assert wh.models.delete("m") == 1 and list(wh.blobs.list()) == [] and _leases(wh) == []
+
+
+def test_a_new_writer_waits_for_an_announced_removal(wh):
+    wh.index.insert_one("meta", {"_id": "removing:other", "until": time.time() + 0.3})
+    start = time.monotonic()
+    wh.models.save({"w": np.arange(5.0)}, name="m")  # its puts come after that removal
+    assert time.monotonic() - start >= 0.25 and _leases(wh, "removing:") == []
+
+
+def test_a_delete_keeps_what_its_own_thread_packed_and_has_not_stored(wh):
+    p = wh.project()
+    p.insert("things", {"v": p.pack(np.arange(5.0))})
+    tree = p.pack(np.arange(5.0))  # the same bytes, about to be stored again
+    p.delete("things")
+    assert wh.blobs.exists(tree["_blob"]) and len(_leases(wh)) == 1
+    p.insert("things", {"v": tree})
+    assert _leases(wh) == [] and p.unpack(p.find_one("things")["v"])[4] == 4.0
+    with wh.writing():  # a writer outside pack (an import) holds the lease the same way
+        key = wh.blobs.put(b"imported bytes")
+        assert len(_leases(wh)) == 1
+        p.insert("things", {"raw": {"_blob": key, "codec": "bytes", "size": 14}})
+    assert _leases(wh) == []

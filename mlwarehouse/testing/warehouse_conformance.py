@@ -9,11 +9,13 @@ backend that cannot is a bug, not a skip.
 from __future__ import annotations
 
 import textwrap
+import threading
 import time
 
 import numpy as np
 import pytest
 
+import mlwarehouse
 from mlwarehouse import DuplicateKey, IntegrityError, NotFound, QueryError, TensorHub
 from mlwarehouse.tasks.worker import Worker
 
@@ -177,3 +179,43 @@ class WarehouseTests:
             wh.blobs.get("f" * 64)
         with pytest.raises((NotFound, IntegrityError)):
             wh.blobs.get("../../etc/passwd")
+
+    def test_delete_beside_a_save_in_flight_sharing_a_blob(self, wh):
+        """A save whose large put is still running when another writer saves and deletes a document sharing its
+        first blob commits a document that loads completely (the multi-process version: tests/test_blob_race.py)."""
+        writer = mlwarehouse.connect()  # another connection, as another machine would have
+        inner, started, deleted, errors = writer.blobs.put, threading.Event(), threading.Event(), []
+
+        def slow_put(data):
+            key = inner(data)
+            if len(data) > 100_000:  # the large leaf: its put lasts until the delete is over
+                started.set()
+                deleted.wait(30)
+            return key
+
+        def save(r):
+            try:
+                writer.models.save({"a_shared": np.full(500, r / 7), "b_big": np.random.default_rng(r).random(20_000)},
+                                   name="a", round=r)
+            except mlwarehouse.WarehouseError as exc:  # pragma: no cover - reported below
+                errors.append(exc)
+
+        writer.blobs.put = slow_put
+        try:
+            for r in range(3):
+                started.clear()
+                deleted.clear()
+                thread = threading.Thread(target=save, args=(r,))
+                thread.start()
+                assert started.wait(30)
+                wh.models.save({"a_shared": np.full(500, r / 7)}, name="b")
+                wh.models.delete("b")
+                deleted.set()
+                thread.join(30)
+                assert not errors
+                for rec in wh.models.find("a"):
+                    assert rec.load()["a_shared"][0] == rec.doc["round"] / 7
+        finally:
+            writer.close()
+        assert len(wh.models.find("a")) == 3 and wh.models.delete() == 3
+        assert list(wh.blobs.list()) == []  # no writer in flight any more: the delete removed every blob
