@@ -7,11 +7,14 @@ import io
 import json
 import os
 import pickle
+import struct
+import tracemalloc
 from fractions import Fraction
 
 import numpy as np
 import pytest
 import torch
+import zstandard
 
 from mlwarehouse import codecs
 from mlwarehouse.codecs import decode_leaf, encode_leaf, register_codec, unregister_codec
@@ -275,3 +278,45 @@ def test_a_raw_size_that_disagrees_with_the_zstd_frame_is_refused_before_allocat
     for lie in (10, 1 << 46):
         with pytest.raises(CodecError, match="zstd frame says 100000"):
             codecs.decompress(data, {**meta, "raw": lie})
+
+
+def test_a_frame_without_content_size_never_allocates_what_the_reference_claims():
+    blob = zstandard.ZstdCompressor(write_content_size=False).compress(b"x")
+    assert zstandard.frame_content_size(blob) == -1 and len(blob) < 16
+    tracemalloc.start()
+    try:
+        for claim in (6 << 30, 1 << 46):  # over what the bytes can hold: refused before any allocation
+            with pytest.raises(CodecError, match="can hold"):
+                codecs.decompress(blob, {"z": "zstd", "raw": claim})
+            with pytest.raises(CodecError):
+                decode_leaf(blob, {"codec": "bytes", "z": "zstd", "raw": claim})
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 << 20
+    big = zstandard.ZstdCompressor(write_content_size=False).compress(b"\0" * 3_000_000)
+    tracemalloc.start()
+    try:  # a claim within the bound but above the frame's real size: streamed, capped, refused
+        with pytest.raises(CodecError, match="does not hold"):
+            codecs.decompress(big, {"z": "zstd", "raw": codecs.registry.max_decompressed(len(big))})
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 3_000_000 + (4 << 20)
+    assert codecs.decompress(big, {"z": "zstd", "raw": 3_000_000}) == b"\0" * 3_000_000
+    for lie in (2_999_999, 3_000_001):
+        with pytest.raises(CodecError, match="does not hold"):
+            codecs.decompress(big, {"z": "zstd", "raw": lie})
+
+
+def test_a_frame_that_claims_more_than_zstd_can_expand_is_refused():
+    data, meta = codecs.compress(np.zeros(1 << 20, np.uint8).tobytes())
+    assert meta["raw"] <= codecs.registry.max_decompressed(len(data))  # real data is always within the bound
+    forged = zstandard_frame_with_size(6 << 30)  # the frame and the reference agree on 6 GiB: both lie
+    with pytest.raises(CodecError, match="can hold"):
+        codecs.decompress(forged, {"z": "zstd", "raw": 6 << 30})
+
+
+def zstandard_frame_with_size(size: int) -> bytes:
+    """A 13-byte zstd frame whose header claims ``size`` bytes (single segment, 8-byte content size)."""
+    return b"\x28\xb5\x2f\xfd" + bytes([0xE0]) + struct.pack("<Q", size)

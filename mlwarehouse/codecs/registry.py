@@ -227,21 +227,57 @@ def compress(data: Buffer) -> tuple[Buffer, dict]:
     return packed, {"z": "zstd", "raw": size}
 
 
+#: zstd writes blocks of at most 128 KiB of output, each behind a 3-byte header: no frame expands more
+_ZSTD_BLOCK_MAX, _ZSTD_BLOCK_HEADER = 128 << 10, 3
+
+
+def max_decompressed(compressed: int) -> int:
+    """The most bytes any zstd data of ``compressed`` bytes can decompress to (one full block per block header
+    that fits): a claimed size above it is a lie, refused before anything is allocated."""
+    return (compressed // _ZSTD_BLOCK_HEADER + 1) * _ZSTD_BLOCK_MAX
+
+
 def decompress(data: Buffer, meta: dict) -> bytearray:
-    """Undo :func:`compress` into a fresh (writable) buffer of the recorded raw size."""
+    """Undo :func:`compress` into a fresh (writable) buffer of the recorded raw size.
+
+    Nothing is allocated before the claim is checked: it must not exceed what the bytes can hold
+    (:func:`max_decompressed`) and must equal the frame's content size when the frame records one; a frame
+    without one (another writer's) is streamed, its output capped at the claim."""
     if meta.get("z") != "zstd":
         raise CodecError(f"unknown compression {meta.get('z')!r}")
     raw = meta.get("raw")
-    if not isinstance(raw, int) or raw < 0:
+    if not isinstance(raw, int) or isinstance(raw, bool) or raw < 0:
         raise CodecError(f"compressed blob meta lacks its raw size: {meta!r}")
+    size = len(data) if not isinstance(data, memoryview) else data.nbytes
     try:
         framed = zstandard.frame_content_size(data)
     except zstandard.ZstdError as exc:
-        raise CodecError(f"cannot decompress a zstd payload of {len(data)} bytes: {exc}") from exc
+        raise CodecError(f"cannot decompress a zstd payload of {size} bytes: {exc}") from exc
     if framed >= 0 and framed != raw:  # checked before allocating what the metadata claims
         raise CodecError(f"compressed blob meta says {raw} bytes, its zstd frame says {framed}")
+    if raw > max_decompressed(size):
+        raise CodecError(f"compressed blob meta says {raw} bytes: more than {size} bytes of zstd can hold")
+    if framed < 0:
+        return _decompress_capped(data, raw)
     out = bytearray(raw)
     decompress_into(data, memoryview(out))
+    return out
+
+
+def _decompress_capped(data: Buffer, raw: int) -> bytearray:
+    """Stream a frame of unknown content size, holding at most ``raw`` + 1 bytes of its output."""
+    out = bytearray()
+    try:
+        reader = _zstd()[1].stream_reader(data, read_size=1 << 20)
+        while len(out) <= raw:
+            chunk = reader.read(min(1 << 20, raw + 1 - len(out)))
+            if not chunk:
+                break
+            out += chunk
+    except zstandard.ZstdError as exc:
+        raise CodecError(f"cannot decompress a zstd payload of {len(data)} bytes: {exc}") from exc
+    if len(out) != raw:
+        raise CodecError(f"zstd payload does not hold the recorded {raw} bytes")
     return out
 
 

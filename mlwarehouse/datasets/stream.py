@@ -80,8 +80,11 @@ class ShardReader:
         return header
 
     def item(self, key: str, row: int, fields: list[str] | None = None) -> dict:
-        """One item's values by range reads, each verified by its checksum."""
+        """One item's values by range reads, each verified by its checksum (a shard of format 1, whose header has
+        no checksum, is read whole instead: verified by its hash, then kept in memory like a streamed one)."""
         header = self.header(key)
+        if not header.verified:
+            return self._item_of_whole(key, row, fields)
         out = {}
         for name in fields or list(header.fields):
             if name not in header.fields:
@@ -90,6 +93,23 @@ class ShardReader:
             raw = read_item(header, lambda s, n: self.blobs.get_range(key, s, n), name, row)
             shape = layout.shapes[row] if layout.shapes else None
             value = decode_value(layout.spec, raw, shape)
+            out[name] = value.item() if isinstance(value, np.ndarray) and value.ndim == 0 else value
+        return out
+
+    def _item_of_whole(self, key: str, row: int, fields: list[str] | None) -> dict:
+        names = fields or None
+        shard = self.shard(key, [])
+        for name in names or ():
+            if name not in shard.header.fields:
+                raise QueryError(f"shard {key[:12]} has no field {name!r} (it has {sorted(shard.header.fields)})")
+        if isinstance(row, bool) or not isinstance(row, (int, np.integer)) or not 0 <= row < shard.n:
+            raise IntegrityError(f"row {row!r} is not in shard {key[:12]} of {shard.n} items")
+        shard = self.shard(key, names)  # decoded now, and counted in the memory cache
+        out = {}
+        for name in names or list(shard.header.fields):
+            value = shard.column(name)[row]
+            if shard.header.fields[name].spec.kind == "json":
+                value = copy.deepcopy(value)  # the cached column's own: the caller gets a copy
             out[name] = value.item() if isinstance(value, np.ndarray) and value.ndim == 0 else value
         return out
 
