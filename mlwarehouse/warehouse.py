@@ -207,13 +207,13 @@ class Warehouse:
     def referenced_blobs(self, keys: Iterable[str] | None = None) -> set[str]:
         """Every blob key some document references (restricted to ``keys`` when given)."""
         wanted = None if keys is None else list(keys)
-        if wanted == []:
-            return set()
         found: set[str] = set()
+        chunks = [None] if wanted is None else [wanted[i:i + 1000] for i in range(0, len(wanted), 1000)]
         for collection in self.blob_collections():
-            flt = {} if wanted is None else {"_blobs": {"$in": wanted}}
-            for doc in self.index.find(collection, flt, projection={"_blobs": 1}):
-                found.update(doc.get("_blobs") or ())
+            for chunk in chunks:  # queries stay far below the query size limits however many blobs go
+                flt = {} if chunk is None else {"_blobs": {"$in": chunk}}
+                for doc in self.index.find(collection, flt, projection={"_blobs": 1}):
+                    found.update(doc.get("_blobs") or ())
         return found if wanted is None else found & set(wanted)
 
     def release_blobs(self, deleted: Iterable[dict]) -> int:

@@ -17,6 +17,8 @@ from mlwarehouse.web.arrays import image_view, leaves, to_png  # noqa: E402
 from mlwarehouse.web.downsample import minmax_downsample  # noqa: E402
 
 PROJECT = "ui-demo"
+BASE = "http://localhost"  # a loopback name: the UI refuses other Host names by default
+SAME_ORIGIN = {"X-MLW": "1", "Origin": BASE}  # what the UI's own pages send with a change
 
 
 def fill_warehouse(wh, steps: int = 60) -> dict:
@@ -75,7 +77,7 @@ def filled(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def client(filled):
-    return TestClient(create_app(filled[0]))
+    return TestClient(create_app(filled[0]), base_url=BASE)
 
 
 # -- downsampling and images ----------------------------------------------------------------------------------
@@ -166,7 +168,7 @@ def test_charted_history_is_reread_when_the_run_logs_more(tmp_path):
     import mlwarehouse
     with mlwarehouse.connect(home=tmp_path / "wh") as wh:
         p = wh.project("live")
-        client = TestClient(create_app(wh))
+        client = TestClient(create_app(wh), base_url=BASE)
         run = p.runs.start("growing")
         url = f"/api/p/live/runs/metric?ids={run.id}&kind=train&metric=loss"
         for step in range(10):
@@ -226,7 +228,7 @@ def test_leaderboard_shows_final_models_ranked_by_a_metric_with_a_checkpoint_tog
                   for i, acc in enumerate([0.8, 0.95, 0.9])]
         ckpts = [p.models.checkpoint({"w": np.zeros(2, np.float32)}, run="R", epoch=e, name="mlp-ckpt",
                                      metrics={"test_accuracy": 0.99 - e / 100}) for e in range(4)]
-        client = TestClient(create_app(wh))
+        client = TestClient(create_app(wh), base_url=BASE)
         api = client.get("/api/p/board/models").json()
         assert [row["_id"] for row in api["rows"]] == [finals[1].id, finals[2].id, finals[0].id]
         assert api["ranked"] == "test_accuracy:-1" and api["total"] == 3 and api["hidden_checkpoints"] == 4
@@ -263,7 +265,7 @@ def test_task_board_and_api(client, filled):
 
 def test_read_only_refuses_changes(client, filled):
     task = filled[1]["tasks"][2]
-    r = client.post(f"/api/p/{PROJECT}/tasks/{task['_id']}/retry", headers={"X-MLW": "1"})
+    r = client.post(f"/api/p/{PROJECT}/tasks/{task['_id']}/retry", headers=SAME_ORIGIN)
     assert r.status_code == 403 and "read-only" in r.json()["error"]
 
 
@@ -273,13 +275,13 @@ def test_writable_retry_and_cancel(tmp_path):
         p = wh.project("w")
         p.index.ensure_collection("tasks")
         failed = p.insert("tasks", {"task_name": "t", "status": "failed", "attempts": 3, "max_attempts": 3})
-        client = TestClient(create_app(wh, writable=True))
+        client = TestClient(create_app(wh, writable=True), base_url=BASE)
         url = f"/api/p/w/tasks/{failed['_id']}/retry"
         assert client.post(url).status_code == 403  # no X-MLW header: a cross-site form cannot send it
-        assert client.post(url, headers={"X-MLW": "1"}).json() == {"changed": 1}
+        assert client.post(url, headers=SAME_ORIGIN).json() == {"changed": 1}
         assert p.find_one("tasks", {"_id": failed["_id"]})["status"] == "pending"
-        assert client.post(f"/api/p/w/tasks/{failed['_id']}/cancel", headers={"X-MLW": "1"}).json()["changed"] == 1
-        assert client.post("/api/p/w/tasks/nope/cancel", headers={"X-MLW": "1"}).status_code == 404
+        assert client.post(f"/api/p/w/tasks/{failed['_id']}/cancel", headers=SAME_ORIGIN).json()["changed"] == 1
+        assert client.post("/api/p/w/tasks/nope/cancel", headers=SAME_ORIGIN).status_code == 404
         assert 'data-action="retry"' in client.get("/p/w/tasks").text
 
 
@@ -327,7 +329,7 @@ def test_static_assets_are_vendored(client):
 def test_odd_names_and_documents_from_other_tools_render(tmp_path):
     import mlwarehouse
     with mlwarehouse.connect(home=tmp_path / "wh") as wh:
-        client = TestClient(create_app(wh))
+        client = TestClient(create_app(wh), base_url=BASE)
         p = wh.project("q?x #1")
         with p.runs.start("r", hyper_parameters={"batch size": 32}) as run:
             run.log("train", step=0, loss=1.0)
@@ -346,3 +348,70 @@ def test_odd_names_and_documents_from_other_tools_render(tmp_path):
         base = "/p/q%3Fx%20%231"
         for url in ("/runs", "/runs/r1", "/models", "/models/m1", "/datasets", "/tasks", "/tasks/t1"):
             assert client.get(base + url).status_code == 200, url
+
+
+def test_host_header_is_checked_and_cross_site_writes_refused(tmp_path):
+    """DNS rebinding: a page of another name resolved to 127.0.0.1 is refused; writes need the UI's own origin."""
+    import mlwarehouse
+    with mlwarehouse.connect(home=tmp_path / "wh") as wh:
+        p = wh.project("w")
+        p.index.ensure_collection("tasks")
+        failed = p.insert("tasks", {"task_name": "t", "status": "failed", "attempts": 3, "max_attempts": 3})
+        app = create_app(wh, writable=True)
+        for host in ("localhost:8765", "127.0.0.1:8765", "[::1]:8765", "LOCALHOST"):
+            assert TestClient(app, base_url=f"http://{host}").get("/").status_code == 200, host
+        for host in ("evil.example", "evil.example:8765", "127.0.0.1.evil.example", "localhost.evil"):
+            r = TestClient(app, base_url=f"http://{host}").get("/api/projects")
+            assert r.status_code == 400 and "not served here" in r.text, host
+        client = TestClient(app, base_url="http://127.0.0.1:8765")
+        url = f"/api/p/w/tasks/{failed['_id']}/retry"
+        for headers in ({"X-MLW": "1"}, {"X-MLW": "1", "Origin": "http://evil.example"},
+                        {"X-MLW": "1", "Origin": "http://127.0.0.1:9999"}, {"X-MLW": "1", "Origin": "null"},
+                        {"X-MLW": "1", "Origin": "http://127.0.0.1:8765", "Sec-Fetch-Site": "cross-site"},
+                        {"X-MLW": "1", "Referer": "http://evil.example/page"}):
+            assert client.post(url, headers=headers).status_code == 403, headers
+        assert p.find_one("tasks", {"_id": failed["_id"]})["status"] == "failed"
+        assert client.post(url, headers={"X-MLW": "1", "Referer": "http://127.0.0.1:8765/p/w/tasks"}).json() == \
+            {"changed": 1}
+        other = TestClient(create_app(wh, allowed_hosts=["ui.lab.example"]), base_url="http://ui.lab.example:80")
+        assert other.get("/api/projects").status_code == 200
+        anyone = TestClient(create_app(wh, allowed_hosts=["*"]), base_url="http://any.example")
+        assert anyone.get("/").status_code == 200
+
+
+def test_redos_and_oversized_queries_are_shown_inline(client):
+    """A catastrophic pattern (issue 12: one GET froze the UI) or a too deep / too large filter is a 400 with
+    the message, never a hang or a 500."""
+    deep = '{"n": 1}'
+    for _ in range(300):
+        deep = '{"$or": [' + deep + ', {"n": 2}]}'
+    cases = [('{"_id": {"$regex": "^((\\\\w+)+)+!"}}', "exponential"), (deep, "MAX_DEPTH"),
+             ('{"a": ' + "[" * 5000 + "]" * 5000 + "}", "nested too deeply"),
+             ('{"$or": [' + ", ".join(f'{{"n": {i}}}' for i in range(500)) + "]}", "MAX_PREDICATES"),
+             ('{"n": {"$in": [' + ",".join(["0"] * 16_000) + "]}}", "MAX_TERMS")]
+    for q, limit in cases:
+        for page in ("runs", "models", "tasks", "datasets"):
+            r = client.get(f"/p/{PROJECT}/{page}", params={"q": q})
+            assert r.status_code == 400 and limit in r.text, (page, limit, r.status_code)
+        r = client.get(f"/api/p/{PROJECT}/runs", params={"q": q})
+        assert r.status_code == 400 and limit in r.json()["error"]
+
+
+def test_project_names_with_a_slash_are_reachable(tmp_path):
+    import mlwarehouse
+    with mlwarehouse.connect(home=tmp_path / "wh") as wh:
+        client = TestClient(create_app(wh), base_url=BASE)
+        p = wh.project("team/vision")
+        with p.runs.start("r") as run:
+            run.log("train", step=0, loss=1.0)
+        wh.tasks.create("t", "builtins:dict")  # another project: the slash one must not see it
+        assert client.get("/p/team%2Fvision", follow_redirects=False).headers["location"] == "/p/team%2Fvision/runs"
+        page = client.get("/p/team%2Fvision/runs")
+        assert page.status_code == 200 and f'href="/p/team%2Fvision/runs/{run.id}"' in page.text
+        assert client.get(f"/p/team%2Fvision/runs/{run.id}").status_code == 200
+        assert client.get("/api/p/team%2Fvision/runs").json()["total"] == 1
+        chart = client.get("/api/p/team%2Fvision/runs/metric",
+                           params={"ids": run.id, "kind": "train", "metric": "loss"})
+        assert chart.status_code == 200 and chart.json()["series"][0]["count"] == 1
+        assert client.get("/p/team%2Fvision/tasks").status_code == 200
+        assert client.get("/p/team%2Fnope/runs").status_code == 404

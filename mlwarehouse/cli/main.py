@@ -435,11 +435,13 @@ class _progress:
 def ui(host: str = typer.Option("127.0.0.1", "--host", help="address to bind (loopback by default)"),
        port: int = typer.Option(8765, "--port"),
        writable: bool = typer.Option(False, "--writable", help="allow cancelling and retrying tasks from the UI"),
+       allow_host: list[str] = typer.Option([], "--allow-host", envvar="MLW_UI_ALLOW_HOST",
+                                            help="a Host name to answer besides loopback names (repeatable)"),
        uri: Optional[str] = UriOpt, blobs: Optional[str] = BlobsOpt):
     """Serve the web UI: runs and their curves, the model leaderboard, the task board, dataset previews."""
     from mlwarehouse.web import serve
     with connect(uri, blobs) as wh:
-        serve(wh, host=host, port=port, writable=writable)
+        serve(wh, host=host, port=port, writable=writable, allowed_hosts=allow_host)
 
 
 @app.command()

@@ -13,6 +13,7 @@ from typing import Any
 
 from mlwarehouse.errors import InvalidDocument, QueryError
 from mlwarehouse.query.jsonvalues import split_path
+from mlwarehouse.query.limits import MAX_PATHS
 
 __all__ = ["validate_document", "check_value", "plausible_document", "validate_projection", "project"]
 
@@ -138,6 +139,8 @@ def validate_projection(projection: Any) -> dict[str, bool] | None:
         return None
     if not isinstance(projection, dict):
         raise QueryError(f"projection must be a dict of field: 0 or 1, not {projection!r}")
+    if len(projection) > MAX_PATHS:
+        raise QueryError(f"projection has {len(projection)} paths; the limit is {MAX_PATHS} (MAX_PATHS)")
     out: dict[str, bool] = {}
     for path, flag in projection.items():
         split_path(path, "projection")

@@ -25,6 +25,9 @@ and ``$not`` are plain negations, so they match missing fields; ``$regex`` match
 (``re.search``, options ``imsx``); ``$exists`` tests presence (null is present); ``$size`` tests the length of
 the array itself; ``$elemMatch`` needs an array and one element that satisfies every operator (applied to the
 element itself, no further expansion) or, for a sub-filter, an object element that matches it.
+
+Validation also bounds every filter (depth, size, string and pattern length) and refuses regular expressions that
+can backtrack catastrophically: :mod:`mlwarehouse.query.limits` states the rules.
 """
 
 from __future__ import annotations
@@ -41,6 +44,15 @@ from mlwarehouse.query.jsonvalues import (
     get_path,
     sort_value,
     split_path,
+)
+from mlwarehouse.query.limits import (
+    MAX_EXPRESSION,
+    MAX_PREDICATES,
+    MAX_SORT_KEYS,
+    MAX_STRING,
+    check_depth,
+    check_regex_safe,
+    check_terms,
 )
 
 __all__ = [
@@ -90,9 +102,14 @@ _LOGICAL = {"$and", "$or", "$nor"}
 _REGEX_FLAGS = {"i": re.I, "m": re.M, "s": re.S, "x": re.X}
 
 
-def _check_value(value: Any, where: str) -> Any:
+def _check_value(value: Any, where: str, depth: int = 0) -> Any:
     """A filter operand must be a JSON value (numbers may be infinite, never NaN or beyond 64 bits)."""
-    if value is None or isinstance(value, (str, bool)):
+    if isinstance(value, str):
+        if len(value) > MAX_STRING:
+            raise QueryError(f"{where}: a string of {len(value)} characters exceeds the limit of {MAX_STRING} "
+                             "(MAX_STRING)")
+        return value
+    if value is None or isinstance(value, bool):
         return value
     if isinstance(value, int):
         if not -(1 << 63) <= value < (1 << 63):
@@ -103,25 +120,27 @@ def _check_value(value: Any, where: str) -> Any:
             raise QueryError(f"{where}: NaN cannot be compared")
         return value
     if isinstance(value, list):
+        check_depth(depth + 1, where)
         for item in value:
-            _check_nested(item, where)
+            _check_nested(item, where, depth + 1)
         return value
     if isinstance(value, dict):
+        check_depth(depth + 1, where)
         for key, item in value.items():
             if not isinstance(key, str):
                 raise QueryError(f"{where}: object key {key!r} is not a string")
-            _check_nested(item, where)
+            _check_nested(item, where, depth + 1)
         return value
     hint = " (use a list)" if isinstance(value, tuple) else ""
     raise QueryError(f"{where}: a {type(value).__name__} is not a JSON value{hint}")
 
 
-def _check_nested(value: Any, where: str) -> Any:
+def _check_nested(value: Any, where: str, depth: int) -> Any:
     """A value inside an array or object operand: as :func:`_check_value`, but never infinite (it is compared
     as JSON text there, and JSON has no infinity)."""
     if isinstance(value, float) and math.isinf(value):
         raise QueryError(f"{where}: {value} inside an array or object cannot be compared (JSON has no infinity)")
-    return _check_value(value, where)
+    return _check_value(value, where, depth)
 
 
 @lru_cache(maxsize=512)
@@ -136,9 +155,11 @@ def _regex(pattern: Any, options: Any, where: str) -> tuple[str, int]:
         if not isinstance(pattern.pattern, str):
             raise QueryError(f"{where}: a bytes pattern cannot match strings")
         flags = pattern.flags & (re.I | re.M | re.S | re.X)
+        check_regex_safe(pattern.pattern, flags)
         return pattern.pattern, flags
     if not isinstance(pattern, str):
         raise QueryError(f"{where}: $regex takes a string or a compiled pattern, not {type(pattern).__name__}")
+    check_regex_safe(pattern, 0)
     flags = 0
     if options is not None:
         if not isinstance(options, str) or any(c not in _REGEX_FLAGS for c in options):
@@ -163,7 +184,8 @@ def _is_operator_dict(value: Any, where: str) -> bool:
     return False
 
 
-def _parse_ops(ops: dict, where: str) -> list[tuple[str, Any]]:
+def _parse_ops(ops: dict, where: str, depth: int) -> list[tuple[str, Any]]:
+    check_depth(depth, where)
     out: list[tuple[str, Any]] = []
     for op, arg in ops.items():
         if op not in _FIELD_OPS:
@@ -173,11 +195,11 @@ def _parse_ops(ops: dict, where: str) -> list[tuple[str, Any]]:
                 raise QueryError(f"{where}: $options needs $regex")
             continue
         if op in ("$eq", "$ne") or op in _COMPARE:
-            out.append((op, _check_value(arg, f"{where} {op}")))
+            out.append((op, _check_value(arg, f"{where} {op}", depth)))
         elif op in ("$in", "$nin", "$all"):
             if not isinstance(arg, list):
                 raise QueryError(f"{where}: {op} takes a list, not {type(arg).__name__}")
-            out.append((op, [_check_value(v, f"{where} {op}") for v in arg]))
+            out.append((op, [_check_value(v, f"{where} {op}", depth) for v in arg]))
         elif op == "$exists":
             if not isinstance(arg, bool):
                 raise QueryError(f"{where}: $exists takes true or false, not {arg!r}")
@@ -192,20 +214,21 @@ def _parse_ops(ops: dict, where: str) -> list[tuple[str, Any]]:
             if isinstance(arg, re.Pattern):
                 out.append((op, [("$regex", _regex(arg, None, where))]))
             elif _is_operator_dict(arg, f"{where} $not"):
-                out.append((op, _parse_ops(arg, f"{where} $not")))
+                out.append((op, _parse_ops(arg, f"{where} $not", depth + 1)))
             else:
                 raise QueryError(f"{where}: $not takes an operator dict or a regular expression, not {arg!r}")
         elif op == "$elemMatch":
             if not isinstance(arg, dict) or not arg:
                 raise QueryError(f"{where}: $elemMatch takes a non-empty dict, not {arg!r}")
             if all(isinstance(k, str) and k.startswith("$") and k not in _LOGICAL for k in arg):
-                out.append((op, ElemMatch(ops=_parse_ops(arg, f"{where} $elemMatch"))))
+                out.append((op, ElemMatch(ops=_parse_ops(arg, f"{where} $elemMatch", depth + 1))))
             else:
-                out.append((op, ElemMatch(filter=_parse(arg, f"{where} $elemMatch"))))
+                out.append((op, ElemMatch(filter=_parse(arg, f"{where} $elemMatch", depth + 1))))
     return out
 
 
-def _parse(f: Any, where: str = "filter") -> Logical:
+def _parse(f: Any, where: str = "filter", depth: int = 0) -> Logical:
+    check_depth(depth, where)
     if not isinstance(f, dict):
         raise QueryError(f"{where} must be a dict, not {type(f).__name__}")
     children: list = []
@@ -217,22 +240,59 @@ def _parse(f: Any, where: str = "filter") -> Logical:
                 raise QueryError(f"unknown operator {key!r} in {where}")
             if not isinstance(value, list) or not value:
                 raise QueryError(f"{where}: {key} takes a non-empty list of filters")
-            children.append(Logical(key, [_parse(sub, f"{where} {key}") for sub in value]))
+            children.append(Logical(key, [_parse(sub, f"{where} {key}", depth + 1) for sub in value]))
             continue
         comps = split_path(key)
         if isinstance(value, re.Pattern):
             ops = [("$regex", _regex(value, None, key))]
         elif _is_operator_dict(value, key):
-            ops = _parse_ops(value, key)
+            ops = _parse_ops(value, key, depth + 1)
         else:
-            ops = [("$eq", _check_value(value, key))]
+            ops = [("$eq", _check_value(value, key, depth + 1))]
         children.append(Field(key, comps, ops))
     return Logical("$and", children)
 
 
 def parse_filter(f: dict | None) -> Logical:
-    """Validate a filter and return its AST (QueryError naming the bad part)."""
-    return Logical("$and", []) if f is None else _parse(f)
+    """Validate a filter and return its AST (QueryError naming the bad part, or the limit it exceeds)."""
+    if f is None:
+        return Logical("$and", [])
+    node = _parse(f)
+    terms, preds, cost = _size(node)
+    check_terms(terms, "filter")
+    if preds > MAX_PREDICATES:
+        raise QueryError(f"filter: {preds} operator tests exceed the limit of {MAX_PREDICATES} (MAX_PREDICATES); "
+                         "use $in for lists of values, or split the query")
+    if cost > MAX_EXPRESSION:
+        raise QueryError(f"filter: too large an expression (about {cost} nested terms, the limit is "
+                         f"{MAX_EXPRESSION}: MAX_EXPRESSION); use $in instead of long $or lists, or split the query")
+    return node
+
+
+def _ops_size(ops: list[tuple[str, Any]]) -> tuple[int, int, int]:
+    terms, preds, deepest = 0, 0, 0
+    for op, arg in ops:
+        if op in ("$in", "$nin", "$all"):
+            terms += 1 + len(arg)
+            preds += len(arg) if op == "$all" else 1
+            deepest = max(deepest, 1 + (len(arg) if op == "$all" else 0))
+        elif op == "$not" or op == "$elemMatch":
+            inner = arg if op == "$not" else arg.ops
+            t, p, c = _ops_size(inner) if inner is not None else _size(arg.filter)
+            terms, preds, deepest = terms + t, preds + p, max(deepest, 2 + c)
+        else:
+            terms, preds = terms + 1, preds + 1
+    return terms, preds, len(ops) + deepest
+
+
+def _size(node: Logical) -> tuple[int, int, int]:
+    """``(terms, predicates, estimated SQL expression depth)`` of a parsed filter: terms are operators and listed
+    values, predicates the operator tests (each a SQL expression of its own), chains count their length."""
+    terms, preds, deepest = 0, 0, 0
+    for child in node.children:
+        t, p, c = _ops_size(child.ops) if isinstance(child, Field) else _size(child)
+        terms, preds, deepest = terms + t, preds + p, max(deepest, c)
+    return terms, preds, len(node.children) + deepest
 
 
 def validate_filter(f: dict | None) -> None:
@@ -320,6 +380,8 @@ def validate_sort(sort: Any) -> list[tuple[str, int]]:
         sort = []
     if isinstance(sort, (str, bytes, dict)) or not isinstance(sort, (list, tuple)):
         raise QueryError(f"sort must be a list of (field, 1 or -1) pairs, not {sort!r}")
+    if len(sort) > MAX_SORT_KEYS:
+        raise QueryError(f"sort has {len(sort)} keys; the limit is {MAX_SORT_KEYS} (MAX_SORT_KEYS)")
     out: list[tuple[str, int]] = []
     seen = set()
     for item in sort:

@@ -33,6 +33,7 @@ class _Missing:
 
 MISSING: Any = _Missing()
 PATH_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*(\.[A-Za-z0-9_\-]+)*\Z")  # \Z, not $: no final newline
+MAX_PATH_LENGTH = 1_000  # characters of a field path (each component becomes SQL text)
 _INDEX_RE = re.compile(r"^(0|[1-9][0-9]{0,8})\Z")
 
 
@@ -43,6 +44,9 @@ def _split(path: str) -> tuple[str, ...] | None:
 
 def split_path(path: Any, what: str = "field") -> tuple[str, ...]:
     """The components of a valid field path; QueryError naming the path otherwise."""
+    if isinstance(path, str) and len(path) > MAX_PATH_LENGTH:
+        raise QueryError(f"{what} path of {len(path)} characters exceeds the limit of {MAX_PATH_LENGTH} "
+                         "(MAX_PATH_LENGTH)")
     comps = _split(path) if isinstance(path, str) else None
     if comps is None:
         raise QueryError(f"invalid {what} path {path!r}: use letters, digits, '_' and '-' joined by dots")

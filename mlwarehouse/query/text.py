@@ -22,6 +22,8 @@ def parse_filter_text(text: str | None, label: str = "the query") -> dict | None
         value = json.loads(text)
     except json.JSONDecodeError as exc:
         raise QueryError(f"{label} is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
+    except RecursionError:
+        raise QueryError(f"{label} is nested too deeply") from None
     if not isinstance(value, dict):
         raise QueryError(f"{label} must be a JSON object such as {{\"status\": \"complete\"}}, "
                          f"not {type(value).__name__}")

@@ -14,6 +14,7 @@ from typing import Any
 from mlwarehouse.errors import QueryError
 from mlwarehouse.query.documents import check_value
 from mlwarehouse.query.jsonvalues import is_index, sort_value, split_path, type_rank, values_equal
+from mlwarehouse.query.limits import MAX_PATHS
 
 __all__ = ["UPDATE_OPERATORS", "validate_update", "apply_update"]
 
@@ -30,8 +31,16 @@ def _each(op: str, path: str, arg: Any) -> list:
     else:
         values = [arg]
     for i, v in enumerate(values):
-        check_value(v, f"{path}.{i}")
+        _check(v, f"{path}.{i}")
     return values
+
+
+def _check(value: Any, path: str) -> None:
+    """:func:`check_value` as a QueryError for values nested too deeply to check (or referring to themselves)."""
+    try:
+        check_value(value, path)
+    except RecursionError:
+        raise QueryError(f"update of {path!r}: the value is nested too deeply (or refers to itself)") from None
 
 
 def validate_update(update: Any) -> list[tuple[str, str, tuple[str, ...], Any]]:
@@ -56,10 +65,12 @@ def validate_update(update: Any) -> list[tuple[str, str, tuple[str, ...], Any]]:
                     raise QueryError(f"$inc on {path!r} takes a number, not {arg!r}")
                 check_value(arg, path)
             elif op in ("$set", "$min", "$max"):
-                check_value(arg, path)
+                _check(arg, path)
             elif op in ("$push", "$addToSet"):
                 arg = _each(op, path, arg)
             out.append((op, path, comps, arg))
+            if len(out) > MAX_PATHS:
+                raise QueryError(f"the update names more than {MAX_PATHS} paths (MAX_PATHS)")
     paths = sorted((p for _, p, _, _ in out), key=lambda p: p.split("."))  # "a-x" must not part "a", "a.b"
     for a, b in zip(paths, paths[1:]):
         if a == b or b.startswith(a + "."):

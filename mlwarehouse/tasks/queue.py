@@ -185,7 +185,7 @@ class Tasks:
         try:
             while True:
                 if ids is not None:
-                    docs = self.project.find(COLLECTION, {"_id": {"$in": ids}}, projection={"status": 1})
+                    docs = self._by_ids(ids, projection={"status": 1})
                     missing = set(ids) - {d["_id"] for d in docs}
                     if missing:
                         raise NotFound(f"no task {sorted(missing)[0]!r} in project {self.project.name!r}")
@@ -203,7 +203,7 @@ class Tasks:
             if bar is not None:
                 bar.close()
         if ids is not None:
-            by_id = {d["_id"]: d for d in self.project.find(COLLECTION, {"_id": {"$in": ids}})}
+            by_id = {d["_id"]: d for d in self._by_ids(ids)}
             records = [Task(by_id[i], self) for i in ids]
         else:
             records = self.find(where=flt)
@@ -365,6 +365,12 @@ class Tasks:
             return {"_id": where.id}
         ids = [w.id if isinstance(w, Task) else w for w in where]
         return {"_id": {"$in": ids}}
+
+    def _by_ids(self, ids: list[str], projection: dict | None = None) -> list[dict]:
+        """The tasks with these ids, read in chunks (a sweep's ids can outnumber one query's terms)."""
+        return [doc for start in range(0, len(ids), 1000)
+                for doc in self.project.find(COLLECTION, {"_id": {"$in": ids[start:start + 1000]}},
+                                             projection=projection)]
 
     @staticmethod
     def _filter(where: Mapping | None, task_name: str | None, status: str | Iterable[str] | None) -> dict:

@@ -156,7 +156,7 @@ class WarehouseTests:
                 run.log("train", step=step, loss=1 / (step + 1))
         wh.tasks.create("t", "builtins:dict")
         project = wh.default_project
-        client = TestClient(create_app(wh))
+        client = TestClient(create_app(wh), base_url="http://localhost")
         for page in ("runs", "models", "tasks", "datasets"):
             response = client.get(f"/p/{project}/{page}")
             assert response.status_code == 200, (page, response.text[:300])

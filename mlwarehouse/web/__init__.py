@@ -8,25 +8,32 @@ from __future__ import annotations
 __all__ = ["create_app", "serve"]
 
 
-def create_app(warehouse, *, writable: bool = False):
-    """The ASGI app of the UI for ``warehouse`` (see :mod:`mlwarehouse.web.app`)."""
+def create_app(warehouse, *, writable: bool = False, allowed_hosts=None):
+    """The ASGI app of the UI for ``warehouse`` (see :mod:`mlwarehouse.web.app`); ``allowed_hosts`` are the
+    ``Host`` names it answers (default: loopback names; see :mod:`mlwarehouse.web.guard`)."""
     try:
         from mlwarehouse.web.app import create_app as _create_app
     except ImportError as exc:
         from mlwarehouse.errors import ConfigError
         raise ConfigError(f"the web UI needs its extra ({exc.name} is missing): pip install 'mlwarehouse[ui]'") from exc
-    return _create_app(warehouse, writable=writable)
+    return _create_app(warehouse, writable=writable, allowed_hosts=allowed_hosts)
 
 
-def serve(warehouse, host: str = "127.0.0.1", port: int = 8765, writable: bool = False) -> None:
+def serve(warehouse, host: str = "127.0.0.1", port: int = 8765, writable: bool = False,
+          allowed_hosts=None) -> None:
     """Serve the UI until interrupted. Only bind to another host than 127.0.0.1 on a network you trust:
-    the UI has no authentication."""
+    the UI has no authentication. ``allowed_hosts`` (``mlw ui --allow-host``): ``Host`` names served besides
+    the loopback names and the bound address."""
     try:
         import uvicorn
     except ImportError as exc:
         from mlwarehouse.errors import ConfigError
         raise ConfigError("the web UI needs its extra: pip install 'mlwarehouse[ui]'") from exc
-    app = create_app(warehouse, writable=writable)
+    from mlwarehouse.web.guard import LOOPBACK
+    names = [*LOOPBACK, *(allowed_hosts or ())]
+    if host not in ("0.0.0.0", "::", ""):
+        names.append(f"[{host}]" if ":" in host else host)
+    app = create_app(warehouse, writable=writable, allowed_hosts=names)
     print(f"mlwarehouse UI on http://{host}:{port}/ ({'writable' if writable else 'read-only'}); Ctrl-C stops it",
           flush=True)
     uvicorn.run(app, host=host, port=port, log_level="warning")

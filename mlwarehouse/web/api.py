@@ -28,7 +28,7 @@ def projects(request: Request) -> dict:
     return {"projects": request.app.state.warehouse.projects()}
 
 
-@router.get("/p/{project}/runs")
+@router.get("/p/{project:path}/runs")
 def runs(request: Request, project: str, q: str | None = None, sort: str | None = None,
          limit: int = Query(1000, ge=1, le=10_000), skip: int = Query(0, ge=0)) -> dict:
     p = _project(request, project)
@@ -38,7 +38,7 @@ def runs(request: Request, project: str, q: str | None = None, sort: str | None 
     return table
 
 
-@router.get("/p/{project}/runs/metric")
+@router.get("/p/{project:path}/runs/metric")
 def run_metric(request: Request, project: str, ids: str, metric: str, kind: str = "train",
                points: int = 1000) -> dict:
     """Curves of one metric for the runs in ``ids`` (comma-separated), downsampled on the server."""
@@ -47,7 +47,7 @@ def run_metric(request: Request, project: str, ids: str, metric: str, kind: str 
                               cache=request.app.state.histories)
 
 
-@router.get("/p/{project}/models")
+@router.get("/p/{project:path}/models")
 def models(request: Request, project: str, q: str | None = None, sort: str | None = None,
            limit: int = Query(500, ge=1, le=10_000), skip: int = Query(0, ge=0), checkpoints: bool = False) -> dict:
     """The leaderboard (final models ranked by a metric; ``checkpoints=true`` includes checkpoints)."""
@@ -56,14 +56,14 @@ def models(request: Request, project: str, q: str | None = None, sort: str | Non
                             checkpoints=checkpoints)
 
 
-@router.get("/p/{project}/tasks")
+@router.get("/p/{project:path}/tasks")
 def tasks(request: Request, project: str, q: str | None = None, sort: str | None = None,
           limit: int = Query(500, ge=1, le=10_000)) -> dict:
     p = _project(request, project)
     return data.tasks_board(p, data.parse_filter_text(q), data.parse_sort(sort), limit)
 
 
-@router.post("/p/{project}/tasks/{task_id}/{action}")
+@router.post("/p/{project:path}/tasks/{task_id}/{action}")
 def change_task(request: Request, project: str, task_id: str, action: str,
                 x_mlw: str | None = Header(None)) -> JSONResponse:
     if not request.app.state.writable:
@@ -79,7 +79,7 @@ def change_task(request: Request, project: str, task_id: str, action: str,
     return JSONResponse({"changed": changed})
 
 
-@router.get("/p/{project}/datasets/{dataset_id}/preview.png")
+@router.get("/p/{project:path}/datasets/{dataset_id}/preview.png")
 def preview_png(request: Request, project: str, dataset_id: str, leaf: int = Query(0, ge=0),
                 index: int = Query(0, ge=0, le=15)) -> Response:
     """Item ``index`` (of the first 16) of array ``leaf`` of a dataset, as a PNG."""

@@ -11,6 +11,7 @@ warehouse errors a 500 page with their message. Under ``/api`` the same errors a
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ from mlwarehouse.query.jsonvalues import PATH_RE
 from mlwarehouse.web import data
 from mlwarehouse.web.api import router
 from mlwarehouse.web.arrays import describe, image_view, leaves, png_data_uri, preview_images
+from mlwarehouse.web.guard import HostGuard
 
 __all__ = ["create_app"]
 
@@ -36,8 +38,11 @@ HERE = Path(__file__).parent
 log = logging.getLogger("mlwarehouse.web")
 
 
-def create_app(warehouse, *, writable: bool = False) -> FastAPI:
-    """The UI of ``warehouse`` as an ASGI app (serve it with uvicorn, or test it with a TestClient)."""
+def create_app(warehouse, *, writable: bool = False, allowed_hosts: Iterable[str] | None = None) -> FastAPI:
+    """The UI of ``warehouse`` as an ASGI app (serve it with uvicorn, or test it with a TestClient).
+
+    ``allowed_hosts``: the ``Host`` names served (default: loopback names only; ``"*"`` for any), see
+    :mod:`mlwarehouse.web.guard`."""
     app = FastAPI(title="mlwarehouse", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.warehouse = warehouse
     app.state.writable = writable
@@ -49,6 +54,7 @@ def create_app(warehouse, *, writable: bool = False) -> FastAPI:
     app.state.templates = templates
     app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
     app.add_middleware(GZipMiddleware, minimum_size=2048)
+    app.add_middleware(HostGuard, allowed_hosts=allowed_hosts)  # added last: runs first
     app.include_router(router)
     _error_handlers(app)
 
@@ -67,12 +73,7 @@ def create_app(warehouse, *, writable: bool = False) -> FastAPI:
     def projects(request: Request):
         return page(request, "projects.html", projects=warehouse.projects())
 
-    @app.get("/p/{project}")
-    def project_home(project: str):
-        warehouse.project(project)
-        return RedirectResponse(f"/p/{_urlpart(project)}/runs")
-
-    @app.get("/p/{project}/runs", response_class=HTMLResponse)
+    @app.get("/p/{project:path}/runs", response_class=HTMLResponse)
     def runs(request: Request, project: str, q: str = "", sort: str = "", limit: int = Query(1000, ge=1, le=10_000),
              skip: int = Query(0, ge=0)):
         def fetch(p, flt):
@@ -80,7 +81,7 @@ def create_app(warehouse, *, writable: bool = False) -> FastAPI:
         return listing(request, project, "runs", fetch, q, {"rows": [], "params": [], "metrics": [], "total": 0},
                        sort=sort)
 
-    @app.get("/p/{project}/runs/{run_id}", response_class=HTMLResponse)
+    @app.get("/p/{project:path}/runs/{run_id}", response_class=HTMLResponse)
     def run(request: Request, project: str, run_id: str):
         p = warehouse.project(project)
         doc = _one(p, data.RUNS, run_id, "run")
@@ -88,7 +89,7 @@ def create_app(warehouse, *, writable: bool = False) -> FastAPI:
         return page(request, "run.html", project=project, tab="runs", run=doc, row=table["rows"][0],
                     metrics=table["metrics"])
 
-    @app.get("/p/{project}/models", response_class=HTMLResponse)
+    @app.get("/p/{project:path}/models", response_class=HTMLResponse)
     def models(request: Request, project: str, q: str = "", sort: str = "", limit: int = Query(500, ge=1, le=10_000),
                skip: int = Query(0, ge=0), checkpoints: bool = False):
         """The leaderboard: final models ranked by a metric; ``checkpoints=1`` shows checkpoints too."""
@@ -99,7 +100,7 @@ def create_app(warehouse, *, writable: bool = False) -> FastAPI:
                        {"rows": [], "metrics": [], "total": 0, "hidden_checkpoints": 0}, sort=sort,
                        checkpoints=checkpoints)
 
-    @app.get("/p/{project}/models/{model_id}", response_class=HTMLResponse)
+    @app.get("/p/{project:path}/models/{model_id}", response_class=HTMLResponse)
     def model(request: Request, project: str, model_id: str):
         p = warehouse.project(project)
         doc = _one(p, data.MODELS, model_id, "model", projection={"_blobs": 0, "project": 0})
@@ -112,12 +113,12 @@ def create_app(warehouse, *, writable: bool = False) -> FastAPI:
                     tensors=[(".".join(map(str, w[0])) if isinstance(w[0], list) else str(w[0]), w[1])
                              for w in weights])
 
-    @app.get("/p/{project}/tasks", response_class=HTMLResponse)
+    @app.get("/p/{project:path}/tasks", response_class=HTMLResponse)
     def tasks(request: Request, project: str, q: str = "", limit: int = Query(500, ge=1, le=10_000)):
         return listing(request, project, "tasks", lambda p, flt: data.tasks_board(p, flt, None, limit), q,
                        {"rows": [], "counts": {}})
 
-    @app.get("/p/{project}/tasks/{task_id}", response_class=HTMLResponse)
+    @app.get("/p/{project:path}/tasks/{task_id}", response_class=HTMLResponse)
     def task(request: Request, project: str, task_id: str):
         p = warehouse.project(project)
         doc = _one(p, data.TASKS, task_id, "task", projection={"_blobs": 0, "project": 0})
@@ -129,12 +130,12 @@ def create_app(warehouse, *, writable: bool = False) -> FastAPI:
                 output = f"(the stored output cannot be read: {type(exc).__name__}: {exc})"
         return page(request, "task.html", project=project, tab="tasks", task=doc, output=output)
 
-    @app.get("/p/{project}/datasets", response_class=HTMLResponse)
+    @app.get("/p/{project:path}/datasets", response_class=HTMLResponse)
     def datasets(request: Request, project: str, q: str = "", limit: int = Query(500, ge=1, le=10_000)):
         return listing(request, project, "datasets", lambda p, flt: {"rows": data.datasets_list(p, flt, limit)}, q,
                        {"rows": []})
 
-    @app.get("/p/{project}/datasets/{dataset_id}", response_class=HTMLResponse)
+    @app.get("/p/{project:path}/datasets/{dataset_id}", response_class=HTMLResponse)
     def dataset(request: Request, project: str, dataset_id: str):
         p = warehouse.project(project)
         doc = _one(p, data.DATASETS, dataset_id, "dataset", projection={"_blobs": 0, "project": 0})
@@ -154,6 +155,13 @@ def create_app(warehouse, *, writable: bool = False) -> FastAPI:
         fields = {k: v for k, v in doc.items() if k not in ("value", "_id")}
         return page(request, "dataset.html", project=project, tab="datasets", dataset=doc, fields=fields,
                     leaves=found, previews=previews, versions=versions)
+
+    # last: "{project:path}" would also match every page above (a project name may hold "/", which Starlette
+    # decodes from %2F before routing, so project routes take the rest of the path and end with the page name)
+    @app.get("/p/{project:path}")
+    def project_home(project: str):
+        warehouse.project(project)
+        return RedirectResponse(f"/p/{_urlpart(project)}/runs")
 
     return app
 
