@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import math
+import tracemalloc
 
 import numpy as np
 import pytest
+import zstandard
 
 pytest.importorskip("fastapi")
 pytest.importorskip("httpx")
@@ -415,3 +417,20 @@ def test_project_names_with_a_slash_are_reachable(tmp_path):
         assert chart.status_code == 200 and chart.json()["series"][0]["count"] == 1
         assert client.get("/p/team%2Fvision/tasks").status_code == 200
         assert client.get("/p/team%2Fnope/runs").status_code == 404
+
+
+def test_a_compressed_array_shows_its_shape_and_a_crafted_head_cannot_expand(wh):
+    from mlwarehouse.web.arrays import describe, leaves
+    record = wh.datasets.save(np.zeros((300, 400), np.float32), "z")  # zeros: stored compressed
+    (leaf,) = leaves(record.doc["value"])
+    assert leaf.ref.get("z") == "zstd"
+    assert describe(wh.blobs, leaf).shape == (300, 400)
+    bomb = zstandard.ZstdCompressor(level=19, write_content_size=False).compress(b"\0" * (64 << 20))
+    key = wh.blobs.put(bomb)  # a head that would expand to 64 MiB if decompressed whole
+    crafted = leaves({"_blob": key, "codec": "npy", "size": len(bomb), "z": "zstd", "raw": 64 << 20})[0]
+    tracemalloc.start()
+    try:
+        assert describe(wh.blobs, crafted).shape is None  # no npy header in it: shown without a shape
+        assert tracemalloc.get_traced_memory()[1] < 8 << 20
+    finally:
+        tracemalloc.stop()

@@ -88,7 +88,9 @@ def describe(blobs, leaf: Leaf) -> Leaf:
         try:
             head = blobs.get_range(ref["_blob"], 0, _HEADER_BYTES)
             if ref.get("z") == "zstd":
-                head = zstandard.ZstdDecompressor().decompressobj().decompress(head)
+                # at most _HEADER_BYTES out, whatever the frame claims: a crafted head cannot expand without bound
+                reader = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(head), read_across_frames=False)
+                head = reader.read(_HEADER_BYTES)
             stream = io.BytesIO(head)
             version = np.lib.format.read_magic(stream)
             read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
