@@ -3,7 +3,6 @@ are refused at validation with a QueryError naming the rule or limit, on every b
 
 from __future__ import annotations
 
-import os
 import secrets
 import time
 
@@ -13,18 +12,17 @@ from mlwarehouse.errors import QueryError
 from mlwarehouse.index.sqlite import SQLiteIndex
 from mlwarehouse.query import limits, matches, validate_sort, validate_update
 from mlwarehouse.query.documents import validate_projection
+from mlwarehouse.testing.mongo_server import fresh_uri, mongo_server  # noqa: F401  (session fixture)
+from mlwarehouse.testing.postgres_server import postgres_server  # noqa: F401  (session fixture)
 
 REDOS = [r"^((\w+)+)+!", r"(a+)+b", r"(a|a)*b", r"(a|aa)+$", r"(.*a){20}", r"^(\d+)*$", r"(x+x+)+y", r"(a)\1"]
 
 
-def _postgres():
+def _postgres(dsn: str):
     psycopg = pytest.importorskip("psycopg")
     from psycopg.conninfo import make_conninfo
 
     from mlwarehouse.index.postgres import PostgresIndex
-    dsn = os.environ.get("MLW_TEST_POSTGRES")
-    if not dsn:
-        pytest.skip("no PostgreSQL server (MLW_TEST_POSTGRES)")
     schema = "t_" + secrets.token_hex(6)
     with psycopg.connect(dsn, autocommit=True) as con:
         con.execute(f"CREATE SCHEMA {schema}")
@@ -37,13 +35,9 @@ def _postgres():
     return ix, drop
 
 
-def _mongo():
+def _mongo(uri: str):
     pytest.importorskip("pymongo")
-    uri = os.environ.get("MLW_TEST_MONGO_URI")
-    if not uri:
-        pytest.skip("no MongoDB server (MLW_TEST_MONGO_URI)")
     from mlwarehouse.index.mongo import MongoIndex
-    from mlwarehouse.testing.mongo_server import fresh_uri
     ix = MongoIndex(fresh_uri(uri))
     return ix, lambda: (ix.conn.db().client.drop_database(ix.database), ix.close())
 
@@ -52,8 +46,10 @@ def _mongo():
 def index(request, tmp_path):
     if request.param == "sqlite":
         ix, drop = SQLiteIndex(tmp_path / "i.db"), None
+    elif request.param == "postgresql":  # the session fixtures start the servers, or skip saying why
+        ix, drop = _postgres(request.getfixturevalue("postgres_server"))
     else:
-        ix, drop = (_postgres if request.param == "postgresql" else _mongo)()
+        ix, drop = _mongo(request.getfixturevalue("mongo_server"))
     ix.insert_many("c", [{"_id": f"id{i:05d}", "name": "a" * 40 + "!" * (i % 2), "tags": ["x", "y"], "n": i}
                          for i in range(300)])
     ix.insert_many("c", [{"_id": "long", "name": "a" * 5000}])
