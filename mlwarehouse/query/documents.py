@@ -197,7 +197,7 @@ def projector(projection: Any) -> Callable[[dict], dict]:
     dropped = [path.split(".") for path, keep in spec.items() if not keep]
 
     def excluding(doc: dict) -> dict:
-        out = _deepcopy(doc)
+        out = copy_json(doc)
         for comps in dropped:
             _exclude(out, comps)
         return out
@@ -209,9 +209,10 @@ def project(doc: dict, projection: Any) -> dict:
     return projector(projection)(doc)
 
 
-def _deepcopy(value: Any) -> Any:
+def copy_json(value: Any) -> Any:
+    """A deep copy of a JSON value (dicts and lists copied, scalars shared: they are immutable)."""
     if isinstance(value, dict):
-        return {k: _deepcopy(v) for k, v in value.items()}
+        return {k: copy_json(v) for k, v in value.items()}
     if isinstance(value, list):
-        return [_deepcopy(v) for v in value]
+        return [copy_json(v) for v in value]
     return value

@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from mlwarehouse.errors import QueryError
-from mlwarehouse.query.documents import check_value
+from mlwarehouse.query.documents import check_value, copy_json
 from mlwarehouse.query.jsonvalues import is_index, sort_value, split_path, type_rank, values_equal
 from mlwarehouse.query.limits import MAX_PATHS
 
@@ -78,13 +78,6 @@ def validate_update(update: Any) -> list[tuple[str, str, tuple[str, ...], Any]]:
     return out
 
 
-def _copy(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _copy(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_copy(v) for v in value]
-    return value
-
 
 def _slot(container: Any, comp: str, path: str, create: bool) -> tuple[Any, Any] | None:
     """``(container, key)`` addressing ``comp`` inside ``container``, or None when it cannot exist."""
@@ -124,7 +117,7 @@ def _has(container: Any, key: Any) -> bool:
 def apply_update(doc: dict, update: Any) -> dict:
     """Return a new document: ``doc`` with ``update`` applied (the input is not modified)."""
     ops = update if isinstance(update, list) else validate_update(update)
-    new = _copy(doc)
+    new = copy_json(doc)
     for op, path, comps, arg in ops:
         if op == "$unset":
             slot = _locate(new, comps, path, False)
@@ -139,7 +132,7 @@ def apply_update(doc: dict, update: Any) -> dict:
         present = _has(container, key)
         current = container[key] if present else None
         if op == "$set":
-            container[key] = _copy(arg)
+            container[key] = copy_json(arg)
         elif op == "$inc":
             if not present:
                 container[key] = arg
@@ -149,11 +142,11 @@ def apply_update(doc: dict, update: Any) -> dict:
                 container[key] = current + arg
         elif op in ("$min", "$max"):
             if not present:
-                container[key] = _copy(arg)
+                container[key] = copy_json(arg)
             else:
                 new_v, old_v = sort_value(arg), sort_value(current)
                 if (new_v < old_v) if op == "$min" else (new_v > old_v):
-                    container[key] = _copy(arg)
+                    container[key] = copy_json(arg)
         else:  # $push / $addToSet
             if not present:
                 current = container[key] = []
@@ -161,5 +154,5 @@ def apply_update(doc: dict, update: Any) -> dict:
                 raise QueryError(f"{op} on {path!r}: the field holds {current!r}, not an array")
             for v in arg:
                 if op == "$push" or not any(values_equal(v, old) for old in current):
-                    current.append(_copy(v))
+                    current.append(copy_json(v))
     return new
