@@ -78,7 +78,6 @@ def validate_update(update: Any) -> list[tuple[str, str, tuple[str, ...], Any]]:
     return out
 
 
-
 def _slot(container: Any, comp: str, path: str, create: bool) -> tuple[Any, Any] | None:
     """``(container, key)`` addressing ``comp`` inside ``container``, or None when it cannot exist."""
     if isinstance(container, dict):
