@@ -3,8 +3,8 @@ are refused at validation with a QueryError naming the rule or limit, on every b
 
 from __future__ import annotations
 
-import secrets
 import time
+from contextlib import ExitStack
 
 import pytest
 
@@ -14,25 +14,18 @@ from mlwarehouse.query import limits, matches, validate_sort, validate_update
 from mlwarehouse.query.documents import validate_projection
 from mlwarehouse.testing.mongo_server import fresh_uri, mongo_server  # noqa: F401  (session fixture)
 from mlwarehouse.testing.postgres_server import postgres_server  # noqa: F401  (session fixture)
+from mlwarehouse.testing.views_conformance import postgres_schema
 
 REDOS = [r"^((\w+)+)+!", r"(a+)+b", r"(a|a)*b", r"(a|aa)+$", r"(.*a){20}", r"^(\d+)*$", r"(x+x+)+y", r"(a)\1"]
 
 
 def _postgres(dsn: str):
-    psycopg = pytest.importorskip("psycopg")
-    from psycopg.conninfo import make_conninfo
-
+    pytest.importorskip("psycopg")
     from mlwarehouse.index.postgres import PostgresIndex
-    schema = "t_" + secrets.token_hex(6)
-    with psycopg.connect(dsn, autocommit=True) as con:
-        con.execute(f"CREATE SCHEMA {schema}")
-    ix = PostgresIndex(make_conninfo(dsn, options=f"-csearch_path={schema}"))
-
-    def drop():
-        ix.close()
-        with psycopg.connect(dsn, autocommit=True) as con:
-            con.execute(f"DROP SCHEMA {schema} CASCADE")
-    return ix, drop
+    stack = ExitStack()  # unwound last in, first out: the index closes, then its fresh schema is dropped
+    ix = PostgresIndex(stack.enter_context(postgres_schema(dsn)))
+    stack.callback(ix.close)
+    return ix, stack.close
 
 
 def _mongo(uri: str):
