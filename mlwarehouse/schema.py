@@ -15,7 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 __all__ = ["Collection", "IndexSpec", "META", "DATASETS", "ITEMS", "ITEM_SHARDS", "MODELS", "RUNS", "LOGS", "TASKS",
-           "COLLECTIONS", "LOG_FIELDS", "BOOKKEEPING_FIELDS", "SUMMARY_FIELD"]
+           "CATALOG", "DATATYPES", "LISTENERS", "LISTENER_TASK", "TABLE_PREFIX", "COLLECTIONS", "LOG_FIELDS",
+           "BOOKKEEPING_FIELDS", "SUMMARY_FIELD"]
 
 
 @dataclass(frozen=True)
@@ -83,9 +84,25 @@ TASKS = Collection(
      _ix(("project", 1), ("status", 1), ("lease_until", 1))),
     blobs=True)
 
+#: users' own collections (one document per collection of a project: its table, fold fraction, converters); each
+#: collection's documents live in a table of their own (see :mod:`mlwarehouse.tables`), so they keep every field
+CATALOG = Collection("collections", ("project", "name", "table"), (_ix(("project", 1), ("name", 1), unique=True),))
+
+#: users' data types (encoder and decoder by import path), one per name and project
+DATATYPES = Collection("datatypes", ("project", "name"), (_ix(("project", 1), ("name", 1), unique=True),))
+
+#: models attached to collections (see :mod:`mlwarehouse.collections.listeners`)
+LISTENERS = Collection("listeners", ("project", "collection", "name", "status"),
+                       (_ix(("project", 1), ("collection", 1), ("name", 1), unique=True),))
+
 #: every collection above, by name
 COLLECTIONS: dict[str, Collection] = {c.name: c for c in (META, DATASETS, ITEMS, ITEM_SHARDS, MODELS, RUNS, LOGS,
-                                                          TASKS)}
+                                                          TASKS, CATALOG, DATATYPES, LISTENERS)}
+
+#: the task name of listener work (batches of documents whose outputs a worker computes)
+LISTENER_TASK = "mlw.listener"
+#: the prefix of the tables that hold users' collections
+TABLE_PREFIX = "docs_"
 
 #: fields every stamped document carries (see :meth:`mlwarehouse.warehouse.Project.stamp`)
 BOOKKEEPING_FIELDS = ("_id", "project", "time", "_blobs")

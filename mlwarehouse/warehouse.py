@@ -358,6 +358,20 @@ class Project:
         from mlwarehouse.tasks.queue import Tasks
         return Tasks(self)
 
+    @cached_property
+    def catalog(self):
+        from mlwarehouse.collections.catalog import Catalog
+        return Catalog(self)
+
+    def collection(self, name: str):
+        """The collection of users' documents called ``name`` (created on first write; pymongo's methods)."""
+        return self.catalog.collection(name)
+
+    def table(self, name: str):
+        """A table that holds only this project's documents (see :mod:`mlwarehouse.tables`)."""
+        from mlwarehouse.tables import Table
+        return Table(self, name)
+
     # -- schema --------------------------------------------------------------------------------------------
     def ensure(self, collection: schema.Collection) -> None:
         """Create a declared collection with its scalar fields and indexes (once per warehouse object)."""
@@ -368,21 +382,23 @@ class Project:
         self.warehouse.create_index(str(collection), keys)
 
     # -- values --------------------------------------------------------------------------------------------
-    def pack(self, value: Any, *, allow_pickle: bool = False) -> Any:
+    def pack(self, value: Any, *, allow_pickle: bool = False, **options: Any) -> Any:
         """Store the blobs a value needs and return its JSON tree (blob references at the leaves), under this
-        thread's write lease until a document holding the tree is inserted or updated (see the module notes)."""
+        thread's write lease until a document holding the tree is inserted or updated (see the module notes).
+        ``options`` go to :func:`mlwarehouse.codecs.values.pack` (inline limits, a data-type encoder)."""
         self.warehouse._lease_begin()
         tree = None
         try:
-            tree = values.pack(value, self.blobs.put, allow_pickle=allow_pickle)
+            tree = values.pack(value, self.blobs.put, allow_pickle=allow_pickle, **options)
         finally:
             self.warehouse._lease_end(packed=values.blob_keys(tree))
         return tree
 
-    def unpack(self, tree: Any, *, allow_pickle: bool = False, writable: bool = False) -> Any:
+    def unpack(self, tree: Any, *, allow_pickle: bool = False, writable: bool = False, decode=None) -> Any:
         """Rebuild a value from its JSON tree, reading (and verifying) its blobs. Arrays are read-only views of
-        the bytes read unless ``writable`` (then each owns writable memory, e.g. for ``torch.from_numpy``)."""
-        return values.unpack(tree, self.blobs.get, allow_pickle=allow_pickle, writable=writable)
+        the bytes read unless ``writable`` (then each owns writable memory, e.g. for ``torch.from_numpy``);
+        ``decode`` replaces the codec registry's decoder (a collection's data types)."""
+        return values.unpack(tree, self.blobs.get, allow_pickle=allow_pickle, writable=writable, decode=decode)
 
     # -- documents -----------------------------------------------------------------------------------------
     def scope(self, filter: Filter | None) -> Filter:

@@ -20,6 +20,7 @@ import pytest
 torch = pytest.importorskip("torch")
 from torch import nn  # noqa: E402
 
+from mlwarehouse.codecs import imports  # noqa: E402
 from mlwarehouse.errors import CodecError, PickleNotAllowed  # noqa: E402
 from mlwarehouse.models import torch_io  # noqa: E402
 
@@ -173,7 +174,7 @@ def test_a_class_from_a_module_not_trusted_is_refused_before_import(tmp_path, mo
     marker = tmp_path / "imported"
     name = _module_file(tmp_path / "mods", marker)
     monkeypatch.syspath_prepend(str(tmp_path / "mods"))
-    monkeypatch.setattr(torch_io, "_trusted", set())
+    monkeypatch.setattr(imports, "_trusted", set())
     monkeypatch.setenv(torch_io.TRUSTED_MODULES_ENV, f"{name}x, other.{name}")  # neither covers the module
     arch = torch_io.Architecture("class", target=f"{name}:Net", config={"width": 4})
     with pytest.raises(PickleNotAllowed, match="not trusted"):
@@ -192,11 +193,11 @@ def test_a_class_from_a_module_not_trusted_is_refused_before_import(tmp_path, mo
 
 
 def test_trust_modules_covers_submodules_and_checks_names(monkeypatch):
-    monkeypatch.setattr(torch_io, "_trusted", set())
+    monkeypatch.setattr(imports, "_trusted", set())
     monkeypatch.delenv(torch_io.TRUSTED_MODULES_ENV, raising=False)
     torch_io.trust_modules("mypkg.nets")
-    assert torch_io._is_trusted("mypkg.nets") and torch_io._is_trusted("mypkg.nets.conv")
-    assert not torch_io._is_trusted("mypkg") and not torch_io._is_trusted("mypkg.netsx")
+    assert imports.is_trusted("mypkg.nets") and imports.is_trusted("mypkg.nets.conv")
+    assert not imports.is_trusted("mypkg") and not imports.is_trusted("mypkg.netsx")
     with pytest.raises(CodecError, match="not a module name"):
         torch_io.trust_modules("../evil")
 

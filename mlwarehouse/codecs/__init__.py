@@ -20,3 +20,4 @@ from mlwarehouse.codecs.registry import (
 
 __all__ = ["Codec", "register_codec", "unregister_codec", "get_codec", "codec_names", "encode_leaf", "decode_leaf",
            "compress", "decompress", "decompress_into"]
+from mlwarehouse.codecs import datatypes  # noqa: E402,F401  (registers the image and audio codecs)

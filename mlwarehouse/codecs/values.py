@@ -9,6 +9,12 @@ finite floats stay inline. Markers keep the rest exact:
 - ``{"_blob": key, "codec": ..., "size": n, ...meta}``   a leaf stored as a blob by a codec
   (:mod:`mlwarehouse.codecs`): arrays, tensors, bytes, user types, and JSON subtrees (or strings, or integers
   beyond 64 bits) whose dump exceeds ``inline_limit``; such a JSON blob holds an already packed subtree
+- ``{"_bin": base64, "codec": ..., ...meta}``   a codec's payload of at most ``inline_bytes`` kept in the
+  document itself (off by default; user collections keep small tensors and embeddings inline this way)
+
+``encode(value)`` may encode a leaf before the registry is asked (``(payload, meta)`` with ``meta["codec"]``, or
+None to pass), and ``decode(payload, meta)`` replaces :func:`~mlwarehouse.codecs.decode_leaf` when reading: the
+hooks through which a collection's own data types are written and read.
 
 numpy bool/integer/float scalars become Python scalars (so the index can compare them); other numpy scalars are
 leaves. Subclasses of dict, list and tuple (OrderedDict, namedtuple) are stored as their base type. Anything else
@@ -18,6 +24,8 @@ path inside the value.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import math
 from collections.abc import Callable
@@ -30,7 +38,7 @@ from mlwarehouse.errors import CodecError, IntegrityError, PickleNotAllowed
 
 __all__ = ["pack", "unpack", "blob_keys", "MARKERS"]
 
-MARKERS = frozenset({"_blob", "_tuple", "_dict", "_float"})
+MARKERS = frozenset({"_blob", "_bin", "_tuple", "_dict", "_float"})
 _INT_MIN, _INT_MAX = -(1 << 63), (1 << 63) - 1
 _NUMBERS = frozenset({int, float, bool})
 _KEY_TYPES = (str, int, float, bool, type(None), np.bool_, np.integer, np.floating)
@@ -49,22 +57,28 @@ def _dumps(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
 
+Encoder = Callable[[Any], "tuple[Any, dict] | None"]
+Decoder = Callable[[Any, dict], Any]
+
+
 def pack(value: Any, put: Callable[[Any], str], *, allow_pickle: bool = False, inline_limit: int = 16384,
-         compress_blobs: bool = True) -> Any:
+         compress_blobs: bool = True, inline_bytes: int = 0, encode: Encoder | None = None) -> Any:
     """Return a JSON tree for ``value``; every blob-worthy leaf is stored with ``put(bytes) -> key``.
 
-    ``put`` is called once per distinct leaf object (the same array twice in ``value`` is stored once).
+    ``put`` is called once per distinct leaf object (the same array twice in ``value`` is stored once); leaves
+    whose stored payload is at most ``inline_bytes`` stay in the tree as ``_bin`` markers instead.
     """
-    return _Packer(put, allow_pickle, inline_limit, compress_blobs).pack(value, "value")
+    return _Packer(put, allow_pickle, inline_limit, compress_blobs, inline_bytes, encode).pack(value, "value")
 
 
-def unpack(tree: Any, get: Callable[[str], bytes], *, allow_pickle: bool = False, writable: bool = False) -> Any:
+def unpack(tree: Any, get: Callable[[str], bytes], *, allow_pickle: bool = False, writable: bool = False,
+           decode: Decoder | None = None) -> Any:
     """Rebuild the value that :func:`pack` turned into ``tree``, reading blobs with ``get(key) -> bytes``.
 
     numpy arrays are zero-copy views over the blob bytes and read-only, unless ``writable=True``.
     """
     try:
-        return _Unpacker(get, allow_pickle, writable).unpack(tree)
+        return _Unpacker(get, allow_pickle, writable, decode).unpack(tree)
     except RecursionError:  # the caller's own stack was nearly full
         raise _too_deep() from None
 
@@ -87,11 +101,14 @@ def blob_keys(tree: Any) -> set[str]:
 
 
 class _Packer:
-    def __init__(self, put: Callable[[Any], str], allow_pickle: bool, inline_limit: int, compress_blobs: bool):
+    def __init__(self, put: Callable[[Any], str], allow_pickle: bool, inline_limit: int, compress_blobs: bool,
+                 inline_bytes: int = 0, encode: Encoder | None = None):
         self.put = put
         self.allow_pickle = allow_pickle
         self.inline_limit = inline_limit
         self.compress = compress_blobs
+        self.inline_bytes = inline_bytes
+        self.encode = encode
         self.blobs = 0                     # blob references made so far
         self.depth = 0                     # containers open around the value being packed
         self.seen: dict[int, dict] = {}    # id(leaf) -> its reference
@@ -202,9 +219,19 @@ class _Packer:
         if ref is not None:
             return dict(ref)
         try:
-            data, meta = encode_leaf(v, allow_pickle=self.allow_pickle, compress_payload=self.compress)
+            out = None if self.encode is None else self.encode(v)
+            if out is None:
+                data, meta = encode_leaf(v, allow_pickle=self.allow_pickle, compress_payload=self.compress)
+            else:
+                data, meta = out
+                if self.compress:
+                    data, zmeta = compress(data)
+                    meta = {**meta, **zmeta}
         except CodecError as exc:
             raise type(exc)(f"{path}: {exc}") from exc
+        size = data.nbytes if isinstance(data, memoryview) else len(data)
+        if size <= self.inline_bytes:
+            return {"_bin": base64.b64encode(data).decode("ascii"), **meta}
         ref = self._store(data, meta)
         self.seen[id(v)] = ref
         self.alive.append(v)
@@ -222,10 +249,11 @@ class _Unpacker:
     nesting past :data:`MAX_DEPTH` is a CodecError (IntegrityError for bytes that disagree with their reference),
     never a raw Python error, and no claimed size is allocated before it is checked against the bytes."""
 
-    def __init__(self, get: Callable[[str], bytes], allow_pickle: bool, writable: bool):
+    def __init__(self, get: Callable[[str], bytes], allow_pickle: bool, writable: bool, decode: Decoder | None = None):
         self.get = get
         self.allow_pickle = allow_pickle
         self.writable = writable
+        self.decode = decode
         self.fetched: dict[str, Any] = {}  # uncompressed blobs read so far (their arrays are views of them anyway)
         self.opening: set[str] = set()  # JSON blobs being unpacked now: one that refers to itself is refused
         self.json_bytes = 0             # decoded JSON blob bytes so far, bounded by MAX_JSON_BYTES
@@ -241,6 +269,8 @@ class _Unpacker:
             return [x if type(x) not in _CONTAINERS else unpack(x, inner) for x in t]
         if "_blob" in t:
             return self._blob(t, depth)
+        if "_bin" in t:
+            return self._inline(t)
         if "_tuple" not in t and "_dict" not in t and "_float" not in t:
             return {k: v if type(v) not in _CONTAINERS else unpack(v, inner) for k, v in t.items()}
         if len(t) != 1:
@@ -298,7 +328,7 @@ class _Unpacker:
             self.json_bytes += decoded
             if self.json_bytes > MAX_JSON_BYTES:
                 raise CodecError(f"the JSON blobs of this value decode to more than {MAX_JSON_BYTES} bytes")
-        value = decode_leaf(data, meta, allow_pickle=self.allow_pickle, writable=self.writable)
+        value = self._decode(data, meta)
         if codec != "json":
             return value
         self.opening.add(key)
@@ -306,6 +336,30 @@ class _Unpacker:
             return self.unpack(value, depth + 1)
         finally:
             self.opening.discard(key)
+
+
+    def _inline(self, ref: dict) -> Any:
+        text = ref["_bin"]
+        if type(text) is not str:
+            raise CodecError(f"an inline leaf holds {_short(text)}, not base64 text")
+        try:
+            data = base64.b64decode(text, validate=True)
+        except (binascii.Error, ValueError):
+            raise CodecError("an inline leaf holds text that is not base64") from None
+        meta = {k: v for k, v in ref.items() if k != "_bin"}
+        if meta.get("codec") == "json":
+            raise CodecError("an inline leaf cannot hold JSON")
+        if meta.get("z"):
+            raw = meta.get("raw")
+            if type(raw) is not int or raw < 0 or raw > max(len(data), 1) * _ZSTD_MAX_RATIO:
+                raise CodecError(f"a compressed inline leaf of {len(data)} bytes claims an impossible raw size "
+                                 f"{_short(raw)}")
+        return self._decode(bytearray(data) if self.writable else data, meta)
+
+    def _decode(self, data: Any, meta: dict) -> Any:
+        if self.decode is not None:
+            return self.decode(data, meta)
+        return decode_leaf(data, meta, allow_pickle=self.allow_pickle, writable=self.writable)
 
 
 def _too_deep() -> CodecError:

@@ -36,12 +36,9 @@ stored bytes. TorchScript programs, like exported graphs, run only TorchScript o
 from __future__ import annotations
 
 import copy
-import importlib
 import inspect
 import io
 import json
-import os
-import re
 import warnings
 import weakref
 from collections.abc import Callable, Sequence
@@ -51,6 +48,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from mlwarehouse.codecs.imports import TRUSTED_MODULES_ENV, resolve, trust_modules, trusted_modules
 from mlwarehouse.errors import CodecError, PickleNotAllowed
 from mlwarehouse.models.pt2_check import check_pt2
 from mlwarehouse.query.fields import normalize_value
@@ -59,10 +57,6 @@ __all__ = ["FORMATS", "Architecture", "describe", "build", "check_pt2", "state_d
            "trusted_modules", "TRUSTED_MODULES_ENV"]
 
 FORMATS = ("export", "script", "class", "pickle")
-#: the environment variable listing modules (comma-separated) whose ``class`` models may be imported on load
-TRUSTED_MODULES_ENV = "MLW_TRUSTED_MODULES"
-_MODULE_NAME = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*", re.ASCII)
-_trusted: set[str] = set()  # trust_modules() and the modules of classes this process saved
 
 
 @dataclass
@@ -195,7 +189,7 @@ def _class(module: nn.Module, config: dict | None) -> Architecture:
         raise CodecError(f"{target} cannot be imported by another process")
     if _resolve_class(target, trusted=True) is not cls:
         raise CodecError(f"{target} does not import back to the same class")
-    _trusted.add(cls.__module__)  # the caller's own class: loading it back in this process imports nothing new
+    trust_modules(cls.__module__)  # the caller's own class: loading it back in this process imports nothing new
     if config is None:
         for attr in ("config", "hparams"):
             value = getattr(module, attr, None)
@@ -286,42 +280,6 @@ def _copy_into(module: torch.jit.ScriptModule, weights: dict[str, torch.Tensor])
             target.copy_(weights[key])
 
 
-def trust_modules(*names: str) -> None:
-    """Let ``class`` models from these modules (and their submodules) be imported on load in this process."""
-    for name in names:
-        if not isinstance(name, str) or not _MODULE_NAME.fullmatch(name):
-            raise CodecError(f"not a module name: {name!r}")
-    _trusted.update(names)
-
-
-def trusted_modules() -> frozenset[str]:
-    """The modules trusted now: :func:`trust_modules`, saved classes' modules and ``$MLW_TRUSTED_MODULES``."""
-    env = {n.strip() for n in os.environ.get(TRUSTED_MODULES_ENV, "").split(",")}
-    return frozenset(_trusted | {n for n in env if _MODULE_NAME.fullmatch(n)})
-
-
-def _is_trusted(module_name: str) -> bool:
-    parts = module_name.split(".")
-    allowed = trusted_modules()
-    return any(".".join(parts[:i]) in allowed for i in range(1, len(parts) + 1))
-
-
 def _resolve_class(target: str | None, *, trusted: bool = False) -> Any:
     """The object ``module:qualname`` names; PickleNotAllowed before importing a module that is not trusted."""
-    if not isinstance(target, str) or target.count(":") != 1:
-        return None
-    module_name, qualname = target.split(":")
-    if "__" in qualname or not _MODULE_NAME.fullmatch(module_name):
-        return None
-    if not (trusted or _is_trusted(module_name)):
-        raise PickleNotAllowed(f"the model class {target!r} is in a module that is not trusted: importing it would "
-                               f"run its code. Add {module_name!r} (or its package) to ${TRUSTED_MODULES_ENV} or "
-                               "mlwarehouse.models.torch_io.trust_modules(), or pass allow_pickle=True (trusted "
-                               "data only)")
-    try:
-        obj: Any = importlib.import_module(module_name)
-    except ImportError:
-        return None
-    for part in qualname.split("."):
-        obj = getattr(obj, part, None)
-    return obj
+    return resolve(target, "the model class", trusted=trusted)

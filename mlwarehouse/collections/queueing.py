@@ -1,0 +1,40 @@
+"""Queueing listener work: tasks (``schema.LISTENER_TASK``) naming a listener and a batch of document ids."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from mlwarehouse import schema
+from mlwarehouse.ids import new_id
+
+__all__ = ["enqueue", "enqueue_pending", "TASK"]
+
+TASK = schema.LISTENER_TASK
+#: how many pending documents one sweep looks at per listener
+SWEEP_LIMIT = 100_000
+
+
+def enqueue(collection, attached: Sequence, ids: list[str]) -> int:
+    """Queue the documents ``ids`` for every worker listener of ``attached``; returns tasks created."""
+    created = 0
+    for listener in attached:
+        if listener.compute != "workers" or not ids:
+            continue
+        size = listener.batch_size
+        configs = [{"collection": collection.name, "listener": listener.name, "ids": ids[i:i + size],
+                    "batch": new_id()} for i in range(0, len(ids), size)]
+        created += len(collection.project.tasks.sweep(TASK, configs=configs, max_attempts=3, priority=1))
+    return created
+
+
+def enqueue_pending(collection, listener) -> int:
+    """Queue the listener's pending documents that no unfinished task covers yet."""
+    tasks = collection.project.tasks
+    queued: set[str] = set()
+    for task in tasks.find(TASK, where={"hyper_parameters.collection": collection.name,
+                                        "hyper_parameters.listener": listener.name,
+                                        "status": {"$in": ["pending", "running"]}}):
+        queued.update(task.doc.get("hyper_parameters", {}).get("ids") or ())
+    ids = [d["_id"] for d in collection.table.find(listener.pending, sort=[("_id", 1)], limit=SWEEP_LIMIT,
+                                                  projection={"_id": 1}) if d["_id"] not in queued]
+    return enqueue(collection, [listener], ids)
