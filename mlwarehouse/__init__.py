@@ -4,6 +4,7 @@
     wh = mlwarehouse.connect()                 # ./.mlwarehouse: SQLite index + local blob folder
     wh.datasets.save((X, y), "digits", tags=["images"])
     wh.models.best("test_accuracy")           # everything is identified by a query
+    wh.collection("products").attach("embed", torch.nn.Linear(1024, 64), key="x")   # models attached to data
 
 See the README for the concepts; :mod:`mlwarehouse.errors` for the exception tree.
 """
@@ -12,9 +13,11 @@ from mlwarehouse.errors import (
     BackendError,
     CodecError,
     ConfigError,
+    DataTypeError,
     DuplicateKey,
     IntegrityError,
     InvalidDocument,
+    ListenerError,
     NotFound,
     PickleNotAllowed,
     QueryError,
@@ -31,6 +34,7 @@ __all__ = [
     "connect", "Warehouse", "Project", "GcReport", "TensorHub", "current_run", "current_task", "register_codec",
     "WarehouseError", "ConfigError", "QueryError", "InvalidDocument", "CodecError", "PickleNotAllowed", "NotFound",
     "DuplicateKey", "IntegrityError", "BackendError", "Unavailable", "TaskError", "TaskFailed", "__version__",
+    "DataTypeError", "ListenerError", "Audio", "Encoded", "trust_modules",
 ]
 
 _LAZY = {
@@ -38,6 +42,9 @@ _LAZY = {
     "current_run": ("mlwarehouse.context", "current_run"),
     "current_task": ("mlwarehouse.context", "current_task"),
     "register_codec": ("mlwarehouse.codecs", "register_codec"),
+    "Audio": ("mlwarehouse.codecs.datatypes", "Audio"),
+    "Encoded": ("mlwarehouse.codecs.datatypes", "Encoded"),
+    "trust_modules": ("mlwarehouse.codecs.imports", "trust_modules"),
 }
 
 

@@ -5,14 +5,16 @@
      ├── QueryError             a filter, sort, projection or update that is not valid
      ├── InvalidDocument        a value that cannot be stored in the index (names the field)
      ├── CodecError             a value no codec can encode, or bytes a codec cannot decode
-     │    └── PickleNotAllowed  pickle was needed and the caller did not pass allow_pickle=True
+     │    ├── PickleNotAllowed  pickle was needed and the caller did not pass allow_pickle=True
+     │    └── DataTypeError     a data type unknown here, or whose encoder/decoder cannot be imported or failed
      ├── NotFound               no document / blob matches (also a KeyError)
      ├── DuplicateKey           a document with that _id already exists
      ├── IntegrityError         stored bytes do not match their hash
      ├── BackendError           the index or blob backend failed (driver errors are mapped here)
      │    └── Unavailable       the server cannot be reached
-     └── TaskError              task queue errors
-          └── TaskFailed        a task ended failed (carries the stored traceback)
+     ├── TaskError              task queue errors
+     │    └── TaskFailed        a task ended failed (carries the stored traceback)
+     └── ListenerError          a model attached to a collection failed (the traceback is in the message)
 
 Backends translate their driver's errors at their boundary (``raise BackendError(...) from exc``);
 nothing returns False silently.
@@ -23,6 +25,7 @@ from __future__ import annotations
 __all__ = [
     "WarehouseError", "ConfigError", "QueryError", "InvalidDocument", "CodecError", "PickleNotAllowed",
     "NotFound", "DuplicateKey", "IntegrityError", "BackendError", "Unavailable", "TaskError", "TaskFailed",
+    "DataTypeError", "ListenerError",
 ]
 
 
@@ -48,6 +51,10 @@ class CodecError(WarehouseError, ValueError):
 
 class PickleNotAllowed(CodecError):
     """Loading or saving needs pickle and the caller did not pass ``allow_pickle=True``."""
+
+
+class DataTypeError(CodecError):
+    """A value of a data type unknown here, or whose encoder or decoder cannot be imported (or raised)."""
 
 
 class NotFound(WarehouseError, KeyError):
@@ -83,3 +90,7 @@ class TaskFailed(TaskError):
     def __init__(self, message: str, task: dict | None = None):
         super().__init__(message)
         self.task = task or {}
+
+
+class ListenerError(WarehouseError):
+    """A listener's model failed (its documents are marked failed with the traceback) or cannot run here."""

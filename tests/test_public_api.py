@@ -14,7 +14,8 @@ def test_exported_members():
         "connect", "Warehouse", "Project", "GcReport", "TensorHub", "current_run", "current_task",
         "register_codec", "WarehouseError", "ConfigError", "QueryError", "InvalidDocument", "CodecError",
         "PickleNotAllowed", "NotFound", "DuplicateKey", "IntegrityError", "BackendError", "Unavailable",
-        "TaskError", "TaskFailed", "__version__",
+        "TaskError", "TaskFailed", "__version__", "DataTypeError", "ListenerError", "Audio", "Encoded",
+        "trust_modules",
     ])
     for name in mlwarehouse.__all__:
         assert getattr(mlwarehouse, name) is not None, name
@@ -48,6 +49,8 @@ def test_exception_tree_shape():
         "Unavailable": ("BackendError",),
         "TaskError": ("WarehouseError",),
         "TaskFailed": ("TaskError",),
+        "DataTypeError": ("CodecError",),
+        "ListenerError": ("WarehouseError",),
     }
     for name in errors.__all__:  # the docstring's drawing names every class
         assert f" {name} " in errors.__doc__ or f"{name}\n" in errors.__doc__, name

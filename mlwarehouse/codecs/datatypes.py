@@ -26,16 +26,12 @@ import numpy as np
 
 from mlwarehouse.codecs import registry
 from mlwarehouse.codecs.imports import resolve, split_target, target_of
-from mlwarehouse.errors import CodecError
+from mlwarehouse.errors import CodecError, DataTypeError
 
 __all__ = ["Audio", "Encoded", "DataType", "DataTypeError", "TYPE_PREFIX", "datatype_of_meta"]
 
 #: the codec name of a user type's values is this prefix and the type's name
 TYPE_PREFIX = "type:"
-
-
-class DataTypeError(CodecError):
-    """A value of a data type that is unknown here, or whose encoder or decoder cannot be used."""
 
 
 @dataclass(frozen=True)

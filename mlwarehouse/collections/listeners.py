@@ -35,7 +35,7 @@ from mlwarehouse.codecs import values
 from mlwarehouse.codecs.imports import resolve, target_of
 from mlwarehouse.collections.documents import MISSING, digest, document_size, get_path
 from mlwarehouse.collections.queueing import enqueue, enqueue_pending
-from mlwarehouse.errors import CodecError, DuplicateKey, NotFound, QueryError, WarehouseError
+from mlwarehouse.errors import CodecError, DuplicateKey, ListenerError, NotFound, QueryError
 from mlwarehouse.ids import new_id, utc_now
 from mlwarehouse.query.filters import matches, validate_filter
 from mlwarehouse.query.jsonvalues import split_path
@@ -49,10 +49,6 @@ COMPUTE = ("inline", "workers")
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}\Z")
 _ERROR_TAIL = 8192
 _CAS_TRIES = 20
-
-
-class ListenerError(WarehouseError):
-    """A listener's model failed (the documents are marked failed, with the traceback), or it cannot run here."""
 
 
 @dataclass(frozen=True)
