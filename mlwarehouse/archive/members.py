@@ -21,31 +21,41 @@ from dataclasses import dataclass, field
 from mlwarehouse import schema
 from mlwarehouse.blobs.base import check_key
 from mlwarehouse.codecs.values import blob_keys
+from mlwarehouse.collections.catalog import check_collection_name
 from mlwarehouse.errors import IntegrityError, NotFound, WarehouseError
 from mlwarehouse.query.documents import validate_document
+from mlwarehouse.query.jsonvalues import split_path
+from mlwarehouse.tables import table_name
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "MAX_MANIFEST", "SKIPPED", "Archive", "open_archive", "documents"]
+__all__ = ["FORMAT", "FORMAT_VERSION", "READABLE_VERSIONS", "MAX_MANIFEST", "SKIPPED", "Archive", "open_archive",
+           "documents", "table_documents", "table_member"]
 
 FORMAT = "mlwarehouse-archive"
-FORMAT_VERSION = 1
+#: version 2 added the tables of users' collections (``tables/``, the manifest's ``tables`` and ``indexes``)
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 #: collections never exported (the warehouse's own bookkeeping)
 SKIPPED = frozenset({schema.META.name})
 #: the largest manifest read (it holds a few counts per collection)
 MAX_MANIFEST = 1 << 20
 
-_MEMBER = re.compile(r"^(?:manifest\.json|blobs/[0-9a-f]{64}|collections/[A-Za-z0-9_][A-Za-z0-9_.-]*\.jsonl)$")
+_MEMBER = re.compile(r"^(?:manifest\.json|blobs/[0-9a-f]{64}"
+                     r"|(?:collections|tables)/[A-Za-z0-9_][A-Za-z0-9_.-]*\.jsonl)$")
+_FOLDS = ("train", "valid")
 _PLAIN = (tarfile.REGTYPE, tarfile.AREGTYPE)
 _TAR_ERRORS = (tarfile.TarError, EOFError, ValueError, OSError, OverflowError)
 
 
 @dataclass
 class Archive:
-    """An opened, checked archive: the tar, its manifest, its collection files and its blobs (name -> member)."""
+    """An opened, checked archive: the tar, its manifest, its collection files, its table files (member stem ->
+    member: see :func:`table_member`) and its blobs (name -> member)."""
     tar: tarfile.TarFile
     path: str
     manifest: dict
     files: dict[str, tarfile.TarInfo] = field(default_factory=dict)
     blobs: dict[str, tarfile.TarInfo] = field(default_factory=dict)
+    tables: dict[str, tarfile.TarInfo] = field(default_factory=dict)
 
     def __enter__(self) -> Archive:
         return self
@@ -75,6 +85,8 @@ def open_archive(path: str | os.PathLike) -> Archive:
         for name, member in members.items():
             if name.startswith("collections/"):
                 archive.files[name.removeprefix("collections/").removesuffix(".jsonl")] = member
+            elif name.startswith("tables/"):
+                archive.tables[name.removeprefix("tables/").removesuffix(".jsonl")] = member
             elif name.startswith("blobs/"):
                 archive.blobs[name.removeprefix("blobs/")] = member
     except BaseException:
@@ -118,9 +130,9 @@ def _manifest(tar: tarfile.TarFile, path: str, member: tarfile.TarInfo | None) -
         raise IntegrityError(f"{path} has no readable manifest.json ({exc}); not a project archive") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise IntegrityError(f"{path} is not an mlwarehouse archive (its manifest names no {FORMAT!r} format)")
-    if manifest.get("version") != FORMAT_VERSION:
+    if manifest.get("version") not in READABLE_VERSIONS or type(manifest.get("version")) is not int:
         raise IntegrityError(f"{path} has archive format version {manifest.get('version')!r}; this "
-                             f"mlwarehouse reads version {FORMAT_VERSION}")
+                             f"mlwarehouse reads versions {', '.join(map(str, READABLE_VERSIONS))}")
     if not isinstance(manifest.get("project"), str):
         raise IntegrityError(f"{path}: the manifest lacks the source project (a string under 'project')")
     counts = manifest.get("collections")
@@ -131,10 +143,48 @@ def _manifest(tar: tarfile.TarFile, path: str, member: tarfile.TarInfo | None) -
         if not _count(manifest.get(key)):
             raise IntegrityError(f"{path}: the manifest's {key!r} must be a count (an integer >= 0), not "
                                  f"{manifest.get(key)!r:.100}")
-    if manifest["documents"] != sum(counts.values()):
+    tables = manifest.setdefault("tables", {})
+    if not isinstance(tables, dict) or not all(isinstance(k, str) and _count(v) for k, v in tables.items()):
+        raise IntegrityError(f"{path}: the manifest's 'tables' must map each of the project's collections to its "
+                             f"document count, not {tables!r:.200}")
+    for name in tables:
+        try:
+            check_collection_name(name)
+        except WarehouseError as exc:
+            raise IntegrityError(f"{path}: the manifest names a collection the catalog refuses ({exc})"[:500]) \
+                from None
+    _check_indexes(path, manifest.setdefault("indexes", {}), tables)
+    in_all = sum(counts.values()) + sum(tables.values())
+    if manifest["documents"] != in_all:
         raise IntegrityError(f"{path}: the manifest counts {manifest['documents']} documents in all but "
-                             f"{sum(counts.values())} by collection")
+                             f"{in_all} by collection")
     return manifest
+
+
+def _check_indexes(path: str, indexes, tables: dict) -> None:
+    """``indexes``: collection name -> ``[{"keys": [[field, 1 | -1], ...], "unique": bool}, ...]``."""
+    if not isinstance(indexes, dict) or not set(indexes) <= set(tables) \
+            or not all(isinstance(v, list) for v in indexes.values()):
+        raise IntegrityError(f"{path}: the manifest's 'indexes' must map collections it lists under 'tables' to "
+                             f"lists of indexes, not {indexes!r:.200}")
+    for name, specs in indexes.items():
+        for spec in specs:
+            ok = isinstance(spec, dict) and set(spec) <= {"keys", "unique"} and type(spec.get("unique", False)) \
+                is bool and isinstance(spec.get("keys"), list) and 0 < len(spec["keys"]) <= 32
+            try:
+                ok = ok and all(isinstance(k, list) and len(k) == 2 and isinstance(k[0], str) and k[1] in (1, -1)
+                                and type(k[1]) is int and split_path(k[0], "index key") for k in spec["keys"])
+            except WarehouseError:
+                ok = False
+            if not ok or any(k[0].split(".", 1)[0] in ("_listeners", "_rev", "_blobs") for k in spec["keys"]):
+                raise IntegrityError(f"{path}: collection {name!r:.100} has a malformed index in the manifest: "
+                                     f"{spec!r:.200}")
+
+
+def table_member(source: str, collection: str) -> str:
+    """The stem of the member that holds a collection's documents: its table's name in the source project,
+    derived from the two names (never read from the archive)."""
+    return table_name(source, collection)
 
 
 def _count(value) -> bool:
@@ -153,6 +203,47 @@ def documents(archive: Archive, collection: str) -> Iterator[dict]:
             yield _document(raw, where, n, source)
     except _TAR_ERRORS as exc:
         raise IntegrityError(f"{where} cannot be read ({exc})") from None
+
+
+def table_documents(archive: Archive, stem: str) -> Iterator[dict]:
+    """The documents of one table file, each checked (IntegrityError naming the line of the first bad one): UTF-8
+    JSON objects that the index can store, with a string ``_id``, a valid ``_fold`` and the warehouse's fields in
+    their shapes. ``_blobs`` is recomputed from the references; ``_rev`` is dropped (the importer writes a fresh
+    one: a compare-and-set token means nothing in another warehouse)."""
+    member = archive.tables[stem]
+    where = f"{archive.path}: {member.name}"
+    try:
+        stream = archive.tar.extractfile(member)
+        for n, raw in enumerate(stream, 1):
+            yield _table_document(raw, where, n)
+    except _TAR_ERRORS as exc:
+        raise IntegrityError(f"{where} cannot be read ({exc})") from None
+
+
+def _table_document(raw: bytes, where: str, n: int) -> dict:
+    try:
+        doc = json.loads(raw.decode("utf-8"))
+        validate_document(doc)
+    except (ValueError, RecursionError, WarehouseError) as exc:
+        raise IntegrityError(f"{where} line {n} is not a valid document: {exc}"[:500]) from None
+    problem = None
+    if not isinstance(doc.get("_id"), str) or not doc["_id"]:
+        problem = f"_id must be a non-empty string, not {doc.get('_id')!r:.100}"
+    elif "_fold" in doc and doc["_fold"] not in _FOLDS:
+        problem = f"_fold must be 'train' or 'valid', not {doc['_fold']!r:.100}"
+    elif not isinstance(doc.get("_outputs", {}), dict):
+        problem = "_outputs must be an object"
+    elif not isinstance(doc.get("_listeners", {}), dict) \
+            or not all(isinstance(v, dict) for v in doc.get("_listeners", {}).values()):
+        problem = "_listeners must be an object of listener states (objects)"
+    if problem:
+        raise IntegrityError(f"{where} line {n} is not a valid document of a collection: {problem}")
+    doc.pop("_rev", None)
+    doc.pop("_blobs", None)
+    keys = blob_keys(doc)
+    if keys:
+        doc["_blobs"] = sorted(keys)
+    return doc
 
 
 def _document(raw: bytes, where: str, n: int, source: str) -> dict:

@@ -5,9 +5,16 @@ The archive is a plain (uncompressed) tar; blobs are mostly compressed already. 
 - ``manifest.json``            format, version, source project, creation time, document counts per collection
 - ``blobs/<sha256>``           every blob the documents reference, once each (content-addressed)
 - ``collections/<name>.jsonl`` every document of the project in that collection, one JSON object a line
+- ``tables/<table>.jsonl``     every document of one of the project's own collections (users' documents), as
+                               stored: packed values, ``_outputs``, ``_listeners``; ``<table>`` is the
+                               collection's table in the source project (:func:`mlwarehouse.tables.table_name`)
 
-Every collection that holds the project's documents is exported (datasets, models, runs, logs, tasks...), except
-the internal ``meta`` collection. Blobs are streamed one at a time, never held together in memory.
+Every collection that holds the project's documents is exported (datasets, models, runs, logs, tasks, and the
+catalog, data types and listeners of its own collections...), except the internal ``meta`` collection. Listener
+models stored as torch modules are models like any other. The manifest lists the own collections' document counts
+(``tables``) and indexes (``indexes``); their tables are never named by the archive on import but derived from
+the target project and the collection's name (format version 2; version 1 archives, without tables, still
+import). Blobs are streamed one at a time, never held together in memory.
 
 Archives are untrusted: :mod:`.members` checks the members and the manifest before reading any (regular files
 only, each inside the file's real size), :mod:`.restore` checks every document before writing one and removes
@@ -18,6 +25,8 @@ under another project name (``project=``) gives every document a new id instead 
 not per project) and rewrites the references between documents: any string value, anywhere in a document, equal
 to an old id of the archive becomes the new id (run ids in logs, models and tasks; dataset ids in models and
 runs; task ids in runs; user fields holding ids too). Ids inside JSON values stored as blobs are not rewritten.
+Users' documents in their own collections keep their ids and values (their tables are the new project's, so
+nothing collides); only their listener states' model ids follow the models' new ids.
 Log documents get new ids but are never reference targets, so the id map stays small however long the logs.
 """
 
