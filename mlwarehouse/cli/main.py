@@ -15,6 +15,7 @@ import typer
 from rich.table import Table
 
 from mlwarehouse import schema
+from mlwarehouse.cli.collections import collections_command, find_command
 from mlwarehouse.cli.common import (
     BlobsOpt,
     ProjectOpt,
@@ -34,6 +35,8 @@ from mlwarehouse.runs import summary
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="mlwarehouse: the database for the whole machine-learning process.")
 app.add_typer(items_app, name="items", help="Item datasets: import a folder or arrays, show versions and items.")
+app.command("collections")(collections_command)
+app.command("find")(find_command)
 WhereOpt = typer.Option(None, "--where", "-w",
                         help='a MongoDB filter as JSON, e.g. \'{"test_accuracy": {"$gt": 0.9}}\'')
 SortOpt = typer.Option(None, "--sort", "-s", help="field:1 or field:-1, comma separated (default: newest first)")
@@ -247,11 +250,43 @@ def worker(task_name: Optional[str] = typer.Option(None, "--task-name", "-t", he
            concurrency: int = typer.Option(1, "--concurrency", "-c", help="tasks run at once"),
            once: bool = typer.Option(False, "--once", help="exit when no pending task is left"),
            lease: float = typer.Option(30.0, "--lease", help="lease seconds, renewed by heartbeats"),
+           listeners: bool = typer.Option(True, "--listeners/--no-listeners",
+                                          help="also compute the outputs of collections' listeners"),
            uri: Optional[str] = UriOpt, blobs: Optional[str] = BlobsOpt, project: str = ProjectOpt):
-    """Pull tasks from the warehouse and run each in its own process (this executes task scripts)."""
+    """Pull tasks from the warehouse and run each in its own process (this executes task scripts), and compute
+    listeners' outputs in a thread beside them (this runs the listeners' models)."""
+    import threading
+
+    from mlwarehouse.collections.worker import ListenerWorker
     from mlwarehouse.tasks.worker import Worker
     p = open_project(uri, blobs, project)
-    Worker(p, task_name, concurrency=concurrency, lease_seconds=lease, once=once).run()
+    if task_name == schema.LISTENER_TASK:  # listener tasks are not scripts: only the listener worker runs them
+        ListenerWorker(p, lease_seconds=lease, once=once, verbose=True).run()
+        return
+    scripts = Worker(p, task_name, concurrency=concurrency, lease_seconds=lease, once=once)
+    if not listeners:
+        scripts.run()
+        return
+    side = ListenerWorker(p, lease_seconds=lease, once=once, verbose=True)
+    failure: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            side.run()
+        except BaseException as exc:  # told after the script worker stops
+            failure.append(exc)
+            scripts.stop()
+    thread = threading.Thread(target=work, name="mlw-listeners", daemon=True)
+    thread.start()
+    try:
+        scripts.run()
+    finally:
+        if not once or scripts.stopped:  # with --once the listener worker ends when nothing is pending
+            side.stop()
+        while thread.is_alive():
+            thread.join(0.2)
+    if failure:
+        raise failure[0]
 
 
 @app.command()
@@ -375,7 +410,7 @@ def export_(project_name: str = typer.Argument(..., metavar="PROJECT", help="the
         print(json.dumps(report))
     else:
         console.print(f"exported project {report['project']}: {report['documents']} documents "
-                      f"({_counts(report['collections'])}) and {report['blobs']} blobs "
+                      f"({_counts({**report['collections'], **report.get('tables', {})})}) and {report['blobs']} blobs "
                       f"({report['blob_bytes'] / 1e6:.1f} MB) to {report['path']}", highlight=False)
 
 
@@ -393,7 +428,7 @@ def import_(path: str = typer.Argument(..., metavar="FILE.tar", help="an archive
     else:
         renamed = f" (from {report['source']}, with new ids)" if report["renamed"] else ""
         console.print(f"imported project {report['project']}{renamed}: {report['documents']} documents "
-                      f"({_counts(report['collections'])}) and {report['blobs']} blobs", highlight=False)
+                      f"({_counts({**report['collections'], **report.get('tables', {})})}) and {report['blobs']} blobs", highlight=False)
 
 
 def _counts(counts: dict) -> str:

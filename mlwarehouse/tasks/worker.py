@@ -5,7 +5,8 @@ Starting a worker is the explicit permission to execute task scripts stored in t
 (:mod:`mlwarehouse.tasks.runtime`) in its own session, so no global leaks from one task to the next and a killed
 task takes its own subprocesses with it. The worker:
 
-- claims up to ``concurrency`` tasks (one atomic update each), polling cheaply while idle;
+- claims up to ``concurrency`` tasks (one atomic update each), polling cheaply while idle; never listener
+  tasks (``schema.LISTENER_TASK``): they are not scripts, the listener worker computes them;
 - renews each task's lease every ``heartbeat_seconds``; if a renewal matches nothing (the task was cancelled,
   deleted or taken over) it kills that task's process and records nothing;
 - kills a task that runs past its ``timeout`` (SIGTERM, then SIGKILL after ``kill_grace`` seconds);
@@ -92,6 +93,9 @@ class Worker:
         if settings is None:
             raise TaskError("a worker needs a warehouse opened with mlwarehouse.connect() (its URIs are passed "
                             "to the task processes)")
+        if task_name == schema.LISTENER_TASK:
+            raise TaskError(f"{task_name!r} tasks are listener work, not scripts: run them with "
+                            f"mlwarehouse.collections.worker.ListenerWorker (mlw worker runs one)")
         if concurrency < 1 or lease_seconds <= 0:
             raise TaskError(f"concurrency must be >= 1 and lease_seconds > 0 (got {concurrency}, {lease_seconds})")
         self.tasks = self.project.tasks
@@ -136,9 +140,23 @@ class Worker:
         self._stop.set()
         self._wake.set()
 
+    @property
+    def stopped(self) -> bool:
+        """True once :meth:`stop` was called (or a signal asked the worker to stop)."""
+        return self._stop.is_set()
+
+    def _scope(self, where: dict | None) -> dict | None:
+        """The claim filter: a worker of any task name never takes listener tasks (they are not scripts: the
+        listener worker computes them, :mod:`mlwarehouse.collections.worker`)."""
+        if self.task_name is not None:
+            return where
+        exclude = {"task_name": {"$ne": schema.LISTENER_TASK}}
+        return {"$and": [dict(where), exclude]} if where else exclude
+
     # -- the loop ------------------------------------------------------------------------------------------
     def _loop(self, max_tasks: int | None, where: dict | None, sort) -> str | None:
         started, last_id, next_requeue, idle = 0, None, 0.0, False
+        where = self._scope(where)
         try:
             while not self._stop.is_set():
                 now = time.monotonic()

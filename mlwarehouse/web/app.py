@@ -30,6 +30,7 @@ from mlwarehouse.query.jsonvalues import PATH_RE
 from mlwarehouse.web import data
 from mlwarehouse.web.api import router
 from mlwarehouse.web.arrays import describe, image_view, leaves, png_data_uri, preview_images
+from mlwarehouse.web.collections import router as collections_router
 from mlwarehouse.web.guard import HostGuard
 
 __all__ = ["create_app"]
@@ -56,6 +57,7 @@ def create_app(warehouse, *, writable: bool = False, allowed_hosts: Iterable[str
     app.add_middleware(GZipMiddleware, minimum_size=2048)
     app.add_middleware(HostGuard, allowed_hosts=allowed_hosts)  # added last: runs first
     app.include_router(router)
+    app.include_router(collections_router)  # before the pages: "/p/{project:path}" would match its routes
     _error_handlers(app)
 
     def page(request: Request, name: str, status: int = 200, **context: Any) -> HTMLResponse:
@@ -176,7 +178,7 @@ def _queried(fetch, q: str, *, empty: dict) -> tuple[dict, int]:
 
 def _require_project(p, context: dict, q: str) -> None:
     if not q and not context.get("error") and not context["rows"] and not data.project_exists(p):
-        raise NotFound(f"there is no project {p.name!r} (no runs, models, tasks or datasets)")
+        raise NotFound(f"there is no project {p.name!r} (no runs, models, tasks, datasets or collections)")
 
 
 def _one(p, collection: str, doc_id: str, what: str, projection: dict | None = None) -> dict:

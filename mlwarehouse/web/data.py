@@ -27,8 +27,8 @@ __all__ = ["parse_filter_text", "parse_sort", "runs_table", "metric_series", "le
            "datasets_list", "project_exists", "metric_sort", "rank_metric", "HistoryCache", "TASK_STATUSES",
            "RUN_STATS"]
 
-RUNS, LOGS, MODELS, TASKS, DATASETS = (c.name for c in (schema.RUNS, schema.LOGS, schema.MODELS, schema.TASKS,
-                                                        schema.DATASETS))
+RUNS, LOGS, MODELS, TASKS, DATASETS, CATALOG = (c.name for c in (schema.RUNS, schema.LOGS, schema.MODELS,
+                                                                 schema.TASKS, schema.DATASETS, schema.CATALOG))
 RUN_FIELDS = {"name": 1, "status": 1, "started": 1, "ended": 1, "hyper_parameters": 1, summary.ROOT: 1, "task": 1,
               "tags": 1}
 #: the summary stats a run's page shows, with their column titles
@@ -48,8 +48,9 @@ def parse_sort(text: str | None) -> list[tuple[str, int]] | None:
 
 
 def project_exists(project) -> bool:
-    """True if the project holds any run, model, task or dataset (used only to tell an empty page from a 404)."""
-    return any(project.find_one(c, projection={"_id": 1}) for c in (RUNS, MODELS, TASKS, DATASETS))
+    """True if the project holds any run, model, task, dataset or collection (used only to tell an empty page
+    from a 404)."""
+    return any(project.find_one(c, projection={"_id": 1}) for c in (RUNS, MODELS, TASKS, DATASETS, CATALOG))
 
 
 def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
