@@ -409,8 +409,9 @@ def export_(project_name: str = typer.Argument(..., metavar="PROJECT", help="the
     if as_json:
         print(json.dumps(report))
     else:
-        console.print(f"exported project {report['project']}: {report['documents']} documents "
-                      f"({_counts({**report['collections'], **report.get('tables', {})})}) and {report['blobs']} blobs "
+        counts = _counts({**report["collections"], **report.get("tables", {})})
+        console.print(f"exported project {report['project']}: {report['documents']} documents ({counts}) "
+                      f"and {report['blobs']} blobs "
                       f"({report['blob_bytes'] / 1e6:.1f} MB) to {report['path']}", highlight=False)
 
 
@@ -427,8 +428,9 @@ def import_(path: str = typer.Argument(..., metavar="FILE.tar", help="an archive
         print(json.dumps(report))
     else:
         renamed = f" (from {report['source']}, with new ids)" if report["renamed"] else ""
+        counts = _counts({**report["collections"], **report.get("tables", {})})
         console.print(f"imported project {report['project']}{renamed}: {report['documents']} documents "
-                      f"({_counts({**report['collections'], **report.get('tables', {})})}) and {report['blobs']} blobs", highlight=False)
+                      f"({counts}) and {report['blobs']} blobs", highlight=False)
 
 
 def _counts(counts: dict) -> str:
