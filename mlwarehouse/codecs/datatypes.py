@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from mlwarehouse.codecs import registry
-from mlwarehouse.codecs.imports import resolve, split_target, target_of
+from mlwarehouse.codecs.imports import is_trusted, resolve, split_target, target_of
 from mlwarehouse.errors import CodecError, DataTypeError
 
 __all__ = ["Audio", "Encoded", "DataType", "DataTypeError", "TYPE_PREFIX", "datatype_of_meta"]
@@ -116,8 +116,15 @@ class DataType:
         return found
 
     def matches(self, value: Any, *, trusted: bool = False) -> bool:
+        """Whether ``value`` is of this type. A test in a module not trusted here is used only when it names the
+        value's own class or a base of it (that module is imported already: resolving it runs nothing new)."""
         if self.instance_of is None:
             return False
+        if not trusted and not is_trusted(self.instance_of.partition(":")[0]):
+            names = {f"{c.__module__}:{c.__qualname__}" for c in type(value).__mro__}
+            if self.instance_of not in names:
+                return False
+            trusted = True
         test = self._load("instance_of", trusted=trusted)
         return isinstance(value, test) if isinstance(test, type) else bool(test(value))
 

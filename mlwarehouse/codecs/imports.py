@@ -68,7 +68,7 @@ def resolve(target: Any, what: str, *, trusted: bool = False) -> Any:
     if not (trusted or is_trusted(module_name)):
         raise PickleNotAllowed(f"{what} {target!r} is in a module that is not trusted: importing it would run its "
                                f"code. Add {module_name!r} (or its package) to ${TRUSTED_MODULES_ENV} or "
-                               "mlwarehouse.trust_modules(), or pass allow_pickle=True (trusted data only)")
+                               "mlwarehouse.trust_modules() (or, for a model, pass allow_pickle=True: trusted data only)")
     try:
         obj: Any = importlib.import_module(module_name)
     except ImportError:

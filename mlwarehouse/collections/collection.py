@@ -84,9 +84,17 @@ class Collection:
         """New documents' share of the validation fold (old documents keep theirs)."""
         self.catalog.set(self.name, valid_fraction=check_fraction(value))
 
-    def pack(self, value: Any) -> Any:
+    def pack(self, value: Any, encoder=None) -> Any:
+        """Store a value's blobs and return its tree (``encoder``: one made for a whole batch of values)."""
         return self.project.pack(value, inline_limit=INLINE_LIMIT, inline_bytes=INLINE_BYTES,
-                                 encode=self.codecs.encoder())
+                                 encode=encoder or self.codecs.encoder())
+
+    def pack_document(self, doc: Mapping, encoder=None) -> dict:
+        """A document packed field by field: it stays a dict (with its ``_id``) however large its JSON, where
+        packing it whole would make one JSON blob of it."""
+        encoder = encoder or self.codecs.encoder()
+        with self.project.warehouse.writing():  # one write lease for all the fields
+            return {k: self.pack(v, encoder) for k, v in doc.items()}
 
     def unpack(self, tree: Any, *, raw: bool = False, writable: bool = False) -> Any:
         return self.project.unpack(tree, decode=self.codecs.decoder(raw=raw, writable=writable))
@@ -130,16 +138,17 @@ class Collection:
                 raise DuplicateKey(f"a document with _id {taken[0]!r} already exists in {self.name!r}")
         attached = engine.active(self)
         engine.compute_on_insert(self, attached, docs)  # inline listeners' outputs, stored with the documents
-        packed, keys = [], set()
+        packed, keys, encoder = [], set(), self.codecs.encoder()
         try:
-            for doc in docs:
-                tree = self.pack(doc)
-                engine.seal_inputs(attached, tree)
-                tree["_rev"] = new_id()
-                keys |= values.blob_keys(tree)
-                document_size(tree)
-                packed.append(tree)
-            self.table.insert_many(packed)
+            with self.project.warehouse.writing():  # one write lease for the chunk, held until it is stored
+                for doc in docs:
+                    tree = self.pack_document(doc, encoder)
+                    engine.seal_inputs(attached, tree)
+                    tree["_rev"] = new_id()
+                    keys |= values.blob_keys(tree)
+                    document_size(tree)
+                    packed.append(tree)
+                self.table.insert_many(packed)
         except BaseException:
             self.project.warehouse._lease_end(stored=keys)
             self.table.release(keys)
@@ -195,12 +204,14 @@ class Collection:
                              for op, fields in update.items()}
             apply_update({}, packed_update)  # the operators are checked before anything is read
         else:
-            packed_body = self.pack(body_without_id(update))
+            packed_body = self.pack_document(body_without_id(update))
         attached = engine.active(self)
         result, changed = UpdateResult(), []
         scope = dict(filter or {})
         for old in self.table.find(scope, sort=[("_id", 1)], limit=None if many else 1):
             result.matched_count += 1
+            if replace and update.get("_id", old["_id"]) != old["_id"]:
+                raise InvalidDocument(f"a replacement cannot change _id ({old['_id']!r} to {update['_id']!r})")
             for _ in range(_CAS_TRIES):
                 if replace:
                     new = {**packed_body, "_id": old["_id"], "_fold": packed_body.get("_fold", old.get("_fold"))}
@@ -225,9 +236,11 @@ class Collection:
     def _upsert(self, scope: dict, update: Mapping, replace: bool) -> str:
         if replace:
             doc = dict(update)
+            if isinstance(scope.get("_id"), str):  # as MongoDB: the filter's _id is the new document's
+                doc.setdefault("_id", scope["_id"])
         else:
             seed = {k: v for k, v in scope.items() if not k.startswith("$") and not isinstance(v, Mapping)}
-            doc = self.unpack(apply_update(self.pack(seed), {
+            doc = self.unpack(raw=True, tree=apply_update(self.pack(seed), {
                 op: {p: self.pack(v) for p, v in f.items()} if op != "$unset" else f for op, f in update.items()}))
         return self.insert_one(doc).inserted_id
 

@@ -23,6 +23,7 @@ from typing import Any
 
 from mlwarehouse.codecs import decode_leaf, decompress
 from mlwarehouse.codecs.datatypes import DataTypeError, Encoded, datatype_of_meta
+from mlwarehouse.codecs.values import MARKERS
 from mlwarehouse.errors import InvalidDocument
 from mlwarehouse.query.jsonvalues import MISSING, get_path, split_path
 
@@ -69,6 +70,10 @@ def check_user_fields(doc: Any, what: str = "a document") -> dict:
     if bad:
         raise InvalidDocument(f"{what} sets {bad[0]!r}, which the warehouse writes itself (reserved: "
                               f"{', '.join(sorted(RESERVED))})")
+    bad = sorted(k for k in doc if k in MARKERS or not isinstance(k, str))
+    if bad:
+        raise InvalidDocument(f"{what} has the field {bad[0]!r}: a document's fields are strings other than "
+                              f"the markers of stored values ({', '.join(sorted(MARKERS))})")
     if "_id" in doc and (not isinstance(doc["_id"], str) or not doc["_id"]):
         raise InvalidDocument(f"_id must be a non-empty string, not {doc['_id']!r}")
     if "_fold" in doc and doc["_fold"] not in FOLDS:
@@ -81,11 +86,14 @@ def check_update_paths(update: Any) -> None:
     if not isinstance(update, Mapping):
         raise InvalidDocument(f"an update must be a dict of operators, not {type(update).__name__}")
     for op, fields in update.items():
+        if not isinstance(op, str) or not op.startswith("$"):
+            raise InvalidDocument(f"an update is a dict of operators ($set, $inc...), not a document with the "
+                                  f"field {op!r} (use replace_one to replace a document)")
         if not isinstance(fields, Mapping):
-            continue
+            raise InvalidDocument(f"the update {op} takes a dict of fields, not {type(fields).__name__}")
         for path in fields:
             top = str(path).split(".", 1)[0]
-            if top in RESERVED or top == "_id":
+            if top in RESERVED or top in MARKERS or top == "_id":
                 raise InvalidDocument(f"the update {op} writes {path!r}, which the warehouse writes itself")
             if isinstance(path, str):
                 split_path(path, "update")

@@ -23,6 +23,7 @@ worker listeners are computed by ``mlw worker`` through the task queue (:mod:`ml
 
 from __future__ import annotations
 
+import json
 import re
 import threading
 import traceback
@@ -32,6 +33,7 @@ from typing import Any
 
 from mlwarehouse import schema
 from mlwarehouse.codecs import values
+from mlwarehouse.codecs.datatypes import Encoded
 from mlwarehouse.codecs.imports import resolve, target_of
 from mlwarehouse.collections.documents import MISSING, digest, document_size, get_path
 from mlwarehouse.collections.queueing import enqueue, enqueue_pending
@@ -67,7 +69,9 @@ class Listener:
 
     @classmethod
     def from_doc(cls, doc: Mapping) -> "Listener":
-        return cls(doc["_id"], doc["collection"], doc["name"], doc["key"], doc.get("where"), doc["model"],
+        where = doc.get("where")  # stored as JSON text: a filter's "$" keys cannot be document fields
+        where = json.loads(where) if isinstance(where, str) else where
+        return cls(doc["_id"], doc["collection"], doc["name"], doc["key"], where, doc["model"],
                    doc.get("compute", "inline"), int(doc.get("batch_size") or 64), doc.get("batched"),
                    tuple(doc.get("upstream") or ()))
 
@@ -178,7 +182,8 @@ def attach(collection, name: str, model: Any, *, key: str, where: Mapping | None
                          f"listener {name!r} to compute (check the key)")
     collection._created()
     ref = _store_model(collection, name, model, example_inputs)
-    doc = {"collection": collection.name, "name": name, "key": key, "where": draft.where, "model": ref,
+    where_text = json.dumps(draft.where, sort_keys=True) if draft.where else None
+    doc = {"collection": collection.name, "name": name, "key": key, "where": where_text, "model": ref,
            "compute": compute, "batch_size": batch_size, "batched": batched, "upstream": list(upstream),
            "status": "active", "created": utc_now()}
     try:
@@ -243,6 +248,8 @@ def _clear(collection, listener: Listener, doc: dict) -> int:
         new = _copy(doc)
         _unset_output(new, listener)
         (new.get("_listeners") or {}).pop(listener.name, None)
+        if new.get("_listeners") == {}:
+            del new["_listeners"]
         if write_revision(collection, [], doc, new, revise=False):
             return 1
         doc = collection.table.find_one({"_id": doc["_id"]})
@@ -308,7 +315,7 @@ def compute_on_insert(collection, attached: Sequence[Listener], docs: list[dict]
             if value is MISSING or not _matches(doc, listener.where):
                 state[listener.name] = {"status": SKIPPED, "time": utc_now()}
             else:
-                todo.append((doc, value))
+                todo.append((doc, _decoded(collection, value)))
         for start in range(0, len(todo), listener.batch_size):
             part = todo[start:start + listener.batch_size]
             try:
@@ -323,6 +330,13 @@ def compute_on_insert(collection, attached: Sequence[Listener], docs: list[dict]
     for doc in docs:
         if not doc.get("_listeners"):
             doc.pop("_listeners", None)
+
+
+def _decoded(collection, value: Any) -> Any:
+    """An input as the model sees it: a value given already encoded (``Encoded``) is decoded by its data type."""
+    if isinstance(value, Encoded):
+        return collection.catalog.datatype(value.datatype).decode(value.data)
+    return value
 
 
 def seal_inputs(attached: Sequence[Listener], tree: dict) -> None:
@@ -407,8 +421,10 @@ def process(collection, listener: Listener, docs: list[dict], *, trusted: bool) 
             for doc in part:
                 outcome.failed += _store(collection, listener, attached, doc, FAILED, error=error)
             continue
+        encoder = collection.codecs.encoder()
         for doc, output in zip(part, outputs):
-            outcome.written += _store(collection, listener, attached, doc, DONE, output=output)
+            outcome.written += _store(collection, listener, attached, doc, DONE,
+                                      output=collection.pack(output, encoder))
     return outcome
 
 
@@ -421,7 +437,8 @@ def _is_pending(doc: dict, listener: Listener) -> bool:
 
 def _store(collection, listener: Listener, attached, doc: dict, status: str, *, output: Any = MISSING,
            error: str | None = None) -> int:
-    packed = MISSING if output is MISSING else collection.pack(output)
+    """Write one document's state (and its packed ``output``) for ``listener``; 1 if written."""
+    packed = output
     for _ in range(_CAS_TRIES):
         seen = digest(get_path(doc, listener.key))
         new = _copy(doc)

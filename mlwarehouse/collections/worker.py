@@ -69,6 +69,8 @@ class ListenerWorker:
                 self.run_task(task)
                 continue
             if self.once:
+                if self.sweep():  # work the finished batches made pending (listeners reading their outputs)
+                    continue
                 break
             if self.project.wakes_on_writes:
                 self.project.listen(schema.TASKS, min(1.0, self.sweep_seconds))
@@ -76,15 +78,18 @@ class ListenerWorker:
                 self._stop.wait(self.poll_interval)
         return self.processed
 
-    def sweep(self) -> None:
-        """Queue what no task covers, and compute inline listeners' pending documents (trusted: a worker)."""
+    def sweep(self) -> int:
+        """Queue what no task covers, and compute inline listeners' pending documents (trusted: a worker);
+        returns the tasks queued and outputs written."""
+        found = 0
         for name in self.project.catalog.names():
             collection = self.project.collection(name)
             for listener in engine.ordered(engine.active(collection)):
                 if listener.compute == "workers":
-                    enqueue_pending(collection, listener)
+                    found += enqueue_pending(collection, listener)
                 else:
-                    engine.catch_up(collection, listener.name, trusted=True, raise_failures=False)
+                    found += engine.catch_up(collection, listener.name, trusted=True, raise_failures=False)
+        return found
 
     def run_task(self, task) -> None:
         lease = task.doc.get("lease")
