@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -57,3 +58,12 @@ def subprocess_env(tmp_path):
 
 
 PYTHON = sys.executable
+
+
+def mlw(env, *args, ok=True):
+    """Run ``python -m mlwarehouse.cli ARGS`` in ``env``; with ``ok``, assert it exits 0."""
+    proc = subprocess.run([sys.executable, "-m", "mlwarehouse.cli", *args], env=env, capture_output=True,
+                          text=True, timeout=60)
+    if ok:
+        assert proc.returncode == 0, proc.stderr
+    return proc

@@ -4,19 +4,10 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
-
-
-def mlw(env, *args, ok=True):
-    proc = subprocess.run([sys.executable, "-m", "mlwarehouse.cli", *args], env=env, capture_output=True,
-                          text=True, timeout=60)
-    if ok:
-        assert proc.returncode == 0, proc.stderr
-    return proc
+from conftest import mlw
 
 
 @pytest.fixture

@@ -3,22 +3,13 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
+from conftest import mlw
 
 torch = pytest.importorskip("torch")
 Image = pytest.importorskip("PIL.Image")
-
-
-def mlw(env, *args, ok=True):
-    proc = subprocess.run([sys.executable, "-m", "mlwarehouse.cli", *args], env=env, capture_output=True,
-                          text=True, timeout=60)
-    if ok:
-        assert proc.returncode == 0, proc.stderr
-    return proc
 
 
 def encode_tag(value) -> bytes:
