@@ -139,36 +139,53 @@ def _unique_key(doc: dict, fields: tuple[str, ...], project: str) -> tuple | Non
     return None if any(v is None for v in values) else values
 
 
+class _Repeats:
+    """The ``_id``s and unique keys met so far in one file of an archive: the second of any is a DuplicateKey
+    (keys are kept as digests: a collection's keys may be many)."""
+
+    def __init__(self, archive: Archive, what: str, uniques: list[tuple[str, ...]]):
+        self.path, self.what, self.uniques = archive.path, what, uniques
+        self.ids: set[str] = set()
+        self.keys: list[set[bytes]] = [set() for _ in uniques]
+        self.n = 0
+
+    def check(self, doc: dict, key_of) -> list[tuple[tuple[str, ...], tuple]]:
+        """Check the next document; returns its ``(fields, key)`` per unique index it has a key for
+        (``key_of(doc, fields)`` is None where it has none)."""
+        self.n += 1
+        if doc["_id"] in self.ids:
+            raise DuplicateKey(f"archive {self.path} holds {self.what} document {doc['_id']!r} twice "
+                               f"(line {self.n}); nothing was imported")
+        self.ids.add(doc["_id"])
+        found = []
+        for fields, taken in zip(self.uniques, self.keys):
+            key = key_of(doc, fields)
+            if key is None:
+                continue
+            digest = hashlib.blake2b(json.dumps(key, sort_keys=True).encode(), digest_size=16).digest()
+            if digest in taken:
+                raise DuplicateKey(f"archive {self.path} holds two {self.what} documents with "
+                                   f"{dict(zip(fields, key))!r:.300} (a unique index; the second at line "
+                                   f"{self.n}); nothing was imported")
+            taken.add(digest)
+            found.append((fields, key))
+        return found
+
+
 def _check_collection(index, archive: Archive, collection: str, project: str, uniques: list, renamed: bool,
                       ids: dict[str, str], needed: set[str]) -> int:
     """One pass over a collection file: every line valid, no ``_id`` or unique key twice, the ids free in the
     warehouse; collects the blobs used and (renaming) the new ids. Returns how many documents it holds."""
-    seen: set[str] = set()
-    keys: list[set[bytes]] = [set() for _ in uniques]  # digests: a collection's keys may be many
-    n = 0
+    repeats = _Repeats(archive, collection, uniques)
     for batch in _batches(documents(archive, collection)):
         for doc in batch:
-            n += 1
-            if doc["_id"] in seen:
-                raise DuplicateKey(f"archive {archive.path} holds {collection} document {doc['_id']!r} twice "
-                                   f"(line {n}); nothing was imported")
-            seen.add(doc["_id"])
-            for fields, taken in zip(uniques, keys):
-                key = _unique_key(doc, fields, project)
-                if key is None:
-                    continue
-                digest = hashlib.blake2b(json.dumps(key, sort_keys=True).encode(), digest_size=16).digest()
-                if digest in taken:
-                    raise DuplicateKey(f"archive {archive.path} holds two {collection} documents with "
-                                       f"{dict(zip(fields, key))!r:.300} (a unique index; the second at line "
-                                       f"{n}); nothing was imported")
-                taken.add(digest)
+            repeats.check(doc, lambda d, fields: _unique_key(d, fields, project))
             needed.update(doc.get("_blobs") or ())
             if renamed and collection not in UNREFERENCED:
                 ids[doc["_id"]] = new_id()
         if not renamed:
             _check_free(index, collection, batch)
-    return n
+    return repeats.n
 
 
 def _plan_tables(archive: Archive, project: str) -> dict[str, tuple[str, str, list[tuple[str, ...]]]]:
@@ -216,26 +233,10 @@ def _check_table(archive: Archive, target, collection: str, stem: str, name: str
     if exists:
         uniques = list(dict.fromkeys(uniques + [tuple(f for f, _ in ix["keys"]) for ix in table.indexes()
                                                 if ix.get("unique")]))
-    seen: set[str] = set()
-    keys: list[set[bytes]] = [set() for _ in uniques]
-    n = 0
+    repeats = _Repeats(archive, f"collection {collection!r}", uniques)
     for batch in _batches(table_documents(archive, stem)):
         for doc in batch:
-            n += 1
-            if doc["_id"] in seen:
-                raise DuplicateKey(f"archive {archive.path} holds collection {collection!r} document "
-                                   f"{doc['_id']!r} twice (line {n}); nothing was imported")
-            seen.add(doc["_id"])
-            for fields, taken in zip(uniques, keys):
-                values = tuple(_get(doc, f) for f in fields)
-                if any(v is None for v in values):
-                    continue
-                digest = hashlib.blake2b(json.dumps(values, sort_keys=True).encode(), digest_size=16).digest()
-                if digest in taken:
-                    raise DuplicateKey(f"archive {archive.path} holds two documents of collection {collection!r} "
-                                       f"with {dict(zip(fields, values))!r:.300} (a unique index; the second at "
-                                       f"line {n}); nothing was imported")
-                taken.add(digest)
+            for fields, values in repeats.check(doc, _table_key):
                 if exists and table.count({f: v for f, v in zip(fields, values)}):
                     raise DuplicateKey(f"collection {collection!r} of project {target.name!r} already holds a "
                                        f"document with {dict(zip(fields, values))!r:.300} (a unique index); "
@@ -248,7 +249,12 @@ def _check_table(archive: Archive, target, collection: str, stem: str, name: str
                 raise DuplicateKey(f"collection {collection!r} of project {target.name!r} already holds a "
                                    f"document with _id {taken_ids[0]['_id']!r}; import under another name with "
                                    f"--project NEW_NAME")
-    return n
+    return repeats.n
+
+
+def _table_key(doc: dict, fields: tuple[str, ...]) -> tuple | None:
+    values = tuple(_get(doc, f) for f in fields)
+    return None if any(v is None for v in values) else values
 
 
 def _check_free(index, collection: str, batch: list[dict]) -> None:
