@@ -121,18 +121,24 @@ def _value(request: Request, project: str, name: str, doc_id: str, field: str) -
 @router.get("/api/p/{project:path}/collection/image")
 def image(request: Request, project: str, name: str, id: str, field: str) -> Response:
     """A thumbnail (PNG, at most 128 px a side) of an image in a document."""
-    value = _value(request, project, name, id, field)
-    if shown.kind(value) != "image":
-        raise QueryError(f"field {field!r} of document {id!r} is not an image ({shown.cell_text(value)})")
-    return Response(shown.thumbnail_png(value), media_type="image/png",
-                    headers={"Cache-Control": "private, max-age=60", "X-Content-Type-Options": "nosniff"})
+    return _media(request, project, name, id, field, "image")
 
 
 @router.get("/api/p/{project:path}/collection/audio")
 def audio(request: Request, project: str, name: str, id: str, field: str) -> Response:
     """An audio clip of a document as 16-bit WAV."""
-    value = _value(request, project, name, id, field)
-    if shown.kind(value) != "audio":
-        raise QueryError(f"field {field!r} of document {id!r} is not audio ({shown.cell_text(value)})")
-    return Response(shown.wav_bytes(value), media_type="audio/wav",
+    return _media(request, project, name, id, field, "audio")
+
+
+#: what the media endpoints serve, by kind of value: how it is named, rendered and typed
+_MEDIA = {"image": ("an image", shown.thumbnail_png, "image/png"), "audio": ("audio", shown.wav_bytes, "audio/wav")}
+
+
+def _media(request: Request, project: str, name: str, doc_id: str, field: str, kind: str) -> Response:
+    """A field of ``kind`` rendered as its media type (QueryError for a field of another kind)."""
+    what, render, media_type = _MEDIA[kind]
+    value = _value(request, project, name, doc_id, field)
+    if shown.kind(value) != kind:
+        raise QueryError(f"field {field!r} of document {doc_id!r} is not {what} ({shown.cell_text(value)})")
+    return Response(render(value), media_type=media_type,
                     headers={"Cache-Control": "private, max-age=60", "X-Content-Type-Options": "nosniff"})
