@@ -4,6 +4,7 @@
 - :mod:`.documents`   reserved fields, folds, input digests, data-type hooks, pymongo-shaped results
 - :mod:`.collection`  the collection (insert, find, update, replace, delete, attach)
 - :mod:`.listeners`   listeners: states, revisions, computing, the dependency graph
+- :mod:`.models`      listeners' models: stored without pickle, loaded once, called on batches
 - :mod:`.queueing`    listener work as tasks (batches of document ids)
 - :mod:`.worker`      the listener worker run by ``mlw worker``
 """

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import re
-import threading
 import traceback
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -34,11 +33,12 @@ from typing import Any
 from mlwarehouse import schema
 from mlwarehouse.codecs import values
 from mlwarehouse.codecs.datatypes import Encoded
-from mlwarehouse.codecs.imports import resolve, target_of
 from mlwarehouse.collections.documents import MISSING, digest, document_size, get_path
+from mlwarehouse.collections.models import Runner, model_ref, store_model
 from mlwarehouse.collections.queueing import enqueue, enqueue_pending
-from mlwarehouse.errors import CodecError, DuplicateKey, ListenerError, NotFound, QueryError
+from mlwarehouse.errors import DuplicateKey, ListenerError, NotFound, QueryError
 from mlwarehouse.ids import new_id, utc_now
+from mlwarehouse.query.documents import copy_json
 from mlwarehouse.query.filters import matches, validate_filter
 from mlwarehouse.query.jsonvalues import split_path
 
@@ -181,7 +181,7 @@ def attach(collection, name: str, model: Any, *, key: str, where: Mapping | None
         raise QueryError(f"no document of collection {collection.name!r} has the field {key!r}: nothing for "
                          f"listener {name!r} to compute (check the key)")
     collection._created()
-    ref = _store_model(collection, name, model, example_inputs)
+    ref = store_model(collection, name, model, example_inputs)
     where_text = json.dumps(draft.where, sort_keys=True) if draft.where else None
     doc = {"collection": collection.name, "name": name, "key": key, "where": where_text, "model": ref,
            "compute": compute, "batch_size": batch_size, "batched": batched, "upstream": list(upstream),
@@ -196,30 +196,6 @@ def attach(collection, name: str, model: Any, *, key: str, where: Mapping | None
     else:
         enqueue_pending(collection, listener)
     return listener
-
-
-def _store_model(collection, name: str, model: Any, example_inputs: Any) -> dict:
-    if isinstance(model, str):
-        if resolve(model, f"listener {name!r} model", trusted=True) is None:
-            raise QueryError(f"listener model {model!r} cannot be imported")
-        return {"kind": "callable", "target": model}
-    if type(model).__module__.startswith("torch") or _is_module(model):
-        record = collection.project.models.save(
-            model, f"{collection.name}.{name}", tags=["listener"],
-            example_inputs=example_inputs, description=f"listener {name!r} of collection {collection.name!r}")
-        return {"kind": "torch", "id": record.id, "name": record.name}
-    if callable(model):
-        try:
-            return {"kind": "callable", "target": target_of(model, f"listener {name!r} model")}
-        except CodecError as exc:
-            raise QueryError(str(exc)) from None
-    raise QueryError(f"a listener model is a torch module or an importable callable, not {type(model).__name__}")
-
-
-def _is_module(model: Any) -> bool:
-    import sys
-    torch = sys.modules.get("torch")
-    return torch is not None and isinstance(model, torch.nn.Module)
 
 
 def detach(collection, name: str, *, force: bool = False) -> int:
@@ -325,7 +301,7 @@ def compute_on_insert(collection, attached: Sequence[Listener], docs: list[dict]
                                     f"nothing was inserted:\n{_traceback(exc)}") from exc
             for (doc, _), output in zip(part, outputs):
                 _set_output(doc, listener, output)
-                doc["_listeners"][listener.name] = {"status": DONE, "input": None, "model": _model_ref(listener),
+                doc["_listeners"][listener.name] = {"status": DONE, "input": None, "model": model_ref(listener),
                                                     "time": utc_now()}
     for doc in docs:
         if not doc.get("_listeners"):
@@ -447,7 +423,7 @@ def _store(collection, listener: Listener, attached, doc: dict, status: str, *, 
             _unset_output(new, listener)
         else:
             _set_output(new, listener, packed)
-        state = {"status": status, "input": seen, "model": _model_ref(listener), "time": utc_now()}
+        state = {"status": status, "input": seen, "model": model_ref(listener), "time": utc_now()}
         if error:
             state["error"] = error[-_ERROR_TAIL:]
         new.setdefault("_listeners", {})[listener.name] = state
@@ -460,7 +436,6 @@ def _store(collection, listener: Listener, attached, doc: dict, status: str, *, 
 
 
 def _copy(doc: dict) -> dict:
-    from mlwarehouse.query.documents import copy_json
     return {k: (copy_json(v) if k in ("_outputs", "_listeners") else v) for k, v in doc.items()}
 
 
@@ -490,11 +465,6 @@ def _unset_output(doc: dict, listener: Listener) -> None:
         del doc["_outputs"]
 
 
-def _model_ref(listener: Listener) -> dict:
-    ref = listener.model
-    return {"id": ref["id"]} if ref.get("kind") == "torch" else {"target": ref.get("target")}
-
-
 def _traceback(exc: BaseException) -> str:
     return "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))[-_ERROR_TAIL:]
 
@@ -514,63 +484,3 @@ def retry(collection, listener: Listener) -> int:
     else:
         enqueue_pending(collection, listener)
     return n
-
-
-# -- models ------------------------------------------------------------------------------------------------------
-
-class Runner:
-    """A listener's model, loaded once per process, called on a batch of decoded inputs."""
-
-    _cache: dict[tuple, "Runner"] = {}
-    _lock = threading.Lock()
-
-    def __init__(self, fn: Any, batched: bool, torch_module: bool):
-        self.fn, self.batched, self.torch_module = fn, batched, torch_module
-
-    @classmethod
-    def get(cls, collection, listener: Listener, *, trusted: bool) -> "Runner":
-        ref = listener.model
-        key = (collection.project.warehouse.settings and collection.project.warehouse.settings.index_uri,
-               ref.get("id") or ref.get("target"), trusted)
-        with cls._lock:
-            found = cls._cache.get(key)
-        if found is not None:
-            return found
-        if ref.get("kind") == "torch":
-            module = collection.project.models.get(ref["id"]).load()
-            runner = cls(module, listener.batched is not False, True)
-        else:
-            fn = resolve(ref.get("target"), f"listener {listener.name!r} model", trusted=trusted)
-            if fn is None or not callable(fn):
-                raise ListenerError(f"listener {listener.name!r} model {ref.get('target')!r} cannot be imported here")
-            runner = cls(fn, bool(listener.batched), False)
-        with cls._lock:
-            if len(cls._cache) > 16:
-                cls._cache.clear()
-            cls._cache[key] = runner
-        return runner
-
-    def __call__(self, inputs: list) -> list:
-        if not inputs:
-            return []
-        if self.torch_module:
-            return _torch_call(self.fn, inputs, self.batched)
-        if self.batched:
-            out = list(self.fn(inputs))
-            if len(out) != len(inputs):
-                raise ListenerError(f"a batched model returned {len(out)} outputs for {len(inputs)} inputs")
-            return out
-        return [self.fn(x) for x in inputs]
-
-
-def _torch_call(module: Any, inputs: list, batched: bool) -> list:
-    import numpy as np
-    import torch
-    tensors = [torch.from_numpy(np.array(x)) if isinstance(x, np.ndarray) else x for x in inputs]
-    with torch.no_grad():
-        if batched and all(isinstance(t, torch.Tensor) for t in tensors) \
-                and len({(tuple(t.shape), t.dtype) for t in tensors}) == 1:
-            out = module(torch.stack(tensors))
-            if isinstance(out, torch.Tensor) and out.shape[:1] == (len(tensors),):
-                return [row.clone() for row in out.unbind(0)]
-        return [module(t) for t in tensors]
