@@ -41,7 +41,8 @@ class Table:
     def __init__(self, project, name: str):
         self.project = project
         self.name = name
-        self._ready = False
+        self._ensured = False  # created with its scalar fields and noted as a blob collection, by this object
+        self._exists = False   # seen to exist (tables are never dropped, so this stays true)
 
     @property
     def _warehouse(self):
@@ -52,10 +53,10 @@ class Table:
         return self.project.warehouse.index
 
     def ensure(self) -> None:
-        if not self._ready:
+        if not self._ensured:
             self._index.ensure_collection(self.name, scalar_fields=SCALARS)
             self._warehouse.note_blob_collection(self.name)
-            self._ready = True
+            self._ensured = self._exists = True
 
     def create_index(self, keys: Sequence[tuple[str, int]], *, unique: bool = False) -> None:
         self.ensure()
@@ -120,27 +121,30 @@ class Table:
 
     # -- reads ----------------------------------------------------------------------------------------------
     def exists(self) -> bool:
-        return self.name in self._index.collections()
+        """Whether the table was created (by any process); once seen, not asked again (tables are not dropped)."""
+        if not self._exists:
+            self._exists = self.name in self._index.collections()
+        return self._exists
 
     def find(self, filter: Filter | None = None, *, sort: Sort | None = None, limit: int | None = None,
              skip: int = 0, projection: dict | None = None) -> Iterable[dict]:
-        if not self._ready and not self.exists():
+        if not self.exists():
             return iter(())
         return self._index.find(self.name, filter or {}, sort=sort, limit=limit, skip=skip, projection=projection)
 
     def find_one(self, filter: Filter | None = None, *, sort: Sort | None = None,
                  projection: dict | None = None) -> dict | None:
-        if not self._ready and not self.exists():
+        if not self.exists():
             return None
         return self._index.find_one(self.name, filter or {}, sort=sort, projection=projection)
 
     def count(self, filter: Filter | None = None) -> int:
-        if not self._ready and not self.exists():
+        if not self.exists():
             return 0
         return self._index.count(self.name, filter or {})
 
     def distinct(self, field: str, filter: Filter | None = None) -> list:
-        if not self._ready and not self.exists():
+        if not self.exists():
             return []
         return self._index.distinct(self.name, field, filter or {})
 

@@ -39,6 +39,7 @@ from mlwarehouse.errors import DuplicateKey, InvalidDocument, QueryError, Wareho
 from mlwarehouse.ids import new_id
 from mlwarehouse.query.filters import validate_filter
 from mlwarehouse.query.updates import apply_update
+from mlwarehouse.tables import table_name
 
 __all__ = ["Collection", "Cursor"]
 
@@ -62,11 +63,8 @@ class Collection:
     # -- storage ------------------------------------------------------------------------------------------
     @property
     def table(self):
-        if self._table is None:
-            from mlwarehouse.tables import table_name
-            record = self.catalog.record(self.name)
-            self._table = self.project.table(record["table"] if record else table_name(self.project.name,
-                                                                                       self.name))
+        if self._table is None:  # the catalog records the same name: it is derived from the two names
+            self._table = self.project.table(table_name(self.project.name, self.name))
         return self._table
 
     def _created(self) -> dict:
