@@ -3,7 +3,9 @@ errors from either click (typer's bundled one or the standalone package)."""
 
 from __future__ import annotations
 
+import json
 import sys
+from typing import Any
 
 import typer
 from rich.console import Console
@@ -11,7 +13,7 @@ from rich.text import Text
 
 from mlwarehouse.errors import NotFound
 
-__all__ = ["console", "err_console", "UriOpt", "BlobsOpt", "ProjectOpt", "connect", "open_project",
+__all__ = ["cell_text", "console", "err_console", "UriOpt", "BlobsOpt", "ProjectOpt", "connect", "open_project",
            "open_existing", "show_error", "show_usage_error", "fail", "click_exit_status"]
 
 # markup off: stored names and values may hold [brackets] that rich would read as style tags
@@ -84,3 +86,13 @@ def click_exit_status(exc: Exception) -> int | None:
             show_usage_error(" ".join(exc.format_message().split()), "Try 'mlw --help' for help.")
             return exc.exit_code
     return None
+
+
+def cell_text(value: Any) -> str:
+    """A value as a table cell: floats to 4 digits, JSON cut at 60 characters."""
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, (dict, list)):
+        text = json.dumps(value, separators=(",", ":"))
+        return text if len(text) <= 60 else text[:57] + "..."
+    return "" if value is None else str(value)

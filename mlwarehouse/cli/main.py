@@ -20,6 +20,7 @@ from mlwarehouse.cli.common import (
     BlobsOpt,
     ProjectOpt,
     UriOpt,
+    cell_text,
     click_exit_status,
     connect,
     console,
@@ -28,6 +29,7 @@ from mlwarehouse.cli.common import (
     show_error,
 )
 from mlwarehouse.cli.items import items_app
+from mlwarehouse.cli.show import arrays_of, render
 from mlwarehouse.errors import WarehouseError
 from mlwarehouse.query.text import parse_filter_text, parse_sort_text
 from mlwarehouse.runs import summary
@@ -72,15 +74,6 @@ def parse_sort(text: str | None) -> list[tuple[str, int]] | None:
     return parse_sort_text(text, "--sort")
 
 
-def _cell(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    if isinstance(value, (dict, list)):
-        text = json.dumps(value, separators=(",", ":"))
-        return text if len(text) <= 60 else text[:57] + "..."
-    return "" if value is None else str(value)
-
-
 def _show(rows: list[dict], columns: list[str], as_json: bool, title: str) -> None:
     if as_json:
         print(json.dumps(rows, default=str))
@@ -88,12 +81,12 @@ def _show(rows: list[dict], columns: list[str], as_json: bool, title: str) -> No
     table = Table(title=title, show_lines=False)
     for column in columns:
         if column in ID_COLUMNS:  # whole, even on a narrow terminal (rich would cut it to "01M8…")
-            width = max([len(column)] + [len(_cell(row.get(column))) for row in rows])
+            width = max([len(column)] + [len(cell_text(row.get(column))) for row in rows])
             table.add_column(column, no_wrap=True, min_width=width)
         else:
             table.add_column(column)
     for row in rows:
-        table.add_row(*(_cell(row.get(c)) for c in columns))
+        table.add_row(*(cell_text(row.get(c)) for c in columns))
     console.print(table)
 
 
@@ -317,7 +310,6 @@ def sql(query: str, uri: Optional[str] = UriOpt, blobs: Optional[str] = BlobsOpt
 
 ENTITIES = (schema.RUNS.name, schema.MODELS.name, schema.DATASETS.name, schema.TASKS.name)
 #: the collections whose documents hold arrays (shown by shape and dtype)
-WITH_ARRAYS = (schema.MODELS.name, schema.DATASETS.name)
 
 
 @app.command()
@@ -328,74 +320,11 @@ def show(entity_id: str = typer.Argument(..., metavar="ID",
     """Show one run, model, dataset or task, in whichever project it is (arrays by shape and dtype, not loaded)."""
     wh, collection, doc = _locate(uri, blobs, project, entity_id, ENTITIES)
     p = wh.project(doc["project"])
-    arrays = _arrays(p, collection, doc) if collection in WITH_ARRAYS else []
+    arrays = arrays_of(p, collection, doc)
     if as_json:
         print(json.dumps({"collection": collection, "doc": doc, "arrays": arrays}, default=str))
         return
-    _render(collection, doc, arrays)
-
-
-_HIDDEN = {"_blobs", "weights", "value", "summary", "architecture", "script", "output", "output_blob", "traceback",
-           "error", "project"}
-
-
-def _render(collection: str, doc: dict, arrays: list[dict]) -> None:
-    """One entity as a field table, plus what its kind has: summaries, error tail, arrays."""
-    from rich.panel import Panel
-    kind = collection[:-1]
-    fields = Table.grid(padding=(0, 2))
-    fields.add_column(style="bold")
-    fields.add_column()
-    for key, value in doc.items():
-        if key not in _HIDDEN:
-            fields.add_row(key, _cell(value) if not isinstance(value, (dict, list)) else json.dumps(value))
-    if collection == schema.MODELS.name and isinstance(doc.get("architecture"), dict):
-        arch = doc["architecture"]
-        fields.add_row("architecture", " ".join(f"{k}={arch[k]}" for k in ("format", "class", "torch") if k in arch))
-    console.print(Panel(fields, title=f"{kind} {doc['_id']}", expand=False))
-    if collection == schema.RUNS.name and summary.metrics(doc):
-        table = Table(title="summaries")
-        for column in ("kind", "metric", "last", "min", "max", "count"):
-            table.add_column(column)
-        for name, stats in summary.metrics(doc).items():
-            kind_name, metric = summary.split_key(name)
-            table.add_row(kind_name, metric, *(_cell(stats.get(k[0])) + _step(stats, k) for k in _STEPPED),
-                          _cell(stats.get(summary.COUNT)))
-        console.print(table)
-    if doc.get("error"):
-        tail = "\n".join(str(doc.get("traceback") or doc["error"]).splitlines()[-15:])
-        console.print(Panel(tail, title="error (last lines)", border_style="red", expand=False), highlight=False)
-    if arrays:
-        table = Table(title="arrays (read from headers, not loaded)")
-        for column in ("path", "codec", "shape", "dtype", "bytes"):
-            table.add_column(column)
-        for a in arrays:
-            shape = "" if a["shape"] is None else "x".join(map(str, a["shape"])) or "scalar"
-            table.add_row(a["path"], a["codec"], shape, a["dtype"] or "", f"{a['bytes']:,}")
-        console.print(table)
-
-
-#: the stats shown with the step they were seen at
-_STEPPED = ((summary.LAST, summary.LAST_STEP), (summary.MIN, summary.MIN_STEP), (summary.MAX, summary.MAX_STEP))
-
-
-def _step(stats: dict, stat_and_step: tuple[str, str]) -> str:
-    step = stats.get(stat_and_step[1])
-    return "" if step is None else f" @{step}"
-
-
-def _arrays(p, collection: str, doc: dict) -> list[dict]:
-    """Path, codec, shape, dtype and size of each blob a model or dataset holds, read from headers only."""
-    from mlwarehouse.web.arrays import Leaf, describe, leaves
-    if collection == schema.MODELS.name:
-        found = []
-        for name, ref in doc.get("weights") or []:
-            label = ".".join(map(str, name)) if isinstance(name, list) else str(name)
-            found.extend(Leaf(len(found), f"{label}{leaf.path[len('value'):]}", leaf.ref) for leaf in leaves(ref))
-    else:
-        found = leaves(doc.get("value"))
-    return [{"path": leaf.path, "codec": leaf.codec, "shape": list(leaf.shape) if leaf.shape is not None else None,
-             "dtype": leaf.dtype, "bytes": leaf.nbytes} for leaf in (describe(p.blobs, x) for x in found)]
+    render(collection, doc, arrays)
 
 
 @app.command("export")
