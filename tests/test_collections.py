@@ -16,6 +16,7 @@ from mlwarehouse.collections import Audio, DataTypeError, Encoded, ListenerError
 from mlwarehouse.collections.catalog import Catalog
 from mlwarehouse.errors import CodecError, DuplicateKey, InvalidDocument, QueryError
 from mlwarehouse.testing import collection_conformance as cc
+from mlwarehouse.testing import listener_conformance as lc
 from mlwarehouse.testing.collection_conformance import Point, decode_point, encode_point
 
 MODULE = cc.__name__
@@ -175,7 +176,7 @@ def test_a_model_that_raises_inline(wh):
     c = wh.collection("raising")
     c.insert_many([{"_id": "a", "x": 1}, {"_id": "b", "x": 2}])
     with pytest.raises(ListenerError, match="broken model"):  # backfill: the documents say why
-        c.attach("bad", cc.broken, key="x")
+        c.attach("bad", lc.broken, key="x")
     assert c.progress("bad") == {"done": 0, "pending": 0, "failed": 2, "skipped": 0}
     error = c.find_one({"_id": "a"}, {"_listeners": 1})["_listeners"]["bad"]["error"]
     assert "ValueError" in error and "broken model cannot take 1" in error
@@ -192,10 +193,10 @@ def test_a_listener_over_a_missing_field(wh):
     c = wh.collection("missing")
     c.insert_many([{"_id": "a", "x": 1}, {"_id": "b", "x": 2}])
     with pytest.raises(QueryError, match="'typo'"):
-        c.attach("l", cc.double, key="typo")
+        c.attach("l", lc.double, key="typo")
     assert c.listeners() == [] and c.count_documents({"_listeners": {"$exists": True}}) == 0
     empty = wh.collection("empty_one")  # nothing to check yet: attached, documents come later
-    empty.attach("l", cc.double, key="later")
+    empty.attach("l", lc.double, key="later")
     assert [x.name for x in empty.listeners()] == ["l"]
 
 
@@ -203,18 +204,18 @@ def test_dependency_cycles_and_overlaps_are_refused(wh):
     c = wh.collection("graph")
     c.insert_one({"_id": "a", "x": {"a": 1, "b": 2}})
     with pytest.raises(QueryError, match="no listener"):  # reads its own output, which nobody writes yet
-        c.attach("self", cc.double, key="_outputs.x.self")
-    c.attach("first", cc.double, key="x.a")
+        c.attach("self", lc.double, key="_outputs.x.self")
+    c.attach("first", lc.double, key="x.a")
     with pytest.raises(QueryError, match="no listener"):
-        c.attach("second", cc.plus_one, key="_outputs.x.a.nobody")
+        c.attach("second", lc.plus_one, key="_outputs.x.a.nobody")
     with pytest.raises(QueryError, match="overlaps"):  # would write _outputs.x.a, where first's output is
-        c.attach("a", cc.double, key="x")
+        c.attach("a", lc.double, key="x")
     for key in ("_outputs", "_listeners.first.status", "_rev", "_id", "_blobs"):
         with pytest.raises(QueryError):
-            c.attach("reader", cc.double, key=key)
-    c.attach("second", cc.plus_one, key="_outputs.x.a.first")
+            c.attach("reader", lc.double, key=key)
+    c.attach("second", lc.plus_one, key="_outputs.x.a.first")
     assert c.listener("second").upstream == ("first",)
-    assert cc._out(c.find_one({"_id": "a"}), "_outputs.x.a.first", "second") == 3
+    assert lc._out(c.find_one({"_id": "a"}), "_outputs.x.a.first", "second") == 3
     assert [x.name for x in c.listeners()] == ["first", "second"]
 
 
@@ -261,16 +262,16 @@ def test_bad_listener_arguments(wh):
     c.insert_one({"x": 1})
     for name in ("", "1st", "a-b", "a.b", "x" * 65, "é", 3, None, "$x"):
         with pytest.raises(QueryError):
-            c.attach(name, cc.double, key="x")
+            c.attach(name, lc.double, key="x")
     for kwargs in ({"compute": "gpu"}, {"batch_size": 0}, {"batch_size": True}, {"where": {"x": {"$bad": 1}}},
                    {"key": "a..b"}):
         with pytest.raises(QueryError):
-            c.attach("ok", cc.double, **{"key": "x", **kwargs})
+            c.attach("ok", lc.double, **{"key": "x", **kwargs})
     for model in (lambda x: x, 42, f"{MODULE}:no_such_function"):
         with pytest.raises(QueryError):
             c.attach("ok", model, key="x")
     assert c.listeners() == [] and wh.tasks.find(schema.LISTENER_TASK) == []
     with pytest.raises(QueryError):
         wh.collection("$bad")
-    c.attach("ok", f"{MODULE}:double", key="x")  # a model by its import path
-    assert cc._out(c.find_one(), "x", "ok") == 2
+    c.attach("ok", f"{lc.__name__}:double", key="x")  # a model by its import path
+    assert lc._out(c.find_one(), "x", "ok") == 2
