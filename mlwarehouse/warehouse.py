@@ -250,11 +250,14 @@ class Project:
     def pack(self, value: Any, *, allow_pickle: bool = False, **options: Any) -> Any:
         """Store the blobs a value needs and return its JSON tree (blob references at the leaves), under this
         thread's write lease until a document holding the tree is inserted or updated (see the module notes).
-        ``options`` go to :func:`mlwarehouse.codecs.values.pack` (inline limits, a data-type encoder)."""
-        self.warehouse._lease_begin()
+        ``options`` go to :func:`mlwarehouse.codecs.values.pack` (inline limits, a data-type encoder). The lease
+        is taken before the first put: a value that puts no blob (small, or kept inline) costs no lease writes."""
+        def put(data: Any) -> str:
+            self.warehouse._lease_begin()
+            return self.blobs.put(data)
         tree = None
         try:
-            tree = values.pack(value, self.blobs.put, allow_pickle=allow_pickle, **options)
+            tree = values.pack(value, put, allow_pickle=allow_pickle, **options)
         finally:
             self.warehouse._lease_end(packed=values.blob_keys(tree))
         return tree

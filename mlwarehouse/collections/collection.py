@@ -91,8 +91,7 @@ class Collection:
         """A document packed field by field: it stays a dict (with its ``_id``) however large its JSON, where
         packing it whole would make one JSON blob of it."""
         encoder = encoder or self.codecs.encoder()
-        with self.project.warehouse.writing():  # one write lease for all the fields
-            return {k: self.pack(v, encoder) for k, v in doc.items()}
+        return {k: self.pack(v, encoder) for k, v in doc.items()}
 
     def unpack(self, tree: Any, *, raw: bool = False, writable: bool = False) -> Any:
         return self.project.unpack(tree, decode=self.codecs.decoder(raw=raw, writable=writable))
@@ -138,15 +137,14 @@ class Collection:
         engine.compute_on_insert(self, attached, docs)  # inline listeners' outputs, stored with the documents
         packed, keys, encoder = [], set(), self.codecs.encoder()
         try:
-            with self.project.warehouse.writing():  # one write lease for the chunk, held until it is stored
-                for doc in docs:
-                    tree = self.pack_document(doc, encoder)
-                    engine.seal_inputs(attached, tree)
-                    tree["_rev"] = new_id()
-                    keys |= values.blob_keys(tree)
-                    document_size(tree)
-                    packed.append(tree)
-                self.table.insert_many(packed)
+            for doc in docs:
+                tree = self.pack_document(doc, encoder)
+                engine.seal_inputs(attached, tree)
+                tree["_rev"] = new_id()
+                keys |= values.blob_keys(tree)
+                document_size(tree)
+                packed.append(tree)
+            self.table.insert_many(packed)
         except BaseException:
             self.project.warehouse._lease_end(stored=keys)
             self.table.release(keys)

@@ -398,10 +398,9 @@ def process(collection, listener: Listener, docs: list[dict], *, trusted: bool) 
                 outcome.failed += _store(collection, listener, attached, doc, FAILED, error=error)
             continue
         encoder = collection.codecs.encoder()
-        with collection.project.warehouse.writing():  # one write lease for the batch, not one per output
-            for doc, output in zip(part, outputs):
-                outcome.written += _store(collection, listener, attached, doc, DONE,
-                                          output=collection.pack(output, encoder))
+        for doc, output in zip(part, outputs):
+            outcome.written += _store(collection, listener, attached, doc, DONE,
+                                      output=collection.pack(output, encoder))
     return outcome
 
 
