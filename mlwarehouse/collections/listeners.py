@@ -27,7 +27,7 @@ import json
 import re
 import traceback
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from mlwarehouse import schema
@@ -363,12 +363,10 @@ def _run_pending(collection, listener: Listener, scope: dict | None, *, trusted:
 
 @dataclass
 class Outcome:
+    """What one :func:`process` call wrote: documents written, documents failed, the tracebacks of failed batches."""
     written: int = 0
     failed: int = 0
-    errors: list = None
-
-    def __post_init__(self):
-        self.errors = [] if self.errors is None else self.errors
+    errors: list[str] = field(default_factory=list)
 
 
 def process(collection, listener: Listener, docs: list[dict], *, trusted: bool) -> Outcome:
