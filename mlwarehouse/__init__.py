@@ -24,6 +24,7 @@ from mlwarehouse.errors import (
     TaskError,
     TaskFailed,
     Unavailable,
+    VectorIndexError,
     WarehouseError,
 )
 from mlwarehouse.warehouse import GcReport, Project, Warehouse, connect
@@ -34,7 +35,7 @@ __all__ = [
     "connect", "Warehouse", "Project", "GcReport", "TensorHub", "current_run", "current_task", "register_codec",
     "WarehouseError", "ConfigError", "QueryError", "InvalidDocument", "CodecError", "PickleNotAllowed", "NotFound",
     "DuplicateKey", "IntegrityError", "BackendError", "Unavailable", "TaskError", "TaskFailed", "__version__",
-    "DataTypeError", "ListenerError", "Audio", "Encoded", "trust_modules",
+    "DataTypeError", "ListenerError", "VectorIndexError", "Audio", "Encoded", "trust_modules",
 ]
 
 _LAZY = {

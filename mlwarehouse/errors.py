@@ -14,7 +14,8 @@
      │    └── Unavailable       the server cannot be reached
      ├── TaskError              task queue errors
      │    └── TaskFailed        a task ended failed (carries the stored traceback)
-     └── ListenerError          a model attached to a collection failed (the traceback is in the message)
+     ├── ListenerError          a model attached to a collection failed (the traceback is in the message)
+     └── VectorIndexError       a vector index or search cannot be made as asked (names what is wrong)
 
 Backends translate their driver's errors at their boundary (``raise BackendError(...) from exc``);
 nothing returns False silently.
@@ -25,7 +26,7 @@ from __future__ import annotations
 __all__ = [
     "WarehouseError", "ConfigError", "QueryError", "InvalidDocument", "CodecError", "PickleNotAllowed",
     "NotFound", "DuplicateKey", "IntegrityError", "BackendError", "Unavailable", "TaskError", "TaskFailed",
-    "DataTypeError", "ListenerError",
+    "DataTypeError", "ListenerError", "VectorIndexError",
 ]
 
 
@@ -94,3 +95,7 @@ class TaskFailed(TaskError):
 
 class ListenerError(WarehouseError):
     """A listener's model failed (its documents are marked failed with the traceback) or cannot run here."""
+
+
+class VectorIndexError(WarehouseError):
+    """A vector index cannot be made or searched as asked (unknown index, wrong dimensions, no vector to search)."""

@@ -13,7 +13,8 @@ import threading
 import time
 from datetime import datetime, timezone
 
-__all__ = ["new_id", "utc_now", "parse_time", "ALPHABET", "encode32", "ID_LENGTH", "MIN_PREFIX", "prefix_filter"]
+__all__ = ["new_id", "utc_now", "parse_time", "ALPHABET", "encode32", "ID_LENGTH", "MIN_PREFIX", "prefix_filter",
+           "id_millis", "ids_after"]
 
 #: Crockford base32, the digits of every id
 ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
@@ -69,3 +70,19 @@ def prefix_filter(prefix: str) -> dict | None:
     if not MIN_PREFIX <= len(key) <= ID_LENGTH or not set(key) <= _DIGITS:
         return None
     return {"_id": {"$gte": key, "$lt": key + "~"}}  # "~" sorts after every base32 digit
+
+
+def id_millis(value: str) -> int | None:
+    """The creation time (ms since the epoch) of an id made by :func:`new_id`, or None for any other string."""
+    head = value[:10].upper() if isinstance(value, str) and len(value) == ID_LENGTH else ""
+    if len(head) != 10 or not set(head) <= _DIGITS:
+        return None
+    ms = 0
+    for ch in head:
+        ms = ms * 32 + ALPHABET.index(ch)
+    return ms
+
+
+def ids_after(ms: int) -> str:
+    """The smallest id made at or after ``ms``: ``{"$gte": ids_after(ms)}`` selects the ids made since then."""
+    return encode32(max(0, ms), 10) + "0" * 16

@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 __all__ = ["Collection", "IndexSpec", "META", "DATASETS", "ITEMS", "ITEM_SHARDS", "MODELS", "RUNS", "LOGS", "TASKS",
-           "CATALOG", "DATATYPES", "LISTENERS", "LISTENER_TASK", "TABLE_PREFIX", "COLLECTIONS", "LOG_FIELDS",
+           "CATALOG", "DATATYPES", "LISTENERS", "VECTOR_INDEXES", "TOMBSTONES", "LISTENER_TASK", "TABLE_PREFIX", "COLLECTIONS", "LOG_FIELDS",
            "BOOKKEEPING_FIELDS", "SUMMARY_FIELD"]
 
 
@@ -95,9 +95,18 @@ DATATYPES = Collection("datatypes", ("project", "name"), (_ix(("project", 1), ("
 LISTENERS = Collection("listeners", ("project", "collection", "name", "status"),
                        (_ix(("project", 1), ("collection", 1), ("name", 1), unique=True),))
 
+#: vector indexes over collections (see :mod:`mlwarehouse.vectors`); ``snapshot`` refers to the persisted index
+VECTOR_INDEXES = Collection("vector_indexes", ("project", "collection", "name", "engine"),
+                            (_ix(("project", 1), ("collection", 1), ("name", 1), unique=True),), blobs=True)
+
+#: one document per deleted document of a users' table (``table``, ``doc``), with a sortable ``_id``: how the
+#: copies of vector indexes in other processes learn of deletes (see :mod:`mlwarehouse.vectors.mirror`)
+TOMBSTONES = Collection("tombstones", ("project", "table", "doc"), (_ix(("table", 1), ("_id", 1)),))
+
 #: every collection above, by name
 COLLECTIONS: dict[str, Collection] = {c.name: c for c in (META, DATASETS, ITEMS, ITEM_SHARDS, MODELS, RUNS, LOGS,
-                                                          TASKS, CATALOG, DATATYPES, LISTENERS)}
+                                                          TASKS, CATALOG, DATATYPES, LISTENERS, VECTOR_INDEXES,
+                                                          TOMBSTONES)}
 
 #: the task name of listener work (batches of documents whose outputs a worker computes)
 LISTENER_TASK = "mlw.listener"

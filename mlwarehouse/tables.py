@@ -109,8 +109,12 @@ class Table:
         return self._index.update_many(self.name, filter, update)
 
     def delete(self, filter: Filter) -> list[dict]:
-        """Delete matching documents and release the blobs only they referenced; returns them."""
+        """Delete matching documents and release the blobs only they referenced; returns them. A tombstone per
+        document tells other processes' vector indexes (which learn of writes by ``_rev``) of the delete."""
         deleted = self._index.delete_many(self.name, filter)
+        if deleted:
+            self.project.ensure(schema.TOMBSTONES)
+            self.project.insert_many(schema.TOMBSTONES.name, ({"table": self.name, "doc": d["_id"]} for d in deleted))
         self._warehouse.release_blobs(deleted)
         return deleted
 
@@ -142,6 +146,12 @@ class Table:
         if not self.exists():
             return 0
         return self._index.count(self.name, filter or {})
+
+    def values(self, filter: Filter | None, fields: Sequence[str]) -> list[tuple]:
+        """Columns of the matching documents (see :meth:`Index.values`), without whole documents."""
+        if not self.exists():
+            return []
+        return self._index.values(self.name, filter or {}, fields)
 
     def distinct(self, field: str, filter: Filter | None = None) -> list:
         if not self.exists():

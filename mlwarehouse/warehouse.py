@@ -246,6 +246,11 @@ class Project:
         """An extra index for a query shape users ask for (e.g. a sort on a metric); idempotent."""
         self.warehouse.create_index(str(collection), keys)
 
+    def vector_store(self):
+        """The index's own vector tables (pgvector on PostgreSQL), or None where the index has none."""
+        store = getattr(self.warehouse.index, "vector_store", None)
+        return store() if store is not None else None
+
     # -- values --------------------------------------------------------------------------------------------
     def pack(self, value: Any, *, allow_pickle: bool = False, **options: Any) -> Any:
         """Store the blobs a value needs and return its JSON tree (blob references at the leaves), under this

@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent / PACKAGE
 
 #: layers below the domain: they know nothing of what is stored in them
 LOW = ("query", "index", "blobs", "codecs", "drivers")
-DOMAIN = ("datasets", "models", "runs", "tasks", "collections")
+DOMAIN = ("datasets", "models", "runs", "tasks", "collections", "vectors")
 FRONTS = ("cli", "web", "compat", "archive", "examples")
 #: the front door: the warehouse, and the package itself (whose ``__init__`` imports it)
 TOP = ("warehouse", "")

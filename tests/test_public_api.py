@@ -14,7 +14,7 @@ def test_exported_members():
         "connect", "Warehouse", "Project", "GcReport", "TensorHub", "current_run", "current_task",
         "register_codec", "WarehouseError", "ConfigError", "QueryError", "InvalidDocument", "CodecError",
         "PickleNotAllowed", "NotFound", "DuplicateKey", "IntegrityError", "BackendError", "Unavailable",
-        "TaskError", "TaskFailed", "__version__", "DataTypeError", "ListenerError", "Audio", "Encoded",
+        "TaskError", "TaskFailed", "__version__", "DataTypeError", "ListenerError", "VectorIndexError", "Audio", "Encoded",
         "trust_modules",
     ])
     for name in mlwarehouse.__all__:
@@ -51,6 +51,7 @@ def test_exception_tree_shape():
         "TaskFailed": ("TaskError",),
         "DataTypeError": ("CodecError",),
         "ListenerError": ("WarehouseError",),
+        "VectorIndexError": ("WarehouseError",),
     }
     for name in errors.__all__:  # the docstring's drawing names every class
         assert f" {name} " in errors.__doc__ or f"{name}\n" in errors.__doc__, name

@@ -56,6 +56,7 @@ class Collection:
         self.name = name
         self._table = None
         self.codecs = Codecs(catalog)
+        self._vector_indexes: dict[str, Any] = {}
 
     def __repr__(self) -> str:
         return f"<Collection {self.name!r} of project {self.project.name!r}>"
@@ -150,13 +151,26 @@ class Collection:
             self.table.release(keys)
             raise
         enqueue(self, attached, ids)
+        self._wrote()
         return ids
 
     # -- reading ------------------------------------------------------------------------------------------
     def find(self, filter: Mapping | None = None, projection: Mapping | None = None, *, sort=None,
-             limit: int | None = None, skip: int = 0, raw: bool = False) -> "Cursor":
+             limit: int | None = None, skip: int = 0, raw: bool = False, like: Any = None, vector: Any = None,
+             n: int | None = None, index: str | None = None):
         """Matching documents, decoded (user types as :class:`~mlwarehouse.codecs.datatypes.Encoded` when
-        ``raw``). A cursor: iterate it, or chain ``.sort()``, ``.limit()``, ``.skip()`` as with pymongo."""
+        ``raw``). A cursor: iterate it, or chain ``.sort()``, ``.limit()``, ``.skip()`` as with pymongo.
+
+        With ``like`` (a value for the index's model, a document, or ``{"_id": ...}``) or ``vector``: the ``n``
+        (default 10) matching documents nearest to it by vector index ``index`` (default: the first created),
+        nearest first, each with ``_score`` (see :meth:`mlwarehouse.vectors.index.VectorIndex.find`)."""
+        if like is not None or vector is not None:
+            if sort is not None or skip:
+                raise QueryError("a vector search is ordered by closeness: it takes no sort or skip")
+            return self.vector_index(index).find(filter, projection, like=like, vector=vector,
+                                                 n=n if n is not None else (limit or 10), raw=raw)
+        if n is not None:
+            raise QueryError("n is the number of neighbours of a vector search: pass like= or vector= too")
         return Cursor(self, filter, projection, sort, limit, skip, raw)
 
     def find_one(self, filter: Mapping | None = None, projection: Mapping | None = None, *, sort=None,
@@ -227,6 +241,7 @@ class Collection:
         if result.matched_count == 0 and upsert:
             result.upserted_id = self._upsert(scope, update, replace)
         engine.after_update(self, attached, changed)
+        self._wrote()
         return result
 
     def _upsert(self, scope: dict, update: Mapping, replace: bool) -> str:
@@ -245,15 +260,21 @@ class Collection:
         first = self.table.find_one(dict(filter or {}), sort=[("_id", 1)], projection={"_id": 1})
         if first is None:
             return DeleteResult(0)
-        return DeleteResult(len(self.table.delete({"_id": first["_id"]})))
+        deleted = len(self.table.delete({"_id": first["_id"]}))
+        self._wrote()
+        return DeleteResult(deleted)
 
     def delete_many(self, filter: Mapping) -> DeleteResult:
         """Delete matching documents: their outputs go with them, and the blobs only they referenced."""
         validate_filter(dict(filter or {}))
-        return DeleteResult(len(self.table.delete(dict(filter or {}))))
+        deleted = len(self.table.delete(dict(filter or {})))
+        self._wrote()
+        return DeleteResult(deleted)
 
     def drop(self) -> None:
-        """Delete every document, listener and the catalog entry of this collection."""
+        """Delete every document, listener, vector index and the catalog entry of this collection."""
+        for spec in self.vector_indexes():
+            self.drop_vector_index(spec["name"])
         for listener in reversed(engine.ordered(engine.active(self))):
             engine.detach(self, listener.name, force=True)
         self.table.delete({})
@@ -293,12 +314,64 @@ class Collection:
         """Put a listener's failed documents back to pending (and compute them if it computes inline)."""
         return engine.retry(self, engine.get(self, name))
 
+    # -- vector indexes -------------------------------------------------------------------------------------
+    def create_vector_index(self, name: str, *, listener: str | None = None, field: str | None = None,
+                            metric: str = "cosine", dims: int | None = None, engine: str | None = None,
+                            options: Mapping | None = None):
+        """A vector index over a listener's outputs (``listener``) or a stored vector ``field``, built now and
+        kept current with every write by any process. ``metric``: cosine, ip or l2. ``engine``: ``embedded`` (an
+        HNSW graph per process, persisted as blobs) or ``pgvector`` (in PostgreSQL; the default there when the
+        extension is installed). ``options``: ``M``, ``ef_construction``, ``ef_search`` of the graph."""
+        from mlwarehouse.vectors import spec as specs
+        from mlwarehouse.vectors.index import VectorIndex
+        self._created()
+        spec = specs.create(self, name, listener=listener, field=field, metric=metric, dims=dims, engine=engine,
+                            options=options, default_engine=_default_engine(self))
+        index = self._vector_indexes[name] = VectorIndex(self, spec)
+        index.backend  # built (or, for pgvector, filled) before this returns
+        return index
+
+    def vector_index(self, name: str | None = None):
+        """A vector index by name (default: the collection's first)."""
+        from mlwarehouse.vectors import spec as specs
+        from mlwarehouse.vectors.index import VectorIndex
+        spec = specs.get(self, name)
+        held = self._vector_indexes.get(spec.name)
+        if held is None or held.spec.id != spec.id:  # dropped and made again by another process
+            held = self._vector_indexes[spec.name] = VectorIndex(self, spec)
+        return held
+
+    def _wrote(self) -> None:
+        """This process wrote: its vector indexes refresh before their next search (read your own writes)."""
+        for index in self._vector_indexes.values():
+            index.stale = True
+
+    def vector_indexes(self) -> list[dict]:
+        """The collection's vector indexes (their definitions), oldest first."""
+        from mlwarehouse.vectors import spec as specs
+        return [s.describe() for s in specs.listed(self)]
+
+    def drop_vector_index(self, name: str) -> None:
+        """Delete a vector index (its stored snapshot and, for pgvector, its table)."""
+        from mlwarehouse.vectors import spec as specs
+        index = self.vector_index(name)
+        if index.spec.engine == "pgvector":
+            from mlwarehouse.vectors.pgvector import drop_table
+            drop_table(self, index.spec)
+        specs.remove(self, name)
+        self._vector_indexes.pop(name, None)
+
     # -- data types ---------------------------------------------------------------------------------------
     def register_type(self, name: str, encode: Any, decode: Any, *, instance_of: Any = None, description: str = "",
                       replace: bool = False):
         """Register a data type for the project (see :meth:`Catalog.register_type`)."""
         return self.catalog.register_type(name, encode, decode, instance_of=instance_of, description=description,
                                           replace=replace)
+
+
+def _default_engine(collection) -> str:
+    """``pgvector`` on a PostgreSQL index with the extension installed, else ``embedded``."""
+    return "pgvector" if collection.project.vector_store() is not None else "embedded"
 
 
 def body_without_id(doc: Mapping) -> dict:

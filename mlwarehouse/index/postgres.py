@@ -194,6 +194,15 @@ class PostgresIndex(SQLIndex):
                         return True
             return False
 
+    # -- vectors -------------------------------------------------------------------------------------------
+    def vector_store(self):
+        """Vector tables (:class:`~mlwarehouse.index.pgvectors.PgVectors`) when the database has pgvector >= 0.8,
+        else None (asked once per index object)."""
+        if not hasattr(self, "_vectors"):
+            from mlwarehouse.index.pgvectors import PgVectors
+            self._vectors = PgVectors.probe(self)
+        return self._vectors
+
     # -- raw SQL and views ---------------------------------------------------------------------------------
     def sql(self, query: str, params: Sequence[Any] | dict = ()) -> list[dict]:
         """Run one statement in a READ ONLY transaction (``%s`` placeholders); rows as dicts."""

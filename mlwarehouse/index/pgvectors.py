@@ -1,0 +1,168 @@
+"""Vector tables in PostgreSQL with pgvector: vectors beside a collection's table, searched with its filters.
+
+A vector table ``v_<name>(doc_id, rev, embedding vector(d))`` holds one vector per document of a collection, with
+the document's ``_rev`` it was read at, and an HNSW index (``m``, ``ef_construction``) for the metric. A search is
+one statement: the table's HNSW scan ordered by distance, joined to the collection's rows and filtered there with
+the same compiled filter every other query uses, with pgvector's **iterative index scans** (0.8+) so a filter
+that rejects most of the first candidates makes the scan go on instead of returning too few rows. When the scan
+still comes back short (a very selective filter), the same statement runs without the index: exact.
+
+This module knows nothing of what the vectors mean; :mod:`mlwarehouse.vectors.pgvector` keeps them current.
+The columns are not called ``id`` or ``doc``, so the compiled filter names the collection's row unambiguously.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+
+from mlwarehouse.errors import QueryError
+from mlwarehouse.query.filters import parse_filter
+
+__all__ = ["PgVectors", "OPS", "MINIMUM_VERSION"]
+
+#: the distance operator and operator class of each metric
+OPS = {"cosine": ("<=>", "vector_cosine_ops"), "ip": ("<#>", "vector_ip_ops"), "l2": ("<->", "vector_l2_ops")}
+#: iterative index scans came with pgvector 0.8.0
+MINIMUM_VERSION = (0, 8)
+_NAME = re.compile(r"^[a-z0-9_]{1,40}\Z")
+_MAX_SCAN = 100_000
+
+
+def _literal(vector: np.ndarray) -> str:
+    return "[" + ",".join(repr(float(x)) for x in vector) + "]"
+
+
+class PgVectors:
+    """Vector tables of one :class:`~mlwarehouse.index.postgres.PostgresIndex`."""
+
+    def __init__(self, index, schema: str, version: tuple[int, ...]):
+        self.index, self.schema, self.version = index, schema, version
+        self._type = f'"{schema}".vector'
+
+    @classmethod
+    def probe(cls, index) -> "PgVectors | None":
+        """The vector tables of ``index`` when pgvector (new enough) is installed in its database, else None."""
+        with index._connection() as con:
+            row = con.execute("SELECT n.nspname, e.extversion FROM pg_extension e JOIN pg_namespace n "
+                              "ON n.oid = e.extnamespace WHERE e.extname = 'vector'").fetchone()
+        if row is None:
+            return None
+        version = tuple(int(p) for p in re.findall(r"\d+", row[1])[:3])
+        return cls(index, row[0], version) if version >= MINIMUM_VERSION else None
+
+    def _table(self, name: str) -> str:
+        if not _NAME.match(name):
+            raise QueryError(f"invalid vector table name {name!r}")
+        return f'"v_{name}"'
+
+    def _op(self, metric: str) -> str:
+        return f"OPERATOR(\"{self.schema}\".{OPS[metric][0]})"
+
+    # -- tables -------------------------------------------------------------------------------------------
+    def ensure(self, name: str, dims: int) -> None:
+        table = self._table(name)
+        with self.index._transaction() as con:
+            self.index._lock_ddl(con)
+            con.execute(f'CREATE TABLE IF NOT EXISTS {table} (doc_id TEXT COLLATE "C" PRIMARY KEY, '
+                        f'rev TEXT NOT NULL, embedding {self._type}({int(dims)}) NOT NULL)')
+
+    def create_index(self, name: str, metric: str, *, m: int, ef_construction: int) -> None:
+        """The HNSW index (after a bulk fill: building it over the rows is faster than growing it row by row)."""
+        table = self._table(name)
+        with self.index._transaction() as con:
+            self.index._lock_ddl(con)
+            con.execute("SET LOCAL maintenance_work_mem = '512MB'")
+            con.execute(f'CREATE INDEX IF NOT EXISTS "vx_{name}" ON {table} USING hnsw '
+                        f'(embedding "{self.schema}".{OPS[metric][1]}) WITH (m = {int(m)}, '
+                        f'ef_construction = {int(ef_construction)})')
+
+    def drop(self, name: str) -> None:
+        with self.index._transaction() as con:
+            self.index._lock_ddl(con)
+            con.execute(f"DROP TABLE IF EXISTS {self._table(name)}")
+
+    def exists(self, name: str) -> bool:
+        with self.index._connection() as con:
+            return con.execute("SELECT to_regclass(%s) IS NOT NULL", (f'v_{name}',)).fetchone()[0]
+
+    # -- rows ---------------------------------------------------------------------------------------------
+    def revisions(self, name: str, ids: Sequence[str]) -> dict[str, str]:
+        """The revision each of ``ids`` has a vector of (absent: none)."""
+        out: dict[str, str] = {}
+        with self.index._connection() as con:
+            for start in range(0, len(ids), 5000):
+                part = list(ids[start:start + 5000])
+                out.update(con.execute(f"SELECT doc_id, rev FROM {self._table(name)} WHERE doc_id = ANY(%s)",
+                                       (part,)).fetchall())
+        return out
+
+    def put(self, name: str, rows: Iterable[tuple[str, str, np.ndarray]]) -> int:
+        """Insert or replace vectors ``(doc_id, rev, vector)``."""
+        rows = [(i, r, _literal(v)) for i, r, v in rows]
+        if not rows:
+            return 0
+        table = self._table(name)
+        with self.index._transaction() as con:
+            con.execute("CREATE TEMP TABLE IF NOT EXISTS mlw_vec_in (doc_id TEXT, rev TEXT, embedding TEXT) "
+                        "ON COMMIT DELETE ROWS")
+            with con.cursor().copy("COPY mlw_vec_in (doc_id, rev, embedding) FROM STDIN") as copy:
+                for row in rows:
+                    copy.write_row(row)
+            con.execute(f"INSERT INTO {table} (doc_id, rev, embedding) SELECT doc_id, rev, embedding::{self._type} "
+                        f"FROM mlw_vec_in ON CONFLICT (doc_id) DO UPDATE SET rev = EXCLUDED.rev, "
+                        f"embedding = EXCLUDED.embedding")
+        return len(rows)
+
+    def delete(self, name: str, ids: Sequence[str]) -> int:
+        if not ids:
+            return 0
+        with self.index._transaction() as con:
+            return con.execute(f"DELETE FROM {self._table(name)} WHERE doc_id = ANY(%s)", (list(ids),)).rowcount
+
+    def delete_orphans(self, name: str, collection: str) -> int:
+        """Remove vectors whose document is gone."""
+        with self.index._transaction() as con:
+            return con.execute(f"DELETE FROM {self._table(name)} v WHERE NOT EXISTS (SELECT 1 FROM "
+                               f"{self.index._table(collection)} d WHERE d.id = v.doc_id)").rowcount
+
+    def truncate(self, name: str) -> None:
+        with self.index._transaction() as con:
+            con.execute(f"TRUNCATE {self._table(name)}")
+
+    def stats(self, name: str) -> dict:
+        table = self._table(name)
+        with self.index._connection() as con:
+            count = con.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+            size = con.execute("SELECT pg_total_relation_size(%s)", (f"v_{name}",)).fetchone()[0]
+        return {"vectors": int(count), "memory_bytes": int(size)}
+
+    # -- search -------------------------------------------------------------------------------------------
+    def search(self, name: str, collection: str, metric: str, query: np.ndarray, n: int, filter: dict | None, *,
+               ef: int = 40) -> tuple[list[tuple[str, str, float, str]], bool]:
+        """The ``n`` nearest rows that match ``filter``: ``(doc_id, rev, distance, document JSON)``, nearest
+        first, and whether the HNSW scan answered (False: it came back short, so this was an exact scan)."""
+        from mlwarehouse.index.sql.compiler import Compiler
+        scalars = self.index._scalar_fields(collection)
+        if scalars is None:
+            return [], True
+        c = Compiler(self.index.dialect, scalar_fields=scalars)
+        where = c.where(parse_filter(filter or {}))
+        op, q = self._op(metric), _literal(query)
+        base = (f"SELECT v.doc_id, v.rev, v.embedding {op} %s::{self._type} AS dist, d.doc::text "
+                f"FROM {self._table(name)} v JOIN {self.index._table(collection)} d ON d.id = v.doc_id "
+                f"WHERE {where} ORDER BY ")
+        with self.index._transaction() as con:
+            con.execute(f"SET LOCAL hnsw.ef_search = {max(int(ef), int(n), 10)}")
+            con.execute("SET LOCAL hnsw.iterative_scan = strict_order")
+            con.execute(f"SET LOCAL hnsw.max_scan_tuples = {_MAX_SCAN}")
+            rows = con.execute(base + f"v.embedding {op} %s::{self._type} LIMIT %s",
+                               [q, *c.params, q, n]).fetchall()
+            if len(rows) >= n or not filter:
+                return rows, True
+            # short: fewer matches than n, or the scan gave up first; an exact scan of the matches tells which
+            con.execute("SET LOCAL enable_indexscan = off")
+            rows = con.execute(base + "dist LIMIT %s", [q, *c.params, n]).fetchall()
+            return rows, False

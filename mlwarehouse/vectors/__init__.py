@@ -1,0 +1,1 @@
+"""Vector indexes over collections: definitions, the embedded engines and their mirrors, pgvector, search."""

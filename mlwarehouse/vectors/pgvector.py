@@ -1,0 +1,183 @@
+"""The pgvector engine: a collection's vectors in a PostgreSQL table with an HNSW index, shared by every process.
+
+The vectors live in the database (:mod:`mlwarehouse.index.pgvectors`), so many machines search one index without
+loading it. Any searching process keeps the table current (:class:`~mlwarehouse.vectors.tracking.Follower`: the
+writes since ``position - WINDOW`` and the tombstones, compared with the revisions the table holds), and stores
+the position it reached in the index's record, where the next process to open the index starts from.
+
+A search is one SQL statement (the HNSW scan joined to the documents and filtered there, with iterative scans);
+its rows carry the document as stored, so verification costs nothing extra: a row whose document's ``_rev`` is not
+the vector's is rescored from the document's current vector and the table corrected.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from mlwarehouse.errors import VectorIndexError
+from mlwarehouse.vectors import spec as specs
+from mlwarehouse.vectors.search import Hit, Results
+from mlwarehouse.vectors.tracking import Follower
+
+__all__ = ["PgVectorTable", "drop_table"]
+
+_ROUNDS = 3
+_FILL = 5000
+
+
+def _store(collection):
+    store = collection.project.vector_store()
+    if store is None:
+        raise VectorIndexError("the pgvector engine needs a PostgreSQL index whose database has the vector "
+                               "extension (0.8 or newer: CREATE EXTENSION vector)")
+    return store
+
+
+def drop_table(collection, spec: specs.VectorIndexSpec) -> None:
+    _store(collection).drop(spec.id.lower())
+
+
+class PgVectorTable(Follower):
+    """A pgvector index as one process sees it (the rows are shared; the positions are the process's own)."""
+
+    def __init__(self, collection, spec: specs.VectorIndexSpec):
+        super().__init__(collection, spec)
+        self.store = _store(collection)
+        self.name = spec.id.lower()
+        self._ready = False
+        self.loaded_from = None
+
+    # -- opening ------------------------------------------------------------------------------------------
+    def open(self) -> "PgVectorTable":
+        with self.lock:
+            self.table.create_index([("_rev", 1)])
+            record = specs.find(self.collection, self.spec.name) or {}
+            shared = record.get("snapshot") or {}
+            if self.store.exists(self.name) and shared.get("position"):
+                self._ready = True
+                self.position, self.tombstone = shared["position"], shared.get("tombstone", "")
+                self.loaded_from = "table"
+                if self._too_old():
+                    self.reconcile()
+                self.refresh(force=True)
+            else:
+                self.build()
+        return self
+
+    def build(self) -> int:
+        """Fill the table from every document (then build the HNSW index over it)."""
+        with self.lock:
+            if self.store.exists(self.name):
+                self.store.truncate(self.name)
+            self.without, self.position = {}, ""
+            self.tombstone = self._newest_tombstone()
+            batch: list[dict] = []
+            for doc in self.table.find({}, projection=self._projection()):
+                batch.append(doc)
+                if len(batch) >= _FILL:
+                    self._take(batch)
+                    batch = []
+            self._take(batch)
+            if self._ready:
+                self.store.create_index(self.name, self.spec.metric, m=self.spec.options["M"],
+                                        ef_construction=self.spec.options["ef_construction"])
+            self.loaded_from = "build"
+            self._share()
+            return self.stats()["vectors"]
+
+    def refresh(self, *, force: bool = False) -> int:
+        with self.lock:
+            done = super().refresh(force=force)
+            if done:
+                self._share()
+            return done
+
+    def _share(self) -> None:
+        """Record the position reached, for the next process that opens the index (never moving it back)."""
+        project = self.collection.project
+        project.update(specs.VECTOR_INDEXES, {"_id": self.spec.id, "$or": [
+            {"snapshot": None}, {"snapshot.position": {"$lt": self.position}}]},
+            {"$set": {"snapshot": {"position": self.position, "tombstone": self.tombstone}}})
+
+    def save(self) -> bool:
+        """Nothing to persist: the vectors are in the database (the position is recorded as it moves)."""
+        self._share()
+        return True
+
+    # -- the store's hooks --------------------------------------------------------------------------------
+    def _held(self, doc_ids: list[str]) -> dict[str, str]:
+        return self.store.revisions(self.name, doc_ids) if self._ready and doc_ids else {}
+
+    def _all_ids(self) -> list[str]:
+        return list(self.store.revisions(self.name, self.table.distinct("_id"))) if self._ready else []
+
+    def _put(self, rows: list[tuple[str, str, np.ndarray]]) -> None:
+        if not self._ready:
+            self.store.ensure(self.name, self.spec.dims)
+            self._ready = True
+            if self.loaded_from is not None:  # not inside build(), which indexes after its bulk fill
+                self.store.create_index(self.name, self.spec.metric, m=self.spec.options["M"],
+                                        ef_construction=self.spec.options["ef_construction"])
+        self.store.put(self.name, rows)
+
+    def _remove(self, doc_ids: list[str]) -> None:
+        if self._ready and doc_ids:
+            self.store.delete(self.name, doc_ids)
+
+    # -- search -------------------------------------------------------------------------------------------
+    def search(self, query: np.ndarray, n: int, flt: dict, *, ef: int | None = None, documents: bool = False,
+               fresh: bool = False) -> Results:
+        """The ``n`` nearest matching documents, verified (see the module notes); ``fresh``: refresh first
+        (this process wrote since the last search)."""
+        if not isinstance(n, int) or isinstance(n, bool) or not 0 < n <= 10_000:
+            raise VectorIndexError(f"n must be an integer from 1 to 10000, not {n!r}")
+        query = np.asarray(query, dtype=np.float32).reshape(-1)
+        ef = int(ef or self.spec.options.get("ef_search", 64))
+        for round_ in range(_ROUNDS):
+            self.refresh(force=fresh or round_ > 0)
+            if not self._ready:
+                return Results([], 0 if flt else None, "exact", complete=not flt)
+            rows, by_index = self.store.search(self.name, self.table.name, self.spec.metric, query, n, flt or None,
+                                               ef=ef)
+            hits, moved = [], []
+            for doc_id, rev, dist, text in rows:
+                doc = json.loads(text)
+                score = self._score(float(dist))
+                if doc.get("_rev") != rev:
+                    moved.append(doc)
+                    vector = self.current(doc)
+                    if vector is None:
+                        continue
+                    score = self._score_of(query, vector)
+                hits.append(Hit(doc_id, score, doc if documents else None))
+            if moved:
+                with self.lock:
+                    self._take(moved)
+                continue
+            break
+        hits.sort(key=lambda h: -h.score)
+        complete = len(hits) >= n or not flt
+        matched = len(hits) if not complete else None
+        return Results(hits[:n], matched, "graph" if by_index else "exact", complete)
+
+    def _score(self, dist: float) -> float:
+        """pgvector's distances as scores (higher is closer): cosine similarity, inner product, -L2 distance."""
+        if self.spec.metric == "cosine":
+            return 1.0 - dist
+        return -dist
+
+    def _score_of(self, query: np.ndarray, vector: np.ndarray) -> float:
+        if self.spec.metric == "l2":
+            return -float(np.linalg.norm(query - vector))
+        if self.spec.metric == "cosine":
+            return float(query @ vector / (np.linalg.norm(query) or 1.0))
+        return float(query @ vector)
+
+    def stats(self) -> dict:
+        facts = self.store.stats(self.name) if self._ready else {"vectors": 0, "memory_bytes": 0}
+        return {"name": self.spec.name, "engine": "pgvector", "kind": "hnsw", **facts,
+                "without_vector": len(self.without), "invalid": self.invalid, "dims": self.spec.dims,
+                "metric": self.spec.metric, "position": self.position, "loaded_from": self.loaded_from,
+                "pgvector": ".".join(map(str, self.store.version))}

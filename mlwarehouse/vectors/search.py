@@ -1,0 +1,143 @@
+"""Filtered nearest-neighbour search over an embedded index, planned by selectivity, verified against the store.
+
+The plan for ``n`` neighbours of each query under a filter (any filter of the query language):
+
+1. **No filter**: the graph, over the live labels.
+2. **A filter**: its matching labels are computed once per mirror version (the index asks for the ids that match,
+   which an index on the filtered field makes cheap) and cached, so a stream of queries under one filter pays
+   for it once. If at most ``EXACT_LIMIT`` documents match, the search is exact (numpy over just those vectors):
+   below that, a scan of the subset is faster than a walk and never misses. Above it, the graph walks with the
+   matching labels as a bitmap inside the walk (faiss skips the others as it goes, so results are not thinned
+   out after the fact, as pgvector's post-filtering does), and the walk widens (``ef`` x4) until ``n`` matches
+   come back or the whole subset has been scanned exactly.
+3. **Verification**: the result documents are read back by id *through the filter*, so every result satisfies it
+   now; a document whose ``_rev`` moved since the mirror took its vector is rescored from its current vector
+   (and one that lost its vector is dropped), so a deleted or updated-away vector is never returned.
+
+Results say how many documents matched the filter, so "fewer than n" is told apart from "nothing close".
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from mlwarehouse.errors import VectorIndexError
+
+__all__ = ["Hit", "Results", "plan_search", "EXACT_LIMIT"]
+
+#: at most this many matching documents: exact search over them (a 20,000 x 128 scan is about 1 ms)
+EXACT_LIMIT = 20_000
+_WIDEN = 4
+_MAX_EF = 4096
+_CACHE = 16
+
+
+@dataclass
+class Hit:
+    """One neighbour: the document's id, its score (higher is closer) and, when read, the document."""
+    id: str
+    score: float
+    doc: dict | None = None
+
+
+@dataclass
+class Results:
+    """The neighbours of one query, nearest first, and what the search did."""
+    hits: list[Hit]
+    matched: int | None  # documents that match the filter (with a vector), None without a filter
+    plan: str            # "graph", "graph+filter", "exact"
+    complete: bool = True  # False when fewer than n documents match at all
+    extra: dict = field(default_factory=dict)
+
+    def __iter__(self):
+        return iter(self.hits)
+
+    def __len__(self) -> int:
+        return len(self.hits)
+
+    @property
+    def ids(self) -> list[str]:
+        return [h.id for h in self.hits]
+
+
+class Planner:
+    """Search plans of one mirror, with the filter masks it has computed (valid for one mirror version)."""
+
+    def __init__(self, mirror):
+        self.mirror = mirror
+        self._masks: dict[str, tuple[int, np.ndarray, int]] = {}
+
+    def mask(self, filter: dict) -> tuple[np.ndarray, int]:
+        """Live labels whose document matches ``filter`` (bool per label) and how many."""
+        m = self.mirror
+        key = json.dumps(filter, sort_keys=True, default=str)
+        cached = self._masks.get(key)
+        if cached and cached[0] == m.version:
+            return cached[1], cached[2]
+        labels = [m.label_of.get(doc_id) for (doc_id,) in m.table.values(filter, ["_id"])]
+        mask = np.zeros(len(m.ids), dtype=bool)
+        found = np.fromiter((x for x in labels if x is not None), dtype=np.int64)
+        mask[found] = True
+        mask &= m.alive
+        count = int(mask.sum())
+        if len(self._masks) >= _CACHE:
+            self._masks.pop(next(iter(self._masks)))
+        self._masks[key] = (m.version, mask, count)
+        return mask, count
+
+    def search(self, queries: np.ndarray, n: int, filter: dict | None, *, ef: int | None = None
+               ) -> list[Results]:
+        """Labels and scores of the ``n`` nearest live vectors per query (not yet verified)."""
+        m = self.mirror
+        if m.engine is None or m.count == 0:
+            return [Results([], 0 if filter else None, "exact", complete=not filter) for _ in queries]
+        ef = int(ef or m.spec.options.get("ef_search", 64))
+        if not filter:
+            allowed = m.alive if m.dead else None
+            k = min(n, m.count)
+            scores, labels = m.engine.search(queries, k, allowed=allowed, ef=max(ef, k))
+            return [self._results(s, lab, None, "graph" if m.engine.kind == "hnsw" else "exact", n)
+                    for s, lab in zip(scores, labels)]
+        mask, count = self.mask(filter)
+        k = min(n, count)
+        if count == 0:
+            return [Results([], 0, "exact", complete=False) for _ in queries]
+        if count <= EXACT_LIMIT or m.engine.kind != "hnsw":
+            return self._exact(queries, k, mask, count, n)
+        out: list[Results | None] = [None] * len(queries)
+        todo = np.arange(len(queries))
+        walk = max(ef, 2 * k)
+        while len(todo) and walk <= _MAX_EF:
+            scores, labels = m.engine.search(queries[todo], k, allowed=mask, ef=walk)
+            full = (labels >= 0).sum(1) >= k
+            for j in np.flatnonzero(full):
+                out[todo[j]] = self._results(scores[j], labels[j], count, "graph+filter", n, ef=walk)
+            todo = todo[~full]
+            walk *= _WIDEN
+        if len(todo):
+            for j, res in zip(todo, self._exact(queries[todo], k, mask, count, n)):
+                out[j] = res
+        return out  # type: ignore[return-value]
+
+    def _exact(self, queries, k, mask, count, n) -> list[Results]:
+        from mlwarehouse.vectors.engines import exact_top
+        m = self.mirror
+        labels = np.flatnonzero(mask)
+        scores, found = exact_top(m.engine.gather(labels), queries, k, m.spec.metric, labels)
+        return [self._results(s, lab, count, "exact", n) for s, lab in zip(scores, found)]
+
+    def _results(self, scores, labels, matched, plan, n, **extra) -> Results:
+        ids = self.mirror.ids
+        hits = [Hit(ids[int(lab)], float(s)) for s, lab in zip(scores, labels) if lab >= 0]
+        complete = matched is None or matched >= n
+        return Results(hits, matched, plan, complete, extra)
+
+
+def plan_search(planner: Planner, queries: np.ndarray, n: int, filter: dict | None, ef: int | None = None
+                ) -> list[Results]:
+    if not isinstance(n, int) or isinstance(n, bool) or not 0 < n <= 10_000:
+        raise VectorIndexError(f"n must be an integer from 1 to 10000, not {n!r}")
+    return planner.search(queries, n, filter or None, ef=ef)
