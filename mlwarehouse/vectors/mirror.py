@@ -120,6 +120,9 @@ class Mirror(Follower):
                 self.version += 1
 
     def _put(self, rows: list[tuple[str, str, np.ndarray]]) -> None:
+        rows = self._same_vectors(rows)
+        if not rows:
+            return
         self._remove([doc_id for doc_id, _, _ in rows])
         if self.engine is None:
             self.engine = make_engine("hnsw" if ann_available() else "exact", self.spec.dims, self.spec.metric,
@@ -137,6 +140,20 @@ class Mirror(Follower):
         self.alive = np.concatenate([self.alive, np.ones(len(rows), dtype=bool)])
         self.changes += len(rows)
         self.version += 1
+
+    def _same_vectors(self, rows: list[tuple[str, str, np.ndarray]]) -> list[tuple[str, str, np.ndarray]]:
+        """Take the new revision of documents whose vector did not change (another field did); the rest."""
+        held = [(i, self.label_of[r[0]]) for i, r in enumerate(rows) if r[0] in self.label_of]
+        if not held or self.engine is None:
+            return rows
+        stored = self.engine.gather(np.array([label for _, label in held]))
+        same = set()
+        for (i, label), vector in zip(held, stored):
+            if np.array_equal(vector, rows[i][2]):
+                self.revs[label] = rows[i][1]
+                same.add(i)
+        self.version += 1  # another field changed: filter masks computed before may be wrong now
+        return [r for i, r in enumerate(rows) if i not in same] if same else rows
 
     def compact(self) -> None:
         """Rebuild the engine from the live vectors only (dead labels cost memory and graph walks)."""

@@ -1,0 +1,164 @@
+"""Vector engines and the embedded mirror: exactness, persistence, untrusted snapshots, compaction, memory bounds."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import mlwarehouse
+from mlwarehouse.errors import IntegrityError, VectorIndexError
+from mlwarehouse.vectors import mirror as mirrors
+from mlwarehouse.vectors import spec as specs
+from mlwarehouse.vectors.engines import ExactEngine, HnswEngine, exact_top
+
+
+def _brute(matrix, queries, k, metric):
+    if metric == "l2":
+        scores = -((queries[:, None, :] - matrix[None, :, :]) ** 2).sum(2)
+    else:
+        scores = queries @ matrix.T
+    return np.argsort(-scores, axis=1, kind="stable")[:, :k]
+
+
+@pytest.mark.parametrize("metric", ["ip", "l2"])
+@pytest.mark.parametrize("rows", [1, 7, 300])
+def test_exact_top_matches_brute_force_across_blocks(monkeypatch, metric, rows):
+    from mlwarehouse.vectors import engines
+    monkeypatch.setattr(engines, "BLOCK", 64)  # several blocks, and a last one shorter than k
+    rng = np.random.default_rng(rows)
+    m, q = rng.standard_normal((rows, 8)).astype(np.float32), rng.standard_normal((5, 8)).astype(np.float32)
+    k = 10
+    scores, labels = exact_top(m, q, k, metric)
+    want = _brute(m, q, min(k, rows), metric)
+    assert np.array_equal(labels[:, :min(k, rows)], want)
+    assert (labels[:, rows:] == -1).all() and np.isneginf(scores[:, rows:]).all()
+
+
+def test_hnsw_round_trips_through_its_arrays_and_keeps_growing():
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((3000, 24)).astype(np.float32)
+    engine = HnswEngine(24, "l2", {"M": 16, "ef_construction": 80})
+    engine.add(x)
+    q = x[:20] + 0.01
+    before = engine.search(q, 5)
+    again = HnswEngine.from_arrays(engine.to_arrays(), 24, "l2", {"M": 16, "ef_construction": 80})
+    after = again.search(q, 5)
+    assert np.array_equal(before[1], after[1]) and np.allclose(before[0], after[0])
+    assert again.add(x[:3]) == 3000 and again.size == 3003
+    mask = np.zeros(again.size, dtype=bool)
+    mask[::3] = True
+    _, labels = again.search(q, 5, allowed=mask)
+    assert ((labels % 3 == 0) | (labels == -1)).all()
+
+
+@pytest.mark.parametrize("damage", ["neighbour out of range", "offsets", "levels", "entry", "dtype", "missing"])
+def test_crafted_graph_arrays_are_refused_before_faiss_reads_them(damage):
+    rng = np.random.default_rng(2)
+    engine = HnswEngine(8, "ip", {"M": 8})
+    engine.add(rng.standard_normal((200, 8)).astype(np.float32))
+    arrays = {k: v.copy() for k, v in engine.to_arrays().items()}
+    if damage == "neighbour out of range":
+        arrays["neighbors"][5] = 10 ** 9
+    elif damage == "offsets":
+        arrays["offsets"][-1] = np.uint64(2 ** 40)  # would make faiss walk far past the neighbour array
+    elif damage == "levels":
+        arrays["levels"][0] = 99
+    elif damage == "entry":
+        arrays["entry"][0] = 5000
+    elif damage == "dtype":
+        arrays["neighbors"] = arrays["neighbors"].astype(np.int64)
+    else:
+        del arrays["offsets"]
+    with pytest.raises(IntegrityError):
+        HnswEngine.from_arrays(arrays, 8, "ip", {"M": 8})
+
+
+def _collection(tmp_path, n=400, dims=8, name="pts"):
+    wh = mlwarehouse.connect(home=tmp_path / "wh")
+    c = wh.collection(name)
+    x = np.random.default_rng(3).standard_normal((n, dims)).astype(np.float32)
+    c.insert_many({"_id": f"d{i}", "v": x[i], "g": i % 4} for i in range(n))
+    return wh, c, x
+
+
+def test_a_damaged_snapshot_is_rebuilt_from_the_documents(tmp_path):
+    wh, c, x = _collection(tmp_path)
+    c.create_vector_index("v", field="v")
+    record = specs.find(c, "v")
+    tree = record["snapshot"]["data"]
+    tree["labels"] = c.project.pack(b'{"ids": ["d0"], "revs": [], "without": {}}')  # labels that do not fit
+    c.project.update(specs.VECTOR_INDEXES, {"_id": record["_id"]}, {"$set": {"snapshot.data": tree}})
+    other = mlwarehouse.connect(home=tmp_path / "wh").collection("pts")
+    index = other.vector_index("v")
+    assert other.find(vector=x[9], n=1)[0]["_id"] == "d9"
+    assert index.stats()["loaded_from"] == "build" and index.stats()["vectors"] == 400
+
+
+def test_reopening_loads_the_snapshot_and_replays_only_what_came_after(tmp_path):
+    wh, c, x = _collection(tmp_path)
+    c.create_vector_index("v", field="v")
+    c.insert_one({"_id": "late", "v": x[0] * 3, "g": 1})
+    c.delete_many({"_id": {"$in": ["d1", "d2"]}})
+    other = mlwarehouse.connect(home=tmp_path / "wh").collection("pts")
+    stats = other.vector_index("v").stats()
+    assert stats["loaded_from"] == "snapshot" and stats["vectors"] == 399
+    found = [d["_id"] for d in other.find({"g": 1}, vector=x[0], n=3)]
+    assert found[0] == "late" and "d1" not in found
+
+
+def test_dead_labels_are_compacted_away(tmp_path, monkeypatch):
+    wh, c, x = _collection(tmp_path, n=1600)
+    index = c.create_vector_index("v", field="v")
+    c.update_many({"g": {"$in": [0, 1]}}, {"$set": {"seen": True}})  # the vectors stay: the graph is kept
+    index.refresh()
+    assert index.stats()["dead"] == 0 and index.stats()["vectors"] == 1600
+    for i in range(0, 600):
+        c.update_one({"_id": f"d{i}"}, {"$set": {"v": x[i] * 2}})
+    index.refresh()
+    stats = index.stats()
+    assert stats["vectors"] == 1600 and stats["dead"] == 0  # 600 of 2200 labels dead: compacted on refresh
+    assert c.find(vector=x[5], n=1)[0]["_id"] == "d5"
+
+
+def test_memory_is_bounded_and_reported(tmp_path, monkeypatch):
+    wh, c, x = _collection(tmp_path, n=300)
+    monkeypatch.setattr(mirrors, "MEMORY_LIMIT", 50_000)
+    with pytest.raises(VectorIndexError, match="MLW_VECTOR_MEMORY_MB"):
+        c.create_vector_index("v", field="v")
+    monkeypatch.setattr(mirrors, "MEMORY_LIMIT", 10 ** 9)
+    index = c.vector_index("v")
+    assert index.stats()["memory_bytes"] > 300 * 8 * 4
+
+
+def test_documents_without_a_vector_or_with_a_wrong_one_are_left_out(tmp_path):
+    wh, c, x = _collection(tmp_path, n=50)
+    c.insert_many([{"_id": "none"}, {"_id": "short", "v": [1.0, 2.0]}, {"_id": "text", "v": "not a vector"},
+                   {"_id": "nan", "v": [float("nan")] * 8}])
+    index = c.create_vector_index("v", field="v")
+    stats = index.stats()
+    assert stats["vectors"] == 50 and stats["without_vector"] == 4 and stats["invalid"] == 3
+    assert len(c.find(vector=x[0], n=100)) == 50
+
+
+def test_exact_engine_is_used_without_the_ann_library(tmp_path, monkeypatch):
+    from mlwarehouse.vectors import engines
+    monkeypatch.setattr(engines, "ann_available", lambda: False)
+    monkeypatch.setattr(mirrors, "ann_available", lambda: False)
+    wh, c, x = _collection(tmp_path, n=200)
+    index = c.create_vector_index("v", field="v")
+    assert index.stats()["kind"] == "exact"
+    assert [d["_id"] for d in c.find({"g": 2}, vector=x[2], n=1)] == ["d2"]
+    assert isinstance(index.backend.engine, ExactEngine)
+
+
+def test_a_cached_filter_follows_changes_of_the_filtered_field(tmp_path):
+    wh, c, x = _collection(tmp_path)
+    c.create_vector_index("v", field="v")
+    assert "d1" not in [d["_id"] for d in c.find({"g": 0}, vector=x[1], n=5)]  # d1 has g == 1
+    other = mlwarehouse.connect(home=tmp_path / "wh").collection("pts")
+    other.update_one({"_id": "d1"}, {"$set": {"g": 0}})  # another process: the vector stays, the filter moves
+    c.vector_index("v").refresh()
+    assert c.find({"g": 0}, vector=x[1], n=1)[0]["_id"] == "d1"
+    other.update_one({"_id": "d1"}, {"$set": {"g": 1}})
+    c.vector_index("v").refresh()
+    assert "d1" not in [d["_id"] for d in c.find({"g": 0}, vector=x[1], n=5)]
