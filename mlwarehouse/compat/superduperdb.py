@@ -17,6 +17,8 @@ exactly one). A model is a listener computed in the writing process; its outputs
 codecs (tensors, arrays, JSON), so ``create_model(converter=...)`` is accepted and not needed. Ids are the
 warehouse's string ids (no ObjectId); pymongo is not needed unless the warehouse is on MongoDB.
 
+Measures, semantic indexes and ``$like`` queries are in :mod:`mlwarehouse.compat.superduperdb_search`.
+
 Not supported (a clear error): ``key="_base"`` (the whole document as a model's input), ``active=False``,
 ``_content`` given by URL, and models given by name only.
 """
@@ -29,7 +31,8 @@ from typing import Any
 
 from mlwarehouse.codecs.datatypes import DataTypeError, Encoded
 from mlwarehouse.collections.documents import InsertOneResult
-from mlwarehouse.errors import InvalidDocument
+from mlwarehouse.compat.superduperdb_search import SemanticSearch, like_filter
+from mlwarehouse.errors import InvalidDocument, QueryError
 from mlwarehouse.warehouse import connect
 
 __all__ = ["SuperDuperClient", "Database", "Collection"]
@@ -96,8 +99,9 @@ class Database:
         return f"<superduperdb Database {self.name!r}>"
 
 
-class Collection:
-    """SuperDuperDB's collection: pymongo's methods with ``_content`` values, converters and models.
+class Collection(SemanticSearch):
+    """SuperDuperDB's collection: pymongo's methods with ``_content`` values, converters, models and semantic
+    indexes.
 
     Everything is delegated to the native collection (``self.native``), which keeps the models' outputs in step
     with every write; this layer only turns ``_content`` values into :class:`Encoded` ones and maps the names."""
@@ -134,12 +138,13 @@ class Collection:
     # -- models -------------------------------------------------------------------------------------------
     def create_model(self, name: str, object: Any = None, filter: Mapping | None = None, converter: str | None = None,
                      active: bool = True, dependencies: Iterable[str] | None = None, key: str = "_base",
-                     verbose: bool = False, **kw: Any):
+                     verbose: bool = False, semantic_index: bool = False, measure: Any = None, **kw: Any):
         """Attach ``object`` (a torch module or an importable callable) as the listener ``name`` on ``key`` of
         the documents matching ``filter``; outputs are computed now and on every write, in the writing process.
 
         ``converter`` is accepted and unused: outputs are stored by the warehouse's codecs. ``dependencies``
-        must be the models whose output ``key`` reads (``key="_outputs.<field>.<model>"``)."""
+        must be the models whose output ``key`` reads (``key="_outputs.<field>.<model>"``). ``semantic_index``:
+        also make the semantic index ``name`` over its outputs, by ``measure`` (default ``css``)."""
         if object is None:
             raise NotImplementedError(f"create_model({name!r}): give the model itself (object=...); models are "
                                       f"not looked up by name here")
@@ -159,12 +164,24 @@ class Collection:
             raise TypeError(f"create_model() got unsupported arguments: {', '.join(unknown)}")
         if converter is not None:
             self.catalog.datatype(converter)  # a typo is still an error
+        if measure is not None and not semantic_index:
+            raise TypeError(f"create_model({name!r}): measure= is the measure of its semantic index: pass "
+                            f"semantic_index=True too")
+        chosen = self._measure(measure or "css") if semantic_index else None  # a bad measure attaches nothing
         options = {"compute": "inline", **kw}
-        return self.native.attach(name, object, key=key, where=filter, **options)
+        listener = self.native.attach(name, object, key=key, where=filter, **options)
+        if chosen is not None:
+            try:
+                self.create_semantic_index(name, [name], measure=chosen["name"])
+            except BaseException:
+                self.native.detach(name, force=True)
+                raise
+        return listener
 
     def delete_model(self, name: str, force: bool = True) -> int:
-        """Remove the model and unset its outputs (``force``: models reading its outputs too); how many
-        documents were cleaned."""
+        """Remove the model and unset its outputs (``force``: models reading its outputs too), with the semantic
+        indexes over its outputs; how many documents were cleaned."""
+        self._drop_semantic_indexes_of(name)
         return self.native.detach(name, force=force)
 
     def list_models(self) -> list[str]:
@@ -212,15 +229,26 @@ class Collection:
     def _insert(self, docs: list[dict], **kw: Any):
         return self.native.insert_many(docs, **kw)
 
-    def find(self, filter: Mapping | None = None, projection: Mapping | None = None, **kw: Any):
-        """Matching documents, ``_content`` values decoded by their converters (``raw=True``: as Encoded)."""
-        if kw.pop("like", None) is not None:
-            raise NotImplementedError("find(like=...): similarity search is not supported")
+    def find(self, filter: Mapping | None = None, projection: Mapping | None = None, *, similar_first: bool = False,
+             like: Any = None, n: int | None = None, semantic_index: str | None = None, **kw: Any):
+        """Matching documents, ``_content`` values decoded by their converters (``raw=True``: as Encoded).
+
+        With ``{"$like": {"document": {...}, "n": 10}}`` in the filter (or ``like=document, n=10``): a list of
+        the most similar documents by ``semantic_index`` (default: the collection's), nearest first, each with
+        ``_score``. ``similar_first=False`` (the default): the documents matching the rest of the filter, ranked
+        (the ``n`` nearest of them); ``True``: the ``n`` nearest of all, then those matching the filter."""
+        semantic = like_filter(filter, like, n)
+        if semantic is not None:
+            extra = sorted(set(kw) - {"raw"})
+            if extra:
+                raise QueryError(f"a $like query is ordered by similarity and takes n: not {', '.join(extra)}")
+            return self._find_like(semantic, projection, similar_first=similar_first, raw=kw.get("raw", False),
+                                   semantic_index=semantic_index)
         return self.native.find(filter, projection, **kw)
 
     def find_one(self, filter: Mapping | None = None, projection: Mapping | None = None, **kw: Any):
-        if kw.pop("like", None) is not None:
-            raise NotImplementedError("find_one(like=...): similarity search is not supported")
+        if like_filter(filter, kw.get("like"), kw.get("n")) is not None:
+            return next(iter(self.find(filter, projection, **kw)), None)
         return self.native.find_one(filter, projection, **kw)
 
     def update_one(self, filter: Mapping, update: Mapping, upsert: bool = False):
