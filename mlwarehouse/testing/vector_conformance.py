@@ -15,6 +15,7 @@ import pytest
 
 import mlwarehouse
 from mlwarehouse.errors import NotFound, QueryError, VectorIndexError
+from mlwarehouse.testing.listener_conformance import norm
 from mlwarehouse.vectors import search as planning
 
 __all__ = ["VectorTests", "embed_text", "exact_ids"]
@@ -212,3 +213,14 @@ class VectorTests:
             c.create_vector_index("x", listener="no_such_listener")
         with pytest.raises(mlwarehouse.DuplicateKey):
             c.create_vector_index("by_v", field="v")
+
+    def test_projections_and_a_failing_model_on_the_query(self, wh):
+        c, x, _ = self._filled(wh, n=40)
+        found = c.find({"g": 1}, {"g": 1}, vector=x[1], n=2)
+        assert [sorted(d) for d in found] == [["_id", "_score", "g"]] * 2
+        assert all("v" not in d for d in c.find({}, {"v": 0}, vector=x[1], n=3))
+        c.attach("unit", norm, key="v")
+        c.create_vector_index("by_unit", listener="unit", engine=self.engine)
+        assert c.find(like=x[4], n=1, index="by_unit")[0]["_id"] == "p0004"
+        with pytest.raises(VectorIndexError, match="could not encode"):
+            c.find(like="not numbers", n=1, index="by_unit")  # the model raises ValueError on it

@@ -15,7 +15,8 @@ from typing import Any
 import numpy as np
 
 from mlwarehouse.collections.documents import strip
-from mlwarehouse.errors import NotFound, VectorIndexError
+from mlwarehouse.errors import NotFound, VectorIndexError, WarehouseError
+from mlwarehouse.query.documents import projector
 from mlwarehouse.query.filters import validate_filter
 from mlwarehouse.query.jsonvalues import MISSING, get_path
 from mlwarehouse.vectors import spec as specs
@@ -92,7 +93,14 @@ class VectorIndex:
             from mlwarehouse.collections import listeners
             from mlwarehouse.collections.models import Runner
             listener = listeners.get(self.collection, self.spec.listener)
-            value = Runner.get(self.collection, listener, trusted=False)([value])[0]
+            runner = Runner.get(self.collection, listener, trusted=False)
+            try:
+                value = runner([value])[0]
+            except WarehouseError:
+                raise
+            except Exception as exc:  # the user's model on the user's value: its error, typed and named
+                raise VectorIndexError(f"listener {listener.name!r} could not encode the query value "
+                                       f"({type(exc).__name__}: {exc})") from exc
         vector = vector_of(self.collection, value, self.spec.dims)
         if vector is None:
             raise VectorIndexError(f"cannot make a {self.spec.dims or 'n'}-dimensional vector of {type(value).__name__}"
@@ -166,9 +174,14 @@ class VectorIndex:
             results = backend.search(query, n, flt, ef=ef, documents=True, fresh=fresh)
         else:
             results = self._verified(query, n, flt, ef)
+        if isinstance(projection, (list, tuple)):
+            projection = {p: 1 for p in projection}
+        if projection and any(projection.values()):
+            projection = {**projection, "_id": projection.get("_id", 1)}
+        shape = projector(projection)  # applied before decoding: fields not asked for are never read
         docs = []
         for hit in results.hits:
-            doc = strip(self.collection.unpack(hit.doc, raw=raw), projection)
+            doc = strip(self.collection.unpack(shape(hit.doc), raw=raw), projection)
             doc["_score"] = hit.score
             docs.append(doc)
         return Neighbours(docs, results)
@@ -231,7 +244,7 @@ def _score(query: np.ndarray, vector: np.ndarray, metric: str) -> float:
         return -float(((query - vector) ** 2).sum())
     if metric == "cosine":
         q = query / (np.linalg.norm(query) or 1)
-        return float(q @ vector)
+        return min(1.0, float(q @ vector))
     return float(query @ vector)
 
 
@@ -240,4 +253,7 @@ def _scored(results: Results, metric: str) -> Results:
     if metric == "l2":
         for h in results.hits:
             h.score = -float(np.sqrt(max(0.0, -h.score)))
+    elif metric == "cosine":  # rounding can take the product of unit vectors a hair past 1
+        for h in results.hits:
+            h.score = min(1.0, h.score)
     return results
