@@ -108,11 +108,12 @@ class Table:
         """An update of the table's own bookkeeping over many documents (no blob is added by it)."""
         return self._index.update_many(self.name, filter, update)
 
-    def delete(self, filter: Filter) -> list[dict]:
+    def delete(self, filter: Filter, *, tombstones: bool = True) -> list[dict]:
         """Delete matching documents and release the blobs only they referenced; returns them. A tombstone per
-        document tells other processes' vector indexes (which learn of writes by ``_rev``) of the delete."""
+        document tells other processes' vector indexes (which learn of writes by ``_rev``) of the delete
+        (``tombstones=False``: undoing a write nobody could have followed yet, e.g. a failed import)."""
         deleted = self._index.delete_many(self.name, filter)
-        if deleted:
+        if deleted and tombstones:
             self.project.ensure(schema.TOMBSTONES)
             self.project.insert_many(schema.TOMBSTONES.name, ({"table": self.name, "doc": d["_id"]} for d in deleted))
         self._warehouse.release_blobs(deleted)

@@ -162,3 +162,18 @@ def test_a_cached_filter_follows_changes_of_the_filtered_field(tmp_path):
     other.update_one({"_id": "d1"}, {"$set": {"g": 1}})
     c.vector_index("v").refresh()
     assert "d1" not in [d["_id"] for d in c.find({"g": 0}, vector=x[1], n=5)]
+
+
+def test_an_archive_carries_index_definitions_and_the_index_is_rebuilt_where_it_lands(tmp_path):
+    from mlwarehouse.archive.tarball import export_project, import_project
+    wh, c, x = _collection(tmp_path, n=120)
+    c.create_vector_index("v", field="v", metric="l2")
+    c.delete_one({"_id": "d0"})  # a tombstone: the warehouse's own, not exported
+    summary = export_project(wh, "default", tmp_path / "a.tar")
+    assert "tombstones" not in summary["collections"] and summary["collections"]["vector_indexes"] == 1
+    target = mlwarehouse.connect(home=tmp_path / "target")
+    import_project(target, tmp_path / "a.tar", project="copy")
+    copied = target.project("copy").collection("pts")
+    assert copied.vector_indexes()[0]["metric"] == "l2"
+    assert copied.find(vector=x[5], n=1)[0]["_id"] == "d5"
+    assert copied.vector_index("v").stats()["loaded_from"] == "build"

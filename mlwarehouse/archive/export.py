@@ -71,7 +71,10 @@ def export_project(warehouse, project, path: str | os.PathLike, progress: Progre
         for collection in collections:
             file = Path(scratch) / f"{collection}.jsonl"
             # the index's cursor, not Project.find's list: a project's logs need not fit in memory
-            n = write(index.find(collection, {"project": name}, sort=[("_id", 1)]), file)
+            docs = index.find(collection, {"project": name}, sort=[("_id", 1)])
+            if collection == schema.VECTOR_INDEXES.name:  # definitions only: an index is rebuilt where it lands
+                docs = ({**d, "snapshot": None, "_blobs": []} for d in docs)
+            n = write(docs, file)
             if n:
                 counts[collection] = n
                 files[collection] = file
@@ -127,7 +130,9 @@ def _export_tables(project, scratch: Path, write) -> tuple[dict[str, int], dict[
         files[stem] = scratch / f"table-{stem}.jsonl"
         counts[collection] = write(table.find({}, sort=[("_id", 1)]), files[stem])
         found = [{"keys": [[f, d] for f, d in ix["keys"]], "unique": bool(ix.get("unique"))}
-                 for ix in (table.indexes() if table.exists() else [])]
+                 for ix in (table.indexes() if table.exists() else [])
+                 if not any(f.split(".", 1)[0] in ("_rev", "_listeners", "_blobs") for f, _ in ix["keys"])]
+        # (indexes on the warehouse's own fields, e.g. the vector indexes' on _rev, are made again where needed)
         if found:
             indexes[collection] = found
     return counts, indexes, files

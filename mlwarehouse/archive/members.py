@@ -34,8 +34,8 @@ FORMAT = "mlwarehouse-archive"
 #: version 2 added the tables of users' collections (``tables/``, the manifest's ``tables`` and ``indexes``)
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
-#: collections never exported (the warehouse's own bookkeeping)
-SKIPPED = frozenset({schema.META.name})
+#: collections never exported (the warehouse's own bookkeeping; tombstones only matter to the warehouse they are in)
+SKIPPED = frozenset({schema.META.name, schema.TOMBSTONES.name})
 #: the largest manifest read (it holds a few counts per collection)
 MAX_MANIFEST = 1 << 20
 

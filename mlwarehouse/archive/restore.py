@@ -346,7 +346,7 @@ def _undo(index, project: str, written: dict[str, list[str]], cause: BaseExcepti
             for i in range(0, len(pairs), _BATCH):
                 chunk = pairs[i:i + _BATCH]
                 target.table(name).delete({"_id": {"$in": [d for d, _ in chunk]},
-                                           "_rev": {"$in": [r for _, r in chunk]}})
+                                           "_rev": {"$in": [r for _, r in chunk]}}, tombstones=False)
         for collection in reversed(list(written)):
             chunk = written[collection]
             for i in range(0, len(chunk), _BATCH):
