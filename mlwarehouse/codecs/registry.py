@@ -18,6 +18,7 @@ a tensor is met, or when a ``tensor`` blob is decoded.
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import math
@@ -343,16 +344,24 @@ def _npy_encode(value: Any) -> tuple[Buffer, dict]:
     return out, meta
 
 
+@functools.lru_cache(maxsize=256)
+def _npy_header(head: bytes) -> tuple:
+    """(shape, fortran order, dtype) of an .npy header, parsed once per distinct header: many small arrays of one
+    shape (embeddings, items) share it, and numpy's parser (a ``literal_eval``) costs more than the copy."""
+    fmt = np.lib.format
+    stream = io.BytesIO(head)
+    version = fmt.read_magic(stream)
+    reader = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
+    return reader(stream, max_header_size=max(10000, len(head)))
+
+
 def _npy_decode(data: memoryview, meta: dict) -> Any:
     fmt = np.lib.format
     if len(data) < 10 or bytes(data[:6]) != fmt.MAGIC_PREFIX:
         raise CodecError("not an .npy payload (bad magic)")
     major = data[6]
     hlen = int.from_bytes(data[8:10], "little") + 10 if major == 1 else int.from_bytes(data[8:12], "little") + 12
-    head = io.BytesIO(bytes(data[:hlen]))
-    version = fmt.read_magic(head)
-    reader = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
-    shape, fortran, dtype = reader(head, max_header_size=max(10000, hlen))
+    shape, fortran, dtype = _npy_header(bytes(data[:hlen]))
     if dtype.hasobject:
         raise CodecError("this .npy payload holds Python objects, which the npy codec never unpickles")
     count = math.prod(shape)

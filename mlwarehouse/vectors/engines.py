@@ -133,6 +133,7 @@ class HnswEngine:
         self.index = faiss.IndexHNSWFlat(dims, self.m, kind)
         self.index.hnsw.efConstruction = int(self.options.get("ef_construction", 200))
         self.index.hnsw.efSearch = int(self.options.get("ef_search", 64))
+        self._params: dict[int, object] = {}
 
     @property
     def size(self) -> int:
@@ -166,7 +167,9 @@ class HnswEngine:
             bits = np.packbits(allowed[:self.size], bitorder="little")
             params = faiss.SearchParametersHNSW(sel=faiss.IDSelectorBitmap(self.size, faiss.swig_ptr(bits)), efSearch=ef)
         else:
-            bits, params = None, faiss.SearchParametersHNSW(efSearch=ef)
+            bits, params = None, self._params.get(ef)
+            if params is None:  # made once per ef: making one costs a tenth of a small search
+                params = self._params[ef] = faiss.SearchParametersHNSW(efSearch=ef)
         dist, labels = self.index.search(queries, k, params=params)
         del bits  # kept alive through the search: the selector holds a raw pointer to it
         scores = -dist if self.metric == "l2" else dist

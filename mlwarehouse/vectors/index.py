@@ -151,7 +151,8 @@ class VectorIndex:
         """The ``n`` nearest labels of each query vector (rows of ``vectors``): ids and scores, as of the last
         refresh, without reading documents (the fast path; :meth:`find` verifies against the store)."""
         flt = dict(filter or {})
-        validate_filter(flt)
+        if flt:
+            validate_filter(flt)
         backend = self.backend
         queries = self._queries(vectors)
         if self.spec.engine == "pgvector":
@@ -160,7 +161,7 @@ class VectorIndex:
         with backend.lock:
             self._refresh(backend)
             results = plan_search(backend.planner, queries, n, flt, ef)
-        return [_scored(r, self.spec.metric) for r in results]
+        return results
 
     def find(self, filter: Mapping | None = None, projection: Mapping | None = None, *, vector: Any = None,
              like: Any = None, n: int = 10, ef: int | None = None, raw: bool = False) -> Neighbours:
@@ -217,7 +218,7 @@ class VectorIndex:
             results.hits = hits[:n]
             if not moved:
                 break
-        return _scored(results, self.spec.metric)
+        return results
 
     def _refresh(self, backend, *, force: bool = False) -> None:
         force, self.stale = force or self.stale, False
@@ -234,26 +235,16 @@ class VectorIndex:
         if q.ndim != 2 or (dims is not None and q.shape[1] != dims) or not np.isfinite(q).all():
             raise VectorIndexError(f"query vectors must be finite, of shape (n, {dims}), not {q.shape}")
         if self.spec.metric == "cosine":
-            norms = np.linalg.norm(q, axis=1, keepdims=True)
+            norms = np.sqrt(np.einsum("ij,ij->i", q, q))[:, None]
             q = q / np.where(norms > 0, norms, 1)
         return np.ascontiguousarray(q)
 
 
 def _score(query: np.ndarray, vector: np.ndarray, metric: str) -> float:
+    """The score of a stored vector for a (prepared) query, as users read it (see :func:`.search.user_scores`)."""
     if metric == "l2":
-        return -float(((query - vector) ** 2).sum())
+        return -float(np.sqrt(((query - vector) ** 2).sum()))
     if metric == "cosine":
         q = query / (np.linalg.norm(query) or 1)
         return min(1.0, float(q @ vector))
     return float(query @ vector)
-
-
-def _scored(results: Results, metric: str) -> Results:
-    """Engine scores as users read them: similarity (cosine, ip), or minus the Euclidean distance (l2)."""
-    if metric == "l2":
-        for h in results.hits:
-            h.score = -float(np.sqrt(max(0.0, -h.score)))
-    elif metric == "cosine":  # rounding can take the product of unit vectors a hair past 1
-        for h in results.hits:
-            h.score = min(1.0, h.score)
-    return results

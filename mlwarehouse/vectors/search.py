@@ -26,7 +26,7 @@ import numpy as np
 
 from mlwarehouse.errors import VectorIndexError
 
-__all__ = ["Hit", "Results", "plan_search", "EXACT_LIMIT"]
+__all__ = ["Hit", "Results", "plan_search", "user_scores", "EXACT_LIMIT"]
 
 #: at most this many matching documents: exact search over them (a 20,000 x 128 scan is about 1 ms)
 EXACT_LIMIT = 20_000
@@ -35,12 +35,16 @@ _MAX_EF = 4096
 _CACHE = 16
 
 
-@dataclass
 class Hit:
     """One neighbour: the document's id, its score (higher is closer) and, when read, the document."""
-    id: str
-    score: float
-    doc: dict | None = None
+
+    __slots__ = ("id", "score", "doc")
+
+    def __init__(self, id: str, score: float, doc: dict | None = None):
+        self.id, self.score, self.doc = id, score, doc
+
+    def __repr__(self) -> str:
+        return f"Hit({self.id!r}, {self.score:.4f})"
 
 
 @dataclass
@@ -131,9 +135,20 @@ class Planner:
 
     def _results(self, scores, labels, matched, plan, n, **extra) -> Results:
         ids = self.mirror.ids
-        hits = [Hit(ids[int(lab)], float(s)) for s, lab in zip(scores, labels) if lab >= 0]
+        scores = user_scores(scores, self.mirror.spec.metric)
+        hits = [Hit(ids[lab], s) for s, lab in zip(scores.tolist(), labels.tolist()) if lab >= 0]
         complete = matched is None or matched >= n
         return Results(hits, matched, plan, complete, extra)
+
+
+def user_scores(scores: np.ndarray, metric: str) -> np.ndarray:
+    """Engine scores as users read them (higher is closer): cosine similarity (rounding can take a product of unit
+    vectors a hair past 1), the inner product, or minus the Euclidean distance (engines give minus its square)."""
+    if metric == "l2":
+        return -np.sqrt(np.maximum(-scores, 0))
+    if metric == "cosine":
+        return np.minimum(scores, 1.0)
+    return scores
 
 
 def plan_search(planner: Planner, queries: np.ndarray, n: int, filter: dict | None, ef: int | None = None

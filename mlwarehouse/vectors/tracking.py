@@ -8,7 +8,8 @@ its vector was read at. :meth:`Follower.refresh` reads the ``(_id, _rev)`` pairs
 hold, and drops the documents tombstoned since. Re-reading a window rather than strictly past the position is what
 makes it safe across processes and machines: a write whose ``_rev`` was made before the position but committed
 after the last refresh is still inside the window (the assumption: a write commits within ``WINDOW`` of its
-``_rev`` being made, clocks included; :meth:`Follower.reconcile` rechecks everything).
+``_rev`` being made, clocks included; :meth:`Follower.reconcile` rechecks everything). Each refresh re-reads the
+last ``RECENT_MS`` (where writes in flight on one machine land), the whole window once every ``WINDOW_SECONDS``.
 
 A follower may lag (by at most ``REFRESH_SECONDS`` for searches of other processes' writes); what a search returns
 does not: the searches read their results back through the filter and rescore any whose revision moved.
@@ -33,6 +34,10 @@ __all__ = ["Follower", "WINDOW_MS", "REFRESH_SECONDS", "TOMBSTONE_MS", "vector_o
 
 #: how long after its ``_rev`` was made a write may still commit and be seen (clock skew and transaction time)
 WINDOW_MS = int(os.environ.get("MLW_VECTOR_WINDOW_MS", 10 * 60 * 1000))
+#: every refresh re-reads this much before the position (writes in flight on one machine land in it), and the
+#: whole ``WINDOW_MS`` every ``WINDOW_SECONDS`` (a bulk load of a million documents must not be re-read each time)
+RECENT_MS = 5000
+WINDOW_SECONDS = 60.0
 #: searches refresh at most this often (another process's write is searchable within this time, as in
 #: Elasticsearch; this process's own writes are searchable at once)
 REFRESH_SECONDS = float(os.environ.get("MLW_VECTOR_REFRESH_SECONDS", 1.0))
@@ -72,7 +77,8 @@ class Follower:
         self.position = ""   # the newest _rev seen
         self.tombstone = ""  # the newest tombstone seen
         self.invalid = 0
-        self.refreshed = 0.0
+        self.refreshed = 0.0  # when the last refresh ran (monotonic seconds)
+        self.windowed = time.monotonic()  # ... and the last that re-read the whole window (opening reads it all)
 
     # -- what a store does --------------------------------------------------------------------------------
     def _held(self, doc_ids: list[str]) -> dict[str, str]:
@@ -93,13 +99,16 @@ class Follower:
         with self.lock:
             if not force and time.monotonic() - self.refreshed < REFRESH_SECONDS:
                 return 0
-            self.refreshed = time.monotonic()
-            floor = self._floor(self.position)
+            now = self.refreshed = time.monotonic()
+            whole = now - self.windowed >= WINDOW_SECONDS
+            floor = self._floor(self.position, WINDOW_MS if whole else RECENT_MS)
+            if whole:
+                self.windowed = now
             rows = self.table.values({"_rev": {"$gte": floor}} if floor else {}, ["_id", "_rev"])
             changed = self._changed(rows)
             newest = max((rev for _, rev in rows if rev), default="")
             done = self._fetch(changed)
-            done += self._apply_tombstones()
+            done += self._apply_tombstones(WINDOW_MS if whole else RECENT_MS)
             self.position = max(self.position, newest)
             return done
 
@@ -154,8 +163,8 @@ class Follower:
         if rows:
             self._put(rows)
 
-    def _apply_tombstones(self) -> int:
-        floor = self._floor(self.tombstone)
+    def _apply_tombstones(self, before_ms: int = WINDOW_MS) -> int:
+        floor = self._floor(self.tombstone, before_ms)
         flt: dict = {"table": self.table.name}
         if floor:
             flt["_id"] = {"$gte": floor}
@@ -189,11 +198,11 @@ class Follower:
         return time.time() * 1000 - (id_millis(self.position) or 0) > TOMBSTONE_MS
 
     @staticmethod
-    def _floor(position: str) -> str:
+    def _floor(position: str, before_ms: int = WINDOW_MS) -> str:
         if not position:
             return ""
         ms = id_millis(position)
-        return ids_after(ms - WINDOW_MS) if ms is not None else ""
+        return ids_after(ms - before_ms) if ms is not None else ""
 
     def _projection(self) -> dict:
         projection = {"_id": 1, "_rev": 1, self.spec.path: 1}
