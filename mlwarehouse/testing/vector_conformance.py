@@ -92,15 +92,21 @@ class VectorTests:
         batch = index.search(x[:3], 4)
         assert [r.ids[0] for r in batch] == ["p0000", "p0001", "p0002"]
 
-    def test_the_graph_walk_with_a_filter_inside_it(self, wh, monkeypatch):
+    @pytest.mark.parametrize("plan", ["graph+filter", "graph+post-filter"])
+    def test_the_graph_walk_with_a_filter(self, wh, monkeypatch, plan):
         monkeypatch.setattr(planning, "EXACT_LIMIT", 50)  # every filter below leaves more: the graph plans
+        if plan == "graph+filter":  # the filter inside the walk, not applied to the walk's candidates
+            monkeypatch.setattr(planning, "POST_FILTER_SHARE", 1.1)
         c, x, _ = self._filled(wh, n=1500)
         hits = total = 0
-        for flt in ({"g": {"$lt": 5}}, {"tags": "even", "g": {"$ne": 4}}):
+        for flt in ({"g": {"$lt": 5}}, {"tags": "even", "g": {"$ne": 4}}, {"price": {"$gte": 10}}):
             matching = self._docs(c, flt)
             for q in x[:10]:
                 found = c.find(flt, vector=q, n=10)
                 assert len(found) == 10 and all(mlwarehouse.query.matches(dict(d), flt) for d in found)
+                assert found.complete
+                if c.vector_index().spec.engine == "embedded":
+                    assert found.plan == plan
                 hits += len(set(d["_id"] for d in found) & set(exact_ids(matching, q, 10)))
                 total += 10
         assert hits / total >= 0.9

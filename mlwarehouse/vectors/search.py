@@ -3,14 +3,17 @@
 The plan for ``n`` neighbours of each query under a filter (any filter of the query language):
 
 1. **No filter**: the graph, over the live labels.
-2. **A filter**: its matching labels are computed once per mirror version (the index asks for the ids that match,
-   which an index on the filtered field makes cheap) and cached, so a stream of queries under one filter pays
-   for it once. If at most ``EXACT_LIMIT`` documents match, the search is exact (numpy over just those vectors):
-   below that, a scan of the subset is faster than a walk and never misses. Above it, the graph walks with the
-   matching labels as a bitmap inside the walk (faiss skips the others as it goes, so results are not thinned
-   out after the fact, as pgvector's post-filtering does), and the walk widens (``ef`` x4) until ``n`` matches
-   come back or the whole subset has been scanned exactly.
-3. **Verification**: the result documents are read back by id *through the filter*, so every result satisfies it
+2. **A filter that most documents match** (at least ``POST_FILTER_SHARE`` of a sample of ``SAMPLE``): the graph's
+   nearest ``2 n / share`` candidates, kept if they match (one query by id). Cheap however many match; when a
+   query keeps fewer than ``n``, the next plan takes over.
+3. **Any other filter**: its matching labels are computed once per mirror version (the index asks for the ids
+   that match, which an index on the filtered field makes cheap) and cached, so a stream of queries under one
+   filter pays for it once. If at most ``EXACT_LIMIT`` documents match, the search is exact (numpy over just those
+   vectors): below that, a scan of the subset is faster than a walk and never misses. Above it, the graph walks
+   with the matching labels as a bitmap inside the walk (faiss skips the others as it goes, so results are not
+   thinned out after the fact, as pgvector's post-filtering does), and the walk widens (``ef`` x4) until ``n``
+   matches come back or the whole subset has been scanned exactly.
+4. **Verification**: the result documents are read back by id *through the filter*, so every result satisfies it
    now; a document whose ``_rev`` moved since the mirror took its vector is rescored from its current vector
    (and one that lost its vector is dropped), so a deleted or updated-away vector is never returned.
 
@@ -30,6 +33,10 @@ __all__ = ["Hit", "Results", "plan_search", "user_scores", "EXACT_LIMIT"]
 
 #: at most this many matching documents: exact search over them (a 20,000 x 128 scan is about 1 ms)
 EXACT_LIMIT = 20_000
+#: a filter that matches at least this share of the documents is applied to the graph's nearest candidates
+POST_FILTER_SHARE = 0.05
+#: documents in the sample a filter's share is estimated on
+SAMPLE = 512
 _WIDEN = 4
 _MAX_EF = 4096
 _CACHE = 16
@@ -73,11 +80,52 @@ class Planner:
     def __init__(self, mirror):
         self.mirror = mirror
         self._masks: dict[str, tuple[int, np.ndarray, int]] = {}
+        self._shares: dict[str, tuple[int, float]] = {}
+        self._sample: tuple[int, list[str]] | None = None
+
+    def share(self, filter: dict) -> float:
+        """The share of live documents that match ``filter``, estimated on a sample of ``SAMPLE`` of them (one
+        query by id; cached for the mirror's version)."""
+        m = self.mirror
+        key = _key(filter)
+        cached = self._shares.get(key)
+        if cached and cached[0] == m.version:
+            return cached[1]
+        if self._sample is None or self._sample[0] != m.version:
+            live = np.flatnonzero(m.alive)
+            pick = live if len(live) <= SAMPLE else np.random.default_rng(m.version).choice(live, SAMPLE, replace=False)
+            self._sample = (m.version, [m.ids[i] for i in pick.tolist()])
+        ids = self._sample[1]
+        hits = len(m.table.values({"$and": [{"_id": {"$in": ids}}, filter]}, ["_id"])) if ids else 0
+        share = hits / max(len(ids), 1)
+        if len(self._shares) >= _CACHE:
+            self._shares.pop(next(iter(self._shares)))
+        self._shares[key] = (m.version, share)
+        return share
+
+    def _post_filtered(self, queries, n, filter, share, ef) -> list[Results] | None:
+        """When most documents match: the graph's nearest ``n / share`` (x2) candidates, kept if they match (one
+        query by id); None when any query keeps fewer than ``n`` (then the filter's labels are computed)."""
+        m = self.mirror
+        k = min(m.count, int(np.ceil(2 * n / share)) + 10)
+        allowed = m.alive if m.dead else None
+        scores, labels = m.engine.search(queries, k, allowed=allowed, ef=max(ef, k))
+        wanted = sorted({m.ids[x] for x in labels[labels >= 0].tolist()})
+        ok = {d for (d,) in m.table.values({"$and": [{"_id": {"$in": wanted}}, filter]}, ["_id"])}
+        keep = np.array([[x >= 0 and m.ids[x] in ok for x in row] for row in labels.tolist()], dtype=bool)
+        if (keep.sum(1) < n).any():
+            return None
+        out = []
+        for s_row, l_row, k_row in zip(scores, labels, keep):
+            res = self._results(s_row[k_row][:n], l_row[k_row][:n], None, "graph+post-filter", n)
+            res.complete = True
+            out.append(res)
+        return out
 
     def mask(self, filter: dict) -> tuple[np.ndarray, int]:
         """Live labels whose document matches ``filter`` (bool per label) and how many."""
         m = self.mirror
-        key = json.dumps(filter, sort_keys=True, default=str)
+        key = _key(filter)
         cached = self._masks.get(key)
         if cached and cached[0] == m.version:
             return cached[1], cached[2]
@@ -105,6 +153,13 @@ class Planner:
             scores, labels = m.engine.search(queries, k, allowed=allowed, ef=max(ef, k))
             return [self._results(s, lab, None, "graph" if m.engine.kind == "hnsw" else "exact", n)
                     for s, lab in zip(scores, labels)]
+        cached = self._masks.get(_key(filter))
+        if not (cached and cached[0] == m.version) and m.engine.kind == "hnsw":
+            share = self.share(filter)
+            if share >= POST_FILTER_SHARE:
+                done = self._post_filtered(queries, n, filter, share, ef)
+                if done is not None:
+                    return done
         mask, count = self.mask(filter)
         k = min(n, count)
         if count == 0:
@@ -139,6 +194,10 @@ class Planner:
         hits = [Hit(ids[lab], s) for s, lab in zip(scores.tolist(), labels.tolist()) if lab >= 0]
         complete = matched is None or matched >= n
         return Results(hits, matched, plan, complete, extra)
+
+
+def _key(filter: dict) -> str:
+    return json.dumps(filter, sort_keys=True, default=str)
 
 
 def user_scores(scores: np.ndarray, metric: str) -> np.ndarray:
