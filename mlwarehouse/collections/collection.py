@@ -293,7 +293,14 @@ class Collection:
                              example_inputs=example_inputs, batched=batched)
 
     def detach(self, name: str, *, force: bool = False) -> int:
-        """Remove a listener and all of its outputs (its dependents' too with ``force``; else refused)."""
+        """Remove a listener and all of its outputs (its dependents' too with ``force``; else refused). A vector
+        index over its outputs is refused the same way, and dropped with ``force``."""
+        over = [spec["name"] for spec in self.vector_indexes() if spec.get("listener") == name]
+        if over and not force:
+            raise QueryError(f"vector index {over[0]!r} of collection {self.name!r} reads listener {name!r}'s "
+                             f"outputs: drop it first, or detach with force=True")
+        for index in over:
+            self.drop_vector_index(index)
         return engine.detach(self, name, force=force)
 
     def listener(self, name: str):

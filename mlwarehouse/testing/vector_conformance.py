@@ -178,6 +178,10 @@ class VectorTests:
         assert c.find(like="red apple", n=1)[0]["_id"] == "t8"
         c.update_one({"_id": "t8"}, {"$set": {"text": "nothing alike"}})
         assert c.find(like="red apple", n=1)[0]["_id"] != "t8"
+        with pytest.raises(QueryError, match="by_text"):
+            c.detach("embed")  # the index reads its outputs
+        c.detach("embed", force=True)
+        assert c.vector_indexes() == []
 
     # -- definitions and errors ---------------------------------------------------------------------------
     def test_definitions_listing_and_dropping(self, wh):
