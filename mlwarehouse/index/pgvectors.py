@@ -155,9 +155,8 @@ class PgVectors:
                 f"FROM {self._table(name)} v JOIN {self.index._table(collection)} d ON d.id = v.doc_id "
                 f"WHERE {where} ORDER BY ")
         with self.index._transaction() as con:
-            con.execute(f"SET LOCAL hnsw.ef_search = {max(int(ef), int(n), 10)}")
-            con.execute("SET LOCAL hnsw.iterative_scan = strict_order")
-            con.execute(f"SET LOCAL hnsw.max_scan_tuples = {_MAX_SCAN}")
+            con.execute(f"SET LOCAL hnsw.ef_search = {max(int(ef), int(n), 10)}; SET LOCAL hnsw.iterative_scan = "
+                        f"strict_order; SET LOCAL hnsw.max_scan_tuples = {_MAX_SCAN}")  # one round trip
             rows = con.execute(base + f"v.embedding {op} %s::{self._type} LIMIT %s",
                                [q, *c.params, q, n]).fetchall()
             if len(rows) >= n or not filter:
