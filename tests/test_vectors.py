@@ -177,3 +177,17 @@ def test_an_archive_carries_index_definitions_and_the_index_is_rebuilt_where_it_
     assert copied.vector_indexes()[0]["metric"] == "l2"
     assert copied.find(vector=x[5], n=1)[0]["_id"] == "d5"
     assert copied.vector_index("v").stats()["loaded_from"] == "build"
+
+
+def test_of_two_snapshots_saved_at_once_the_newer_stays(tmp_path):
+    wh, c, x = _collection(tmp_path, n=100)
+    index = c.create_vector_index("v", field="v")
+    other = mlwarehouse.connect(home=tmp_path / "wh").collection("pts").vector_index("v")
+    other.backend  # loaded from the snapshot at this position
+    c.insert_one({"_id": "late", "v": x[0], "g": 0})
+    index.refresh()
+    assert index.save()  # newer: stored
+    assert not other.save()  # older than the stored one: refused, its blobs released
+    assert specs.find(c, "v")["snapshot"]["position"] == index.backend.position
+    fresh = mlwarehouse.connect(home=tmp_path / "wh").collection("pts").vector_index("v")
+    assert fresh.stats()["vectors"] == 101 and fresh.stats()["loaded_from"] == "snapshot"

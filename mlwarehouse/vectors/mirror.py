@@ -34,6 +34,8 @@ MEMORY_LIMIT = int(os.environ.get("MLW_VECTOR_MEMORY_MB", 16384)) * 1024 * 1024
 SNAPSHOT_VERSION = 1
 #: compact when more than this share of the labels is dead
 DEAD_SHARE = 0.25
+#: a refresh saves a snapshot once this many changes (or this share of the index) came since the last one
+SAVE_CHANGES, SAVE_SHARE = 10_000, 0.2
 _ID_BYTES = 120  # what one label's id, revision and dict entries cost, about
 
 
@@ -101,6 +103,8 @@ class Mirror(Follower):
             done = super().refresh(force=force)
             if self.dead > DEAD_SHARE * max(len(self.ids), 1) and len(self.ids) > 1000:
                 self.compact()
+            if self.changes >= max(SAVE_CHANGES, SAVE_SHARE * self.count):
+                self.save()  # so that a process opening the index later replays little
             return done
 
     # -- the store's hooks --------------------------------------------------------------------------------
@@ -204,14 +208,18 @@ class Mirror(Follower):
             snapshot = {"version": SNAPSHOT_VERSION, "kind": self.engine.kind, "dims": self.spec.dims,
                         "metric": self.spec.metric, "size": len(self.ids), "count": self.count,
                         "position": self.position, "tombstone": self.tombstone, "time": utc_now(), "data": tree}
-            old = specs.find(self.collection, self.spec.name) or {}
-            if (old.get("snapshot") or {}).get("position", "") > self.position:
-                project.warehouse._lease_end(stored=values.blob_keys(tree))
-                project.warehouse.release_blobs([{"_blobs": sorted(values.blob_keys(tree))}])
-                return False
             keys = sorted(values.blob_keys(tree))
-            project.update(specs.VECTOR_INDEXES, {"_id": self.spec.id},
-                           {"$set": {"snapshot": snapshot, "_blobs": keys}})
+            old = specs.find(self.collection, self.spec.name) or {}
+            stored = (old.get("snapshot") or {}).get("position")
+            # compare-and-set on the stored snapshot: of two processes saving at once, one wins, and an older
+            # snapshot never replaces a newer one
+            same = {"snapshot.position": stored} if stored is not None else {"snapshot": None}
+            if (stored or "") > self.position or not project.update(
+                    specs.VECTOR_INDEXES, {"_id": self.spec.id, **same},
+                    {"$set": {"snapshot": snapshot, "_blobs": keys}}):
+                project.warehouse._lease_end(stored=set(keys))
+                project.warehouse.release_blobs([{"_blobs": keys}])
+                return False
             stale = set(old.get("_blobs") or ()) - set(keys)
             if stale:
                 project.warehouse.release_blobs([{"_blobs": sorted(stale)}])
