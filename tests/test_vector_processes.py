@@ -120,10 +120,10 @@ def test_searchers_never_see_an_old_vector_while_writers_change_them(setup):
     procs += [ctx.Process(target=_searcher, args=(s, stop_at, out)) for s in (3, 4)]
     for p in procs:
         p.start()
-    results = [out.get(timeout=120) for _ in range(2)]
     for p in procs:
-        p.join(60)
-        assert p.exitcode == 0
+        p.join(120)
+        assert p.exitcode == 0, f"{p.name} exited with {p.exitcode}"
+    results = [out.get(timeout=10) for _ in range(2)]
     assert sum(s for s, _ in results) > 20
     assert sum(b for _, b in results) == 0, results
     # and once the writers stopped, a refreshed index agrees with brute force over what is stored now

@@ -14,6 +14,7 @@ The columns are not called ``id`` or ``doc``, so the compiled filter names the c
 from __future__ import annotations
 
 import re
+import weakref
 from collections.abc import Iterable, Sequence
 
 import numpy as np
@@ -41,6 +42,7 @@ class PgVectors:
     def __init__(self, index, schema: str, version: tuple[int, ...]):
         self.index, self.schema, self.version = index, schema, version
         self._type = f'"{schema}".vector'
+        self._session: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # connection -> scan settings
 
     @classmethod
     def probe(cls, index) -> "PgVectors | None":
@@ -111,16 +113,19 @@ class PgVectors:
             with con.cursor().copy("COPY mlw_vec_in (doc_id, rev, embedding) FROM STDIN") as copy:
                 for row in rows:
                     copy.write_row(row)
+            # in id order: two processes refreshing at once lock the rows they share in the same order (no deadlock)
             con.execute(f"INSERT INTO {table} (doc_id, rev, embedding) SELECT doc_id, rev, embedding::{self._type} "
-                        f"FROM mlw_vec_in ON CONFLICT (doc_id) DO UPDATE SET rev = EXCLUDED.rev, "
+                        f"FROM mlw_vec_in ORDER BY doc_id ON CONFLICT (doc_id) DO UPDATE SET rev = EXCLUDED.rev, "
                         f"embedding = EXCLUDED.embedding")
         return len(rows)
 
     def delete(self, name: str, ids: Sequence[str]) -> int:
         if not ids:
             return 0
-        with self.index._transaction() as con:
-            return con.execute(f"DELETE FROM {self._table(name)} WHERE doc_id = ANY(%s)", (list(ids),)).rowcount
+        table = self._table(name)
+        with self.index._transaction() as con:  # rows locked in id order, as put() locks them
+            return con.execute(f"DELETE FROM {table} WHERE doc_id IN (SELECT doc_id FROM {table} WHERE doc_id = "
+                               f"ANY(%s) ORDER BY doc_id FOR UPDATE)", (sorted(ids),)).rowcount
 
     def delete_orphans(self, name: str, collection: str) -> int:
         """Remove vectors whose document is gone."""
@@ -141,9 +146,10 @@ class PgVectors:
 
     # -- search -------------------------------------------------------------------------------------------
     def search(self, name: str, collection: str, metric: str, query: np.ndarray, n: int, filter: dict | None, *,
-               ef: int = 40) -> tuple[list[tuple[str, str, float, str]], bool]:
-        """The ``n`` nearest rows that match ``filter``: ``(doc_id, rev, distance, document JSON)``, nearest
-        first, and whether the HNSW scan answered (False: it came back short, so this was an exact scan)."""
+               ef: int = 40, documents: bool = True) -> tuple[list[tuple[str, str, float, str]], bool]:
+        """The ``n`` nearest rows that match ``filter``: ``(doc_id, rev, distance, document JSON)`` (without
+        ``documents``: the document's ``_rev`` in place of its JSON), nearest first, and whether the HNSW scan
+        answered (False: it came back short, so this was an exact scan)."""
         from mlwarehouse.index.sql.compiler import Compiler
         scalars = self.index._scalar_fields(collection)
         if scalars is None:
@@ -151,17 +157,24 @@ class PgVectors:
         c = Compiler(self.index.dialect, scalar_fields=scalars)
         where = c.where(parse_filter(filter or {}))
         op, q = self._op(metric), _literal(query)
-        base = (f"SELECT v.doc_id, v.rev, v.embedding {op} %s::{self._type} AS dist, d.doc::text "
+        out = "d.doc::text" if documents else "d.doc ->> '_rev'"
+        base = (f"SELECT v.doc_id, v.rev, v.embedding {op} %s::{self._type} AS dist, {out} "
                 f"FROM {self._table(name)} v JOIN {self.index._table(collection)} d ON d.id = v.doc_id "
                 f"WHERE {where} ORDER BY ")
-        with self.index._transaction() as con:
-            con.execute(f"SET LOCAL hnsw.ef_search = {max(int(ef), int(n), 10)}; SET LOCAL hnsw.iterative_scan = "
-                        f"strict_order; SET LOCAL hnsw.max_scan_tuples = {_MAX_SCAN}")  # one round trip
+        with self.index._connection() as con:
+            # the scan's settings live in the pooled connection's session, set again only when they change (no
+            # transaction round trips per search); nothing else reads them
+            want = (max(int(ef), int(n), 10), _MAX_SCAN)
+            if self._session.get(con) != want:
+                con.execute(f"SET hnsw.ef_search = {want[0]}; SET hnsw.iterative_scan = strict_order; "
+                            f"SET hnsw.max_scan_tuples = {want[1]}")
+                self._session[con] = want
             rows = con.execute(base + f"v.embedding {op} %s::{self._type} LIMIT %s",
                                [q, *c.params, q, n]).fetchall()
-            if len(rows) >= n or not filter:
-                return rows, True
-            # short: fewer matches than n, or the scan gave up first; an exact scan of the matches tells which
+        if len(rows) >= n or not filter:
+            return rows, True
+        # short: fewer matches than n, or the scan gave up first; an exact scan of the matches tells which
+        with self.index._transaction() as con:
             con.execute("SET LOCAL enable_indexscan = off")
             rows = con.execute(base + "dist LIMIT %s", [q, *c.params, n]).fetchall()
             return rows, False

@@ -140,12 +140,17 @@ class PgVectorTable(Follower):
             if not self._ready:
                 return Results([], 0 if flt else None, "exact", complete=not flt)
             rows, by_index = self.store.search(self.name, self.table.name, self.spec.metric, query, n, flt or None,
-                                               ef=ef)
+                                               ef=ef, documents=documents)
+            if not documents:  # the documents' revisions only; the few that moved are read whole
+                stale = [doc_id for doc_id, rev, _, now in rows if now != rev]
+                docs = {d["_id"]: d for d in self.table.find({"_id": {"$in": stale}})} if stale else {}
+                rows = [(doc_id, rev, dist, docs.get(doc_id)) for doc_id, rev, dist, _ in rows
+                        if doc_id not in stale or doc_id in docs]
             hits, moved = [], []
             for doc_id, rev, dist, text in rows:
-                doc = json.loads(text)
+                doc = json.loads(text) if isinstance(text, str) else text
                 score = self._score(float(dist))
-                if doc.get("_rev") != rev:
+                if doc is not None and doc.get("_rev") != rev:
                     moved.append(doc)
                     vector = self.current(doc)
                     if vector is None:
