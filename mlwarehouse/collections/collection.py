@@ -157,20 +157,21 @@ class Collection:
     # -- reading ------------------------------------------------------------------------------------------
     def find(self, filter: Mapping | None = None, projection: Mapping | None = None, *, sort=None,
              limit: int | None = None, skip: int = 0, raw: bool = False, like: Any = None, vector: Any = None,
-             n: int | None = None, index: str | None = None):
+             n: int | None = None, index: str | None = None, ef: int | None = None):
         """Matching documents, decoded (user types as :class:`~mlwarehouse.codecs.datatypes.Encoded` when
         ``raw``). A cursor: iterate it, or chain ``.sort()``, ``.limit()``, ``.skip()`` as with pymongo.
 
         With ``like`` (a value for the index's model, a document, or ``{"_id": ...}``) or ``vector``: the ``n``
         (default 10) matching documents nearest to it by vector index ``index`` (default: the first created),
-        nearest first, each with ``_score`` (see :meth:`mlwarehouse.vectors.index.VectorIndex.find`)."""
+        nearest first, each with ``_score`` (see :meth:`mlwarehouse.vectors.index.VectorIndex.find`); ``ef``: how
+        much of the graph a search walks (more: slower, closer to exact)."""
         if like is not None or vector is not None:
             if sort is not None or skip:
                 raise QueryError("a vector search is ordered by closeness: it takes no sort or skip")
             return self.vector_index(index).find(filter, projection, like=like, vector=vector,
-                                                 n=n if n is not None else (limit or 10), raw=raw)
-        if n is not None:
-            raise QueryError("n is the number of neighbours of a vector search: pass like= or vector= too")
+                                                 n=n if n is not None else (limit or 10), ef=ef, raw=raw)
+        if n is not None or ef is not None:
+            raise QueryError("n and ef belong to a vector search: pass like= or vector= too")
         return Cursor(self, filter, projection, sort, limit, skip, raw)
 
     def find_one(self, filter: Mapping | None = None, projection: Mapping | None = None, *, sort=None,

@@ -3,8 +3,9 @@
 A vector table ``v_<name>(doc_id, rev, embedding vector(d))`` holds one vector per document of a collection, with
 the document's ``_rev`` it was read at, and an HNSW index (``m``, ``ef_construction``) for the metric. A search is
 one statement: the table's HNSW scan ordered by distance, joined to the collection's rows and filtered there with
-the same compiled filter every other query uses, with pgvector's **iterative index scans** (0.8+) so a filter
-that rejects most of the first candidates makes the scan go on instead of returning too few rows. When the scan
+the same compiled filter every other query uses, with pgvector's **iterative index scans** (0.8+, in relaxed
+order, re-sorted here) so a filter that rejects most of the first candidates makes the scan go on instead of
+returning too few rows. When the scan
 still comes back short (a very selective filter), the same statement runs without the index: exact.
 
 This module knows nothing of what the vectors mean; :mod:`mlwarehouse.vectors.pgvector` keeps them current.
@@ -13,6 +14,7 @@ The columns are not called ``id`` or ``doc``, so the compiled filter names the c
 
 from __future__ import annotations
 
+import json
 import re
 import weakref
 from collections.abc import Iterable, Sequence
@@ -145,11 +147,33 @@ class PgVectors:
         return {"vectors": int(count), "memory_bytes": int(size)}
 
     # -- search -------------------------------------------------------------------------------------------
+    def filter_plan(self, collection: str, filter: dict) -> tuple[bool, float]:
+        """How PostgreSQL would select the documents matching ``filter``: through an index (True) or not, and
+        how many rows it expects (its planner's estimate, from the statistics ANALYZE keeps)."""
+        from mlwarehouse.index.sql.compiler import Compiler
+        scalars = self.index._scalar_fields(collection)
+        if scalars is None:
+            return False, 0.0
+        c = Compiler(self.index.dialect, scalar_fields=scalars)
+        where = c.where(parse_filter(filter))
+        with self.index._connection() as con:
+            plan = con.execute(f"EXPLAIN (FORMAT JSON) SELECT id FROM {self.index._table(collection)} WHERE {where}",
+                               c.params).fetchone()[0]
+        plan = plan[0]["Plan"] if isinstance(plan, list) else json.loads(plan)[0]["Plan"]
+        nodes, indexed = [plan], False
+        while nodes:
+            node = nodes.pop()
+            indexed |= "Index" in node.get("Node Type", "")
+            nodes += node.get("Plans", [])
+        return indexed, float(plan.get("Plan Rows", 0))
+
     def search(self, name: str, collection: str, metric: str, query: np.ndarray, n: int, filter: dict | None, *,
-               ef: int = 40, documents: bool = True) -> tuple[list[tuple[str, str, float, str]], bool]:
+               ef: int = 40, documents: bool = True, exact: bool = False
+               ) -> tuple[list[tuple[str, str, float, str]], bool]:
         """The ``n`` nearest rows that match ``filter``: ``(doc_id, rev, distance, document JSON)`` (without
         ``documents``: the document's ``_rev`` in place of its JSON), nearest first, and whether the HNSW scan
-        answered (False: it came back short, so this was an exact scan)."""
+        answered (False: it came back short, or ``exact`` asked for it, so this was an exact scan: of the
+        documents the filter selects, through the collection's own indexes where it has them)."""
         from mlwarehouse.index.sql.compiler import Compiler
         scalars = self.index._scalar_fields(collection)
         if scalars is None:
@@ -161,20 +185,25 @@ class PgVectors:
         base = (f"SELECT v.doc_id, v.rev, v.embedding {op} %s::{self._type} AS dist, {out} "
                 f"FROM {self._table(name)} v JOIN {self.index._table(collection)} d ON d.id = v.doc_id "
                 f"WHERE {where} ORDER BY ")
+        if exact and filter:
+            return self._exact(base, c.params, q, n), False
         with self.index._connection() as con:
             # the scan's settings live in the pooled connection's session, set again only when they change (no
             # transaction round trips per search); nothing else reads them
             want = (max(int(ef), int(n), 10), _MAX_SCAN)
             if self._session.get(con) != want:
-                con.execute(f"SET hnsw.ef_search = {want[0]}; SET hnsw.iterative_scan = strict_order; "
+                con.execute(f"SET hnsw.ef_search = {want[0]}; SET hnsw.iterative_scan = relaxed_order; "
                             f"SET hnsw.max_scan_tuples = {want[1]}")
                 self._session[con] = want
             rows = con.execute(base + f"v.embedding {op} %s::{self._type} LIMIT %s",
                                [q, *c.params, q, n]).fetchall()
+            rows.sort(key=lambda r: r[2])  # relaxed order: the scan may return a near one after a nearer one
         if len(rows) >= n or not filter:
             return rows, True
         # short: fewer matches than n, or the scan gave up first; an exact scan of the matches tells which
+        return self._exact(base, c.params, q, n), False
+
+    def _exact(self, base: str, params: list, q: str, n: int) -> list:
         with self.index._transaction() as con:
-            con.execute("SET LOCAL enable_indexscan = off")
-            rows = con.execute(base + "dist LIMIT %s", [q, *c.params, n]).fetchall()
-            return rows, False
+            con.execute("SET LOCAL enable_indexscan = off")  # no HNSW scan (bitmap scans of the filter stay)
+            return con.execute(base + "dist LIMIT %s", [q, *params, n]).fetchall()

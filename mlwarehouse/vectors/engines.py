@@ -128,7 +128,7 @@ class HnswEngine:
         self._faiss = faiss
         self.dims, self.metric = dims, metric
         self.options = dict(options or {})
-        self.m = int(self.options.get("M", 32))
+        self.m = int(self.options.get("M", 16))
         kind = faiss.METRIC_L2 if metric == "l2" else faiss.METRIC_INNER_PRODUCT
         self.index = faiss.IndexHNSWFlat(dims, self.m, kind)
         self.index.hnsw.efConstruction = int(self.options.get("ef_construction", 200))
@@ -173,8 +173,9 @@ class HnswEngine:
         dist, labels = self.index.search(queries, k, params=params)
         del bits  # kept alive through the search: the selector holds a raw pointer to it
         scores = -dist if self.metric == "l2" else dist
-        scores = np.where(labels < 0, -np.inf, scores).astype(np.float32)
-        return scores, labels.astype(np.int64)
+        if allowed is not None or k > self.size:  # only then can faiss leave slots empty (label -1)
+            scores[labels < 0] = -np.inf
+        return scores, labels
 
     @property
     def nbytes(self) -> int:

@@ -131,7 +131,7 @@ class Mirror(Follower):
         if self.engine is None:
             self.engine = make_engine("hnsw" if ann_available() else "exact", self.spec.dims, self.spec.metric,
                                       self.spec.options)
-        need = self.memory() + len(rows) * (self.spec.dims * 4 + self.spec.options.get("M", 32) * 8 + _ID_BYTES)
+        need = self.memory() + len(rows) * (self.spec.dims * 4 + self.spec.options.get("M", 16) * 8 + _ID_BYTES)
         if need > MEMORY_LIMIT:
             raise VectorIndexError(f"vector index {self.spec.name!r} would need {need / 2**20:.0f} MiB, over the "
                                    f"limit of {MEMORY_LIMIT / 2**20:.0f} MiB (MLW_VECTOR_MEMORY_MB); use the "

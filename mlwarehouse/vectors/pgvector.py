@@ -13,12 +13,13 @@ the vector's is rescored from the document's current vector and the table correc
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
 
 from mlwarehouse.errors import VectorIndexError
 from mlwarehouse.vectors import spec as specs
-from mlwarehouse.vectors.search import Hit, Results
+from mlwarehouse.vectors.search import EXACT_LIMIT, Hit, Results
 from mlwarehouse.vectors.tracking import Follower
 
 __all__ = ["PgVectorTable", "drop_table"]
@@ -48,6 +49,7 @@ class PgVectorTable(Follower):
         self.name = spec.id.lower()
         self._ready = False
         self.loaded_from = None
+        self._plans: dict[str, tuple[float, bool]] = {}  # filter -> (when asked, exact)
 
     # -- opening ------------------------------------------------------------------------------------------
     def open(self) -> "PgVectorTable":
@@ -140,7 +142,7 @@ class PgVectorTable(Follower):
             if not self._ready:
                 return Results([], 0 if flt else None, "exact", complete=not flt)
             rows, by_index = self.store.search(self.name, self.table.name, self.spec.metric, query, n, flt or None,
-                                               ef=ef, documents=documents)
+                                               ef=ef, documents=documents, exact=bool(flt) and self._few(flt))
             if not documents:  # the documents' revisions only; the few that moved are read whole
                 stale = [doc_id for doc_id, rev, _, now in rows if now != rev]
                 docs = {d["_id"]: d for d in self.table.find({"_id": {"$in": stale}})} if stale else {}
@@ -166,6 +168,21 @@ class PgVectorTable(Follower):
         complete = len(hits) >= n or not flt
         matched = len(hits) if not complete else None
         return Results(hits[:n], matched, "graph" if by_index else "exact", complete)
+
+    def _few(self, flt: dict) -> bool:
+        """Whether to scan the documents ``flt`` selects exactly instead of walking the graph: when PostgreSQL
+        selects them through an index (on the filtered field) and expects at most ``EXACT_LIMIT``. Without such an
+        index an exact plan reads every document, and the iterative graph scan, which stops at ``n``, is cheaper.
+        Asked once per filter a minute (one EXPLAIN)."""
+        now = time.monotonic()
+        key = json.dumps(flt, sort_keys=True, default=str)
+        cached = self._plans.get(key)
+        if cached is None or now - cached[0] > 60:
+            indexed, rows = self.store.filter_plan(self.table.name, flt)
+            cached = self._plans[key] = (now, indexed and rows <= EXACT_LIMIT)
+            if len(self._plans) > 64:
+                self._plans.pop(next(iter(self._plans)))
+        return cached[1]
 
     def _score(self, dist: float) -> float:
         """pgvector's distances as scores (higher is closer): cosine similarity, inner product, -L2 distance."""
