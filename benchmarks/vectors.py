@@ -601,7 +601,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--clusters", type=int, default=1000)
     ap.add_argument("--noise", type=float, default=0.6, help="noise sigma per dimension (centres have sigma 1)")
-    ap.add_argument("--libs", default="hnswlib,faiss", help=f"comma-separated, of {','.join(LIBRARIES)}")
+    ap.add_argument("--libs", default="hnswlib,faiss",
+                    help=f"comma-separated, of {','.join(LIBRARIES)}; none: only ours")
     ap.add_argument("--m", type=int, default=16, help="graph degree M (connectivity); level 0 has 2M")
     ap.add_argument("--ef-construction", type=int, default=200)
     ap.add_argument("--build-threads", type=int, default=2)
@@ -627,7 +628,7 @@ def main() -> None:
     exact = measure_exact(vectors, queries, filters, args.filter_queries)
 
     rows = []
-    for name in args.libs.split(","):
+    for name in [x for x in args.libs.split(",") if x and x != "none"]:
         t = time.perf_counter()
         rows.append(in_child(LIBRARIES[name], vectors, queries, truth, filters, args))
         print(f"{name}: {time.perf_counter() - t:.0f} s", flush=True)

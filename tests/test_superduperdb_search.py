@@ -14,6 +14,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from test_superduperdb import EXAMPLE, MY_MODULE  # noqa: E402  (the getting-started example, as written there)
+
 from mlwarehouse.compat.superduperdb import SuperDuperClient  # noqa: E402
 from mlwarehouse.compat.superduperdb_search import RERANK, css, dot, l2  # noqa: E402
 from mlwarehouse.errors import (  # noqa: E402
@@ -26,25 +28,6 @@ from mlwarehouse.errors import (  # noqa: E402
 from mlwarehouse.testing.mongo_server import fresh_uri, mongo_server  # noqa: E402,F401
 
 pytestmark = pytest.mark.filterwarnings("ignore:The given NumPy array is not writable")
-
-#: ``my_module.py`` of SuperDuperDB's getting-started example
-MY_MODULE = textwrap.dedent("""\
-    import numpy
-    import torch
-
-
-    class FloatTensor:
-        @staticmethod
-        def encode(x):
-            x = x.numpy()
-            assert x.dtype == numpy.float32
-            return memoryview(x).tobytes()
-
-        @staticmethod
-        def decode(bytes_):
-            array = numpy.frombuffer(bytes_, dtype=numpy.float32)
-            return torch.from_numpy(array).type(torch.float)
-""")
 
 #: a user's measures: SuperDuperDB's css as users wrote it, and one no index metric is (minus the L1 distance)
 MY_MEASURES = textwrap.dedent("""\
@@ -59,17 +42,6 @@ MY_MEASURES = textwrap.dedent("""\
 
     def neg_l1(x, y):
         return -(x[:, None, :] - y[None, :, :]).abs().sum(-1)
-""")
-
-EXAMPLE = textwrap.dedent("""\
-    from mlwarehouse.compat.superduperdb import SuperDuperClient
-    from my_module import FloatTensor
-    import torch
-    docs = SuperDuperClient().my_database.my_collection
-    docs.create_converter('float_tensor', FloatTensor())
-    docs.create_model('linear_embedding', torch.nn.Linear(1024, 64), key='x')
-    docs.insert_many([{'x': {'_content': {'bytes': FloatTensor.encode(torch.randn(1024))}}} for _ in range(100)])
-    docs.find_one()
 """)
 
 MODULES = ("my_module", "my_measures")

@@ -105,7 +105,8 @@ class ExactEngine:
         return int(self._data.nbytes)
 
     def to_arrays(self) -> dict[str, np.ndarray]:
-        return {"vectors": self.matrix.copy()}
+        """The engine's arrays, as views (valid until the next ``add``): what a snapshot stores."""
+        return {"vectors": self.matrix}
 
     @classmethod
     def from_arrays(cls, arrays: dict[str, Any], dims: int, metric: str, options: dict | None = None
@@ -184,7 +185,7 @@ class HnswEngine:
 
     def to_arrays(self) -> dict[str, np.ndarray]:
         faiss, h = self._faiss, self.index.hnsw
-        return {"vectors": self.matrix.copy(), "levels": faiss.vector_to_array(h.levels),
+        return {"vectors": self.matrix, "levels": faiss.vector_to_array(h.levels),
                 "offsets": faiss.vector_to_array(h.offsets), "neighbors": faiss.vector_to_array(h.neighbors),
                 "entry": np.array([h.entry_point, h.max_level], dtype=np.int64)}
 

@@ -91,7 +91,7 @@ class Mirror(Follower):
                     self._take(batch)
                     batch = []
             self._take(batch)
-            self.refreshed = time.monotonic()
+            self.refreshed = time.monotonic()  # (the first refresh re-reads the window: writes made during the scan)
             self.loaded_from = "build"
             self.changes = 0
             if self.count:

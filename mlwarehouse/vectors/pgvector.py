@@ -82,6 +82,7 @@ class PgVectorTable(Follower):
                     self._take(batch)
                     batch = []
             self._take(batch)
+            self.refreshed = time.monotonic()  # (the first refresh re-reads the window: writes made during the scan)
             if self._ready:
                 self.store.create_index(self.name, self.spec.metric, m=self.spec.options["M"],
                                         ef_construction=self.spec.options["ef_construction"])

@@ -4,7 +4,7 @@ The plan for ``n`` neighbours of each query under a filter (any filter of the qu
 
 1. **No filter**: the graph, over the live labels.
 2. **A filter that most documents match** (at least ``POST_FILTER_SHARE`` of a sample of ``SAMPLE``): the graph's
-   nearest ``2 n / share`` candidates, kept if they match (one query by id). Cheap however many match; when a
+   nearest ``3 n / share`` candidates, kept if they match (one query by id). Cheap however many match; when a
    query keeps fewer than ``n``, the next plan takes over.
 3. **Any other filter**: its matching labels are computed once per mirror version (the index asks for the ids
    that match, which an index on the filtered field makes cheap) and cached, so a stream of queries under one
@@ -40,6 +40,7 @@ SAMPLE = 512
 _WIDEN = 4
 _MAX_EF = 4096
 _CACHE = 16
+_SUBSETS = 4
 
 
 class Hit:
@@ -82,6 +83,7 @@ class Planner:
         self._masks: dict[str, tuple[int, np.ndarray, int]] = {}
         self._shares: dict[str, tuple[int, float]] = {}
         self._sample: tuple[int, list[str]] | None = None
+        self._subsets: dict[int, tuple] = {}  # id(mask) -> (mask, version, labels, vectors)
 
     def share(self, filter: dict) -> float:
         """The share of live documents that match ``filter``, estimated on a sample of ``SAMPLE`` of them (one
@@ -104,10 +106,10 @@ class Planner:
         return share
 
     def _post_filtered(self, queries, n, filter, share, ef) -> list[Results] | None:
-        """When most documents match: the graph's nearest ``n / share`` (x2) candidates, kept if they match (one
+        """When most documents match: the graph's nearest ``n / share`` (x3) candidates, kept if they match (one
         query by id); None when any query keeps fewer than ``n`` (then the filter's labels are computed)."""
         m = self.mirror
-        k = min(m.count, int(np.ceil(2 * n / share)) + 10)
+        k = min(m.count, int(np.ceil(3 * n / share)) + 20)
         allowed = m.alive if m.dead else None
         scores, labels = m.engine.search(queries, k, allowed=allowed, ef=max(ef, k))
         wanted = sorted({m.ids[x] for x in labels[labels >= 0].tolist()})
@@ -186,9 +188,24 @@ class Planner:
     def _exact(self, queries, k, mask, count, n) -> list[Results]:
         from mlwarehouse.vectors.engines import exact_top
         m = self.mirror
-        labels = np.flatnonzero(mask)
-        scores, found = exact_top(m.engine.gather(labels), queries, k, m.spec.metric, labels)
+        labels, matrix = self._subset(mask)
+        scores, found = exact_top(matrix, queries, k, m.spec.metric, labels)
         return [self._results(s, lab, count, "exact", n) for s, lab in zip(scores, found)]
+
+    def _subset(self, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The labels of a mask and their vectors, gathered once per mask and mirror version (a stream of queries
+        under one filter multiplies against the same ``EXACT_LIMIT`` rows at most: 10 MiB at 128 dimensions)."""
+        m = self.mirror
+        held = self._subsets.get(id(mask))
+        if held is not None and held[0] is mask and held[1] == m.version:
+            return held[2], held[3]
+        labels = np.flatnonzero(mask)
+        matrix = m.engine.gather(labels)
+        if len(labels) <= EXACT_LIMIT:
+            if len(self._subsets) >= _SUBSETS:
+                self._subsets.pop(next(iter(self._subsets)))
+            self._subsets[id(mask)] = (mask, m.version, labels, matrix)
+        return labels, matrix
 
     def _results(self, scores, labels, matched, plan, n, **extra) -> Results:
         ids = self.mirror.ids

@@ -78,7 +78,7 @@ class Follower:
         self.tombstone = ""  # the newest tombstone seen
         self.invalid = 0
         self.refreshed = 0.0  # when the last refresh ran (monotonic seconds)
-        self.windowed = time.monotonic()  # ... and the last that re-read the whole window (opening reads it all)
+        self.windowed = -WINDOW_SECONDS  # ... and the last that re-read the whole window (the first one does)
 
     # -- what a store does --------------------------------------------------------------------------------
     def _held(self, doc_ids: list[str]) -> dict[str, str]:
