@@ -122,7 +122,7 @@ class VectorIndex:
                 doc = self.collection.table.find_one({"_id": like["_id"]})
                 if doc is None:
                     raise NotFound(f"no document {like['_id']!r} in {self.collection.name!r} to search like")
-                found = self._mirror_vector(doc)
+                found = self.backend.current(doc)
                 if found is None:
                     raise VectorIndexError(f"document {like['_id']!r} has no vector in index {self.name!r} (yet)")
                 return found
@@ -139,12 +139,6 @@ class VectorIndex:
                 raise VectorIndexError(f"the document to search like has no {self.spec.path!r}")
             return self.query_vector(vector=value)
         return self.encode(like)
-
-    def _mirror_vector(self, stored: dict) -> np.ndarray | None:
-        vector = vector_of(self.collection, get_path(stored, self.spec.path), self.spec.dims)
-        if self.spec.listener and get_path(stored, f"_listeners.{self.spec.listener}.status") != "done":
-            return None
-        return vector
 
     def search(self, vectors: Any, n: int = 10, filter: Mapping | None = None, *, ef: int | None = None
                ) -> list[Results]:

@@ -34,6 +34,9 @@ MEMORY_LIMIT = int(os.environ.get("MLW_VECTOR_MEMORY_MB", 16384)) * 1024 * 1024
 SNAPSHOT_VERSION = 1
 #: compact when more than this share of the labels is dead
 DEAD_SHARE = 0.25
+#: documents read per step of a build: the graph grows by this many vectors at a time (faiss inserts one batch with
+#: every core), and the decoded batch is what the build holds besides the graph
+BUILD_BATCH = 100_000
 #: a refresh saves a snapshot once this many changes (or this share of the index) came since the last one
 SAVE_CHANGES, SAVE_SHARE = 10_000, 0.2
 _ID_BYTES = 120  # what one label's id, revision and dict entries cost, about
@@ -87,7 +90,7 @@ class Mirror(Follower):
             batch: list[dict] = []
             for doc in self.table.find({}, projection=self._projection()):
                 batch.append(doc)
-                if len(batch) >= 10_000:
+                if len(batch) >= BUILD_BATCH:
                     self._take(batch)
                     batch = []
             self._take(batch)
