@@ -2,6 +2,10 @@
 
     python benchmarks/vectors.py [--n 1000000] [--dims 128] [--queries 1000] [--seed 0] [--libs hnswlib,faiss]
 
+hnswlib (and usearch) are not dependencies of mlwarehouse: ``pip install hnswlib`` first, or ``--libs faiss``.
+``ours-embedded`` and ``ours-pgvector`` are mlwarehouse's engines through its API (a collection of one document per
+vector); pgvector runs on a private PostgreSQL started from the test servers' binaries.
+
 The data: ``--clusters`` gaussian centres, points = centre + gaussian noise, normalised (cosine = inner product);
 ``--queries`` held-out points drawn the same way; exact top-10 from numpy (batched matrix products, argpartition).
 Each library runs in its own forked child, so its resident-set growth is its own. Search is one thread everywhere
