@@ -31,7 +31,8 @@ _ROUNDS = 3
 
 class Neighbours(list):
     """Documents nearest first, each with ``_score`` (higher is closer); ``matched`` is how many documents match
-    the filter at all (None without one) and ``complete`` is False when fewer than ``n`` do."""
+    the filter at all (None without a filter, or when the plan did not need to count them) and ``complete`` is
+    False when fewer than ``n`` do."""
 
     def __init__(self, docs: list[dict], results: Results):
         super().__init__(docs)

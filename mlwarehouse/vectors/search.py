@@ -3,9 +3,10 @@
 The plan for ``n`` neighbours of each query under a filter (any filter of the query language):
 
 1. **No filter**: the graph, over the live labels.
-2. **A filter that many documents match** (a quarter or more of a sample of ``SAMPLE``): the graph's
-   nearest ``3 n / share`` candidates, kept if they match (one query by id). Cheap however many match; when a
-   query keeps fewer than ``n``, the next plan takes over.
+2. **A filter that many documents match** (a quarter or more of a sample of ``SAMPLE``), in an index of more than
+   ``EXACT_LIMIT`` vectors: the graph's nearest ``3 n / share`` candidates, kept if they match (one query by id).
+   Cheap however many match (but ``matched`` is then unknown: None); when a query keeps fewer than ``n``, the
+   next plan takes over.
 3. **Any other filter**: its matching labels are computed once per mirror version (the index asks for the ids
    that match, which an index on the filtered field makes cheap) and cached, so a stream of queries under one
    filter pays for it once. If at most ``EXACT_LIMIT`` documents match, the search is exact (numpy over just those
@@ -158,7 +159,7 @@ class Planner:
             return [self._results(s, lab, None, "graph" if m.engine.kind == "hnsw" else "exact", n)
                     for s, lab in zip(scores, labels)]
         cached = self._masks.get(_key(filter))
-        if not (cached and cached[0] == m.version) and m.engine.kind == "hnsw":
+        if not (cached and cached[0] == m.version) and m.engine.kind == "hnsw" and m.count > EXACT_LIMIT:
             share = self.share(filter)
             if share >= POST_FILTER_SHARE:
                 done = self._post_filtered(queries, n, filter, share, ef)
