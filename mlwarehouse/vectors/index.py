@@ -21,7 +21,7 @@ from mlwarehouse.query.filters import validate_filter
 from mlwarehouse.query.jsonvalues import MISSING, get_path
 from mlwarehouse.vectors import spec as specs
 from mlwarehouse.vectors.mirror import Mirror
-from mlwarehouse.vectors.search import Hit, Planner, Results, plan_search
+from mlwarehouse.vectors.search import Hit, Planner, Results, plan_search, vector_score
 from mlwarehouse.vectors.tracking import vector_of
 
 __all__ = ["VectorIndex", "Neighbours"]
@@ -151,7 +151,7 @@ class VectorIndex:
         backend = self.backend
         queries = self._queries(vectors)
         if self.spec.engine == "pgvector":
-            fresh, self.stale = self.stale, False
+            fresh = self._take_stale()
             return [backend.search(q, n, flt, ef=ef, fresh=fresh and i == 0) for i, q in enumerate(queries)]
         with backend.lock:
             self._refresh(backend)
@@ -166,8 +166,7 @@ class VectorIndex:
         query = self.query_vector(vector=vector, like=like)
         backend = self.backend
         if self.spec.engine == "pgvector":
-            fresh, self.stale = self.stale, False
-            results = backend.search(query, n, flt, ef=ef, documents=True, fresh=fresh)
+            results = backend.search(query, n, flt, ef=ef, documents=True, fresh=self._take_stale())
         else:
             results = self._verified(query, n, flt, ef)
         if isinstance(projection, (list, tuple)):
@@ -207,7 +206,7 @@ class VectorIndex:
                     vector = mirror.current(doc)
                     if vector is None:
                         continue
-                    hit = Hit(hit.id, _score(query, vector, self.spec.metric))
+                    hit = Hit(hit.id, vector_score(query, vector, self.spec.metric))
                 hits.append(Hit(hit.id, hit.score, doc))
             hits.sort(key=lambda h: -h.score)
             results.hits = hits[:n]
@@ -215,9 +214,13 @@ class VectorIndex:
                 break
         return results
 
+    def _take_stale(self) -> bool:
+        """Whether this process wrote since the last search (and the flag, cleared)."""
+        stale, self.stale = self.stale, False
+        return stale
+
     def _refresh(self, backend, *, force: bool = False) -> None:
-        force, self.stale = force or self.stale, False
-        backend.refresh(force=force)
+        backend.refresh(force=self._take_stale() or force)
 
     def _queries(self, vectors: Any) -> np.ndarray:
         if hasattr(vectors, "detach"):
@@ -233,13 +236,3 @@ class VectorIndex:
             norms = np.sqrt(np.einsum("ij,ij->i", q, q))[:, None]
             q = q / np.where(norms > 0, norms, 1)
         return np.ascontiguousarray(q)
-
-
-def _score(query: np.ndarray, vector: np.ndarray, metric: str) -> float:
-    """The score of a stored vector for a (prepared) query, as users read it (see :func:`.search.user_scores`)."""
-    if metric == "l2":
-        return -float(np.sqrt(((query - vector) ** 2).sum()))
-    if metric == "cosine":
-        q = query / (np.linalg.norm(query) or 1)
-        return min(1.0, float(q @ vector))
-    return float(query @ vector)

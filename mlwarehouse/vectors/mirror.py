@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 
 import numpy as np
 
@@ -86,15 +85,7 @@ class Mirror(Follower):
         """Read every document's vector (a full scan), replacing what the mirror held; saves a snapshot."""
         with self.lock:
             self._reset()
-            self.tombstone = self._newest_tombstone()
-            batch: list[dict] = []
-            for doc in self.table.find({}, projection=self._projection()):
-                batch.append(doc)
-                if len(batch) >= BUILD_BATCH:
-                    self._take(batch)
-                    batch = []
-            self._take(batch)
-            self.refreshed = time.monotonic()  # (the first refresh re-reads the window: writes made during the scan)
+            self._scan_all(BUILD_BATCH)
             self.loaded_from = "build"
             self.changes = 0
             if self.count:

@@ -19,7 +19,7 @@ import numpy as np
 
 from mlwarehouse.errors import VectorIndexError
 from mlwarehouse.vectors import spec as specs
-from mlwarehouse.vectors.search import EXACT_LIMIT, Hit, Results
+from mlwarehouse.vectors.search import EXACT_LIMIT, Hit, Results, vector_score
 from mlwarehouse.vectors.tracking import Follower
 
 __all__ = ["PgVectorTable", "drop_table"]
@@ -74,15 +74,7 @@ class PgVectorTable(Follower):
             if self.store.exists(self.name):
                 self.store.truncate(self.name)
             self.without, self.position = {}, ""
-            self.tombstone = self._newest_tombstone()
-            batch: list[dict] = []
-            for doc in self.table.find({}, projection=self._projection()):
-                batch.append(doc)
-                if len(batch) >= _FILL:
-                    self._take(batch)
-                    batch = []
-            self._take(batch)
-            self.refreshed = time.monotonic()  # (the first refresh re-reads the window: writes made during the scan)
+            self._scan_all(_FILL)
             if self._ready:
                 self.store.create_index(self.name, self.spec.metric, m=self.spec.options["M"],
                                         ef_construction=self.spec.options["ef_construction"])
@@ -158,7 +150,7 @@ class PgVectorTable(Follower):
                     vector = self.current(doc)
                     if vector is None:
                         continue
-                    score = self._score_of(query, vector)
+                    score = vector_score(query, vector, self.spec.metric)
                 hits.append(Hit(doc_id, score, doc if documents else None))
             if moved:
                 with self.lock:
@@ -190,13 +182,6 @@ class PgVectorTable(Follower):
         if self.spec.metric == "cosine":
             return 1.0 - dist
         return -dist
-
-    def _score_of(self, query: np.ndarray, vector: np.ndarray) -> float:
-        if self.spec.metric == "l2":
-            return -float(np.linalg.norm(query - vector))
-        if self.spec.metric == "cosine":
-            return float(query @ vector / (np.linalg.norm(query) or 1.0))
-        return float(query @ vector)
 
     def stats(self) -> dict:
         facts = self.store.stats(self.name) if self._ready else {"vectors": 0, "memory_bytes": 0}

@@ -30,7 +30,7 @@ import numpy as np
 
 from mlwarehouse.errors import VectorIndexError
 
-__all__ = ["Hit", "Results", "plan_search", "user_scores", "EXACT_LIMIT"]
+__all__ = ["Hit", "Results", "plan_search", "user_scores", "vector_score", "EXACT_LIMIT"]
 
 #: at most this many matching documents: exact search over them (a 20,000 x 128 scan is about 1 ms)
 EXACT_LIMIT = 20_000
@@ -230,6 +230,16 @@ def user_scores(scores: np.ndarray, metric: str) -> np.ndarray:
     if metric == "cosine":
         return np.minimum(scores, 1.0)
     return scores
+
+
+def vector_score(query: np.ndarray, vector: np.ndarray, metric: str) -> float:
+    """The score of one stored vector for a query, as :func:`user_scores` gives it (rescoring a moved document)."""
+    if metric == "l2":
+        return -float(np.sqrt(((query - vector) ** 2).sum()))
+    if metric == "cosine":
+        q = query / (np.linalg.norm(query) or 1)
+        return min(1.0, float(q @ vector))
+    return float(query @ vector)
 
 
 def plan_search(planner: Planner, queries: np.ndarray, n: int, filter: dict | None, ef: int | None = None

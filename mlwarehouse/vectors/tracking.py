@@ -184,6 +184,19 @@ class Follower:
         self._remove(gone)
         return len(gone)
 
+    def _scan_all(self, batch: int) -> None:
+        """Take every document's vector, ``batch`` documents at a time (a build). The first refresh after it
+        re-reads the whole window: writes made during the scan."""
+        self.tombstone = self._newest_tombstone()
+        docs: list[dict] = []
+        for doc in self.table.find({}, projection=self._projection()):
+            docs.append(doc)
+            if len(docs) >= batch:
+                self._take(docs)
+                docs = []
+        self._take(docs)
+        self.refreshed = time.monotonic()
+
     def _newest_tombstone(self) -> str:
         rows = self.collection.project.values(schema.TOMBSTONES.name, {"table": self.table.name}, ["_id"],
                                               sort=[("_id", -1)], limit=1)
