@@ -369,18 +369,19 @@ def measure_library(cls, vectors, queries, truth, filters, args) -> dict:
     return res
 
 
-def _child(conn, cls, vectors, queries, truth, filters, args):
+def _run(conn, fn, label):
     try:
-        conn.send(measure_library(cls, vectors, queries, truth, filters, args))
-    except BaseException as exc:  # noqa: BLE001 - reported by the parent as the library's row
-        conn.send({"lib": cls.name, "error": repr(exc)})
+        conn.send(fn())
+    except BaseException as exc:  # noqa: BLE001 - reported by the parent as the row
+        conn.send({"lib": label, "error": repr(exc)})
 
 
-def in_child(cls, *rest) -> dict:
-    """``measure_library`` in a forked child (the data is inherited, not copied), so RSS growth is its own."""
+def in_child(fn, label: str) -> dict:
+    """``fn()`` in a forked child (the data is inherited, not copied), so its resident-set growth is its own; a
+    failure comes back as the row ``{"lib": label, "error": ...}``."""
     ctx = mp.get_context("fork")
     recv, send = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_child, args=(send, cls, *rest))
+    proc = ctx.Process(target=_run, args=(send, fn, label))
     proc.start()
     out = recv.recv()
     proc.join()
@@ -499,8 +500,8 @@ def measure_ours(vectors, ids, queries, truth, *, filters, args) -> dict | None:
     def reopen():
         return mlwarehouse.connect(home=home).collection("bench").vector_index("v").stats()
 
-    return in_child_fn(lambda: measure_api(mlwarehouse.connect(home=home), "embedded", vectors, queries, truth,
-                                           filters, args, reopen))
+    return in_child(lambda: measure_api(mlwarehouse.connect(home=home), "embedded", vectors, queries, truth, filters,
+                                        args, reopen), "ours-embedded")
 
 
 def measure_pgvector(vectors, queries, truth, *, filters, args) -> dict | None:
@@ -520,28 +521,10 @@ def measure_pgvector(vectors, queries, truth, *, filters, args) -> dict | None:
         def reopen():
             return mlwarehouse.connect(server.uri, blobs=blobs).collection("bench").vector_index("v").stats()
 
-        return in_child_fn(lambda: measure_api(mlwarehouse.connect(server.uri, blobs=blobs), "pgvector", vectors,
-                                               queries, truth, filters, args, reopen))
+        return in_child(lambda: measure_api(mlwarehouse.connect(server.uri, blobs=blobs), "pgvector", vectors,
+                                            queries, truth, filters, args, reopen), "ours-pgvector")
     finally:
         stop_postgres(server)
-
-
-def _run_fn(conn, fn):
-    try:
-        conn.send(fn())
-    except BaseException as exc:  # noqa: BLE001 - reported by the parent as the row
-        conn.send({"lib": "ours", "error": repr(exc)})
-
-
-def in_child_fn(fn) -> dict:
-    """``fn()`` in a forked child (its memory growth is its own), its result sent back."""
-    ctx = mp.get_context("fork")
-    recv, send = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_run_fn, args=(send, fn))
-    proc.start()
-    out = recv.recv()
-    proc.join()
-    return out
 
 
 # ---- report -----------------------------------------------------------------------------------------------------
@@ -634,7 +617,8 @@ def main() -> None:
     rows = []
     for name in [x for x in args.libs.split(",") if x and x != "none"]:
         t = time.perf_counter()
-        rows.append(in_child(LIBRARIES[name], vectors, queries, truth, filters, args))
+        rows.append(in_child(lambda cls=LIBRARIES[name]: measure_library(cls, vectors, queries, truth, filters, args),
+                             name))
         print(f"{name}: {time.perf_counter() - t:.0f} s", flush=True)
     if not args.no_ours:
         ours = measure_ours(vectors, np.arange(args.n), queries, truth, filters=filters, args=args)
