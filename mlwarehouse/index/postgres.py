@@ -39,6 +39,7 @@ except ImportError as _exc:  # pragma: no cover - depends on the installation
 __all__ = ["PostgresIndex"]
 
 _NOTIFY_TTL = 5.0  # seconds a writer trusts its cached "does anyone listen" flags
+_DEADLOCK_TRIES = 5
 _DDL_LOCK = "SELECT pg_advisory_xact_lock(hashtext('mlw_ddl'))"
 
 
@@ -123,6 +124,9 @@ class PostgresIndex(SQLIndex):
                                   "in strings are not supported by the PostgreSQL index") from exc
         except UnicodeEncodeError as exc:
             raise InvalidDocument(f"a string is not valid UTF-8 ({exc.reason})") from exc
+        except pgerrors.DeadlockDetected as exc:  # an OperationalError, but the server is reachable
+            raise BackendError(f"PostgreSQL at {self._where()} broke a deadlock by rolling back this transaction: "
+                               f"{exc}") from exc
         except PoolTimeout as exc:
             raise Unavailable(f"no connection to PostgreSQL at {self._host} within {self.connect_timeout * 2:g} s: "
                               "is the server up and reachable?") from exc
@@ -155,6 +159,19 @@ class PostgresIndex(SQLIndex):
         super().create_index(collection, keys, unique=unique)
         with self._connection() as con:
             con.execute(f'ANALYZE {self._table(collection)}')  # so that the planner knows the new index pays
+
+    def _rewrite(self, *args: Any, **kwargs: Any) -> list[dict]:
+        """A read-modify-write, tried again when PostgreSQL rolled it back to break a deadlock (its advice for
+        such transactions: nothing of it was applied). Claimers racing for the same rows under load meet this."""
+        attempt = 0
+        while True:
+            try:
+                return super()._rewrite(*args, **kwargs)
+            except BackendError as exc:
+                attempt += 1
+                if not isinstance(exc.__cause__, pgerrors.DeadlockDetected) or attempt >= _DEADLOCK_TRIES:
+                    raise
+                time.sleep(0.01 * attempt)
 
     # -- notifications -------------------------------------------------------------------------------------
     def _after_write(self, con, collection: str) -> None:
