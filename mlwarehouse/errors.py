@@ -3,6 +3,7 @@
     WarehouseError
      ├── ConfigError            bad URI, unknown backend, missing optional dependency
      ├── QueryError             a filter, sort, projection or update that is not valid
+     │    └── DependencyError   a delete refused: other things were derived from it (pass force=True)
      ├── InvalidDocument        a value that cannot be stored in the index (names the field)
      ├── CodecError             a value no codec can encode, or bytes a codec cannot decode
      │    ├── PickleNotAllowed  pickle was needed and the caller did not pass allow_pickle=True
@@ -15,7 +16,8 @@
      ├── TaskError              task queue errors
      │    └── TaskFailed        a task ended failed (carries the stored traceback)
      ├── ListenerError          a model attached to a collection failed (the traceback is in the message)
-     └── VectorIndexError       a vector index or search cannot be made as asked (names what is wrong)
+     ├── VectorIndexError       a vector index or search cannot be made as asked (names what is wrong)
+     └── TrainingError          a fit cannot go on: its model raised, its data is gone, its state does not fit
 
 Backends translate their driver's errors at their boundary (``raise BackendError(...) from exc``);
 nothing returns False silently.
@@ -26,7 +28,8 @@ from __future__ import annotations
 __all__ = [
     "WarehouseError", "ConfigError", "QueryError", "InvalidDocument", "CodecError", "PickleNotAllowed",
     "NotFound", "DuplicateKey", "IntegrityError", "BackendError", "Unavailable", "TaskError", "TaskFailed",
-    "DataTypeError", "ListenerError", "VectorIndexError",
+    "DataTypeError", "ListenerError", "VectorIndexError", "DependencyError",
+    "TrainingError",
 ]
 
 
@@ -40,6 +43,15 @@ class ConfigError(WarehouseError):
 
 class QueryError(WarehouseError, ValueError):
     """A filter, sort, projection or update is malformed; the message names the offending part."""
+
+
+class DependencyError(QueryError):
+    """A delete was refused because live things were derived from what it would delete (see
+    :mod:`mlwarehouse.lineage`); ``.dependents`` lists them. ``force=True`` deletes anyway, leaving a tombstone."""
+
+    def __init__(self, message: str, dependents: list | None = None):
+        super().__init__(message)
+        self.dependents = list(dependents or [])
 
 
 class InvalidDocument(WarehouseError, ValueError):
@@ -99,3 +111,8 @@ class ListenerError(WarehouseError):
 
 class VectorIndexError(WarehouseError):
     """A vector index cannot be made or searched as asked (unknown index, wrong dimensions, no vector to search)."""
+
+
+class TrainingError(WarehouseError):
+    """A fit cannot go on: its model or loss raised, its documents are gone, or its stored state (a checkpoint,
+    the optimizer's) does not fit the model it resumes."""

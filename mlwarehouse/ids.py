@@ -8,13 +8,14 @@ strings and need no datetime type in the index.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import threading
 import time
 from datetime import datetime, timezone
 
 __all__ = ["new_id", "utc_now", "parse_time", "ALPHABET", "encode32", "ID_LENGTH", "MIN_PREFIX", "prefix_filter",
-           "id_millis", "ids_after"]
+           "id_millis", "ids_after", "id_fraction"]
 
 #: Crockford base32, the digits of every id
 ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
@@ -86,3 +87,10 @@ def id_millis(value: str) -> int | None:
 def ids_after(ms: int) -> str:
     """The smallest id made at or after ``ms``: ``{"$gte": ids_after(ms)}`` selects the ids made since then."""
     return encode32(max(0, ms), 10) + "0" * 16
+
+
+def id_fraction(value: str, seed: int = 0) -> float:
+    """A number in [0, 1) drawn from an id and a seed: the same in every process and on every backend, so a fold
+    derived from it (``fraction < valid``) never moves when other documents arrive or go."""
+    digest = hashlib.sha256(f"{seed}:{value}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2.0 ** 64

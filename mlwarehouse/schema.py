@@ -15,7 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 __all__ = ["Collection", "IndexSpec", "META", "DATASETS", "ITEMS", "ITEM_SHARDS", "MODELS", "RUNS", "LOGS", "TASKS",
-           "CATALOG", "DATATYPES", "LISTENERS", "VECTOR_INDEXES", "TOMBSTONES", "LISTENER_TASK", "TABLE_PREFIX", "COLLECTIONS", "LOG_FIELDS",
+           "CATALOG", "DATATYPES", "LISTENERS", "VECTOR_INDEXES", "TOMBSTONES", "FITS", "LINEAGE", "LINEAGE_DELETED",
+           "LISTENER_TASK", "TABLE_PREFIX", "COLLECTIONS", "LOG_FIELDS",
            "BOOKKEEPING_FIELDS", "SUMMARY_FIELD"]
 
 
@@ -99,14 +100,29 @@ LISTENERS = Collection("listeners", ("project", "collection", "name", "status"),
 VECTOR_INDEXES = Collection("vector_indexes", ("project", "collection", "name", "engine"),
                             (_ix(("project", 1), ("collection", 1), ("name", 1), unique=True),), blobs=True)
 
+#: fits: a training's spec, the exact ids it read (as blobs), its epochs, checkpoints, runs and final model; a
+#: fit run as a task is found again by ``key`` when another worker resumes it (see :mod:`mlwarehouse.training`)
+FITS = Collection("fits", ("project", "name", "key", "status", "model"),
+                  (_ix(("project", 1), ("key", 1)), _ix(("project", 1), ("name", 1), ("time", -1))), blobs=True)
+
 #: one document per deleted document of a users' table (``table``, ``doc``), with a sortable ``_id``: how the
 #: copies of vector indexes in other processes learn of deletes (see :mod:`mlwarehouse.vectors.mirror`)
 TOMBSTONES = Collection("tombstones", ("project", "table", "doc"), (_ix(("table", 1), ("_id", 1)),))
 
+#: lineage edges, one per (src, dst, relation): ``src`` is upstream of ``dst``; each end's kind and name as recorded
+#: (see :mod:`mlwarehouse.lineage`). Traversals read one level per ``$in`` query on (project, src) or (project, dst)
+LINEAGE = Collection(
+    "lineage", ("project", "src", "dst", "relation", "src_kind", "dst_kind"),
+    (_ix(("project", 1), ("src", 1)), _ix(("project", 1), ("dst", 1)),
+     _ix(("project", 1), ("src", 1), ("dst", 1), ("relation", 1), unique=True)))
+
+#: what a delete of a node with lineage left behind: ``_id`` is the deleted document's id; kind, name, deleted
+LINEAGE_DELETED = Collection("lineage_deleted", ("project", "kind"), (_ix(("project", 1), ("kind", 1)),))
+
 #: every collection above, by name
 COLLECTIONS: dict[str, Collection] = {c.name: c for c in (META, DATASETS, ITEMS, ITEM_SHARDS, MODELS, RUNS, LOGS,
                                                           TASKS, CATALOG, DATATYPES, LISTENERS, VECTOR_INDEXES,
-                                                          TOMBSTONES)}
+                                                          TOMBSTONES, LINEAGE, LINEAGE_DELETED, FITS)}
 
 #: the task name of listener work (batches of documents whose outputs a worker computes)
 LISTENER_TASK = "mlw.listener"

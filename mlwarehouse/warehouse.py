@@ -224,6 +224,16 @@ class Project:
         return Tasks(self)
 
     @cached_property
+    def lineage(self):
+        from mlwarehouse.lineage import Lineage
+        return Lineage(self)
+
+    @cached_property
+    def training(self):
+        from mlwarehouse.training.registry import Training
+        return Training(self)
+
+    @cached_property
     def catalog(self):
         from mlwarehouse.collections.catalog import Catalog
         return Catalog(self)

@@ -16,7 +16,7 @@ from mlwarehouse.examples.demo import SCRIPT
 
 torch = pytest.importorskip("torch")
 
-COLLECTIONS = ("datasets", "models", "runs", "logs", "tasks")
+COLLECTIONS = ("datasets", "models", "runs", "logs", "tasks", "lineage")
 
 
 def fill(wh, name: str = "src") -> dict:
@@ -116,6 +116,8 @@ def test_import_under_a_new_name_rewrites_ids_and_references(source):
     assert model["run"] == run["_id"] and model["dataset"] == ds["_id"]
     assert run["task"] == task["_id"] and run["datasets"] == [ds["_id"]] and task["run"] == run["_id"]
     assert {d["run"] for d in new["logs"]} == {run["_id"]}
+    assert {(e["src"], e["dst"]) for e in new["lineage"]} == {  # lineage travels, renamed with its ends
+        (ds["_id"], run["_id"]), (task["_id"], run["_id"]), (run["_id"], model["_id"]), (ds["_id"], model["_id"])}
     assert run["summary"] == old["runs"][0]["summary"] and task["result"] == {"test_accuracy": 0.5}
     assert p.runs.get(run["_id"]).history("train") == filled["p"].runs.get(filled["run"]).history("train")
     x = torch.from_numpy(filled["X"][:5])

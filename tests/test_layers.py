@@ -24,8 +24,8 @@ ROOT = Path(__file__).resolve().parent.parent / PACKAGE
 
 #: layers below the domain: they know nothing of what is stored in them
 LOW = ("query", "index", "blobs", "codecs", "drivers")
-DOMAIN = ("datasets", "models", "runs", "tasks", "collections", "vectors")
-FRONTS = ("cli", "web", "compat", "archive", "examples")
+DOMAIN = ("datasets", "models", "runs", "tasks", "collections", "vectors", "training", "lineage")
+FRONTS = ("cli", "web", "compat", "archive", "examples", "integrations")
 #: the front door: the warehouse, and the package itself (whose ``__init__`` imports it)
 TOP = ("warehouse", "")
 #: concrete backends that domain code reaches only through ``Project`` and the two protocols

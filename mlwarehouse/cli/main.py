@@ -29,6 +29,7 @@ from mlwarehouse.cli.common import (
     show_error,
 )
 from mlwarehouse.cli.items import items_app
+from mlwarehouse.cli.lineage import lineage_command
 from mlwarehouse.cli.search import search_command, vector_indexes_command
 from mlwarehouse.cli.show import arrays_of, render
 from mlwarehouse.errors import WarehouseError
@@ -42,6 +43,7 @@ app.command("collections")(collections_command)
 app.command("find")(find_command)
 app.command("search")(search_command)
 app.command("vector-indexes")(vector_indexes_command)
+app.command("lineage")(lineage_command)
 WhereOpt = typer.Option(None, "--where", "-w",
                         help='a MongoDB filter as JSON, e.g. \'{"test_accuracy": {"$gt": 0.9}}\'')
 SortOpt = typer.Option(None, "--sort", "-s", help="field:1 or field:-1, comma separated (default: newest first)")

@@ -17,6 +17,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from itertools import islice
 from typing import Any
 
+from mlwarehouse import schema
 from mlwarehouse.codecs import values
 from mlwarehouse.collections import listeners as engine
 from mlwarehouse.collections.documents import (
@@ -274,12 +275,14 @@ class Collection:
 
     def drop(self) -> None:
         """Delete every document, listener, vector index and the catalog entry of this collection."""
+        gone = self._lineage_nodes()
         for spec in self.vector_indexes():
             self.drop_vector_index(spec["name"])
         for listener in reversed(engine.ordered(engine.active(self))):
             engine.detach(self, listener.name, force=True)
         self.table.delete({})
         self.catalog.forget(self.name)
+        self._tombstones(gone)
 
     # -- listeners ----------------------------------------------------------------------------------------
     def attach(self, name: str, model: Any, *, key: str, where: Mapping | None = None, compute: str = "inline",
@@ -300,9 +303,41 @@ class Collection:
         if over and not force:
             raise QueryError(f"vector index {over[0]!r} of collection {self.name!r} reads listener {name!r}'s "
                              f"outputs: drop it first, or detach with force=True")
+        gone = self._lineage_nodes(name)
         for index in over:
             self.drop_vector_index(index)
-        return engine.detach(self, name, force=force)
+        cleaned = engine.detach(self, name, force=force)
+        self._tombstones(gone)
+        return cleaned
+
+    def _lineage_nodes(self, listener: str | None = None) -> dict[str, list[dict]]:
+        """What a drop (or the detach of ``listener``, with the listeners and indexes that read it) removes, by
+        collection: the documents lineage keeps tombstones of."""
+        project = self.project
+        found: dict[str, list[dict]] = {}
+        listeners = project.find(schema.LISTENERS.name, {"collection": self.name})
+        indexes = project.find(schema.VECTOR_INDEXES.name, {"collection": self.name}, projection={"snapshot": 0})
+        if listener is None:
+            found[schema.CATALOG.name] = project.find(schema.CATALOG.name, {"name": self.name})
+        else:
+            names = {listener}  # with force, the listeners reading its outputs go too (their indexes with them)
+            for x in engine.ordered([engine.Listener.from_doc(d) for d in listeners]):
+                if names & set(x.upstream):
+                    names.add(x.name)
+            listeners = [d for d in listeners if d.get("name") in names]
+            indexes = [d for d in indexes if d.get("listener") in names]
+        found[schema.LISTENERS.name] = listeners
+        found[schema.VECTOR_INDEXES.name] = indexes
+        return found
+
+    def _tombstones(self, found: dict[str, list[dict]]) -> None:
+        """Tombstones of the nodes :meth:`_lineage_nodes` listed that are gone now."""
+        for collection, docs in found.items():
+            ids = [d["_id"] for d in docs]
+            if ids:
+                still = {d["_id"] for d in self.project.find(collection, {"_id": {"$in": ids}},
+                                                             projection={"_id": 1})}
+                self.project.lineage.deleted(collection, [d for d in docs if d["_id"] not in still])
 
     def listener(self, name: str):
         return engine.get(self, name)

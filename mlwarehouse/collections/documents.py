@@ -25,6 +25,7 @@ from mlwarehouse.codecs import decode_leaf, decompress
 from mlwarehouse.codecs.datatypes import DataTypeError, Encoded, datatype_of_meta
 from mlwarehouse.codecs.values import MARKERS
 from mlwarehouse.errors import InvalidDocument
+from mlwarehouse.ids import id_fraction
 from mlwarehouse.query.jsonvalues import MISSING, get_path, split_path
 
 __all__ = ["RESERVED", "HIDDEN", "fold_of", "digest", "get_path", "MISSING", "Codecs", "InsertOneResult", "InsertManyResult",
@@ -45,8 +46,7 @@ INLINE_LIMIT = 1024 * 1024
 
 def fold_of(doc_id: str, valid_fraction: float, seed: int = 0) -> str:
     """``"valid"`` for a ``valid_fraction`` share of ids, else ``"train"``: the same on every backend and run."""
-    h = int.from_bytes(hashlib.sha256(f"{seed}:{doc_id}".encode()).digest()[:8], "big") / 2.0 ** 64
-    return "valid" if h < valid_fraction else "train"
+    return "valid" if id_fraction(doc_id, seed) < valid_fraction else "train"
 
 
 def digest(packed_value: Any) -> str | None:

@@ -38,6 +38,7 @@ from mlwarehouse.collections.models import Runner, model_ref, store_model
 from mlwarehouse.collections.queueing import enqueue, enqueue_pending
 from mlwarehouse.errors import DuplicateKey, ListenerError, NotFound, QueryError
 from mlwarehouse.ids import new_id, utc_now
+from mlwarehouse.lineage.nodes import Ref, describe
 from mlwarehouse.query.documents import copy_json
 from mlwarehouse.query.filters import matches, validate_filter
 from mlwarehouse.query.jsonvalues import split_path
@@ -180,7 +181,7 @@ def attach(collection, name: str, model: Any, *, key: str, where: Mapping | None
     if not upstream and table.count({}) and not table.count({key: {"$exists": True}}):
         raise QueryError(f"no document of collection {collection.name!r} has the field {key!r}: nothing for "
                          f"listener {name!r} to compute (check the key)")
-    collection._created()
+    catalog_record = collection._created()
     ref = store_model(collection, name, model, example_inputs)
     where_text = json.dumps(draft.where, sort_keys=True) if draft.where else None
     doc = {"collection": collection.name, "name": name, "key": key, "where": where_text, "model": ref,
@@ -191,6 +192,11 @@ def attach(collection, name: str, model: Any, *, key: str, where: Mapping | None
     except DuplicateKey:
         raise DuplicateKey(f"collection {collection.name!r} already has a listener {name!r}") from None
     listener = Listener.from_doc(doc)
+    me = describe(LISTENERS, doc)  # lineage: the registry's model and the collection -> this listener
+    edges = [(describe(schema.CATALOG.name, catalog_record), me, "reads")]
+    if ref.get("kind") == "torch":
+        edges.append((Ref(ref["id"], "model", ref.get("name")), me, "computes"))
+    collection.project.lineage.record_many(edges)
     if compute == "inline":
         catch_up(collection, name)
     else:

@@ -187,6 +187,34 @@ class Collection(SemanticSearch):
     def list_models(self) -> list[str]:
         return [x.name for x in self.native.listeners()]
 
+    def create_imputation(self, name: str, model: Any, loss: Any, target: str, metrics: Iterable[Any] | None = None,
+                          filter: Mapping | None = None, *, key: str | None = None, **trainer: Any):
+        """Train ``model`` to predict ``target`` and attach it as the model ``name``, so every document gets its
+        prediction (``_outputs.<key>.<name>``).
+
+        ``model`` is a torch module (with ``key=``, the field it reads) or the name of a model made by
+        ``create_model`` (its module is the starting point, its key the input); ``target`` is a field or such a
+        model's name (its outputs are the target). Train and validation folds are the documents' ``_fold``, as
+        SuperDuperDB split them at insert. ``trainer``: ``epochs``, ``batch_size``, ``lr``, ``optimizer``... as
+        :meth:`mlwarehouse.training.registry.Training.fit` takes them. Unlike the original, every epoch is a
+        checkpoint and the trained model is a new model record, so the history is kept."""
+        native = self.native
+        if isinstance(model, str):
+            listener = native.listener(model)
+            if listener.model.get("kind") != "torch":
+                raise QueryError(f"model {model!r} is not a torch module: only those can be trained")
+            key = key or listener.key
+            model = listener.model["id"]  # the stored module, loaded (and checked trainable) by the fit
+        if key is None:
+            raise QueryError("create_imputation needs key= (the field the model reads) for a model given as object")
+        names = {x.name: x for x in native.listeners()}
+        if target in names:
+            target = names[target].output_path
+        trainer.setdefault("folds", {"valid": 0.0, "field": "_fold"})
+        return native.project.training.impute(native, name, model, input=key, target=target, loss=loss,
+                                              metrics=list(metrics or ()), filter=dict(filter) if filter else None,
+                                              **trainer)
+
     # -- _content values ----------------------------------------------------------------------------------
     def _encoder(self):
         converters: list | None = None

@@ -104,7 +104,7 @@ class TensorHub:
 
     def delete_datasets(self, **kwargs) -> int:
         """Delete matching datasets (``dataset_name=`` and any field) and their blobs; returns how many."""
-        return self.project.datasets.delete(where=DATASET.to_filter(kwargs))
+        return self.project.datasets.delete(where=DATASET.to_filter(kwargs), force=True)
 
     # the names used by the 1.x tutorial
     find_dataset = find_top_dataset
@@ -151,7 +151,7 @@ class TensorHub:
 
     def delete_model(self, **kwargs) -> int:
         """Delete matching models (``model_name=`` and any field; all of them if none) and their blobs."""
-        return self.project.models.delete(where=MODEL.to_filter(kwargs))
+        return self.project.models.delete(where=MODEL.to_filter(kwargs), force=True)
 
     # -- logs ----------------------------------------------------------------------------------------------
     def save_training_log(self, **kwargs) -> bool:
@@ -272,7 +272,7 @@ class TensorHub:
 
     def delete_tasks(self, **kwargs) -> int:
         """Delete matching tasks (``task_name=`` and any field; all of them if none); returns how many."""
-        return self.project.tasks.delete(where=TASK.to_filter(kwargs) or None)
+        return self.project.tasks.delete(where=TASK.to_filter(kwargs) or None, force=True)
 
     def close(self) -> None:
         """Complete this process's TensorHub run if this was its last hub, and close the warehouse."""

@@ -130,12 +130,16 @@ class ItemDatasets:
         return found[0]
 
     def delete(self, name: str | None = None, *, where: dict | None = None,
-               version: str | int | None = None) -> int:
+               version: str | int | None = None, force: bool = False) -> int:
         """Delete matching versions (their items, and the shards no other version shares); returns how many
-        versions were deleted."""
+        versions were deleted. Versions that live things were derived from are refused (DependencyError), all
+        of them before any is deleted, unless ``force``."""
         doomed = self.find(name, where=where, version=version)
+        if not force:
+            self.project.lineage.check_delete([ds.id for ds in doomed],
+                                              f"item dataset {name!r}" if name else "these item datasets")
         for ds in doomed:
-            ds.delete()
+            ds.delete(force=True)
         return len(doomed)
 
     def versions(self, name: str) -> list["ItemDataset"]:
@@ -303,11 +307,17 @@ class ItemDataset(Record):
             "bytes": sum(d["bytes"] for d in shard_docs), **({"classes": src["classes"]} if "classes" in src else {})}})
         return new.refresh()
 
-    def delete(self) -> int:
-        """Delete this version: its documents, and the shards no other version shares. Returns items deleted."""
+    def delete(self, *, force: bool = False) -> int:
+        """Delete this version: its documents, and the shards no other version shares. Returns items deleted.
+
+        Refused (DependencyError) while runs or models derived from it are stored, unless ``force``; lineage
+        keeps a tombstone of the version."""
+        lineage = self.project.lineage
+        lineage.check_delete([self.id], f"item dataset {self.doc.get('name')!r} version "
+                                        f"{self.doc.get('version')!r}", force=force)
         items = self.project.delete(ITEMS, self._scope())
         self.project.delete(SHARDS, self._scope())
-        self.project.delete(DATASETS, {"_id": self.id})
+        lineage.deleted(DATASETS, self.project.delete(DATASETS, {"_id": self.id}))
         return len(items)
 
     # -- reading ---------------------------------------------------------------------------------------------

@@ -134,7 +134,8 @@ class ItemStream:
     ``state`` (from :meth:`state`, to resume), ``poll`` (seconds between checks for new items when waiting),
     ``memory`` (where decoded shards are kept for later epochs: the process-wide
     :data:`mlwarehouse.datasets.shardmemory.MEMORY`, 1 GiB, unless given a :class:`DecodedShards` or a bound in bytes
-    for a cache of this stream's own; 0: none).
+    for a cache of this stream's own; 0: none), ``select`` (item id -> bool: only the items it keeps, e.g. one
+    fold of a split, see :mod:`mlwarehouse.training.folds`).
 
     A batch holds the items of its slice of the planned order, grouped by shard (see :func:`batch_order`), as
     fresh arrays of the caller's own. The arrays a ``transform`` receives are read-only views of cached shards:
@@ -147,7 +148,7 @@ class ItemStream:
                  threads: int = 4, partition: tuple[int, int] = (0, 1), drop_last: bool = False,
                  fields: list[str] | None = None, cache: ShardCache | str | None = None,
                  cache_bytes: int = 10 << 30, state: dict | None = None, poll: float = 1.0,
-                 memory: DecodedShards | int | None = None):
+                 memory: DecodedShards | int | None = None, select: Callable[[str], bool] | None = None):
         for name, value, least in (("batch_size", batch_size, 1), ("seed", seed, 0), ("epoch", epoch, 0)):
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < least:
                 raise QueryError(f"{name} must be an integer >= {least}, not {value!r}")
@@ -182,6 +183,7 @@ class ItemStream:
         else:
             self.reader = dataset.reader()
         self.poll = poll
+        self.select = select
         self._state = {"seed": self.seed, "epoch": epoch, "position": 0, "snapshot": None}
         if state is not None:
             if state.get("seed", self.seed) != self.seed:
@@ -201,7 +203,7 @@ class ItemStream:
         shard_of: list[np.ndarray] = []
         rows: list[np.ndarray] = []
         newest = None
-        if self.where is None:
+        if self.where is None and self.select is None:
             flt = ds._scope({"_id": {"$lte": snapshot}} if snapshot else None)
             for doc in project.find(SHARDS, flt, sort=[("_id", 1)], projection={"shard": 1, "count": 1, "rows": 1}):
                 r = np.arange(doc["count"]) if doc.get("rows") is None else np.asarray(doc["rows"], np.int64)
@@ -210,7 +212,9 @@ class ItemStream:
                 keys.append(doc["shard"])
                 newest = doc["_id"]
         else:
-            flt = ds._scope(self.where if not snapshot else {"$and": [self.where, {"_id": {"$lte": snapshot}}]})
+            where = self.where or {}
+            flt = ds._scope(where if not snapshot else {"$and": [where, {"_id": {"$lte": snapshot}}]})
+            select = self.select
             position: dict[str, int] = {}
             sh, rw = [], []
             committed = set(ds._committed())
@@ -218,6 +222,8 @@ class ItemStream:
                 k = doc["shard"]
                 if k not in committed:
                     continue  # an item of a shard an append has not committed (yet, or ever: it was killed)
+                if select is not None and not select(doc["_id"]):
+                    continue
                 if k not in position:
                     position[k] = len(keys)
                     keys.append(k)

@@ -69,9 +69,19 @@ class Datasets:
         return DatasetRecord(insert_version(self.project, doc, version, prepare=pack, racing="saves"), self)
 
     def delete(self, name: str | None = None, *, where: dict | None = None,
-               version: str | int | None = None) -> int:
-        """Delete matching dataset versions and the blobs only they used; returns how many were deleted."""
-        return len(self.project.delete(COLLECTION, version_filter(name, where, version)))
+               version: str | int | None = None, force: bool = False) -> int:
+        """Delete matching dataset versions and the blobs only they used; returns how many were deleted.
+
+        A version that runs read or models were trained on (and that are still stored) is refused with
+        DependencyError unless ``force``; lineage keeps a tombstone of each deleted version that has edges."""
+        flt = version_filter(name, where, version)
+        lineage = self.project.lineage
+        if not force:
+            ids = [d["_id"] for d in self.project.find(COLLECTION, flt, projection={"_id": 1})]
+            lineage.check_delete(ids, f"dataset {name!r}" if name else "these datasets")
+        deleted = self.project.delete(COLLECTION, flt)
+        lineage.deleted(COLLECTION, deleted)
+        return len(deleted)
 
     # -- reading -------------------------------------------------------------------------------------------
     def find(self, name: str | None = None, *, where: dict | None = None, version: str | int | None = None,

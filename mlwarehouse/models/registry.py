@@ -25,6 +25,7 @@ from typing import Any
 from mlwarehouse import schema
 from mlwarehouse.context import current_run
 from mlwarehouse.errors import CodecError, InvalidDocument, NotFound, QueryError
+from mlwarehouse.lineage.nodes import Ref, describe
 from mlwarehouse.models.checkpoints import Retention
 from mlwarehouse.query import PATH_RE
 from mlwarehouse.query.fields import normalize_fields, normalize_value
@@ -98,8 +99,9 @@ class Models:
             flt = {"name": name, "checkpoint": True, "run": record.doc.get("run")}
             wanted = {"epoch": 1, "time": 1, **({policy.metric: 1} if policy.metric else {})}
             doomed = policy.doomed(self.project.find(COLLECTION, flt, projection=wanted))
-            if doomed:
+            if doomed:  # never refused, and forgotten by lineage: pruning is what the policy asked for
                 self.project.delete(COLLECTION, {"_id": {"$in": doomed}})
+                self.project.lineage.forget(doomed)
         return record
 
     def _save(self, model: Any, name: str, *, epoch, step, run, dataset, tags, description, example_inputs,
@@ -129,7 +131,20 @@ class Models:
         doc.update(self._pack_model(model, example_inputs=example_inputs, config=config, arch=arch,
                                     allow_pickle=allow_pickle))
         self._ensure_metric_indexes(extra)
-        return ModelRecord(self.project.insert(COLLECTION, doc), self)
+        record = ModelRecord(self.project.insert(COLLECTION, doc), self)
+        self._record_lineage(record.doc, run if run is not None else current_run(), dataset)
+        return record
+
+    def _record_lineage(self, doc: dict, run: Any, dataset: Any) -> None:
+        """Edges run -> model ("produced") and dataset -> model ("trained_on")."""
+        model = describe(COLLECTION, doc)
+        edges = []
+        if doc.get("run") is not None:
+            edges.append((_ref(run, doc["run"], "run"), model, "produced"))
+        if doc.get("dataset") is not None:
+            edges.append((_ref(dataset, doc["dataset"], "dataset"), model, "trained_on"))
+        if edges:
+            self.project.lineage.record_many(edges)
 
     def _pack_model(self, model: Any, *, example_inputs, config, arch, allow_pickle: bool) -> dict:
         torch = sys.modules.get("torch")
@@ -166,9 +181,19 @@ class Models:
                 self.project.create_index(COLLECTION, [("project", 1), (key, -1)])
             self._indexed.add(key)
 
-    def delete(self, name: str | None = None, *, where: dict | None = None) -> int:
-        """Delete matching models, checkpoints included, and the blobs only they used; returns how many."""
-        return len(self.project.delete(COLLECTION, name_filter("model", name, where)))
+    def delete(self, name: str | None = None, *, where: dict | None = None, force: bool = False) -> int:
+        """Delete matching models, checkpoints included, and the blobs only they used; returns how many.
+
+        A model that live things were derived from (a listener computing with it...) is refused with
+        DependencyError unless ``force``; lineage keeps a tombstone of each deleted model that has edges."""
+        flt = name_filter("model", name, where)
+        lineage = self.project.lineage
+        if not force:
+            ids = [d["_id"] for d in self.project.find(COLLECTION, flt, projection={"_id": 1})]
+            lineage.check_delete(ids, f"model {name!r}" if name else "these models")
+        deleted = self.project.delete(COLLECTION, flt)
+        lineage.deleted(COLLECTION, deleted)
+        return len(deleted)
 
     # -- reading -------------------------------------------------------------------------------------------
     @staticmethod
@@ -284,6 +309,15 @@ def _flatten(tree: dict, path: tuple):
             yield from _flatten(value, (*path, key))
         else:
             yield (*path, key), value
+
+
+def _ref(given: Any, ident: str, kind: str) -> Ref:
+    """The lineage node of a run or dataset given as a record (its name known) or an id (looked up)."""
+    doc = getattr(given, "doc", None)
+    name = doc.get("name") if isinstance(doc, dict) and doc.get("_id") == ident else None
+    if kind == "dataset" and name is not None and doc.get("version") is not None:
+        name = f"{name} v{doc['version']}"
+    return Ref(ident, kind, name)
 
 
 def _id_of(value: Any, what: str) -> str | None:

@@ -30,6 +30,7 @@ from mlwarehouse import schema
 from mlwarehouse.context import current_run, pop_run, push_run
 from mlwarehouse.errors import InvalidDocument, NotFound, QueryError, WarehouseError
 from mlwarehouse.ids import new_id, utc_now
+from mlwarehouse.lineage.nodes import Ref, describe
 from mlwarehouse.query import split_path
 from mlwarehouse.query.documents import check_value
 from mlwarehouse.query.fields import normalize_fields, normalize_value
@@ -170,6 +171,9 @@ class Run(Record):
         if new:
             self._runs.project.update(RUNS, {"_id": self.id}, {"$addToSet": {"datasets": {"$each": new}}})
             self.doc.setdefault("datasets", []).extend(new)
+            given = {_dataset_id(d): d for d in datasets}
+            self._runs.project.lineage.record_many(
+                [(_dataset_ref(given[i]), describe(RUNS, self.doc), "input") for i in dict.fromkeys(new)])
         return self
 
     def finish(self, status: str = "complete", **fields) -> "Run":
@@ -306,6 +310,7 @@ class Runs:
         if name is not None and not isinstance(name, str):
             raise InvalidDocument(f"a run name must be a string, not {type(name).__name__}")
         extra = _user_fields(fields)
+        datasets = list(datasets)  # read twice: the document's ids, then the lineage edges
         if isinstance(tags, str):
             tags = [tags]
         tags = list(tags)
@@ -328,6 +333,12 @@ class Runs:
             **extra,
         }
         self.project.insert(RUNS, doc)
+        me = describe(RUNS, doc)
+        edges = [(_dataset_ref(d), me, "input") for d in datasets]
+        if doc["task"] is not None:
+            edges.append((_task_ref(task, doc["task"]), me, "ran"))
+        if edges:
+            self.project.lineage.record_many(edges)
         run = Run(self, doc)
         object.__setattr__(run, "_fresh", True)
         if current:
@@ -378,11 +389,19 @@ class Runs:
                            + (f" and matches {where!r}" if where else ""))
         return Run(self, doc)
 
-    def delete(self, name: str | None = None, *, where: dict | None = None) -> int:
-        """Delete matching runs (all of this project's runs if neither is given) and their logs."""
+    def delete(self, name: str | None = None, *, where: dict | None = None, force: bool = False) -> int:
+        """Delete matching runs (all of this project's runs if neither is given) and their logs.
+
+        A run that produced a final model (or anything else still stored, checkpoints aside) is refused with
+        DependencyError unless ``force``; lineage keeps a tombstone of each deleted run that has edges."""
         flt = name_filter("run", name, where)
         self.flush()
+        lineage = self.project.lineage
+        if not force:
+            lineage.check_delete([d["_id"] for d in self.project.find(RUNS, flt, projection={"_id": 1})],
+                                 f"run {name!r}" if name else "these runs")
         deleted = self.project.delete(RUNS, flt)
+        lineage.deleted(RUNS, deleted)
         ids = [d["_id"] for d in deleted]
         for start in range(0, len(ids), 500):
             self.project.delete(LOGS, {"run": {"$in": ids[start:start + 500]}})
@@ -441,6 +460,21 @@ def _dataset_id(dataset: Any) -> str:
     if isinstance(dataset, dict) and isinstance(dataset.get("_id"), str):
         return dataset["_id"]
     raise InvalidDocument(f"datasets takes dataset records or ids, not {type(dataset).__name__}")
+
+
+def _dataset_ref(dataset: Any) -> Ref:
+    """The lineage node of a dataset given as a record (name and version known) or an id (looked up)."""
+    doc = dataset.doc if isinstance(dataset, Record) else dataset if isinstance(dataset, dict) else None
+    if isinstance(doc, dict) and isinstance(doc.get("_id"), str) and doc.get("name") is not None:
+        return describe(schema.DATASETS.name, doc)
+    return Ref(_dataset_id(dataset), "dataset")
+
+
+def _task_ref(task: Any, ident: str) -> Ref:
+    doc = task.doc if isinstance(task, Record) else None
+    if isinstance(doc, dict) and doc.get("_id") == ident and doc.get("task_name") is not None:
+        return describe(schema.TASKS.name, doc)
+    return Ref(ident, "task")
 
 
 def _in_range(value: int, what: str) -> int:

@@ -238,10 +238,18 @@ class Tasks:
             "status": PENDING, "attempts": 0, "worker": None, "lease_until": None, "result": None,
             "ended": None}})
 
-    def delete(self, task_name: str | None = None, *, where: Mapping | None = None) -> int:
+    def delete(self, task_name: str | None = None, *, where: Mapping | None = None, force: bool = False) -> int:
         """Delete matching tasks (all of this project's if neither is given) and blobs only they used; a running
-        one's worker kills it. Returns how many."""
-        return len(self.project.delete(COLLECTION, self._filter(where, _task_name(task_name), None)))
+        one's worker kills it. Returns how many. A task whose run is still stored is refused (DependencyError)
+        unless ``force``; lineage keeps a tombstone of each deleted task that ran a run."""
+        flt = self._filter(where, _task_name(task_name), None)
+        lineage = self.project.lineage
+        if not force:
+            lineage.check_delete([d["_id"] for d in self.project.find(COLLECTION, flt, projection={"_id": 1})],
+                                 f"task {task_name!r}" if task_name else "these tasks")
+        deleted = self.project.delete(COLLECTION, flt)
+        lineage.deleted(COLLECTION, deleted)
+        return len(deleted)
 
     # -- the worker protocol -------------------------------------------------------------------------------
     def claim(self, task_name: str | None, worker: str, lease_seconds: float = 30.0, *,

@@ -17,6 +17,7 @@ from typing import Any
 from mlwarehouse import schema
 from mlwarehouse.errors import DuplicateKey, NotFound, VectorIndexError
 from mlwarehouse.ids import utc_now
+from mlwarehouse.lineage.nodes import describe
 from mlwarehouse.query.jsonvalues import split_path
 
 __all__ = ["VectorIndexSpec", "METRICS", "ENGINES", "create", "get", "find", "listed", "remove"]
@@ -104,7 +105,21 @@ def create(collection, name: str, *, listener: str | None = None, field: str | N
         project.insert(VECTOR_INDEXES, doc)
     except DuplicateKey:
         raise DuplicateKey(f"collection {collection.name!r} already has a vector index {name!r}") from None
+    _record_lineage(collection, doc, listener)
     return VectorIndexSpec.from_doc(doc)
+
+
+def _record_lineage(collection, doc: dict, listener: str | None) -> None:
+    """The edge listener -> vector index (or collection -> vector index, for an index over a stored field)."""
+    project = collection.project
+    if listener is not None:
+        source = project.find_one(schema.LISTENERS.name, {"collection": collection.name, "name": listener})
+        source = source and describe(schema.LISTENERS.name, source)
+    else:
+        source = project.find_one(schema.CATALOG.name, {"name": collection.name})
+        source = source and describe(schema.CATALOG.name, source)
+    if source:
+        project.lineage.record(source, describe(VECTOR_INDEXES, doc), "indexes")
 
 
 def find(collection, name: str) -> dict | None:

@@ -28,6 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from mlwarehouse.errors import NotFound, QueryError, WarehouseError
 from mlwarehouse.query.jsonvalues import PATH_RE
 from mlwarehouse.web import data
+from mlwarehouse.web import lineage as lineage_view
 from mlwarehouse.web.api import router
 from mlwarehouse.web.arrays import describe, image_view, leaves, png_data_uri, preview_images
 from mlwarehouse.web.collections import router as collections_router
@@ -89,7 +90,7 @@ def create_app(warehouse, *, writable: bool = False, allowed_hosts: Iterable[str
         doc = _one(p, data.RUNS, run_id, "run")
         table = data.runs_table(p, {"_id": run_id}, None, 1)
         return page(request, "run.html", project=project, tab="runs", run=doc, row=table["rows"][0],
-                    metrics=table["metrics"])
+                    metrics=table["metrics"], lineage=lineage_view.section(p, project, doc["_id"]))
 
     @app.get("/p/{project:path}/models", response_class=HTMLResponse)
     def models(request: Request, project: str, q: str = "", sort: str = "", limit: int = Query(500, ge=1, le=10_000),
@@ -111,7 +112,10 @@ def create_app(warehouse, *, writable: bool = False, allowed_hosts: Iterable[str
             if isinstance(weights, list) else []
         if not isinstance(doc.get("architecture"), (dict, type(None))):
             doc["architecture"] = {"value": doc["architecture"]}
-        return page(request, "model.html", project=project, tab="models", model=doc,
+        lineage = lineage_view.section(p, project, doc["_id"])
+        graph = lineage_view.graph_svg({"id": doc["_id"], "kind": "checkpoint" if doc.get("checkpoint") is True
+                                        else "model", "name": doc.get("name")}, lineage)
+        return page(request, "model.html", project=project, tab="models", model=doc, lineage=lineage, graph=graph,
                     tensors=[(".".join(map(str, w[0])) if isinstance(w[0], list) else str(w[0]), w[1])
                              for w in weights])
 
@@ -130,7 +134,8 @@ def create_app(warehouse, *, writable: bool = False, allowed_hosts: Iterable[str
                 output = bytes(p.unpack(doc["output_blob"])).decode("utf-8", "replace")
             except (WarehouseError, TypeError, ValueError) as exc:
                 output = f"(the stored output cannot be read: {type(exc).__name__}: {exc})"
-        return page(request, "task.html", project=project, tab="tasks", task=doc, output=output)
+        return page(request, "task.html", project=project, tab="tasks", task=doc, output=output,
+                    lineage=lineage_view.section(p, project, doc["_id"]))
 
     @app.get("/p/{project:path}/datasets", response_class=HTMLResponse)
     def datasets(request: Request, project: str, q: str = "", limit: int = Query(500, ge=1, le=10_000)):
@@ -156,7 +161,8 @@ def create_app(warehouse, *, writable: bool = False, allowed_hosts: Iterable[str
                           projection={"version": 1, "time": 1, "description": 1})
         fields = {k: v for k, v in doc.items() if k not in ("value", "_id")}
         return page(request, "dataset.html", project=project, tab="datasets", dataset=doc, fields=fields,
-                    leaves=found, previews=previews, versions=versions)
+                    leaves=found, previews=previews, versions=versions,
+                    lineage=lineage_view.section(p, project, doc["_id"]))
 
     # last: "{project:path}" would also match every page above (a project name may hold "/", which Starlette
     # decodes from %2F before routing, so project routes take the rest of the path and end with the page name)
