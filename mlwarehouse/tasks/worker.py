@@ -147,10 +147,11 @@ class Worker:
 
     def _scope(self, where: dict | None) -> dict | None:
         """The claim filter: a worker of any task name never takes listener tasks (they are not scripts: the
-        listener worker computes them, :mod:`mlwarehouse.collections.worker`)."""
+        listener worker computes them, :mod:`mlwarehouse.collections.worker`), nor tasks without a script (jobs
+        that their own consumer claims, as TensorDB's pushed jobs)."""
         if self.task_name is not None:
             return where
-        exclude = {"task_name": {"$ne": schema.LISTENER_TASK}}
+        exclude = {"task_name": {"$ne": schema.LISTENER_TASK}, "script": {"$ne": None}}
         return {"$and": [dict(where), exclude]} if where else exclude
 
     # -- the loop ------------------------------------------------------------------------------------------
