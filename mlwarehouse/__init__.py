@@ -5,6 +5,8 @@
     wh.datasets.save((X, y), "digits", tags=["images"])
     wh.models.best("test_accuracy")           # everything is identified by a query
     wh.collection("products").attach("embed", torch.nn.Linear(1024, 64), key="x")   # models attached to data
+    wh.training.fit(net, wh.collection("products"), inputs="x", target="label")       # training on a query
+    wh.lineage.downstream(dataset)            # everything made from it
 
 See the README for the concepts; :mod:`mlwarehouse.errors` for the exception tree.
 """
@@ -14,6 +16,7 @@ from mlwarehouse.errors import (
     CodecError,
     ConfigError,
     DataTypeError,
+    DependencyError,
     DuplicateKey,
     IntegrityError,
     InvalidDocument,
@@ -23,6 +26,7 @@ from mlwarehouse.errors import (
     QueryError,
     TaskError,
     TaskFailed,
+    TrainingError,
     Unavailable,
     VectorIndexError,
     WarehouseError,
@@ -35,11 +39,16 @@ __all__ = [
     "connect", "Warehouse", "Project", "GcReport", "TensorHub", "current_run", "current_task", "register_codec",
     "WarehouseError", "ConfigError", "QueryError", "InvalidDocument", "CodecError", "PickleNotAllowed", "NotFound",
     "DuplicateKey", "IntegrityError", "BackendError", "Unavailable", "TaskError", "TaskFailed", "__version__",
-    "DataTypeError", "ListenerError", "VectorIndexError", "Audio", "Encoded", "trust_modules",
+    "DataTypeError", "ListenerError", "VectorIndexError", "Audio", "Encoded", "trust_modules", "TensorDB",
+    "DBLogger", "DependencyError", "TrainingError", "Folds", "EarlyStopping",
 ]
 
 _LAZY = {
     "TensorHub": ("mlwarehouse.compat.tensorhub", "TensorHub"),
+    "TensorDB": ("mlwarehouse.compat.tensordb", "TensorDB"),
+    "DBLogger": ("mlwarehouse.compat.tensordb", "DBLogger"),
+    "Folds": ("mlwarehouse.training.folds", "Folds"),
+    "EarlyStopping": ("mlwarehouse.training.fit", "EarlyStopping"),
     "current_run": ("mlwarehouse.context", "current_run"),
     "current_task": ("mlwarehouse.context", "current_task"),
     "register_codec": ("mlwarehouse.codecs", "register_codec"),

@@ -15,7 +15,7 @@ def test_exported_members():
         "register_codec", "WarehouseError", "ConfigError", "QueryError", "InvalidDocument", "CodecError",
         "PickleNotAllowed", "NotFound", "DuplicateKey", "IntegrityError", "BackendError", "Unavailable",
         "TaskError", "TaskFailed", "__version__", "DataTypeError", "ListenerError", "VectorIndexError", "Audio", "Encoded",
-        "trust_modules",
+        "trust_modules", "TensorDB", "DBLogger", "DependencyError", "TrainingError", "Folds", "EarlyStopping",
     ])
     for name in mlwarehouse.__all__:
         assert getattr(mlwarehouse, name) is not None, name
@@ -52,6 +52,8 @@ def test_exception_tree_shape():
         "DataTypeError": ("CodecError",),
         "ListenerError": ("WarehouseError",),
         "VectorIndexError": ("WarehouseError",),
+        "DependencyError": ("QueryError",),
+        "TrainingError": ("WarehouseError",),
     }
     for name in errors.__all__:  # the docstring's drawing names every class
         assert f" {name} " in errors.__doc__ or f"{name}\n" in errors.__doc__, name

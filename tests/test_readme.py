@@ -23,7 +23,7 @@ def _python_blocks(text: str) -> list[str]:
 
 def test_quick_start_and_compat_examples_run(tmp_path, subprocess_env):
     blocks = _python_blocks(_section("Quick start"))[:1] + _python_blocks(_section("Coming from TensorHub or MLDB"))
-    assert len(blocks) == 3
+    assert len(blocks) == 4
     script = "\n".join(blocks)
     env = {k: v for k, v in subprocess_env.items() if k != "MLW_HOME"}
     proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
