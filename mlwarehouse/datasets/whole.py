@@ -75,13 +75,8 @@ class Datasets:
         A version that runs read or models were trained on (and that are still stored) is refused with
         DependencyError unless ``force``; lineage keeps a tombstone of each deleted version that has edges."""
         flt = version_filter(name, where, version)
-        lineage = self.project.lineage
-        if not force:
-            ids = [d["_id"] for d in self.project.find(COLLECTION, flt, projection={"_id": 1})]
-            lineage.check_delete(ids, f"dataset {name!r}" if name else "these datasets")
-        deleted = self.project.delete(COLLECTION, flt)
-        lineage.deleted(COLLECTION, deleted)
-        return len(deleted)
+        what = f"dataset {name!r}" if name else "these datasets"
+        return len(self.project.lineage.delete(COLLECTION, flt, what, force=force))
 
     # -- reading -------------------------------------------------------------------------------------------
     def find(self, name: str | None = None, *, where: dict | None = None, version: str | int | None = None,

@@ -141,17 +141,7 @@ class Lineage:
             if rows[key][2]:
                 self._add_fields(key, old, rows[key][2])
         missing = [doc for key, doc in docs.items() if key not in stored]
-        try:
-            return self.project.insert_many(EDGES, [dict(d) for d in missing])
-        except DuplicateKey:  # another process recorded some of them meanwhile
-            added = 0
-            for doc in missing:
-                try:
-                    self.project.insert(EDGES, dict(doc))
-                    added += 1
-                except DuplicateKey:
-                    pass
-            return added
+        return self._insert_new(EDGES, missing)
 
     def _stored(self, keys: list[tuple[str, str, str]]) -> dict[tuple[str, str, str], dict]:
         """The stored edges among the (src, dst, relation) keys: their extra fields by key."""
@@ -284,6 +274,15 @@ class Lineage:
             raise DependencyError(f"cannot delete {what}: {shown}{more} derived from it; delete those first, or "
                                   f"pass force=True (lineage keeps a tombstone)", blocking)
 
+    def delete(self, collection: str, flt: dict, what: str, *, force: bool = False) -> list[dict]:
+        """Delete the documents of ``collection`` matching ``flt`` as a registry does: refused (DependencyError)
+        when live things were derived from them unless ``force``, with a tombstone for each that has edges."""
+        if not force:
+            self.check_delete([d["_id"] for d in self.project.find(collection, flt, projection={"_id": 1})], what)
+        deleted = self.project.delete(collection, flt)
+        self.deleted(collection, deleted)
+        return deleted
+
     def deleted(self, collection: str, docs: Iterable[dict]) -> int:
         """Leave a tombstone for each deleted document of ``collection`` that has lineage edges; returns how many."""
         refs = {d["_id"]: describe(collection, d) for d in docs if isinstance(d.get("_id"), str)}
@@ -300,13 +299,17 @@ class Lineage:
         self._ensure()
         when = utc_now()
         tombs = [{"_id": i, "kind": refs[i].kind, "name": refs[i].name, "deleted": when} for i in ids if i in linked]
+        return self._insert_new(DELETED, tombs)
+
+    def _insert_new(self, collection: str, docs: list[dict]) -> int:
+        """Insert ``docs``, skipping those another process inserted meanwhile (a unique key); how many went in."""
         try:
-            return self.project.insert_many(DELETED, [dict(t) for t in tombs])
+            return self.project.insert_many(collection, [dict(d) for d in docs])
         except DuplicateKey:
             added = 0
-            for tomb in tombs:
+            for doc in docs:
                 try:
-                    self.project.insert(DELETED, dict(tomb))
+                    self.project.insert(collection, dict(doc))
                     added += 1
                 except DuplicateKey:
                     pass

@@ -187,13 +187,8 @@ class Models:
         A model that live things were derived from (a listener computing with it...) is refused with
         DependencyError unless ``force``; lineage keeps a tombstone of each deleted model that has edges."""
         flt = name_filter("model", name, where)
-        lineage = self.project.lineage
-        if not force:
-            ids = [d["_id"] for d in self.project.find(COLLECTION, flt, projection={"_id": 1})]
-            lineage.check_delete(ids, f"model {name!r}" if name else "these models")
-        deleted = self.project.delete(COLLECTION, flt)
-        lineage.deleted(COLLECTION, deleted)
-        return len(deleted)
+        what = f"model {name!r}" if name else "these models"
+        return len(self.project.lineage.delete(COLLECTION, flt, what, force=force))
 
     # -- reading -------------------------------------------------------------------------------------------
     @staticmethod

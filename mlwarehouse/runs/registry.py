@@ -396,12 +396,7 @@ class Runs:
         DependencyError unless ``force``; lineage keeps a tombstone of each deleted run that has edges."""
         flt = name_filter("run", name, where)
         self.flush()
-        lineage = self.project.lineage
-        if not force:
-            lineage.check_delete([d["_id"] for d in self.project.find(RUNS, flt, projection={"_id": 1})],
-                                 f"run {name!r}" if name else "these runs")
-        deleted = self.project.delete(RUNS, flt)
-        lineage.deleted(RUNS, deleted)
+        deleted = self.project.lineage.delete(RUNS, flt, f"run {name!r}" if name else "these runs", force=force)
         ids = [d["_id"] for d in deleted]
         for start in range(0, len(ids), 500):
             self.project.delete(LOGS, {"run": {"$in": ids[start:start + 500]}})

@@ -243,13 +243,8 @@ class Tasks:
         one's worker kills it. Returns how many. A task whose run is still stored is refused (DependencyError)
         unless ``force``; lineage keeps a tombstone of each deleted task that ran a run."""
         flt = self._filter(where, _task_name(task_name), None)
-        lineage = self.project.lineage
-        if not force:
-            lineage.check_delete([d["_id"] for d in self.project.find(COLLECTION, flt, projection={"_id": 1})],
-                                 f"task {task_name!r}" if task_name else "these tasks")
-        deleted = self.project.delete(COLLECTION, flt)
-        lineage.deleted(COLLECTION, deleted)
-        return len(deleted)
+        what = f"task {task_name!r}" if task_name else "these tasks"
+        return len(self.project.lineage.delete(COLLECTION, flt, what, force=force))
 
     # -- the worker protocol -------------------------------------------------------------------------------
     def claim(self, task_name: str | None, worker: str, lease_seconds: float = 30.0, *,
