@@ -222,11 +222,12 @@ class PostgresIndex(SQLIndex):
                 con.execute(f"LISTEN mlw_{collection}")
                 self._listening.add(collection)
             deadline = time.monotonic() + timeout
-            while (left := deadline - time.monotonic()) > 0:
+            channel, woke = f"mlw_{collection}", False
+            while not woke and (left := deadline - time.monotonic()) > 0:
+                # the generator is read to its end: leaving it early drops the other notifications of the packet
                 for note in con.notifies(timeout=left, stop_after=1):
-                    if note.channel == f"mlw_{collection}":
-                        return True
-            return False
+                    woke |= note.channel == channel
+            return woke
 
     # -- vectors -------------------------------------------------------------------------------------------
     def vector_store(self):
