@@ -12,6 +12,8 @@ See the README for the concepts; :mod:`mlwarehouse.errors` for the exception tre
 """
 
 from mlwarehouse.errors import (
+    AliasConflict,
+    AliasError,
     BackendError,
     CodecError,
     ConfigError,
@@ -23,6 +25,7 @@ from mlwarehouse.errors import (
     ListenerError,
     NotFound,
     PickleNotAllowed,
+    PromotionRefused,
     QueryError,
     TaskError,
     TaskFailed,
@@ -40,7 +43,8 @@ __all__ = [
     "WarehouseError", "ConfigError", "QueryError", "InvalidDocument", "CodecError", "PickleNotAllowed", "NotFound",
     "DuplicateKey", "IntegrityError", "BackendError", "Unavailable", "TaskError", "TaskFailed", "__version__",
     "DataTypeError", "ListenerError", "VectorIndexError", "Audio", "Encoded", "trust_modules", "TensorDB",
-    "DBLogger", "DependencyError", "TrainingError", "Folds", "EarlyStopping",
+    "DBLogger", "DependencyError", "TrainingError", "Folds", "EarlyStopping", "AliasError", "AliasConflict",
+    "PromotionRefused",
 ]
 
 _LAZY = {

@@ -17,6 +17,9 @@
      │    └── TaskFailed        a task ended failed (carries the stored traceback)
      ├── ListenerError          a model attached to a collection failed (the traceback is in the message)
      ├── VectorIndexError       a vector index or search cannot be made as asked (names what is wrong)
+     ├── AliasError             a model alias cannot be changed as asked
+     │    ├── AliasConflict     compare-and-set lost: the alias is not held by the expected model (.current)
+     │    └── PromotionRefused  the candidate does not beat the holder on the gate's evaluation by the margin
      └── TrainingError          a fit cannot go on: its model raised, its data is gone, its state does not fit
 
 Backends translate their driver's errors at their boundary (``raise BackendError(...) from exc``);
@@ -29,7 +32,7 @@ __all__ = [
     "WarehouseError", "ConfigError", "QueryError", "InvalidDocument", "CodecError", "PickleNotAllowed",
     "NotFound", "DuplicateKey", "IntegrityError", "BackendError", "Unavailable", "TaskError", "TaskFailed",
     "DataTypeError", "ListenerError", "VectorIndexError", "DependencyError",
-    "TrainingError",
+    "TrainingError", "AliasError", "AliasConflict", "PromotionRefused",
 ]
 
 
@@ -116,3 +119,30 @@ class VectorIndexError(WarehouseError):
 class TrainingError(WarehouseError):
     """A fit cannot go on: its model or loss raised, its documents are gone, or its stored state (a checkpoint,
     the optimizer's) does not fit the model it resumes."""
+
+
+
+class AliasError(WarehouseError):
+    """A model alias (``mlp@champion``) cannot be changed as asked (see :mod:`mlwarehouse.models.aliases`)."""
+
+
+class AliasConflict(AliasError):
+    """A compare-and-set of an alias lost: it is held by ``.current`` (a model id, or None when unset), not by the
+    model the caller expected; nothing was changed. Read the alias again and decide anew."""
+
+    def __init__(self, message: str, current: str | None = None, version: int = 0):
+        super().__init__(message)
+        self.current = current
+        self.version = version
+
+
+class PromotionRefused(AliasError):
+    """A promotion gate refused a candidate: ``.candidate`` and ``.holder`` are the two values compared on the
+    gate's evaluation (``.holder`` None when the holder has no such evaluation), ``.margin`` the margin it needed."""
+
+    def __init__(self, message: str, candidate: float | None = None, holder: float | None = None,
+                 margin: float = 0.0):
+        super().__init__(message)
+        self.candidate = candidate
+        self.holder = holder
+        self.margin = margin

@@ -16,6 +16,7 @@ def test_exported_members():
         "PickleNotAllowed", "NotFound", "DuplicateKey", "IntegrityError", "BackendError", "Unavailable",
         "TaskError", "TaskFailed", "__version__", "DataTypeError", "ListenerError", "VectorIndexError", "Audio", "Encoded",
         "trust_modules", "TensorDB", "DBLogger", "DependencyError", "TrainingError", "Folds", "EarlyStopping",
+        "AliasError", "AliasConflict", "PromotionRefused",
     ])
     for name in mlwarehouse.__all__:
         assert getattr(mlwarehouse, name) is not None, name
@@ -54,6 +55,9 @@ def test_exception_tree_shape():
         "VectorIndexError": ("WarehouseError",),
         "DependencyError": ("QueryError",),
         "TrainingError": ("WarehouseError",),
+        "AliasError": ("WarehouseError",),
+        "AliasConflict": ("AliasError",),
+        "PromotionRefused": ("AliasError",),
     }
     for name in errors.__all__:  # the docstring's drawing names every class
         assert f" {name} " in errors.__doc__ or f"{name}\n" in errors.__doc__, name

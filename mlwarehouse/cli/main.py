@@ -31,7 +31,7 @@ from mlwarehouse.cli.common import (
 from mlwarehouse.cli.items import items_app
 from mlwarehouse.cli.lineage import lineage_command
 from mlwarehouse.cli.search import search_command, vector_indexes_command
-from mlwarehouse.cli.show import arrays_of, render
+from mlwarehouse.cli.show import arrays_of, locate_alias, model_extras, render
 from mlwarehouse.errors import WarehouseError
 from mlwarehouse.query.text import parse_filter_text, parse_sort_text
 from mlwarehouse.runs import summary
@@ -319,17 +319,22 @@ ENTITIES = (schema.RUNS.name, schema.MODELS.name, schema.DATASETS.name, schema.T
 
 @app.command()
 def show(entity_id: str = typer.Argument(..., metavar="ID",
-                                         help="the _id of a run, model, dataset or task, or a unique prefix of it"),
+                                         help="the _id of a run, model, dataset or task, a unique prefix of it, "
+                                              "or a model alias (mlp@champion)"),
          uri: Optional[str] = UriOpt, blobs: Optional[str] = BlobsOpt, project: Optional[str] = AnyProjectOpt,
          as_json: bool = ObjectJsonOpt):
-    """Show one run, model, dataset or task, in whichever project it is (arrays by shape and dtype, not loaded)."""
-    wh, collection, doc = _locate(uri, blobs, project, entity_id, ENTITIES)
+    """Show one run, model, dataset or task, in whichever project it is (arrays by shape and dtype, not loaded);
+    a model also by an alias (``mlp@champion``), with its aliases and evaluations."""
+    wh = connect(uri, blobs) if project is None else open_existing(uri, blobs, project).warehouse
+    found = locate_alias(wh, entity_id, project)
+    collection, doc = found if found is not None else wh.locate(entity_id, ENTITIES, project=project)
     p = wh.project(doc["project"])
     arrays = arrays_of(p, collection, doc)
+    extras = model_extras(p, doc) if collection == schema.MODELS.name else None
     if as_json:
-        print(json.dumps({"collection": collection, "doc": doc, "arrays": arrays}, default=str))
+        print(json.dumps({"collection": collection, "doc": doc, "arrays": arrays, **(extras or {})}, default=str))
         return
-    render(collection, doc, arrays)
+    render(collection, doc, arrays, extras)
 
 
 @app.command("export")

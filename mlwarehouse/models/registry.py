@@ -12,6 +12,9 @@ A model document holds the user's fields at the top level (``test_accuracy=0.93`
 Blobs are put before the document is inserted (invariant 1), so a process killed while saving leaves at most
 unreferenced blobs. :meth:`Models.checkpoint` saves one epoch and then applies a :class:`Retention` policy.
 
+``name@alias`` (``"mlp@champion"``) names the model an alias points at wherever a model id is taken (``get``,
+``load``); ``models.aliases`` and ``models.evaluations`` hold the aliases with their history and the evaluations.
+
 Final models and checkpoints are told apart by ``checkpoint: true`` on checkpoints: ``find``, ``best`` and ``load``
 see final models unless given ``checkpoints=True`` (``get(id)`` and ``delete`` see both).
 """
@@ -20,12 +23,14 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
+from functools import cached_property
 from typing import Any
 
 from mlwarehouse import schema
 from mlwarehouse.context import current_run
-from mlwarehouse.errors import CodecError, InvalidDocument, NotFound, QueryError
+from mlwarehouse.errors import CodecError, DependencyError, InvalidDocument, NotFound, QueryError
 from mlwarehouse.lineage.nodes import Ref, describe
+from mlwarehouse.models.aliases import split_alias
 from mlwarehouse.models.checkpoints import Retention
 from mlwarehouse.query import PATH_RE
 from mlwarehouse.query.fields import normalize_fields, normalize_value
@@ -185,10 +190,24 @@ class Models:
         """Delete matching models, checkpoints included, and the blobs only they used; returns how many.
 
         A model that live things were derived from (a listener computing with it...) is refused with
-        DependencyError unless ``force``; lineage keeps a tombstone of each deleted model that has edges."""
+        DependencyError unless ``force``, as is a model an alias points at now (``mlp@champion``: move the alias
+        first); lineage keeps a tombstone of each deleted model that has edges."""
         flt = name_filter("model", name, where)
         what = f"model {name!r}" if name else "these models"
+        if not force:
+            self._refuse_aliased(flt, what)
         return len(self.project.lineage.delete(COLLECTION, flt, what, force=force))
+
+    def _refuse_aliased(self, flt: dict, what: str) -> None:
+        docs = self.project.find(COLLECTION, flt, projection={"name": 1})
+        if not docs or not self.project.count(schema.ALIASES.name):
+            return
+        doomed = {d["_id"] for d in docs}
+        held = sorted(f"{spelling} -> {model}" for n in {d.get("name") for d in docs if d.get("name")}
+                      for spelling, model in self.aliases.list(n).items() if model in doomed)
+        if held:
+            raise DependencyError(f"cannot delete {what}: alias {', '.join(held[:5])} points at it; move or remove "
+                                  f"the alias first, or pass force=True")
 
     # -- reading -------------------------------------------------------------------------------------------
     @staticmethod
@@ -204,11 +223,26 @@ class Models:
         return [ModelRecord(doc, self) for doc in docs]
 
     def get(self, id: str) -> ModelRecord:
-        """The model (or checkpoint) with this id, whole or a unique prefix; NotFound if there is none."""
+        """The model (or checkpoint) with this id, whole or a unique prefix, or that an alias names
+        (``get("mlp@champion")``); NotFound if there is none."""
         doc = find_by_id(self.project, COLLECTION, id, "model")
         if doc is None:
+            if split_alias(id) is not None:
+                return self.aliases.get(id)
             raise NotFound(f"no model with id {id!r} in project {self.project.name!r}")
         return ModelRecord(doc, self)
+
+    @cached_property
+    def aliases(self):
+        """The aliases of these models, with their history (see :mod:`mlwarehouse.models.aliases`)."""
+        from mlwarehouse.models.aliases import Aliases
+        return Aliases(self.project, self)
+
+    @cached_property
+    def evaluations(self):
+        """The evaluations of these models (see :mod:`mlwarehouse.models.evaluations`)."""
+        from mlwarehouse.models.evaluations import Evaluations
+        return Evaluations(self.project, self)
 
     def best(self, metric: str, *, mode: str = "max", where: dict | None = None, name: str | None = None,
              checkpoints: bool = False) -> ModelRecord:
@@ -231,8 +265,8 @@ class Models:
              checkpoints: bool = False, allow_pickle: bool = False) -> Any:
         """The top matching final model (newest unless ``sort`` says otherwise), or the model ``id``, rebuilt.
 
-        A ``name`` that no model has but that is a model id (or a unique id prefix) loads that model, so
-        ``load(ID)`` works as ``load(id=ID)`` does. NotFound if nothing matches.
+        A ``name`` that no model has but that is a model id (or a unique id prefix) or an alias (``"mlp@champion"``)
+        loads that model, so ``load(ID)`` works as ``load(id=ID)`` does. NotFound if nothing matches.
         """
         if id is not None:
             if name is not None:
@@ -242,6 +276,8 @@ class Models:
         if not found and isinstance(name, str) and where is None \
                 and not self.project.count(COLLECTION, {"name": name}):
             doc = find_by_id(self.project, COLLECTION, name, "model")
+            if doc is None and split_alias(name) is not None:
+                return self.aliases.get(name).load(allow_pickle=allow_pickle)
             found = [ModelRecord(doc, self)] if doc is not None else []
         if not found:
             raise NotFound(self._missing("", name, where, checkpoints))

@@ -26,6 +26,8 @@ from fastapi.templating import Jinja2Templates
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mlwarehouse.errors import NotFound, QueryError, WarehouseError
+from mlwarehouse.models.aliases import Aliases, split_alias
+from mlwarehouse.models.evaluations import Evaluations
 from mlwarehouse.query.jsonvalues import PATH_RE
 from mlwarehouse.web import data
 from mlwarehouse.web import lineage as lineage_view
@@ -106,7 +108,15 @@ def create_app(warehouse, *, writable: bool = False, allowed_hosts: Iterable[str
     @app.get("/p/{project:path}/models/{model_id}", response_class=HTMLResponse)
     def model(request: Request, project: str, model_id: str):
         p = warehouse.project(project)
+        aliases = Aliases(p)
+        if split_alias(model_id) is not None and p.find_one(data.MODELS, {"_id": model_id}, projection={"_id": 1}) \
+                is None:  # a page by alias: mlp@champion
+            held = aliases.resolve(model_id)
+            if held is None:
+                raise NotFound(f"alias {model_id!r} points at no model in project {p.name!r}")
+            model_id = held
         doc = _one(p, data.MODELS, model_id, "model", projection={"_blobs": 0, "project": 0})
+        registry = _registry_view(p, aliases, doc["_id"])
         weights = doc.pop("weights", None)
         weights = [w for w in weights if isinstance(w, list) and len(w) == 2 and isinstance(w[1], dict)] \
             if isinstance(weights, list) else []
@@ -116,6 +126,7 @@ def create_app(warehouse, *, writable: bool = False, allowed_hosts: Iterable[str
         graph = lineage_view.graph_svg({"id": doc["_id"], "kind": "checkpoint" if doc.get("checkpoint") is True
                                         else "model", "name": doc.get("name")}, lineage)
         return page(request, "model.html", project=project, tab="models", model=doc, lineage=lineage, graph=graph,
+                    registry=registry,
                     tensors=[(".".join(map(str, w[0])) if isinstance(w[0], list) else str(w[0]), w[1])
                              for w in weights])
 
@@ -185,6 +196,16 @@ def _queried(fetch, q: str, *, empty: dict) -> tuple[dict, int]:
 def _require_project(p, context: dict, q: str) -> None:
     if not q and not context.get("error") and not context["rows"] and not data.project_exists(p):
         raise NotFound(f"there is no project {p.name!r} (no runs, models, tasks, datasets or collections)")
+
+
+def _registry_view(p, aliases: "Aliases", model_id: str, limit: int = 200) -> dict:
+    """A model's aliases now, the history of every alias it ever held (newest change first) and its evaluations."""
+    held = aliases.of(model_id)
+    names = sorted({(c.doc["name"], c.doc["alias"]) for c in aliases.changes(model_id)})
+    history = sorted((c.doc for n, a in names for c in aliases.history(n, a, limit=limit)),
+                     key=lambda c: (c.get("changed") or "", c["version"]), reverse=True)[:limit]
+    evaluations = [e.doc for e in Evaluations(p).find(model_id, sort=[("metric", 1), ("time", -1)], limit=limit)]
+    return {"aliases": held, "history": history, "evaluations": evaluations}
 
 
 def _one(p, collection: str, doc_id: str, what: str, projection: dict | None = None) -> dict:
