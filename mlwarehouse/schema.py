@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 __all__ = ["Collection", "IndexSpec", "META", "DATASETS", "ITEMS", "ITEM_SHARDS", "MODELS", "RUNS", "LOGS", "TASKS",
            "CATALOG", "DATATYPES", "LISTENERS", "VECTOR_INDEXES", "TOMBSTONES", "FITS", "LINEAGE", "LINEAGE_DELETED",
-           "LISTENER_TASK", "TABLE_PREFIX", "COLLECTIONS", "LOG_FIELDS",
+           "EVALUATIONS", "ALIASES", "WATCHES", "LISTENER_TASK", "TABLE_PREFIX", "COLLECTIONS", "LOG_FIELDS",
            "BOOKKEEPING_FIELDS", "SUMMARY_FIELD"]
 
 
@@ -119,10 +119,30 @@ LINEAGE = Collection(
 #: what a delete of a node with lineage left behind: ``_id`` is the deleted document's id; kind, name, deleted
 LINEAGE_DELETED = Collection("lineage_deleted", ("project", "kind"), (_ix(("project", 1), ("kind", 1)),))
 
+#: evaluations: one value per (model, data, fold, metric), with the run that computed it; ``data`` is a dataset
+#: version id or the digest of a query spec, ``fold`` JSON text ("" for none); see :mod:`mlwarehouse.models.evaluations`
+EVALUATIONS = Collection(
+    "evaluations", ("project", "model", "model_name", "data", "fold", "metric", "run"),
+    (_ix(("project", 1), ("model", 1), ("data", 1), ("fold", 1), ("metric", 1), unique=True),
+     _ix(("project", 1), ("data", 1), ("metric", 1), ("value", -1))))
+
+#: model aliases, append-only: one document per change of (name, alias) with its ``version``; the unique
+#: (project, name, alias, version) index is the compare-and-set (see :mod:`mlwarehouse.models.aliases`)
+ALIASES = Collection(
+    "aliases", ("project", "name", "alias", "model", "previous"),
+    (_ix(("project", 1), ("name", 1), ("alias", 1), ("version", 1), unique=True), _ix(("project", 1), ("model", 1))))
+
+#: the positions of named watch consumers, one per (project, watched collection, consumer): the newest change
+#: every earlier one of which was acknowledged (``resume``) and the acknowledged change ids after its look-back
+#: floor (see :mod:`mlwarehouse.collections.watch`)
+WATCHES = Collection("watches", ("project", "source", "consumer"),
+                     (_ix(("project", 1), ("source", 1), ("consumer", 1), unique=True),))
+
 #: every collection above, by name
 COLLECTIONS: dict[str, Collection] = {c.name: c for c in (META, DATASETS, ITEMS, ITEM_SHARDS, MODELS, RUNS, LOGS,
                                                           TASKS, CATALOG, DATATYPES, LISTENERS, VECTOR_INDEXES,
-                                                          TOMBSTONES, LINEAGE, LINEAGE_DELETED, FITS)}
+                                                          TOMBSTONES, LINEAGE, LINEAGE_DELETED, FITS,
+                                                          EVALUATIONS, ALIASES, WATCHES)}
 
 #: the task name of listener work (batches of documents whose outputs a worker computes)
 LISTENER_TASK = "mlw.listener"

@@ -371,6 +371,16 @@ class Project:
         """Whether :meth:`listen` wakes at once on a write (else it sleeps out its timeout)."""
         return self.index.supports_listen
 
+    def watch(self, collection: Any, where: Filter | None = None, *, consumer: str | None = None,
+              start: str = "now", poll: float | None = None, timeout: float | None = None, batch: int = 500):
+        """A durable cursor over the new and changed matches of ``where`` in a users' collection (a name or
+        :class:`~mlwarehouse.collections.collection.Collection`) or a warehouse collection (``"models"``,
+        ``schema.MODELS``): iterate it for events, ``event.ack()`` them; a named ``consumer`` resumes after a
+        crash with every event it had not acknowledged (see :mod:`mlwarehouse.collections.watch`)."""
+        from mlwarehouse.collections.watch import Watcher
+        return Watcher(self, collection, where, consumer=consumer, start=start, poll=poll, timeout=timeout,
+                       batch=batch)
+
     def update(self, collection: str, filter: Filter | None, update: dict) -> int:
         return self._stored(update, self.index.update_many(collection, self.scope(filter), update))
 
