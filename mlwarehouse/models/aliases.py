@@ -41,7 +41,7 @@ from typing import Any
 from mlwarehouse import schema
 from mlwarehouse.errors import AliasConflict, DuplicateKey, InvalidDocument, NotFound, PromotionRefused, QueryError
 from mlwarehouse.ids import parse_time, utc_now
-from mlwarehouse.models.evaluations import check_mode
+from mlwarehouse.models.evaluations import RegistryBook, check_mode
 from mlwarehouse.query.records import Record, check_name
 
 __all__ = ["Aliases", "AliasChange", "ANY", "split_alias", "ALIAS_RE"]
@@ -108,25 +108,10 @@ def as_time(at: Any) -> str:
     raise QueryError(f"at= is a datetime or a time stamp string, not {type(at).__name__}")
 
 
-class Aliases:
+class Aliases(RegistryBook):
     """The aliases of one project's models (``wh.models.aliases``)."""
 
-    def __init__(self, project, models=None):
-        self.project = project
-        self._models = models
-        self._ready = False
-
-    @property
-    def models(self):
-        """The registry (``project.models``, opened on first use: reads of this class alone create nothing)."""
-        if self._models is None:
-            self._models = self.project.models
-        return self._models
-
-    def _ensure(self) -> None:
-        if not self._ready:
-            self.project.ensure(schema.ALIASES)
-            self._ready = True
+    collection = schema.ALIASES
 
     def _names(self, name: str, alias: str | None) -> tuple[str, str]:
         if alias is None:

@@ -116,8 +116,11 @@ def check_mode(mode: Any) -> str:
     return mode
 
 
-class Evaluations:
-    """The evaluations of one project's models (``wh.models.evaluations``)."""
+class RegistryBook:
+    """What the registry's books (evaluations, aliases) share: the project, the registry opened on first use and
+    their collection created on the first write (reads of a book alone create nothing)."""
+
+    collection: schema.Collection
 
     def __init__(self, project, models=None):
         self.project = project
@@ -126,15 +129,21 @@ class Evaluations:
 
     @property
     def models(self):
-        """The registry (``project.models``, opened on first use: reads of this class alone create nothing)."""
+        """The registry (``project.models``)."""
         if self._models is None:
             self._models = self.project.models
         return self._models
 
     def _ensure(self) -> None:
         if not self._ready:
-            self.project.ensure(schema.EVALUATIONS)
+            self.project.ensure(self.collection)
             self._ready = True
+
+
+class Evaluations(RegistryBook):
+    """The evaluations of one project's models (``wh.models.evaluations``)."""
+
+    collection = schema.EVALUATIONS
 
     # -- writing -------------------------------------------------------------------------------------------
     def record(self, model: Any, data: Any, metric: str, value: float, *, run: Any = None, fold: Any = None,
