@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent / PACKAGE
 
 #: layers below the domain: they know nothing of what is stored in them
 LOW = ("query", "index", "blobs", "codecs", "drivers")
-DOMAIN = ("datasets", "models", "runs", "tasks", "collections", "vectors", "training", "lineage")
+DOMAIN = ("datasets", "models", "runs", "tasks", "collections", "vectors", "training", "lineage", "loops")
 FRONTS = ("cli", "web", "compat", "archive", "examples", "integrations")
 #: the front door: the warehouse, and the package itself (whose ``__init__`` imports it)
 TOP = ("warehouse", "")

@@ -294,6 +294,12 @@ class Models:
                 text += " (checkpoints match: pass checkpoints=True to include them)"
         return text
 
+    def follow(self, spelling: str, **options):
+        """A callable serving the model that holds ``spelling`` (``"mlp@champion"``) now, swapping to the new holder
+        when the alias moves, never mid-call (see :mod:`mlwarehouse.loops.follow`)."""
+        from mlwarehouse.loops.follow import follow
+        return follow(self.project, spelling, **options)
+
     def names(self) -> list[str]:
         return self.project.distinct(COLLECTION, "name")
 
