@@ -287,6 +287,15 @@ def worker(task_name: Optional[str] = typer.Option(None, "--task-name", "-t", he
         raise failure[0]
 
 
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []})
+def evaluate(ctx: typer.Context):
+    """Evaluate every new model matching a query on a dataset, record the evaluations and promote by a gate, until
+    stopped (SIGTERM finishes the current model): mlw evaluate --models '{"name": "mlp"}' --dataset test-set
+    --metric accuracy --alias champion --margin 0.01 (mlw evaluate --help for every option)."""
+    from mlwarehouse.loops.evaluator import main as evaluator_main
+    raise typer.Exit(evaluator_main(list(ctx.args), prog="mlw evaluate"))
+
+
 @app.command()
 def gc(grace: float = typer.Option(3600.0, "--grace", help="keep blobs written in the last N seconds"),
        dry_run: bool = typer.Option(False, "--dry-run", help="only report what would be removed"),
