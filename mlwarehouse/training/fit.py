@@ -30,7 +30,7 @@ from mlwarehouse.errors import QueryError, TrainingError
 from mlwarehouse.ids import utc_now
 from mlwarehouse.training.sources import Source, collate
 
-__all__ = ["EarlyStopping", "Trainer", "TrainingError"]
+__all__ = ["EarlyStopping", "Trainer", "TrainingError", "pack_ids", "read_ids"]
 
 FITS = schema.FITS.name
 LOGS = schema.LOGS.name
@@ -176,11 +176,7 @@ class Trainer:
 
     # -- state ---------------------------------------------------------------------------------------------
     def _ids(self, fold: str) -> list[str]:
-        ref = self.doc["data"][fold]["ids"]
-        if ref is None:
-            return []
-        text = self.project.unpack(ref)
-        return text.decode("ascii").split("\n") if text else []
+        return read_ids(self.project, self.doc, fold)
 
     def _run(self):
         """The run this attempt logs into: the current run (a task's, or the caller's), else a new one."""
@@ -277,6 +273,18 @@ class Trainer:
     def finish(self, model_id: str | None, status: str = "complete", **fields) -> dict:
         self.doc = self._update({"$set": {"status": status, "model": model_id, "ended": utc_now(), **fields}})
         return self.doc
+
+
+def pack_ids(project, ids: list[str]) -> dict:
+    """A fold's ids as the fit document keeps them: one blob (newline-separated, sorted) and how many."""
+    return {"count": len(ids), "ids": project.pack("\n".join(ids).encode("ascii")) if ids else None}
+
+
+def read_ids(project, doc: dict, fold: str) -> list[str]:
+    """The ids of a fit's ``fold`` ("train" or "valid"), as :func:`pack_ids` stored them."""
+    ref = doc["data"][fold]["ids"]
+    text = project.unpack(ref) if ref is not None else b""
+    return text.decode("ascii").split("\n") if text else []
 
 
 def _metric(entry: dict, path: str) -> float | None:

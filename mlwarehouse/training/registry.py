@@ -26,7 +26,7 @@ from mlwarehouse.context import current_task
 from mlwarehouse.errors import NotFound, QueryError
 from mlwarehouse.ids import new_id, utc_now
 from mlwarehouse.query.records import Record, find_by_id, name_filter
-from mlwarehouse.training.fit import EarlyStopping, Trainer, TrainingError
+from mlwarehouse.training.fit import EarlyStopping, Trainer, TrainingError, pack_ids, read_ids
 from mlwarehouse.training.folds import Folds
 from mlwarehouse.training.objectives import loss_of, metric_name, metric_of, name_of, optimizer_of
 from mlwarehouse.training.sources import Source, source_of, spelling
@@ -69,9 +69,7 @@ class Fit(Record):
         return self._ids("valid")
 
     def _ids(self, fold: str) -> list[str]:
-        ref = self.doc["data"][fold]["ids"]
-        text = self._training.project.unpack(ref) if ref is not None else b""
-        return text.decode("ascii").split("\n") if text else []
+        return read_ids(self._training.project, self.doc, fold)
 
     def refresh(self) -> "Fit":
         return self._training.get(self.id)
@@ -264,16 +262,13 @@ class Training:
                 update = {"status": "running", "error": None, "spec.epochs": spec["epochs"]}
                 return self.project.find_one_and_update(FITS, {"_id": found["_id"]}, {"$set": update})
         train, valid = _split(source, Folds.of(spec["folds"]))
-        data = {"source": source.describe(), "train": self._ids(train), "valid": self._ids(valid)}
+        data = {"source": source.describe(), "train": pack_ids(self.project, train),
+                "valid": pack_ids(self.project, valid)}
         doc = {"_id": new_id(), "name": spec["name"], "key": key, "status": "running", "spec": spec, "data": data,
                "task": current_task().id if current_task() else None, "runs": [], "epochs_done": 0,
                "history": [], "checkpoint": None, "best": None, "since_best": 0, "optimizer": None, "model": None,
                "started": utc_now(), "ended": None, "error": None, "description": description}
         return self.project.insert(FITS, doc)
-
-    def _ids(self, ids: list[str]) -> dict:
-        """A fold's ids as one blob (newline-separated, sorted), and how many."""
-        return {"count": len(ids), "ids": self.project.pack("\n".join(ids).encode("ascii")) if ids else None}
 
     def _final(self, trainer: Trainer, module, source: Source):
         """Save the final model (the best epoch's weights when early stopping restores them) and end the fit."""
