@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import functools
 import sqlite3
+import threading
+import time
 
 import pytest
 
@@ -90,6 +92,28 @@ def test_locked_database_maps_to_backend_error(tmp_path):
     ix.close()
     with pytest.raises(BackendError, match="closed"):
         ix.count("c")
+
+
+def test_opening_waits_for_a_writer_of_a_new_file(tmp_path):
+    """Processes opening a fresh file together: switching it to WAL while another holds its write lock fails at
+    once in SQLite (no busy handler, to avoid a deadlock), so the switch is retried until the writer is done."""
+    path = tmp_path / "fresh.sqlite"
+    holder = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    holder.execute("CREATE TABLE t (x)")
+    holder.execute("BEGIN IMMEDIATE")
+    holder.execute("INSERT INTO t VALUES (1)")
+    release = threading.Timer(0.3, lambda: holder.execute("COMMIT"))
+    release.start()
+    started = time.monotonic()
+    try:
+        ix = SQLiteIndex(path, timeout=10)
+    finally:
+        release.join()
+        holder.close()
+    assert 0.25 <= time.monotonic() - started < 5
+    ix.insert_one("c", {"_id": "x"})
+    assert ix.count("c") == 1
+    ix.close()
 
 
 def test_memory_index():

@@ -27,6 +27,7 @@ import json
 import os
 import sqlite3
 import threading
+import time
 from urllib.parse import quote
 
 try:
@@ -126,7 +127,7 @@ class SQLiteIndex(SQLIndex):
                 cached_statements=256)
             con.execute(f"PRAGMA busy_timeout = {int(self.timeout * 1000)}")
             if not self._memory and not self.read_only:
-                con.execute("PRAGMA journal_mode = WAL")
+                self._enable_wal(con)
                 con.execute("PRAGMA synchronous = NORMAL")
             con.create_function(REGEX_FUNCTION, 3, _regex, deterministic=True)
             con.create_function("regexp", 2, _regexp, deterministic=True)
@@ -135,6 +136,24 @@ class SQLiteIndex(SQLIndex):
         with self._lock:
             self._all.append(con)
         return con
+
+    def _enable_wal(self, con: sqlite3.Connection) -> None:
+        """Switch a new file to WAL, retrying while another process holds it.
+
+        The switch needs an exclusive lock, and SQLite answers "database is locked" at once, without its busy
+        handler, when processes open a fresh file together; once one of them has switched, the mode is persistent.
+        """
+        deadline = time.monotonic() + self.timeout
+        pause = 0.005
+        while True:
+            try:
+                con.execute("PRAGMA journal_mode = WAL").fetchone()
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() >= deadline:
+                    raise
+            time.sleep(pause)
+            pause = min(pause * 2, 0.1)
 
     def _connect_read_only(self) -> sqlite3.Connection:
         """``mode=ro``; ``immutable=1`` where a WAL file's shared memory cannot be created beside it."""
