@@ -1,12 +1,13 @@
-"""Long-running loops that react to what the warehouse stores: an evaluator of new models (:mod:`.evaluator`), a
-model that follows an alias (:mod:`.follow`, ``wh.models.follow``).
+"""Long-running loops that react to what the warehouse stores: a trainer that keeps training on new documents
+(:mod:`.trainer`), an evaluator of new models (:mod:`.evaluator`), a model that follows an alias (:mod:`.follow`,
+``wh.models.follow``) and its HTTP server (:mod:`.server`).
 
 Each loop is a plain function that runs until a ``threading.Event`` is set, keeps its place in a named watch
 (:mod:`mlwarehouse.collections.watch`) and makes its effects idempotent, so it may run on any machine and be
 killed at any moment: restarted, it resumes with every event it had not finished.
 """
 
-__all__ = ["evaluate_forever"]
+__all__ = ["evaluate_forever", "train_forever"]
 
 
 def __getattr__(name: str):
@@ -14,4 +15,7 @@ def __getattr__(name: str):
     if name == "evaluate_forever":
         from mlwarehouse.loops.evaluator import evaluate_forever
         return evaluate_forever
+    if name == "train_forever":
+        from mlwarehouse.loops.trainer import train_forever
+        return train_forever
     raise AttributeError(name)

@@ -28,9 +28,10 @@ from mlwarehouse.codecs import values
 from mlwarehouse.context import current_run
 from mlwarehouse.errors import QueryError, TrainingError
 from mlwarehouse.ids import utc_now
-from mlwarehouse.training.sources import Source, collate
+from mlwarehouse.training.sources import Source, batch_length, collate
 
-__all__ = ["EarlyStopping", "Trainer", "TrainingError", "pack_ids", "read_ids"]
+__all__ = ["EarlyStopping", "Trainer", "TrainingError", "load_optimizer", "pack_ids", "pack_optimizer", "read_ids",
+           "unpack_ids"]
 
 FITS = schema.FITS.name
 LOGS = schema.LOGS.name
@@ -161,7 +162,7 @@ class Trainer:
                 except (RuntimeError, TypeError, ValueError, IndexError) as exc:
                     raise TrainingError(f"fit {self.doc['name']!r}, epoch {epoch}: the model or loss raised "
                                         f"{type(exc).__name__}: {exc}") from exc
-                size = _batch_size(batch)
+                size = batch_length(batch)
                 if learn:
                     self.optimizer.zero_grad(set_to_none=True)
                     loss.backward()
@@ -214,8 +215,7 @@ class Trainer:
         try:
             self.model.load_state_dict(state.state_dict())
             if self.doc.get("optimizer") is not None:
-                self.optimizer.load_state_dict(_optimizer_state(self.project.unpack(self.doc["optimizer"],
-                                                                                    writable=True)))
+                load_optimizer(self.project, self.optimizer, self.doc["optimizer"])
         except (RuntimeError, ValueError, KeyError) as exc:
             raise TrainingError(f"fit {self.doc['_id']}: the stored checkpoint does not fit this model or "
                                 f"optimizer ({exc})") from exc
@@ -245,7 +245,7 @@ class Trainer:
         if better or (value is not None and value == best.get("value")):
             # a tie is no improvement for patience, but retention keeps the later of equal checkpoints: follow it
             best = {"epoch": epoch, "value": value, "checkpoint": record.id}
-        optimizer = self.project.pack(_packable(self.optimizer.state_dict()))
+        optimizer = pack_optimizer(self.project, self.optimizer)
         old = set(self.doc.get("_blobs") or ())
         keys = sorted(set(self._data_keys()) | values.blob_keys(optimizer))
         self.doc = self._update({"$set": {"epochs_done": epoch + 1, "checkpoint": record.id, "optimizer": optimizer,
@@ -282,7 +282,11 @@ def pack_ids(project, ids: list[str]) -> dict:
 
 def read_ids(project, doc: dict, fold: str) -> list[str]:
     """The ids of a fit's ``fold`` ("train" or "valid"), as :func:`pack_ids` stored them."""
-    ref = doc["data"][fold]["ids"]
+    return unpack_ids(project, doc["data"][fold]["ids"])
+
+
+def unpack_ids(project, ref: Any) -> list[str]:
+    """The ids of one blob :func:`pack_ids` wrote (its ``ids``; None for none)."""
     text = project.unpack(ref) if ref is not None else b""
     return text.decode("ascii").split("\n") if text else []
 
@@ -291,11 +295,6 @@ def _metric(entry: dict, path: str) -> float | None:
     kind, _, name = path.partition(".")
     value = (entry.get(kind) or {}).get(name)
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
-
-
-def _batch_size(batch: dict) -> int:
-    first = next(iter(batch.values()))
-    return int(first.shape[0]) if hasattr(first, "shape") else len(first)
 
 
 def _short(metrics: dict) -> str:
@@ -307,23 +306,27 @@ def _arch(spec: dict) -> dict:
     return {"arch": spec["arch"]} if spec.get("arch") else {}
 
 
-def _packable(state: dict) -> dict:
-    """An optimizer's state dict with string keys (JSON objects have no integer keys) and lists for tuples."""
-    return {"state": [[int(k), v] for k, v in state["state"].items()],
-            "param_groups": [_plain(group) for group in state["param_groups"]]}
+def pack_optimizer(project, optimizer) -> dict:
+    """An optimizer's state as a document keeps it: a JSON tree, its tensors stored as blobs."""
+    state = optimizer.state_dict()
+    return project.pack({"state": [[int(k), v] for k, v in state["state"].items()],
+                         "param_groups": [_plain(group) for group in state["param_groups"]]})
+
+
+def load_optimizer(project, optimizer, tree: dict) -> None:
+    """Put back into ``optimizer`` a state :func:`pack_optimizer` stored (ValueError or KeyError if it does not fit)."""
+    import torch
+    tree = project.unpack(tree, writable=True)
+    state = {}
+    for key, entry in tree["state"]:
+        state[int(key)] = {k: torch.as_tensor(v) if isinstance(v, np.ndarray) else v for k, v in entry.items()}
+    optimizer.load_state_dict({"state": state, "param_groups": tree["param_groups"]})
 
 
 def _plain(value: Any) -> Any:
+    """JSON objects have no integer keys, and tuples come back as lists."""
     if isinstance(value, dict):
         return {str(k): _plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
     return value
-
-
-def _optimizer_state(tree: dict) -> dict:
-    import torch
-    state = {}
-    for key, entry in tree["state"]:
-        state[int(key)] = {k: torch.as_tensor(v) if isinstance(v, np.ndarray) else v for k, v in entry.items()}
-    return {"state": state, "param_groups": tree["param_groups"]}

@@ -204,6 +204,12 @@ class Training:
             raise NotFound(f"model {record.id} was not made by a fit")
         return self.get(fit_id)
 
+    def module(self, model: Any, *, config: dict | None = None, trusted: bool = False, seed: int = 0):
+        """The torch module a fit (or the trainer loop) trains: ``model`` itself, a stored model's architecture and
+        weights (a record or id), or ``"module:Class"`` built with ``config`` under ``seed`` (the same initial
+        weights in every process); importing a class needs ``trusted``."""
+        return self._module(model, config, trusted, seed)
+
     # -- internals -----------------------------------------------------------------------------------------
     def _module(self, model: Any, config: dict | None, trusted: bool, seed: int):
         import torch

@@ -19,7 +19,7 @@ from mlwarehouse import schema
 from mlwarehouse.errors import NotFound, QueryError
 from mlwarehouse.query.jsonvalues import MISSING, get_path, split_path
 
-__all__ = ["Source", "CollectionSource", "ItemSource", "source_of", "collate", "PAGE"]
+__all__ = ["Source", "CollectionSource", "ItemSource", "source_of", "collate", "batch_length", "PAGE"]
 
 #: documents read per query while streaming (a page is read ahead while the previous one trains)
 PAGE = 512
@@ -200,6 +200,12 @@ def _paged(ids: Sequence[str], batch_size: int, read: Callable[[Sequence[str]], 
                         column.append(value)
                     batch[key] = column
                 yield batch
+
+
+def batch_length(batch: dict) -> int:
+    """How many documents a batch of columns holds."""
+    first = next(iter(batch.values()))
+    return int(first.shape[0]) if hasattr(first, "shape") else len(first)
 
 
 def collate(values: Any) -> Any:
