@@ -29,7 +29,7 @@ from mlwarehouse.errors import NotFound, QueryError, WarehouseError
 from mlwarehouse.models.aliases import Aliases, split_alias
 from mlwarehouse.models.evaluations import Evaluations
 from mlwarehouse.query.jsonvalues import PATH_RE
-from mlwarehouse.web import data
+from mlwarehouse.web import champions, data
 from mlwarehouse.web import lineage as lineage_view
 from mlwarehouse.web.api import router
 from mlwarehouse.web.arrays import describe, image_view, leaves, png_data_uri, preview_images
@@ -61,6 +61,7 @@ def create_app(warehouse, *, writable: bool = False, allowed_hosts: Iterable[str
     app.add_middleware(HostGuard, allowed_hosts=allowed_hosts)  # added last: runs first
     app.include_router(router)
     app.include_router(collections_router)  # before the pages: "/p/{project:path}" would match its routes
+    app.include_router(champions.router)  # the same: the alias panel's API and the alias history page
     _error_handlers(app)
 
     def page(request: Request, name: str, status: int = 200, **context: Any) -> HTMLResponse:
@@ -97,13 +98,14 @@ def create_app(warehouse, *, writable: bool = False, allowed_hosts: Iterable[str
     @app.get("/p/{project:path}/models", response_class=HTMLResponse)
     def models(request: Request, project: str, q: str = "", sort: str = "", limit: int = Query(500, ge=1, le=10_000),
                skip: int = Query(0, ge=0), checkpoints: bool = False):
-        """The leaderboard: final models ranked by a metric; ``checkpoints=1`` shows checkpoints too."""
+        """The leaderboard: final models ranked by a metric; ``checkpoints=1`` shows checkpoints too. Above it,
+        the live champion panel (every alias now, see :mod:`mlwarehouse.web.champions`)."""
         def fetch(p, flt):
             board = data.leaderboard(p, flt, data.parse_sort(sort), limit, skip, checkpoints=checkpoints)
             return {**board, "sort": sort or board["ranked"] or ""}
         return listing(request, project, "models", fetch, q,
                        {"rows": [], "metrics": [], "total": 0, "hidden_checkpoints": 0}, sort=sort,
-                       checkpoints=checkpoints)
+                       checkpoints=checkpoints, champions=champions.panel(warehouse.project(project)))
 
     @app.get("/p/{project:path}/models/{model_id}", response_class=HTMLResponse)
     def model(request: Request, project: str, model_id: str):

@@ -1,0 +1,158 @@
+"""The champion panel in a real browser: Playwright drives headless chromium against a served warehouse, and the
+panel follows alias moves made by the test (another writer) without a reload.
+
+Skipped (with the reason) where chromium or playwright is missing, except under CI (``$CI`` set), where that is a
+failure, as in tests/test_browser.py. Screenshots go to ``$MLW_SCREENSHOTS`` if set, else to a temporary folder.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+CHROMIUM = os.environ.get("MLW_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+PROJECT = "live"
+
+
+def _missing() -> str | None:
+    for module in ("playwright", "fastapi", "uvicorn"):
+        try:
+            __import__(module)
+        except ImportError:
+            return f"{module} is not installed (pip install -e '.[dev]')"
+    if not (os.path.exists(CHROMIUM) or shutil.which(CHROMIUM)):
+        return f"chromium not found at {CHROMIUM} (apt-get install -y chromium)"
+    return None
+
+
+_why = _missing()
+if _why and os.environ.get("CI"):
+    pytest.fail(f"browser tests cannot run under CI: {_why}", pytrace=False)
+pytestmark = pytest.mark.skipif(_why is not None, reason=_why or "")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """A warehouse with three models named mlp (evaluated) and no alias yet, served by uvicorn in a thread."""
+    import uvicorn
+
+    import mlwarehouse
+    from mlwarehouse.web import create_app
+    wh = mlwarehouse.connect(home=tmp_path_factory.mktemp("champ-browser") / "wh", project=PROJECT)
+    test = wh.datasets.save(np.arange(4), "march-test")
+    models = [wh.models.save({"w": np.full(2, i)}, "mlp") for i in range(3)]
+    for model, acc in zip(models, (0.91, 0.94, 0.96)):
+        wh.models.evaluations.record(model, test, "accuracy", acc)
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(wh), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("the UI server did not start")
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}", wh, test, models
+    server.should_exit = True
+    thread.join(timeout=10)
+    wh.close()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+    with sync_playwright() as pw:
+        chromium = pw.chromium.launch(executable_path=shutil.which(CHROMIUM) or CHROMIUM, headless=True,
+                                      args=CHROMIUM_ARGS)
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture
+def page(browser):
+    context = browser.new_context(viewport={"width": 1400, "height": 900})
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    yield page
+    context.close()
+    assert not errors, f"JavaScript errors: {errors}"
+
+
+@pytest.fixture(scope="module")
+def shots(tmp_path_factory) -> Path:
+    folder = Path(os.environ.get("MLW_SCREENSHOTS") or tmp_path_factory.mktemp("screenshots"))
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def test_the_panel_follows_alias_moves_without_a_reload(page, served, shots):
+    from playwright.sync_api import expect
+    base, wh, test, (a, b, c) = served
+    aliases = wh.models.aliases
+    page.goto(f"{base}/p/{PROJECT}/models")
+    expect(page.locator("#aliases tr.none")).to_contain_text("no alias is set in this project")
+    page.evaluate("window.__sameDocument = 1")  # gone if the page reloads
+
+    aliases.set("mlp", "champion", a, by="ci")  # another writer moves the alias while the page is open
+    row = page.locator('#aliases tr[data-spelling="mlp@champion"]')
+    expect(row).to_have_attribute("data-model", a.id, timeout=8000)
+    expect(row.locator("td.headline")).to_contain_text("first holder since")
+    expect(row.locator("td.set .by")).to_have_text("ci")
+
+    aliases.promote("mlp", "champion", b, evaluation=(test, "accuracy"), by="gate")
+    expect(row).to_have_attribute("data-model", b.id, timeout=8000)
+    expect(row).to_have_class("moved")
+    expect(row.locator("td.headline")).to_contain_text("accuracy improved from 0.91 to 0.94 at")
+    expect(row.locator(".eval.improved .delta")).to_have_text("was 0.91, +0.03")
+    expect(row.locator("td.previous a")).to_have_attribute("href", f"/p/{PROJECT}/models/{a.id}")
+    expect(row.locator("a.history")).to_have_text("2 changes")
+    expect(page.locator("#champions-held")).to_have_text("1")
+    page.screenshot(path=str(shots / "champions-live.png"), full_page=True)
+
+    aliases.set("mlp", "staging", c)
+    aliases.remove("mlp", "staging", reason="retired")
+    staging = page.locator('#aliases tr[data-spelling="mlp@staging"]')
+    expect(staging).to_have_class("removed", timeout=8000)
+    expect(staging.locator("td.holder")).to_have_text("removed")
+    expect(page.locator("#champions-removed")).to_have_text("1")
+    assert page.evaluate("window.__sameDocument") == 1  # every change came in without a reload
+
+    page.click('#aliases tr[data-spelling="mlp@champion"] a.history')
+    page.wait_for_url("**/alias?name=mlp&alias=champion")
+    versions = page.locator("#alias-history tbody tr").evaluate_all(
+        "rows => rows.map(r => [r.dataset.version, r.dataset.model])")
+    assert versions == [["2", b.id], ["1", a.id]]
+
+
+def test_the_drawn_rows_match_the_server_rendered_ones(page, served):
+    """The first poll re-draws the panel from JSON: the text a user reads must not change with it."""
+    from playwright.sync_api import expect
+
+    from mlwarehouse.web.data import fmt
+    base, wh, _, _ = served
+    page.goto(f"{base}/p/{PROJECT}/models")
+    assert page.locator('#aliases tr[data-spelling]').count() >= 1
+    rendered = page.inner_text("#aliases tbody")
+    expect(page.locator("#champions-live")).to_contain_text("live, updated", timeout=8000)
+    assert page.inner_text("#aliases tbody") == rendered
+    values = [0.94, 0.029999999999999916, -0.25, 1.5e-05, 123456.789, 0.00012345, 9.99996, 2.0, 7, 0.1 + 0.2]
+    drawn = page.evaluate("values => values.map(v => mlw.num(v))", values)
+    assert drawn == [fmt(v) for v in values]
+    signed = page.evaluate("values => values.map(v => mlw.num(v, true))", [0.03, -0.05, 0.0, 2.5e-06])
+    assert signed == ["%+.4g" % v for v in (0.03, -0.05, 0.0, 2.5e-06)]
