@@ -17,7 +17,7 @@ from dataclasses import dataclass
 __all__ = ["Collection", "IndexSpec", "META", "DATASETS", "ITEMS", "ITEM_SHARDS", "MODELS", "RUNS", "LOGS", "TASKS",
            "CATALOG", "DATATYPES", "LISTENERS", "VECTOR_INDEXES", "TOMBSTONES", "FITS", "LINEAGE", "LINEAGE_DELETED",
            "EVALUATIONS", "ALIASES", "WATCHES", "LISTENER_TASK", "TABLE_PREFIX", "COLLECTIONS", "LOG_FIELDS",
-           "BOOKKEEPING_FIELDS", "SUMMARY_FIELD"]
+           "BOOKKEEPING_FIELDS", "SUMMARY_FIELD", "REVISED", "REV_INDEX"]
 
 
 @dataclass(frozen=True)
@@ -43,6 +43,10 @@ def _ix(*keys: tuple[str, int], unique: bool = False) -> IndexSpec:
     return IndexSpec(tuple(keys), unique)
 
 
+#: the index of the collections updated in place (see ``REVISED``): a watch reads ranges of ``_rev``
+REV_INDEX = _ix(("project", 1), ("_rev", 1))
+
+
 #: bookkeeping of the warehouse itself (which collections reference blobs; writers' leases and removal
 #: announcements, see :mod:`mlwarehouse.warehouse`); never exported
 META = Collection("meta")
@@ -50,7 +54,8 @@ META = Collection("meta")
 #: whole datasets and the version documents of item datasets (``kind: "items"``) share one version space
 DATASETS = Collection(
     "datasets", ("project", "name", "version"),
-    (_ix(("project", 1), ("name", 1), ("version", 1), unique=True), _ix(("project", 1), ("name", 1), ("time", -1))),
+    (_ix(("project", 1), ("name", 1), ("version", 1), unique=True), _ix(("project", 1), ("name", 1), ("time", -1)),
+     REV_INDEX),
     blobs=True)
 
 #: one document per item of an item dataset: its scalar fields, and where it lies (shard, row)
@@ -71,7 +76,7 @@ MODELS = Collection(
     blobs=True)
 
 #: runs, with their per-metric summaries (see :mod:`mlwarehouse.runs.summary`)
-RUNS = Collection("runs", ("name", "status", "task", "project"), (_ix(("name", 1)),))
+RUNS = Collection("runs", ("name", "status", "task", "project"), (_ix(("name", 1)), REV_INDEX))
 
 #: one document per logged point; (run, kind) and not (run, kind, step): keeping a step index up to date cost a
 #: third of the logging throughput, and reading a run's history was no faster with it (1.8 s for 200k points)
@@ -82,7 +87,7 @@ TASKS = Collection(
     "tasks", ("task_name", "status", "project", "run", "worker", "config_hash"),
     (_ix(("project", 1), ("task_name", 1), ("status", 1), ("priority", -1), ("_id", 1)),
      _ix(("project", 1), ("task_name", 1), ("config_hash", 1)),
-     _ix(("project", 1), ("status", 1), ("lease_until", 1))),
+     _ix(("project", 1), ("status", 1), ("lease_until", 1)), REV_INDEX),
     blobs=True)
 
 #: users' own collections (one document per collection of a project: its table, fold fraction, converters); each
@@ -103,7 +108,8 @@ VECTOR_INDEXES = Collection("vector_indexes", ("project", "collection", "name", 
 #: fits: a training's spec, the exact ids it read (as blobs), its epochs, checkpoints, runs and final model; a
 #: fit run as a task is found again by ``key`` when another worker resumes it (see :mod:`mlwarehouse.training`)
 FITS = Collection("fits", ("project", "name", "key", "status", "model"),
-                  (_ix(("project", 1), ("key", 1)), _ix(("project", 1), ("name", 1), ("time", -1))), blobs=True)
+                  (_ix(("project", 1), ("key", 1)), _ix(("project", 1), ("name", 1), ("time", -1)), REV_INDEX),
+                  blobs=True)
 
 #: one document per deleted document of a users' table (``table``, ``doc``), with a sortable ``_id``: how the
 #: copies of vector indexes in other processes learn of deletes (see :mod:`mlwarehouse.vectors.mirror`)
@@ -124,7 +130,7 @@ LINEAGE_DELETED = Collection("lineage_deleted", ("project", "kind"), (_ix(("proj
 EVALUATIONS = Collection(
     "evaluations", ("project", "model", "model_name", "data", "fold", "metric", "run"),
     (_ix(("project", 1), ("model", 1), ("data", 1), ("fold", 1), ("metric", 1), unique=True),
-     _ix(("project", 1), ("data", 1), ("metric", 1), ("value", -1))))
+     _ix(("project", 1), ("data", 1), ("metric", 1), ("value", -1)), REV_INDEX))
 
 #: model aliases, append-only: one document per change of (name, alias) with its ``version``; the unique
 #: (project, name, alias, version) index is the compare-and-set (see :mod:`mlwarehouse.models.aliases`)
@@ -144,13 +150,20 @@ COLLECTIONS: dict[str, Collection] = {c.name: c for c in (META, DATASETS, ITEMS,
                                                           TOMBSTONES, LINEAGE, LINEAGE_DELETED, FITS,
                                                           EVALUATIONS, ALIASES, WATCHES)}
 
+#: the warehouse's collections whose documents are updated in place (a run ends, a task is claimed, a fit records an
+#: epoch, an item dataset commits, an evaluation is replaced): each insert and each update gives a document a fresh
+#: ``_rev`` (a sortable id, :meth:`mlwarehouse.warehouse.Project.update`), so a watch sees their changes as well as
+#: their inserts. The others are insert-only (or bookkeeping) and are watched by ``_id``.
+REVISED = frozenset({DATASETS.name, RUNS.name, TASKS.name, FITS.name, EVALUATIONS.name})
+
 #: the task name of listener work (batches of documents whose outputs a worker computes)
 LISTENER_TASK = "mlw.listener"
 #: the prefix of the tables that hold users' collections
 TABLE_PREFIX = "docs_"
 
-#: fields every stamped document carries (see :meth:`mlwarehouse.warehouse.Project.stamp`)
-BOOKKEEPING_FIELDS = ("_id", "project", "time", "_blobs")
+#: fields the warehouse stamps on documents (see :meth:`mlwarehouse.warehouse.Project.stamp`; ``_rev`` only in
+#: ``REVISED`` collections)
+BOOKKEEPING_FIELDS = ("_id", "project", "time", "_blobs", "_rev")
 
 #: the fields of a log document that are not metrics
 LOG_FIELDS = ("_id", "project", "time", "run", "kind", "step", "epoch", "_blobs")

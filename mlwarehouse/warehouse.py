@@ -307,6 +307,8 @@ class Project:
     def insert(self, collection: str, doc: dict) -> dict:
         """Stamp and insert one document whose values are already packed."""
         self.stamp(doc)
+        if collection in schema.REVISED:
+            doc["_rev"] = doc["_id"]
         keys = doc.get("_blobs", ())
         try:
             if keys:
@@ -324,9 +326,12 @@ class Project:
     def insert_many(self, collection: str, docs: Iterable[dict]) -> int:
         """Stamp and insert many documents (any iterable, chunked by the backend)."""
         keys: set[str] = set()
+        revised = collection in schema.REVISED
         def stamped():
             for doc in docs:
                 self.stamp(doc)
+                if revised:
+                    doc["_rev"] = doc["_id"]
                 if "_blobs" in doc:
                     validate_document(doc)
                     self.warehouse.note_blob_collection(collection)
@@ -382,10 +387,23 @@ class Project:
                        batch=batch)
 
     def update(self, collection: str, filter: Filter | None, update: dict) -> int:
-        return self._stored(update, self.index.update_many(collection, self.scope(filter), update))
+        """Apply ``update`` to every matching document; how many matched. In a ``schema.REVISED`` collection each
+        document gets a fresh ``_rev`` of its own (a watch tells changes apart by it), so an update that may match
+        several documents is applied to them one by one, each still under ``filter``."""
+        if collection not in schema.REVISED:
+            return self._stored(update, self.index.update_many(collection, self.scope(filter), update))
+        scoped = self.scope(filter)
+        if isinstance((filter or {}).get("_id"), str):
+            return self._stored(update, self.index.update_many(collection, scoped, _revised(update)))
+        ids = [row[0] for row in self.index.values(collection, scoped, ["_id"])]
+        done = sum(self.index.update_many(collection, {"$and": [scoped, {"_id": i}]}, _revised(update))
+                   for i in ids)
+        return self._stored(update, done)
 
     def find_one_and_update(self, collection: str, filter: Filter | None, update: dict, *,
                             sort: Sort | None = None) -> dict | None:
+        if collection in schema.REVISED:
+            update = _revised(update)
         return self._stored(update, self.index.find_one_and_update(collection, self.scope(filter), update, sort=sort))
 
     def _stored(self, update: dict, result: Any) -> Any:
@@ -407,3 +425,9 @@ class Project:
 
     def __repr__(self) -> str:
         return f"<Project {self.name!r}>"
+
+
+def _revised(update: dict) -> dict:
+    """``update`` that also sets a fresh ``_rev`` unless it sets one itself (a copy: the caller's dict is left as
+    it was)."""
+    return {**update, "$set": {"_rev": new_id(), **update.get("$set", {})}}

@@ -80,6 +80,23 @@ class WatchTests:
         c.table.insert_many([{"_id": "slow", "_rev": old_rev, "name": "slow", "_fold": "train"}])
         assert names(w) == ["slow"]
 
+    def test_updates_in_place_are_changes(self, wh):
+        before = {"_id": new_id(), "project": wh.project().name, "name": "old", "status": "complete"}
+        wh.index.insert_one(schema.RUNS.name, before)  # written before revisions existed: no _rev
+        run = wh.runs.start("r1")
+        w = wh.watch("runs", where={"status": "complete"}, consumer="ends", start="beginning", timeout=0)
+        assert [e.document["name"] for e in w] == ["old"]  # given its _id as _rev when the watch opened
+        assert wh.index.find_one(schema.RUNS.name, {"_id": before["_id"]})["_rev"] == before["_id"]
+        run.finish()
+        (ended,) = list(w)
+        assert ended.document["name"] == "r1" and ended.change > ended.id and ended.change == ended.document["_rev"]
+        tasks = [wh.tasks.create("job", hyper_parameters={"i": i}) for i in range(3)]
+        cancelled = wh.watch("tasks", where={"status": "cancelled"}, timeout=0)
+        assert wh.tasks.cancel({"task_name": "job"}) == 3  # one update, three changes with revisions of their own
+        events = list(cancelled)
+        assert sorted(e.id for e in events) == sorted(t.id for t in tasks) and len({e.change for e in events}) == 3
+        assert list(cancelled) == []
+
     def test_wake_latency(self, wh):
         poll = 5.0 if wh.wakes_on_writes else 0.1
         w = wh.watch("pings", poll=poll, timeout=8)

@@ -6,9 +6,11 @@ What a change is. Every write of a users' collection gives the document a fresh 
 the writer, :mod:`mlwarehouse.tables`): there a change is a ``_rev``, so inserts, updates and the listeners' own
 writes of outputs are all changes. The warehouse's own collections are watched by ``_id`` (also sortable and
 client-made, stamped at insert after the blobs were put): models, datasets, item shards, lineage edges... are
-insert-only, so every change is an insert; runs, tasks and fits are updated in place without a revision, and their
-watch yields **inserts only** (a task that becomes finished is not a new event; watch what the task writes, a
-model say, or filter the inserts).
+insert-only, so every change is an insert. Runs, tasks, fits, datasets and evaluations are updated in place
+(``schema.REVISED``): each insert and update gives the document a fresh ``_rev``, as in users' collections, and
+they are watched by it, so a task that becomes finished or a run that ends is an event (a heartbeat is a change
+too: filter on the state you wait for, ``{"status": "finished"}``). Documents written before revisions existed
+get their ``_id`` as ``_rev`` when a watch first opens their collection.
 
 What a match is. An event is delivered when the document, as read after its change, matches ``where``. A document
 that stops matching yields nothing, and so does a delete (the consumer learns of neither: filter on a state a
@@ -119,18 +121,33 @@ class _Users:
 
 
 class _Warehouse:
-    """One of the warehouse's collections, followed by ``_id`` (inserts)."""
-
-    field = "_id"
+    """One of the warehouse's collections: followed by ``_rev`` where documents are updated in place
+    (``schema.REVISED``: runs, tasks, fits...), else by ``_id`` (insert-only)."""
 
     def __init__(self, project, name: str):
         self.project, self.name, self.key = project, name, name
+        self.field = "_rev" if name in schema.REVISED else "_id"
 
     def open(self) -> None:
         self.project.ensure(schema.COLLECTIONS[self.name])
+        if self.field == "_rev":
+            self._backfill()
+
+    def _backfill(self) -> None:
+        """Give documents written before revisions existed their ``_rev`` (their ``_id``: when they were made), so
+        a watch from the beginning sees them; once per collection and project, a page of ids at a time."""
+        while True:
+            ids = [row[0] for row in self.project.values(self.name, {"_rev": {"$exists": False}}, ["_id"],
+                                                         limit=BATCH)]
+            for doc_id in ids:
+                self.project.update(self.name, {"_id": doc_id, "_rev": {"$exists": False}},
+                                    {"$set": {"_rev": doc_id}})
+            if len(ids) < BATCH:
+                return
 
     def find(self, filter: dict, *, sort=None, limit=None, fields=False) -> list[dict]:
-        return self.project.find(self.name, filter, sort=sort, limit=limit, projection={"_id": 1} if fields else None)
+        projection = {"_id": 1, self.field: 1} if fields else None
+        return self.project.find(self.name, filter, sort=sort, limit=limit, projection=projection)
 
     def decode(self, doc: dict) -> dict:
         return doc
