@@ -137,6 +137,14 @@ class FollowedModel:
         served = self._served
         return served.model if served.model is not None else self._first().model
 
+    def current(self) -> tuple[str | None, int, Any]:
+        """``(model_id, version, model)`` served now, read in one step (loaded if it was not yet): the model one
+        call would run with the id and version that describe it, which a server answers with."""
+        served = self._served
+        if served.model is None:
+            served = self._first()
+        return served.model_id, served.version, served.model
+
     def _load(self, model_id: str) -> Any:
         model = self._models.get(model_id).load(allow_pickle=self.allow_pickle)
         if not callable(model):
