@@ -76,3 +76,24 @@ def test_a_rerun_clears_only_what_the_demo_made_and_task_output_is_clean(tmp_pat
         tasks = p.find(schema.TASKS.name)
         assert len(tasks) == 1 and tasks[0]["status"] == "finished"
         assert "test accuracy" in tasks[0]["output"] and "not writable" not in tasks[0]["output"]
+
+
+@pytest.mark.slow
+def test_continuous_demo_shows_the_champion_improving_and_the_server_following(tmp_path, subprocess_env):
+    home = tmp_path / "continuous"
+    proc = subprocess.run([sys.executable, "-m", "mlwarehouse.cli", "demo", "--continuous", "--home", str(home),
+                           "--seconds", "12"], env=subprocess_env, capture_output=True, text=True, timeout=300,
+                          cwd=tmp_path)
+    out = proc.stdout
+    assert proc.returncode == 0, out[-3000:] + proc.stderr[-3000:]
+    assert "project continuous-1" in out and "started the trainer and the evaluator" in out
+    match = re.search(r"the champion changed (\d+) times: ([\d. >-]+)", out)
+    assert match, out[-3000:]
+    accuracies = [float(v) for v in match.group(2).split("->")]
+    assert int(match.group(1)) >= 3 and accuracies == sorted(accuracies) and accuracies[-1] > 0.85
+    served = re.search(r"the server answered (\d+) times, from (\d+) different champions", out)
+    assert served and int(served.group(1)) >= 3 and int(served.group(2)) >= 1, out[-3000:]
+    with mlwarehouse.connect(home=home, project="continuous-1") as wh:  # every loop stopped by SIGTERM, cleanly
+        assert all(r.doc["status"] == "complete" for r in wh.runs.find())
+        holder = wh.models.aliases.resolve("digits-mlp", "champion")
+        assert wh.models.evaluations.find(holder, metric="accuracy")[0].value == pytest.approx(accuracies[-1], abs=5e-4)

@@ -296,6 +296,23 @@ def evaluate(ctx: typer.Context):
     raise typer.Exit(evaluator_main(list(ctx.args), prog="mlw evaluate"))
 
 
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []})
+def train(ctx: typer.Context):
+    """Keep training a model on a collection as new documents arrive, saving it every N steps, until stopped
+    (SIGTERM finishes the current step): mlw train --model module:Class --collection digits --inputs x --target y
+    --name mlp --save-every 200 (mlw train --help for every option)."""
+    from mlwarehouse.loops.trainer import main as trainer_main
+    raise typer.Exit(trainer_main(list(ctx.args), prog="mlw train"))
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []})
+def serve(ctx: typer.Context):
+    """Serve predictions over HTTP from whatever model holds an alias, swapping to each new holder without
+    dropping a request: mlw serve mlp@champion --port 8080 (binds 127.0.0.1 unless told; mlw serve --help)."""
+    from mlwarehouse.loops.server import main as server_main
+    raise typer.Exit(server_main(list(ctx.args), prog="mlw serve"))
+
+
 @app.command()
 def gc(grace: float = typer.Option(3600.0, "--grace", help="keep blobs written in the last N seconds"),
        dry_run: bool = typer.Option(False, "--dry-run", help="only report what would be removed"),
@@ -432,8 +449,16 @@ def ui(host: str = typer.Option("127.0.0.1", "--host", help="address to bind (lo
 @app.command()
 def demo(home: Optional[str] = typer.Option(None, "--home", help="where the demo warehouse goes "
                                              "(default: ./.mlwarehouse)"),
-         workers: int = typer.Option(2, "--workers"), epochs: int = typer.Option(15, "--epochs")):
-    """The end-to-end demo: digits data, a sweep of MLPs run by two workers, a leaderboard, the best model."""
+         workers: int = typer.Option(2, "--workers"), epochs: int = typer.Option(15, "--epochs"),
+         continuous: bool = typer.Option(False, "--continuous", help="the continuous demo instead: a trainer, an "
+                                         "evaluator and a deployer as processes while new data arrives"),
+         seconds: float = typer.Option(30.0, "--seconds", help="how long the continuous demo runs")):
+    """The end-to-end demo: digits data, a sweep of MLPs run by two workers, a leaderboard, the best model
+    (--continuous: the three continuous loops while new data arrives, the champion improving live)."""
+    if continuous:
+        from mlwarehouse.examples.continuous import run_continuous_demo
+        run_continuous_demo(home=home, seconds=seconds)
+        return
     from mlwarehouse.examples.demo import run_demo
     run_demo(home=home, workers=workers, epochs=epochs)
 
