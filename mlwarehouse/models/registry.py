@@ -29,6 +29,7 @@ from typing import Any
 from mlwarehouse import schema
 from mlwarehouse.context import current_run
 from mlwarehouse.errors import CodecError, DependencyError, InvalidDocument, NotFound, QueryError
+from mlwarehouse.index.autoindex import QueryIndexes
 from mlwarehouse.lineage.nodes import Ref, describe
 from mlwarehouse.models.aliases import split_alias
 from mlwarehouse.models.checkpoints import Retention
@@ -46,6 +47,14 @@ FIXED = frozenset({"name", "kind", "epoch", "step", "run", "dataset", "tags", "d
 _BIG = sys.float_info.max
 #: final models: checkpoints carry ``checkpoint: true``, anything else is a final model
 FINAL = {"checkpoint": {"$ne": True}}
+#: fields that queries do not get indexes of their own for: the schema's, bookkeeping, the model's bytes
+_NOT_INDEXED = frozenset({"_id", "_blobs", "project", "time", "name", "kind", "run", "dataset", "checkpoint",
+                          "architecture", "weights", "value", "description"})
+
+
+def _open_field(path: str) -> bool:
+    """Metrics and the user's other fields (epoch and step too): what ``find`` and ``best`` index on demand."""
+    return path.split(".", 1)[0] not in _NOT_INDEXED
 
 
 class ModelRecord(Record):
@@ -67,6 +76,9 @@ class Models:
     def __init__(self, project):
         self.project = project
         project.ensure(schema.MODELS)
+        #: the indexes made on demand for metrics, find and best (see :mod:`mlwarehouse.index.autoindex`)
+        self.queries = QueryIndexes(project, COLLECTION, eligible=_open_field,
+                                    scalar_fields=schema.MODELS.scalar_fields, declared=len(schema.MODELS.indexes))
         self._indexed: set[str] = set()
 
     # -- writing -------------------------------------------------------------------------------------------
@@ -176,14 +188,15 @@ class Models:
         return {"kind": "value", "value": self.project.pack(model, allow_pickle=allow_pickle)}
 
     def _ensure_metric_indexes(self, fields: dict) -> None:
-        """Indexes for a numeric field, the first time this process saves it or asks for the best by it:
-        ``best`` then reads one entry, with or without a name in its filter."""
+        """Indexes for a numeric field, the first time this process saves it: ``best`` (highest first) then reads
+        one entry, with or without a name in its filter. Bounded with the other indexes made for queries
+        (:class:`~mlwarehouse.index.autoindex.QueryIndexes`): past the bound, a warning is logged instead."""
         for key, value in fields.items():
             if key in self._indexed or isinstance(value, bool) or not isinstance(value, (int, float)):
                 continue
             if PATH_RE.match(key):
-                self.project.create_index(COLLECTION, [("project", 1), ("name", 1), (key, -1)])
-                self.project.create_index(COLLECTION, [("project", 1), (key, -1)])
+                self.queries.ensure_keys([("project", 1), ("name", 1), (key, -1)])
+                self.queries.ensure_keys([("project", 1), (key, -1)])
             self._indexed.add(key)
 
     def delete(self, name: str | None = None, *, where: dict | None = None, force: bool = False) -> int:
@@ -217,10 +230,18 @@ class Models:
     def find(self, name: str | None = None, *, where: dict | None = None, checkpoints: bool = False, sort=None,
              limit: int | None = None, skip: int = 0) -> list[ModelRecord]:
         """Matching final models (and checkpoints if ``checkpoints``), newest first unless ``sort`` says
-        otherwise."""
-        docs = self.project.find(COLLECTION, self._filter(name, where, checkpoints), sort=sort or NEWEST,
-                                 limit=limit, skip=skip)
+        otherwise. A filter or sort on metrics (or other fields of the user's) gets an index the first time this
+        process asks (:meth:`ensure_index`)."""
+        flt = self._filter(name, where, checkpoints)
+        sort = sort or NEWEST
+        self.queries.ensure(flt, sort)
+        docs = self.project.find(COLLECTION, flt, sort=sort, limit=limit, skip=skip)
         return [ModelRecord(doc, self) for doc in docs]
+
+    def ensure_index(self, where: dict | None = None, sort=None) -> list[tuple[str, int]] | None:
+        """Create the index that serves ``find(where=where, sort=sort)`` (what ``find`` does by itself), e.g. for
+        the sorts a page offers before anyone asks; returns its keys, or None if the query needs none of its own."""
+        return self.queries.ensure(where, sort or NEWEST)
 
     def get(self, id: str) -> ModelRecord:
         """The model (or checkpoint) with this id, whole or a unique prefix, or that an alias names
@@ -252,11 +273,13 @@ class Models:
             raise QueryError(f"mode must be 'max' or 'min', not {mode!r}")
         if not isinstance(metric, str) or not PATH_RE.match(metric):
             raise QueryError(f"invalid metric field {metric!r}")
-        self._ensure_metric_indexes({metric: 0.0})  # models written by others (or imported) may lack it
+        direction = -1 if mode == "max" else 1
         bound = {"$gte": -_BIG} if mode == "max" else {"$lte": _BIG}  # numbers only: strings sort above them
         flt = self._filter(name, where, checkpoints)
+        # (project, [name], metric) in the mode's direction: models written by others (or imported) may lack it
+        self.queries.ensure(flt, [(metric, direction)])
         flt = {"$and": [flt, {metric: bound}]} if metric in flt or "$and" in flt else {**flt, metric: bound}
-        doc = self.project.find_one(COLLECTION, flt, sort=[(metric, -1 if mode == "max" else 1), ("time", -1)])
+        doc = self.project.find_one(COLLECTION, flt, sort=[(metric, direction), ("time", -1)])
         if doc is None:
             raise NotFound(self._missing(f"with a numeric {metric!r}", name, where, checkpoints, {metric: bound}))
         return ModelRecord(doc, self)

@@ -30,6 +30,7 @@ from mlwarehouse import schema
 from mlwarehouse.context import current_run, pop_run, push_run
 from mlwarehouse.errors import InvalidDocument, NotFound, QueryError, WarehouseError
 from mlwarehouse.ids import new_id, utc_now
+from mlwarehouse.index.autoindex import QueryIndexes
 from mlwarehouse.lineage.nodes import Ref, describe
 from mlwarehouse.query import split_path
 from mlwarehouse.query.documents import check_value
@@ -44,6 +45,14 @@ STATUSES = ("running", "complete", "failed", "cancelled")
 RUNS = schema.RUNS.name
 LOGS = schema.LOGS.name
 _RUN_FIELDS = frozenset({"status", "started", "ended", "host", "pid", summary.ROOT, "error", "traceback"})
+#: the fields of a run document that queries do not get indexes of their own for (the schema's, or bookkeeping)
+_NOT_INDEXED = frozenset({"_id", "_blobs", "project", "time", "name", "status", "started", "ended", "host", "pid",
+                          "error", "traceback", "datasets", "tags", "task"})
+
+
+def _open_field(path: str) -> bool:
+    """Summaries, hyper-parameters and the user's own fields: what ``find`` and ``best`` index on demand."""
+    return path.split(".", 1)[0] not in _NOT_INDEXED
 
 
 def _user_fields(fields: dict) -> dict:
@@ -272,7 +281,9 @@ class Runs:
         self.project = project
         self._writer: LogWriter | None = None
         self._writer_lock = threading.Lock()
-        self._indexed: set[str] = set()
+        #: the indexes made on demand for find and best (see :mod:`mlwarehouse.index.autoindex`)
+        self.queries = QueryIndexes(project, RUNS, eligible=_open_field, scalar_fields=schema.RUNS.scalar_fields,
+                                    declared=len(schema.RUNS.indexes))
         project.ensure(schema.RUNS)
         project.ensure(schema.LOGS)
 
@@ -354,11 +365,21 @@ class Runs:
 
     def find(self, name: str | None = None, *, where: dict | None = None, sort=None, limit: int | None = None,
              skip: int = 0) -> list[Run]:
-        """Runs named ``name`` and matching ``where``, newest first unless ``sort`` says otherwise."""
+        """Runs named ``name`` and matching ``where``, newest first unless ``sort`` says otherwise.
+
+        A filter or sort on summaries, hyper-parameters or the user's fields gets an index the first time this
+        process asks (:meth:`ensure_index`)."""
         flt = name_filter("run", name, where)
+        sort = sort or [("started", -1)]
+        self.queries.ensure(flt, sort)
         self.flush()
-        docs = self.project.find(RUNS, flt, sort=sort or [("started", -1)], limit=limit, skip=skip)
-        return [Run(self, d) for d in docs]
+        return [Run(self, d) for d in self.project.find(RUNS, flt, sort=sort, limit=limit, skip=skip)]
+
+    def ensure_index(self, where: dict | None = None, sort=None) -> list[tuple[str, int]] | None:
+        """Create the index that serves ``find(where=where, sort=sort)`` (what ``find`` does by itself), e.g. for
+        the sorts a page offers before anyone asks; returns its keys, or None if the query needs none of its own.
+        At most :data:`mlwarehouse.index.autoindex.MAX_AUTO_INDEXES` are made; past that, a warning is logged."""
+        return self.queries.ensure(where, sort or [("started", -1)])
 
     def best(self, metric: str | tuple[str, str], mode: str = "max", where: dict | None = None) -> Run:
         """The run with the best summary of a metric: ``"valid.accuracy"`` or ``("valid", "accuracy")``
@@ -376,9 +397,10 @@ class Runs:
             raise QueryError(f"metric {metric!r}: write 'kind.metric', (kind, metric) or 'summary.kind.metric.stat'")
         split_path(path, "metric")
         direction = -1 if mode == "max" else 1
-        if path not in self._indexed:
-            self.project.create_index(RUNS, [(path, direction)])
-            self._indexed.add(path)
+        keys = self.queries.keys_for(where, [(path, direction)])
+        if keys is None or keys == [("project", 1), (path, direction)]:
+            keys = [(path, direction)]  # the index best has always made: a warehouse seldom holds many projects
+        self.queries.ensure_keys(keys)
         self.flush()
         flt = {path: {"$exists": True}}
         if where:
