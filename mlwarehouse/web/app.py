@@ -29,10 +29,10 @@ from mlwarehouse.errors import NotFound, QueryError, WarehouseError
 from mlwarehouse.models.aliases import Aliases, split_alias
 from mlwarehouse.models.evaluations import Evaluations
 from mlwarehouse.query.jsonvalues import PATH_RE
-from mlwarehouse.web import champions, data
+from mlwarehouse.web import champions, data, downloads, items_view, sweep
 from mlwarehouse.web import lineage as lineage_view
 from mlwarehouse.web.api import router
-from mlwarehouse.web.arrays import describe, image_view, leaves, png_data_uri, preview_images
+from mlwarehouse.web.arrays import dataset_previews, describe, leaves
 from mlwarehouse.web.collections import router as collections_router
 from mlwarehouse.web.guard import HostGuard
 
@@ -62,6 +62,8 @@ def create_app(warehouse, *, writable: bool = False, allowed_hosts: Iterable[str
     app.include_router(router)
     app.include_router(collections_router)  # before the pages: "/p/{project:path}" would match its routes
     app.include_router(champions.router)  # the same: the alias panel's API and the alias history page
+    app.include_router(sweep.router)  # the same: the sweep view of a set of runs and its JSON
+    app.include_router(downloads.router)  # the same: weights, arrays and task output as files
     _error_handlers(app)
 
     def page(request: Request, name: str, status: int = 200, **context: Any) -> HTMLResponse:
@@ -133,9 +135,19 @@ def create_app(warehouse, *, writable: bool = False, allowed_hosts: Iterable[str
                              for w in weights])
 
     @app.get("/p/{project:path}/tasks", response_class=HTMLResponse)
-    def tasks(request: Request, project: str, q: str = "", limit: int = Query(500, ge=1, le=10_000)):
-        return listing(request, project, "tasks", lambda p, flt: data.tasks_board(p, flt, None, limit), q,
-                       {"rows": [], "counts": {}})
+    def tasks(request: Request, project: str, q: str = "", limit: int = Query(TASKS_PER_PAGE, ge=1, le=MAX_TASKS),
+              before: str = "", after: str = ""):
+        """The task board, one page of ``limit`` tasks (newest first; ``before``/``after`` an id: the next or
+        the previous page), re-drawn by static/tasks.js from the JSON below."""
+        return listing(request, project, "tasks", lambda p, flt: task_page(p, flt, limit, before, after), q,
+                       {"rows": [], "counts": {}, "total": 0, "offset": 0, "older": None, "newer": None},
+                       limit=limit)
+
+    @app.get("/api/p/{project:path}/tasks/page")
+    def tasks_json(project: str, q: str = "", limit: int = Query(TASKS_PER_PAGE, ge=1, le=MAX_TASKS),
+                   before: str = "", after: str = "") -> dict:
+        """The JSON the task board polls: :func:`task_page`."""
+        return task_page(warehouse.project(project), data.parse_filter_text(q), limit, before, after)
 
     @app.get("/p/{project:path}/tasks/{task_id}", response_class=HTMLResponse)
     def task(request: Request, project: str, task_id: str):
@@ -152,30 +164,36 @@ def create_app(warehouse, *, writable: bool = False, allowed_hosts: Iterable[str
 
     @app.get("/p/{project:path}/datasets", response_class=HTMLResponse)
     def datasets(request: Request, project: str, q: str = "", limit: int = Query(500, ge=1, le=10_000)):
-        return listing(request, project, "datasets", lambda p, flt: {"rows": data.datasets_list(p, flt, limit)}, q,
-                       {"rows": []})
+        def fetch(p, flt):
+            rows = data.datasets_list(p, flt, limit)
+            items = {d["_id"]: d.get("count") for d in p.find(  # item datasets: their item count, not arrays
+                data.DATASETS, {"_id": {"$in": [r["id"] for r in rows]}, "kind": "items"}, projection={"count": 1})}
+            for row in rows:
+                row["items"] = items.get(row["id"])
+            return {"rows": rows}
+        return listing(request, project, "datasets", fetch, q, {"rows": []})
 
     @app.get("/p/{project:path}/datasets/{dataset_id}", response_class=HTMLResponse)
-    def dataset(request: Request, project: str, dataset_id: str):
+    def dataset(request: Request, project: str, dataset_id: str, q: str = "", skip: int = Query(0, ge=0),
+                limit: int = Query(items_view.ITEMS_PER_PAGE, ge=1, le=items_view.MAX_ITEMS_PER_PAGE)):
+        """A dataset version: its fields and versions; a whole value's arrays with image previews (captioned by
+        their labels), or a page of an item dataset's items (``q`` filters them, ``skip``/``limit`` page)."""
         p = warehouse.project(project)
         doc = _one(p, data.DATASETS, dataset_id, "dataset", projection={"_blobs": 0, "project": 0})
-        found = [describe(p.blobs, leaf) for leaf in leaves(doc.get("value"))]
-        previews = []
-        for leaf in found:
-            if image_view(leaf.shape, leaf.dtype) is None:
-                continue
-            try:
-                images, note = preview_images(p, leaf)
-            except WarehouseError as exc:
-                previews.append({"leaf": leaf, "images": [], "note": str(exc)})
-                continue
-            previews.append({"leaf": leaf, "images": [png_data_uri(i) for i in images], "note": note})
         versions = p.find(data.DATASETS, {"name": doc.get("name")}, sort=[("time", -1)], limit=50,
                           projection={"version": 1, "time": 1, "description": 1})
         fields = {k: v for k, v in doc.items() if k not in ("value", "_id")}
-        return page(request, "dataset.html", project=project, tab="datasets", dataset=doc, fields=fields,
-                    leaves=found, previews=previews, versions=versions,
-                    lineage=lineage_view.section(p, project, doc["_id"]))
+        common = {"project": project, "tab": "datasets", "dataset": doc, "fields": fields, "versions": versions,
+                  "lineage": lineage_view.section(p, project, doc["_id"]), "q": q}
+        if doc.get("kind") == "items":
+            context, status = _queried(lambda flt: {"items": items_view.item_page(p, doc, flt, skip, limit)}, q,
+                                       empty={"items": None})
+            return page(request, "dataset.html", status, **common, **context, leaves=[], previews=[],
+                        item_fields=items_view.field_columns(doc))
+        found = [describe(p.blobs, leaf) for leaf in leaves(doc.get("value"))]
+        classes = doc.get("classes") if isinstance(doc.get("classes"), list) else None
+        return page(request, "dataset.html", **common, leaves=found, previews=dataset_previews(p, found, classes),
+                    items=None, item_fields=[], error=None)
 
     # last: "{project:path}" would also match every page above (a project name may hold "/", which Starlette
     # decodes from %2F before routing, so project routes take the rest of the path and end with the page name)
@@ -198,6 +216,42 @@ def _queried(fetch, q: str, *, empty: dict) -> tuple[dict, int]:
 def _require_project(p, context: dict, q: str) -> None:
     if not q and not context.get("error") and not context["rows"] and not data.project_exists(p):
         raise NotFound(f"there is no project {p.name!r} (no runs, models, tasks, datasets or collections)")
+
+
+#: tasks on one page of the board by default, and at most
+TASKS_PER_PAGE, MAX_TASKS = 100, 2000
+
+
+def task_page(p, flt: dict | None, limit: int, before: str = "", after: str = "") -> dict:
+    """One page of the task board, newest first, by keyset: the ``limit`` tasks older than the id ``before``
+    (the next page), or newer than the id ``after`` (the previous page; the newest page when fewer are newer),
+    else the newest. Pages hold still while tasks are added (ids are sortable by creation). With the rows:
+    ``counts`` by status and ``total`` (of the whole filter), ``offset`` (tasks newer than the first row) and
+    the cursors ``older`` and ``newer`` (None on the last and the first page)."""
+    def within(extra: dict) -> dict:
+        return {"$and": [flt, extra]} if flt else extra
+
+    if before and after:
+        raise QueryError("give before= or after=, not both")
+    rows, counts, newer, older = None, None, None, None
+    if after:
+        board = data.tasks_board(p, within({"_id": {"$gt": after}}), [("_id", 1)], limit + 1)
+        if len(board["rows"]) > limit:
+            rows = board["rows"][:limit][::-1]
+            newer, older = rows[0]["id"], rows[-1]["id"]
+    if rows is None:
+        board = data.tasks_board(p, within({"_id": {"$lt": before}}) if before else flt, None, limit + 1)
+        rows = board["rows"][:limit]
+        older = rows[-1]["id"] if len(board["rows"]) > limit else None
+        newer = rows[0]["id"] if before and rows else None
+        counts = None if before else board["counts"]
+    if counts is None:  # the page's own counts are of its cursor's side only
+        base = [flt] if flt else []
+        counts = {s: p.count(data.TASKS, {"$and": [*base, {"status": s}]} if base else {"status": s})
+                  for s in data.TASK_STATUSES}
+    offset = p.count(data.TASKS, within({"_id": {"$gt": rows[0]["id"]}})) if newer and rows else 0
+    return {"rows": rows, "counts": counts, "total": p.count(data.TASKS, flt), "offset": offset, "limit": limit,
+            "older": older, "newer": newer}
 
 
 def _registry_view(p, aliases: "Aliases", model_id: str, limit: int = 200) -> dict:

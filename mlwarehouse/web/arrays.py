@@ -22,12 +22,14 @@ import zstandard
 from mlwarehouse.errors import CodecError, NotFound, WarehouseError
 
 __all__ = ["Leaf", "leaves", "describe", "image_view", "to_png", "png_data_uri", "preview_images",
-           "MAX_PREVIEW_BYTES"]
+           "item_image", "label_leaf", "preview_labels", "label_text", "MAX_PREVIEW_BYTES", "LABEL_NAMES"]
 
 #: arrays larger than this (uncompressed) are described but not loaded for a preview
 MAX_PREVIEW_BYTES = 256 << 20
 _HEADER_BYTES = 1 << 16
 _ARRAY_CODECS = ("npy", "tensor")
+#: names of the arrays (or item fields) that hold labels, lower-case
+LABEL_NAMES = ("label", "labels", "y", "target", "targets", "class", "classes", "category", "categories")
 
 
 @dataclass
@@ -38,6 +40,7 @@ class Leaf:
     ref: dict
     shape: tuple[int, ...] | None = None
     dtype: str | None = None
+    keys: tuple = ()  # the keys and positions that lead to it in the value (("images",), (0,))
 
     @property
     def codec(self) -> str:
@@ -57,24 +60,24 @@ def leaves(tree: Any) -> list[Leaf]:
     """Every blob reference in a packed tree, in a stable order, with a readable path (``value[0]["x"]``)."""
     found: list[Leaf] = []
 
-    def walk(node: Any, path: str) -> None:
+    def walk(node: Any, path: str, keys: tuple) -> None:
         if isinstance(node, list):
             for i, item in enumerate(node):
-                walk(item, f"{path}[{i}]")
+                walk(item, f"{path}[{i}]", (*keys, i))
         elif isinstance(node, dict):
             if "_blob" in node:
-                found.append(Leaf(len(found), path, node))
+                found.append(Leaf(len(found), path, node, keys=keys))
             elif "_tuple" in node:
-                walk(node["_tuple"], path)
+                walk(node["_tuple"], path, keys)
             elif "_dict" in node:
                 for pair in node["_dict"]:
                     if isinstance(pair, list) and len(pair) == 2:
-                        walk(pair[1], f"{path}[{pair[0]!r}]")
+                        walk(pair[1], f"{path}[{pair[0]!r}]", (*keys, pair[0]))
             else:
                 for key, item in node.items():
-                    walk(item, f"{path}[{key!r}]")
+                    walk(item, f"{path}[{key!r}]", (*keys, key))
 
-    walk(tree, "value")
+    walk(tree, "value", ())
     return found
 
 
@@ -141,12 +144,62 @@ def preview_images(project, leaf: Leaf, count: int = 16) -> tuple[list[np.ndarra
     layout, item_shape, note = view
     value = project.unpack(leaf.ref)
     arr = value.numpy() if hasattr(value, "numpy") and not isinstance(value, np.ndarray) else np.asarray(value)
-    items = np.asarray(arr[:count])
+    return [img for img in _to_uint8(_as_images(np.asarray(arr[:count]), layout, item_shape))], note
+
+
+def _as_images(items: np.ndarray, layout: str, item_shape: tuple[int, ...]) -> np.ndarray:
     if layout == "flat":
-        items = items.reshape(len(items), *item_shape)
-    elif layout == "chw":
-        items = np.moveaxis(items, 1, -1)
-    return [img for img in _to_uint8(items)], note
+        return items.reshape(len(items), *item_shape)
+    if layout == "chw":
+        return np.moveaxis(items, 1, -1)
+    return items
+
+
+def item_image(value: Any) -> np.ndarray | None:
+    """One item's array as a uint8 image (H x W, H x W x 1|3|4 or 1|3 x H x W), or None (vectors are values, not
+    images, for a single item)."""
+    if not isinstance(value, np.ndarray) or value.ndim < 2:
+        return None
+    view = image_view((1, *value.shape), str(value.dtype))
+    if view is None:
+        return None
+    return _to_uint8(_as_images(value[None], view[0], view[1]))[0]
+
+
+def label_leaf(found: list[Leaf], images: Leaf) -> Leaf | None:
+    """The labels of an image array among a dataset's (described) arrays: one value per image (1-D, as long),
+    named like labels (:data:`LABEL_NAMES`) or else the only other such array of integers or strings (the ``y``
+    of ``(X, y)``)."""
+    def fits(leaf: Leaf) -> bool:
+        return (leaf is not images and leaf.codec in _ARRAY_CODECS and leaf.shape is not None and len(leaf.shape) == 1
+                and leaf.shape[0] == images.count and leaf.dtype is not None and _valid_dtype(leaf.dtype))
+    candidates = [leaf for leaf in found if fits(leaf)]
+    named = [leaf for leaf in candidates if leaf.keys and str(leaf.keys[-1]).lower() in LABEL_NAMES
+             and np.dtype(leaf.dtype).kind in "biufU"]
+    if named:
+        return named[0]
+    plain = [leaf for leaf in candidates if np.dtype(leaf.dtype).kind in "biuU"]
+    return plain[0] if len(plain) == 1 else None
+
+
+def label_text(value: Any, classes: Any = None) -> str:
+    """A label as shown: its class name when ``classes`` (a list) names it, floats to 4 digits."""
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(classes, list) and type(value) is int and 0 <= value < len(classes):
+        return str(classes[value])
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return "" if value is None else str(value)
+
+
+def preview_labels(project, leaf: Leaf, count: int = 16, classes: Any = None) -> list[str]:
+    """The first ``count`` labels of a 1-D label array, as text. Raises CodecError when it is too large."""
+    if leaf.nbytes > MAX_PREVIEW_BYTES:
+        raise CodecError(f"{leaf.path} holds {leaf.nbytes} bytes, more than the preview limit")
+    value = project.unpack(leaf.ref)
+    arr = value.numpy() if hasattr(value, "numpy") and not isinstance(value, np.ndarray) else np.asarray(value)
+    return [label_text(v, classes) for v in np.asarray(arr[:count]).tolist()]
 
 
 def _valid_dtype(dtype: str) -> bool:
@@ -194,3 +247,31 @@ def to_png(image: np.ndarray, *, target: int = 96) -> bytes:
 
 def png_data_uri(image: np.ndarray) -> str:
     return "data:image/png;base64," + base64.b64encode(to_png(image)).decode("ascii")
+
+
+def dataset_previews(project, found: list[Leaf], classes: Any = None, count: int = 16) -> list[dict]:
+    """The previews of a dataset page: for each image-like array (described), its first ``count`` items as PNG
+    data URIs, each with its label when the dataset has labels for them (:func:`label_leaf`; class names from
+    ``classes``). A preview that cannot be made carries the reason in ``note``."""
+    previews = []
+    for leaf in found:
+        if image_view(leaf.shape, leaf.dtype) is None:
+            continue
+        try:
+            images, note = preview_images(project, leaf, count)
+        except WarehouseError as exc:
+            previews.append({"leaf": leaf, "images": [], "note": str(exc), "labels_from": None})
+            continue
+        labels_leaf = label_leaf(found, leaf)
+        labels: list[str] = []
+        if labels_leaf is not None:
+            try:
+                labels = preview_labels(project, labels_leaf, count, classes)
+            except WarehouseError as exc:
+                note = f"{note}; labels not shown: {exc}" if note else f"labels not shown: {exc}"
+                labels_leaf = None
+        previews.append({"leaf": leaf, "note": note, "labels_from": labels_leaf.path if labels_leaf else None,
+                         "images": [{"src": png_data_uri(image), "index": i,
+                                     "label": labels[i] if i < len(labels) else None}
+                                    for i, image in enumerate(images)]})
+    return previews
