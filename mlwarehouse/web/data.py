@@ -8,6 +8,7 @@ names the problem, the same in the browser as in the shell.
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 from collections import OrderedDict
@@ -16,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from mlwarehouse import schema
-from mlwarehouse.errors import NotFound, QueryError
+from mlwarehouse.errors import NotFound, QueryError, WarehouseError
 from mlwarehouse.models.registry import final_filter
 from mlwarehouse.query import split_path
 from mlwarehouse.query.text import parse_filter_text, parse_sort_text
@@ -62,8 +63,21 @@ def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: value} if prefix else {}
 
 
+log = logging.getLogger(__name__)
+
+
+def _indexed(registry, flt: dict | None, sort) -> None:
+    """Make the index that serves a page's query (as the registries' own finds do, within their bound), so a
+    sort by a summary or a metric column is an index read; a page never fails for want of it."""
+    try:
+        registry.ensure_index(flt, sort)
+    except WarehouseError as exc:  # a bad filter is reported by the query itself
+        log.debug("no index for %s sorted by %s: %s", flt, sort, exc)
+
+
 def runs_table(project, flt: dict | None, sort, limit: int, skip: int = 0) -> dict:
     """Runs with their hyper-parameters (flattened) and the last value of each metric (min/max kept for titles)."""
+    _indexed(project.runs, flt, sort or [("started", -1)])
     docs = project.find(RUNS, flt, sort=sort or [("started", -1)], limit=limit, skip=skip, projection=RUN_FIELDS)
     params: dict[str, None] = {}
     metrics: dict[str, None] = {}
@@ -221,6 +235,7 @@ def leaderboard(project, flt: dict | None, sort, limit: int, skip: int = 0, *, c
     ranked = None
     if sort:
         ties = [] if any(key == "time" for key, _ in sort) else [("time", -1)]
+        _indexed(project.models, shown, [*sort, *ties])
         docs = project.find(MODELS, shown, sort=[*sort, *ties], limit=limit, skip=skip, projection=hidden)
         if len(sort) == 1:
             ranked = f"{sort[0][0]}:{sort[0][1]}"
@@ -229,6 +244,7 @@ def leaderboard(project, flt: dict | None, sort, limit: int, skip: int = 0, *, c
         top = rank_metric(_metric_columns(docs))
         if top is not None:
             ranked = f"{top[0]}:{top[1]}"
+            _indexed(project.models, shown, [top, ("time", -1)])
             docs = project.find(MODELS, shown, sort=[top, ("time", -1)], limit=limit, skip=skip, projection=hidden)
     hidden_checkpoints = 0 if checkpoints or "checkpoint" in (flt or {}) else \
         project.count(MODELS, {"$and": [dict(flt or {}), {"checkpoint": True}]})
