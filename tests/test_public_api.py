@@ -82,7 +82,7 @@ def test_blob_protocol_surface():
     from mlwarehouse.blobs.base import BlobStore
     assert _public(BlobStore) == {
         "name", "mtime_resolution",
-        "put", "put_file", "get", "get_range", "exists", "stat", "delete", "list", "close",
+        "put", "put_file", "get", "get_buffer", "get_range", "exists", "stat", "delete", "list", "close",
     }
 
 

@@ -2,14 +2,20 @@
 
 A put writes a temporary file in the destination folder, fsyncs it, renames it over the final name and fsyncs
 the folder, so a reader sees either nothing or the whole blob, and many processes may put the same bytes at once
-(each rename installs identical content). Temporary files start with ``.tmp-``; ``list`` removes those older than
-an hour (left by a crashed writer). Putting bytes that are there already compares the file with them first and
-writes it again if it is damaged (a zero-length file is a common crash artefact): a put never "succeeds" over bad
-bytes, and a streamed put installs its new copy over the old one.
+(each rename installs identical content). Inside a put batch (:func:`mlwarehouse.blobs.base.put_batch`, one per
+packed value, so one per checkpoint) ``put`` returns once the bytes are hashed: the write, its fsync and the rename
+run on the blob pool while the caller hashes the next tensor (the disk works while the CPU does), and the folders
+that gained names are fsynced once each when the batch ends, before the document that refers to them is written.
+Temporary files start with ``.tmp-``; ``list`` removes those older than an hour (left by a crashed writer).
+Putting bytes that are there already compares the file with them first and writes it again if it is damaged (a
+zero-length file is a common crash artefact): a put never "succeeds" over bad bytes, and a streamed put installs
+its new copy over the old one. ``get_buffer`` reads a blob into memory that it hands over (tensors take it as it
+is, no second copy), hashing each chunk as it arrives.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import secrets
 import threading
@@ -19,9 +25,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
-from mlwarehouse.blobs.base import BlobInfo, BlobStore, blob_key
+import numpy as np
+
+from mlwarehouse.blobs.base import BlobInfo, BlobStore, blob_key, current_batch
 from mlwarehouse.blobs.common import CHUNK, STALE_TMP_S, copy_hashed, fanout, fanout_key, is_fanout_dir, verified
-from mlwarehouse.errors import BackendError, NotFound
+from mlwarehouse.errors import BackendError, IntegrityError, NotFound
 
 __all__ = ["FileBlobStore"]
 
@@ -34,6 +42,14 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _sync_folder(path: Path) -> None:
+    """fsync a folder that gained a blob's name, as a BackendError if the disk refuses."""
+    try:
+        _fsync_dir(path)
+    except OSError as exc:
+        raise BackendError(f"cannot make blob folder {path} durable: {exc}") from exc
 
 
 class FileBlobStore(BlobStore):
@@ -71,13 +87,26 @@ class FileBlobStore(BlobStore):
     # -- writing ---------------------------------------------------------------------------------------------
 
     def put(self, data: bytes | bytearray | memoryview) -> str:
-        return self._put_keyed(blob_key(data), data)
+        key = blob_key(data)
+        batch = current_batch()
+        if batch is None:
+            return self._put_keyed(key, data)
+        if batch.claim(self, key):
+            batch.defer(self._write, key, data, True, size=memoryview(data).nbytes)
+        return key
 
     def _put_keyed(self, key: str, data: bytes | bytearray | memoryview) -> str:
         """``put`` of bytes whose key the caller has just computed (a read cache keeps verified bytes unhashed)."""
+        self._write(key, data, False)
+        return key
+
+    def _write(self, key: str, data: bytes | bytearray | memoryview, batched: bool) -> list[tuple]:
+        """Write ``data`` under ``key`` unless it is there intact: temporary file, fsync, rename. The folder's
+        fsync is done here, or returned as work for the batch's end when ``batched`` (one per folder, not per
+        blob)."""
         path = self._path(key)
         if self._intact(path, data):
-            return key
+            return []
         folder = self._make_folder(path.parent)
         tmp = folder / self._tmp_name()
         try:
@@ -85,11 +114,16 @@ class FileBlobStore(BlobStore):
                 f.write(data)
                 if self.fsync:
                     os.fsync(f.fileno())
-            self._install(tmp, path)
+            os.replace(tmp, path)
         except OSError as exc:
             self._discard(tmp)
             raise BackendError(f"cannot write blob {key} to {path}: {exc}") from exc
-        return key
+        if not self.fsync:
+            return []
+        if batched:
+            return [(_sync_folder, path.parent)]
+        _sync_folder(path.parent)
+        return []
 
     def _put_stream(self, source: BinaryIO) -> tuple[str, int]:
         """Stream a file object into the store, hashing it on the way; returns ``(key, size)``.
@@ -168,6 +202,29 @@ class FileBlobStore(BlobStore):
         with self._errors(key, path, "read"), open(path, "rb") as f:
             data = f.read()
         return verified(key, data, f"its file {path}")
+
+    def get_buffer(self, key: str, size: int | None = None) -> memoryview:
+        """The blob read into a fresh writable buffer that the caller owns, each chunk hashed as it arrives (while
+        it is still in the CPU's cache); its size is checked against ``size`` before anything is allocated."""
+        path = self._path(key)
+        with self._errors(key, path, "read"), open(path, "rb", buffering=0) as f:
+            length = os.fstat(f.fileno()).st_size
+            if size is not None and length != size:
+                raise IntegrityError(f"blob {key} holds {length} bytes, its reference says {size}")
+            view = memoryview(np.empty(length, np.uint8)).cast("B")  # not zero-filled: every byte is read over
+            digest, got = hashlib.sha256(), 0
+            while got < length:
+                n = f.readinto(view[got:got + CHUNK])
+                if not n:
+                    break
+                digest.update(view[got:got + n])
+                got += n
+            extra = f.read(1) if got == length else b""
+        if got != length or extra or digest.hexdigest() != key:
+            what = f"changed size while read ({got} of {length} bytes)" if got != length or extra \
+                else f"hashes to {digest.hexdigest()}"
+            raise IntegrityError(f"blob {key} is corrupted: its file {path} {what}")
+        return view
 
     def _read_range(self, key: str, start: int, length: int) -> bytes:
         path = self._path(key)

@@ -20,6 +20,12 @@ numpy bool/integer/float scalars become Python scalars (so the index can compare
 leaves. Subclasses of dict, list and tuple (OrderedDict, namedtuple) are stored as their base type. Anything else
 goes to a registered codec, or to pickle when ``allow_pickle=True``; otherwise CodecError names the type and the
 path inside the value.
+
+Speed (a checkpoint is one ``pack``): packing runs inside a put batch (:func:`mlwarehouse.blobs.base.put_batch`),
+so a store may write in the background while the next leaves are encoded, and the payloads of a list's or dict's
+next few leaves are hashed in parallel; every blob is durable when ``pack`` returns. When ``get`` is a blob
+store's own ``get``, ``unpack`` reads the blobs a tree refers to a few at a time on the blob pool through
+``get_buffer`` (verified as read) and decodes tensors and arrays straight over the buffers read, without a copy.
 """
 
 from __future__ import annotations
@@ -28,11 +34,13 @@ import base64
 import binascii
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from typing import Any
 
 import numpy as np
 
+from mlwarehouse.blobs.base import BlobStore, current_batch, pool, put_batch, workers
 from mlwarehouse.codecs import compress, decode_leaf, encode_leaf
 from mlwarehouse.errors import CodecError, IntegrityError, PickleNotAllowed
 
@@ -45,12 +53,20 @@ _KEY_TYPES = (str, int, float, bool, type(None), np.bool_, np.integer, np.floati
 _CONTAINERS = frozenset({list, dict})
 _STORED_KEYS = frozenset({str, int, float, bool, type(None)})
 _SPECIAL_FLOATS = frozenset({"nan", "inf", "infinity"})
+_INLINE = frozenset({str, int, float, bool, type(None)})
+#: payload bytes that packing encodes ahead of storing them (to hash them in parallel)
+AHEAD_BYTES = 256 << 20
 #: containers nested deeper than this are refused by pack and unpack (a crafted document cannot exhaust the stack)
 MAX_DEPTH = 200
 #: a bound on the JSON that one unpack decodes from blobs (JSON blobs that repeat each other cannot multiply)
 MAX_JSON_BYTES = 1 << 30
 #: zstd output per input byte is below this (an RLE block: 4 bytes for 128 KiB), so a larger claim is a lie
 _ZSTD_MAX_RATIO = 1 << 16
+
+
+def _is_leaf(v: Any) -> bool:
+    """Whether ``pack`` stores ``v`` through a codec (rather than as JSON or a container)."""
+    return type(v) not in _INLINE and not isinstance(v, (dict, list, tuple, np.generic))
 
 
 def _dumps(value: Any) -> str:
@@ -68,7 +84,8 @@ def pack(value: Any, put: Callable[[Any], str], *, allow_pickle: bool = False, i
     ``put`` is called once per distinct leaf object (the same array twice in ``value`` is stored once); leaves
     whose stored payload is at most ``inline_bytes`` stay in the tree as ``_bin`` markers instead.
     """
-    return _Packer(put, allow_pickle, inline_limit, compress_blobs, inline_bytes, encode).pack(value, "value")
+    with put_batch():
+        return _Packer(put, allow_pickle, inline_limit, compress_blobs, inline_bytes, encode).pack(value, "value")
 
 
 def unpack(tree: Any, get: Callable[[str], bytes], *, allow_pickle: bool = False, writable: bool = False,
@@ -77,10 +94,15 @@ def unpack(tree: Any, get: Callable[[str], bytes], *, allow_pickle: bool = False
 
     numpy arrays are zero-copy views over the blob bytes and read-only, unless ``writable=True``.
     """
+    unpacker = _Unpacker(get, allow_pickle, writable, decode)
     try:
-        return _Unpacker(get, allow_pickle, writable, decode).unpack(tree)
+        if unpacker.store is not None:
+            unpacker.prefetch(tree)
+        return unpacker.unpack(tree)
     except RecursionError:  # the caller's own stack was nearly full
         raise _too_deep() from None
+    finally:
+        unpacker.close()
 
 
 def blob_keys(tree: Any) -> set[str]:
@@ -113,6 +135,7 @@ class _Packer:
         self.depth = 0                     # containers open around the value being packed
         self.seen: dict[int, dict] = {}    # id(leaf) -> its reference
         self.alive: list[Any] = []         # keeps leaves alive so their ids are not reused during this pack
+        self.ready: dict[int, tuple[Any, Any, dict]] = {}  # id(leaf) -> (leaf, payload, meta) encoded ahead
 
     def pack(self, v: Any, path: str) -> Any:
         t = type(v)
@@ -151,10 +174,43 @@ class _Packer:
         before = self.blobs
         self._enter(path)
         try:
-            out = [self.pack(x, f"{path}.{i}") for i, x in enumerate(v)]
+            out = self._pack_items(v, [f"{path}.{i}" for i in range(len(v))])
         finally:
             self.depth -= 1
         return self._maybe_blob(out, before)
+
+    def _pack_items(self, items: Sequence, paths: Sequence[str]) -> list:
+        """``pack`` of each item; in a put batch, the leaves a few items ahead are encoded and hashed in parallel."""
+        if len(items) < 2 or current_batch() is None:
+            return [self.pack(x, p) for x, p in zip(items, paths)]
+        out, until = [], 0
+        for i, (x, p) in enumerate(zip(items, paths)):
+            if i >= until:
+                until = self._ahead(items, i)
+            out.append(self.pack(x, p))
+        return out
+
+    def _ahead(self, items: Sequence, start: int) -> int:
+        """Encode the leaves among ``items[start:]`` ahead of packing them, up to :data:`AHEAD_BYTES` of payload
+        or a few per worker, and hash their payloads in parallel (the put batch remembers the keys). A leaf that
+        fails to encode here is left for ``_leaf``, which raises with its path."""
+        batch, budget, count, end = current_batch(), AHEAD_BYTES, 0, start
+        payloads = []
+        while end < len(items) and count < 2 * workers() and budget > 0:
+            x = items[end]
+            end += 1
+            if not _is_leaf(x) or id(x) in self.seen or id(x) in self.ready:
+                continue
+            try:
+                data, meta = self._encode(x)
+            except CodecError:
+                continue
+            self.ready[id(x)] = (x, data, meta)
+            payloads.append(data)
+            count += 1
+            budget -= data.nbytes if isinstance(data, memoryview) else len(data)
+        batch.prehash(payloads)
+        return end
 
     def _enter(self, path: str) -> None:
         """One container level deeper: refused past MAX_DEPTH, so whatever pack stores, unpack can read."""
@@ -181,7 +237,7 @@ class _Packer:
         if all(type(k) is str for k in d) and MARKERS.isdisjoint(d):
             self._enter(path)
             try:
-                out = {k: self.pack(x, f"{path}.{k}") for k, x in d.items()}
+                out = dict(zip(d, self._pack_items(list(d.values()), [f"{path}.{k}" for k in d])))
             finally:
                 self.depth -= 1
             return self._maybe_blob(out, before)
@@ -214,21 +270,28 @@ class _Packer:
             meta.update(zmeta)
         return self._store(data, meta)
 
+    def _encode(self, v: Any) -> tuple[Any, dict]:
+        out = None if self.encode is None else self.encode(v)
+        if out is None:
+            return encode_leaf(v, allow_pickle=self.allow_pickle, compress_payload=self.compress)
+        data, meta = out
+        if self.compress:
+            data, zmeta = compress(data)
+            meta = {**meta, **zmeta}
+        return data, meta
+
     def _leaf(self, v: Any, path: str) -> dict:
         ref = self.seen.get(id(v))
         if ref is not None:
             return dict(ref)
-        try:
-            out = None if self.encode is None else self.encode(v)
-            if out is None:
-                data, meta = encode_leaf(v, allow_pickle=self.allow_pickle, compress_payload=self.compress)
-            else:
-                data, meta = out
-                if self.compress:
-                    data, zmeta = compress(data)
-                    meta = {**meta, **zmeta}
-        except CodecError as exc:
-            raise type(exc)(f"{path}: {exc}") from exc
+        ready = self.ready.pop(id(v), None)
+        if ready is not None and ready[0] is v:
+            data, meta = ready[1], ready[2]
+        else:
+            try:
+                data, meta = self._encode(v)
+            except CodecError as exc:
+                raise type(exc)(f"{path}: {exc}") from exc
         size = data.nbytes if isinstance(data, memoryview) else len(data)
         if size <= self.inline_bytes:
             return {"_bin": base64.b64encode(data).decode("ascii"), **meta}
@@ -251,12 +314,64 @@ class _Unpacker:
 
     def __init__(self, get: Callable[[str], bytes], allow_pickle: bool, writable: bool, decode: Decoder | None = None):
         self.get = get
+        # a store's own get: read through get_buffer (owned buffers), in parallel; a decode hook gets get's bytes
+        self.store = _buffer_store(get) if decode is None else None
+        self.ahead: dict[str, Future] = {}   # key -> its read in flight
+        self.queue: list[tuple[str, int | None]] = []  # blobs to read ahead, in the order unpack meets them
         self.allow_pickle = allow_pickle
         self.writable = writable
         self.decode = decode
         self.fetched: dict[str, Any] = {}  # uncompressed blobs read so far (their arrays are views of them anyway)
         self.opening: set[str] = set()  # JSON blobs being unpacked now: one that refers to itself is refused
         self.json_bytes = 0             # decoded JSON blob bytes so far, bounded by MAX_JSON_BYTES
+
+    # -- reading blobs ahead ----------------------------------------------------------------------------------
+
+    def prefetch(self, tree: Any) -> None:
+        """Queue the tree's blob references (JSON blobs aside: they are opened where met) for reading ahead."""
+        refs, seen, stack = [], set(), [tree]
+        while stack:
+            node = stack.pop()
+            if type(node) is dict:
+                if "_blob" in node:
+                    key, size = node["_blob"], node.get("size")
+                    if type(key) is str and node.get("codec") != "json" and key not in seen:
+                        seen.add(key)
+                        refs.append((key, size if type(size) is int and size >= 0 else None))
+                    continue
+                stack.extend(reversed(list(node.values())))
+            elif type(node) is list:
+                stack.extend(reversed(node))
+        if len(refs) > 1:
+            self.queue = refs[::-1]
+            self._top_up()
+
+    def _top_up(self) -> None:
+        while self.queue and len(self.ahead) < 2 * workers():
+            key, size = self.queue.pop()
+            if key not in self.ahead and key not in self.fetched:
+                self.ahead[key] = pool().submit(self.store.get_buffer, key, size)
+
+    def _read(self, key: str, size: int | None) -> Any:
+        if self.store is None:
+            return self.get(key)
+        future = self.ahead.pop(key, None)
+        if future is None:
+            return self.store.get_buffer(key, size)
+        try:
+            return future.result()
+        finally:
+            self._top_up()
+
+    def close(self) -> None:
+        """Stop reading ahead: reads not started are cancelled, those running are waited for."""
+        self.queue = []
+        for future in self.ahead.values():
+            future.cancel()
+        for future in self.ahead.values():
+            if not future.cancelled():
+                future.exception()
+        self.ahead = {}
 
     def unpack(self, t: Any, depth: int = 0) -> Any:
         ty = type(t)
@@ -312,7 +427,7 @@ class _Unpacker:
             raise IntegrityError(f"JSON blob {key} refers to itself")
         data = self.fetched.get(key)
         if data is None:
-            data = self.get(key)
+            data = self._read(key, size)
             if not meta.get("z"):  # kept for repeats; compressed bytes are dead once decoded, so never held on
                 self.fetched[key] = data
         n = data.nbytes if isinstance(data, memoryview) else len(data)
@@ -329,6 +444,9 @@ class _Unpacker:
             if self.json_bytes > MAX_JSON_BYTES:
                 raise CodecError(f"the JSON blobs of this value decode to more than {MAX_JSON_BYTES} bytes")
         value = self._decode(data, meta)
+        if key in self.fetched and isinstance(data, memoryview) and not data.readonly:
+            # the first value may own this buffer now (a tensor over it): repeats decode a read-only view (copied)
+            self.fetched[key] = data.toreadonly()
         if codec != "json":
             return value
         self.opening.add(key)
@@ -360,6 +478,20 @@ class _Unpacker:
         if self.decode is not None:
             return self.decode(data, meta)
         return decode_leaf(data, meta, allow_pickle=self.allow_pickle, writable=self.writable)
+
+
+def _buffer_store(get: Callable) -> BlobStore | None:
+    """The blob store whose ``get`` this is, if its ``get_buffer`` reads the same bytes (a subclass that overrides
+    ``get`` alone, to add a check or a count, keeps being read through its ``get``)."""
+    owner = getattr(get, "__self__", None)
+    if not isinstance(owner, BlobStore) or getattr(get, "__name__", "") != "get":
+        return None
+    mro = type(owner).__mro__
+    get_from = next(c for c in mro if "get" in c.__dict__)
+    buffer_from = next(c for c in mro if "get_buffer" in c.__dict__)
+    if buffer_from is not BlobStore and get_from is not buffer_from and issubclass(get_from, buffer_from):
+        return None
+    return owner
 
 
 def _too_deep() -> CodecError:

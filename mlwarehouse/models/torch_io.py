@@ -16,7 +16,12 @@ An architecture is stored apart from the weights, in the first format that works
 - ``pickle``: a pickled zero-weight copy, only with ``allow_pickle=True``.
 
 Weights always travel as a state dict of tensors (one blob per tensor, chosen by the caller) and are put back with
-``load_state_dict(..., assign=True)``; a loaded module is in eval mode.
+``load_state_dict(..., assign=True)``; a loaded module is in eval mode. A ``class`` module with 64 MiB of weights
+or more is built on torch's ``meta`` device first, so its own initial weights are never allocated (nor randomly
+filled) only to be replaced: loading holds the stored tensors and nothing beside them. (Smaller ones too once the
+process has torch's meta kernels loaded; importing them costs about a second, more than initialising a small
+model.) A class whose constructor cannot run on ``meta``, or that keeps tensors outside its state dict, is built
+the ordinary way instead.
 
 What ``torch.export.load`` does with the bytes (read in torch 2.13's ``torch/export/pt2_archive/_package.py`` and
 ``torch/_export/serde/serialize.py``): the graph is JSON and plain tensors are raw bytes, but the loader still runs
@@ -39,6 +44,7 @@ import copy
 import inspect
 import io
 import json
+import sys
 import warnings
 import weakref
 from collections.abc import Callable, Sequence
@@ -57,6 +63,8 @@ __all__ = ["FORMATS", "Architecture", "describe", "build", "check_pt2", "state_d
            "trusted_modules", "TRUSTED_MODULES_ENV"]
 
 FORMATS = ("export", "script", "class", "pickle")
+#: weights from which a ``class`` module is built on the meta device (see the module notes)
+META_FROM = 64 << 20
 
 
 @dataclass
@@ -248,8 +256,7 @@ def build(arch: Architecture, weights: dict[str, torch.Tensor], *, allow_pickle:
             raise CodecError(f"the model class {arch.target!r} is not importable in this process")
         if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
             raise CodecError(f"{arch.target!r} is not an nn.Module subclass; refusing to call it")
-        module = cls(**(arch.config or {}))
-        _assign(module, weights)
+        module = _construct(cls, arch.config or {}, weights)
         return module.eval()
     if arch.format == "pickle":
         if not allow_pickle:
@@ -258,6 +265,38 @@ def build(arch: Architecture, weights: dict[str, torch.Tensor], *, allow_pickle:
         _assign(module, weights)
         return module.eval()
     raise CodecError(f"unknown architecture format {arch.format!r}")
+
+
+def _construct(cls: type, config: dict, weights: dict[str, torch.Tensor]) -> nn.Module:
+    """``cls(**config)`` holding ``weights``: built on the meta device and given the weights when every tensor it
+    keeps is in the state dict (nothing is allocated twice), else built on the CPU and assigned."""
+    module = None
+    if "torch._meta_registrations" in sys.modules or \
+            sum(t.numel() * t.element_size() for t in weights.values()) >= META_FROM:
+        try:
+            with torch.device("meta"):
+                module = cls(**config)
+        except Exception:  # a constructor that computes with data, or fetches something: the ordinary way
+            module = None
+    if module is not None:
+        _assign(module, weights)
+        if not _holds_meta(module):
+            return module
+    module = cls(**config)
+    _assign(module, weights)
+    return module
+
+
+def _holds_meta(module: nn.Module) -> bool:
+    """Whether a tensor of ``module`` is still on the meta device: a non-persistent buffer, or a plain tensor
+    attribute, which ``load_state_dict`` does not reach."""
+    for sub in module.modules():
+        for value in list(sub.__dict__.values()) + list(sub._parameters.values()) + list(sub._buffers.values()):
+            if isinstance(value, torch.Tensor) and value.is_meta:
+                return True
+            if isinstance(value, (list, tuple)) and any(isinstance(v, torch.Tensor) and v.is_meta for v in value):
+                return True
+    return False
 
 
 def _assign(module: nn.Module, weights: dict[str, torch.Tensor]) -> None:
