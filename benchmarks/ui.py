@@ -1,6 +1,8 @@
-"""Web UI latency and payload: the runs page with 1,000 runs, and a chart over a 100,000-point history.
+"""Web UI latency and payload: the runs page with 1,000 runs, a chart over a 100,000-point history, the sweep
+view, and 100 runs of 100,000 points compared on one chart.
 
-    python benchmarks/ui.py [--runs 1000] [--points 100000] [--repeat 10]
+    python benchmarks/ui.py [--runs 1000] [--points 100000] [--repeat 10] [--compare-runs 100]
+                            [--compare-points 100000]
 
 The UI is served by uvicorn on 127.0.0.1 (in a thread of this process) and fetched over HTTP, like a browser
 would (``Accept-Encoding: gzip``). Each figure is the median of ``--repeat`` requests after one warm-up.
@@ -11,6 +13,18 @@ would (``Accept-Encoding: gzip``). Each figure is the median of ``--repeat`` req
    through ``run.log``): the first request (reads the history from the index) and the median of the next ones
    (the server keeps recently charted histories). Baseline: the same request with ``points`` = the whole
    history, i.e. a UI that ships every point to the browser.
+
+3. Sweep view: ``/p/<project>/sweep`` and the JSON its script reads, ``/api/p/<project>/sweep`` (every run's
+   hyper-parameters and the last value of each metric, columnar), over the same runs: the first request of each
+   and the median of the next ones, with the payload. Baseline: the raw read of the runs page's baseline (the
+   same rows), measured again in the same run. Targets: page + JSON <= 5x the raw read and < 1 s.
+
+4. Compare: ``/api/p/<project>/runs/points?ids=<--compare-runs ids>&metrics=train.loss&points=1000`` over
+   ``--compare-runs`` runs logging ``--compare-points`` points each (what "compare selected" asks for one
+   metric): the first request (reads every history) and the median of the next ones (the server keeps the
+   downsampled curves). Baseline: the same request with ``points`` = the whole history (every point shipped),
+   measured once: the histories do not fit the server's history cache, so it reads them again. Skipped with
+   ``--compare-runs 0``.
 
 Prints a table and one JSON line of the figures. Targets: runs page p50 <= 300 ms; first chart <= 1 s, later
 ones <= 100 ms; chart payload <= 50 KB (gzip).
@@ -106,11 +120,67 @@ def baseline_runs(index_path: Path, repeat: int) -> float:
     return statistics.median(times[1:])
 
 
+def measure_sweep(base: str, index_path: Path, repeat: int) -> dict:
+    """The sweep view of every run of the project: the page and its JSON (first and median), the JSON's payload,
+    and the raw read of the same rows."""
+    page_s, _, _, page_cold = fetch(f"{base}/p/{PROJECT}/sweep", repeat)
+    json_s, wire, raw, json_cold = fetch(f"{base}/api/p/{PROJECT}/sweep", repeat)
+    floor_s = baseline_runs(index_path, repeat)
+    return {"sweep_page_ms": round(page_s * 1000, 1), "sweep_page_first_ms": round(page_cold * 1000, 1),
+            "sweep_json_ms": round(json_s * 1000, 1), "sweep_json_first_ms": round(json_cold * 1000, 1),
+            "sweep_gzip_bytes": wire, "sweep_bytes": raw, "sweep_raw_read_ms": round(floor_s * 1000, 1),
+            "sweep_vs_raw": round((page_s + json_s) / floor_s, 2),
+            "sweep_first_vs_raw": round((page_cold + json_cold) / floor_s, 2)}
+
+
+def fill_compare(wh, runs: int, points: int) -> list[str]:
+    """``runs`` runs logging ``points`` steps of ``train.loss`` each (through ``run.log``); returns their ids."""
+    p = wh.project(PROJECT)
+    rng = random.Random(1)
+    ids = []
+    for i in range(runs):
+        run = p.runs.start("compare", hyper_parameters={"lr": 10 ** -rng.uniform(1, 4), "seed": i})
+        scale = rng.uniform(500, 5000)
+        for step in range(points):
+            run.log("train", step=step, loss=1.0 / (1 + step / scale) + rng.random() * 0.05)
+        run.finish()
+        ids.append(run.id)
+    return ids
+
+
+def fetch_once(url: str) -> tuple[float, int, int]:
+    """Seconds, gzip bytes on the wire and bytes decoded of one GET (for a baseline too slow to repeat)."""
+    import gzip
+    request = urllib.request.Request(url, headers={"Accept-Encoding": "gzip"})
+    start = time.perf_counter()
+    with urllib.request.urlopen(request, timeout=3600) as response:
+        wire = response.read()
+        encoded = response.headers.get("Content-Encoding") == "gzip"
+    seconds = time.perf_counter() - start
+    return seconds, len(wire), len(gzip.decompress(wire) if encoded else wire)
+
+
+def measure_compare(base: str, wh, runs: int, points: int, repeat: int) -> dict:
+    """Fill ``runs`` x ``points``, then time one chart of them all: downsampled (first, median) and every point."""
+    start = time.perf_counter()
+    ids = fill_compare(wh, runs, points)
+    fill_s = time.perf_counter() - start
+    url = f"{base}/api/p/{PROJECT}/runs/points?ids={','.join(ids)}&metrics=train.loss"
+    seconds, wire, raw, cold = fetch(url + "&points=1000", repeat)
+    every_s, every_wire, every_raw = fetch_once(url + f"&points={max(4, points)}")
+    return {"compare_runs": runs, "compare_points": points, "compare_fill_s": round(fill_s, 1),
+            "compare_first_ms": round(cold * 1000, 1), "compare_ms": round(seconds * 1000, 1),
+            "compare_gzip_bytes": wire, "compare_bytes": raw, "compare_every_point_ms": round(every_s * 1000, 1),
+            "compare_every_point_gzip_bytes": every_wire, "compare_every_point_bytes": every_raw}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=1000)
     parser.add_argument("--points", type=int, default=100_000)
     parser.add_argument("--repeat", type=int, default=10)
+    parser.add_argument("--compare-runs", type=int, default=100)
+    parser.add_argument("--compare-points", type=int, default=100_000)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp, mlwarehouse.connect(home=Path(tmp) / "wh") as wh:
         start = time.perf_counter()
@@ -123,6 +193,9 @@ def main() -> None:
             chart = f"{base}/api/p/{PROJECT}/runs/metric?ids={long_id}&kind=train&metric=loss"
             chart_s, chart_wire, chart_raw, chart_cold = fetch(chart + "&points=1000", args.repeat)
             full_s, full_wire, full_raw, _ = fetch(chart + f"&points={args.points}", max(1, args.repeat // 2))
+            sweep = measure_sweep(base, Path(tmp) / "wh" / "index.sqlite", args.repeat)
+            compare = measure_compare(base, wh, args.compare_runs, args.compare_points, args.repeat) \
+                if args.compare_runs else {}
         finally:
             server.should_exit = True
     rows = [
@@ -137,6 +210,28 @@ def main() -> None:
     for name, seconds, wire, raw in rows:
         kb = lambda n: f"{n / 1024:9.1f}" if n is not None else f"{'':>9}"  # noqa: E731
         print(f"{name:<44} {seconds * 1000:9.1f} {kb(wire)} {kb(raw)}")
+    for name, key, wire_key, raw_key in (
+            (f"sweep view, {args.runs} runs: page, first", "sweep_page_first_ms", None, None),
+            ("  page again", "sweep_page_ms", None, None),
+            ("  its JSON (params + metrics), first", "sweep_json_first_ms", "sweep_gzip_bytes", "sweep_bytes"),
+            ("  its JSON again", "sweep_json_ms", "sweep_gzip_bytes", "sweep_bytes"),
+            ("  baseline: raw sqlite3 read + json.loads", "sweep_raw_read_ms", None, None)):
+        kb = lambda k: f"{sweep[k] / 1024:9.1f}" if k else f"{'':>9}"  # noqa: E731
+        print(f"{name:<44} {sweep[key]:9.1f} {kb(wire_key)} {kb(raw_key)}")
+    print(f"sweep view (page + JSON) / raw read: {sweep['sweep_vs_raw']:.1f}x, first {sweep['sweep_first_vs_raw']:.1f}x "
+          f"(target <= 5x, < 1 s)")
+    if compare:
+        c, kb = compare, lambda n: f"{n / 1024:9.1f}"  # noqa: E731
+        for name, ms, wire, raw in (
+                (f"compare {c['compare_runs']} runs x {c['compare_points']}, first", c["compare_first_ms"],
+                 c["compare_gzip_bytes"], c["compare_bytes"]),
+                ("  again (downsampled curves cached)", c["compare_ms"], c["compare_gzip_bytes"], c["compare_bytes"]),
+                (f"  baseline: every point ({c['compare_runs'] * c['compare_points']})", c["compare_every_point_ms"],
+                 c["compare_every_point_gzip_bytes"], c["compare_every_point_bytes"])):
+            print(f"{name:<44} {ms:9.1f} {kb(wire)} {kb(raw)}")
+        print(f"compare: {c['compare_every_point_gzip_bytes'] / c['compare_gzip_bytes']:.0f}x fewer bytes than "
+              f"shipping every point; first request {c['compare_every_point_ms'] / c['compare_first_ms']:.1f}x, "
+              f"later ones {c['compare_every_point_ms'] / c['compare_ms']:.0f}x faster")
     print(f"runs page / raw read: {page_s / floor_s:.1f}x;  chart payload: {full_wire / chart_wire:.0f}x smaller "
           f"and {full_s / chart_s:.1f}x faster than shipping every point")
     print(json.dumps({"runs": args.runs, "points": args.points, "runs_page_ms": round(page_s * 1000, 1),
@@ -144,7 +239,8 @@ def main() -> None:
                       "raw_read_ms": round(floor_s * 1000, 1), "chart_first_ms": round(chart_cold * 1000, 1),
                       "chart_ms": round(chart_s * 1000, 1),
                       "chart_gzip_bytes": chart_wire, "chart_bytes": chart_raw,
-                      "full_chart_ms": round(full_s * 1000, 1), "full_chart_gzip_bytes": full_wire}))
+                      "full_chart_ms": round(full_s * 1000, 1), "full_chart_gzip_bytes": full_wire, **sweep,
+                      **compare}))
 
 
 if __name__ == "__main__":

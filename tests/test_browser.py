@@ -145,15 +145,18 @@ def test_runs_page_lists_the_runs(page, demo, shots):
     page.screenshot(path=str(shots / "runs.png"), full_page=True)
 
 
-CANVAS_COLOURS = """() => {
-    const c = document.querySelector('#chart canvas');
+CANVAS_COLOURS = """([selector, colors]) => {
+    const c = document.querySelector(selector + ' canvas');
     const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
-    let blue = 0, red = 0;
+    const want = colors.map(h => [1, 3, 5].map(i => parseInt(h.slice(i, i + 2), 16)));
+    const n = want.map(() => 0);
     for (let i = 0; i < d.length; i += 4) {
-        if (d[i] < 80 && d[i + 1] > 90 && d[i + 1] < 160 && d[i + 2] > 160) blue++;
-        if (d[i] > 180 && d[i + 1] < 80 && d[i + 2] < 80) red++;
+        if (d[i + 3] < 200) continue;
+        want.forEach((w, k) => {
+            if (Math.abs(d[i] - w[0]) + Math.abs(d[i + 1] - w[1]) + Math.abs(d[i + 2] - w[2]) < 60) n[k]++;
+        });
     }
-    return [blue, red];
+    return n;
 }"""
 
 
@@ -166,11 +169,18 @@ def test_selecting_two_runs_draws_their_curves(page, demo, shots):
     page.check(f'input.pick[value="{second.id}"]')
     page.select_option("#metric", "train.loss")
     page.click("#compare")
-    expect(page.locator("#chart")).to_have_attribute("data-series", "2")
+    chart = page.locator('.chart-card[data-metric="train.loss"]')
+    expect(chart).to_have_attribute("data-series", "2")
     points = first.summary["train"]["loss"]["count"]
-    assert page.inner_text("#compare-status").count(f"{points} of {points} points") == 2
-    blue, red = page.evaluate(CANVAS_COLOURS)  # both series' colours are drawn: real curves, not an empty frame
-    assert blue > 50 and red > 50, (blue, red)
+    assert chart.get_attribute("data-count") == chart.get_attribute("data-points") == str(2 * points)  # all drawn
+    # the legend names each line by what differs between the two runs (the same n_hidden, two learning rates)
+    differing = [k for k in first.hyper_parameters if first.hyper_parameters[k] != second.hyper_parameters[k]]
+    assert differing == ["lr"]
+    labels = {e.get_attribute("data-run"): e.inner_text().strip() for e in page.locator("#legend .entry").all()}
+    assert labels == {r.id: f"lr={r.hyper_parameters['lr']}" for r in (first, second)}
+    colors = [page.get_attribute(f'#runs tr[data-id="{r.id}"]', "data-color") for r in (first, second)]
+    drawn = page.evaluate(CANVAS_COLOURS, ['.chart-card[data-metric="train.loss"]', colors])
+    assert all(n > 50 for n in drawn), (colors, drawn)  # both runs' colours are drawn: real curves, not a frame
     page.screenshot(path=str(shots / "compare.png"), full_page=True)
 
 

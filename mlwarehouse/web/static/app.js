@@ -1,77 +1,15 @@
-// mlwarehouse UI: run curves (uPlot), the live task board and task actions, the live champion panel. No framework,
+// mlwarehouse UI: the live task board and task actions, the live champion panel (run charts: runs.js). No framework,
 // no network beyond this server: data is fetched from /api and written into the page with textContent (never as
 // HTML).
 "use strict";
 const mlw = (() => {
-  const COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf",
-                  "#7f7f7f", "#bcbd22"];
   const api = (project) => `/api/p/${encodeURIComponent(project)}`;
-  let plot = null;
 
   async function getJSON(url, options) {
     const response = await fetch(url, options);
     const body = await response.json().catch(() => ({error: response.statusText}));
     if (!response.ok) throw new Error(body.error || response.statusText);
     return body;
-  }
-
-  async function drawChart(project, ids, metricKey) {
-    const chart = document.getElementById("chart");
-    const status = document.getElementById("compare-status");
-    const dot = metricKey.indexOf(".");
-    const kind = metricKey.slice(0, dot), metric = metricKey.slice(dot + 1);
-    const url = `${api(project)}/runs/metric?ids=${ids.map(encodeURIComponent).join(",")}` +
-                `&kind=${encodeURIComponent(kind)}&metric=${encodeURIComponent(metric)}&points=1000`;
-    status.textContent = "loading…";
-    let data;
-    try {
-      data = await getJSON(url);
-    } catch (err) {
-      status.textContent = err.message;
-      status.className = "error";
-      return;
-    }
-    status.className = "muted";
-    const series = data.series.filter((s) => s.steps.length > 0);
-    if (plot) { plot.destroy(); plot = null; }
-    chart.dataset.series = "0";
-    if (!series.length) { status.textContent = `no ${metricKey} points for the selected runs`; return; }
-    const aligned = uPlot.join(series.map((s) => [s.steps, s.values]));
-    const options = {
-      width: Math.max(400, chart.clientWidth || 800), height: 320,
-      scales: {x: {time: false}},
-      series: [{label: "step"}, ...series.map((s, i) => ({
-        label: s.name, stroke: COLORS[i % COLORS.length], width: 1.5, spanGaps: true}))],
-      axes: [{label: "step"}, {label: metricKey}],
-    };
-    plot = new uPlot(options, aligned, chart);
-    chart.dataset.series = String(series.length);
-    status.textContent = `${metricKey}: ` + series.map((s) =>
-      `${s.name} (${s.steps.length} of ${s.count} points)`).join(", ");
-  }
-
-  function runsPage(project) {
-    const picks = () => [...document.querySelectorAll("#runs input.pick:checked")].map((box) => box.value);
-    const all = document.getElementById("select-all");
-    if (all) all.addEventListener("change", () => {
-      document.querySelectorAll("#runs input.pick").forEach((box) => { box.checked = all.checked; });
-    });
-    const metric = document.getElementById("metric");
-    const go = () => {
-      const ids = picks();
-      if (!ids.length) { document.getElementById("compare-status").textContent = "select at least one run"; return; }
-      if (!metric.value) { document.getElementById("compare-status").textContent = "these runs logged no metrics"; return; }
-      drawChart(project, ids, metric.value);
-    };
-    document.getElementById("compare").addEventListener("click", go);
-    metric.addEventListener("change", () => { if (plot) go(); });
-  }
-
-  function runPage(project, runId) {
-    const metric = document.getElementById("metric");
-    if (!metric) return;
-    metric.addEventListener("change", () => drawChart(project, [runId], metric.value));
-    drawChart(project, [runId], metric.value);
   }
 
   function cell(row, text, className) {
@@ -285,5 +223,5 @@ const mlw = (() => {
     setInterval(() => { if (!document.hidden) refresh(); }, 2000);
   }
 
-  return {runsPage, runPage, tasksPage, drawChart, championsPanel, num};
+  return {tasksPage, championsPanel, num};
 })();

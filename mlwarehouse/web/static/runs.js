@@ -1,0 +1,364 @@
+// mlwarehouse UI: the run page and the run comparison. Every metric of the shown runs as its own small chart
+// (uPlot), losses first, one-point metrics as numbers; x on the step, the epoch or the wall time; EMA smoothing;
+// a log y scale; charts of running runs refreshed every 2 s. On the runs page each table row has a colour, and
+// the lines, the legend and the diff view use the same one. Data comes from /api (one request for every metric,
+// downsampled on the server) and is written into the page with textContent, never as HTML.
+"use strict";
+const mlwRuns = (() => {
+  // 20 distinct colours (Tableau 10, then their darker and lighter kin): row i of the table draws in COLORS[i]
+  const COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf",
+                  "#7f7f7f", "#bcbd22", "#0b3d91", "#8b0000", "#006400", "#b35900", "#4b0082", "#5c3317",
+                  "#c71585", "#00868b", "#3d3d3d", "#6b6b00"];
+  const colorOf = (i) => COLORS[i % COLORS.length];
+  const api = (project) => `/api/p/${encodeURIComponent(project)}`;
+  const X_LABELS = {step: "step", epoch: "epoch", time: "wall time (s)"};
+  const LIVE_MS = 2000;
+
+  async function getJSON(url) {
+    const response = await fetch(url);
+    const body = await response.json().catch(() => ({error: response.statusText}));
+    if (!response.ok) throw new Error(body.error || response.statusText);
+    return body;
+  }
+
+  // numbers as the server's tables show them: integers as they are, others with 4 significant digits
+  function num(v) {
+    if (typeof v !== "number") return v === null || v === undefined ? "" : String(v);
+    if (Number.isInteger(v) || !Number.isFinite(v)) return String(v);
+    const a = Math.abs(v);
+    return a !== 0 && (a < 1e-4 || a >= 1e4) ? v.toExponential(3).replace(/\.?0+e/, "e") : String(Number(v.toPrecision(4)));
+  }
+
+  function el(tag, className, text) {
+    const e = document.createElement(tag);
+    if (className) e.className = className;
+    if (text !== undefined && text !== null) e.textContent = text;
+    return e;
+  }
+
+  function swatch(color) {
+    const s = el("span", "swatch");
+    s.style.background = color;
+    return s;
+  }
+
+  // TensorBoard's debiased exponential moving average; gaps (null) stay gaps
+  function ema(values, weight) {
+    if (!weight) return values;
+    let last = 0, n = 0;
+    return values.map((v) => {
+      if (v === null || !Number.isFinite(v)) return null;
+      n += 1;
+      last = last * weight + (1 - weight) * v;
+      return last / (1 - Math.pow(weight, n));
+    });
+  }
+
+  // The controls of a page (x axis, smoothing, log y), remembered in this browser.
+  function controls(onChange) {
+    const x = document.getElementById("x-axis"), smooth = document.getElementById("smoothing");
+    const logy = document.getElementById("log-y"), shown = document.getElementById("smoothing-value");
+    const saved = JSON.parse(localStorage.getItem("mlw.charts") || "{}");
+    if (saved.x && [...x.options].some((o) => o.value === saved.x)) x.value = saved.x;
+    if (typeof saved.smooth === "number") smooth.value = String(saved.smooth);
+    if (typeof saved.logy === "boolean") logy.checked = saved.logy;
+    const state = () => ({x: x.value, smooth: Number(smooth.value), logy: logy.checked});
+    const save = () => { localStorage.setItem("mlw.charts", JSON.stringify(state())); shown.textContent = smooth.value; };
+    save();
+    x.addEventListener("change", () => { save(); onChange(true); });
+    smooth.addEventListener("input", () => { save(); onChange(false); });
+    logy.addEventListener("change", () => { save(); onChange(false); });
+    return state;
+  }
+
+  // The small multiples of one /runs/points answer in `box`: numbers first (metrics of at most one point per
+  // run), then one chart per metric. `colors` maps run id -> colour, `labels` run id -> legend text.
+  function Grid(box) {
+    const plots = new Map();  // metric key -> uPlot
+    let last = null;
+
+    function clear() { plots.forEach((p) => p.destroy()); plots.clear(); box.replaceChildren(); }
+
+    function numbers(metrics, runs, colors) {
+      const strip = el("div", "numbers");
+      for (const m of metrics) {
+        const card = el("div", "number-card");
+        card.dataset.metric = m.key;
+        card.appendChild(el("h3", null, m.key));
+        for (const s of m.series) {
+          const row = el("div", "number");
+          row.dataset.run = s.id;
+          if (runs.length > 1) row.append(swatch(colors[s.id]), el("span", "label", runs.find((r) => r.id === s.id).label));
+          row.appendChild(el("b", "value", num(s.last)));
+          card.appendChild(row);
+        }
+        strip.appendChild(card);
+      }
+      return strip;
+    }
+
+    function chart(card, m, body, colors, labels, view, width) {
+      const smooth = view.smooth, logy = view.logy;
+      const drawn = m.series.filter((s) => s.x.length > 0);
+      card.dataset.series = String(drawn.length);
+      card.dataset.points = String(drawn.reduce((n, s) => n + s.x.length, 0));
+      card.dataset.count = String(m.series.reduce((n, s) => n + s.count, 0));
+      const plotBox = card.querySelector(".plot");
+      const old = plots.get(m.key);
+      if (old) { old.destroy(); plots.delete(m.key); }
+      plotBox.replaceChildren();
+      const note = card.querySelector(".note");
+      const missing = m.series.reduce((n, s) => n + s.missing_x, 0);
+      note.textContent = missing ? `${missing} point${missing === 1 ? "" : "s"} without ${body.x === "time" ? "a time" : "an " + body.x}` : "";
+      if (!drawn.length) { plotBox.appendChild(el("p", "empty", `no points on the ${body.x} axis`)); return; }
+      const clean = (v) => (logy && !(v > 0)) ? null : v;
+      const tables = drawn.map((s) => {
+        const raw = s.y.map(clean);
+        return smooth ? [s.x, raw, ema(raw, smooth)] : [s.x, raw];
+      });
+      const data = drawn.length === 1 ? tables[0] : uPlot.join(tables);
+      const series = [{label: X_LABELS[body.x]}];
+      for (const s of drawn) {
+        const color = colors[s.id];
+        if (smooth) series.push({label: `${labels[s.id]} (raw)`, stroke: color + "38", width: 1, spanGaps: true,
+                                 points: {show: false}});
+        series.push({label: labels[s.id], stroke: color, width: 1.5, spanGaps: true});
+      }
+      const readout = card.querySelector(".readout");
+      const plot = new uPlot({
+        width, height: 190, legend: {show: false}, cursor: {sync: {key: "mlw-runs"}},
+        scales: {x: {time: false}, y: logy ? {distr: 3} : {}},
+        series, axes: [{label: X_LABELS[body.x], labelSize: 18, size: 36}, {size: 52}],
+        hooks: {setCursor: [(u) => {
+          const i = u.cursor.idx;
+          if (i === null || i === undefined) { readout.textContent = ""; return; }
+          const parts = [];
+          for (let k = 1; k < u.series.length && parts.length < 6; k++) {
+            if (smooth && u.series[k].label.endsWith(" (raw)")) continue;
+            const v = u.data[k][i];
+            if (v !== null && v !== undefined) parts.push(`${drawn.length > 1 ? u.series[k].label + " " : ""}${num(v)}`);
+          }
+          readout.textContent = `${X_LABELS[body.x]} ${num(u.data[0][i])}: ${parts.join(", ")}`;
+        }]},
+      }, data, plotBox);
+      plots.set(m.key, plot);
+    }
+
+    // draw `body` (an answer of /runs/points); charts already on the page are redrawn in place
+    function draw(body, colors, view) {
+      last = {body, colors, view};
+      const labels = Object.fromEntries(body.runs.map((r) => [r.id, r.label]));
+      const single = body.metrics.filter((m) => m.single), curves = body.metrics.filter((m) => !m.single);
+      const signature = body.x + "|" + body.metrics.map((m) => m.key + (m.single ? "#" : "")).join(",");
+      if (box.dataset.signature !== signature) { clear(); box.dataset.signature = signature; }
+      const oldStrip = box.querySelector(".numbers");
+      const strip = numbers(single, body.runs, colors);
+      if (oldStrip) oldStrip.replaceWith(strip); else box.prepend(strip);
+      strip.hidden = !single.length;
+      let grid = box.querySelector(".charts-grid");
+      if (!grid) { grid = el("div", "charts-grid"); box.appendChild(grid); }
+      grid.classList.toggle("one", curves.length === 1);
+      for (const m of curves) {
+        let card = grid.querySelector(`.chart-card[data-metric="${CSS.escape(m.key)}"]`);
+        if (!card) {
+          card = el("div", "chart-card");
+          card.dataset.metric = m.key;
+          const head = el("div", "card-head");
+          head.append(el("h3", null, m.key), el("span", "note muted"));
+          card.append(head, el("div", "plot"), el("div", "readout muted"));
+          grid.appendChild(card);
+        }
+        const width = Math.max(260, Math.floor(card.clientWidth - 16));
+        chart(card, m, body, colors, labels, view, width);
+      }
+    }
+
+    function redraw(view) { if (last) draw(last.body, last.colors, view); }
+    function widest() { const c = box.querySelector(".chart-card"); return c ? c.clientWidth : box.clientWidth / 2; }
+    return {draw, redraw, clear, widest};
+  }
+
+  function pointsWanted(grid, box) {
+    const width = grid.widest() || box.clientWidth || 600;
+    return Math.max(200, Math.min(2000, Math.round(2 * width)));
+  }
+
+  // Poll `refresh` every 2 s while the page is visible and `running()` is true; refresh once more when it ends.
+  function live(refresh, running, badge) {
+    let timer = null;
+    const schedule = () => {
+      if (timer !== null) return;
+      if (running()) {
+        timer = setTimeout(tick, LIVE_MS);
+        if (badge) { badge.textContent = "live"; badge.className = "live"; }
+      } else if (badge) badge.textContent = "";
+    };
+    const tick = async () => {
+      timer = null;
+      if (!document.hidden) await refresh();
+      schedule();
+    };
+    return schedule;
+  }
+
+  function runPage(project, runId) {
+    const box = document.getElementById("charts");
+    if (!box) return;
+    const status = document.getElementById("charts-status"), badge = document.getElementById("charts-live");
+    const runStatus = document.getElementById("run-status");
+    const grid = Grid(box);
+    let current = null;
+    const view = controls((refetch) => refetch ? load() : grid.redraw(view()));
+    const colors = {[runId]: colorOf(0)};
+    const running = () => current !== null && current.runs[0].status === "running";
+    const watch = live(() => load(), running, badge);
+    async function load() {
+      const v = view();
+      try {
+        current = await getJSON(`${api(project)}/runs/points?ids=${encodeURIComponent(runId)}` +
+                                `&x=${v.x}&points=${pointsWanted(grid, box)}`);
+      } catch (err) { status.textContent = err.message; status.className = "error"; return; }
+      status.className = "muted";
+      const charts = current.metrics.filter((m) => !m.single).length;
+      status.textContent = current.metrics.length ? `${charts} chart${charts === 1 ? "" : "s"}, ` +
+        `${current.metrics.length - charts} number${current.metrics.length - charts === 1 ? "" : "s"}` : "no metrics logged";
+      const r = current.runs[0];
+      if (runStatus && runStatus.textContent !== r.status) { runStatus.textContent = r.status; runStatus.className = `status ${r.status}`; }
+      grid.draw(current, colors, view());
+      watch();
+    }
+    load();
+    let resize = null;
+    window.addEventListener("resize", () => { clearTimeout(resize); resize = setTimeout(() => grid.redraw(view()), 200); });
+  }
+
+  // the diff of /runs/compare: a column per run, a row per hyper-parameter and per metric (its last value, min,
+  // max and point count in the title); rows where the runs differ are marked, and "only differences" hides the rest
+  function diffTable(box, body, colors) {
+    const wasOnly = Boolean(box.querySelector("#diff-only:checked"));  // kept over live refreshes
+    box.replaceChildren();
+    if (body.runs.length < 2) return;
+    const table = el("table", "diff");
+    table.id = "diff-table";
+    const head = table.createTHead().insertRow();
+    head.appendChild(el("th", null, ""));
+    for (const r of body.runs) {
+      const th = el("th", "run");
+      th.dataset.run = r.id;
+      th.style.borderTopColor = colors[r.id];
+      const a = el("a", null, r.label);
+      a.href = `/p/${encodeURIComponent(box.dataset.project)}/runs/${encodeURIComponent(r.id)}`;
+      th.append(swatch(colors[r.id]), a);
+      head.appendChild(th);
+    }
+    const tbody = table.createTBody();
+    const section = (title) => { const td = el("td", "section", title); td.colSpan = body.runs.length + 1; tbody.insertRow().appendChild(td); };
+    const row = (key, cells, differs, kind) => {
+      const tr = tbody.insertRow();
+      tr.dataset.key = key;
+      tr.dataset.kind = kind;
+      tr.className = differs ? "differs" : "same";
+      tr.appendChild(el("th", null, key));
+      const first = cells[0] ? cells[0].text : null;
+      for (const c of cells) {
+        const td = el("td", "num", c ? c.text : "");
+        if (c && c.title) td.title = c.title;
+        if (differs && (c ? c.text : null) !== first) td.classList.add("changed");
+        tr.appendChild(td);
+      }
+    };
+    section("hyper-parameters");
+    for (const p of body.params) row(p.key, p.values.map((v) => v === null ? null : {text: v}), p.differs, "param");
+    section("metrics (last value)");
+    for (const m of body.metrics) {
+      row(m.key, m.stats.map((s) => s ? {text: num(s.last), title: `min ${num(s.min)}, max ${num(s.max)}, ${s.count} points`} : null),
+          m.differs, "metric");
+    }
+    const only = el("label", "only");
+    const box2 = el("input");
+    box2.type = "checkbox";
+    box2.id = "diff-only";
+    only.append(box2, " only differences");
+    box2.checked = wasOnly;
+    table.classList.toggle("only-differences", wasOnly);
+    box2.addEventListener("change", () => table.classList.toggle("only-differences", box2.checked));
+    const differ = body.params.filter((p) => p.differs).length + body.metrics.filter((m) => m.differs).length;
+    const title = el("h2", null, "Diff ");
+    title.appendChild(el("small", null, `${differ} of ${body.params.length + body.metrics.length} rows differ`));
+    const scroll = el("div", "scroll");
+    scroll.appendChild(table);
+    box.append(title, only, scroll);
+  }
+
+  function runsPage(project) {
+    const rows = [...document.querySelectorAll("#runs tbody tr[data-id]")];
+    const colors = {};
+    rows.forEach((tr, i) => {
+      const color = colorOf(i);
+      colors[tr.dataset.id] = color;
+      tr.dataset.color = color;
+      const s = tr.querySelector(".swatch");
+      if (s) s.style.background = color;
+    });
+    const picked = () => rows.filter((tr) => tr.querySelector("input.pick").checked).map((tr) => tr.dataset.id);
+    const mark = () => rows.forEach((tr) => {
+      const on = tr.querySelector("input.pick").checked;
+      tr.classList.toggle("picked", on);
+      tr.style.boxShadow = on ? `inset 4px 0 0 ${tr.dataset.color}` : "";
+    });
+    const all = document.getElementById("select-all");
+    if (all) all.addEventListener("change", () => { rows.forEach((tr) => { tr.querySelector("input.pick").checked = all.checked; }); mark(); });
+    document.querySelectorAll("#runs input.pick").forEach((b) => b.addEventListener("change", mark));
+    const box = document.getElementById("charts"), status = document.getElementById("compare-status");
+    const legend = document.getElementById("legend"), diff = document.getElementById("diff");
+    const badge = document.getElementById("charts-live"), metric = document.getElementById("metric");
+    diff.dataset.project = project;
+    const grid = Grid(box);
+    let ids = [], current = null;
+    const view = controls((refetch) => { if (!ids.length) return; if (refetch) load(); else grid.redraw(view()); });
+    const running = () => current !== null && current.runs.some((r) => r.status === "running");
+    const watch = live(() => load(true), running, badge);
+    async function load(again) {
+      const v = view();
+      const only = metric && metric.value ? `&metrics=${encodeURIComponent(metric.value)}` : "";
+      const list = ids.map(encodeURIComponent).join(",");
+      if (!again) status.textContent = "loading…";
+      let diffBody;
+      try {
+        [current, diffBody] = await Promise.all([
+          getJSON(`${api(project)}/runs/points?ids=${list}&x=${v.x}&points=${pointsWanted(grid, box)}${only}`),
+          ids.length > 1 ? getJSON(`${api(project)}/runs/compare?ids=${list}`) : Promise.resolve(null)]);
+      } catch (err) { status.textContent = err.message; status.className = "error"; return; }
+      status.className = "muted";
+      legend.replaceChildren();
+      for (const r of current.runs) {
+        const item = el("span", "entry");
+        item.dataset.run = r.id;
+        item.append(swatch(colors[r.id]), el("span", "label", r.label));
+        legend.appendChild(item);
+      }
+      const charts = current.metrics.filter((m) => !m.single).length;
+      const counts = current.metrics.flatMap((m) => m.series.map((s) => s.count));
+      const shown = current.metrics.flatMap((m) => m.series.map((s) => s.x.length));
+      const thinned = counts.some((c, i) => c > shown[i]);
+      status.textContent = `${current.runs.length} run${current.runs.length === 1 ? "" : "s"}: ${charts} chart` +
+        `${charts === 1 ? "" : "s"}, ${current.metrics.length - charts} shown as numbers` +
+        (thinned ? ` · long curves drawn from at most ${current.points} points each (min and max kept)` : "");
+      grid.draw(current, colors, view());
+      if (diffBody) diffTable(diff, diffBody, colors); else diff.replaceChildren();
+      watch();
+    }
+    document.getElementById("compare").addEventListener("click", () => {
+      ids = picked();
+      if (!ids.length) { status.textContent = "select at least one run"; return; }
+      grid.clear();
+      box.dataset.signature = "";
+      load();
+    });
+    if (metric) metric.addEventListener("change", () => { if (ids.length) { grid.clear(); box.dataset.signature = ""; load(); } });
+    let resize = null;
+    window.addEventListener("resize", () => { clearTimeout(resize); resize = setTimeout(() => grid.redraw(view()), 200); });
+  }
+
+  return {runPage, runsPage, ema, num, COLORS};
+})();
