@@ -1,4 +1,4 @@
-// mlwarehouse UI: the live task board and task actions, the live champion panel (run charts: runs.js). No framework,
+// mlwarehouse UI: the live champion panel and number formatting (run charts: runs.js; the task board: tasks.js). No framework,
 // no network beyond this server: data is fetched from /api and written into the page with textContent (never as
 // HTML).
 "use strict";
@@ -20,77 +20,6 @@ const mlw = (() => {
   }
 
   const when = (t) => (typeof t === "string" && t.length >= 19) ? t.slice(0, 19).replace("T", " ") : (t || "");
-
-  function taskRow(tbody, project, t, writable) {
-    const row = tbody.insertRow();
-    row.dataset.id = t.id;
-    row.dataset.status = t.status;
-    const link = document.createElement("a");
-    link.href = `/p/${encodeURIComponent(project)}/tasks/${encodeURIComponent(t.id)}`;
-    link.textContent = t.task_name;
-    cell(row).appendChild(link);
-    const badge = document.createElement("span");
-    badge.className = `status ${t.status}`;
-    badge.textContent = t.status;
-    cell(row).appendChild(badge);
-    cell(row, `${t.attempts}/${t.max_attempts}`, "num");
-    const code = (value) => { const c = document.createElement("code"); c.textContent = JSON.stringify(value); return c; };
-    cell(row).appendChild(code(t.hyper_parameters));
-    const result = cell(row);
-    if (t.result !== null && t.result !== undefined) result.appendChild(code(t.result));
-    cell(row, t.worker || "");
-    cell(row, when(t.started));
-    cell(row, when(t.ended));
-    const pre = document.createElement("pre");
-    pre.className = "tail";
-    pre.textContent = t.error_tail || t.output_tail;
-    cell(row).appendChild(pre);
-    if (writable) {
-      const action = ["pending", "running"].includes(t.status) ? "cancel"
-                   : ["failed", "cancelled"].includes(t.status) ? "retry" : null;
-      const td = cell(row);
-      if (action) {
-        const button = document.createElement("button");
-        button.className = "act";
-        button.dataset.action = action;
-        button.textContent = action;
-        td.appendChild(button);
-      }
-    }
-  }
-
-  function tasksPage(project, q, writable) {
-    if (document.querySelector(".error")) return;  // a bad query: nothing to poll
-    const tbody = document.querySelector("#tasks tbody");
-    const live = document.getElementById("live");
-    const refresh = async () => {
-      try {
-        const data = await getJSON(`${api(project)}/tasks?q=${encodeURIComponent(q || "")}`);
-        tbody.replaceChildren();
-        data.rows.forEach((t) => taskRow(tbody, project, t, writable));
-        for (const [status, n] of Object.entries(data.counts)) {
-          const b = document.querySelector(`#counts b[data-status="${status}"]`);
-          if (b) b.textContent = n;
-        }
-        live.textContent = `live, updated ${new Date().toLocaleTimeString()}`;
-        live.className = "muted";
-      } catch (err) {
-        live.textContent = `not updated: ${err.message}`;
-        live.className = "error";
-      }
-    };
-    if (writable) tbody.addEventListener("click", async (event) => {
-      const button = event.target.closest("button.act");
-      if (!button) return;
-      const id = button.closest("tr").dataset.id;
-      try {
-        await getJSON(`${api(project)}/tasks/${encodeURIComponent(id)}/${button.dataset.action}`,
-                      {method: "POST", headers: {"X-MLW": "1"}});
-      } catch (err) { live.textContent = err.message; live.className = "error"; }
-      refresh();
-    });
-    setInterval(() => { if (!document.hidden) refresh(); }, 2000);
-  }
 
   // Numbers as the server's tables show them (Python's "%.4g": 4 significant digits, exponent below 1e-4 and
   // from 1e4 on); integers as they are.
@@ -223,5 +152,5 @@ const mlw = (() => {
     setInterval(() => { if (!document.hidden) refresh(); }, 2000);
   }
 
-  return {tasksPage, championsPanel, num};
+  return {championsPanel, num};
 })();
