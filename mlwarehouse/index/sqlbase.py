@@ -7,7 +7,7 @@ write transaction, so every write, ``find_one_and_update`` included, is atomic a
 
 A condition (equality, ``$in``, a range) on a field that may hold an array is what no index serves, with or without
 a sort: it means "the value passes, or an element of the array does". When an index holds that field, ``find`` and
-``count`` run the query as the union of both halves (:func:`mlwarehouse.index.sql.compiler.split_field`), each an
+``count`` run the query as the union of both halves (:func:`mlwarehouse.index.sql.plans.split_field`), each an
 index range in sort order. Which fields indexes hold is read from ``mlw_meta`` and trusted for a few seconds
 (another process's new index is used within that time); it only decides the plan, never the result. The SQL of
 plain filters (equalities) is compiled once per shape and kept per index object, with fresh parameters each time.
@@ -30,7 +30,8 @@ from typing import Any
 
 from mlwarehouse.errors import DuplicateKey, InvalidDocument
 from mlwarehouse.index.base import Filter, IndexBackend, Projection, Sort, Update
-from mlwarehouse.index.sql.compiler import Compiler, Dialect, index_expressions, plain_shape, split_field
+from mlwarehouse.index.sql.compiler import Compiler, Dialect, index_expressions
+from mlwarehouse.index.sql.plans import plain_shape, split_field
 from mlwarehouse.query import (
     apply_update,
     get_path,
@@ -352,7 +353,7 @@ class SQLIndex(IndexBackend):
     def _statement(self, kind: str, collection: str, node, scalars: frozenset[str], sort: Sort | None,
                    limit: int | None, skip: int) -> tuple[str, list]:
         """The SQL of a ``find`` or ``count`` and its parameters, split on a field where that serves (see the
-        module notes). The text of a plain filter (:func:`~mlwarehouse.index.sql.compiler.plain_shape`) is compiled
+        module notes). The text of a plain filter (:func:`~mlwarehouse.index.sql.plans.plain_shape`) is compiled
         once per shape and kept: compiling took most of the time of a query that an index answers in microseconds."""
         field = self._split(collection, node, scalars)
         plain = plain_shape(node, field)
