@@ -1,7 +1,9 @@
 """What runs inside a task's own process: ``python -m mlwarehouse.tasks.runtime SPEC.json``.
 
 A worker starts one such process per task attempt, in a new session, with stdout and stderr piped to it and the
-warehouse named by ``MLW_URI`` / ``MLW_BLOBS`` / ``MLW_PROJECT``. This process:
+warehouse named by ``MLW_URI`` / ``MLW_BLOBS`` / ``MLW_PROJECT``: a fresh interpreter (cold), or a fork of the
+worker's fork server (warm, :mod:`mlwarehouse.tasks.forkserver`), which calls :func:`main` the same way. This
+process:
 
 1. connects to the warehouse and starts a run for the task (its id is recorded on the task), so the logs and
    models the task saves link back to it (task -> run -> model -> dataset);
@@ -12,8 +14,8 @@ warehouse named by ``MLW_URI`` / ``MLW_BLOBS`` / ``MLW_PROJECT``. This process:
 4. reads the saved result keys from the namespace (or the function's return value), checks they can be stored,
    and writes the outcome as JSON to the result file the worker named; the worker records it.
 
-It exits by itself if its worker dies (it checks its parent every half second), so a killed worker leaves no
-task process behind.
+It exits by itself if its parent (the worker, or the fork server) dies: it checks every half second, so a killed
+worker leaves no task process behind.
 """
 
 from __future__ import annotations

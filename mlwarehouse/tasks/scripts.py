@@ -3,7 +3,8 @@
 A script is the path of a ``.py`` file, whose source is stored as a blob with its sha256 (workers need no copy of
 it), or a ``"module:function"`` target that the worker imports. A missing file, a syntax error or a callable no
 worker could import raises TaskError at once, not on a worker. Running scripts is the task process's job
-(:mod:`mlwarehouse.tasks.runtime`), which only a worker starts.
+(:mod:`mlwarehouse.tasks.runtime`), which only a worker starts (a fresh interpreter, or a fork of the worker's
+fork server: :mod:`mlwarehouse.tasks.forkserver`).
 """
 
 from __future__ import annotations

@@ -3,7 +3,18 @@
 Starting a worker is the explicit permission to execute task scripts stored in the warehouse (``mlw worker`` or
 ``Worker(...).run()``); nothing else in mlwarehouse runs them. Each attempt runs in a fresh process
 (:mod:`mlwarehouse.tasks.runtime`) in its own session, so no global leaks from one task to the next and a killed
-task takes its own subprocesses with it. The worker:
+task takes its own subprocesses with it. That process is started one of two ways:
+
+- warm: forked from the worker's fork server (:mod:`mlwarehouse.tasks.forkserver`), a process that imported
+  numpy, torch (if installed) and mlwarehouse once; a fork costs milliseconds where a new interpreter costs a
+  fraction of a second (seconds with torch). What the forked processes share and what is fresh in each is listed
+  in that module;
+- cold: a new interpreter (``python -m mlwarehouse.tasks.runtime``), as on every platform without ``os.fork``.
+
+``warm=None`` (the default; ``MLW_WORKER_MODE`` = ``auto``, ``warm`` or ``cold`` overrides it) is auto: on Linux
+the worker starts its fork server with its first task and starts tasks cold until the server is ready, so a
+worker that runs one task is no slower than a cold one; ``warm=True`` waits for the server before claiming;
+``warm=False`` is always cold. The guarantees are the same in both modes. The worker:
 
 - claims up to ``concurrency`` tasks (one atomic update each), polling cheaply while idle; never listener
   tasks (``schema.LISTENER_TASK``): they are not scripts, the listener worker computes them;
@@ -30,7 +41,8 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+import weakref
+from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,18 +51,24 @@ from typing import IO, Any
 from mlwarehouse import schema
 from mlwarehouse.errors import BackendError, TaskError
 from mlwarehouse.ids import new_id
+from mlwarehouse.tasks import forkserver
+from mlwarehouse.tasks.forkserver import Forked, ForkServer
 from mlwarehouse.tasks.queue import Task
 
 __all__ = ["Worker"]
 
 #: at most this much of a task's output is stored (its end); the rest is dropped
 MAX_OUTPUT = 64 * 1024 * 1024
+#: how task processes start when ``warm`` is not given (``auto``, ``warm`` or ``cold``; default ``auto``)
+MODE_VARIABLE = "MLW_WORKER_MODE"
+#: seconds a fork server may take to import its modules before the worker gives it up and starts tasks cold
+SERVER_START_TIMEOUT = 120.0
 
 
 @dataclass
 class _Child:
     task: Task
-    proc: subprocess.Popen
+    proc: subprocess.Popen | Forked
     folder: Path
     started: float
     deadline: float | None
@@ -80,13 +98,16 @@ class Worker:
     """Runs the tasks named ``task_name`` (any name if None) of a project, ``concurrency`` at a time.
 
     ``echo(task, line)`` receives each line a task prints (decoded, with its newline), one call at a time; by
-    default, when ``verbose``, the line goes to stdout after the task's name and id.
+    default, when ``verbose``, the line goes to stdout after the task's name and id. ``warm`` chooses how task
+    processes start (see the module's docstring); ``preload`` names the modules a warm worker's fork server
+    imports (default :data:`mlwarehouse.tasks.forkserver.PRELOAD`).
     """
 
     def __init__(self, target: Any, task_name: str | None = None, *, concurrency: int = 1,
                  lease_seconds: float = 30.0, heartbeat_seconds: float | None = None, poll_interval: float = 0.1,
                  once: bool = False, verbose: bool = True, kill_grace: float = 5.0, where: dict | None = None,
-                 echo: Callable[[Task, str], None] | None = None):
+                 echo: Callable[[Task, str], None] | None = None, warm: bool | None = None,
+                 preload: Sequence[str] | None = None):
         from mlwarehouse.warehouse import Warehouse
         self.project = target.project() if isinstance(target, Warehouse) else target
         settings = self.project.warehouse.settings
@@ -117,14 +138,26 @@ class Worker:
         self._echo_lock = threading.Lock()
         self._env = {**os.environ, "MLW_URI": settings.index_uri, "MLW_BLOBS": settings.blobs_uri,
                      "MLW_PROJECT": self.project.name, "PYTHONUNBUFFERED": "1"}
+        self.mode = _mode(warm)
+        self.preload = (forkserver.preload_for(settings.index_uri, settings.blobs_uri) if preload is None
+                        else tuple(preload))
+        self.forked = 0  # task processes forked from the fork server
+        self.cold = 0    # task processes started as a fresh interpreter
+        self._server: ForkServer | None = None
+        self._server_started = 0.0
+        self._server_closer: weakref.finalize | None = None
+        self._server_gave_up = False
 
     # -- public --------------------------------------------------------------------------------------------
     def run(self) -> int:
         """Work until stopped (or, with ``once``, until no pending task is left); returns tasks processed."""
         self._say(f"worker {self.id} on project {self.project.name!r}, task name {self.task_name!r}, "
-                  f"concurrency {self.concurrency}")
+                  f"concurrency {self.concurrency}, {self.mode} task processes")
         with self._signals():
-            self._loop(None, self.where, None)
+            try:
+                self._loop(None, self.where, None)
+            finally:
+                self.close()
         self._say(f"worker {self.id} stopped after {self.processed} tasks")
         return self.processed
 
@@ -134,6 +167,24 @@ class Worker:
         with self._signals():
             last = self._loop(1, where or self.where, sort)
         return self.tasks.get(last) if last and self.processed > before else None
+
+    def warm_up(self, timeout: float = SERVER_START_TIMEOUT) -> bool:
+        """Start the fork server now and wait until it is ready: True if the next tasks will be forked from it
+        (False for a cold worker, or when the server could not start)."""
+        server = self._fork_server()
+        return server is not None and server.wait_ready(timeout)
+
+    @property
+    def fork_server_pid(self) -> int | None:
+        """The pid of the running fork server (None: none runs now, or the worker is cold)."""
+        return self._server.pid if self._server is not None and not self._server.dead else None
+
+    def close(self) -> None:
+        """Stop the fork server, if one runs (:meth:`run` does this when it returns; a later task starts
+        another). Call it after :meth:`run_one` calls, or let the worker's garbage collection or exit do it."""
+        closer, self._server, self._server_closer = self._server_closer, None, None
+        if closer is not None:
+            closer()
 
     def stop(self) -> None:
         """Ask the worker to stop claiming, terminate its tasks, release them and return (thread-safe)."""
@@ -168,7 +219,7 @@ class Worker:
                     self._reap()
                     self._supervise(now)
                     while (len(self._children) < self.concurrency and not self._stop.is_set()
-                           and (max_tasks is None or started < max_tasks)):
+                           and (max_tasks is None or started < max_tasks) and self._may_start()):
                         if idle and not self.tasks.has_pending(self.task_name, where):
                             break
                         task = self.tasks.claim(self.task_name, self.id, self.lease_seconds, where=where, sort=sort)
@@ -199,10 +250,22 @@ class Worker:
                                                  "saved_result_keys", "attempts")},
                 "project": self.project.name, "worker": self.id, "result_path": str(folder / "result.json"),
                 "parent_pid": os.getpid()}
-        (folder / "spec.json").write_text(json.dumps(spec), encoding="utf-8")
-        proc = subprocess.Popen([sys.executable, "-m", "mlwarehouse.tasks.runtime", str(folder / "spec.json")],
-                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                env=self._env, start_new_session=True)
+        spec_path = folder / "spec.json"
+        proc: subprocess.Popen | Forked | None = None
+        server = self._fork_server()
+        if server is not None and server.ready:
+            spec_path.write_text(json.dumps({**spec, "parent_pid": server.pid}), encoding="utf-8")
+            try:
+                proc = server.spawn(str(spec_path), os.getcwd())
+                self.forked += 1
+            except (TaskError, OSError) as exc:
+                self._say(f"task {task.id}: {exc}; starting it cold")
+        if proc is None:
+            spec_path.write_text(json.dumps(spec), encoding="utf-8")
+            proc = subprocess.Popen([sys.executable, "-m", "mlwarehouse.tasks.runtime", str(spec_path)],
+                                    stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                    env=self._env, start_new_session=True)
+            self.cold += 1
         now = time.monotonic()
         timeout = doc.get("timeout")
         child = _Child(task, proc, folder, now, now + timeout if timeout else None, now + self.heartbeat_seconds)
@@ -211,6 +274,40 @@ class Worker:
         self._children.append(child)
         self._say(f"task {task.id} ({task.task_name}) started, attempt {doc.get('attempts')}: "
                   f"{doc.get('hyper_parameters')}")
+
+    def _may_start(self) -> bool:
+        """Whether a task may start now: a warm worker waits for its fork server (unless it gave the server up)."""
+        if self.mode != "warm":
+            return True
+        server = self._fork_server()
+        return server is None or server.ready
+
+    def _fork_server(self) -> ForkServer | None:
+        """The running fork server, started (not awaited) if there is none; None for a cold worker, or once the
+        worker gave up on servers (one died or hung while importing: its tasks start cold from then on)."""
+        if self.mode == "cold" or self._server_gave_up:
+            return None
+        server = self._server
+        if server is not None and not server.ready:
+            if server.dead and server.was_ready:
+                self._say(f"the fork server (pid {server.pid}) died: starting another")
+                self.close()
+            elif server.dead or time.monotonic() - self._server_started > SERVER_START_TIMEOUT:
+                self._say(f"the fork server (pid {server.pid}) did not start (see its errors above): "
+                          f"task processes start cold from now on")
+                self._server_gave_up = True
+                self.close()
+                return None
+        if self._server is None:
+            try:
+                server = ForkServer(self._env, self.preload, notify=self._wake.set)
+            except (OSError, TaskError) as exc:
+                self._say(f"no fork server ({exc}): task processes start cold")
+                self._server_gave_up = True
+                return None
+            self._server, self._server_started = server, time.monotonic()
+            self._server_closer = weakref.finalize(self, server.close)
+        return self._server
 
     def _pump(self, child: _Child) -> None:
         """Copy the child's output to its spool file (and to ``echo``, if any) until it closes."""
@@ -356,6 +453,22 @@ class Worker:
         if self.verbose:
             with self._echo_lock:
                 print(f"[mlw worker] {message}", flush=True)
+
+
+def _mode(warm: bool | None) -> str:
+    """``warm``, ``cold`` or ``auto`` (warm once the fork server is ready), from ``warm`` or MLW_WORKER_MODE."""
+    if warm is None:
+        mode = os.environ.get(MODE_VARIABLE, "").strip().lower() or "auto"
+        if mode not in ("auto", "warm", "cold"):
+            raise TaskError(f"{MODE_VARIABLE} must be auto, warm or cold, not {mode!r}")
+    else:
+        mode = "warm" if warm else "cold"
+    if mode != "cold" and not forkserver.available():
+        if mode == "warm":
+            raise TaskError("warm task processes need os.fork and Unix sockets that pass file descriptors "
+                            "(Linux): run the worker cold")
+        mode = "cold"
+    return mode
 
 
 def _echo_prefixed(task: Task, line: str) -> None:

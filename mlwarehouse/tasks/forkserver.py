@@ -1,0 +1,407 @@
+"""Warm task processes: a fork server that imports the heavy modules once, then forks a fresh process per task.
+
+A cold task process (``python -m mlwarehouse.tasks.runtime``) spends most of a short task starting Python and
+importing numpy, mlwarehouse and (seconds of) torch. A worker in warm mode starts one fork server per worker
+(``python -m mlwarehouse.tasks.forkserver FD PRELOAD``) that imports them once and from then on only forks: each
+task attempt is a new child of the server that runs the same :func:`mlwarehouse.tasks.runtime.main` a cold
+process runs, so scripts, results, runs and errors are the same in both modes.
+
+Shared by every task, as copies made at the fork (so what a task changes dies with its process and never reaches
+the next one): the interpreter, the modules the server imported (:data:`PRELOAD`) in their just-imported state,
+the environment and ``sys.path`` the worker started the server with, the string hash seed, and memory pages
+until a task writes them (copy-on-write).
+
+Fresh in each task process: its pid, its own session and process group (``os.setsid`` before the worker hears
+of it, so a timeout or a cancel kills the whole group), Python's default signal handlers (then the runtime's),
+stdin (``/dev/null``), stdout and stderr (a new pipe that only the worker reads), the working directory (the
+worker's at the fork), the warehouse connection (the runtime connects in the child; the server never opens one,
+so no SQLite or psycopg connection, lock or thread crosses a fork), the random state (``random`` reseeds itself
+at a fork; numpy's global generator and mlwarehouse's id sequence are reseeded here), the import caches, the
+script's namespace, ``current_task()`` and ``current_run()``.
+
+The server runs no task code and no torch operation and starts no thread of its own, so torch's and OpenMP's
+thread pools are not running at a fork (OpenBLAS, loaded with numpy, stops and restarts its own around forks)
+and CUDA, never initialised in the server, can be used in a child. It serves one worker over a Unix socket pair
+(``SOCK_SEQPACKET``, one JSON message each): it says ``{"ready": pid}`` once imported; a ``{"spec": path, "cwd":
+dir}`` request carries the write end of the task's output pipe and is answered ``{"forked": pid}`` by the child
+itself, once it leads its session; ``{"exit": pid, "code": n}`` reports each child's end (``n`` as
+``Popen.returncode``: minus the signal's number when killed). It exits when the worker's end of the socket
+closes (the worker stopped, or was killed), SIGKILLing the groups of tasks still running; the tasks also watch it
+and take themselves down if it dies, as cold tasks watch their worker.
+
+Limits: an environment variable that a preloaded library reads when it loads (``OMP_NUM_THREADS`` set by a
+script before ``import torch``) has no effect in a warm process: set it in the worker's environment, call
+``torch.set_num_threads``, or run the worker cold. Warm mode needs ``os.fork`` and file descriptors passed over
+Unix sockets, which this module uses on Linux only (:func:`available`).
+"""
+
+from __future__ import annotations
+
+import gc
+import importlib
+import importlib.util
+import io
+import json
+import os
+import queue
+import select
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import traceback
+from collections.abc import Callable, Sequence
+
+from mlwarehouse.errors import TaskError
+
+__all__ = ["ForkServer", "Forked", "PRELOAD", "available", "preload_for"]
+
+#: imported once by the fork server (a missing one is skipped): what a task process needs, and what tasks import
+PRELOAD = ("numpy", "torch", "mlwarehouse", "mlwarehouse.config", "mlwarehouse.warehouse", "mlwarehouse.index.sqlite",
+           "mlwarehouse.blobs.files", "mlwarehouse.runs.registry", "mlwarehouse.tasks.queue",
+           "mlwarehouse.tasks.runtime")
+
+_START_DIR: str | None = None  # set in the server process
+
+#: seconds the worker waits for the answer to one fork request before it gives the server up
+REPLY_TIMEOUT = 30.0
+
+
+def available() -> bool:
+    """Whether warm task processes can run here (Linux: ``os.fork``, ``SOCK_SEQPACKET`` and fd passing)."""
+    return (sys.platform.startswith("linux") and hasattr(os, "fork") and hasattr(socket, "send_fds")
+            and hasattr(socket, "SOCK_SEQPACKET"))
+
+
+#: the backend modules a task process imports for an index or blob URI scheme (preloaded by :func:`preload_for`)
+_INDEX_MODULES = {"postgresql": "mlwarehouse.index.postgres", "postgres": "mlwarehouse.index.postgres",
+                  "mongodb": "mlwarehouse.index.mongo", "mongodb+srv": "mlwarehouse.index.mongo"}
+_BLOB_MODULES = {"s3": "mlwarehouse.blobs.s3", "mongodb": "mlwarehouse.blobs.gridfs",
+                 "mongodb+srv": "mlwarehouse.blobs.gridfs"}
+
+
+def preload_for(index_uri: str, blobs_uri: str, base: Sequence[str] | None = None) -> tuple[str, ...]:
+    """``base`` (default :data:`PRELOAD`) plus the backend modules that the task processes of a warehouse at these
+    URIs import."""
+    base = PRELOAD if base is None else tuple(base)
+    extra = []
+    for uri, modules in ((index_uri, _INDEX_MODULES), (blobs_uri, _BLOB_MODULES)):
+        module = modules.get(uri.partition("://")[0].lower()) if "://" in uri else None
+        if module and module not in base and module not in extra:
+            extra.append(module)
+    return (*base, *extra)
+
+
+class Forked:
+    """A task process forked by the server: the part of ``subprocess.Popen`` that the worker uses.
+
+    Its parent is the server, not the worker, so ``returncode`` is set when the server reports the exit (or to
+    ``-SIGKILL`` when the server itself is gone: its children take themselves down, and the worker kills their
+    process groups when it reaps them).
+    """
+
+    def __init__(self, pid: int):
+        self.pid = pid
+        self.returncode: int | None = None
+        self.stdout: io.BufferedReader | None = None
+
+    def poll(self) -> int | None:
+        return self.returncode
+
+
+class ForkServer:
+    """The worker's side of one fork server: start it, fork task processes from it, learn when they end.
+
+    Starting returns at once; :attr:`ready` turns true once the server has imported ``preload``
+    (:meth:`wait_ready` blocks for it). ``notify()`` is called (from a reader thread) when the server becomes
+    ready, when a task process ends and when the server dies. Fork requests come from one thread at a time.
+    """
+
+    def __init__(self, env: dict, preload: Sequence[str] = PRELOAD, notify: Callable[[], None] | None = None):
+        if not available():
+            raise TaskError("warm task processes need os.fork and Unix sockets that pass file descriptors "
+                            "(Linux); run the worker cold")
+        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "mlwarehouse.tasks.forkserver", str(theirs.fileno()), json.dumps(list(preload))],
+                env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, pass_fds=(theirs.fileno(),),
+                start_new_session=True)  # a Ctrl-C meant for the worker is not the server's: the worker stops it
+        except BaseException:
+            mine.close()
+            raise
+        finally:
+            theirs.close()
+        self.pid = self.proc.pid
+        self.loaded: list[str] = []
+        self.failed: dict[str, str] = {}
+        self.was_ready = False  # it said ready once (so a death is a crash, not a failed start)
+        self._sock = mine
+        self._notify = notify or (lambda: None)
+        self._ready = threading.Event()
+        self._dead = threading.Event()
+        self._replies: queue.Queue = queue.Queue()
+        self._live: dict[int, Forked] = {}  # touched by the reader thread only
+        self._pending = False  # a fork request waits for its answer
+        self._lock = threading.Lock()
+        self._reader = threading.Thread(target=self._read, name=f"mlw-forkserver-{self.pid}", daemon=True)
+        self._reader.start()
+
+    @property
+    def ready(self) -> bool:
+        """True once the server has imported its modules, until it dies."""
+        return self._ready.is_set() and not self._dead.is_set()
+
+    @property
+    def dead(self) -> bool:
+        return self._dead.is_set()
+
+    def wait_ready(self, timeout: float | None = None) -> bool:
+        """Block until the server is ready (True) or dead or ``timeout`` passed (False)."""
+        self._ready.wait(timeout)
+        return self.ready
+
+    def spawn(self, spec_path: str, cwd: str) -> Forked:
+        """Fork a task process running ``runtime.main([spec_path])`` in ``cwd``; its output comes out of
+        ``.stdout``. Raises TaskError if the server cannot fork now (the worker then starts the task cold)."""
+        if not self.ready:
+            raise TaskError("the fork server is not ready")
+        read_end, write_end = os.pipe()
+        try:
+            with self._lock:
+                self._pending = True
+                try:
+                    socket.send_fds(self._sock, [json.dumps({"spec": spec_path, "cwd": cwd}).encode()], [write_end])
+                    reply = self._replies.get(timeout=REPLY_TIMEOUT)
+                except (OSError, queue.Empty) as exc:
+                    self.close(timeout=1.0)  # a late answer would be taken for the next request's: give it up
+                    raise TaskError(f"the fork server did not answer ({type(exc).__name__}: {exc})") from None
+                finally:
+                    self._pending = False
+        except BaseException:
+            os.close(read_end)
+            raise
+        finally:
+            os.close(write_end)  # the child holds it now: the pipe ends when the task's session closes it
+        if not isinstance(reply, Forked):
+            os.close(read_end)
+            error = reply.get("error") if isinstance(reply, dict) else "the fork server died"
+            raise TaskError(f"the fork server could not fork: {error}")
+        reply.stdout = os.fdopen(read_end, "rb")
+        return reply
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop the server (it SIGKILLs the groups of tasks still running) and wait for it."""
+        if not self._ready.is_set():
+            self.proc.kill()  # still importing, so it forked nothing and cannot read end-of-file yet
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)  # wakes the reader thread; the server reads end-of-file
+        except OSError:
+            pass
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        if self._reader is not threading.current_thread():
+            self._reader.join(timeout)
+        self._sock.close()
+
+    def _read(self) -> None:
+        try:
+            while True:
+                data = self._sock.recv(65536)
+                if not data:
+                    break
+                message = json.loads(data)
+                if "exit" in message:
+                    handle = self._live.pop(message["exit"], None)
+                    if handle is not None:
+                        handle.returncode = int(message["code"])
+                    elif self._pending:  # the child of the request in flight died before it could answer
+                        self._replies.put({"error": f"the task process ended at once (status {message['code']})"})
+                elif "forked" in message:  # sent by the child itself, so always before the server reports its exit
+                    pid = message["forked"]
+                    if pid:
+                        self._live[pid] = handle = Forked(pid)
+                    self._replies.put(handle if pid else message)
+                elif "ready" in message:
+                    self.loaded, self.failed = message.get("loaded", []), message.get("failed", {})
+                    self.was_ready = True
+                    self._ready.set()
+                self._notify()
+        except (OSError, ValueError):
+            pass
+        finally:
+            self._dead.set()
+            for handle in self._live.values():
+                handle.returncode = -signal.SIGKILL
+            self._live.clear()
+            self._replies.put(None)
+            self._ready.set()
+            self._notify()
+
+
+# -- the server process ------------------------------------------------------------------------------------
+def _send(sock: socket.socket, message: dict) -> None:
+    sock.send(json.dumps(message).encode())
+
+
+def _parent_death_signal(sig: int) -> None:
+    """The signal this process gets when its parent thread dies (0: none). SIGKILL while importing, when the
+    server cannot read the end of its socket; then 0, so that a dying worker is seen as end-of-file and the
+    server kills its tasks' groups at once."""
+    try:
+        import ctypes
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(sig))  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def _preload(names: Sequence[str]) -> tuple[list[str], dict[str, str]]:
+    loaded, failed = [], {}
+    for name in names:
+        try:
+            if importlib.util.find_spec(name.partition(".")[0]) is None:
+                continue  # not installed (torch is optional)
+            importlib.import_module(name)
+            loaded.append(name)
+        except Exception as exc:  # a broken optional install must not stop the server: the task imports it
+            failed[name] = f"{type(exc).__name__}: {exc}"
+    return loaded, failed
+
+
+def serve(fd: int, preload: Sequence[str]) -> None:
+    """The server's loop: import, say ready, then fork on request and report exits until end-of-file."""
+    _parent_death_signal(signal.SIGKILL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    sock = socket.socket(fileno=fd)
+    loaded, failed = _preload(preload)
+    _parent_death_signal(0)
+    gc.collect()
+    gc.freeze()  # imported objects stay out of the children's collections: fewer pages copied on write
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_r, False)
+    os.set_blocking(wake_w, False)
+    signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
+    signal.signal(signal.SIGCHLD, lambda signum, frame: None)  # the wakeup fd turns SIGCHLD into a readable fd
+    children: set[int] = set()
+    inherited = (sock.fileno(), wake_r, wake_w)
+    try:
+        _send(sock, {"ready": os.getpid(), "loaded": loaded, "failed": failed})
+        while True:
+            readable, _, _ = select.select([sock, wake_r], [], [])
+            if wake_r in readable:
+                try:
+                    while os.read(wake_r, 4096):
+                        pass
+                except BlockingIOError:
+                    pass
+            _reap(sock, children)
+            if sock in readable:
+                data, fds, _, _ = socket.recv_fds(sock, 65536, 4)
+                if not data:
+                    break  # the worker closed its end, or died
+                try:
+                    request = json.loads(data)
+                    if len(fds) != 1:
+                        raise ValueError(f"a fork request carries one file descriptor, not {len(fds)}")
+                    children.add(_fork(request, fds[0], sock, inherited))
+                except (OSError, ValueError, KeyError) as exc:
+                    _send(sock, {"forked": None, "error": f"{type(exc).__name__}: {exc}"})
+                finally:
+                    for extra in fds:
+                        os.close(extra)
+    except (BrokenPipeError, ConnectionError):
+        pass  # the worker is gone
+    finally:
+        for pid in children:  # tasks of a worker that is gone: nobody would record them
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except OSError:
+                pass
+
+
+def _reap(sock: socket.socket, children: set[int]) -> None:
+    while children:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        children.discard(pid)
+        _send(sock, {"exit": pid, "code": os.waitstatus_to_exitcode(status)})
+
+
+def _fork(request: dict, out_fd: int, sock: socket.socket, inherited: tuple[int, ...]) -> int:
+    spec, cwd = str(request["spec"]), str(request["cwd"])
+    pid = os.fork()
+    if pid == 0:  # the task process: never returns into the server's loop
+        code = 1
+        try:
+            os.setsid()
+            # it leads its own session now, so the worker may signal its group: the child answers the request
+            # itself (before it can exit, so before the server can report its exit), and the server forks on
+            _send(sock, {"forked": os.getpid()})
+            code = _child(spec, cwd, out_fd, inherited)
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            try:
+                sys.stdout.flush()
+                sys.stderr.flush()
+            finally:
+                os._exit(code)
+    return pid
+
+
+def _child(spec: str, cwd: str, out_fd: int, inherited: tuple[int, ...]) -> int:
+    """Turn the fresh fork into a task process (see the module's docstring) and run the task."""
+    signal.set_wakeup_fd(-1)
+    for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2,
+                signal.SIGALRM):
+        signal.signal(sig, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # as Python starts
+    signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+    for fd in inherited:
+        os.close(fd)
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.close(null)
+    os.dup2(out_fd, 1)
+    os.dup2(out_fd, 2)
+    os.close(out_fd)
+    sys.stdin = sys.__stdin__ = io.TextIOWrapper(open(0, "rb", closefd=False), encoding=sys.stdin.encoding,
+                                                 errors=sys.stdin.errors)
+    sys.stdout = sys.__stdout__ = io.TextIOWrapper(open(1, "wb", buffering=0, closefd=False), write_through=True,
+                                                   encoding=sys.stdout.encoding, errors=sys.stdout.errors)
+    sys.stderr = sys.__stderr__ = io.TextIOWrapper(open(2, "wb", buffering=0, closefd=False), write_through=True,
+                                                   encoding=sys.stderr.encoding, errors="backslashreplace")
+    if sys.path and sys.path[0] == _START_DIR:
+        sys.path[0] = cwd  # as ``python -m`` in ``cwd`` would have it
+    os.chdir(cwd)
+    _reseed()
+    importlib.invalidate_caches()  # modules written since the server started are found
+    from mlwarehouse.tasks import runtime
+    sys.argv = [runtime.__file__, spec]
+    return runtime.main([spec])
+
+
+def _reseed() -> None:
+    """Random state the fork copied: each task draws its own (``random`` reseeds itself at a fork)."""
+    mtrand = sys.modules.get("numpy.random.mtrand")
+    if mtrand is not None:
+        mtrand.seed()  # numpy's legacy global generator (np.random.rand...), from fresh entropy
+    ids = sys.modules.get("mlwarehouse.ids")
+    if ids is not None:
+        with ids._lock:
+            ids._last_ms = -1  # the next id draws new random bits, not the server's sequence plus one
+
+
+if __name__ == "__main__":
+    _START_DIR = sys.path[0] if sys.path else None  # ``python -m`` put the directory it started in first
+    serve(int(sys.argv[1]), json.loads(sys.argv[2]))
