@@ -34,7 +34,7 @@ def alive(pid: int) -> bool:
 
 @pytest.fixture(autouse=True)
 def _clean_env(monkeypatch):
-    for name in ("MLW_URI", "MLW_BLOBS", "MLW_HOME", "MLW_PROJECT"):
+    for name in ("MLW_URI", "MLW_BLOBS", "MLW_HOME", "MLW_PROJECT", "MLW_WORKER_MODE"):
         monkeypatch.delenv(name, raising=False)
 
 

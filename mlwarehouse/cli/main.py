@@ -250,6 +250,10 @@ def worker(task_name: Optional[str] = typer.Option(None, "--task-name", "-t", he
            lease: float = typer.Option(30.0, "--lease", help="lease seconds, renewed by heartbeats"),
            listeners: bool = typer.Option(True, "--listeners/--no-listeners",
                                           help="also compute the outputs of collections' listeners"),
+           warm: Optional[bool] = typer.Option(None, "--warm/--cold",
+                                               help="fork each task from a pre-imported runtime (--warm, waiting "
+                                                    "for it) or start a fresh interpreter (--cold); default: warm "
+                                                    "once ready where fork exists, or MLW_WORKER_MODE"),
            uri: Optional[str] = UriOpt, blobs: Optional[str] = BlobsOpt, project: str = ProjectOpt):
     """Pull tasks from the warehouse and run each in its own process (this executes task scripts), and compute
     listeners' outputs in a thread beside them (this runs the listeners' models)."""
@@ -261,7 +265,7 @@ def worker(task_name: Optional[str] = typer.Option(None, "--task-name", "-t", he
     if task_name == schema.LISTENER_TASK:  # listener tasks are not scripts: only the listener worker runs them
         ListenerWorker(p, lease_seconds=lease, once=once, verbose=True).run()
         return
-    scripts = Worker(p, task_name, concurrency=concurrency, lease_seconds=lease, once=once)
+    scripts = Worker(p, task_name, concurrency=concurrency, lease_seconds=lease, once=once, warm=warm)
     if not listeners:
         scripts.run()
         return
