@@ -31,6 +31,7 @@ from mlwarehouse.models.evaluations import Evaluations
 from mlwarehouse.query.jsonvalues import PATH_RE
 from mlwarehouse.web import champions, data, downloads, items_view, sweep
 from mlwarehouse.web import lineage as lineage_view
+from mlwarehouse.web import views as saved_views
 from mlwarehouse.web.api import router
 from mlwarehouse.web.arrays import dataset_previews, describe, leaves
 from mlwarehouse.web.collections import router as collections_router
@@ -64,6 +65,7 @@ def create_app(warehouse, *, writable: bool = False, allowed_hosts: Iterable[str
     app.include_router(champions.router)  # the same: the alias panel's API and the alias history page
     app.include_router(sweep.router)  # the same: the sweep view of a set of runs and its JSON
     app.include_router(downloads.router)  # the same: weights, arrays and task output as files
+    app.include_router(saved_views.router)  # the same: saved views (filter, text, sort) of the list pages
     _error_handlers(app)
 
     def page(request: Request, name: str, status: int = 200, **context: Any) -> HTMLResponse:
@@ -83,11 +85,11 @@ def create_app(warehouse, *, writable: bool = False, allowed_hosts: Iterable[str
 
     @app.get("/p/{project:path}/runs", response_class=HTMLResponse)
     def runs(request: Request, project: str, q: str = "", sort: str = "", limit: int = Query(1000, ge=1, le=10_000),
-             skip: int = Query(0, ge=0)):
+             skip: int = Query(0, ge=0), text: str = ""):
         def fetch(p, flt):
-            return data.runs_table(p, flt, data.parse_sort(sort), limit, skip)
+            return data.runs_table(p, data.text_filter("runs", text, flt), data.parse_sort(sort), limit, skip)
         return listing(request, project, "runs", fetch, q, {"rows": [], "params": [], "metrics": [], "total": 0},
-                       sort=sort)
+                       sort=sort, text=text)
 
     @app.get("/p/{project:path}/runs/{run_id}", response_class=HTMLResponse)
     def run(request: Request, project: str, run_id: str):
@@ -99,15 +101,16 @@ def create_app(warehouse, *, writable: bool = False, allowed_hosts: Iterable[str
 
     @app.get("/p/{project:path}/models", response_class=HTMLResponse)
     def models(request: Request, project: str, q: str = "", sort: str = "", limit: int = Query(500, ge=1, le=10_000),
-               skip: int = Query(0, ge=0), checkpoints: bool = False):
+               skip: int = Query(0, ge=0), checkpoints: bool = False, text: str = ""):
         """The leaderboard: final models ranked by a metric; ``checkpoints=1`` shows checkpoints too. Above it,
         the live champion panel (every alias now, see :mod:`mlwarehouse.web.champions`)."""
         def fetch(p, flt):
-            board = data.leaderboard(p, flt, data.parse_sort(sort), limit, skip, checkpoints=checkpoints)
+            board = data.leaderboard(p, data.text_filter("models", text, flt), data.parse_sort(sort), limit, skip,
+                                     checkpoints=checkpoints)
             return {**board, "sort": sort or board["ranked"] or ""}
         return listing(request, project, "models", fetch, q,
                        {"rows": [], "metrics": [], "total": 0, "hidden_checkpoints": 0}, sort=sort,
-                       checkpoints=checkpoints, champions=champions.panel(warehouse.project(project)))
+                       checkpoints=checkpoints, champions=champions.panel(warehouse.project(project)), text=text)
 
     @app.get("/p/{project:path}/models/{model_id}", response_class=HTMLResponse)
     def model(request: Request, project: str, model_id: str):
@@ -136,18 +139,20 @@ def create_app(warehouse, *, writable: bool = False, allowed_hosts: Iterable[str
 
     @app.get("/p/{project:path}/tasks", response_class=HTMLResponse)
     def tasks(request: Request, project: str, q: str = "", limit: int = Query(TASKS_PER_PAGE, ge=1, le=MAX_TASKS),
-              before: str = "", after: str = ""):
+              before: str = "", after: str = "", text: str = ""):
         """The task board, one page of ``limit`` tasks (newest first; ``before``/``after`` an id: the next or
         the previous page), re-drawn by static/tasks.js from the JSON below."""
-        return listing(request, project, "tasks", lambda p, flt: task_page(p, flt, limit, before, after), q,
+        return listing(request, project, "tasks",
+                       lambda p, flt: task_page(p, data.text_filter("tasks", text, flt), limit, before, after), q,
                        {"rows": [], "counts": {}, "total": 0, "offset": 0, "older": None, "newer": None},
-                       limit=limit)
+                       limit=limit, text=text)
 
     @app.get("/api/p/{project:path}/tasks/page")
     def tasks_json(project: str, q: str = "", limit: int = Query(TASKS_PER_PAGE, ge=1, le=MAX_TASKS),
-                   before: str = "", after: str = "") -> dict:
-        """The JSON the task board polls: :func:`task_page`."""
-        return task_page(warehouse.project(project), data.parse_filter_text(q), limit, before, after)
+                   before: str = "", after: str = "", text: str = "") -> dict:
+        """The JSON the task board polls: :func:`task_page` (``text``: the page's text search)."""
+        return task_page(warehouse.project(project), data.text_filter("tasks", text, data.parse_filter_text(q)),
+                         limit, before, after)
 
     @app.get("/p/{project:path}/tasks/{task_id}", response_class=HTMLResponse)
     def task(request: Request, project: str, task_id: str):
@@ -163,15 +168,16 @@ def create_app(warehouse, *, writable: bool = False, allowed_hosts: Iterable[str
                     lineage=lineage_view.section(p, project, doc["_id"]))
 
     @app.get("/p/{project:path}/datasets", response_class=HTMLResponse)
-    def datasets(request: Request, project: str, q: str = "", limit: int = Query(500, ge=1, le=10_000)):
+    def datasets(request: Request, project: str, q: str = "", limit: int = Query(500, ge=1, le=10_000),
+                 text: str = ""):
         def fetch(p, flt):
-            rows = data.datasets_list(p, flt, limit)
+            rows = data.datasets_list(p, data.text_filter("datasets", text, flt), limit)
             items = {d["_id"]: d.get("count") for d in p.find(  # item datasets: their item count, not arrays
                 data.DATASETS, {"_id": {"$in": [r["id"] for r in rows]}, "kind": "items"}, projection={"count": 1})}
             for row in rows:
                 row["items"] = items.get(row["id"])
             return {"rows": rows}
-        return listing(request, project, "datasets", fetch, q, {"rows": []})
+        return listing(request, project, "datasets", fetch, q, {"rows": []}, text=text)
 
     @app.get("/p/{project:path}/datasets/{dataset_id}", response_class=HTMLResponse)
     def dataset(request: Request, project: str, dataset_id: str, q: str = "", skip: int = Query(0, ge=0),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import threading
 from collections import OrderedDict
 from typing import Any
@@ -26,7 +27,7 @@ from mlwarehouse.web.downsample import minmax_downsample
 
 __all__ = ["parse_filter_text", "parse_sort", "runs_table", "metric_series", "leaderboard", "tasks_board",
            "datasets_list", "project_exists", "metric_sort", "rank_metric", "HistoryCache", "TASK_STATUSES",
-           "RUN_STATS"]
+           "RUN_STATS", "text_filter", "TEXT_FIELDS"]
 
 RUNS, LOGS, MODELS, TASKS, DATASETS, CATALOG = (c.name for c in (schema.RUNS, schema.LOGS, schema.MODELS,
                                                                  schema.TASKS, schema.DATASETS, schema.CATALOG))
@@ -288,3 +289,31 @@ def datasets_list(project, flt: dict | None, limit: int) -> list[dict]:
              "description": d.get("description"), "tags": d["tags"] if isinstance(d.get("tags"), list) else [],
              "arrays": len(leaves(d.get("value")))} for d in docs]
 
+
+
+#: the fields a page's text search looks in, per page (a run started by a task is named after the task, and its
+#: ``task`` is the task's id, so both find it)
+TEXT_FIELDS = {"runs": ("name", "tags", "description", "task"), "models": ("name", "tags", "description"),
+               "tasks": ("task_name", "tags", "description"), "datasets": ("name", "tags", "description")}
+MAX_TEXT_WORDS, MAX_TEXT_WORD = 16, 100
+
+
+def text_filter(page: str, text: str | None, flt: dict | None = None) -> dict | None:
+    """``flt`` AND the search typed in a page's text box: every word (split on white space) must occur, in any
+    case, in one of the page's :data:`TEXT_FIELDS` (an element of ``tags``). Words are matched literally
+    (``re.escape``: a ``.`` or ``(`` is itself), through the query language's bounded ``$regex``."""
+    if page not in TEXT_FIELDS:
+        raise QueryError(f"no text search on page {page!r} (one of {', '.join(TEXT_FIELDS)})")
+    words = (text or "").split()
+    if len(words) > MAX_TEXT_WORDS:
+        raise QueryError(f"search for at most {MAX_TEXT_WORDS} words, not {len(words)}")
+    long = next((w for w in words if len(w) > MAX_TEXT_WORD), None)
+    if long is not None:
+        raise QueryError(f"a searched word has at most {MAX_TEXT_WORD} characters, not {len(long)}")
+    clauses = [{"$or": [{field: {"$regex": re.escape(w), "$options": "i"}} for field in TEXT_FIELDS[page]]}
+               for w in words]
+    if flt:
+        clauses.insert(0, flt)
+    if not clauses:
+        return flt
+    return clauses[0] if len(clauses) == 1 else {"$and": clauses}

@@ -88,7 +88,7 @@ const mlwTasks = (() => {
     const live = document.getElementById("live");
     const params = new URLSearchParams(location.search);
     const query = new URLSearchParams();
-    for (const key of ["q", "limit", "before", "after"]) if (params.get(key)) query.set(key, params.get(key));
+    for (const key of ["q", "text", "limit", "before", "after"]) if (params.get(key)) query.set(key, params.get(key));
     let last = null;
     const refresh = async () => {
       try {
