@@ -79,7 +79,8 @@ def train_forever(project, model: Any, data: Any, *, inputs: str | Sequence[str]
     ``stop`` is set (the current step finishes, then a save), ``max_steps`` steps or ``max_rounds`` rounds are done.
 
     ``project``: a warehouse (its default project) or a project. ``model``: a torch module, a stored model (record
-    or id) or ``"module:Class"`` (built with ``config``, seeded by ``seed``). ``data``: a Collection,
+    or id) or ``"module:Class"`` (built with ``config``, seeded by ``seed``; importing it needs ``trusted=True``,
+    which ``mlw train`` passes: its user named the class). ``data``: a Collection,
     ``"collection:NAME"``, or ``"items:NAME"`` (each round reads the dataset's newest version). ``inputs``,
     ``target``, ``loss``, ``metrics``, ``optimizer``: as :meth:`Training.fit <mlwarehouse.training.registry.
     Training.fit>`. ``key`` (default ``"trainer:<name>"``) names the trainer whose saves it resumes from.
