@@ -10,31 +10,19 @@ playwright is missing, except under CI (``$CI`` set), where that is a failure. S
 from __future__ import annotations
 
 import os
-import shutil
-import socket
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 import pytest
 
-CHROMIUM = os.environ.get("MLW_CHROMIUM", "/usr/bin/chromium")
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+from mlwarehouse.testing.browser import CHROMIUM, CHROMIUM_ARGS, launch, missing, open_page, serve_ui  # noqa: F401
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def _missing() -> str | None:
-    for module in ("playwright", "fastapi", "uvicorn", "sklearn", "torch"):
-        try:
-            __import__(module)
-        except ImportError:
-            return f"{module} is not installed (pip install -e '.[dev,torch]')"
-    if not (os.path.exists(CHROMIUM) or shutil.which(CHROMIUM)):
-        return f"chromium not found at {CHROMIUM} (apt-get install -y chromium)"
-    return None
+    return missing(("playwright", "fastapi", "uvicorn", "sklearn", "torch"))
 
 
 _why = _missing()
@@ -46,12 +34,6 @@ DEMO = "digits-demo"
 SMALL = "ui-demo"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def shots(tmp_path_factory) -> Path:
     folder = Path(os.environ.get("MLW_SCREENSHOTS") or tmp_path_factory.mktemp("screenshots"))
@@ -59,25 +41,7 @@ def shots(tmp_path_factory) -> Path:
     return folder
 
 
-def _serve(wh):
-    """Serve ``wh`` with uvicorn on 127.0.0.1 and a free port, in a thread; returns (base URL, stop)."""
-    import uvicorn
-
-    from mlwarehouse.web import create_app
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(wh), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("the UI server did not start")
-        time.sleep(0.05)
-
-    def stop():
-        server.should_exit = True
-        thread.join(timeout=10)
-    return f"http://127.0.0.1:{port}", stop
+_serve = serve_ui  # the name the other browser test files import
 
 
 @pytest.fixture(scope="session")
@@ -115,21 +79,15 @@ def small(tmp_path_factory):
 def browser():
     from playwright.sync_api import sync_playwright
     with sync_playwright() as pw:
-        chromium = pw.chromium.launch(executable_path=shutil.which(CHROMIUM) or CHROMIUM, headless=True,
-                                      args=CHROMIUM_ARGS)
+        chromium = launch(pw)
         yield chromium
         chromium.close()
 
 
 @pytest.fixture
 def page(browser):
-    context = browser.new_context(viewport={"width": 1280, "height": 900})
-    page = context.new_page()
-    errors: list[str] = []
-    page.on("pageerror", lambda exc: errors.append(str(exc)))
-    yield page
-    context.close()
-    assert not errors, f"JavaScript errors: {errors}"
+    with open_page(browser) as opened:
+        yield opened
 
 
 def test_runs_page_lists_the_runs(page, demo, shots):

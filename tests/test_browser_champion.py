@@ -7,101 +7,37 @@ failure, as in tests/test_browser.py. Screenshots go to ``$MLW_SCREENSHOTS`` if 
 
 from __future__ import annotations
 
-import os
-import shutil
-import socket
-import threading
-import time
-from pathlib import Path
-
 import numpy as np
 import pytest
+from test_browser import _serve, browser, pytestmark, shots  # noqa: F401  (fixtures and the skip mark)
 
-CHROMIUM = os.environ.get("MLW_CHROMIUM", "/usr/bin/chromium")
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+from mlwarehouse.testing.browser import open_page
+
 PROJECT = "live"
-
-
-def _missing() -> str | None:
-    for module in ("playwright", "fastapi", "uvicorn"):
-        try:
-            __import__(module)
-        except ImportError:
-            return f"{module} is not installed (pip install -e '.[dev]')"
-    if not (os.path.exists(CHROMIUM) or shutil.which(CHROMIUM)):
-        return f"chromium not found at {CHROMIUM} (apt-get install -y chromium)"
-    return None
-
-
-_why = _missing()
-if _why and os.environ.get("CI"):
-    pytest.fail(f"browser tests cannot run under CI: {_why}", pytrace=False)
-pytestmark = pytest.mark.skipif(_why is not None, reason=_why or "")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     """A warehouse with three models named mlp (evaluated) and no alias yet, served by uvicorn in a thread."""
-    import uvicorn
-
     import mlwarehouse
-    from mlwarehouse.web import create_app
     wh = mlwarehouse.connect(home=tmp_path_factory.mktemp("champ-browser") / "wh", project=PROJECT)
     test = wh.datasets.save(np.arange(4), "march-test")
     models = [wh.models.save({"w": np.full(2, i)}, "mlp") for i in range(3)]
     for model, acc in zip(models, (0.91, 0.94, 0.96)):
         wh.models.evaluations.record(model, test, "accuracy", acc)
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(wh), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("the UI server did not start")
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}", wh, test, models
-    server.should_exit = True
-    thread.join(timeout=10)
+    base, stop = _serve(wh)
+    yield base, wh, test, models
+    stop()
     wh.close()
 
 
-@pytest.fixture(scope="module")
-def browser():
-    from playwright.sync_api import sync_playwright
-    with sync_playwright() as pw:
-        chromium = pw.chromium.launch(executable_path=shutil.which(CHROMIUM) or CHROMIUM, headless=True,
-                                      args=CHROMIUM_ARGS)
-        yield chromium
-        chromium.close()
-
-
 @pytest.fixture
-def page(browser):
-    context = browser.new_context(viewport={"width": 1400, "height": 900})
-    page = context.new_page()
-    errors: list[str] = []
-    page.on("pageerror", lambda exc: errors.append(str(exc)))
-    yield page
-    context.close()
-    assert not errors, f"JavaScript errors: {errors}"
+def page(browser):  # noqa: F811
+    with open_page(browser, 1400, 900) as opened:
+        yield opened
 
 
-@pytest.fixture(scope="module")
-def shots(tmp_path_factory) -> Path:
-    folder = Path(os.environ.get("MLW_SCREENSHOTS") or tmp_path_factory.mktemp("screenshots"))
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder
-
-
-def test_the_panel_follows_alias_moves_without_a_reload(page, served, shots):
+def test_the_panel_follows_alias_moves_without_a_reload(page, served, shots):  # noqa: F811
     from playwright.sync_api import expect
     base, wh, test, (a, b, c) = served
     aliases = wh.models.aliases

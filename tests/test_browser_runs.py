@@ -10,29 +10,11 @@ playwright is missing, except under CI (``$CI`` set), where that is a failure, a
 from __future__ import annotations
 
 import math
-import os
-import shutil
-from pathlib import Path
 
 import pytest
-from test_browser import CHROMIUM, CHROMIUM_ARGS, _serve
+from test_browser import _serve, browser, pytestmark, shots  # noqa: F401  (fixtures and the skip mark)
 
-
-def _missing() -> str | None:
-    for module in ("playwright", "fastapi", "uvicorn"):
-        try:
-            __import__(module)
-        except ImportError:
-            return f"{module} is not installed (pip install -e '.[dev]')"
-    if not (os.path.exists(CHROMIUM) or shutil.which(CHROMIUM)):
-        return f"chromium not found at {CHROMIUM} (apt-get install -y chromium)"
-    return None
-
-
-_why = _missing()
-if _why and os.environ.get("CI"):
-    pytest.fail(f"browser tests cannot run under CI: {_why}", pytrace=False)
-pytestmark = pytest.mark.skipif(_why is not None, reason=_why or "")
+from mlwarehouse.testing.browser import open_page
 
 PROJECT = "sweep"
 
@@ -84,32 +66,10 @@ def sweep(tmp_path_factory):
     wh.close()
 
 
-@pytest.fixture(scope="module")
-def shots(tmp_path_factory) -> Path:
-    folder = Path(os.environ.get("MLW_SCREENSHOTS") or tmp_path_factory.mktemp("screenshots"))
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def browser():
-    from playwright.sync_api import sync_playwright
-    with sync_playwright() as pw:
-        chromium = pw.chromium.launch(executable_path=shutil.which(CHROMIUM) or CHROMIUM, headless=True,
-                                      args=CHROMIUM_ARGS)
-        yield chromium
-        chromium.close()
-
-
 @pytest.fixture
-def page(browser):
-    context = browser.new_context(viewport={"width": 1280, "height": 1000})
-    page = context.new_page()
-    errors: list[str] = []
-    page.on("pageerror", lambda exc: errors.append(str(exc)))
-    yield page
-    context.close()
-    assert not errors, f"JavaScript errors: {errors}"
+def page(browser):  # noqa: F811
+    with open_page(browser, 1280, 1000) as opened:
+        yield opened
 
 
 def _card(key: str) -> str:
@@ -122,7 +82,7 @@ def _hover(page, key: str) -> str:
     return page.locator(f"{_card(key)} .readout").inner_text()
 
 
-def test_run_page_draws_every_metric_as_a_small_multiple(page, sweep, shots):
+def test_run_page_draws_every_metric_as_a_small_multiple(page, sweep, shots):  # noqa: F811
     from playwright.sync_api import expect
     base, filled = sweep
     run = filled["runs"][0]
@@ -154,7 +114,7 @@ def test_run_page_draws_every_metric_as_a_small_multiple(page, sweep, shots):
     page.screenshot(path=str(shots / "run-time-axis.png"), full_page=True)
 
 
-def test_smoothing_and_log_y_change_the_drawn_path(page, sweep, shots):
+def test_smoothing_and_log_y_change_the_drawn_path(page, sweep, shots):  # noqa: F811
     base, filled = sweep
     page.goto(f"{base}/p/{PROJECT}/runs/{filled['noisy'].id}")
     card = _card("train.loss")
@@ -177,7 +137,7 @@ def test_smoothing_and_log_y_change_the_drawn_path(page, sweep, shots):
     page.wait_for_function(f"(n) => ({COUNT})(['{card}', ['#1f77b4']])[0] > n", arg=smooth * 2)
 
 
-def test_compare_labels_lines_by_differing_parameters_with_the_rows_colours(page, sweep, shots):
+def test_compare_labels_lines_by_differing_parameters_with_the_rows_colours(page, sweep, shots):  # noqa: F811
     from playwright.sync_api import expect
     base, filled = sweep
     runs = filled["runs"]
@@ -237,7 +197,7 @@ def test_compare_labels_lines_by_differing_parameters_with_the_rows_colours(page
     assert all(n > 15 for n in page.evaluate(COUNT, [_card("valid.accuracy"), wanted]))
 
 
-def test_a_running_runs_charts_gain_points_while_the_page_is_open(page, sweep, shots):
+def test_a_running_runs_charts_gain_points_while_the_page_is_open(page, sweep, shots):  # noqa: F811
     from playwright.sync_api import expect
     base, filled = sweep
     live = filled["live"]

@@ -9,20 +9,14 @@ failure, as in tests/test_browser.py. Screenshots go to ``$MLW_SCREENSHOTS`` if 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import socket
 import textwrap
-import threading
-import time
-from pathlib import Path
 from urllib.parse import quote
 
 import pytest
+from test_browser import _serve, browser, pytestmark, shots  # noqa: F401  (fixtures and the skip mark)
 
-CHROMIUM = os.environ.get("MLW_CHROMIUM", "/usr/bin/chromium")
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+from mlwarehouse.testing.browser import open_page
+
 PROJECT = "sweep-ui"
 TASKED = "sweep-tasks"
 SWEEP = {"n_hidden": [16, 256], "lr": [0.001, 0.01, 0.1], "seed": [0, 1]}
@@ -36,39 +30,14 @@ SCRIPT = """
 """
 
 
-def _missing() -> str | None:
-    for module in ("playwright", "fastapi", "uvicorn"):
-        try:
-            __import__(module)
-        except ImportError:
-            return f"{module} is not installed (pip install -e '.[dev]')"
-    if not (os.path.exists(CHROMIUM) or shutil.which(CHROMIUM)):
-        return f"chromium not found at {CHROMIUM} (apt-get install -y chromium)"
-    return None
-
-
-_why = _missing()
-if _why and os.environ.get("CI"):
-    pytest.fail(f"browser tests cannot run under CI: {_why}", pytrace=False)
-pytestmark = pytest.mark.skipif(_why is not None, reason=_why or "")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     """A 12-task sweep run by a real worker (project sweep-tasks) and the 27-run grid of tests/test_web_sweep.py
     (project sweep-ui), served by uvicorn in a thread; yields (base URL, tasked project, grid project)."""
-    import uvicorn
     from test_web_sweep import fill_grid
 
     import mlwarehouse
     from mlwarehouse.tasks.worker import Worker
-    from mlwarehouse.web import create_app
     folder = tmp_path_factory.mktemp("sweep-browser")
     wh = mlwarehouse.connect(home=folder / "wh")
     tasked, grid = wh.project(TASKED), wh.project(PROJECT)
@@ -82,47 +51,16 @@ def served(tmp_path_factory):
         with grid.runs.start("cat", hyper_parameters=hp) as run:
             run.log("valid", step=0, accuracy=0.5 + i / 10)
     grid.runs.flush()
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(wh), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("the UI server did not start")
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}", tasked, grid
-    server.should_exit = True
-    thread.join(timeout=10)
+    base, stop = _serve(wh)
+    yield base, tasked, grid
+    stop()
     wh.close()
 
 
-@pytest.fixture(scope="module")
-def shots(tmp_path_factory) -> Path:
-    folder = Path(os.environ.get("MLW_SCREENSHOTS") or tmp_path_factory.mktemp("screenshots"))
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def browser():
-    from playwright.sync_api import sync_playwright
-    with sync_playwright() as pw:
-        chromium = pw.chromium.launch(executable_path=shutil.which(CHROMIUM) or CHROMIUM, headless=True,
-                                      args=CHROMIUM_ARGS)
-        yield chromium
-        chromium.close()
-
-
 @pytest.fixture
-def page(browser):
-    context = browser.new_context(viewport={"width": 1280, "height": 900})
-    page = context.new_page()
-    errors: list[str] = []
-    page.on("pageerror", lambda exc: errors.append(str(exc)))
-    yield page
-    context.close()
-    assert not errors, f"JavaScript errors: {errors}"
+def page(browser):  # noqa: F811
+    with open_page(browser, 1280, 900) as opened:
+        yield opened
 
 
 def open_sweep(page, base: str, project: str, **params) -> None:
@@ -157,7 +95,7 @@ def g4(value: float) -> str:
     return f"{value:.4g}"
 
 
-def test_an_axis_per_swept_parameter_and_a_line_per_run(page, served, shots):
+def test_an_axis_per_swept_parameter_and_a_line_per_run(page, served, shots):  # noqa: F811
     base, tasked, _ = served
     open_sweep(page, base, TASKED, task="mlp")
     runs = {t.run: t for t in tasked.tasks.find("mlp")}
@@ -186,7 +124,7 @@ def test_an_axis_per_swept_parameter_and_a_line_per_run(page, served, shots):
     page.screenshot(path=str(shots / "sweep.png"), full_page=True)
 
 
-def test_brushing_an_axis_reduces_the_table_rows(page, served, shots):
+def test_brushing_an_axis_reduces_the_table_rows(page, served, shots):  # noqa: F811
     base, tasked, _ = served
     open_sweep(page, base, TASKED, task="mlp")
     tasks = {t.run: t.hyper_parameters for t in tasked.tasks.find("mlp")}
@@ -217,7 +155,7 @@ def test_brushing_the_metric_axis_keeps_the_best_runs(page, served):
     assert 0 < len(best) < 12 and sorted(visible_ids(page)) == best
 
 
-def test_scatter_groups_over_seeds_with_mean_and_band(page, served, shots):
+def test_scatter_groups_over_seeds_with_mean_and_band(page, served, shots):  # noqa: F811
     base, _, grid = served
     open_sweep(page, base, PROJECT, q='{"name": "grid"}')
     runs = grid.runs.find(where={"name": "grid"})

@@ -5,30 +5,13 @@ are (it supplies the browser and the page)."""
 
 from __future__ import annotations
 
-import threading
-import time
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
-from test_browser import _free_port, browser, page, pytestmark, shots  # noqa: F401  (fixtures and the skip mark)
+from test_browser import browser, page, pytestmark, shots  # noqa: F401  (fixtures and the skip mark)
 from test_web_text_search import fill
 
-
-def _serve(wh, writable: bool):
-    import uvicorn
-
-    from mlwarehouse.web import create_app
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(wh, writable=writable), host="127.0.0.1", port=port,
-                                           log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("the UI server did not start")
-        time.sleep(0.05)
-    return f"http://127.0.0.1:{port}", server, thread
+from mlwarehouse.testing.browser import serve_ui
 
 
 @pytest.fixture(scope="module")
@@ -36,11 +19,10 @@ def served(tmp_path_factory):
     """The same warehouse served twice: writable and read-only."""
     import mlwarehouse
     wh = fill(mlwarehouse.connect(home=tmp_path_factory.mktemp("browser-text") / "wh"))
-    writable, read_only = _serve(wh, True), _serve(wh, False)
-    yield writable[0], read_only[0]
-    for _, server, thread in (writable, read_only):
-        server.should_exit = True
-        thread.join(timeout=10)
+    (writable, stop_writable), (read_only, stop_read_only) = serve_ui(wh, writable=True), serve_ui(wh)
+    yield writable, read_only
+    stop_writable()
+    stop_read_only()
     wh.close()
 
 

@@ -16,37 +16,23 @@ from __future__ import annotations
 
 import argparse
 import io
-import os
-import shutil
 import tempfile
-import threading
-import time
-from collections.abc import Callable
 from pathlib import Path
 
-from mlwarehouse.testing.processes import HOST, free_port
+from mlwarehouse.testing.browser import launch, serve_ui
+from mlwarehouse.testing.browser import missing as _missing
 
-__all__ = ["PAGES", "WIDTH", "CHROMIUM", "missing", "fill", "serve", "capture", "generate", "main"]
+__all__ = ["PAGES", "WIDTH", "missing", "fill", "capture", "generate", "main"]
 
 #: the pages saved, in the README's order (each becomes ``<name>.png``)
 PAGES = ("runs", "run", "compare", "sweep", "models", "dataset", "tasks")
 WIDTH, HEIGHT, TALLEST = 1280, 800, 1600
-CHROMIUM = os.environ.get("MLW_CHROMIUM", "/usr/bin/chromium")
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 ALIAS = "champion"
 
 
 def missing() -> str | None:
     """Why screenshots cannot be taken here (a module or chromium missing), or None."""
-    for module in ("playwright", "fastapi", "uvicorn", "sklearn", "torch", "PIL"):
-        try:
-            __import__(module)
-        except ImportError:
-            return f"{module} is not installed (pip install -e '.[dev,torch]')"
-    if not (os.path.exists(CHROMIUM) or shutil.which(CHROMIUM)):
-        return f"chromium not found at {CHROMIUM} (apt-get install -y chromium)"
-    return None
+    return _missing(("playwright", "fastapi", "uvicorn", "sklearn", "torch", "PIL"))
 
 
 # -- the warehouse -----------------------------------------------------------------------------------------------
@@ -83,27 +69,6 @@ def fill(home: str | Path, *, epochs: int = 4, workers: int = 2) -> dict:
         wh.close()
 
 
-def serve(wh) -> tuple[str, Callable[[], None]]:
-    """Serve ``wh``'s UI with uvicorn on 127.0.0.1 and a free port, in a thread; returns (base URL, stop)."""
-    import uvicorn
-
-    from mlwarehouse.web import create_app
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(wh), host=HOST, port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("the UI server did not start")
-        time.sleep(0.05)
-
-    def stop() -> None:
-        server.should_exit = True
-        thread.join(timeout=10)
-    return f"http://{HOST}:{port}", stop
-
-
 # -- the pictures ------------------------------------------------------------------------------------------------
 def _save(page, path: Path) -> None:
     """The page from its top, at most TALLEST px high, written as an optimized PNG (a third of chromium's size)."""
@@ -129,8 +94,7 @@ def capture(base: str, filled: dict, out: str | Path) -> dict[str, Path]:
     saved: dict[str, Path] = {}
     errors: list[str] = []
     with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=shutil.which(CHROMIUM) or CHROMIUM, headless=True,
-                                     args=CHROMIUM_ARGS)
+        browser = launch(pw)
         try:
             context = browser.new_context(viewport={"width": WIDTH, "height": HEIGHT}, device_scale_factor=1)
             page = context.new_page()
@@ -190,7 +154,7 @@ def generate(out: str | Path = "docs/images", *, epochs: int = 4, workers: int =
         home = Path(tmp) / "wh"
         filled = fill(home, epochs=epochs, workers=workers)
         wh = connect(home=str(home))
-        base, stop = serve(wh)
+        base, stop = serve_ui(wh)
         try:
             return capture(base, filled, out)
         finally:
