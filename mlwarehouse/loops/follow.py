@@ -137,11 +137,12 @@ class FollowedModel:
         served = self._served
         return served.model if served.model is not None else self._first().model
 
-    def current(self) -> tuple[str | None, int, Any]:
-        """``(model_id, version, model)`` served now, read in one step (loaded if it was not yet): the model one
-        call would run with the id and version that describe it, which a server answers with."""
+    def current(self, *, load: bool = True) -> tuple[str | None, int, Any]:
+        """``(model_id, version, model)`` served now, read in one step: the model one call would run with the id
+        and version that describe it, which a server answers with. ``load=False`` never loads (the model is None
+        while a follower made with ``preload=False`` has not loaded it yet): what a status page reads."""
         served = self._served
-        if served.model is None:
+        if served.model is None and load:
             served = self._first()
         return served.model_id, served.version, served.model
 

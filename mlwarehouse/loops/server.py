@@ -278,8 +278,7 @@ class _Service:
 
     def version(self) -> dict:
         followed = self.followed
-        served = followed._served  # one read of the triple (without loading it, unlike current()): id and version agree
-        model_id, version = served.model_id, served.version
+        model_id, version, _ = followed.current(load=False)  # one read, never a load: id and version agree
         since_model, since = self.since
         error = followed.last_error
         with self.lock:
@@ -367,9 +366,10 @@ def make_app(followed: FollowedModel, *, max_bytes: int = DEFAULT_MAX_BYTES, max
 
     @app.get("/health")
     async def health() -> Response:
-        following, served = followed.following, followed._served
-        doc = {"status": "ok" if following else "stopped", "following": following, "model": served.model_id,
-               "version": served.version, "removed": followed.removed}
+        following = followed.following
+        model_id, version, _ = followed.current(load=False)
+        doc = {"status": "ok" if following else "stopped", "following": following, "model": model_id,
+               "version": version, "removed": followed.removed}
         return JSONResponse(doc, status_code=200 if following else 503)
 
     @app.get("/version")
