@@ -55,11 +55,12 @@ def project_exists(project) -> bool:
     return any(project.find_one(c, projection={"_id": 1}) for c in (RUNS, MODELS, TASKS, DATASETS, CATALOG))
 
 
-def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
+def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested dict as one level of dotted keys (``{"a": {"b": 1}}`` -> ``{"a.b": 1}``)."""
     if isinstance(value, dict) and value:
         out: dict[str, Any] = {}
         for key, item in value.items():
-            out.update(_flat(item, f"{prefix}{key}."))
+            out.update(flatten(item, f"{prefix}{key}."))
         return out
     return {prefix[:-1]: value} if prefix else {}
 
@@ -84,7 +85,7 @@ def runs_table(project, flt: dict | None, sort, limit: int, skip: int = 0) -> di
     metrics: dict[str, None] = {}
     rows = []
     for doc in docs:
-        hp = _flat(doc.get("hyper_parameters") if isinstance(doc.get("hyper_parameters"), dict) else {})
+        hp = flatten(doc.get("hyper_parameters") if isinstance(doc.get("hyper_parameters"), dict) else {})
         stats = summary.metrics(doc)
         params.update(dict.fromkeys(hp))
         metrics.update(dict.fromkeys(stats))

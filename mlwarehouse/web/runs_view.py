@@ -22,7 +22,7 @@ import numpy as np
 from mlwarehouse.errors import NotFound, QueryError
 from mlwarehouse.query import split_path
 from mlwarehouse.runs import summary
-from mlwarehouse.web.data import LOGS, RUNS, HistoryCache, _flat, fmt
+from mlwarehouse.web.data import LOGS, RUNS, HistoryCache, flatten, fmt
 from mlwarehouse.web.downsample import minmax_downsample
 
 __all__ = ["X_AXES", "MAX_RUNS", "MAX_METRICS", "order_metrics", "run_labels", "compare", "points", "Histories"]
@@ -314,7 +314,7 @@ def _run_info(doc: dict, labels: dict) -> dict:
 
 def _params(doc: dict) -> dict:
     hp = doc.get("hyper_parameters")
-    return _flat(hp) if isinstance(hp, dict) else {}
+    return flatten(hp) if isinstance(hp, dict) else {}
 
 
 def _differing(params: list[dict], keys=None) -> list[str]:

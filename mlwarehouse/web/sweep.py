@@ -29,7 +29,7 @@ from mlwarehouse.errors import NotFound, QueryError
 from mlwarehouse.query.text import parse_filter_text
 from mlwarehouse.runs import summary
 from mlwarehouse.web.champions import direction
-from mlwarehouse.web.data import project_exists
+from mlwarehouse.web.data import flatten, project_exists
 
 __all__ = ["router", "sweep_data", "select_runs", "default_metric", "STATS", "MAX_RUNS"]
 
@@ -53,15 +53,6 @@ def _number(value: Any) -> float | None:
     if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
         return value
     return None
-
-
-def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(value, dict) and value:
-        out: dict[str, Any] = {}
-        for key, item in value.items():
-            out.update(_flat(item, f"{prefix}{key}."))
-        return out
-    return {prefix[:-1]: value} if prefix else {}
 
 
 def _check_task(task: str | None) -> str | None:
@@ -109,7 +100,7 @@ def _results(p, docs: list[dict]) -> dict[str, dict[str, float]]:
     out: dict[str, dict[str, float]] = {}
     for start in range(0, len(ids), CHUNK):
         for task_id, result in p.values(TASKS, {"_id": {"$in": ids[start:start + CHUNK]}}, ["_id", RESULT]):
-            numbers = {k: v for k, v in _flat(result).items() if _number(v) is not None} \
+            numbers = {k: v for k, v in flatten(result).items() if _number(v) is not None} \
                 if isinstance(result, dict) else {}
             if numbers:
                 out[task_id] = numbers
@@ -160,7 +151,7 @@ def sweep_data(p, flt: dict | None = None, *, task: str | None = None, stat: str
     _check_stat(stat)
     docs, total = select_runs(p, flt, task, limit)
     results = _results(p, docs)
-    flat = [_flat(d["hyper_parameters"]) if isinstance(d.get("hyper_parameters"), dict) else {} for d in docs]
+    flat = [flatten(d["hyper_parameters"]) if isinstance(d.get("hyper_parameters"), dict) else {} for d in docs]
     names: dict[str, None] = {}
     for hp in flat:
         names.update(dict.fromkeys(hp))
