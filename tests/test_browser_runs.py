@@ -77,9 +77,19 @@ def _card(key: str) -> str:
 
 
 def _hover(page, key: str) -> str:
-    box = page.locator(f"{_card(key)} .u-over").bounding_box()
-    page.mouse.move(box["x"] + box["width"] * 0.6, box["y"] + box["height"] / 2)
-    return page.locator(f"{_card(key)} .readout").inner_text()
+    """The readout under the cursor at 60% of a chart's width; a chart redrawn under the cursor is hovered again."""
+    over, readout = page.locator(f"{_card(key)} .u-over"), page.locator(f"{_card(key)} .readout")
+    for _ in range(20):
+        over.wait_for(state="visible")
+        box = over.bounding_box()
+        if box is not None:
+            page.mouse.move(box["x"] + box["width"] * 0.6, box["y"] + box["height"] / 2)
+            text = readout.inner_text()
+            if text:
+                return text
+        page.mouse.move(0, 0)
+        page.wait_for_timeout(50)
+    raise AssertionError(f"no readout under the cursor on {key}")
 
 
 def test_run_page_draws_every_metric_as_a_small_multiple(page, sweep, shots):  # noqa: F811

@@ -178,6 +178,18 @@ const mlwRuns = (() => {
     return {draw, redraw, clear, widest};
   }
 
+  // Call `redraw` 200 ms after the window's width settles; a change of height alone (a full-page screenshot,
+  // a mobile toolbar) redraws nothing, so charts are not rebuilt under a reader's cursor.
+  function onWidthChange(redraw) {
+    let timer = null, width = window.innerWidth;
+    window.addEventListener("resize", () => {
+      if (window.innerWidth === width) return;
+      width = window.innerWidth;
+      clearTimeout(timer);
+      timer = setTimeout(redraw, 200);
+    });
+  }
+
   function pointsWanted(grid, box) {
     const width = grid.widest() || box.clientWidth || 600;
     return Math.max(200, Math.min(2000, Math.round(2 * width)));
@@ -228,8 +240,7 @@ const mlwRuns = (() => {
       watch();
     }
     load();
-    let resize = null;
-    window.addEventListener("resize", () => { clearTimeout(resize); resize = setTimeout(() => grid.redraw(view()), 200); });
+    onWidthChange(() => grid.redraw(view()));
   }
 
   // the diff of /runs/compare: a column per run, a row per hyper-parameter and per metric (its last value, min,
@@ -356,8 +367,7 @@ const mlwRuns = (() => {
       load();
     });
     if (metric) metric.addEventListener("change", () => { if (ids.length) { grid.clear(); box.dataset.signature = ""; load(); } });
-    let resize = null;
-    window.addEventListener("resize", () => { clearTimeout(resize); resize = setTimeout(() => grid.redraw(view()), 200); });
+    onWidthChange(() => grid.redraw(view()));
   }
 
   return {runPage, runsPage, ema, num, COLORS};
