@@ -17,7 +17,8 @@ from dataclasses import dataclass
 __all__ = ["Collection", "IndexSpec", "META", "DATASETS", "ITEMS", "ITEM_SHARDS", "MODELS", "RUNS", "LOGS", "TASKS",
            "CATALOG", "DATATYPES", "LISTENERS", "VECTOR_INDEXES", "TOMBSTONES", "FITS", "LINEAGE", "LINEAGE_DELETED",
            "EVALUATIONS", "ALIASES", "WATCHES", "LISTENER_TASK", "TABLE_PREFIX", "COLLECTIONS", "LOG_FIELDS",
-           "BOOKKEEPING_FIELDS", "SUMMARY_FIELD", "REVISED", "REV_INDEX"]
+           "BOOKKEEPING_FIELDS", "SUMMARY_FIELD", "REVISED", "REV_INDEX", "LOG_BLOCK_NAMES", "LOG_BLOCK_ROWS",
+           "LOG_ROW_HEAD"]
 
 
 @dataclass(frozen=True)
@@ -78,9 +79,9 @@ MODELS = Collection(
 #: runs, with their per-metric summaries (see :mod:`mlwarehouse.runs.summary`)
 RUNS = Collection("runs", ("name", "status", "task", "project"), (_ix(("name", 1)), REV_INDEX))
 
-#: one document per logged point; (run, kind) and not (run, kind, step): keeping a step index up to date cost a
-#: third of the logging throughput, and reading a run's history was no faster with it (1.8 s for 200k points)
-LOGS = Collection("logs", ("run", "kind", "project"), (_ix(("run", 1), ("kind", 1)),))
+#: logged points in blocks (one document per run, kind and field set of a write; see :mod:`mlwarehouse.runs.blocks`);
+#: (run, kind, last) serves a run's history, its highest step and a chart's "points after step s"
+LOGS = Collection("logs", ("run", "kind", "project"), (_ix(("run", 1), ("kind", 1), ("last", 1)),))
 
 #: the leased task queue; scripts and long outputs are blobs
 TASKS = Collection(
@@ -165,8 +166,12 @@ TABLE_PREFIX = "docs_"
 #: ``REVISED`` collections)
 BOOKKEEPING_FIELDS = ("_id", "project", "time", "_blobs", "_rev")
 
-#: the fields of a log document that are not metrics
+#: the fields of a log point that are not metrics
 LOG_FIELDS = ("_id", "project", "time", "run", "kind", "step", "epoch", "_blobs")
+#: a log block's fields holding its metric names and its packed rows, and the fields at the head of each row, in
+#: order (the metrics follow): the layout of :mod:`mlwarehouse.runs.blocks`, declared here for the SQL views
+LOG_BLOCK_NAMES, LOG_BLOCK_ROWS = "metrics", "rows"
+LOG_ROW_HEAD = ("step", "time", "epoch")
 
 #: the field of a run document that holds its per-metric summaries (their layout: :mod:`mlwarehouse.runs.summary`)
 SUMMARY_FIELD = "summary"

@@ -69,7 +69,8 @@ def test_export_writes_manifest_documents_and_blobs(source):
     manifest = read_manifest(path)
     assert manifest["project"] == "src" and manifest["format"] == "mlwarehouse-archive"
     assert manifest["collections"] == {c: len(docs(wh, "src", c)) for c in COLLECTIONS}
-    assert summary["collections"]["logs"] == 31 and summary["documents"] == manifest["documents"]
+    assert summary["collections"]["logs"] == 2 and summary["documents"] == manifest["documents"]  # 2 blocks
+    assert wh.project("src").runs.count_logs() == 31  # of 30 train points and 1 valid point
     with tarfile.open(path) as tar:
         names = tar.getnames()
     assert names[0] == "manifest.json"
@@ -184,7 +185,7 @@ def test_damaged_archives_are_refused_before_writing(source, target, tmp_path):
         import_project(target, missing)
     broken = tmp_path / "broken.tar"
     _rewrite_archive(path, broken, lambda n, d: d + b"{not json\n" if n == "collections/logs.jsonl" else d)
-    with pytest.raises(IntegrityError, match="logs.jsonl line 32"):
+    with pytest.raises(IntegrityError, match="logs.jsonl line 3"):
         import_project(target, broken)
     foreign = tmp_path / "foreign.tar"
     _rewrite_archive(path, foreign, lambda n, d: d.replace(b'"project":"src"', b'"project":"x"', 1)

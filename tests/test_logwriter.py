@@ -13,6 +13,7 @@ import mlwarehouse
 from mlwarehouse.blobs.files import FileBlobStore
 from mlwarehouse.errors import InvalidDocument
 from mlwarehouse.index.sqlite import SQLiteIndex
+from mlwarehouse.runs import blocks
 from mlwarehouse.runs.logwriter import LogWriter, _BatchIds
 from mlwarehouse.warehouse import Warehouse
 
@@ -47,30 +48,36 @@ def slow(tmp_path):
 
 
 def test_put_returns_at_once_and_flush_makes_durable(slow, tmp_path):
-    writer = LogWriter(_project(slow, tmp_path), interval=0.05)
+    project = _project(slow, tmp_path)
+    writer = LogWriter(project, interval=0.05)
     start = time.perf_counter()
     for step in range(2000):
         writer.put({"run": None, "kind": "train", "step": step, "loss": 1.0, "time": time.time()})
     assert time.perf_counter() - start < 0.25  # a single write takes 0.3 s: nothing waited for one
     writer.flush()
-    assert writer.pending == 0 and slow.count("logs") == 2000
+    assert writer.pending == 0 and blocks.count_points(project) == 2000
     assert len(slow.inserts) <= 3  # batched, not one write per point
-    docs = list(slow.find("logs", sort=[("step", 1)]))
-    assert docs[0]["project"] == "p" and len(docs[0]["_id"]) == 26 and docs[0]["time"].endswith("Z")
-    assert [d["_id"] for d in docs] == sorted(d["_id"] for d in docs)
+    assert slow.count("logs") <= 3  # a block per write: 2000 points are not 2000 rows
+    points = blocks.read_points(project)
+    assert [p["step"] for p in points] == list(range(2000))
+    assert points[0]["project"] == "p" and len(points[0]["_id"].split(".")[0]) == 26
+    assert points[0]["time"].endswith("Z")
+    stored = list(slow.find("logs", sort=[("_id", 1)]))
+    assert [d["step"] for d in stored] == sorted(d["step"] for d in stored)  # ids follow logging order
     writer.close()
 
 
 def test_writer_error_is_raised_on_the_next_call_then_logging_goes_on(tmp_path):
     index = SQLiteIndex(tmp_path / "index.sqlite")
-    writer = LogWriter(_project(index, tmp_path), interval=0.01)
+    project = _project(index, tmp_path)
+    writer = LogWriter(project, interval=0.01)
     writer.put({"run": None, "kind": "train", "x": float("nan")})  # the index refuses NaN: fails in the thread
     time.sleep(0.2)
     with pytest.raises(InvalidDocument, match="1 log points were not written"):
         writer.put({"run": None, "kind": "train", "x": 1.0})
     writer.put({"run": None, "kind": "train", "x": 2.0})
     writer.flush()
-    assert sorted(d["x"] for d in index.find("logs")) == [2.0]
+    assert sorted(d["x"] for d in blocks.read_points(project)) == [2.0]
     writer.put({"run": None, "kind": "train", "x": float("inf")})
     with pytest.raises(InvalidDocument):
         writer.flush()
@@ -80,7 +87,8 @@ def test_writer_error_is_raised_on_the_next_call_then_logging_goes_on(tmp_path):
 
 def test_memory_is_bounded_by_waiting_for_the_writer(slow, tmp_path):
     slow.delay = 0.05
-    writer = LogWriter(_project(slow, tmp_path), interval=0.01, max_pending=100)
+    project = _project(slow, tmp_path)
+    writer = LogWriter(project, interval=0.01, max_pending=100)
     seen = []
     watcher = threading.Thread(target=lambda: [seen.append(len(writer._pending)) or time.sleep(0.002)
                                                for _ in range(300)])
@@ -89,7 +97,7 @@ def test_memory_is_bounded_by_waiting_for_the_writer(slow, tmp_path):
         writer.put({"run": None, "kind": "train", "step": step})
     watcher.join()
     writer.close()
-    assert max(seen) <= 100 and slow.count("logs") == 1000
+    assert max(seen) <= 100 and blocks.count_points(project) == 1000
 
 
 def test_summaries_kept_in_memory_and_written_per_batch(wh):
@@ -149,7 +157,7 @@ def test_pending_points_are_flushed_at_interpreter_exit(tmp_path, subprocess_env
     assert proc.returncode == 0, proc.stderr
     with mlwarehouse.connect(home=tmp_path / "wh") as wh:
         run = wh.runs.get(proc.stdout.strip())
-        assert wh.project().count("logs", {"run": run.id}) == 3000
+        assert wh.runs.count_logs(run=run) == 3000
         assert run.summary["train"]["loss"]["count"] == 3000
 
 

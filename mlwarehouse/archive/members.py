@@ -31,9 +31,11 @@ __all__ = ["FORMAT", "FORMAT_VERSION", "READABLE_VERSIONS", "MAX_MANIFEST", "SKI
            "documents", "table_documents", "table_member"]
 
 FORMAT = "mlwarehouse-archive"
-#: version 2 added the tables of users' collections (``tables/``, the manifest's ``tables`` and ``indexes``)
-FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+#: version 2 added the tables of users' collections (``tables/``, the manifest's ``tables`` and ``indexes``);
+#: version 3 holds logs as blocks of points (:mod:`mlwarehouse.runs.blocks`; the one-point documents of older
+#: archives still read, as blocks of one point)
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 #: collections never exported (the warehouse's own bookkeeping; tombstones only matter to the warehouse they are in)
 SKIPPED = frozenset({schema.META.name, schema.TOMBSTONES.name})
 #: the largest manifest read (it holds a few counts per collection)

@@ -15,8 +15,8 @@ view       columns
 runs       run_id, project, name, status, started, ended, hyper_parameters (json), tags (json), task_id,
            datasets (json list of ids), summary (json: kind -> metric -> stats, see
            :mod:`mlwarehouse.runs.summary`), error
-metrics    run_id, project, kind, step, epoch, time, metric, value (real): one row per numeric field of each
-           log document (nulls, strings and booleans are left out)
+metrics    run_id, project, kind, step, epoch, time, metric, value (real): one row per numeric metric of each
+           logged point (nulls, strings and booleans are left out)
 models     model_id, project, name, run_id, dataset_id, epoch, step, time, fields (json: the document without
            its bookkeeping and stored values)
 datasets   dataset_id, project, name, version (integer; NULL for a string version), time, description,
@@ -107,6 +107,23 @@ class Spelling:
     #: whether the member ``{m}`` of ``json_each(doc) AS {m}`` holds a number, and its value as a double
     is_number: str
     number: str
+    #: whether the document ``{doc}`` has no field ``{f}`` (or a JSON null there)
+    absent: str
+    #: ``FROM`` items: the members of the JSON array held as JSON text in the string field ``{doc}.{f}``, as
+    #: ``{a}`` (nothing when it is no array; an error when the text is no JSON), and the members of the JSON array
+    #: ``{doc}.{f}`` of strings with their positions (``position``: from 0)
+    packed: str
+    strings: str
+    position: str
+    #: the member at position ``{i}`` (an SQL integer expression) of the JSON array ``{a}``: as 64-bit integer, as
+    #: text (see ``text``), whether it is a number, and as a double
+    at_integer: str
+    at_text: str
+    at_is_number: str
+    at_number: str
+    #: the member at ``{i}`` of ``{a}``: an integer of microseconds since 1970 as UTC text
+    #: (``2024-05-01T10:00:00.123456Z``), anything else as ``at_text``
+    at_time: str
 
     def column(self, doc: str, field: str, kind: str) -> str:
         """The expression of ``field`` as a column of type ``kind`` (TEXT, INTEGER, REAL or JSON)."""
@@ -128,7 +145,24 @@ SQLITE = Spelling(
     json="CASE json_type({doc}, '$.{f}') WHEN 'null' THEN NULL ELSE {doc} -> '$.{f}' END",
     without="json_remove({doc}, {paths})",
     is_number="{m}.type IN ('integer', 'real')",
-    number="CAST({m}.value AS REAL)")
+    number="CAST({m}.value AS REAL)",
+    absent="coalesce(json_type({doc}, '$.{f}'), 'null') = 'null'",
+    packed="json_each(CASE WHEN json_type({doc}, '$.{f}') = 'text' AND json_type(json_extract({doc}, '$.{f}')) = "
+           "'array' THEN json_extract({doc}, '$.{f}') END) AS {a}",
+    strings="json_each(CASE json_type({doc}, '$.{f}') WHEN 'array' THEN {doc} -> '$.{f}' END) AS {a}",
+    position="{a}.key",
+    at_integer="CASE json_type({a}, '$[' || ({i}) || ']') WHEN 'integer' THEN json_extract({a}, '$[' || ({i}) || ']') "
+               "END",
+    at_text="CASE json_type({a}, '$[' || ({i}) || ']') WHEN 'text' THEN json_extract({a}, '$[' || ({i}) || ']') "
+            "WHEN 'null' THEN NULL ELSE {a} -> ('$[' || ({i}) || ']') END",
+    at_is_number="json_type({a}, '$[' || ({i}) || ']') IN ('integer', 'real')",
+    at_number="CAST(json_extract({a}, '$[' || ({i}) || ']') AS REAL)",
+    at_time="CASE WHEN json_type({a}, '$[' || ({i}) || ']') = 'integer' THEN "
+            "strftime('%Y-%m-%dT%H:%M:%S', json_extract({a}, '$[' || ({i}) || ']') / 1000000, 'unixepoch') "
+            "|| '.' || printf('%06d', json_extract({a}, '$[' || ({i}) || ']') % 1000000) || 'Z' "
+            "WHEN json_type({a}, '$[' || ({i}) || ']') = 'text' THEN json_extract({a}, '$[' || ({i}) || ']') "
+            "WHEN json_type({a}, '$[' || ({i}) || ']') = 'null' THEN NULL "
+            "ELSE {a} -> ('$[' || ({i}) || ']') END")
 
 #: PostgreSQL's operators over the ``json`` column ``doc`` (``->>`` text, ``->`` JSON, ``json_typeof``); text in the
 #: "C" collation, so that it sorts like SQLite's. ``without`` rebuilds the object member by member: the json type has
@@ -145,7 +179,22 @@ POSTGRES = Spelling(
             "|| '}}' FROM json_each({doc}) WITH ORDINALITY AS e(key, value, n) WHERE e.key NOT IN {names}), '{{}}') "
             "COLLATE \"C\"",
     is_number="json_typeof({m}.value) = 'number'",
-    number="({m}.value::text)::float8")
+    number="({m}.value::text)::float8",
+    absent="coalesce(json_typeof({doc} -> '{f}'), 'null') = 'null'",
+    packed="json_array_elements(CASE WHEN json_typeof({doc} -> '{f}') = 'string' AND "
+           "json_typeof(({doc} ->> '{f}')::json) = 'array' THEN ({doc} ->> '{f}')::json END) AS {a}(value)",
+    strings="json_array_elements_text(CASE WHEN json_typeof({doc} -> '{f}') = 'array' THEN {doc} -> '{f}' END) "
+            "WITH ORDINALITY AS {a}(value, n)",
+    position="({a}.n - 1)",
+    at_integer="CASE WHEN json_typeof({a} -> ({i})::int) = 'number' AND {a} ->> ({i})::int ~ '^-?[0-9]+$' "
+               "THEN ({a} ->> ({i})::int)::bigint END",
+    at_text="({a} ->> ({i})::int) COLLATE \"C\"",
+    at_is_number="json_typeof({a} -> ({i})::int) = 'number'",
+    at_number="(({a} -> ({i})::int)::text)::float8",
+    at_time="CASE WHEN json_typeof({a} -> ({i})::int) = 'number' AND {a} ->> ({i})::int ~ '^-?[0-9]+$' THEN "
+            "to_char(to_timestamp(({a} ->> ({i})::int)::bigint / 1000000) AT TIME ZONE 'UTC', "
+            "'YYYY-MM-DD\"T\"HH24:MI:SS') || '.' || lpad((({a} ->> ({i})::int)::bigint % 1000000)::text, 6, '0') "
+            "|| 'Z' ELSE ({a} ->> ({i})::int) END COLLATE \"C\"")
 
 #: index name (``Index.name``) -> its spelling
 SPELLINGS: dict[str, Spelling] = {s.name: s for s in (SQLITE, POSTGRES)}
@@ -192,13 +241,30 @@ def definitions(index) -> dict[str, str]:
         return s.column(doc, field, REAL)
 
     is_number, number = s.is_number.format(m="m"), s.number.format(m="m")
+    # logs hold blocks (mlwarehouse.runs.blocks): for each metric name m of a block, each row r is a point
+    # [step, time, epoch, <metric values>]; documents of the older one-point layout are read as they are
+    head = len(schema.LOG_ROW_HEAD)
+    points = (f"CROSS JOIN {s.strings.format(doc='l.doc', f=schema.LOG_BLOCK_NAMES, a='m')} "
+              f"CROSS JOIN {s.packed.format(doc='l.doc', f=schema.LOG_BLOCK_ROWS, a='r')}")
+    value_at = f"{s.position.format(a='m')} + {head}"
+
+    def at(kind: str, i) -> str:
+        return getattr(s, f"at_{kind}").format(a="r.value", i=i)
+
+    point_value = s.at_number.format(a="r.value", i=value_at)
+    point_is_number = s.at_is_number.format(a="r.value", i=value_at)
+    one_point = s.absent.format(doc="l.doc", f=schema.LOG_BLOCK_ROWS)
     return {
         "runs": _documents(s, runs, _RUNS),
         "metrics": (
             f"SELECT {t('l.doc', 'run')} AS run_id, {t('l.doc', 'project')} AS project, {t('l.doc', 'kind')} AS kind, "
+            f"{at('integer', 0)} AS step, {at('integer', 2)} AS epoch, {at('time', 1)} AS time, "
+            f"m.value AS metric, {point_value} AS value FROM {logs} AS l {points} WHERE {point_is_number} "
+            "UNION ALL "
+            f"SELECT {t('l.doc', 'run')} AS run_id, {t('l.doc', 'project')} AS project, {t('l.doc', 'kind')} AS kind, "
             f"{i('l.doc', 'step')} AS step, {i('l.doc', 'epoch')} AS epoch, {t('l.doc', 'time')} AS time, "
             f"m.key AS metric, {number} AS value FROM {logs} AS l CROSS JOIN json_each(l.doc) AS m "
-            f"WHERE {is_number} AND m.key NOT IN {log_fields}"),
+            f"WHERE {one_point} AND {is_number} AND m.key NOT IN {log_fields}"),
         "models": _documents(s, table_name(index, schema.MODELS), _MODELS,
                              f"{s.remove('doc', _MODEL_HIDDEN)} AS fields"),
         "datasets": _documents(s, table_name(index, schema.DATASETS), _DATASETS),
@@ -209,15 +275,26 @@ def definitions(index) -> dict[str, str]:
             f"SELECT {t('doc', 'name')} AS EXP_ID, coalesce({t('doc', 'mldb_status')}, upper({t('doc', 'status')})) "
             f"AS STATUS, {t('doc', 'project')} AS project FROM {runs}"),
         "mldb_loss": (
-            f"SELECT {t('r.doc', 'name')} AS EXP_ID, {t('l.doc', 'kind')} AS KIND, {i('l.doc', 'epoch')} AS EPOCH, "
+            f"SELECT {t('r_.doc', 'name')} AS EXP_ID, {t('l.doc', 'kind')} AS KIND, {at('integer', 2)} AS EPOCH, "
+            f"{point_value} AS VALUE, {t('l.doc', 'project')} AS project "
+            f"FROM {logs} AS l JOIN {runs} AS r_ ON r_.id = {t('l.doc', 'run')} {points} "
+            f"WHERE m.value = 'loss' AND {point_is_number} AND {t('l.doc', 'kind')} <> '{_MLDB_METRICS_KIND}' "
+            "UNION ALL "
+            f"SELECT {t('r_.doc', 'name')} AS EXP_ID, {t('l.doc', 'kind')} AS KIND, {i('l.doc', 'epoch')} AS EPOCH, "
             f"{r('l.doc', 'loss')} AS VALUE, {t('l.doc', 'project')} AS project "
-            f"FROM {logs} AS l JOIN {runs} AS r ON r.id = {t('l.doc', 'run')} "
-            f"WHERE {r('l.doc', 'loss')} IS NOT NULL AND {t('l.doc', 'kind')} <> '{_MLDB_METRICS_KIND}'"),
+            f"FROM {logs} AS l JOIN {runs} AS r_ ON r_.id = {t('l.doc', 'run')} "
+            f"WHERE {one_point} AND {r('l.doc', 'loss')} IS NOT NULL "
+            f"AND {t('l.doc', 'kind')} <> '{_MLDB_METRICS_KIND}'"),
         "mldb_metrics": (
-            f"SELECT {t('r.doc', 'name')} AS EXP_ID, m.key AS NAME, {i('l.doc', 'epoch')} AS EPOCH, "
+            f"SELECT {t('r_.doc', 'name')} AS EXP_ID, m.value AS NAME, {at('integer', 2)} AS EPOCH, "
+            f"{point_value} AS VALUE, {t('l.doc', 'project')} AS project "
+            f"FROM {logs} AS l JOIN {runs} AS r_ ON r_.id = {t('l.doc', 'run')} {points} "
+            f"WHERE {t('l.doc', 'kind')} = '{_MLDB_METRICS_KIND}' AND {point_is_number} "
+            "UNION ALL "
+            f"SELECT {t('r_.doc', 'name')} AS EXP_ID, m.key AS NAME, {i('l.doc', 'epoch')} AS EPOCH, "
             f"{number} AS VALUE, {t('l.doc', 'project')} AS project "
-            f"FROM {logs} AS l JOIN {runs} AS r ON r.id = {t('l.doc', 'run')} CROSS JOIN json_each(l.doc) AS m "
-            f"WHERE {t('l.doc', 'kind')} = '{_MLDB_METRICS_KIND}' AND {is_number} "
+            f"FROM {logs} AS l JOIN {runs} AS r_ ON r_.id = {t('l.doc', 'run')} CROSS JOIN json_each(l.doc) AS m "
+            f"WHERE {one_point} AND {t('l.doc', 'kind')} = '{_MLDB_METRICS_KIND}' AND {is_number} "
             f"AND m.key NOT IN {log_fields}"),
     }
 

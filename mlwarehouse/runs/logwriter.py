@@ -2,7 +2,8 @@
 
 ``put()`` only appends to an in-memory list (no I/O on the caller's thread). A daemon thread drains the list
 every ``interval`` seconds, or at once when ``batch_size`` points are waiting or someone calls ``flush()``, and
-writes each drained batch with one ``insert_many`` (one transaction per ``chunk_size`` documents) followed by one
+writes each drained batch as blocks (:mod:`mlwarehouse.runs.blocks`: one document per run, kind and field set,
+with the points as columns) in one bulk insert (one transaction per ``chunk_size`` blocks), followed by one
 update per run of the run's metric summaries (the layout of :mod:`mlwarehouse.runs.summary`), which the writer
 keeps in memory so they are never re-read.
 
@@ -32,7 +33,7 @@ from mlwarehouse import schema
 from mlwarehouse.errors import BackendError, DuplicateKey, InvalidDocument, WarehouseError
 from mlwarehouse.ids import ALPHABET, encode32
 from mlwarehouse.query.fields import normalize_value
-from mlwarehouse.runs import summary
+from mlwarehouse.runs import blocks, summary
 
 __all__ = ["LogWriter", "LOG_FIELDS", "LOGS", "RUNS", "check_kind", "check_metric_name", "as_step"]
 
@@ -68,21 +69,6 @@ def as_step(value: Any, what: str) -> int:
     if type(value) is not int:
         raise InvalidDocument(f"{what} must be an integer, not {value!r}")
     return value
-
-
-class _Stamper:
-    """Formats ``time.time()`` floats like :func:`mlwarehouse.ids.utc_now`, reusing the date part per second."""
-
-    def __init__(self) -> None:
-        self._second = -1
-        self._prefix = ""
-
-    def __call__(self, t: float) -> str:
-        second = int(t)
-        if second != self._second:
-            self._second = second
-            self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-        return f"{self._prefix}.{int((t - second) * 1e6):06d}Z"
 
 
 _PAIRS = [a + b for a in ALPHABET for b in ALPHABET]  # 10 bits -> 2 characters
@@ -135,6 +121,7 @@ class LogWriter:
         self._cond = threading.Condition(threading.Lock())
         self._pending: list[dict] = []
         self._forgotten: set[str] = set()
+        self._named: set[int] = set()  # id() of queued points that want their stored id back
         self._queued = 0  # points ever queued
         self._done = 0  # points written (or lost to an error)
         self._wake = False
@@ -146,7 +133,8 @@ class LogWriter:
 
     # -- the caller's side ---------------------------------------------------------------------------------
     def put(self, doc: dict) -> None:
-        """Queue one log document (``time`` may be a ``time.time()`` float; ``_id``/``project`` are added later)."""
+        """Queue one point: ``{"run", "kind", "step"?, "epoch"?, "time"?, <metrics>}``, ``time`` in microseconds
+        since 1970 (``time.time_ns() // 1000``) or as a ``time.time()`` float; ``step``/``epoch`` may be None."""
         if self._error is not None or self._closed:
             self._check()
         cond = self._cond
@@ -164,6 +152,12 @@ class LogWriter:
                 self._start()
             if len(pending) == self.batch_size:
                 cond.notify_all()
+
+    def put_named(self, doc: dict) -> None:
+        """:meth:`put`, and once written the point gets its id (``doc["_id"]``) as :func:`blocks.points_of` names it."""
+        with self._cond:
+            self._named.add(id(doc))
+        self.put(doc)
 
     def flush(self) -> None:
         """Block until every point queued so far is durable; raise the writer's error if it had one."""
@@ -224,7 +218,6 @@ class LogWriter:
     # -- the writer's side ---------------------------------------------------------------------------------
     def _loop(self) -> None:
         cond = self._cond
-        stamp = _Stamper()
         ids = _BatchIds()
         while True:
             with cond:
@@ -238,7 +231,7 @@ class LogWriter:
                     return
                 cond.notify_all()  # producers waiting for room
             try:
-                self._write(batch, stamp, ids)
+                self._write(batch, ids)
             except BaseException as exc:  # kept and raised on the caller's next call
                 with cond:
                     self._error = exc
@@ -247,24 +240,24 @@ class LogWriter:
                 self._done += len(batch)
                 cond.notify_all()
 
-    def _write(self, batch: list[dict], stamp: _Stamper, ids: _BatchIds) -> None:
-        project = self.project.name
-        for doc, _id in zip(batch, ids(len(batch))):
-            doc["_id"] = _id
-            doc["project"] = project
-            t = doc.get("time")
-            if type(t) is float:
-                doc["time"] = stamp(t)
+    def _write(self, batch: list[dict], ids: _BatchIds) -> None:
         with self._cond:
             forgotten, self._forgotten = self._forgotten, set()
         for run_id in forgotten:
             self._summaries.pop(run_id, None)
         dropped: list[tuple[dict, InvalidDocument]] = []
+        project = self.project.name
+        groups = blocks.group(batch)
+        block_ids = ids(len(groups))
         try:
-            self._insert(batch)
-        except InvalidDocument:  # a bad point: write the others one by one, drop only the bad ones
-            batch, dropped = self._one_by_one(batch)
-        changed = self._summarize(batch)  # after the insert: a failed batch leaves the summaries as they were
+            self._insert([blocks.block(members, _id, project) for members, _id in zip(groups, block_ids)])
+            if self._named:
+                for members, _id in zip(groups, block_ids):
+                    self._name(members, _id)
+        except InvalidDocument:  # a bad point: write the others, drop only the bad ones
+            written, dropped = self._one_by_one(groups, block_ids, ids)
+            groups = blocks.group(written)
+        changed = self._summarize(groups)  # after the insert: a failed batch leaves the summaries as they were
         for run_id, kinds in changed.items():
             sums = self._summaries[run_id]
             update = {summary.path(kind, metric): dict(sums[kind][metric])
@@ -276,28 +269,46 @@ class LogWriter:
             error.lost = len(dropped)
             raise error
 
-    def _insert(self, batch: list[dict]) -> None:
-        """One bulk insert of documents this writer stamped itself (``_id``, ``project``, ``time``).
+    def _name(self, members: list[dict], block_id: str) -> None:
+        """Give the points of a stored block that :meth:`put_named` queued their ids (``<block id>.<i>``)."""
+        with self._cond:
+            for i, point in enumerate(members):
+                if id(point) in self._named:
+                    point["_id"] = f"{block_id}.{i}"
+                    self._named.discard(id(point))
 
-        ``Project.insert_stamped``, not ``insert_many``: that one stamps again, and would replace each point's
-        time (when ``log()`` was called) by the time of the write, draw one ``new_id()`` per point instead of a
-        batch of ids and scan every point for blob references (logs have none); together that cost about 30% of
-        the logging throughput (``benchmarks/logging.py``)."""
-        self.project.insert_stamped(LOGS, batch, chunk_size=self.chunk_size)
+    def _insert(self, docs: list[dict]) -> None:
+        """One bulk insert of blocks this writer stamped itself (``_id``, ``project``, ``time``).
 
-    def _one_by_one(self, batch: list[dict]) -> tuple[list[dict], list[tuple[dict, InvalidDocument]]]:
-        """Insert each point alone: (the points now stored, the points refused with their errors). A point an
-        earlier chunk of the batch already committed counts as stored."""
+        ``Project.insert_stamped``, not ``insert_many``: that one stamps again, and would replace each block's
+        time (when its first point was logged) by the time of the write, draw one ``new_id()`` per block instead of
+        a batch of ids and scan every block for blob references (logs have none)."""
+        self.project.insert_stamped(LOGS, docs, chunk_size=self.chunk_size)
+
+    def _one_by_one(self, groups: list[list[dict]], block_ids: list[str],
+                    ids: _BatchIds) -> tuple[list[dict], list[tuple[dict, InvalidDocument]]]:
+        """Insert each block alone, and the points of a refused block each in a block of its own: (the points now
+        stored, the points refused with their errors). A block an earlier chunk already committed counts as
+        stored."""
         written, dropped = [], []
-        for doc in batch:
+        project = self.project.name
+        for members, block_id in zip(groups, block_ids):
             try:
-                self.project.insert_stamped(LOGS, [doc])
+                self.project.insert_stamped(LOGS, [blocks.block(members, block_id, project)])
             except DuplicateKey:
                 pass
-            except InvalidDocument as exc:
-                dropped.append((doc, exc))
+            except InvalidDocument:
+                for point, _id in zip(members, ids(len(members))):
+                    try:
+                        self.project.insert_stamped(LOGS, [blocks.block([point], _id, project)])
+                    except InvalidDocument as exc:
+                        dropped.append((point, exc))
+                        continue
+                    self._name([point], _id)
+                    written.append(point)
                 continue
-            written.append(doc)
+            self._name(members, block_id)
+            written.extend(members)
         return written, dropped
 
     def _load(self, run_id: str) -> dict:
@@ -306,29 +317,26 @@ class LogWriter:
         return {k: {m: dict(s) for m, s in v.items() if isinstance(s, dict)}
                 for k, v in stored.items() if isinstance(v, dict)} if isinstance(stored, dict) else {}
 
-    def _summarize(self, batch: list[dict]) -> dict[str, dict[str, set[str]]]:
-        """Fold the batch into the running summaries; returns the metrics changed per run and kind."""
+    def _summarize(self, groups: list[list[dict]]) -> dict[str, dict[str, set[str]]]:
+        """Fold groups of points (each of one run, kind and field set: :func:`blocks.group`) into the running
+        summaries, a metric's column at a time; returns the metrics changed per run and kind."""
         changed: dict[str, dict[str, set[str]]] = {}
         summaries = self._summaries
-        fold = summary.fold
-        for doc in batch:
-            run_id = doc.get("run")
+        for members in groups:
+            first = members[0]
+            run_id = first.get("run")
             if run_id is None:
                 continue
             runs = summaries.get(run_id)
             if runs is None:
                 runs = summaries[run_id] = self._load(run_id)
-            kind = doc["kind"]
-            sums = runs.get(kind)
-            if sums is None:
-                sums = runs[kind] = {}
-            kinds = changed.get(run_id)
-            if kinds is None:
-                kinds = changed[run_id] = {}
-            touched = kinds.get(kind)
-            if touched is None:
-                touched = kinds[kind] = set()
-            fold(sums, doc, doc.get("step"), LOG_FIELDS, touched)
+            kind = first["kind"]
+            sums = runs.setdefault(kind, {})
+            touched = changed.setdefault(run_id, {}).setdefault(kind, set())
+            steps = [p.get("step") for p in members]
+            for name in first:
+                if name not in LOG_FIELDS:
+                    summary.fold_column(sums, name, [p[name] for p in members], steps, touched)
         return changed
 
 

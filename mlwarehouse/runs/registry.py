@@ -36,7 +36,7 @@ from mlwarehouse.query import split_path
 from mlwarehouse.query.documents import check_value
 from mlwarehouse.query.fields import normalize_fields, normalize_value
 from mlwarehouse.query.records import Record, find_by_id, name_filter
-from mlwarehouse.runs import summary
+from mlwarehouse.runs import blocks, summary
 from mlwarehouse.runs.logwriter import INT64, LogWriter, as_step, check_kind, check_metric_name
 
 __all__ = ["Runs", "Run", "current_run", "STATUSES"]
@@ -95,7 +95,7 @@ class Run(Record):
         if kind not in self._kinds:
             self._kinds.add(check_kind(kind))
         checked = self._names
-        doc: dict[str, Any] = {"run": self.doc["_id"], "kind": kind, "step": None}
+        doc: dict[str, Any] = {"run": self.doc["_id"], "kind": kind, "step": None, "epoch": None}
         if epoch is not None:
             doc["epoch"] = _in_range(epoch if type(epoch) is int else as_step(epoch, "epoch"), "epoch")
         nonfinite = 0
@@ -124,13 +124,13 @@ class Run(Record):
         with self._lock:
             if step is None:
                 step = self._next_step(kind)
-            else:
-                step = _in_range(step if type(step) is int else as_step(step, "step"), "step")
+            elif type(step) is not int or not -INT64 <= step < INT64 - 1:
+                step = _in_range(as_step(step, "step"), "step")
             self._steps[kind] = step + 1
             if nonfinite:
                 object.__setattr__(self, "nonfinite", self.nonfinite + nonfinite)
         doc["step"] = step
-        doc["time"] = time.time()
+        doc["time"] = time.time_ns() // 1000  # microseconds: what a block stores (mlwarehouse.runs.blocks)
         self._runs.writer.put(doc)
 
     def log_train(self, *, step: int | None = None, epoch: int | None = None, **metrics) -> None:
@@ -148,9 +148,8 @@ class Run(Record):
             step = 0
         elif step is None:  # a run picked up again: continue after its highest stored step of this kind
             self._runs.flush()
-            top = self._runs.project.find_one(LOGS, {"run": self.id, "kind": kind}, sort=[("step", -1)],
-                                              projection={"step": 1})
-            step = top["step"] + 1 if top and type(top.get("step")) is int else 0
+            top = blocks.last_step(self._runs.project, self.id, kind)
+            step = top + 1 if top is not None else 0
         return step
 
     def flush(self) -> "Run":
@@ -254,23 +253,21 @@ class Run(Record):
     def history(self, kind: str = "train", metrics: Sequence[str] | None = None) -> list[dict]:
         """The points of one kind in step order: ``{"step", "epoch", "time", <metrics>}`` each."""
         self._runs.flush()
-        projection = None
+        points = blocks.read_points(self._runs.project, {"run": self.id, "kind": check_kind(kind)}, bare=True)
         if metrics is not None:
-            projection = {"step": 1, "epoch": 1, "time": 1, **{m: 1 for m in metrics}}
-        docs = self._runs.project.find(LOGS, {"run": self.id, "kind": check_kind(kind)}, sort=[("step", 1)],
-                                       projection=projection)
-        drop = ("_id", "project", "run", "kind", "_blobs")
-        return [{k: v for k, v in d.items() if k not in drop} for d in docs]
+            keep = {"step", "epoch", "time", *metrics}
+            points = [{k: v for k, v in p.items() if k in keep} for p in points]
+        return points
 
     def metric(self, kind: str, name: str) -> tuple[np.ndarray, np.ndarray]:
         """One metric's history as ``(steps int64, values float64)`` arrays; null values are NaN."""
         self._runs.flush()
         split_path(name, "metric")
-        rows = self._runs.project.values(LOGS, {"run": self.id, "kind": check_kind(kind), name: {"$exists": True}},
-                                         ["step", name], sort=[("step", 1)])
-        steps = np.fromiter((s if type(s) is int else -1 for s, _ in rows), np.int64, len(rows))
-        values = np.fromiter((v if type(v) is float or type(v) is int else math.nan for _, v in rows),
-                             np.float64, len(rows))
+        col_steps, col_values = blocks.read_columns(self._runs.project, self.id, check_kind(kind), ["step", name],
+                                                    require=name)
+        steps = np.fromiter((s if type(s) is int else -1 for s in col_steps), np.int64, len(col_steps))
+        values = np.fromiter((v if type(v) is float or type(v) is int else math.nan for v in col_values),
+                             np.float64, len(col_values))
         return steps, values
 
 
@@ -437,22 +434,30 @@ class Runs:
                 doc[key] = value
             else:
                 doc[check_metric_name(key)] = value
-        doc["time"] = time.time()
-        self.writer.put(doc)
+        doc["time"] = time.time_ns() // 1000
+        self.writer.put_named(doc)
         self.writer.flush()
-        return doc
+        stored = {"_id": doc.pop("_id"), "project": self.project.name, **doc}
+        stored["time"] = blocks.utc_text(stored["time"])
+        return stored
 
     def find_logs(self, kind: str | None = None, where: dict | None = None, sort=None,
                   limit: int | None = None, run: Any = None) -> list[dict]:
-        """Log documents (of one kind, one run, matching ``where``), oldest first unless ``sort`` says otherwise."""
+        """Logged points (of one kind, one run, matching ``where``) as documents, oldest first unless ``sort``
+        says otherwise (see :mod:`mlwarehouse.runs.blocks` for how they are stored)."""
         self.flush()
-        return self.project.find(LOGS, self._log_filter(kind, where, run), sort=sort or [("time", 1)],
-                                 limit=limit)
+        return blocks.read_points(self.project, self._log_filter(kind, where, run), sort=sort or [("time", 1)],
+                                  limit=limit)
+
+    def count_logs(self, kind: str | None = None, where: dict | None = None, run: Any = None) -> int:
+        """How many logged points match (of one kind, one run, matching ``where``)."""
+        self.flush()
+        return blocks.count_points(self.project, self._log_filter(kind, where, run))
 
     def delete_logs(self, kind: str | None = None, where: dict | None = None, run: Any = None) -> int:
-        """Delete matching log documents; returns how many. Run summaries are left as they were."""
+        """Delete matching logged points; returns how many. Run summaries are left as they were."""
         self.flush()
-        return len(self.project.delete(LOGS, self._log_filter(kind, where, run)))
+        return blocks.delete_points(self.project, self._log_filter(kind, where, run))
 
     @staticmethod
     def _log_filter(kind: str | None, where: dict | None, run: Any) -> dict:

@@ -27,6 +27,7 @@ from mlwarehouse.index.views import VIEW_NAMES, definitions, ensure_views
 __all__ = ["ViewsTests", "DOCUMENTS", "SELECTS", "load", "rows_of_every_view", "postgres_schema", "postgres_warehouse"]
 
 _T = "2024-01-02T03:04:05.000006Z"
+_T_MICROS = 1704164645_500000  # a block row's time (microseconds): read as "2024-01-02T03:04:05.500000Z"
 RUN_A, RUN_B = "01HV0000000000000000000RNA", "01HV0000000000000000000RNB"
 _SUMMARY = {"train": {"loss": {"last": 0.25, "last_step": 2, "min": 0.25, "min_step": 2, "max": 1.0, "max_step": 0,
                                "count": 3, "nulls": 1}}}
@@ -55,6 +56,14 @@ DOCUMENTS: dict[str, list[dict]] = {
         _log(5, RUN_A, "metrics", None, epoch=3, f1=0.6, recall=0),
         _log(6, RUN_B, "train", "3", epoch="1", loss="nan"),
         _log(7, None, "train", 0, loss=2.0),
+        # blocks (the layout the log writer writes: mlwarehouse.runs.blocks), with odd values in their rows
+        {"_id": "01HV00000000000000000BLK01", "project": "p", "time": _T, "run": RUN_A, "kind": "test", "step": 3,
+         "last": 4, "n": 4, "metrics": ["loss", "note", "acc"],
+         "rows": json.dumps([[3, _T_MICROS, 1, 0.5, "x", None], [4, _T, None, 2 ** 62, True, 1.5],
+                             ["5", None, 1.5, 1e-300, 2, -0.0], [6, _T]])},
+        {"_id": "01HV00000000000000000BLK02", "project": "p", "time": _T, "run": RUN_A, "kind": "metrics",
+         "step": None, "last": None, "n": 1, "metrics": ["f1"],
+         "rows": json.dumps([[None, 1704164645_000000, 4, 0.7]])},
     ],
     schema.MODELS.name: [
         {"_id": "01HV0000000000000000000MD1", "project": "p", "time": _T, "name": "m", "kind": "arrays",
@@ -158,6 +167,13 @@ class ViewsTests:
         assert ("metrics", None, 3, "recall", 0.0) in metrics
         assert all(type(v) is float for *_, v in metrics) and not any(m == "flag" for *_, m, _ in metrics)
         assert [(r["kind"], r["step"], r["epoch"]) for r in rows["metrics"] if r["run_id"] == RUN_B] == []
+        # a block's rows: one row per numeric metric of each point; a short (damaged) row gives none
+        assert sorted((m for m in metrics if m[0] == "test"), key=repr) == sorted([
+            ("test", 3, 1, "loss", 0.5), ("test", 4, None, "loss", 2.0 ** 62), ("test", 4, None, "acc", 1.5),
+            ("test", None, None, "loss", 1e-300), ("test", None, None, "note", 2.0), ("test", None, None, "acc", 0.0)],
+            key=repr)
+        assert {(r["step"], r["time"]) for r in rows["metrics"] if r["kind"] == "test"} == {
+            (3, "2024-01-02T03:04:05.500000Z"), (4, _T), (None, None)}
         datasets = [(d["name"], d["version"], d["version_label"], d["description"]) for d in rows["datasets"]]
         assert datasets == [("Digits", 3, "3", "true"), ("digits", 1, "1", 'four "numbers"\né'),
                             ("digits", None, "v2", "0.30000000000000004")]
@@ -172,9 +188,10 @@ class ViewsTests:
         assert tasks == [("finished", 2.0, 1, '{"acc":0.9}'), ("pending", -0.5, 0, None)]
         assert [(r["exp_id"], r["status"]) for r in rows["mldb_status"]] == [("mlp", "DONE"), ("Zeta", "FAILED")]
         assert [(r["kind"], r["epoch"], r["value"]) for r in rows["mldb_loss"]] == [
+            ("test", None, 1e-300), ("test", None, 2.0 ** 62), ("test", 1, 0.5),
             ("train", None, 0.25), ("train", 0, 0.5), ("train", 0, 1.0), ("valid", None, 0.75)]
-        assert [(r["name"], r["epoch"], r["value"]) for r in rows["mldb_metrics"]] == [("f1", 3, 0.6),
-                                                                                      ("recall", 3, 0.0)]
+        assert [(r["name"], r["epoch"], r["value"]) for r in rows["mldb_metrics"]] == [
+            ("f1", 3, 0.6), ("f1", 4, 0.7), ("recall", 3, 0.0)]
 
     def test_logged_runs_count_the_same_metrics(self, wh):
         with wh.runs.start("a", hyper_parameters={"lr": 0.1}) as run:

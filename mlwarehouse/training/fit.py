@@ -34,7 +34,6 @@ __all__ = ["EarlyStopping", "Trainer", "TrainingError", "load_optimizer", "pack_
            "unpack_ids"]
 
 FITS = schema.FITS.name
-LOGS = schema.LOGS.name
 #: metric names (lower-cased) for which smaller is better when an early-stopping mode is not given
 _SMALLER = ("loss", "mse", "mae", "error", "rmse", "perplexity")
 
@@ -220,9 +219,8 @@ class Trainer:
             raise TrainingError(f"fit {self.doc['_id']}: the stored checkpoint does not fit this model or "
                                 f"optimizer ({exc})") from exc
         self.project.runs.flush()
-        logged = {(d.get("kind"), d.get("epoch")) for d in self.project.find(
-            LOGS, {"run": {"$in": self.doc.get("runs", [])}, "kind": {"$in": ["train", "valid"]}},
-            projection={"kind": 1, "epoch": 1})}
+        logged = {(d.get("kind"), d.get("epoch")) for d in self.project.runs.find_logs(
+            where={"run": {"$in": self.doc.get("runs", [])}, "kind": {"$in": ["train", "valid"]}})}
         for entry in self.doc.get("history", []):
             for kind in ("train", "valid"):
                 if entry.get(kind) and (kind, entry["epoch"]) not in logged:

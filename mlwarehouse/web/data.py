@@ -22,15 +22,15 @@ from mlwarehouse.errors import NotFound, QueryError, WarehouseError
 from mlwarehouse.models.registry import final_filter
 from mlwarehouse.query import split_path
 from mlwarehouse.query.text import parse_filter_text, parse_sort_text
-from mlwarehouse.runs import summary
+from mlwarehouse.runs import blocks, summary
 from mlwarehouse.web.downsample import minmax_downsample
 
 __all__ = ["parse_filter_text", "parse_sort", "runs_table", "metric_series", "leaderboard", "tasks_board",
            "datasets_list", "project_exists", "metric_sort", "rank_metric", "HistoryCache", "TASK_STATUSES",
            "RUN_STATS", "text_filter", "TEXT_FIELDS"]
 
-RUNS, LOGS, MODELS, TASKS, DATASETS, CATALOG = (c.name for c in (schema.RUNS, schema.LOGS, schema.MODELS,
-                                                                 schema.TASKS, schema.DATASETS, schema.CATALOG))
+RUNS, MODELS, TASKS, DATASETS, CATALOG = (c.name for c in (schema.RUNS, schema.MODELS, schema.TASKS, schema.DATASETS,
+                                                           schema.CATALOG))
 RUN_FIELDS = {"name": 1, "status": 1, "started": 1, "ended": 1, "hyper_parameters": 1, summary.ROOT: 1, "task": 1,
               "tags": 1}
 #: the summary stats a run's page shows, with their column titles
@@ -193,9 +193,9 @@ def metric_series(project, ids: list[str], kind: str, metric: str, points: int =
 
 def _history(project, run_id: str, kind: str, metric: str) -> tuple[np.ndarray, np.ndarray]:
     """Steps and values (finite numbers only) of one metric of one run, in step order."""
-    rows = project.values(LOGS, {"run": run_id, "kind": kind}, ["step", metric], sort=[("step", 1)])
-    steps = np.fromiter((s if type(s) is int else -1 for s, _ in rows), np.float64, len(rows))
-    values = np.fromiter((_number(v) for _, v in rows), np.float64, len(rows))
+    col_steps, col_values = blocks.read_columns(project, run_id, kind, ["step", metric])
+    steps = np.fromiter((s if type(s) is int else -1 for s in col_steps), np.float64, len(col_steps))
+    values = np.fromiter((_number(v) for v in col_values), np.float64, len(col_values))
     keep = np.isfinite(values)
     return steps[keep], values[keep]
 

@@ -21,8 +21,8 @@ import numpy as np
 
 from mlwarehouse.errors import NotFound, QueryError
 from mlwarehouse.query import split_path
-from mlwarehouse.runs import summary
-from mlwarehouse.web.data import LOGS, RUNS, HistoryCache, flatten, fmt
+from mlwarehouse.runs import blocks, summary
+from mlwarehouse.web.data import RUNS, HistoryCache, flatten, fmt
 from mlwarehouse.web.downsample import minmax_downsample
 
 __all__ = ["X_AXES", "MAX_RUNS", "MAX_METRICS", "order_metrics", "run_labels", "compare", "points", "Histories"]
@@ -212,20 +212,19 @@ def _lists(values: np.ndarray, what: str) -> list:
 def _history(project, doc: dict, kind: str, metric: str, x: str, after: float | None = None):
     """A metric's finite points (after step ``after``, if given) in x order: (x, y, the last step read), x NaN
     where the point has no such x."""
-    columns = ["step", metric] if x == "step" else ["step", x, metric]
-    flt: dict = {"run": doc["_id"], "kind": kind}
-    if after is not None and math.isfinite(after):
-        flt["step"] = {"$gt": int(after)}
-    rows = project.values(LOGS, flt, columns, sort=[("step", 1)])
-    y = np.fromiter((_number(r[-1]) for r in rows), np.float64, len(rows))
-    steps = np.fromiter((_number(r[0]) for r in rows), np.float64, len(rows))
+    names = ["step", metric] if x == "step" else ["step", x, metric]
+    since = int(after) if after is not None and math.isfinite(after) else None
+    columns = blocks.read_columns(project, doc["_id"], kind, names, after=since)
+    n = len(columns[0])
+    y = np.fromiter((_number(v) for v in columns[-1]), np.float64, n)
+    steps = np.fromiter((_number(v) for v in columns[0]), np.float64, n)
     last = float(np.nanmax(steps)) if np.isfinite(steps).any() else (after if after is not None else -math.inf)
     if x == "step":
         xs = steps
     elif x == "epoch":
-        xs = _spread_epochs(np.fromiter((_number(r[1]) for r in rows), np.float64, len(rows)))
+        xs = _spread_epochs(np.fromiter((_number(v) for v in columns[1]), np.float64, n))
     else:
-        xs = _seconds([r[1] for r in rows])
+        xs = _seconds(columns[1])
         xs -= _start(doc.get("started"), xs)
     keep = np.isfinite(y) & ~np.isinf(xs)  # NaN x stays: counted as missing
     xs, y = xs[keep], y[keep]
