@@ -8,9 +8,11 @@ import math
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mlwarehouse import schema
-from mlwarehouse.runs import blocks
+from mlwarehouse.runs import blocks, summary
 from mlwarehouse.testing.backend_sets import mongo_and_gridfs, postgres_and_s3, sqlite_and_files
 from mlwarehouse.testing.mongo_server import mongo_server  # noqa: F401  (session fixture)
 from mlwarehouse.testing.postgres_server import postgres_server  # noqa: F401  (session fixture)
@@ -46,7 +48,7 @@ class BlockTests:
         assert lr_steps.tolist() == [3] and lr.tolist() == [0.5]
         assert run.history("valid", metrics=["note"]) == [{"step": 9_999, "time": run.history("valid")[0]["time"],
                                                            "note": "text"}]
-        assert wh.runs.get(run.id).summary["train"]["loss"]["count"] == 10_000  # summaries count logged numbers, not blocks
+        assert wh.runs.get(run.id).summary["train"]["loss"]["count"] == 10_000  # numbers logged, not blocks
 
     def test_find_count_and_delete_points_by_any_field(self, wh):
         run = wh.runs.start("r")
@@ -106,6 +108,41 @@ class BlockTests:
         assert wh.runs.count_logs(run=run) == 6
         assert wh.runs.delete_logs("train", where={"step": {"$lt": 2}}, run=run) == 2
         assert [d["step"] for d in wh.runs.find_logs(run=run)] == [2, 3, 4, 5]
+
+
+_VALUES = st.one_of(st.floats(allow_nan=False, allow_infinity=False), st.integers(-2 ** 63, 2 ** 63 - 1),
+                    st.none(), st.booleans(), st.sampled_from(["a", "b"]), st.integers(-5, 5))
+
+
+@settings(max_examples=300, deadline=None)
+@given(before=st.lists(_VALUES, max_size=6), values=st.lists(_VALUES, max_size=40))
+def test_a_column_folds_into_the_same_summary_as_its_points_one_by_one(before, values):
+    """summary.fold_column (numpy, the writer's path) against summary.fold (a point at a time): the same stats,
+    first minimum and maximum kept, after any earlier points."""
+    def fold_points(column, start):
+        sums, touched = {}, set()
+        for i, v in enumerate(before):
+            summary.fold(sums, {"m": v}, i, (), touched)
+        for i, v in enumerate(column):
+            summary.fold(sums, {"m": v}, start + i, (), touched)
+        return sums, touched
+    expected = fold_points(values, len(before))
+    sums, touched = fold_points([], 0)
+    summary.fold_column(sums, "m", values, list(range(len(before), len(before) + len(values))), touched)
+    assert (sums, touched) == expected
+    assert [type(x) for x in sums.get("m", {}).values()] == [type(x) for x in expected[0].get("m", {}).values()]
+
+
+def test_a_batch_larger_than_a_block_is_split_in_logging_order():
+    points = [{"run": "r", "kind": "train", "step": i, "time": i, "loss": 1.0} for i in range(blocks.MAX_POINTS + 5)]
+    points.insert(3, {"run": "r", "kind": "train", "step": 3, "time": 3, "acc": 1.0})  # another field set
+    groups = blocks.group(points)
+    assert [len(g) for g in groups] == [blocks.MAX_POINTS, 1, 5]
+    made = blocks.build(points, ["a", "b", "c"], "p")
+    assert [b["n"] for b in made] == [blocks.MAX_POINTS, 1, 5] and made[0]["step"] == 0
+    assert made[2]["last"] == blocks.MAX_POINTS + 4 and made[1][blocks.NAMES] == ["acc"]
+    assert blocks.points_of(made[1]) == [{"_id": "b.0", "project": "p", "run": "r", "kind": "train", "step": 3,
+                                          "time": "1970-01-01T00:00:00.000003Z", "acc": 1.0}]
 
 
 class TestSQLiteAndFiles(BlockTests):

@@ -46,7 +46,7 @@ LOGS = schema.LOGS.name
 #: the fields of a block holding its rows and its metric names
 ROWS, NAMES = schema.LOG_BLOCK_ROWS, schema.LOG_BLOCK_NAMES
 #: the most points one block holds (a batch of more becomes several blocks)
-MAX_POINTS = 4096
+MAX_POINTS = 8192
 #: the fields at the head of every row, in this order (the metrics follow)
 POINT_FIELDS = schema.LOG_ROW_HEAD
 _HEAD = len(POINT_FIELDS)
@@ -246,7 +246,7 @@ def count_points(project, flt: dict | None = None) -> int:
     total = 0
     for doc in _blocks(project, on_blocks, projection={"n": 1, NAMES: 1}):
         n = doc.get("n")
-        total += n if type(n) is int and NAMES in doc else 1  # an older one-point document has neither
+        total += n if type(n) is int and isinstance(doc.get(NAMES), list) else 1  # an older one-point document
     return total
 
 
