@@ -1,6 +1,7 @@
-// mlwarehouse UI: the live champion panel and number formatting (run charts: runs.js; the task board: tasks.js). No framework,
-// no network beyond this server: data is fetched from /api and written into the page with textContent (never as
-// HTML).
+// mlwarehouse UI: what every page's script shares (fetching /api, cells and elements, times and numbers as the
+// tables show them) and the live champion panel (run charts: runs.js; the task board: tasks.js; the sweep view:
+// sweep.js; each needs this file first). No framework, no network beyond this server: data is fetched from /api and
+// written into the page with textContent (never as HTML).
 "use strict";
 const mlw = (() => {
   const api = (project) => `/api/p/${encodeURIComponent(project)}`;
@@ -12,11 +13,20 @@ const mlw = (() => {
     return body;
   }
 
-  function cell(row, text, className) {
+  // a new cell of `row` holding `child` (a node, or text written with textContent)
+  function cell(row, child, className) {
     const td = row.insertCell();
     if (className) td.className = className;
-    if (text !== undefined && text !== null) td.textContent = text;
+    if (child instanceof Node) td.appendChild(child);
+    else if (child !== undefined && child !== null) td.textContent = child;
     return td;
+  }
+
+  function el(tag, text, className) {
+    const node = document.createElement(tag);
+    if (className) node.className = className;
+    if (text !== undefined && text !== null) node.textContent = text;
+    return node;
   }
 
   const when = (t) => (typeof t === "string" && t.length >= 19) ? t.slice(0, 19).replace("T", " ") : (t || "");
@@ -152,5 +162,5 @@ const mlw = (() => {
     setInterval(() => { if (!document.hidden) refresh(); }, 2000);
   }
 
-  return {championsPanel, num};
+  return {championsPanel, num, api, getJSON, cell, el, when};
 })();

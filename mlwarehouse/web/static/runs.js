@@ -2,7 +2,7 @@
 // (uPlot), losses first, one-point metrics as numbers; x on the step, the epoch or the wall time; EMA smoothing;
 // a log y scale; charts of running runs refreshed every 2 s. On the runs page each table row has a colour, and
 // the lines, the legend and the diff view use the same one. Data comes from /api (one request for every metric,
-// downsampled on the server) and is written into the page with textContent, never as HTML.
+// downsampled on the server) and is written into the page with textContent, never as HTML. Needs app.js.
 "use strict";
 const mlwRuns = (() => {
   // 20 distinct colours (Tableau 10, then their darker and lighter kin): row i of the table draws in COLORS[i]
@@ -10,34 +10,14 @@ const mlwRuns = (() => {
                   "#7f7f7f", "#bcbd22", "#0b3d91", "#8b0000", "#006400", "#b35900", "#4b0082", "#5c3317",
                   "#c71585", "#00868b", "#3d3d3d", "#6b6b00"];
   const colorOf = (i) => COLORS[i % COLORS.length];
-  const api = (project) => `/api/p/${encodeURIComponent(project)}`;
+  const api = mlw.api;
   const X_LABELS = {step: "step", epoch: "epoch", time: "wall time (s)"};
   const LIVE_MS = 2000;
 
-  async function getJSON(url) {
-    const response = await fetch(url);
-    const body = await response.json().catch(() => ({error: response.statusText}));
-    if (!response.ok) throw new Error(body.error || response.statusText);
-    return body;
-  }
-
-  // numbers as the server's tables show them: integers as they are, others with 4 significant digits
-  function num(v) {
-    if (typeof v !== "number") return v === null || v === undefined ? "" : String(v);
-    if (Number.isInteger(v) || !Number.isFinite(v)) return String(v);
-    const a = Math.abs(v);
-    return a !== 0 && (a < 1e-4 || a >= 1e4) ? v.toExponential(3).replace(/\.?0+e/, "e") : String(Number(v.toPrecision(4)));
-  }
-
-  function el(tag, className, text) {
-    const e = document.createElement(tag);
-    if (className) e.className = className;
-    if (text !== undefined && text !== null) e.textContent = text;
-    return e;
-  }
+  const {getJSON, num, el} = mlw;  // el(tag, text, className)
 
   function swatch(color) {
-    const s = el("span", "swatch");
+    const s = el("span", null, "swatch");
     s.style.background = color;
     return s;
   }
@@ -80,16 +60,16 @@ const mlwRuns = (() => {
     function clear() { plots.forEach((p) => p.destroy()); plots.clear(); box.replaceChildren(); }
 
     function numbers(metrics, runs, colors) {
-      const strip = el("div", "numbers");
+      const strip = el("div", null, "numbers");
       for (const m of metrics) {
-        const card = el("div", "number-card");
+        const card = el("div", null, "number-card");
         card.dataset.metric = m.key;
-        card.appendChild(el("h3", null, m.key));
+        card.appendChild(el("h3", m.key));
         for (const s of m.series) {
-          const row = el("div", "number");
+          const row = el("div", null, "number");
           row.dataset.run = s.id;
-          if (runs.length > 1) row.append(swatch(colors[s.id]), el("span", "label", runs.find((r) => r.id === s.id).label));
-          row.appendChild(el("b", "value", num(s.last)));
+          if (runs.length > 1) row.append(swatch(colors[s.id]), el("span", runs.find((r) => r.id === s.id).label, "label"));
+          row.appendChild(el("b", num(s.last), "value"));
           card.appendChild(row);
         }
         strip.appendChild(card);
@@ -110,7 +90,7 @@ const mlwRuns = (() => {
       const note = card.querySelector(".note");
       const missing = m.series.reduce((n, s) => n + s.missing_x, 0);
       note.textContent = missing ? `${missing} point${missing === 1 ? "" : "s"} without ${body.x === "time" ? "a time" : "an " + body.x}` : "";
-      if (!drawn.length) { plotBox.appendChild(el("p", "empty", `no points on the ${body.x} axis`)); return; }
+      if (!drawn.length) { plotBox.appendChild(el("p", `no points on the ${body.x} axis`, "empty")); return; }
       const clean = (v) => (logy && !(v > 0)) ? null : v;
       const tables = drawn.map((s) => {
         const raw = s.y.map(clean);
@@ -156,16 +136,16 @@ const mlwRuns = (() => {
       if (oldStrip) oldStrip.replaceWith(strip); else box.prepend(strip);
       strip.hidden = !single.length;
       let grid = box.querySelector(".charts-grid");
-      if (!grid) { grid = el("div", "charts-grid"); box.appendChild(grid); }
+      if (!grid) { grid = el("div", null, "charts-grid"); box.appendChild(grid); }
       grid.classList.toggle("one", curves.length === 1);
       for (const m of curves) {
         let card = grid.querySelector(`.chart-card[data-metric="${CSS.escape(m.key)}"]`);
         if (!card) {
-          card = el("div", "chart-card");
+          card = el("div", null, "chart-card");
           card.dataset.metric = m.key;
-          const head = el("div", "card-head");
-          head.append(el("h3", null, m.key), el("span", "note muted"));
-          card.append(head, el("div", "plot"), el("div", "readout muted"));
+          const head = el("div", null, "card-head");
+          head.append(el("h3", m.key), el("span", null, "note muted"));
+          card.append(head, el("div", null, "plot"), el("div", null, "readout muted"));
           grid.appendChild(card);
         }
         const width = Math.max(260, Math.floor(card.clientWidth - 16));
@@ -249,30 +229,30 @@ const mlwRuns = (() => {
     const wasOnly = Boolean(box.querySelector("#diff-only:checked"));  // kept over live refreshes
     box.replaceChildren();
     if (body.runs.length < 2) return;
-    const table = el("table", "diff");
+    const table = el("table", null, "diff");
     table.id = "diff-table";
     const head = table.createTHead().insertRow();
-    head.appendChild(el("th", null, ""));
+    head.appendChild(el("th", ""));
     for (const r of body.runs) {
-      const th = el("th", "run");
+      const th = el("th", null, "run");
       th.dataset.run = r.id;
       th.style.borderTopColor = colors[r.id];
-      const a = el("a", null, r.label);
+      const a = el("a", r.label);
       a.href = `/p/${encodeURIComponent(box.dataset.project)}/runs/${encodeURIComponent(r.id)}`;
       th.append(swatch(colors[r.id]), a);
       head.appendChild(th);
     }
     const tbody = table.createTBody();
-    const section = (title) => { const td = el("td", "section", title); td.colSpan = body.runs.length + 1; tbody.insertRow().appendChild(td); };
+    const section = (title) => { const td = el("td", title, "section"); td.colSpan = body.runs.length + 1; tbody.insertRow().appendChild(td); };
     const row = (key, cells, differs, kind) => {
       const tr = tbody.insertRow();
       tr.dataset.key = key;
       tr.dataset.kind = kind;
       tr.className = differs ? "differs" : "same";
-      tr.appendChild(el("th", null, key));
+      tr.appendChild(el("th", key));
       const first = cells[0] ? cells[0].text : null;
       for (const c of cells) {
-        const td = el("td", "num", c ? c.text : "");
+        const td = el("td", c ? c.text : "", "num");
         if (c && c.title) td.title = c.title;
         if (differs && (c ? c.text : null) !== first) td.classList.add("changed");
         tr.appendChild(td);
@@ -285,7 +265,7 @@ const mlwRuns = (() => {
       row(m.key, m.stats.map((s) => s ? {text: num(s.last), title: `min ${num(s.min)}, max ${num(s.max)}, ${s.count} points`} : null),
           m.differs, "metric");
     }
-    const only = el("label", "only");
+    const only = el("label", null, "only");
     const box2 = el("input");
     box2.type = "checkbox";
     box2.id = "diff-only";
@@ -294,9 +274,9 @@ const mlwRuns = (() => {
     table.classList.toggle("only-differences", wasOnly);
     box2.addEventListener("change", () => table.classList.toggle("only-differences", box2.checked));
     const differ = body.params.filter((p) => p.differs).length + body.metrics.filter((m) => m.differs).length;
-    const title = el("h2", null, "Diff ");
-    title.appendChild(el("small", null, `${differ} of ${body.params.length + body.metrics.length} rows differ`));
-    const scroll = el("div", "scroll");
+    const title = el("h2", "Diff ");
+    title.appendChild(el("small", `${differ} of ${body.params.length + body.metrics.length} rows differ`));
+    const scroll = el("div", null, "scroll");
     scroll.appendChild(table);
     box.append(title, only, scroll);
   }
@@ -343,9 +323,9 @@ const mlwRuns = (() => {
       status.className = "muted";
       legend.replaceChildren();
       for (const r of current.runs) {
-        const item = el("span", "entry");
+        const item = el("span", null, "entry");
         item.dataset.run = r.id;
-        item.append(swatch(colors[r.id]), el("span", "label", r.label));
+        item.append(swatch(colors[r.id]), el("span", r.label, "label"));
         legend.appendChild(item);
       }
       const charts = current.metrics.filter((m) => !m.single).length;

@@ -1,33 +1,10 @@
 // mlwarehouse UI: the live task board. Polls /api/p/<project>/tasks/page with the page's own query (q, limit and
 // the keyset cursor before/after from the address bar) every 2 s while the page is visible, and re-draws the rows,
 // the counts and the pager when something changed, the way templates/tasks.html draws them. Text is written with
-// textContent only (never as HTML). Cancel and retry buttons (a writable UI) POST with the X-MLW header.
+// textContent only (never as HTML). Cancel and retry buttons (a writable UI) POST with the X-MLW header. Needs app.js.
 "use strict";
 const mlwTasks = (() => {
-  const api = (project) => `/api/p/${encodeURIComponent(project)}`;
-  const when = (t) => (typeof t === "string" && t.length >= 19) ? t.slice(0, 19).replace("T", " ") : (t || "");
-
-  async function getJSON(url, options) {
-    const response = await fetch(url, options);
-    const body = await response.json().catch(() => ({error: response.statusText}));
-    if (!response.ok) throw new Error(body.error || response.statusText);
-    return body;
-  }
-
-  function el(tag, text, className) {
-    const node = document.createElement(tag);
-    if (className) node.className = className;
-    if (text !== undefined && text !== null) node.textContent = text;
-    return node;
-  }
-
-  function cell(row, child, className) {
-    const td = row.insertCell();
-    if (className) td.className = className;
-    if (child instanceof Node) td.appendChild(child);
-    else if (child !== undefined && child !== null) td.textContent = child;
-    return td;
-  }
+  const {api, getJSON, cell, el, when} = mlw;
 
   function taskRow(tbody, project, t, writable) {
     const row = tbody.insertRow();
