@@ -1,12 +1,11 @@
-"""Runs, their logs and metric summaries.
+"""The runs of a project (``wh.runs``): starting, finding, ranking and deleting them, and logs outside a run object.
 
-A run (collection :data:`mlwarehouse.schema.RUNS`) has a status (``running``, ``complete``, ``failed``,
-``cancelled``), hyper-parameters, the ids of the datasets it used, tags, and per-metric summaries
-(``summary.<kind>.<metric>.<stat>``, see :mod:`mlwarehouse.runs.summary`) kept up to date while it logs, so "the
-run with the best validation accuracy" is one indexed query (:meth:`Runs.best`). Logs (:data:`mlwarehouse.schema.LOGS`)
-are flat documents ``{_id, project, time, run, kind, step, epoch, <metrics>}``; ``run.log()`` queues them for the
-background writer (:mod:`mlwarehouse.runs.logwriter`) and returns at once. Reads in this module flush the writer
-first, so they see everything logged before them.
+A run (collection :data:`mlwarehouse.schema.RUNS`, one :class:`~mlwarehouse.runs.run.Run` each) has a status
+(``running``, ``complete``, ``failed``, ``cancelled``), hyper-parameters, the ids of the datasets it used, tags,
+and per-metric summaries (``summary.<kind>.<metric>.<stat>``, see :mod:`mlwarehouse.runs.summary`) kept up to
+date while it logs, so "the run with the best validation accuracy" is one indexed query (:meth:`Runs.best`).
+Logged points are stored in blocks (:mod:`mlwarehouse.runs.blocks`) by the background writer
+(:mod:`mlwarehouse.runs.logwriter`); reads here flush the writer first, so they see everything logged before them.
 
     with wh.runs.start("mlp", hyper_parameters={"lr": 0.01}) as run:   # complete on exit, failed on error
         run.log("train", step=i, loss=loss)                            # never blocks training
@@ -15,36 +14,30 @@ first, so they see everything logged before them.
 
 from __future__ import annotations
 
-import math
 import os
 import socket
 import threading
 import time
-import traceback
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from typing import Any
-
-import numpy as np
 
 from mlwarehouse import schema
 from mlwarehouse.context import current_run, pop_run, push_run
-from mlwarehouse.errors import InvalidDocument, NotFound, QueryError, WarehouseError
+from mlwarehouse.errors import InvalidDocument, NotFound, QueryError
 from mlwarehouse.ids import new_id, utc_now
 from mlwarehouse.index.autoindex import QueryIndexes
 from mlwarehouse.lineage.nodes import Ref, describe
 from mlwarehouse.query import split_path
-from mlwarehouse.query.documents import check_value
 from mlwarehouse.query.fields import normalize_fields, normalize_value
 from mlwarehouse.query.records import Record, find_by_id, name_filter
 from mlwarehouse.runs import blocks, summary
-from mlwarehouse.runs.logwriter import INT64, LogWriter, as_step, check_kind, check_metric_name
+from mlwarehouse.runs.logwriter import LogWriter, check_kind, check_metric_name
+from mlwarehouse.runs.run import STATUSES, Run, dataset_id, dataset_ref, id_of_run, user_fields
 
 __all__ = ["Runs", "Run", "current_run", "STATUSES"]
 
-STATUSES = ("running", "complete", "failed", "cancelled")
 RUNS = schema.RUNS.name
 LOGS = schema.LOGS.name
-_RUN_FIELDS = frozenset({"status", "started", "ended", "host", "pid", summary.ROOT, "error", "traceback"})
 #: the fields of a run document that queries do not get indexes of their own for (the schema's, or bookkeeping)
 _NOT_INDEXED = frozenset({"_id", "_blobs", "project", "time", "name", "status", "started", "ended", "host", "pid",
                           "error", "traceback", "datasets", "tags", "task"})
@@ -53,222 +46,6 @@ _NOT_INDEXED = frozenset({"_id", "_blobs", "project", "time", "name", "status", 
 def _open_field(path: str) -> bool:
     """Summaries, hyper-parameters and the user's own fields: what ``find`` and ``best`` index on demand."""
     return path.split(".", 1)[0] not in _NOT_INDEXED
-
-
-def _user_fields(fields: dict) -> dict:
-    """User fields of a run, normalized; InvalidDocument for those the run manages itself."""
-    fields = normalize_fields(fields)
-    bad = sorted(set(fields) & _RUN_FIELDS)
-    if bad:
-        raise InvalidDocument(f"run fields {bad} are managed by the run itself")
-    return fields
-
-
-def _run_id(run: Any) -> str | None:
-    if run is None or isinstance(run, str):
-        return run
-    if isinstance(run, Record):
-        return run.id
-    raise InvalidDocument(f"run must be a Run or a run id, not {type(run).__name__}")
-
-
-class Run(Record):
-    """One run: its document's fields as attributes (``run.status``, ``run.summary``), and logging."""
-
-    def __init__(self, runs: "Runs", doc: dict):
-        super().__init__(doc)
-        object.__setattr__(self, "_runs", runs)
-        object.__setattr__(self, "_steps", {})
-        object.__setattr__(self, "_lock", threading.Lock())
-        object.__setattr__(self, "_kinds", set())
-        object.__setattr__(self, "_names", set())
-        object.__setattr__(self, "nonfinite", 0)
-        object.__setattr__(self, "_fresh", False)  # started by this object: no stored steps to continue after
-
-    # -- logging -------------------------------------------------------------------------------------------
-    def log(self, kind: str = "train", *, step: int | None = None, epoch: int | None = None, **metrics) -> None:
-        """Queue one log point and return at once.
-
-        ``step`` defaults to one more than the last step of this kind; NaN and infinities are stored as null and
-        counted (``run.nonfinite``, and ``nulls`` in the summary). Numpy scalars and 0-d tensors are accepted.
-        """
-        if kind not in self._kinds:
-            self._kinds.add(check_kind(kind))
-        checked = self._names
-        doc: dict[str, Any] = {"run": self.doc["_id"], "kind": kind, "step": None, "epoch": None}
-        if epoch is not None:
-            doc["epoch"] = _in_range(epoch if type(epoch) is int else as_step(epoch, "epoch"), "epoch")
-        nonfinite = 0
-        for key, value in metrics.items():
-            t = type(value)
-            if t is float:
-                if value - value != 0.0:  # NaN or infinity
-                    value = None
-                    nonfinite += 1
-            elif t is int:
-                if not -INT64 <= value < INT64:
-                    raise InvalidDocument(f"{key}: integer {value} does not fit in 64 bits")
-            elif t is str:
-                if "\0" in value or not value.isascii():
-                    check_value(value, key)  # NUL or a lone surrogate: refused here, not in the writer's batch
-            elif t is not bool and value is not None:
-                new = normalize_value(value, key, nonfinite="null")
-                if new is None:
-                    nonfinite += 1
-                elif isinstance(new, float):  # np.float64 is a float subclass: summaries want plain floats
-                    new = float(new)
-                value = new
-            if key not in checked:
-                checked.add(check_metric_name(key))
-            doc[key] = value
-        with self._lock:
-            if step is None:
-                step = self._next_step(kind)
-            elif type(step) is not int or not -INT64 <= step < INT64 - 1:
-                step = _in_range(as_step(step, "step"), "step")
-            self._steps[kind] = step + 1
-            if nonfinite:
-                object.__setattr__(self, "nonfinite", self.nonfinite + nonfinite)
-        doc["step"] = step
-        doc["time"] = time.time_ns() // 1000  # microseconds: what a block stores (mlwarehouse.runs.blocks)
-        self._runs.writer.put(doc)
-
-    def log_train(self, *, step: int | None = None, epoch: int | None = None, **metrics) -> None:
-        self.log("train", step=step, epoch=epoch, **metrics)
-
-    def log_valid(self, *, step: int | None = None, epoch: int | None = None, **metrics) -> None:
-        self.log("valid", step=step, epoch=epoch, **metrics)
-
-    def log_test(self, *, step: int | None = None, epoch: int | None = None, **metrics) -> None:
-        self.log("test", step=step, epoch=epoch, **metrics)
-
-    def _next_step(self, kind: str) -> int:
-        step = self._steps.get(kind)
-        if step is None and self._fresh:
-            step = 0
-        elif step is None:  # a run picked up again: continue after its highest stored step of this kind
-            self._runs.flush()
-            top = blocks.last_step(self._runs.project, self.id, kind)
-            step = top + 1 if top is not None else 0
-        return step
-
-    def flush(self) -> "Run":
-        """Block until every point logged so far is durable."""
-        self._runs.flush()
-        return self
-
-    # -- state ---------------------------------------------------------------------------------------------
-    def set(self, **fields) -> "Run":
-        """Set user fields on the run's document (``run.set(notes="...", test_accuracy=0.91)``)."""
-        fields = _user_fields(fields)
-        if fields:
-            self._runs.project.update(RUNS, {"_id": self.id}, {"$set": fields})
-            self.doc.update(fields)
-        return self
-
-    @property
-    def warehouse_settings(self):
-        """Where this run is stored (the URIs), to tell whether another handle points at the same warehouse."""
-        return self._runs.project.warehouse.settings
-
-    def use_datasets(self, *datasets) -> "Run":
-        """Record datasets (records or ids) this run used: the lineage run -> dataset. ``datasets.load`` inside
-        a run records what it loads by itself."""
-        ids = [_dataset_id(d) for d in datasets]
-        new = [i for i in ids if i not in self.doc.get("datasets", [])]
-        if new:
-            self._runs.project.update(RUNS, {"_id": self.id}, {"$addToSet": {"datasets": {"$each": new}}})
-            self.doc.setdefault("datasets", []).extend(new)
-            given = {_dataset_id(d): d for d in datasets}
-            self._runs.project.lineage.record_many(
-                [(_dataset_ref(given[i]), describe(RUNS, self.doc), "input") for i in dict.fromkeys(new)])
-        return self
-
-    def finish(self, status: str = "complete", **fields) -> "Run":
-        """End the run with ``status`` after flushing its logs; a writer error marks it failed and is raised."""
-        if status not in STATUSES or status == "running":
-            raise QueryError(f"a run finishes as one of {STATUSES[1:]}, not {status!r}")
-        try:
-            self._runs.flush()
-        except WarehouseError as exc:
-            self._end("failed", {"error": f"{type(exc).__name__}: {exc}"})
-            raise
-        self._end(status, normalize_fields(fields) if fields else {})
-        return self
-
-    def fail(self, error: BaseException | str) -> "Run":
-        """End the run as failed, keeping the error text (and the traceback of an exception)."""
-        fields: dict[str, Any] = {}
-        if isinstance(error, BaseException):
-            fields["error"] = f"{type(error).__name__}: {error}"
-            if error.__traceback__ is not None:
-                fields["traceback"] = "".join(traceback.format_exception(error))
-        else:
-            fields["error"] = str(error)
-        try:
-            self._runs.flush()
-        except WarehouseError as exc:
-            fields["error"] += f" (and the log writer failed: {exc})"
-            self._end("failed", fields)
-            raise
-        self._end("failed", fields)
-        return self
-
-    def _end(self, status: str, fields: dict) -> None:
-        update = {"status": status, "ended": utc_now(), **fields}
-        # only a running run ends: finish() after fail() (or a second finish) leaves the first ending as it is
-        self._runs.project.update(RUNS, {"_id": self.id, "status": "running"}, {"$set": update})
-        self._runs.writer.forget([self.id])
-        pop_run(self)
-        self.refresh()
-
-    def refresh(self) -> "Run":
-        """Re-read the run's document (status, summaries) from the index."""
-        doc = self._runs.project.find_one(RUNS, {"_id": self.id})
-        if doc is None:
-            raise NotFound(f"run {self.id!r} was deleted")
-        object.__setattr__(self, "doc", doc)
-        return self
-
-    def __enter__(self) -> "Run":
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if self.doc.get("status") != "running":
-            return
-        if exc is None:
-            self.finish()
-        elif isinstance(exc, KeyboardInterrupt):
-            self.finish("cancelled", error="KeyboardInterrupt")
-        else:
-            self.fail(exc)
-
-    def __eq__(self, other: object) -> bool:
-        return self is other or (isinstance(other, Run) and other.id == self.id)
-
-    def __hash__(self) -> int:
-        return hash(self.id)
-
-    # -- reading back --------------------------------------------------------------------------------------
-    def history(self, kind: str = "train", metrics: Sequence[str] | None = None) -> list[dict]:
-        """The points of one kind in step order: ``{"step", "epoch", "time", <metrics>}`` each."""
-        self._runs.flush()
-        points = blocks.read_points(self._runs.project, {"run": self.id, "kind": check_kind(kind)}, bare=True)
-        if metrics is not None:
-            keep = {"step", "epoch", "time", *metrics}
-            points = [{k: v for k, v in p.items() if k in keep} for p in points]
-        return points
-
-    def metric(self, kind: str, name: str) -> tuple[np.ndarray, np.ndarray]:
-        """One metric's history as ``(steps int64, values float64)`` arrays; null values are NaN."""
-        self._runs.flush()
-        split_path(name, "metric")
-        col_steps, col_values = blocks.read_columns(self._runs.project, self.id, check_kind(kind), ["step", name],
-                                                    require=name)
-        steps = np.fromiter((s if type(s) is int else -1 for s in col_steps), np.int64, len(col_steps))
-        values = np.fromiter((v if type(v) is float or type(v) is int else math.nan for v in col_values),
-                             np.float64, len(col_values))
-        return steps, values
 
 
 class Runs:
@@ -317,7 +94,7 @@ class Runs:
     def _start(self, name, hyper_parameters, datasets, tags, task, fields: dict, *, current: bool) -> Run:
         if name is not None and not isinstance(name, str):
             raise InvalidDocument(f"a run name must be a string, not {type(name).__name__}")
-        extra = _user_fields(fields)
+        extra = user_fields(fields)
         datasets = list(datasets)  # read twice: the document's ids, then the lineage edges
         if isinstance(tags, str):
             tags = [tags]
@@ -332,9 +109,9 @@ class Runs:
             "started": utc_now(),
             "ended": None,
             "hyper_parameters": normalize_value(dict(hyper_parameters or {}), "hyper_parameters"),
-            "datasets": [_dataset_id(d) for d in datasets],
+            "datasets": [dataset_id(d) for d in datasets],
             "tags": tags,
-            "task": _run_id(task),
+            "task": id_of_run(task),
             "host": socket.gethostname(),
             "pid": os.getpid(),
             summary.ROOT: {},
@@ -342,7 +119,7 @@ class Runs:
         }
         self.project.insert(RUNS, doc)
         me = describe(RUNS, doc)
-        edges = [(_dataset_ref(d), me, "input") for d in datasets]
+        edges = [(dataset_ref(d), me, "input") for d in datasets]
         if doc["task"] is not None:
             edges.append((_task_ref(task, doc["task"]), me, "ran"))
         if edges:
@@ -428,7 +205,7 @@ class Runs:
     # -- logs without (or outside) a run object -------------------------------------------------------------
     def log_point(self, kind: str, run: Any = None, **fields) -> dict:
         """Write one log document now (TensorHub's ``save_training_log``); returns it once durable."""
-        doc: dict[str, Any] = {"run": _run_id(run), "kind": check_kind(kind)}
+        doc: dict[str, Any] = {"run": id_of_run(run), "kind": check_kind(kind)}
         for key, value in normalize_fields(fields, nonfinite="null").items():
             if key in ("step", "epoch"):
                 doc[key] = value
@@ -465,31 +242,13 @@ class Runs:
         if kind is not None:
             parts.append({"kind": check_kind(kind)})
         if run is not None:
-            parts.append({"run": _run_id(run)})
+            parts.append({"run": id_of_run(run)})
         if not parts:
             return {}
         return parts[0] if len(parts) == 1 else {"$and": parts}
 
     def __repr__(self) -> str:
         return f"<Runs of {self.project.name!r}>"
-
-
-def _dataset_id(dataset: Any) -> str:
-    if isinstance(dataset, str):
-        return dataset
-    if isinstance(dataset, Record):
-        return dataset.id
-    if isinstance(dataset, dict) and isinstance(dataset.get("_id"), str):
-        return dataset["_id"]
-    raise InvalidDocument(f"datasets takes dataset records or ids, not {type(dataset).__name__}")
-
-
-def _dataset_ref(dataset: Any) -> Ref:
-    """The lineage node of a dataset given as a record (name and version known) or an id (looked up)."""
-    doc = dataset.doc if isinstance(dataset, Record) else dataset if isinstance(dataset, dict) else None
-    if isinstance(doc, dict) and isinstance(doc.get("_id"), str) and doc.get("name") is not None:
-        return describe(schema.DATASETS.name, doc)
-    return Ref(_dataset_id(dataset), "dataset")
 
 
 def _task_ref(task: Any, ident: str) -> Ref:
@@ -499,8 +258,3 @@ def _task_ref(task: Any, ident: str) -> Ref:
     return Ref(ident, "task")
 
 
-def _in_range(value: int, what: str) -> int:
-    """Steps and epochs are stored as 64-bit integers (the next default step must fit too)."""
-    if not -INT64 <= value < INT64 - 1:
-        raise InvalidDocument(f"{what} {value} does not fit in 64 bits")
-    return value
