@@ -118,7 +118,8 @@ class LogWriter:
 
     def _reset(self) -> None:
         """A fresh queue, thread and summaries (at start, and in a forked child: the parent's are not ours)."""
-        self._cond = threading.Condition(threading.Lock())
+        self._mutex = threading.Lock()  # the condition's own lock: put() takes it directly (Condition's
+        self._cond = threading.Condition(self._mutex)  # __enter__ is Python code, a tenth of a put's cost)
         self._pending: list[dict] = []
         self._forgotten: set[str] = set()
         self._named: set[int] = set()  # id() of queued points that want their stored id back
@@ -138,7 +139,7 @@ class LogWriter:
         if self._error is not None or self._closed:
             self._check()
         cond = self._cond
-        with cond:
+        with self._mutex:
             pending = self._pending
             if len(pending) >= self.max_pending:
                 self._wake = True

@@ -112,7 +112,7 @@ class Run(Record):
                 object.__setattr__(self, "nonfinite", self.nonfinite + nonfinite)
         doc["step"] = step
         doc["time"] = time.time_ns() // 1000  # microseconds: what a block stores (mlwarehouse.runs.blocks)
-        self._runs.writer.put(doc)
+        (self._runs._writer or self._runs.writer).put(doc)  # the property only until the writer exists
 
     def log_train(self, *, step: int | None = None, epoch: int | None = None, **metrics) -> None:
         self.log("train", step=step, epoch=epoch, **metrics)
