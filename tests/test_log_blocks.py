@@ -58,6 +58,9 @@ class BlockTests:
         run.flush()
         found = wh.runs.find_logs("train", where={"loss": {"$gte": 95}}, run=run)
         assert [p["step"] for p in found] == [95, 96, 97, 98, 99]
+        mixed = wh.runs.find_logs(where={"run": run.id, "kind": "train", "loss": {"$gte": 98}})  # split: blocks, points
+        assert [p["step"] for p in mixed] == [98, 99]
+        assert wh.runs.count_logs(where={"$or": [{"kind": "valid"}, {"step": 0}]}, run=run) == 2
         assert all(p["run"] == run.id and p["kind"] == "train" and p["project"] == PROJECT for p in found)
         assert len({p["_id"] for p in wh.runs.find_logs(run=run)}) == 101  # every point has an id of its own
         assert wh.runs.find_logs(run=run, sort=[("loss", -1)], limit=2)[0]["loss"] == 99.0

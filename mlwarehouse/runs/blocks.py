@@ -174,17 +174,22 @@ def points_of(doc: dict, *, bare: bool = False) -> list[dict]:
 
 
 def block_filter(flt: dict | None) -> tuple[dict, dict | None]:
-    """Split a filter on points into (a filter on blocks, what is left to test on each point). Only top-level
-    equalities and ``$in`` on run, kind and project select blocks; the rest is tested on the points."""
+    """Split a filter on points into (a filter on blocks, what is left to test on each point). Equalities and
+    ``$in`` on run, kind and project (at the top or in a top-level ``$and``) select blocks; the rest is tested on
+    the points."""
     if not flt:
         return {}, None
     parts = flt["$and"] if set(flt) == {"$and"} and isinstance(flt["$and"], list) else [flt]
     on_blocks, rest = [], []
     for part in parts:
-        if isinstance(part, dict) and part and all(k in _BLOCK_KEYS and _plain(v) for k, v in part.items()):
-            on_blocks.append(part)
-        else:
+        if not isinstance(part, dict):
             rest.append(part)
+            continue
+        mine = {k: v for k, v in part.items() if k in _BLOCK_KEYS and _plain(v)}
+        if mine:
+            on_blocks.append(mine)
+        if len(mine) < len(part):
+            rest.append({k: v for k, v in part.items() if k not in mine})
     blocks = on_blocks[0] if len(on_blocks) == 1 else {"$and": on_blocks} if on_blocks else {}
     points = None if not rest else rest[0] if len(rest) == 1 else {"$and": rest}
     return blocks, points

@@ -3,7 +3,7 @@
 ``put()`` only appends to an in-memory list (no I/O on the caller's thread). A daemon thread drains the list
 every ``interval`` seconds, or at once when ``batch_size`` points are waiting or someone calls ``flush()``, and
 writes each drained batch as blocks (:mod:`mlwarehouse.runs.blocks`: one document per run, kind and field set,
-with the points as columns) in one bulk insert (one transaction per ``chunk_size`` blocks), followed by one
+the points packed in it) in one bulk insert (one transaction per ``chunk_size`` blocks), followed by one
 update per run of the run's metric summaries (the layout of :mod:`mlwarehouse.runs.summary`), which the writer
 keeps in memory so they are never re-read.
 
