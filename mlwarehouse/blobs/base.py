@@ -9,7 +9,9 @@ local read cache in front of any of them, and :mod:`.common` holds the helpers t
 
 The public surface is deliberate: ``put``, ``put_file``, ``get``, ``get_buffer``, ``get_range``, ``exists``,
 ``stat``, ``delete``, ``list``, ``close``, plus the attributes ``name`` and ``mtime_resolution``. Backends implement
-the abstract methods and may override ``get_buffer`` and the private hooks ``_put_stream`` and ``_read_range``.
+the abstract methods and may override ``get_buffer`` and the private hooks ``_put_stream`` and ``_read_range``, and
+offer ``_open_stream`` (the local store does): a blob's raw bytes as a file object, which
+:func:`mlwarehouse.blobs.common.open_verifying` hashes as a decoder streams them.
 
 Batches: inside ``with put_batch():`` (entered by :func:`mlwarehouse.codecs.values.pack` around one value, so
 around one checkpoint) a backend may return from ``put`` as soon as it knows the key and finish the write in the

@@ -1,21 +1,32 @@
-"""What the blob backends share, written once: the fan-out layout, verification of whole blobs, and the hashing
-reader that streamed puts use to learn a file's key while they copy it. (The range check is the protocol's own:
-:func:`mlwarehouse.blobs.base.check_range`, applied by ``BlobStore.get_range`` for every backend.)"""
+"""What the blob backends share, written once: the fan-out layout, verification of whole blobs, fresh buffers to
+read blobs into, the hashing reader that streamed puts use to learn a file's key while they copy it, and the
+verifying reader through which a decoder streams a blob it must not trust before its end. (The range check is the
+protocol's own: :func:`mlwarehouse.blobs.base.check_range`, applied by ``BlobStore.get_range`` for every
+backend.)"""
 
 from __future__ import annotations
 
 import hashlib
 import io
+import mmap
 from typing import BinaryIO
 
-from mlwarehouse.blobs.base import blob_key, check_key
-from mlwarehouse.errors import IntegrityError
+import numpy as np
 
-__all__ = ["CHUNK", "STALE_TMP_S", "fanout", "fanout_key", "is_fanout_dir", "verified",
-           "HashingReader", "copy_hashed"]
+from mlwarehouse.blobs.base import BlobStore, blob_key, check_key
+from mlwarehouse.errors import BackendError, IntegrityError
+
+__all__ = ["CHUNK", "READ_CHUNK", "STALE_TMP_S", "fanout", "fanout_key", "is_fanout_dir", "verified",
+           "fresh_buffer", "HashingReader", "VerifyingReader", "can_stream", "open_verifying", "copy_hashed"]
 
 #: bytes per read when a file is streamed into a store
 CHUNK = 8 << 20
+#: bytes per read when a blob is read into memory and hashed: small enough that the hash finds the chunk still in
+#: the CPU's cache, large enough that the reads cost little
+READ_CHUNK = 1 << 20
+#: buffers from this size on are anonymous mappings of their own (see :func:`fresh_buffer`); numpy's allocator,
+#: below it, asks for no huge pages and reuses freed memory
+_MAP_FROM = 4 << 20
 #: a temporary file or upload older than this (seconds) was left by a crashed writer
 STALE_TMP_S = 3600
 _HEX = frozenset("0123456789abcdef")
@@ -46,6 +57,23 @@ def verified(key: str, data: bytes, where: str) -> bytes:
     if actual != key:
         raise IntegrityError(f"blob {key} is corrupted: {where} hashes to {actual} ({len(data)} bytes read)")
     return data
+
+
+def fresh_buffer(length: int) -> memoryview:
+    """A writable buffer of ``length`` bytes that nothing else refers to, for a blob to be read over whole (arrays
+    and tensors then take it over as it is); not zero-filled by us.
+
+    Large ones are anonymous mappings, faulted in (zeroed by the kernel) as the read fills them, on the reading
+    thread with the GIL released. Not numpy's allocator there: from 4 MiB on it asks for huge pages, which the
+    kernel may first compact memory for (seconds of system time for a checkpoint); nor ``MAP_POPULATE``, which
+    faults everything in at once but holds the GIL meanwhile, stalling the other readers. Smaller ones come from
+    numpy's allocator (which reuses freed memory)."""
+    if length >= _MAP_FROM and hasattr(mmap, "MAP_ANONYMOUS"):
+        try:
+            return memoryview(mmap.mmap(-1, length, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS))
+        except OSError:  # out of address space or a mapping limit: the ordinary allocator says so in its own way
+            pass
+    return memoryview(np.empty(length, np.uint8)).cast("B")
 
 
 class HashingReader(io.RawIOBase):
@@ -100,6 +128,87 @@ class HashingReader(io.RawIOBase):
     def hexdigest(self) -> str:
         """The key of what was read so far."""
         return self.digest.hexdigest()
+
+
+class VerifyingReader(io.RawIOBase):
+    """The bytes of blob ``key`` streamed from an untrusted ``source``, hashed as they pass and never more than
+    ``size`` of them. What was read is not to be trusted (nor handed to a caller) until :meth:`verify` returns: it
+    reads what the consumer left, and raises IntegrityError unless exactly ``size`` bytes that hash to ``key`` came.
+    A decoder that streams a blob (decompressing it straight into an array) thus needs no copy of the blob itself.
+    """
+
+    def __init__(self, source: BinaryIO, key: str, size: int, where: str):
+        super().__init__()
+        self.source, self.key, self.size, self.where = source, key, size, where
+        self.digest = hashlib.sha256()
+        self.got = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        view = memoryview(buffer).cast("B")[:self.size - self.got]
+        if not len(view):
+            return 0
+        try:
+            n = self.source.readinto(view) or 0
+        except OSError as exc:
+            raise BackendError(f"cannot read blob {self.key} from {self.where}: {exc}") from exc
+        self.digest.update(view[:n])
+        self.got += n
+        return n
+
+    def read(self, n: int | None = -1) -> bytes:
+        """Up to ``n`` bytes (a chunk when ``n`` is None or negative), read and hashed once, without a copy."""
+        n = min(READ_CHUNK if n is None or n < 0 else n, self.size - self.got)
+        if n <= 0:
+            return b""
+        try:
+            data = self.source.read(n) or b""
+        except OSError as exc:
+            raise BackendError(f"cannot read blob {self.key} from {self.where}: {exc}") from exc
+        self.digest.update(data)
+        self.got += len(data)
+        return data
+
+    def verify(self) -> None:
+        """Read the rest, then IntegrityError unless the blob came whole, unchanged, and hashing to its key."""
+        scratch = memoryview(bytearray(min(READ_CHUNK, max(self.size - self.got, 1))))
+        while self.got < self.size and self.readinto(scratch):
+            pass
+        try:
+            extra = self.source.read(1) if self.got == self.size else b""
+        except OSError as exc:
+            raise BackendError(f"cannot read blob {self.key} from {self.where}: {exc}") from exc
+        if self.got != self.size or extra:
+            raise IntegrityError(f"blob {self.key} is corrupted: {self.where} changed size while read "
+                                 f"({self.got} of {self.size} bytes)")
+        if self.digest.hexdigest() != self.key:
+            raise IntegrityError(f"blob {self.key} is corrupted: {self.where} hashes to {self.digest.hexdigest()}")
+
+    def close(self) -> None:
+        try:
+            self.source.close()
+        finally:
+            super().close()
+
+
+def can_stream(store: BlobStore | None) -> bool:
+    """Whether :func:`open_verifying` can stream blobs of ``store``: a local store (others read whole blobs), unless
+    a subclass changed how it reads (its own ``get_buffer`` without an ``_open_stream`` of its own)."""
+    if store is None or not callable(getattr(store, "_open_stream", None)):
+        return False
+    mro = type(store).__mro__
+    streams_from = next(c for c in mro if "_open_stream" in c.__dict__)
+    buffers_from = next(c for c in mro if "get_buffer" in c.__dict__)
+    return issubclass(streams_from, buffers_from)
+
+
+def open_verifying(store: BlobStore, key: str, size: int) -> VerifyingReader:
+    """A :class:`VerifyingReader` of blob ``key`` of ``size`` bytes from a store that :func:`can_stream`
+    (IntegrityError before any read if the blob holds another size)."""
+    source, where = store._open_stream(key, size)
+    return VerifyingReader(source, key, size, where)
 
 
 def copy_hashed(source: BinaryIO, sink: BinaryIO | None = None) -> tuple[str, int]:

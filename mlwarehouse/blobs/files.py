@@ -10,7 +10,8 @@ Temporary files start with ``.tmp-``; ``list`` removes those older than an hour 
 Putting bytes that are there already compares the file with them first and writes it again if it is damaged (a
 zero-length file is a common crash artefact): a put never "succeeds" over bad bytes, and a streamed put installs
 its new copy over the old one. ``get_buffer`` reads a blob into memory that it hands over (tensors take it as it
-is, no second copy), hashing each chunk as it arrives.
+is, no second copy), hashing each chunk as it arrives; ``_open_stream`` opens a blob's file for a decoder that
+streams it through a :class:`~mlwarehouse.blobs.common.VerifyingReader` (large compressed arrays).
 """
 
 from __future__ import annotations
@@ -25,10 +26,18 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
-import numpy as np
-
 from mlwarehouse.blobs.base import BlobInfo, BlobStore, blob_key, current_batch
-from mlwarehouse.blobs.common import CHUNK, STALE_TMP_S, copy_hashed, fanout, fanout_key, is_fanout_dir, verified
+from mlwarehouse.blobs.common import (
+    CHUNK,
+    READ_CHUNK,
+    STALE_TMP_S,
+    copy_hashed,
+    fanout,
+    fanout_key,
+    fresh_buffer,
+    is_fanout_dir,
+    verified,
+)
 from mlwarehouse.errors import BackendError, IntegrityError, NotFound
 
 __all__ = ["FileBlobStore"]
@@ -211,10 +220,10 @@ class FileBlobStore(BlobStore):
             length = os.fstat(f.fileno()).st_size
             if size is not None and length != size:
                 raise IntegrityError(f"blob {key} holds {length} bytes, its reference says {size}")
-            view = memoryview(np.empty(length, np.uint8)).cast("B")  # not zero-filled: every byte is read over
+            view = fresh_buffer(length)  # every byte is read over
             digest, got = hashlib.sha256(), 0
             while got < length:
-                n = f.readinto(view[got:got + CHUNK])
+                n = f.readinto(view[got:got + READ_CHUNK])
                 if not n:
                     break
                 digest.update(view[got:got + n])
@@ -225,6 +234,22 @@ class FileBlobStore(BlobStore):
                 else f"hashes to {digest.hexdigest()}"
             raise IntegrityError(f"blob {key} is corrupted: its file {path} {what}")
         return view
+
+    def _open_stream(self, key: str, size: int) -> tuple[BinaryIO, str]:
+        """The blob's file, open for a :class:`~mlwarehouse.blobs.common.VerifyingReader` (which hashes what it
+        reads), after checking its size against ``size``; and where it is, for error messages."""
+        path = self._path(key)
+        with self._errors(key, path, "read"):
+            f = open(path, "rb", buffering=0)
+            try:
+                length = os.fstat(f.fileno()).st_size
+            except BaseException:
+                f.close()
+                raise
+        if length != size:
+            f.close()
+            raise IntegrityError(f"blob {key} holds {length} bytes, its reference says {size}")
+        return f, f"its file {path}"
 
     def _read_range(self, key: str, start: int, length: int) -> bytes:
         path = self._path(key)

@@ -3,6 +3,7 @@
 - :mod:`.registry`  codecs by name (numpy ``.npy``, tensors, safetensors state dicts, bytes, JSON, user codecs),
   zstd compression where it pays
 - :mod:`.values`    pack any Python value into a JSON tree whose large leaves are blob references, and back
+- :mod:`.streaming` large arrays and tensors compressed from their own memory, decompressed straight into new ones
 """
 
 from mlwarehouse.codecs.registry import (

@@ -11,11 +11,13 @@ the meta records (``meta["codec"]``). Built-ins, by priority:
 - ``json``         JSON values (chosen explicitly by :mod:`mlwarehouse.codecs.values` for large ones)
 - ``pickle``       anything else, only with ``allow_pickle=True`` (to encode and to decode)
 
-Payloads of 4 KiB or more are compressed with zstandard (level 1) when that saves at least 10%; the meta then
-holds ``"z": "zstd"`` and ``"raw"`` (the size before compression). A payload over 256 KiB is probed first (three
-slices of a sixteenth of it, at most 256 KiB each): trained float weights almost never shrink by 10%, and a full
-attempt at them costs more than writing them. torch stays optional: it is imported only when
-a tensor is met, or when a ``tensor`` blob is decoded.
+Payloads of 4 KiB or more are compressed with zstandard (level 1) when that saves at least 10%
+(:mod:`mlwarehouse.codecs.compression`); the meta then holds ``"z": "zstd"`` and ``"raw"`` (the size before
+compression). A payload over 256 KiB is probed first (three slices of a sixteenth of it, at most 256 KiB each):
+trained float weights almost never shrink by 10%, and a full attempt at them costs more than writing them. Large
+contiguous arrays are compressed from their own memory, without an ``.npy`` copy (:func:`encode_npy_compressed`);
+they are decompressed as they are read by :mod:`mlwarehouse.codecs.streaming`. torch stays optional: it is imported
+only when a tensor is met, or when a ``tensor`` blob is decoded.
 """
 
 from __future__ import annotations
@@ -32,8 +34,18 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import zstandard
 
+from mlwarehouse.codecs.compression import (  # noqa: F401 (re-exported: the names codecs have always had here)
+    COMPRESS_LEVEL,
+    COMPRESS_MIN,
+    COMPRESS_MIN_SAVING,
+    _zstd,
+    compress,
+    decompress,
+    decompress_into,
+    max_decompressed,
+    worth_compressing,
+)
 from mlwarehouse.errors import CodecError, PickleNotAllowed
 
 __all__ = [
@@ -44,11 +56,6 @@ __all__ = [
 Buffer = bytes | bytearray | memoryview
 #: meta keys that belong to the framework (and, in blob references, ``_blob`` and ``size``)
 RESERVED_META = frozenset({"codec", "z", "raw", "_blob", "size"})
-COMPRESS_MIN = 4096
-COMPRESS_LEVEL = 1  # measured: faster than 3 and as small or smaller on array data
-COMPRESS_MIN_SAVING = 0.10
-_SAMPLE = 1 << 18  # bytes per probe when deciding whether a large payload is worth compressing
-_PROBE_FROM = 1 << 18  # payloads above this are probed before a full attempt
 
 
 @dataclass(frozen=True)
@@ -150,6 +157,11 @@ def encode_leaf(value: Any, *, allow_pickle: bool = False, codec: str | None = N
         if candidate.unsafe and not allow_pickle:
             refused = refused or candidate
             continue
+        if candidate.encode is _npy_encode and compress_payload:
+            streamed = encode_npy_compressed(value)  # large arrays: compressed from their own memory, no copy
+            if streamed is not None and streamed[0] is not None:
+                return streamed[0], {"codec": "npy", **streamed[1]}
+            compress_payload = streamed is None  # tried already: zstd does not pay
         try:
             out = candidate.encode(value)
         except PickleNotAllowed:
@@ -202,107 +214,6 @@ def decode_leaf(data: Buffer, meta: dict, *, allow_pickle: bool = False, writabl
         raise CodecError(f"codec {codec.name!r} cannot decode this payload ({len(view)} bytes): {exc}") from exc
 
 
-# -- compression ---------------------------------------------------------------------------------------------
-
-_tls = threading.local()
-
-
-def _zstd() -> tuple[zstandard.ZstdCompressor, zstandard.ZstdDecompressor]:
-    pair = getattr(_tls, "zstd", None)
-    if pair is None:
-        pair = _tls.zstd = (zstandard.ZstdCompressor(level=COMPRESS_LEVEL), zstandard.ZstdDecompressor())
-    return pair
-
-
-def compress(data: Buffer) -> tuple[Buffer, dict]:
-    """zstd-compress ``data`` when it is at least 4 KiB and shrinks by 10% or more; returns (payload, meta)."""
-    size = len(data) if not isinstance(data, memoryview) else data.nbytes
-    if size < COMPRESS_MIN:
-        return data, {}
-    cctx = _zstd()[0]
-    view = memoryview(data).cast("B")
-    if size > _PROBE_FROM:  # probe three slices first, so incompressible gigabytes cost milliseconds
-        sample = min(_SAMPLE, size // 16)
-        probes = [view[i:i + sample] for i in (0, size // 2, size - sample)]
-        if sum(len(cctx.compress(p)) for p in probes) > (1 - COMPRESS_MIN_SAVING) * 3 * sample:
-            return data, {}
-    packed = cctx.compress(view)
-    if len(packed) > (1 - COMPRESS_MIN_SAVING) * size:
-        return data, {}
-    return packed, {"z": "zstd", "raw": size}
-
-
-#: zstd writes blocks of at most 128 KiB of output, each behind a 3-byte header: no frame expands more
-_ZSTD_BLOCK_MAX, _ZSTD_BLOCK_HEADER = 128 << 10, 3
-
-
-def max_decompressed(compressed: int) -> int:
-    """The most bytes any zstd data of ``compressed`` bytes can decompress to (one full block per block header
-    that fits): a claimed size above it is a lie, refused before anything is allocated."""
-    return (compressed // _ZSTD_BLOCK_HEADER + 1) * _ZSTD_BLOCK_MAX
-
-
-def decompress(data: Buffer, meta: dict) -> bytearray:
-    """Undo :func:`compress` into a fresh (writable) buffer of the recorded raw size.
-
-    Nothing is allocated before the claim is checked: it must not exceed what the bytes can hold
-    (:func:`max_decompressed`) and must equal the frame's content size when the frame records one; a frame
-    without one (another writer's) is streamed, its output capped at the claim."""
-    if meta.get("z") != "zstd":
-        raise CodecError(f"unknown compression {meta.get('z')!r}")
-    raw = meta.get("raw")
-    if not isinstance(raw, int) or isinstance(raw, bool) or raw < 0:
-        raise CodecError(f"compressed blob meta lacks its raw size: {meta!r}")
-    size = len(data) if not isinstance(data, memoryview) else data.nbytes
-    try:
-        framed = zstandard.frame_content_size(data)
-    except zstandard.ZstdError as exc:
-        raise CodecError(f"cannot decompress a zstd payload of {size} bytes: {exc}") from exc
-    if framed >= 0 and framed != raw:  # checked before allocating what the metadata claims
-        raise CodecError(f"compressed blob meta says {raw} bytes, its zstd frame says {framed}")
-    if raw > max_decompressed(size):
-        raise CodecError(f"compressed blob meta says {raw} bytes: more than {size} bytes of zstd can hold")
-    if framed < 0:
-        return _decompress_capped(data, raw)
-    out = bytearray(raw)
-    decompress_into(data, memoryview(out))
-    return out
-
-
-def _decompress_capped(data: Buffer, raw: int) -> bytearray:
-    """Stream a frame of unknown content size, holding at most ``raw`` + 1 bytes of its output."""
-    out = bytearray()
-    try:
-        reader = _zstd()[1].stream_reader(data, read_size=1 << 20)
-        while len(out) <= raw:
-            chunk = reader.read(min(1 << 20, raw + 1 - len(out)))
-            if not chunk:
-                break
-            out += chunk
-    except zstandard.ZstdError as exc:
-        raise CodecError(f"cannot decompress a zstd payload of {len(data)} bytes: {exc}") from exc
-    if len(out) != raw:
-        raise CodecError(f"zstd payload does not hold the recorded {raw} bytes")
-    return out
-
-
-def decompress_into(data: Buffer, dest: memoryview) -> None:
-    """zstd-decompress ``data`` straight into ``dest``, which it must fill exactly (one copy, GIL released)."""
-    try:
-        reader = _zstd()[1].stream_reader(data, read_size=1 << 20)
-        filled = 0
-        while filled < len(dest):
-            n = reader.readinto(dest[filled:])
-            if n == 0:
-                break
-            filled += n
-        extra = reader.read(1)
-    except zstandard.ZstdError as exc:
-        raise CodecError(f"cannot decompress a zstd payload of {len(data)} bytes: {exc}") from exc
-    if filled != len(dest) or extra:
-        raise CodecError(f"zstd payload does not hold the recorded {len(dest)} bytes")
-
-
 # -- built-in codecs -----------------------------------------------------------------------------------------
 
 def _torch():
@@ -327,10 +238,8 @@ def _npy_matches(value: Any) -> bool:
     return (type(value) is np.ndarray or isinstance(value, np.generic)) and not value.dtype.hasobject
 
 
-def _npy_encode(value: Any) -> tuple[Buffer, dict]:
-    meta = {}
-    if isinstance(value, np.generic):
-        value, meta = np.asarray(value), {"scalar": True}
+def npy_header_of(value: np.ndarray) -> tuple[bytes, bool]:
+    """The ``.npy`` header of an array (format 1.0, or 2.0 past 64 KiB) and whether its data is in Fortran order."""
     fmt = np.lib.format
     header_data = fmt.header_data_from_array_1_0(value)
     head = io.BytesIO()
@@ -339,13 +248,54 @@ def _npy_encode(value: Any) -> tuple[Buffer, dict]:
     except ValueError:  # header over 64 KiB (huge structured dtypes)
         head = io.BytesIO()
         fmt.write_array_header_2_0(head, header_data)
-    header = head.getvalue()
+    return head.getvalue(), bool(header_data["fortran_order"])
+
+
+def _npy_encode(value: Any) -> tuple[Buffer, dict]:
+    meta = {}
+    if isinstance(value, np.generic):
+        value, meta = np.asarray(value), {"scalar": True}
+    header, fortran = npy_header_of(value)
     out = bytearray(len(header) + value.nbytes)
     out[:len(header)] = header
     if value.nbytes:
-        order = "F" if header_data["fortran_order"] else "C"
-        np.ndarray(value.shape, value.dtype, buffer=out, offset=len(header), order=order)[...] = value
+        np.ndarray(value.shape, value.dtype, buffer=out, offset=len(header), order="F" if fortran else "C")[...] = value
     return out, meta
+
+
+#: arrays from this size on are compressed from their own memory (:func:`encode_npy_compressed`)
+STREAM_FROM = 4 << 20
+_CHUNK = 1 << 20
+
+
+def encode_npy_compressed(value: Any) -> tuple[Any, dict] | None:
+    """``(compressed payload, meta)`` of a large contiguous array, compressed from its own memory: the ``.npy``
+    header, then the array's memory a chunk at a time, through one streaming compressor (the frame records the
+    content size), so nothing but the compressed output is held beside the array. ``(None, {})`` when zstd does
+    not save :data:`COMPRESS_MIN_SAVING` on it (the caller stores the ``.npy`` bytes uncompressed); None when it
+    is not such an array (the caller encodes it the ordinary way)."""
+    if type(value) is not np.ndarray or value.nbytes < STREAM_FROM or value.dtype.hasobject:
+        return None
+    if not (value.flags.c_contiguous or value.flags.f_contiguous):
+        return None
+    header, fortran = npy_header_of(value)
+    data = memoryview((value.T if fortran else value).reshape(-1).view(np.uint8)).cast("B")
+    size = len(header) + len(data)
+    cctx = _zstd()[0]
+    if not worth_compressing(cctx, data):
+        return None, {}
+    out = bytearray()
+    cobj = cctx.compressobj(size=size)
+    out += cobj.compress(header)
+    limit = (1 - COMPRESS_MIN_SAVING) * size
+    for start in range(0, len(data), _CHUNK):
+        out += cobj.compress(data[start:start + _CHUNK])
+        if len(out) > limit:  # the probe was wrong about the rest: stop holding output that will not be used
+            return None, {}
+    out += cobj.flush()
+    if len(out) > limit:
+        return None, {}
+    return out, {"z": "zstd", "raw": size}
 
 
 @functools.lru_cache(maxsize=256)
@@ -359,15 +309,29 @@ def _npy_header(head: bytes) -> tuple:
     return reader(stream, max_header_size=max(10000, len(head)))
 
 
-def _npy_decode(data: memoryview, meta: dict) -> Any:
-    fmt = np.lib.format
-    if len(data) < 10 or bytes(data[:6]) != fmt.MAGIC_PREFIX:
+def npy_header_length(start: bytes | memoryview) -> int:
+    """The length of the ``.npy`` header that ``start`` (its first 10 bytes, 12 past format 1.0) begins."""
+    if len(start) < 10 or bytes(start[:6]) != np.lib.format.MAGIC_PREFIX or (start[6] != 1 and len(start) < 12):
         raise CodecError("not an .npy payload (bad magic)")
-    major = data[6]
-    hlen = int.from_bytes(data[8:10], "little") + 10 if major == 1 else int.from_bytes(data[8:12], "little") + 12
-    shape, fortran, dtype = _npy_header(bytes(data[:hlen]))
+    if start[6] == 1:
+        return int.from_bytes(start[8:10], "little") + 10
+    return int.from_bytes(start[8:12], "little") + 12
+
+
+def npy_layout(head: bytes) -> tuple:
+    """(shape, fortran order, dtype) of a whole ``.npy`` header; CodecError for a malformed one or Python objects."""
+    try:
+        shape, fortran, dtype = _npy_header(head)
+    except (ValueError, SyntaxError, TypeError) as exc:
+        raise CodecError(f"not an .npy payload: {exc}") from None
     if dtype.hasobject:
         raise CodecError("this .npy payload holds Python objects, which the npy codec never unpickles")
+    return shape, fortran, dtype
+
+
+def _npy_decode(data: memoryview, meta: dict) -> Any:
+    hlen = npy_header_length(data[:12])
+    shape, fortran, dtype = npy_layout(bytes(data[:hlen]))
     count = math.prod(shape)
     if len(data) - hlen != count * dtype.itemsize:
         raise CodecError(f".npy payload holds {len(data) - hlen} data bytes, expected {count * dtype.itemsize} "

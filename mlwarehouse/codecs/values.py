@@ -25,7 +25,9 @@ Speed (a checkpoint is one ``pack``): packing runs inside a put batch (:func:`ml
 so a store may write in the background while the next leaves are encoded, and the payloads of a list's or dict's
 next few leaves are hashed in parallel; every blob is durable when ``pack`` returns. When ``get`` is a blob
 store's own ``get``, ``unpack`` reads the blobs a tree refers to a few at a time on the blob pool through
-``get_buffer`` (verified as read) and decodes tensors and arrays straight over the buffers read, without a copy.
+``get_buffer`` (verified as read) and decodes tensors and arrays straight over the buffers read, without a copy;
+a large compressed array or tensor in a local store is decompressed as it is read, straight into its own memory
+(:mod:`mlwarehouse.codecs.streaming`), and returned once the whole blob is verified.
 """
 
 from __future__ import annotations
@@ -41,7 +43,9 @@ from typing import Any
 import numpy as np
 
 from mlwarehouse.blobs.base import BlobStore, current_batch, pool, put_batch, workers
+from mlwarehouse.blobs.common import can_stream, open_verifying
 from mlwarehouse.codecs import compress, decode_leaf, encode_leaf
+from mlwarehouse.codecs.streaming import decode_compressed, streams
 from mlwarehouse.errors import CodecError, IntegrityError, PickleNotAllowed
 
 __all__ = ["pack", "unpack", "blob_keys", "MARKERS"]
@@ -317,7 +321,10 @@ class _Unpacker:
         # a store's own get: read through get_buffer (owned buffers), in parallel; a decode hook gets get's bytes
         self.store = _buffer_store(get) if decode is None else None
         self.ahead: dict[str, Future] = {}   # key -> its read in flight
-        self.queue: list[tuple[str, int | None]] = []  # blobs to read ahead, in the order unpack meets them
+        #: key -> (the reference's meta, its streamed decode in flight): large compressed arrays
+        self.decoding: dict[str, tuple[dict, Future]] = {}
+        self.streaming = can_stream(self.store)
+        self.queue: list[tuple[str, int | None, dict]] = []  # blobs to read ahead, in the order unpack meets them
         self.allow_pickle = allow_pickle
         self.writable = writable
         self.decode = decode
@@ -337,7 +344,7 @@ class _Unpacker:
                     key, size = node["_blob"], node.get("size")
                     if type(key) is str and node.get("codec") != "json" and key not in seen:
                         seen.add(key)
-                        refs.append((key, size if type(size) is int and size >= 0 else None))
+                        refs.append((key, size if type(size) is int and size >= 0 else None, node))
                     continue
                 stack.extend(reversed(list(node.values())))
             elif type(node) is list:
@@ -347,10 +354,34 @@ class _Unpacker:
             self._top_up()
 
     def _top_up(self) -> None:
-        while self.queue and len(self.ahead) < 2 * workers():
-            key, size = self.queue.pop()
-            if key not in self.ahead and key not in self.fetched:
+        while self.queue and len(self.ahead) + len(self.decoding) < 2 * workers():
+            key, size, ref = self.queue.pop()
+            if key in self.ahead or key in self.decoding or key in self.fetched:
+                continue
+            if self._streams(ref, size):
+                meta = {k: v for k, v in ref.items() if k not in ("_blob", "size")}
+                self.decoding[key] = (meta, pool().submit(self._decode_streamed, key, size, meta))
+            else:
                 self.ahead[key] = pool().submit(self.store.get_buffer, key, size)
+
+    def _streams(self, meta: dict, size: Any) -> bool:
+        """Whether this blob is decoded as it is read (a large compressed array: no copy of the blob is held)."""
+        return self.streaming and streams(meta, size)
+
+    def _decode_streamed(self, key: str, size: int, meta: dict) -> Any:
+        with open_verifying(self.store, key, size) as reader:
+            value = decode_compressed(reader, meta, writable=self.writable)
+        return self._decode(self.store.get_buffer(key, size), meta) if value is None else value
+
+    def _streamed(self, key: str, size: int, meta: dict) -> Any:
+        entry = self.decoding.get(key)
+        if entry is None or entry[0] != meta:  # not read ahead, or read ahead as another reference to it says
+            return self._decode_streamed(key, size, meta)
+        del self.decoding[key]
+        try:
+            return entry[1].result()
+        finally:
+            self._top_up()
 
     def _read(self, key: str, size: int | None) -> Any:
         if self.store is None:
@@ -366,12 +397,13 @@ class _Unpacker:
     def close(self) -> None:
         """Stop reading ahead: reads not started are cancelled, those running are waited for."""
         self.queue = []
-        for future in self.ahead.values():
+        futures = list(self.ahead.values()) + [future for _, future in self.decoding.values()]
+        for future in futures:
             future.cancel()
-        for future in self.ahead.values():
+        for future in futures:
             if not future.cancelled():
                 future.exception()
-        self.ahead = {}
+        self.ahead, self.decoding = {}, {}
 
     def unpack(self, t: Any, depth: int = 0) -> Any:
         ty = type(t)
@@ -425,6 +457,8 @@ class _Unpacker:
         codec = meta.get("codec")
         if codec == "json" and key in self.opening:
             raise IntegrityError(f"JSON blob {key} refers to itself")
+        if self._streams(meta, size):
+            return self._streamed(key, size, meta)
         data = self.fetched.get(key)
         if data is None:
             data = self._read(key, size)
