@@ -199,3 +199,28 @@ def test_wait_returns_records_and_times_out(p):
 
 def test_current_task_is_none_outside_a_task():
     assert current_task() is None and mlwarehouse.current_task() is None
+
+
+def test_wait_reads_only_unended_tasks_and_waits_again_for_one_retried_meanwhile(p, monkeypatch):
+    a = p.tasks.create("a", "builtins:dict", max_attempts=1)
+    b = p.tasks.create("a", "builtins:dict")
+    p.tasks.claim("a", "w", 10)
+    p.tasks.fail(a.id, "w", "boom")  # ended; b is still pending
+    reads, real = [], p.tasks._by_ids
+
+    def by_ids(ids, projection=None):
+        reads.append(list(ids))
+        docs = real(ids, projection=projection)
+        if len(reads) == 1:  # after the first poll saw a ended: a is retried, b runs and ends
+            p.tasks.retry(a.id)
+            p.tasks.claim("a", "w", 10, sort=[("_id", -1)])
+            p.tasks.finish(b.id, "w", {"b": 1})
+        elif len(reads) == 3:  # the whole read found a pending again: it runs and ends
+            p.tasks.claim("a", "w", 10)
+            p.tasks.finish(a.id, "w", {"a": 1})
+        return docs
+    monkeypatch.setattr(p.tasks, "_by_ids", by_ids)
+    done = p.tasks.wait([a, b], timeout=10, poll=0.01, progress=False)
+    assert [(t.id, t.status, t.result) for t in done] == [(a.id, "finished", {"a": 1}), (b.id, "finished", {"b": 1})]
+    assert reads[0] == [a.id, b.id] and reads[1] == [b.id]  # a poll leaves out the tasks seen ended
+    assert reads[2] == [a.id, b.id] and reads[3] == [a.id]  # the whole read, then a alone again

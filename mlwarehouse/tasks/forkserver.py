@@ -14,20 +14,27 @@ until a task writes them (copy-on-write).
 Fresh in each task process: its pid, its own session and process group (``os.setsid`` before the worker hears
 of it, so a timeout or a cancel kills the whole group), Python's default signal handlers (then the runtime's),
 stdin (``/dev/null``), stdout and stderr (a new pipe that only the worker reads), the working directory (the
-worker's at the fork), the warehouse connection (the runtime connects in the child; the server never opens one,
-so no SQLite or psycopg connection, lock or thread crosses a fork), the random state (``random`` reseeds itself
+worker's at the request), the warehouse connection (opened in the task process, by the runtime or, ahead of
+the request, by a spare; the server never opens one, so no SQLite or psycopg connection, lock or thread crosses a
+fork), the random state (``random`` reseeds itself
 at a fork; numpy's global generator and mlwarehouse's id sequence are reseeded here), the import caches, the
 script's namespace, ``current_task()`` and ``current_run()``.
 
 The server runs no task code and no torch operation and starts no thread of its own, so torch's and OpenMP's
 thread pools are not running at a fork (OpenBLAS, loaded with numpy, stops and restarts its own around forks)
 and CUDA, never initialised in the server, can be used in a child. It serves one worker over a Unix socket pair
-(``SOCK_SEQPACKET``, one JSON message each): it says ``{"ready": pid}`` once imported; a ``{"spec": path, "cwd":
-dir}`` request carries the write end of the task's output pipe and is answered ``{"forked": pid}`` by the child
-itself, once it leads its session; ``{"exit": pid, "code": n}`` reports each child's end (``n`` as
+(``SOCK_SEQPACKET``, one JSON message each): it says ``{"ready": pid}`` once imported; a ``{"spec": spec or
+path, "cwd": dir}`` request carries the write end of the task's output pipe and is answered ``{"forked": pid}``
+once the task process leads its session; ``{"exit": pid, "code": n}`` reports each task process's end (``n`` as
 ``Popen.returncode``: minus the signal's number when killed). It exits when the worker's end of the socket
 closes (the worker stopped, or was killed), SIGKILLing the groups of tasks still running; the tasks also watch it
 and take themselves down if it dies, as cold tasks watch their worker.
+
+Spares (see :func:`serve`): the server forks each task process before its request, so a request is answered by
+a process that already leads its session, reset its signals and stdin and drew its random state; after
+``AHEAD_DELAY`` without a request (the previous task is past its start) it also opens the warehouse, so the task
+starts without connecting. The task's own parts (stdout, stderr, working directory, import caches, spec) are set
+when its request comes.
 
 Limits: an environment variable that a preloaded library reads when it loads (``OMP_NUM_THREADS`` set by a
 script before ``import torch``) has no effect in a warm process: set it in the worker's environment, call
@@ -66,6 +73,12 @@ _START_DIR: str | None = None  # set in the server process
 
 #: seconds the worker waits for the answer to one fork request before it gives the server up
 REPLY_TIMEOUT = 30.0
+#: the longest request (bytes of JSON) sent as one message; a longer spec is sent as the path of a file
+MAX_MESSAGE = 60_000
+#: seconds a spare waits for a request before it opens the warehouse ahead (past the previous task's start)
+AHEAD_DELAY = 0.1
+#: seconds the server waits for a spare that has not said it is ready before it forks for the request instead
+SPARE_TIMEOUT = 5.0
 
 
 def available() -> bool:
@@ -162,17 +175,26 @@ class ForkServer:
         self._ready.wait(timeout)
         return self.ready
 
-    def spawn(self, spec_path: str, cwd: str) -> Forked:
-        """Fork a task process running ``runtime.main([spec_path])`` in ``cwd``; its output comes out of
-        ``.stdout``. Raises TaskError if the server cannot fork now (the worker then starts the task cold)."""
+    def spawn(self, spec: dict | str, cwd: str, *, spill: str | os.PathLike | None = None) -> Forked:
+        """Fork a task process running :func:`mlwarehouse.tasks.runtime.main` on ``spec`` (the spec, or the path
+        of its JSON file) in ``cwd``; its output comes out of ``.stdout``. A spec goes with the request, unless it
+        is too long for one message: then it is written to ``spill``, a path. Raises TaskError if the server
+        cannot fork now (the worker then starts the task cold)."""
         if not self.ready:
             raise TaskError("the fork server is not ready")
+        message = json.dumps({"spec": spec, "cwd": cwd}).encode()
+        if len(message) > MAX_MESSAGE and isinstance(spec, dict):
+            if spill is None:
+                raise TaskError("this task's spec is too long to send: give spawn() a file to spill it to")
+            with open(spill, "w", encoding="utf-8") as f:
+                json.dump(spec, f)
+            message = json.dumps({"spec": os.fspath(spill), "cwd": cwd}).encode()
         read_end, write_end = os.pipe()
         try:
             with self._lock:
                 self._pending = True
                 try:
-                    socket.send_fds(self._sock, [json.dumps({"spec": spec_path, "cwd": cwd}).encode()], [write_end])
+                    socket.send_fds(self._sock, [message], [write_end])
                     reply = self._replies.get(timeout=REPLY_TIMEOUT)
                 except (OSError, queue.Empty) as exc:
                     self.close(timeout=1.0)  # a late answer would be taken for the next request's: give it up
@@ -272,8 +294,47 @@ def _preload(names: Sequence[str]) -> tuple[list[str], dict[str, str]]:
     return loaded, failed
 
 
+class _Spare:
+    """The server's side of a spare: a task process forked ahead of its request (see :func:`serve`)."""
+
+    def __init__(self, pid: int, ctl: socket.socket):
+        self.pid = pid
+        self.ctl = ctl
+        self.ready = False  # it said it leads its own session and waits for a request
+
+    def wait_ready(self, timeout: float) -> bool:
+        """Read the spare's ready message (at most ``timeout`` seconds); False if it died or did not answer."""
+        if not self.ready:
+            self.ctl.settimeout(timeout)
+            try:
+                self.ready = self.ctl.recv(64) == b"ready"
+            except OSError:
+                self.ready = False
+            finally:
+                self.ctl.settimeout(None)
+        return self.ready
+
+    def discard(self, kill: bool = True) -> None:
+        """Close the server's end (a waiting spare reads end-of-file and exits); ``kill``: SIGKILL it too (its
+        group, once it leads one), for a spare that may hang or that the server no longer waits for."""
+        self.ctl.close()
+        if kill:
+            for sender in (os.killpg, os.kill):
+                try:
+                    sender(self.pid, signal.SIGKILL)
+                except OSError:
+                    pass
+
+
 def serve(fd: int, preload: Sequence[str]) -> None:
-    """The server's loop: import, say ready, then fork on request and report exits until end-of-file."""
+    """The server's loop: import, say ready, then fork on request and report exits until end-of-file.
+
+    The server keeps one spare task process forked ahead of the next request, past the steps that do not depend
+    on the task (its own session, signals, stdin, random state), waiting on a socket of its own; a request goes
+    to the spare, and the server forks the next spare while that task runs, so the fork's cost (milliseconds
+    with torch loaded) is off the path from claim to script. A spare that died, or does not answer, is replaced
+    by a fork made for the request, as without spares.
+    """
     _parent_death_signal(signal.SIGKILL)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     sock = socket.socket(fileno=fd)
@@ -286,10 +347,12 @@ def serve(fd: int, preload: Sequence[str]) -> None:
     os.set_blocking(wake_w, False)
     signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
     signal.signal(signal.SIGCHLD, lambda signum, frame: None)  # the wakeup fd turns SIGCHLD into a readable fd
-    children: set[int] = set()
+    children: set[int] = set()  # task processes handed a request: their exits are reported
     inherited = (sock.fileno(), wake_r, wake_w)
+    spare: _Spare | None = None
     try:
         _send(sock, {"ready": os.getpid(), "loaded": loaded, "failed": failed})
+        spare = _fork_spare(inherited)
         while True:
             readable, _, _ = select.select([sock, wake_r], [], [])
             if wake_r in readable:
@@ -298,7 +361,10 @@ def serve(fd: int, preload: Sequence[str]) -> None:
                         pass
                 except BlockingIOError:
                     pass
-            _reap(sock, children)
+            reaped = _reap(sock, children)
+            if spare is not None and spare.pid in reaped:
+                spare.discard(kill=False)  # it died before it was used
+                spare = None
             if sock in readable:
                 data, fds, _, _ = socket.recv_fds(sock, 65536, 4)
                 if not data:
@@ -307,15 +373,27 @@ def serve(fd: int, preload: Sequence[str]) -> None:
                     request = json.loads(data)
                     if len(fds) != 1:
                         raise ValueError(f"a fork request carries one file descriptor, not {len(fds)}")
-                    children.add(_fork(request, fds[0], sock, inherited))
+                    pid = _hand_over(spare, data, fds[0]) if spare is not None else None
+                    if spare is not None:
+                        spare.discard(kill=pid is None)
+                        spare = None
+                    if pid is None:
+                        children.add(_fork(request, fds[0], sock, inherited))
+                    else:
+                        children.add(pid)
+                        _send(sock, {"forked": pid})  # before the server can read its exit, so before the report
                 except (OSError, ValueError, KeyError) as exc:
                     _send(sock, {"forked": None, "error": f"{type(exc).__name__}: {exc}"})
                 finally:
                     for extra in fds:
                         os.close(extra)
+                if spare is None:
+                    spare = _fork_spare(inherited)
     except (BrokenPipeError, ConnectionError):
         pass  # the worker is gone
     finally:
+        if spare is not None:  # it reads end-of-file and exits (its parent watcher, if one runs, kills it too)
+            spare.discard(kill=False)
         for pid in children:  # tasks of a worker that is gone: nobody would record them
             try:
                 os.killpg(pid, signal.SIGKILL)
@@ -323,20 +401,91 @@ def serve(fd: int, preload: Sequence[str]) -> None:
                 pass
 
 
-def _reap(sock: socket.socket, children: set[int]) -> None:
-    while children:
+def _reap(sock: socket.socket, children: set[int]) -> set[int]:
+    """Wait for every child that ended, report those that ran a task; returns the pids reaped."""
+    reaped = set()
+    while True:
         try:
             pid, status = os.waitpid(-1, os.WNOHANG)
         except ChildProcessError:
-            return
+            return reaped
         if pid == 0:
-            return
-        children.discard(pid)
-        _send(sock, {"exit": pid, "code": os.waitstatus_to_exitcode(status)})
+            return reaped
+        reaped.add(pid)
+        if pid in children:
+            children.discard(pid)
+            _send(sock, {"exit": pid, "code": os.waitstatus_to_exitcode(status)})
+
+
+def _hand_over(spare: _Spare, data: bytes, out_fd: int) -> int | None:
+    """Pass a request to the spare, which leads its own session already: its pid, or None if it cannot take
+    the request (the caller forks a process for it instead)."""
+    if not spare.wait_ready(SPARE_TIMEOUT):
+        return None
+    try:
+        socket.send_fds(spare.ctl, [data], [out_fd])
+    except OSError:
+        return None
+    return spare.pid
+
+
+def _fork_spare(inherited: tuple[int, ...]) -> _Spare | None:
+    """Fork the next spare task process (None if the fork failed: requests are then forked as they come)."""
+    mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        pid = os.fork()
+    except OSError:
+        mine.close()
+        theirs.close()
+        return None
+    if pid == 0:  # the spare: never returns into the server's loop
+        code = 1
+        try:
+            mine.close()
+            code = _spare(theirs, inherited)
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            try:
+                sys.stdout.flush()
+                sys.stderr.flush()
+            finally:
+                os._exit(code)
+    theirs.close()
+    return _Spare(pid, mine)
+
+
+def _spare(ctl: socket.socket, inherited: tuple[int, ...]) -> int:
+    """A spare's life: get ready, wait for a request (end-of-file: the server dropped it, or died), run it."""
+    os.setsid()
+    _fresh_process(inherited)
+    from mlwarehouse.tasks.runtime import Ahead, watch_parent
+    try:
+        ctl.send(b"ready")
+        ahead = None
+        # the warehouse is opened while the previous task runs, once that task is past its own start (which
+        # writes too), unless a request comes first; a request that comes meanwhile waits in the socket
+        if not select.select([ctl], [], [], AHEAD_DELAY)[0]:
+            watch_parent(os.getppid())  # the server: its death takes this process down (the spec names it too)
+            ahead = Ahead.open()
+        data, fds, _, _ = socket.recv_fds(ctl, 65536, 4)
+    except OSError:  # the server closed its end, or died
+        return 0
+    finally:
+        ctl.close()
+    if not data or len(fds) != 1:  # dropped, or the server stopped: no task for this spare
+        for fd in fds:
+            os.close(fd)
+        if ahead is not None:
+            ahead.warehouse.close()
+        return 0
+    return _run(json.loads(data), fds[0], ahead)
 
 
 def _fork(request: dict, out_fd: int, sock: socket.socket, inherited: tuple[int, ...]) -> int:
-    spec, cwd = str(request["spec"]), str(request["cwd"])
+    """Fork a task process for a request (when no spare could take it)."""
     pid = os.fork()
     if pid == 0:  # the task process: never returns into the server's loop
         code = 1
@@ -345,7 +494,8 @@ def _fork(request: dict, out_fd: int, sock: socket.socket, inherited: tuple[int,
             # it leads its own session now, so the worker may signal its group: the child answers the request
             # itself (before it can exit, so before the server can report its exit), and the server forks on
             _send(sock, {"forked": os.getpid()})
-            code = _child(spec, cwd, out_fd, inherited)
+            _fresh_process(inherited)
+            code = _run(request, out_fd)
         except SystemExit as exc:
             code = exc.code if isinstance(exc.code, int) else 1
         except BaseException:
@@ -359,8 +509,8 @@ def _fork(request: dict, out_fd: int, sock: socket.socket, inherited: tuple[int,
     return pid
 
 
-def _child(spec: str, cwd: str, out_fd: int, inherited: tuple[int, ...]) -> int:
-    """Turn the fresh fork into a task process (see the module's docstring) and run the task."""
+def _fresh_process(inherited: tuple[int, ...]) -> None:
+    """What a fresh fork resets before it knows its task: signals, the server's descriptors, stdin, random state."""
     signal.set_wakeup_fd(-1)
     for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2,
                 signal.SIGALRM):
@@ -372,11 +522,18 @@ def _child(spec: str, cwd: str, out_fd: int, inherited: tuple[int, ...]) -> int:
     null = os.open(os.devnull, os.O_RDONLY)
     os.dup2(null, 0)
     os.close(null)
+    sys.stdin = sys.__stdin__ = io.TextIOWrapper(open(0, "rb", closefd=False), encoding=sys.stdin.encoding,
+                                                 errors=sys.stdin.errors)
+    _reseed()
+
+
+def _run(request: dict, out_fd: int, ahead=None) -> int:
+    """Turn the prepared fork into the request's task process (see the module's docstring) and run the task,
+    in the warehouse a spare opened ahead (``ahead``, a :class:`mlwarehouse.tasks.runtime.Ahead`) if it fits."""
+    cwd = str(request["cwd"])
     os.dup2(out_fd, 1)
     os.dup2(out_fd, 2)
     os.close(out_fd)
-    sys.stdin = sys.__stdin__ = io.TextIOWrapper(open(0, "rb", closefd=False), encoding=sys.stdin.encoding,
-                                                 errors=sys.stdin.errors)
     sys.stdout = sys.__stdout__ = io.TextIOWrapper(open(1, "wb", buffering=0, closefd=False), write_through=True,
                                                    encoding=sys.stdout.encoding, errors=sys.stdout.errors)
     sys.stderr = sys.__stderr__ = io.TextIOWrapper(open(2, "wb", buffering=0, closefd=False), write_through=True,
@@ -384,11 +541,15 @@ def _child(spec: str, cwd: str, out_fd: int, inherited: tuple[int, ...]) -> int:
     if sys.path and sys.path[0] == _START_DIR:
         sys.path[0] = cwd  # as ``python -m`` in ``cwd`` would have it
     os.chdir(cwd)
-    _reseed()
     importlib.invalidate_caches()  # modules written since the server started are found
     from mlwarehouse.tasks import runtime
+    warehouse = ahead.take(cwd) if ahead is not None else None
+    if isinstance(request["spec"], dict):  # the spec itself, sent with the request
+        sys.argv = [runtime.__file__]
+        return runtime.main([], spec=request["spec"], warehouse=warehouse)
+    spec = str(request["spec"])
     sys.argv = [runtime.__file__, spec]
-    return runtime.main([spec])
+    return runtime.main([spec], warehouse=warehouse)
 
 
 def _reseed() -> None:

@@ -182,28 +182,32 @@ class Tasks:
         ids, flt = self._wait_target(tasks)
         deadline = None if timeout is None else time.monotonic() + timeout
         bar = _Progress(len(ids) if ids is not None else None) if progress and sys.stdout.isatty() else None
+        waiting = list(ids) if ids is not None else None
         try:
             while True:
-                if ids is not None:
-                    docs = self._by_ids(ids, projection={"status": 1})
-                    missing = set(ids) - {d["_id"] for d in docs}
-                    if missing:
-                        raise NotFound(f"no task {sorted(missing)[0]!r} in project {self.project.name!r}")
+                if waiting is not None:
+                    # a poll reads the tasks not seen ended yet; once none is left, the last read takes them
+                    # all, whole, and any that a retry put back meanwhile is waited for again
+                    waiting = self._unended(waiting, projection={"status": 1})
+                    if not waiting:
+                        docs = self._by_ids(ids)
+                        waiting = self._unended(ids, docs)
+                    total, done = len(ids), len(ids) - len(waiting)
                 else:
                     docs = self.project.find(COLLECTION, flt, projection={"status": 1})
-                done = sum(d["status"] in ENDED for d in docs)
+                    total, done = len(docs), sum(d["status"] in ENDED for d in docs)
                 if bar is not None:
-                    bar.update(done, len(docs))
-                if done == len(docs):
+                    bar.update(done, total)
+                if done == total:
                     break
                 if deadline is not None and time.monotonic() >= deadline:
-                    raise TaskError(f"{len(docs) - done} of {len(docs)} tasks still unfinished after {timeout} s")
+                    raise TaskError(f"{total - done} of {total} tasks still unfinished after {timeout} s")
                 time.sleep(poll if deadline is None else max(0.0, min(poll, deadline - time.monotonic())))
         finally:
             if bar is not None:
                 bar.close()
         if ids is not None:
-            by_id = {d["_id"]: d for d in self._by_ids(ids)}
+            by_id = {d["_id"]: d for d in docs}
             records = [Task(by_id[i], self) for i in ids]
         else:
             records = self.find(where=flt)
@@ -368,6 +372,16 @@ class Tasks:
             return {"_id": where.id}
         ids = [w.id if isinstance(w, Task) else w for w in where]
         return {"_id": {"$in": ids}}
+
+    def _unended(self, ids: list[str], docs: list[dict] | None = None, projection: dict | None = None) -> list[str]:
+        """Those of ``ids`` whose task has not ended (their ``docs``, read if not given); NotFound for a missing
+        one."""
+        docs = self._by_ids(ids, projection=projection) if docs is None else docs
+        status = {d["_id"]: d["status"] for d in docs}
+        for i in ids:
+            if i not in status:
+                raise NotFound(f"no task {i!r} in project {self.project.name!r}")
+        return [i for i in ids if status[i] not in ENDED]
 
     def _by_ids(self, ids: list[str], projection: dict | None = None) -> list[dict]:
         """The tasks with these ids, read in chunks (a sweep's ids can outnumber one query's terms)."""

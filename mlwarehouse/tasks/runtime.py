@@ -33,11 +33,12 @@ import time
 import traceback
 from typing import Any
 
+from mlwarehouse import schema
 from mlwarehouse.context import TaskContext, current_task, set_current_task
 from mlwarehouse.errors import InvalidDocument
 from mlwarehouse.query.fields import normalize_value
 
-__all__ = ["main", "execute", "ScriptError", "TaskContext", "current_task"]
+__all__ = ["main", "execute", "Ahead", "watch_parent", "ScriptError", "TaskContext", "current_task"]
 
 
 class ScriptError(Exception):
@@ -52,7 +53,17 @@ def _on_sigterm(signum, frame):
     raise _Terminated("terminated by the worker")
 
 
-def _watch_parent(parent: int) -> None:
+_watched: tuple[int, int] | None = None  # (this process, the parent its watcher thread watches)
+
+
+def watch_parent(parent: int) -> None:
+    """Start a thread that takes this process's whole session down if ``parent`` dies (once per parent: a
+    fork server's spare starts it before its task is known)."""
+    global _watched
+    if _watched == (os.getpid(), parent):  # a fork has no threads: a copied value is not this process's
+        return
+    _watched = (os.getpid(), parent)
+
     def watch():
         while True:
             time.sleep(0.5)
@@ -157,24 +168,85 @@ def _write(path: str, outcome: dict) -> None:
     os.replace(tmp, path)
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    with open(argv[0], encoding="utf-8") as f:
-        spec = json.load(f)
-    _watch_parent(spec["parent_pid"])
+class Ahead:
+    """A warehouse connection opened before the task is known: a fork server's spare process opens it while the
+    worker's previous task runs, so connecting (and ensuring the run's collections) is off the task's clock.
+    :meth:`take` hands it to :func:`main` if it is still fresh and was opened in the task's working directory
+    (a relative URI means the same place there); otherwise it is closed and ``main`` connects itself."""
+
+    #: seconds after which a connection opened ahead is not used (a server may have dropped an idle one)
+    MAX_AGE = 30.0
+
+    def __init__(self):
+        from mlwarehouse.warehouse import connect
+        self.cwd, self.opened = os.getcwd(), time.monotonic()
+        self.warehouse = connect()  # the worker's URIs and project, from the environment it gave the server
+        try:
+            project = self.warehouse.project()
+            for collection in (schema.RUNS, schema.LOGS, schema.LINEAGE, schema.LINEAGE_DELETED):
+                project.ensure(collection)  # what the run and its lineage write to, checked once here
+        except BaseException:
+            self.warehouse.close()
+            raise
+
+    @classmethod
+    def open(cls) -> "Ahead | None":
+        """One opened now, or None if that failed (``main`` connects itself, and reports the error then)."""
+        try:
+            return cls()
+        except Exception:
+            return None
+
+    def take(self, cwd: str):
+        """The warehouse, for the task that runs in ``cwd`` (None: too old, or opened elsewhere; closed then)."""
+        if cwd == self.cwd and time.monotonic() - self.opened < self.MAX_AGE:
+            return self.warehouse
+        try:
+            self.warehouse.close()
+        except Exception:
+            pass
+        return None
+
+
+def _release_output() -> None:
+    """Point stdout and stderr at /dev/null once the result is written: the worker's end of the output pipe
+    reads end-of-file now, so it records the task without waiting for this process to be torn down (it kills
+    the session after that); a thread the script left running writes nowhere from here on."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    null = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(null, 1)
+        os.dup2(null, 2)
+    finally:
+        os.close(null)
+
+
+def main(argv: list[str] | None = None, *, spec: dict | None = None, warehouse=None) -> int:
+    """Run the task that ``spec`` (or the JSON file ``argv[0]``) describes, in ``warehouse`` if given (opened
+    ahead, see :class:`Ahead`; it is closed at the end); 0 if it succeeded."""
+    if spec is None:
+        argv = sys.argv[1:] if argv is None else argv
+        with open(argv[0], encoding="utf-8") as f:
+            spec = json.load(f)
+    watch_parent(spec["parent_pid"])
     signal.signal(signal.SIGTERM, _on_sigterm)
 
     from mlwarehouse.warehouse import connect
 
     task, worker = spec["task"], spec["worker"]
     outcome: dict = {"ok": False, "retry": True, "error": "the task process stopped before running the script"}
-    wh = connect(project=spec["project"])
+    wh = warehouse if warehouse is not None else connect(project=spec["project"])
     try:
         project = wh.project(spec["project"])
         run = project.runs.start(name=task["task_name"], task=task["_id"],
                                  hyper_parameters=task.get("hyper_parameters") or {})
         outcome["run"] = run.id
-        with open(os.path.join(os.path.dirname(spec["result_path"]), "run.id"), "w", encoding="utf-8") as f:
+        run_path = spec.get("run_path") or os.path.join(os.path.dirname(spec["result_path"]), "run.id")
+        with open(run_path, "w", encoding="utf-8") as f:
             f.write(run.id)  # the worker closes this run if the process dies before writing its result
         project.tasks.set_run(task["_id"], worker, run.id, lease=task.get("lease"))
         set_current_task(TaskContext(id=task["_id"], task_name=task["task_name"],
@@ -196,7 +268,13 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.flush()
         sys.stderr.flush()
         _write(spec["result_path"], outcome)
-        wh.close()
+        try:
+            wh.close()
+        except BaseException:
+            traceback.print_exc()  # into the task's output, still open
+            raise
+        finally:
+            _release_output()
     return 0 if outcome["ok"] else 1
 
 

@@ -21,7 +21,9 @@ worker that runs one task is no slower than a cold one; ``warm=True`` waits for 
 - renews each task's lease every ``heartbeat_seconds``; if a renewal matches nothing (the task was cancelled,
   deleted or taken over) it kills that task's process and records nothing;
 - kills a task that runs past its ``timeout`` (SIGTERM, then SIGKILL after ``kill_grace`` seconds);
-- records the outcome in one update: finished with the result, or failed / back to pending with the error;
+- records the outcome in one update: finished with the result, or failed / back to pending with the error, as
+  soon as the task process has written its result and closed its output (it SIGKILLs the task's session then,
+  while the kernel still tears the process down), or when the process exited;
 - requeues tasks whose lease expired (workers that died), every ``lease_seconds / 2``;
 - on SIGTERM or Ctrl-C stops claiming, terminates its task processes and puts their tasks back to pending
   without counting the attempt, then returns.
@@ -69,7 +71,7 @@ SERVER_START_TIMEOUT = 120.0
 class _Child:
     task: Task
     proc: subprocess.Popen | Forked
-    folder: Path
+    files: "_Files"
     started: float
     deadline: float | None
     next_beat: float
@@ -78,6 +80,13 @@ class _Child:
     reason: str | None = None      # why the worker stopped it: "timeout", "lost" or "shutdown"
     kill_at: float | None = None   # when SIGTERM turns into SIGKILL
     captured: bytes | None = None  # the output, once read (recording may be retried)
+    eof: bool = False              # the output pipe was closed: the process ended, or released its output
+
+    @property
+    def ended(self) -> bool:
+        """The process exited, or it wrote its result and released its output (the runtime does both last, so
+        the worker records it while the kernel still tears the process down; it kills the session then)."""
+        return self.proc.poll() is not None or (self.eof and self.files.result.exists())
 
     def signal(self, sig: int) -> None:
         try:
@@ -92,6 +101,22 @@ class _Child:
             self.captured = self.spool.read()
             self.spool.close()
         return self.captured
+
+
+@dataclass
+class _Files:
+    """The files of one task attempt, in the worker's folder: its spec (cold processes read it), its result
+    and the id of its run (written by the task process)."""
+    spec: Path
+    result: Path
+    run: Path
+
+    def remove(self) -> None:
+        for path in (self.spec, self.result, self.run):
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                pass
 
 
 class Worker:
@@ -147,6 +172,9 @@ class Worker:
         self._server_started = 0.0
         self._server_closer: weakref.finalize | None = None
         self._server_gave_up = False
+        self._folder: Path | None = None  # where the task attempts' files are (made with the first task)
+        self._attempts = 0                # task processes started, to name their files
+        self._exiting: list[subprocess.Popen] = []  # cold processes recorded before they exited
 
     # -- public --------------------------------------------------------------------------------------------
     def run(self) -> int:
@@ -180,11 +208,15 @@ class Worker:
         return self._server.pid if self._server is not None and not self._server.dead else None
 
     def close(self) -> None:
-        """Stop the fork server, if one runs (:meth:`run` does this when it returns; a later task starts
-        another). Call it after :meth:`run_one` calls, or let the worker's garbage collection or exit do it."""
+        """Stop the fork server, if one runs, and remove the folder of the task attempts' files (:meth:`run` does
+        this when it returns; a later task starts another). Call it after :meth:`run_one` calls, or let the
+        worker's garbage collection or exit do it."""
         closer, self._server, self._server_closer = self._server_closer, None, None
         if closer is not None:
             closer()
+        if self._folder is not None and not self._children:
+            shutil.rmtree(self._folder, ignore_errors=True)
+            self._folder = None
 
     def stop(self) -> None:
         """Ask the worker to stop claiming, terminate its tasks, release them and return (thread-safe)."""
@@ -243,32 +275,39 @@ class Worker:
             self._shutdown()
         return last_id
 
+    def _files(self) -> _Files:
+        """Names for the next task attempt's files (one folder per worker: no folder made and removed per task)."""
+        if self._folder is None or not self._folder.is_dir():
+            self._folder = Path(tempfile.mkdtemp(prefix="mlw-worker-"))
+            weakref.finalize(self, shutil.rmtree, self._folder, ignore_errors=True)
+        self._attempts += 1
+        base = self._folder / str(self._attempts)
+        return _Files(base.with_suffix(".spec.json"), base.with_suffix(".result.json"), base.with_suffix(".run.id"))
+
     def _start(self, task: Task) -> None:
-        folder = Path(tempfile.mkdtemp(prefix="mlw-task-"))
+        files = self._files()
         doc = task.doc
         spec = {"task": {k: doc.get(k) for k in ("_id", "task_name", "hyper_parameters", "script",
                                                  "saved_result_keys", "attempts")},
-                "project": self.project.name, "worker": self.id, "result_path": str(folder / "result.json"),
-                "parent_pid": os.getpid()}
-        spec_path = folder / "spec.json"
+                "project": self.project.name, "worker": self.id, "result_path": str(files.result),
+                "run_path": str(files.run), "parent_pid": os.getpid()}
         proc: subprocess.Popen | Forked | None = None
         server = self._fork_server()
         if server is not None and server.ready:
-            spec_path.write_text(json.dumps({**spec, "parent_pid": server.pid}), encoding="utf-8")
             try:
-                proc = server.spawn(str(spec_path), os.getcwd())
+                proc = server.spawn({**spec, "parent_pid": server.pid}, os.getcwd(), spill=files.spec)
                 self.forked += 1
             except (TaskError, OSError) as exc:
                 self._say(f"task {task.id}: {exc}; starting it cold")
         if proc is None:
-            spec_path.write_text(json.dumps(spec), encoding="utf-8")
-            proc = subprocess.Popen([sys.executable, "-m", "mlwarehouse.tasks.runtime", str(spec_path)],
+            files.spec.write_text(json.dumps(spec), encoding="utf-8")
+            proc = subprocess.Popen([sys.executable, "-m", "mlwarehouse.tasks.runtime", str(files.spec)],
                                     stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                     env=self._env, start_new_session=True)
             self.cold += 1
         now = time.monotonic()
         timeout = doc.get("timeout")
-        child = _Child(task, proc, folder, now, now + timeout if timeout else None, now + self.heartbeat_seconds)
+        child = _Child(task, proc, files, now, now + timeout if timeout else None, now + self.heartbeat_seconds)
         child.reader = threading.Thread(target=self._pump, args=(child,), name=f"mlw-output-{task.id}", daemon=True)
         child.reader.start()
         self._children.append(child)
@@ -317,6 +356,7 @@ class Worker:
                 with self._echo_lock:
                     self.echo(child.task, line.decode("utf-8", "replace"))
         child.proc.stdout.close()
+        child.eof = True
         self._wake.set()
 
     def _supervise(self, now: float) -> None:
@@ -343,16 +383,19 @@ class Worker:
         child.signal(signal.SIGTERM)
 
     def _reap(self) -> None:
+        self._exiting = [proc for proc in self._exiting if proc.poll() is None]
         for child in list(self._children):
-            if child.proc.poll() is None:
+            if not child.ended:
                 continue
             child.signal(signal.SIGKILL)  # anything the task left running in its session
             child.reader.join(timeout=5)
             self._children.remove(child)
+            if isinstance(child.proc, subprocess.Popen) and child.proc.poll() is None:
+                self._exiting.append(child.proc)  # reaped by a later pass, once the kernel has torn it down
             try:
                 self._record_retrying(child)
             finally:
-                shutil.rmtree(child.folder, ignore_errors=True)
+                child.files.remove()
 
     def _record_retrying(self, child: _Child, tries: int = 6) -> None:
         """Record what a finished child did; a warehouse that is briefly unavailable (a server restarting) is
@@ -406,7 +449,7 @@ class Worker:
     @staticmethod
     def _outcome(child: _Child) -> dict:
         try:
-            return json.loads((child.folder / "result.json").read_text(encoding="utf-8"))
+            return json.loads(child.files.result.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             return {}
 
@@ -414,25 +457,27 @@ class Worker:
     def _attempt_run(child: _Child) -> str | None:
         """The run this attempt started: the runtime writes its id next to the result as soon as it has one."""
         try:
-            return (child.folder / "run.id").read_text(encoding="utf-8").strip() or None
+            return child.files.run.read_text(encoding="utf-8").strip() or None
         except OSError:
             return None
 
     def _shutdown(self) -> None:
         """Terminate every task process still running, wait for them, and give their tasks back."""
-        if not self._children:
-            return
-        now = time.monotonic()
-        for child in self._children:
-            if child.proc.poll() is None and child.reason is None:
-                self._terminate(child, "shutdown", now)
-        deadline = now + self.kill_grace
-        while any(c.proc.poll() is None for c in self._children):
-            if time.monotonic() >= deadline:
-                for child in self._children:
-                    child.signal(signal.SIGKILL)
-            time.sleep(0.02)
-        self._reap()
+        if self._children:
+            now = time.monotonic()
+            for child in self._children:
+                if not child.ended and child.reason is None:
+                    self._terminate(child, "shutdown", now)
+            deadline = now + self.kill_grace
+            while not all(c.ended for c in self._children):
+                if time.monotonic() >= deadline:
+                    for child in self._children:
+                        child.signal(signal.SIGKILL)
+                time.sleep(0.02)
+            self._reap()
+        for proc in self._exiting:
+            proc.wait()  # SIGKILLed with its session: the kernel is tearing it down
+        self._exiting.clear()
 
     # -- plumbing ------------------------------------------------------------------------------------------
     @contextmanager
