@@ -104,6 +104,30 @@ class Table:
             self._warehouse.release_blobs([{"_blobs": sorted(gone)}])
         return done
 
+    def swap_many(self, pairs: Sequence[tuple[dict, dict]]) -> list[bool]:
+        """:meth:`swap` of many documents at once: write each ``new`` over its ``old`` (``(old, new)`` pairs;
+        ``new`` whole and packed, with a fresh ``_rev`` and its exact ``_blobs``) if the document's ``_rev`` is
+        still ``old``'s, through the index's ``swap_many`` (one transaction for the batch on the SQL backends);
+        whether each was written. The blobs the replaced documents no longer refer to are released."""
+        if not pairs:
+            return []
+        if len({old["_id"] for old, _ in pairs}) != len(pairs):
+            raise ValueError("swap_many takes each document once")
+        docs = [{**new, "_blobs": new.get("_blobs") or []} for _, new in pairs]
+        stored = {key for doc in docs for key in doc["_blobs"]}
+        try:
+            done = set(self._index.swap_many(self.name, docs, [old["_rev"] for old, _ in pairs]))
+        finally:
+            self._warehouse._lease_end(stored=stored)
+        written = [old["_id"] in done for old, _ in pairs]
+        gone = set()
+        for (old, new), ok in zip(pairs, written):
+            if ok:
+                gone |= set(old.get("_blobs") or ()) - set(new.get("_blobs") or ())
+        if gone:  # kept where another document still refers to them
+            self._warehouse.release_blobs([{"_blobs": sorted(gone)}])
+        return written
+
     def update_all(self, filter: Filter, update: dict) -> int:
         """An update of the table's own bookkeeping over many documents (no blob is added by it)."""
         return self._index.update_many(self.name, filter, update)

@@ -32,7 +32,7 @@ from mlwarehouse.testing.postgres_server import postgres_server  # noqa: F401  (
 pytestmark = pytest.mark.slow
 
 PROJECT, COLLECTION, LISTENER = "lk", "docs", "lin"
-SEEDED = 160  # documents there before the listener is attached (its backfill is what the first kills land in)
+SEEDED = 480  # documents there before the listener is attached (its backfill is what the kills land in: 30 batches)
 BATCH = 16
 LEASE = 2.0
 

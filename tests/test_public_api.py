@@ -73,7 +73,7 @@ def test_index_protocol_surface():
     assert _public(Index) == {
         "name", "supports_listen",
         "ensure_collection", "create_index", "collections", "indexes",
-        "insert_many", "insert_one", "update_many", "find_one_and_update", "replace_one", "delete_many",
+        "insert_many", "insert_one", "update_many", "find_one_and_update", "replace_one", "swap_many", "delete_many",
         "find", "find_one", "values", "count", "distinct", "listen", "sql", "close",
     }
 

@@ -246,6 +246,24 @@ def write_revision(collection, attached: Sequence[Listener], old: dict, new: dic
                    exclude: str | None = None) -> bool:
     """Store ``new`` over ``old`` if the document is unchanged since ``old`` was read (compare-and-set on
     ``_rev``), with the listener states revised and ``_blobs`` exact; False if another write came first."""
+    _prepare(attached, old, new, revise, exclude)
+    fields = {k: v for k, v in new.items() if k != "_id"}
+    fields.setdefault("_blobs", [])
+    return collection.table.swap(old["_id"], old["_rev"], fields, unset=[k for k in old if k not in new],
+                                 old_blobs=old.get("_blobs") or ())
+
+
+def write_revisions(collection, attached: Sequence[Listener], pairs: Sequence[tuple[dict, dict]], *,
+                    exclude: str | None = None) -> list[bool]:
+    """:func:`write_revision` of many ``(old, new)`` pairs (distinct documents) in one batched compare-and-set;
+    whether each was written."""
+    for old, new in pairs:
+        _prepare(attached, old, new, True, exclude)
+    return collection.table.swap_many(pairs)
+
+
+def _prepare(attached: Sequence[Listener], old: dict, new: dict, revise: bool, exclude: str | None) -> None:
+    """``new`` made ready to store over ``old``: listener states revised, a fresh ``_rev``, ``_blobs`` exact."""
     if revise:
         states = _revise(old, new, attached, exclude)
         if states:
@@ -258,10 +276,6 @@ def write_revision(collection, attached: Sequence[Listener], old: dict, new: dic
     if keys:
         new["_blobs"] = sorted(keys)
     document_size(new)
-    fields = {k: v for k, v in new.items() if k != "_id"}
-    fields.setdefault("_blobs", [])
-    return collection.table.swap(old["_id"], old["_rev"], fields, unset=[k for k in old if k not in new],
-                                 old_blobs=old.get("_blobs") or ())
 
 
 def _revise(old: dict, new: dict, attached: Sequence[Listener], exclude: str | None) -> dict:
@@ -376,35 +390,37 @@ class Outcome:
 
 
 def process(collection, listener: Listener, docs: list[dict], *, trusted: bool) -> Outcome:
-    """Compute and store ``listener``'s outputs for these stored documents (those still pending)."""
+    """Compute and store ``listener``'s outputs for these stored documents (those still pending): each model
+    batch's inputs decoded in one pass, its outputs written in one batched compare-and-set."""
     outcome = Outcome()
     attached = active(collection)
     if not any(x.id == listener.id for x in attached):
         return outcome  # detached meanwhile
     pending = [d for d in docs if _is_pending(d, listener)]
-    todo = []
+    todo, skipped = [], []
     for doc in pending:
         packed = get_path(doc, listener.key)
         if packed is MISSING or not _matches(doc, listener.where):
-            outcome.written += _store(collection, listener, attached, doc, SKIPPED)
+            skipped.append((doc, SKIPPED, MISSING, None))
         else:
             todo.append(doc)
+    outcome.written += _store_many(collection, listener, attached, skipped)
     for start in range(0, len(todo), listener.batch_size):
         part = todo[start:start + listener.batch_size]
         try:
             runner = Runner.get(collection, listener, trusted=trusted)
-            inputs = [collection.unpack(get_path(d, listener.key)) for d in part]
+            inputs = collection.unpack([get_path(d, listener.key) for d in part])
             outputs = runner(inputs)
         except Exception as exc:
             error = _traceback(exc)
             outcome.errors.append(error)
-            for doc in part:
-                outcome.failed += _store(collection, listener, attached, doc, FAILED, error=error)
+            outcome.failed += _store_many(collection, listener, attached,
+                                          [(doc, FAILED, MISSING, error) for doc in part])
             continue
         encoder = collection.codecs.encoder()
-        for doc, output in zip(part, outputs):
-            outcome.written += _store(collection, listener, attached, doc, DONE,
-                                      output=collection.pack(output, encoder))
+        outcome.written += _store_many(collection, listener, attached,
+                                       [(doc, DONE, collection.pack(output, encoder), None)
+                                        for doc, output in zip(part, outputs)])
     return outcome
 
 
@@ -415,27 +431,54 @@ def _is_pending(doc: dict, listener: Listener) -> bool:
     return all((states.get(up) or {}).get("status") == DONE for up in listener.upstream)
 
 
+def _store_many(collection, listener: Listener, attached, items: list[tuple]) -> int:
+    """Write ``(doc, status, packed output, error)`` items in one batched compare-and-set; a document another
+    write changed meanwhile goes through :func:`_store` (re-read, and written again if its input is the same)."""
+    now = utc_now()
+    try:
+        pairs = [(doc, _with_state(doc, listener, status, output, error, now)) for doc, status, output, error in items]
+        written = write_revisions(collection, attached, pairs, exclude=listener.name)
+    except BaseException:  # e.g. an output too large for its document: the batch's fresh output blobs go
+        keys = values.blob_keys([output for _, _, output, _ in items if output is not MISSING])
+        collection.project.warehouse._lease_end(stored=keys)
+        collection.table.release(keys)
+        raise
+    return sum(1 if ok else _store(collection, listener, attached, doc, status, output=output, error=error,
+                                   conflicted=True)
+               for (doc, status, output, error), ok in zip(items, written))
+
+
 def _store(collection, listener: Listener, attached, doc: dict, status: str, *, output: Any = MISSING,
-           error: str | None = None) -> int:
-    """Write one document's state (and its packed ``output``) for ``listener``; 1 if written."""
-    packed = output
+           error: str | None = None, conflicted: bool = False) -> int:
+    """Write one document's state (and its packed ``output``) for ``listener``; 1 if written. ``conflicted``:
+    a write of it just lost to another (so it is read again first)."""
+    seen = digest(get_path(doc, listener.key))
     for _ in range(_CAS_TRIES):
-        seen = digest(get_path(doc, listener.key))
-        new = _copy(doc)
-        if packed is MISSING:
-            _unset_output(new, listener)
-        else:
-            _set_output(new, listener, packed)
-        state = {"status": status, "input": seen, "model": model_ref(listener), "time": utc_now()}
-        if error:
-            state["error"] = error[-_ERROR_TAIL:]
-        new.setdefault("_listeners", {})[listener.name] = state
-        if write_revision(collection, attached, doc, new, exclude=listener.name):
+        if conflicted:
+            doc = collection.table.find_one({"_id": doc["_id"]})
+            if doc is None or not _is_pending(doc, listener) or digest(get_path(doc, listener.key)) != seen:
+                return 0  # deleted, done by another worker, or changed: its new input is pending work
+        if write_revision(collection, attached, doc, _with_state(doc, listener, status, output, error, utc_now()),
+                          exclude=listener.name):
             return 1
-        doc = collection.table.find_one({"_id": doc["_id"]})
-        if doc is None or not _is_pending(doc, listener) or digest(get_path(doc, listener.key)) != seen:
-            return 0  # deleted, done by another worker, or changed: its new input is pending work
+        conflicted = True
     return 0
+
+
+def _with_state(doc: dict, listener: Listener, status: str, output: Any, error: str | None, now: str) -> dict:
+    """A copy of ``doc`` with ``listener``'s output (or none) and its state (of time ``now``), for the input
+    ``doc`` holds."""
+    new = _copy(doc)
+    if output is MISSING:
+        _unset_output(new, listener)
+    else:
+        _set_output(new, listener, output)
+    state = {"status": status, "input": digest(get_path(doc, listener.key)), "model": model_ref(listener),
+             "time": now}
+    if error:
+        state["error"] = error[-_ERROR_TAIL:]
+    new.setdefault("_listeners", {})[listener.name] = state
+    return new
 
 
 def _copy(doc: dict) -> dict:
@@ -473,9 +516,15 @@ def _traceback(exc: BaseException) -> str:
 
 
 def progress(collection, listener: Listener) -> dict:
-    table, name = collection.table, listener.name
-    counts = {s: table.count({f"_listeners.{name}.status": s}) for s in SETTLED}
-    counts["pending"] = max(0, table.count({}) - sum(counts.values()))
+    """Document counts by state, from one read of every document's status (not a count per state)."""
+    counts = dict.fromkeys(SETTLED, 0)
+    pending = 0
+    for (status,) in collection.table.values(None, [f"_listeners.{listener.name}.status"]):
+        if type(status) is str and status in counts:
+            counts[status] += 1
+        else:
+            pending += 1
+    counts["pending"] = pending
     return counts
 
 

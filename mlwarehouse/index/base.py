@@ -28,7 +28,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 from mlwarehouse.errors import ConfigError, InvalidDocument, QueryError
-from mlwarehouse.query import MISSING, distinct_values, get_path, split_path, validate_sort
+from mlwarehouse.query import MISSING, distinct_values, get_path, split_path, validate_document, validate_sort
 
 Filter = dict[str, Any]
 Sort = Sequence[tuple[str, int]]
@@ -89,6 +89,47 @@ class Index(ABC):
     @abstractmethod
     def replace_one(self, collection: str, doc: dict, *, upsert: bool = False) -> bool:
         """Replace the document with ``doc["_id"]``; with ``upsert`` insert it if missing. True if written."""
+
+    def swap_many(self, collection: str, docs: Sequence[dict], expected: Sequence[Any], *,
+                  field: str = "_rev") -> list[str]:
+        """Compare-and-set many documents: replace the stored document ``docs[i]["_id"]`` by ``docs[i]`` only if
+        its top-level scalar ``field`` (a revision token that every write changes) still equals ``expected[i]``
+        (None: missing or null); returns the ids replaced, in order. Every document is validated before anything
+        is written; each replacement is atomic. SQL backends write the whole batch in one transaction, where a
+        loop of conditional updates commits once per document; this default is that loop."""
+        checked = self._swaps(docs, expected, field)
+        for doc, _ in checked:
+            validate_document(doc)
+        done = []
+        for doc, want in checked:
+            guard = {"_id": doc["_id"], field: want}
+            old = self.find_one(collection, guard)
+            if old is None:
+                continue
+            update: dict[str, Any] = {"$set": {k: v for k, v in doc.items() if k != "_id"}}
+            gone = {k: "" for k in old if k not in doc}
+            if gone:
+                update["$unset"] = gone
+            if self.update_many(collection, guard, update):  # missed if another write changed ``field`` meanwhile
+                done.append(doc["_id"])
+        return done
+
+    @staticmethod
+    def _swaps(docs: Sequence[dict], expected: Sequence[Any], field: str) -> list[tuple[dict, Any]]:
+        """The checked arguments of :meth:`swap_many` as ``(document, expected)`` pairs (the documents are each
+        backend's to validate, on its own fast path)."""
+        if len(split_path(field, "swap field")) != 1 or field == "_id":
+            raise QueryError(f"swap_many compares a top-level field other than _id, not {field!r}")
+        docs, expected = list(docs), list(expected)
+        if len(docs) != len(expected):
+            raise QueryError(f"swap_many takes one expected value per document ({len(docs)} documents, "
+                             f"{len(expected)} values)")
+        for doc, want in zip(docs, expected):
+            if not isinstance(doc, dict) or not isinstance(doc.get("_id"), str):
+                raise QueryError(f"swap_many takes documents with a string _id, not {doc!r:.80}")
+            if want is not None and type(want) not in (str, int, float):
+                raise QueryError(f"swap_many compares scalar values, not {want!r}")
+        return list(zip(docs, expected))
 
     @abstractmethod
     def delete_many(self, collection: str, filter: Filter) -> list[dict]:

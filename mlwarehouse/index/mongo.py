@@ -46,6 +46,7 @@ from mlwarehouse.query import (
     validate_projection,
     validate_sort,
     validate_update,
+    values_equal,
 )
 
 __all__ = ["MongoIndex", "REVISION", "pushdown"]
@@ -314,6 +315,31 @@ class MongoIndex(IndexBackend):
         with self._errors():
             result = self._coll(collection).replace_one({"_id": doc["_id"]}, dict(doc), upsert=upsert)
         return bool(result.matched_count or result.upserted_id is not None)
+
+    def swap_many(self, collection: str, docs: Sequence[dict], expected: Sequence[Any], *,
+                  field: str = "_rev") -> list[str]:
+        """One read of the batch, compared here with the reference rules, then a replace of each match guarded by
+        the hidden revision read with it (a write in between makes it miss)."""
+        checked = self._swaps(docs, expected, field)
+        scalars = self._scalar_fields(collection)
+        for doc, _ in checked:  # every document is checked before the first one is written
+            self._check(doc, scalars or frozenset(), collection)
+        if scalars is None or not checked:
+            return []
+        with self._errors():
+            coll = self._coll(collection)
+            ids = sorted({doc["_id"] for doc, _ in checked})
+            current = {raw["_id"]: (raw.get(field), raw.get(REVISION))
+                       for raw in coll.find({"_id": {"$in": ids}}, {"_id": 1, field: 1, REVISION: 1})}
+            done: list[str] = []
+            for doc, want in checked:
+                _id = doc["_id"]
+                if _id in current and values_equal(_plain(current[_id][0]), want):
+                    token = _token()
+                    if coll.replace_one(_guard(_id, current[_id][1]), {**doc, REVISION: token}).matched_count:
+                        current[_id] = (doc.get(field), token)
+                        done.append(_id)
+        return done
 
     def delete_many(self, collection: str, filter: Filter) -> list[dict]:
         node = parse_filter(filter)

@@ -40,6 +40,7 @@ from mlwarehouse.query import (
     split_path,
     validate_sort,
     validate_update,
+    values_equal,
 )
 from mlwarehouse.query.documents import plausible_document, projector, validate_document
 
@@ -49,6 +50,7 @@ __all__ = ["SQLIndex"]
 INDEX_FIELDS_TTL = 5.0
 _MAX_LIMIT = (1 << 63) - 1
 _STATEMENTS = 512  # compiled statements kept per index object (all dropped when full)
+_SWAP_CHUNK = 500  # ids per SELECT of swap_many (bound parameters stay well under every driver's limit)
 
 
 class SQLIndex(IndexBackend):
@@ -309,6 +311,40 @@ class SQLIndex(IndexBackend):
                 return False
             self._after_write(con, collection)
         return True
+
+    def swap_many(self, collection: str, docs: Sequence[dict], expected: Sequence[Any], *,
+                  field: str = "_rev") -> list[str]:
+        """One write transaction for the whole batch: the rows are read under the update lock, compared here with
+        the reference rules, and the matching ones rewritten (a document named twice is compared the second time
+        with what the first replacement wrote)."""
+        checked = self._swaps(docs, expected, field)
+        scalars = self._scalar_fields(collection)
+        if scalars is None or not checked:
+            for doc, _ in checked:
+                validate_document(doc)
+            return []
+        texts = [self._encode(doc, scalars, collection) for doc, _ in checked]  # all checked before writing
+        p, table = self.dialect.placeholder, self._table(collection)
+        done: list[str] = []
+        with self._transaction() as con:
+            current: dict[str, Any] = {}
+            for start in range(0, len(checked), _SWAP_CHUNK):
+                ids = sorted({doc["_id"] for doc, _ in checked[start:start + _SWAP_CHUNK]} - current.keys())
+                if ids:
+                    rows = con.execute(f"SELECT id, {self._doc_out} FROM {table} WHERE id IN "
+                                       f"({', '.join([p] * len(ids))}){self._update_lock}", ids).fetchall()
+                    current.update((_id, json.loads(text).get(field)) for _id, text in rows)
+            out = []
+            for (doc, want), text in zip(checked, texts):
+                _id = doc["_id"]
+                if _id in current and values_equal(current[_id], want):
+                    current[_id] = doc.get(field)
+                    out.append((text, _id))
+                    done.append(_id)
+            if out:
+                con.cursor().executemany(f"UPDATE {table} SET doc = {self._doc_in} WHERE id = {p}", out)
+                self._after_write(con, collection)
+        return done
 
     def delete_many(self, collection: str, filter: Filter) -> list[dict]:
         node = parse_filter(filter)
