@@ -14,6 +14,7 @@ The columns are not called ``id`` or ``doc``, so the compiled filter names the c
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import weakref
@@ -34,8 +35,16 @@ _NAME = re.compile(r"^[a-z0-9_]{1,40}\Z")
 _MAX_SCAN = 100_000
 
 
+@functools.lru_cache(maxsize=8)
+def _format(dims: int) -> str:
+    return "[" + ",".join(["%.9g"] * dims) + "]"
+
+
 def _literal(vector: np.ndarray) -> str:
-    return "[" + ",".join(repr(float(x)) for x in vector) + "]"
+    """A vector as pgvector's text: nine significant digits give every float32 back exactly (pgvector reads it as
+    float4), in one formatting call (a tenth of the time of a repr per value, paid once per search and per row)."""
+    values = np.asarray(vector, dtype=np.float32).reshape(-1).tolist()
+    return _format(len(values)) % tuple(values)
 
 
 class PgVectors:

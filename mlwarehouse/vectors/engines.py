@@ -164,6 +164,8 @@ class HnswEngine:
         faiss = self._faiss
         ef = max(int(ef or self.index.hnsw.efSearch), k)
         queries = np.ascontiguousarray(queries, dtype=np.float32)
+        if queries.ndim != 2 or queries.shape[1] != self.dims or k <= 0:
+            raise VectorIndexError(f"queries must be of shape (n, {self.dims}) and k positive")
         if allowed is not None:
             bits = np.packbits(allowed[:self.size], bitorder="little")
             params = faiss.SearchParametersHNSW(sel=faiss.IDSelectorBitmap(self.size, faiss.swig_ptr(bits)), efSearch=ef)
@@ -171,7 +173,10 @@ class HnswEngine:
             bits, params = None, self._params.get(ef)
             if params is None:  # made once per ef: making one costs a tenth of a small search
                 params = self._params[ef] = faiss.SearchParametersHNSW(efSearch=ef)
-        dist, labels = self.index.search(queries, k, params=params)
+        # faiss's own search() wrapper, minus its checks (done here): a tenth of a single small query's time
+        n = len(queries)
+        dist, labels = np.empty((n, k), dtype=np.float32), np.empty((n, k), dtype=np.int64)
+        self.index.search_c(n, faiss.swig_ptr(queries), k, faiss.swig_ptr(dist), faiss.swig_ptr(labels), params)
         del bits  # kept alive through the search: the selector holds a raw pointer to it
         scores = -dist if self.metric == "l2" else dist
         if allowed is not None or k > self.size:  # only then can faiss leave slots empty (label -1)

@@ -9,6 +9,8 @@ caller never knows which.
 
 from __future__ import annotations
 
+import math
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -20,6 +22,7 @@ from mlwarehouse.query.documents import projector
 from mlwarehouse.query.filters import validate_filter
 from mlwarehouse.query.jsonvalues import MISSING, get_path
 from mlwarehouse.vectors import spec as specs
+from mlwarehouse.vectors import tracking
 from mlwarehouse.vectors.mirror import Mirror
 from mlwarehouse.vectors.search import Hit, Planner, Results, plan_search, vector_score
 from mlwarehouse.vectors.tracking import vector_of
@@ -145,7 +148,7 @@ class VectorIndex:
                ) -> list[Results]:
         """The ``n`` nearest labels of each query vector (rows of ``vectors``): ids and scores, as of the last
         refresh, without reading documents (the fast path; :meth:`find` verifies against the store)."""
-        flt = dict(filter or {})
+        flt = dict(filter) if filter else {}
         if flt:
             validate_filter(flt)
         backend = self.backend
@@ -155,8 +158,7 @@ class VectorIndex:
             return [backend.search(q, n, flt, ef=ef, fresh=fresh and i == 0) for i, q in enumerate(queries)]
         with backend.lock:
             self._refresh(backend)
-            results = plan_search(backend.planner, queries, n, flt, ef)
-        return results
+            return plan_search(backend.planner, queries, n, flt, ef)
 
     def find(self, filter: Mapping | None = None, projection: Mapping | None = None, *, vector: Any = None,
              like: Any = None, n: int = 10, ef: int | None = None, raw: bool = False) -> Neighbours:
@@ -220,19 +222,36 @@ class VectorIndex:
         return stale
 
     def _refresh(self, backend, *, force: bool = False) -> None:
-        backend.refresh(force=self._take_stale() or force)
+        """Refresh when this process wrote, when asked, or once ``REFRESH_SECONDS`` passed (checked here first:
+        the check runs once per search)."""
+        force = self._take_stale() or force
+        if force or time.monotonic() - backend.refreshed >= tracking.REFRESH_SECONDS:
+            backend.refresh(force=force)
 
     def _queries(self, vectors: Any) -> np.ndarray:
-        if hasattr(vectors, "detach"):
+        """The query vectors as a contiguous float32 matrix, checked, and normalised for cosine (a copy: the
+        caller's array is never changed). One vector takes a shorter path: this runs once per query."""
+        if type(vectors) is not np.ndarray and hasattr(vectors, "detach"):
             vectors = vectors.detach().cpu().numpy()
         q = np.asarray(vectors, dtype=np.float32)
+        dims = self.backend.spec.dims
+        cosine = self.spec.metric == "cosine"
+        if q.ndim == 1 and (dims is None or len(q) == dims) and len(q):
+            square = float(np.dot(q, q))  # finite unless a value is not (or is so large its square is not)
+            if not math.isfinite(square) and not np.isfinite(q).all():
+                raise VectorIndexError(f"query vectors must be finite, of shape (n, {dims}), not {q.shape}")
+            if cosine:
+                q = q * np.float32(1 / math.sqrt(square) if square > 0 else 1)
+            return np.ascontiguousarray(q).reshape(1, -1)
         if q.ndim == 1:
             q = q[None, :]
-        backend = self.backend
-        dims = backend.spec.dims
-        if q.ndim != 2 or (dims is not None and q.shape[1] != dims) or not np.isfinite(q).all():
+        if q.ndim != 2 or (dims is not None and q.shape[1] != dims):
             raise VectorIndexError(f"query vectors must be finite, of shape (n, {dims}), not {q.shape}")
-        if self.spec.metric == "cosine":
-            norms = np.sqrt(np.einsum("ij,ij->i", q, q))[:, None]
-            q = q / np.where(norms > 0, norms, 1)
+        squares = np.einsum("ij,ij->i", q, q)
+        if not np.isfinite(squares).all() and not np.isfinite(q).all():
+            raise VectorIndexError(f"query vectors must be finite, of shape (n, {dims}), not {q.shape}")
+        if cosine:
+            norms = np.sqrt(squares)
+            norms[norms == 0] = 1
+            return np.ascontiguousarray(q / norms[:, None])
         return np.ascontiguousarray(q)

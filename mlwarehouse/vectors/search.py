@@ -24,7 +24,6 @@ Results say how many documents matched the filter, so "fewer than n" is told apa
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -58,24 +57,49 @@ class Hit:
         return f"Hit({self.id!r}, {self.score:.4f})"
 
 
-@dataclass
 class Results:
-    """The neighbours of one query, nearest first, and what the search did."""
-    hits: list[Hit]
-    matched: int | None  # documents that match the filter (with a vector), None without a filter
-    plan: str            # "graph", "graph+filter", "exact"
-    complete: bool = True  # False when fewer than n documents match at all
-    extra: dict = field(default_factory=dict)
+    """The neighbours of one query, nearest first, and what the search did.
+
+    ``matched``: documents that match the filter (with a vector), None without a filter; ``plan``: "graph",
+    "graph+filter", "exact", ...; ``complete``: False when fewer than n documents match at all. A search holds
+    its neighbours as ids and scores and makes the :class:`Hit` objects only when ``hits`` is first read: a caller
+    that wants ids and scores (the fast path, a batch of queries) never pays for them."""
+
+    __slots__ = ("_hits", "_ids", "_scores", "matched", "plan", "complete", "extra")
+
+    def __init__(self, hits: list[Hit] | None, matched: int | None, plan: str, complete: bool = True,
+                 extra: dict | None = None, *, ids: list[str] | None = None, scores: list[float] | None = None):
+        self._hits = hits if hits is not None or ids is not None else []
+        self._ids, self._scores = ids, scores
+        self.matched, self.plan, self.complete, self.extra = matched, plan, complete, extra if extra else {}
+
+    @property
+    def hits(self) -> list[Hit]:
+        if self._hits is None:
+            self._hits = [Hit(i, s) for i, s in zip(self._ids, self._scores)]
+            self._ids = self._scores = None
+        return self._hits
+
+    @hits.setter
+    def hits(self, hits: list[Hit]) -> None:
+        self._hits, self._ids, self._scores = list(hits), None, None
+
+    @property
+    def ids(self) -> list[str]:
+        return list(self._ids) if self._hits is None else [h.id for h in self._hits]
+
+    @property
+    def scores(self) -> list[float]:
+        return list(self._scores) if self._hits is None else [h.score for h in self._hits]
 
     def __iter__(self):
         return iter(self.hits)
 
     def __len__(self) -> int:
-        return len(self.hits)
+        return len(self._ids) if self._hits is None else len(self._hits)
 
-    @property
-    def ids(self) -> list[str]:
-        return [h.id for h in self.hits]
+    def __repr__(self) -> str:
+        return f"Results({len(self)} hits, matched={self.matched}, plan={self.plan!r}, complete={self.complete})"
 
 
 class Planner:
@@ -156,8 +180,7 @@ class Planner:
             allowed = m.alive if m.dead else None
             k = min(n, m.count)
             scores, labels = m.engine.search(queries, k, allowed=allowed, ef=max(ef, k))
-            return [self._results(s, lab, None, "graph" if m.engine.kind == "hnsw" else "exact", n)
-                    for s, lab in zip(scores, labels)]
+            return self._batch(scores, labels, None, "graph" if m.engine.kind == "hnsw" else "exact", n)
         cached = self._masks.get(_key(filter))
         if not (cached and cached[0] == m.version) and m.engine.kind == "hnsw" and m.count > EXACT_LIMIT:
             share = self.share(filter)
@@ -193,7 +216,7 @@ class Planner:
         m = self.mirror
         labels, matrix = self._subset(mask)
         scores, found = exact_top(matrix, queries, k, m.spec.metric, labels)
-        return [self._results(s, lab, count, "exact", n) for s, lab in zip(scores, found)]
+        return self._batch(scores, found, count, "exact", n)
 
     def _subset(self, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The labels of a mask and their vectors, gathered once per mask and mirror version (a stream of queries
@@ -211,11 +234,21 @@ class Planner:
         return labels, matrix
 
     def _results(self, scores, labels, matched, plan, n, **extra) -> Results:
+        return self._batch(scores[None, :], labels[None, :], matched, plan, n, **extra)[0]
+
+    def _batch(self, scores, labels, matched, plan, n, **extra) -> list[Results]:
+        """Rows of engine scores and labels as results: scores converted once for the whole batch, labels named
+        by document id (slots the engine left empty, label -1, dropped)."""
         ids = self.mirror.ids
-        scores = user_scores(scores, self.mirror.spec.metric)
-        hits = [Hit(ids[lab], s) for s, lab in zip(scores.tolist(), labels.tolist()) if lab >= 0]
         complete = matched is None or matched >= n
-        return Results(hits, matched, plan, complete, extra)
+        out = []
+        for s_row, l_row in zip(user_scores(scores, self.mirror.spec.metric).tolist(), labels.tolist()):
+            if l_row and min(l_row) < 0:
+                s_row = [s for s, lab in zip(s_row, l_row) if lab >= 0]
+                l_row = [lab for lab in l_row if lab >= 0]
+            out.append(Results(None, matched, plan, complete, dict(extra) if extra else None,
+                               ids=[ids[lab] for lab in l_row], scores=s_row))
+        return out
 
 
 def _key(filter: dict) -> str:

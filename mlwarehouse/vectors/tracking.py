@@ -9,7 +9,9 @@ hold, and drops the documents tombstoned since. Re-reading a window rather than 
 makes it safe across processes and machines: a write whose ``_rev`` was made before the position but committed
 after the last refresh is still inside the window (the assumption: a write commits within ``WINDOW`` of its
 ``_rev`` being made, clocks included; :meth:`Follower.reconcile` rechecks everything). Each refresh re-reads the
-last ``RECENT_MS`` (where writes in flight on one machine land), the whole window once every ``WINDOW_SECONDS``.
+last ``RECENT_MS`` (where writes in flight on one machine land), the whole window once every ``WINDOW_SECONDS``,
+and neither reaches back further than its window before the previous read of its kind began (what commits later
+was made after that): an index whose collection is quiet reads nothing, where it re-read its last writes.
 
 A follower may lag (by at most ``REFRESH_SECONDS`` for searches of other processes' writes); what a search returns
 does not: the searches read their results back through the filter and rescore any whose revision moved.
@@ -79,6 +81,10 @@ class Follower:
         self.invalid = 0
         self.refreshed = 0.0  # when the last refresh ran (monotonic seconds)
         self.windowed = -WINDOW_SECONDS  # ... and the last that re-read the whole window (the first one does)
+        # wall-clock milliseconds at which the last read (and the last whole-window read) began, None before one:
+        # what committed since began after it, so a read need not look back further than the window before it
+        self.read_ms: int | None = None
+        self.whole_ms: int | None = None
 
     # -- what a store does --------------------------------------------------------------------------------
     def _held(self, doc_ids: list[str]) -> dict[str, str]:
@@ -100,16 +106,22 @@ class Follower:
             if not force and time.monotonic() - self.refreshed < REFRESH_SECONDS:
                 return 0
             now = self.refreshed = time.monotonic()
+            wall = int(time.time() * 1000)
             whole = now - self.windowed >= WINDOW_SECONDS
-            floor = self._floor(self.position, WINDOW_MS if whole else RECENT_MS)
+            before = WINDOW_MS if whole else RECENT_MS
+            since = self.whole_ms if whole else self.read_ms
+            floor = self._floor(self.position, before, since)
             if whole:
                 self.windowed = now
             rows = self.table.values({"_rev": {"$gte": floor}} if floor else {}, ["_id", "_rev"])
             changed = self._changed(rows)
             newest = max((rev for _, rev in rows if rev), default="")
             done = self._fetch(changed)
-            done += self._apply_tombstones(WINDOW_MS if whole else RECENT_MS)
+            done += self._apply_tombstones(before, since)
             self.position = max(self.position, newest)
+            self.read_ms = wall  # only once all of it was taken: a read that failed is made again in full
+            if whole:
+                self.whole_ms = wall
             return done
 
     def reconcile(self) -> int:
@@ -163,8 +175,8 @@ class Follower:
         if rows:
             self._put(rows)
 
-    def _apply_tombstones(self, before_ms: int = WINDOW_MS) -> int:
-        floor = self._floor(self.tombstone, before_ms)
+    def _apply_tombstones(self, before_ms: int = WINDOW_MS, since_ms: int | None = None) -> int:
+        floor = self._floor(self.tombstone, before_ms, since_ms)
         flt: dict = {"table": self.table.name}
         if floor:
             flt["_id"] = {"$gte": floor}
@@ -188,6 +200,7 @@ class Follower:
         """Take every document's vector, ``batch`` documents at a time (a build). The first refresh after it
         re-reads the whole window: writes made during the scan."""
         self.tombstone = self._newest_tombstone()
+        self.read_ms = self.whole_ms = int(time.time() * 1000)  # what commits after this, the window catches
         docs: list[dict] = []
         for doc in self.table.find({}, projection=self._projection()):
             docs.append(doc)
@@ -211,11 +224,18 @@ class Follower:
         return time.time() * 1000 - (id_millis(self.position) or 0) > TOMBSTONE_MS
 
     @staticmethod
-    def _floor(position: str, before_ms: int = WINDOW_MS) -> str:
+    def _floor(position: str, before_ms: int = WINDOW_MS, since_ms: int | None = None) -> str:
+        """Where a read starts: ``before_ms`` before the position, and no earlier than ``before_ms`` before the
+        last such read began (``since_ms``): a change committed since that read has an id made at most
+        ``before_ms`` before its commit (the window's assumption), so both bounds are safe and the higher one is
+        kept. Without the second, a quiet collection re-read its last writes at every refresh, for ever."""
         if not position:
             return ""
         ms = id_millis(position)
-        return ids_after(ms - before_ms) if ms is not None else ""
+        floor = ids_after(ms - before_ms) if ms is not None else ""
+        if since_ms is not None:
+            floor = max(floor, ids_after(since_ms - before_ms))
+        return floor
 
     def _projection(self) -> dict:
         projection = {"_id": 1, "_rev": 1, self.spec.path: 1}
