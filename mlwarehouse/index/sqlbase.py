@@ -123,6 +123,10 @@ class SQLIndex(IndexBackend):
         wanted = self._wanted(collection, scalar_fields)
         if wanted is None:
             return
+        stored = self._read_scalar_fields(collection)  # a read first: every process opening a warehouse asks
+        if stored is not None and wanted <= set(stored):  # the row is written with the table, in one transaction
+            self._remember(collection, stored)
+            return
         d, p, table = self.dialect, self.dialect.placeholder, self._table(collection)
         with self._transaction() as con:
             self._lock_ddl(con)
@@ -143,6 +147,10 @@ class SQLIndex(IndexBackend):
     def create_index(self, collection: str, keys: Sequence[tuple[str, int]], *, unique: bool = False) -> None:
         spec, name = self._index_spec(collection, keys, unique)
         self.ensure_collection(collection)
+        with self._connection() as con:  # a read first: an index recorded in mlw_meta was made in that transaction
+            known = self._meta(con, collection, "indexes") or []
+        if any(old.get("name") == name for old in known):
+            return
         terms = index_expressions(spec, self.dialect, unique=unique)
         if not unique and all(f != "_id" for f, _ in spec):
             terms.append("id")  # matches the _id tie-breaker of every sort
