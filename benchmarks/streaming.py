@@ -6,13 +6,16 @@ Workloads: (a) 60,000 items of 784 bytes + a label (MNIST-like), (b) 5,000 items
 read shuffled in batches of 256 (a) or 32 (b). Baselines, measured in the same run on the same bytes in the same
 shuffled order (each epoch's own order): (1) ``raw``: a numpy memmap of all items gathered batch by batch (the limit
 of any reader); (2) ``per-item``: one verified blob read per item, as stores with a document per sample load.
-The stream is measured cold (memory cache emptied: every shard fetched, sha256-verified and decoded, one epoch) and
-warm (``--epochs`` epochs after a warm-up epoch, shards served from the process's bounded memory cache). Its time
-includes planning (the index query and the shuffle). Every file is in the OS page cache for every contender. The
-contenders run in ``--rounds`` rounds, each in a rotated order, and each reports its median round, in wall-clock time
-and in CPU time (of every thread of the process: on a machine shared with other work, the CPU ratio says how much
-work a reader does, the wall ratio how much it overlaps). Then the same through S3 (a local SeaweedFS), with the disk
-shard cache cold and warm and the memory cache off (per-item S3 reads measured on a sample).
+The stream is measured cold (memory cache emptied: every shard fetched, sha256-verified and decoded, one epoch; the
+process's prefetch threads, started once, are not) and warm (``--epochs`` epochs after a warm-up epoch, shards
+served from the process's bounded memory cache). Its time includes planning (the index query and the shuffle).
+Every file is in the OS page cache for every contender. The contenders run in ``--rounds`` rounds, each in a rotated
+order, and each reports its median round, in wall-clock time and in CPU time (of every thread of the process: on a
+machine shared with other work, the CPU ratio says how much work a reader does, the wall ratio how much it
+overlaps). Each stream run is paired with a raw gather run just before it, and its ratios to raw are the medians of
+its ratios to its pairs: on a shared machine the load drifts between rounds (the raw gather's own rounds varied 2x),
+so a ratio of two medians taken apart compared different loads. Then the same through S3 (a local SeaweedFS), with
+the disk shard cache cold and warm and the memory cache off (per-item S3 reads measured on a sample).
 Targets (workload a): warm >= 0.6x raw, cold >= 0.4x raw; >= 20x per-item.
 """
 
@@ -127,8 +130,19 @@ def bench(kind: str, scale: float, tmp: Path, s3: dict | None, epochs: int, coun
         assert np.array_equal(got, y[np.concatenate(orders)]), "the stream's order is not the planned one"
         return t
 
+    pairs: dict[str, list[tuple]] = {"cold": [], "warm": []}
+
+    def paired(name: str, fn):
+        """``fn`` timed right after a raw gather, which is kept as its pair: ratios of the two see the same load."""
+        def go():
+            base = timed(gather)
+            t = fn()
+            pairs[name].append((base, t))
+            return t
+        return go
+
     gather(), one_by_one()  # page cache warm for every contender
-    t = rounds({"raw": lambda: timed(gather), "cold": cold, "warm": warm,
+    t = rounds({"raw": lambda: timed(gather), "cold": paired("cold", cold), "warm": paired("warm", warm),
                 "per-item": lambda: timed(one_by_one)}, count)
     held = MEMORY.used_bytes / 1e6
     rows = [{"workload": kind, "store": "local", "reader": name, "epochs": e, "items": n * e, "s": t[key][0],
@@ -136,10 +150,11 @@ def bench(kind: str, scale: float, tmp: Path, s3: dict | None, epochs: int, coun
             for name, key, e in (("stream, cold (fetch+sha256)", "cold", 1),
                                  ("stream, warm (memory cache)", "warm", epochs),
                                  ("raw memmap gather", "raw", epochs), ("one blob per item", "per-item", 1))]
-    raw, item = rows[2], rows[3]
-    for r in rows[:2]:
-        r.update(vs_raw=r["items_s"] / raw["items_s"], vs_per_item=r["items_s"] / item["items_s"],
-                 cpu_vs_raw=(raw["cpu_s"] / raw["items"]) / (r["cpu_s"] / r["items"]))
+    item = rows[3]
+    for r, key in zip(rows[:2], ("cold", "warm")):  # per round: the stream's items per second over its pair's
+        ratios = [[(r["epochs"] / got[i]) / (epochs / base[i]) for i in (0, 1)] for base, got in pairs[key]]
+        r.update(vs_raw=float(np.median([w for w, _ in ratios])), vs_per_item=r["items_s"] / item["items_s"],
+                 cpu_vs_raw=float(np.median([c for _, c in ratios])))
     rows[0].update(write_s=t_write, memory_held_MB=held)
     wh.close()
     if s3:
@@ -199,8 +214,8 @@ def main() -> None:
         if server:
             from mlwarehouse.testing.processes import stop
             stop(server)
-    print(f"local: median of {args.rounds} rounds; raw and warm stream over {args.epochs} epochs, cold stream and "
-          f"per-item over 1; memory cache bound {MEMORY_BYTES >> 20} MiB per process; {os.cpu_count()} cores, "
+    print(f"local: median of {args.rounds} rounds (x raw: of the ratios to a raw gather run just before each stream); "
+          f"raw and warm stream over {args.epochs} epochs, cold stream and per-item over 1; memory cache bound {MEMORY_BYTES >> 20} MiB per process; {os.cpu_count()} cores, "
           f"load average {os.getloadavg()[0]:.1f} at the end")
     print(f"{'workload':8} {'store':5} {'reader':34} {'epochs':>6} {'items/s':>12} {'MB/s':>9} {'x raw':>7} "
           f"{'cpu x raw':>9} {'x per-item':>10}")

@@ -14,7 +14,7 @@ header that does not parse or describes an impossible layout (a crafted shard wi
 :class:`IntegrityError`. Shards of format 1 (``MLWSHRD1``: the same without the two checksums) still read whole;
 their range reads are not trusted (``ShardHeader.verified`` is False) and readers fetch them whole instead.
 Fixed-shape array columns decode to one ``(n, *shape)`` numpy view. A column's blocks decompress in parallel
-(:func:`decode_pool`: zstd releases the GIL), each straight into its place in the column.
+(:func:`decode_pool`, and the calling thread: zstd releases the GIL), each straight into its place in the column.
 """
 
 from __future__ import annotations
@@ -389,7 +389,9 @@ class Shard:
         else:  # every job ends before the first error is raised: none writes into a column given up
             step = -(-k // (2 * DECODE_THREADS))
             starts = range(0, k, step)
-            for error in list(decode_pool().map(_run_caught, [blocks] * len(starts), starts)):
+            jobs = [decode_pool().submit(_run_caught, blocks, first) for first in starts[1:]]
+            errors = [_run_caught(blocks, starts[0])]  # the caller decodes its share rather than wait idle
+            for error in errors + [job.result() for job in jobs]:
                 if error is not None:
                     raise error
         return view
