@@ -71,14 +71,14 @@ def test_writer_error_is_raised_on_the_next_call_then_logging_goes_on(tmp_path):
     index = SQLiteIndex(tmp_path / "index.sqlite")
     project = _project(index, tmp_path)
     writer = LogWriter(project, interval=0.01)
-    writer.put({"run": None, "kind": "train", "x": float("nan")})  # the index refuses NaN: fails in the thread
+    writer.put({"run": None, "kind": "train", "x": object()})  # not JSON (run.log refuses it): fails in the thread
     time.sleep(0.2)
     with pytest.raises(InvalidDocument, match="1 log points were not written"):
         writer.put({"run": None, "kind": "train", "x": 1.0})
     writer.put({"run": None, "kind": "train", "x": 2.0})
     writer.flush()
     assert sorted(d["x"] for d in blocks.read_points(project)) == [2.0]
-    writer.put({"run": None, "kind": "train", "x": float("inf")})
+    writer.put({"run": None, "kind": "train", "x": "\ud800"})  # a lone surrogate: no UTF-8 for it
     with pytest.raises(InvalidDocument):
         writer.flush()
     writer.close()

@@ -27,13 +27,14 @@ before blocks reads the same.
 from __future__ import annotations
 
 import functools
-import json
 import math
 import re
 import time
 from collections.abc import Iterable, Sequence
 from operator import itemgetter
 from typing import Any
+
+import orjson
 
 from mlwarehouse import schema
 from mlwarehouse.errors import InvalidDocument
@@ -59,7 +60,12 @@ _BLOCK_KEYS = frozenset({"run", "kind", "project"})
 
 #: an escaped NUL in JSON text: ``\u0000`` after an even number of backslashes
 _NUL = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
-_encode = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":"), check_circular=False).encode
+
+
+def _encode(rows: list) -> str:
+    """Compact JSON text of the rows: orjson writes it about ten times faster than the standard library (its
+    floats are the shortest that read back the same); a value of no JSON type is a TypeError."""
+    return orjson.dumps(rows).decode()
 
 
 @functools.lru_cache(maxsize=4096)
@@ -138,7 +144,7 @@ def _layout(doc: dict) -> tuple[list, list] | None:
     if not isinstance(names, list) or not isinstance(text, str):
         return None
     try:
-        rows = json.loads(text)
+        rows = orjson.loads(text)
     except ValueError:
         return names, []
     return names, rows if isinstance(rows, list) else []
