@@ -142,6 +142,6 @@ def test_mlw_worker_runs_tasks_as_mlw_worker_mode_says(wh, tmp_path, subprocess_
     tasks = p.tasks.sweep("cli", path, configs=[{"i": i} for i in range(2)], saved_result_keys=["parent"])
     mlw({**subprocess_env, "MLW_WORKER_MODE": mode}, "worker", "--once", "--no-listeners", "-t", "cli")
     parents = [t.refresh().result["parent"] for t in tasks]
-    expected = "mlwarehouse.tasks.forkserver" if mode == "warm" else "mlwarehouse.cli"
+    expected = "mlwarehouse.tasks.forkserver_process" if mode == "warm" else "mlwarehouse.cli"
     assert all(expected in parent for parent in parents), parents
     assert all(t.refresh().status == "finished" for t in tasks)
