@@ -2,7 +2,8 @@
 
 Each example draws a batch of documents (nested objects, arrays, nulls, booleans, ints, floats, strings, missing
 fields), stores them in a real index, and runs several random valid filters and sorts against both: SQLite
-(2,000 examples) and PostgreSQL (500 by default, ``$MLW_PG_EXAMPLES``), with the same generated queries.
+(1,000 examples by default, ``$MLW_SQL_EXAMPLES``) and PostgreSQL (500, ``$MLW_PG_EXAMPLES``), with the same
+generated queries.
 Field ``c`` is declared scalar, so the index-friendly compilation of scalar fields is covered too.
 """
 
@@ -137,7 +138,8 @@ _index = SQLiteIndex(":memory:")
 _index.ensure_collection("docs", scalar_fields=["c"])
 
 
-@settings(max_examples=2000, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=int(os.environ.get("MLW_SQL_EXAMPLES", "1000")), deadline=None,
+          suppress_health_check=list(HealthCheck))
 @given(st.data())
 def test_sql_matches_python(data):
     check(_index, data)
