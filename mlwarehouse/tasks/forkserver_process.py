@@ -17,7 +17,7 @@ import signal
 import socket
 import sys
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from mlwarehouse.tasks.forkserver import AHEAD_DELAY, SPARE_TIMEOUT
 
@@ -199,20 +199,8 @@ def _fork_spare(inherited: tuple[int, ...]) -> _Spare | None:
         theirs.close()
         return None
     if pid == 0:  # the spare: never returns into the server's loop
-        code = 1
-        try:
-            mine.close()
-            code = _spare(theirs, inherited)
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else 1
-        except BaseException:
-            traceback.print_exc()
-        finally:
-            try:
-                sys.stdout.flush()
-                sys.stderr.flush()
-            finally:
-                os._exit(code)
+        mine.close()
+        _live_and_exit(lambda: _spare(theirs, inherited))
     theirs.close()
     return _Spare(pid, mine)
 
@@ -248,25 +236,33 @@ def _fork(request: dict, out_fd: int, sock: socket.socket, inherited: tuple[int,
     """Fork a task process for a request (when no spare could take it)."""
     pid = os.fork()
     if pid == 0:  # the task process: never returns into the server's loop
-        code = 1
-        try:
+        def life() -> int:
             os.setsid()
             # it leads its own session now, so the worker may signal its group: the child answers the request
             # itself (before it can exit, so before the server can report its exit), and the server forks on
             _send(sock, {"forked": os.getpid()})
             _fresh_process(inherited)
-            code = _run(request, out_fd)
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else 1
-        except BaseException:
-            traceback.print_exc()
-        finally:
-            try:
-                sys.stdout.flush()
-                sys.stderr.flush()
-            finally:
-                os._exit(code)
+            return _run(request, out_fd)
+        _live_and_exit(life)
     return pid
+
+
+def _live_and_exit(life: Callable[[], int]) -> None:
+    """A forked child's whole life: run ``life`` and exit with its code (1 on an error, whose traceback goes to
+    stderr), flushing the output first and never returning into the server's loop."""
+    code = 1
+    try:
+        code = life()
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        finally:
+            os._exit(code)
 
 
 def _fresh_process(inherited: tuple[int, ...]) -> None:
