@@ -107,7 +107,8 @@ def group(points: Sequence[dict]) -> list[list[dict]]:
 
 def block(points: list[dict], _id: str, project: str) -> dict:
     """The block document of one group of points (each with ``run``, ``kind``, ``time`` and the same fields);
-    InvalidDocument if a value is no JSON value (a NaN, an object of no JSON type)."""
+    InvalidDocument for a value that cannot be stored (of no JSON type, a lone surrogate, a NUL, an integer beyond
+    64 bits). A NaN or infinity is written as null, as ``run.log`` stores them."""
     first = points[0]
     names = [k for k in first if k not in _NOT_METRICS]
     try:  # the points of run.log() carry every field of the head (None where they have none)
