@@ -86,6 +86,9 @@ class BlockTests:
         doc = wh.runs.log_point("train", run=run, step=3, loss=0.5)
         (stored,) = wh.runs.find_logs("train", run=run)
         assert doc["_id"] == stored["_id"] and stored["loss"] == 0.5 and doc["time"] == stored["time"]
+        wh.runs.log_point("valid", run=run, step=4, loss=np.float64(0.25), n=np.int64(7))  # numpy scalars
+        (numbers,) = wh.runs.find_logs("valid", run=run)
+        assert (numbers["loss"], numbers["n"]) == (0.25, 7) and type(numbers["n"]) is int
 
     def test_chart_columns_after_a_step(self, wh):
         run = wh.runs.start("r")
