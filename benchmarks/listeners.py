@@ -89,15 +89,20 @@ def wait_idle(procs: list[subprocess.Popen], seconds: float) -> None:
             raise SystemExit(f"a worker exited with {proc.returncode}:\n{proc.stderr.read()}")
 
 
+def _workers_alive(procs: list[subprocess.Popen]) -> None:
+    """Stop the benchmark, with the worker's error output, when a worker has exited."""
+    for proc in procs:
+        if proc.poll() is not None:
+            raise SystemExit(f"a worker exited with {proc.returncode}:\n{proc.stderr.read()}")
+
+
 def wait_caught_up(c, procs: list[subprocess.Popen], timeout: float, poll: float = 0.1) -> dict:
     deadline = time.monotonic() + timeout
     while True:
         progress = c.progress(NAME)
         if progress["pending"] == 0:
             return progress
-        for proc in procs:
-            if proc.poll() is not None:
-                raise SystemExit(f"a worker exited with {proc.returncode}:\n{proc.stderr.read()}")
+        _workers_alive(procs)
         if time.monotonic() > deadline:
             raise SystemExit(f"the listener did not catch up in {timeout:g} s: {progress}")
         time.sleep(poll)
@@ -151,9 +156,7 @@ def wait_tasks_done(c, procs: list[subprocess.Popen], timeout: float, poll: floa
             progress = c.progress(NAME)
             if progress["pending"] == 0:
                 return finished, progress
-        for proc in procs:
-            if proc.poll() is not None:
-                raise SystemExit(f"a worker exited with {proc.returncode}:\n{proc.stderr.read()}")
+        _workers_alive(procs)
         if time.monotonic() > deadline:
             raise SystemExit(f"the listener did not catch up in {timeout:g} s: {c.progress(NAME)}")
         time.sleep(poll)
