@@ -275,8 +275,8 @@ def read_columns(project, run_id: str, kind: str, names: Sequence[str], *, after
                  require: str | None = None) -> list[list]:
     """Columns of one run's points of one kind in step order (ties in logging order): one list per name in
     ``names`` (a metric or a point field; ``time`` in seconds since 1970 where it is a number), None where a point
-    lacks it. ``after`` keeps the points of a higher
-    step; ``require`` only the points that logged that metric (even as null)."""
+    lacks it. ``after`` keeps the points of a higher step; ``require`` only the points that logged that metric
+    (even as null)."""
     flt: dict = {"run": run_id, "kind": kind}
     if after is not None:
         flt = {"$and": [flt, {"$or": [{"last": {"$gt": after}}, {ROWS: {"$exists": False}}]}]}
@@ -310,7 +310,7 @@ def read_columns(project, run_id: str, kind: str, names: Sequence[str], *, after
         keep = [i for i in keep if type(steps[i]) is int and steps[i] > after]
     if not _ascending(steps):
         keep = sorted(keep, key=lambda i: _step_key(steps[i]))
-    if len(keep) != len(steps) or not isinstance(keep, range):
+    if not isinstance(keep, range):  # filtered or reordered
         columns = [[c[i] for i in keep] for c in columns]
     return columns
 
