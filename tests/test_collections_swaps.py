@@ -10,6 +10,7 @@ import functools
 import pytest
 
 from mlwarehouse.collections import listeners as engine
+from mlwarehouse.collections import outputs
 from mlwarehouse.collections.documents import digest, get_path
 from mlwarehouse.errors import InvalidDocument, QueryError
 from mlwarehouse.index.base import Index
@@ -80,7 +81,7 @@ class SwapTests:
         c.update_one({"_id": "d1"}, {"$set": {"tag": "u"}})  # another field: written again, not recomputed
         c.delete_one({"_id": "d2"})  # deleted: no orphan output
         calls = CALLS.get("double", 0)
-        outcome = engine.process(c, listener, docs, trusted=True)
+        outcome = outputs.process(c, listener, docs, trusted=True)
         assert CALLS["double"] - calls == 6  # each read input once (d0's new one is left pending)
         assert outcome.written == 5 and outcome.failed == 0  # d1, d3, d4, d5 and no_x (skipped)
         stored = {d["_id"]: d for d in c.table.find({})}
@@ -96,7 +97,7 @@ class SwapTests:
         assert stored["d1"]["tag"] == "u"
         assert stored["no_x"]["_listeners"]["twice"]["status"] == "skipped"
         assert c.progress("twice") == {"done": 4, "failed": 0, "skipped": 1, "pending": 1}
-        engine.catch_up(c, "twice", trusted=True)
+        outputs.catch_up(c, "twice", trusted=True)
         assert c.find_one({"_id": "d0"})["_outputs"]["x"]["twice"] == 200
 
 

@@ -20,6 +20,7 @@ from typing import Any
 from mlwarehouse import schema
 from mlwarehouse.codecs import values
 from mlwarehouse.collections import listeners as engine
+from mlwarehouse.collections import outputs
 from mlwarehouse.collections.documents import (
     INLINE_BYTES,
     INLINE_LIMIT,
@@ -136,12 +137,12 @@ class Collection:
             if taken:
                 raise DuplicateKey(f"a document with _id {taken[0]!r} already exists in {self.name!r}")
         attached = engine.active(self)
-        engine.compute_on_insert(self, attached, docs)  # inline listeners' outputs, stored with the documents
+        outputs.compute_on_insert(self, attached, docs)  # inline listeners' outputs, stored with the documents
         packed, keys, encoder = [], set(), self.codecs.encoder()
         try:
             for doc in docs:
                 tree = self.pack_document(doc, encoder)
-                engine.seal_inputs(attached, tree)
+                outputs.seal_inputs(attached, tree)
                 tree["_rev"] = new_id()
                 keys |= values.blob_keys(tree)
                 document_size(tree)
@@ -230,7 +231,7 @@ class Collection:
                     new.update({k: old[k] for k in ("_outputs", "_listeners") if k in old})
                 else:
                     new = apply_update(old, packed_update)
-                if engine.write_revision(self, attached, old, new):
+                if outputs.write_revision(self, attached, old, new):
                     if _user_fields(old) != _user_fields(new):
                         result.modified_count += 1
                         changed.append(old["_id"])
@@ -242,7 +243,7 @@ class Collection:
                 raise WarehouseError(f"document {old['_id']!r} kept changing under this update ({_CAS_TRIES} tries)")
         if result.matched_count == 0 and upsert:
             result.upserted_id = self._upsert(scope, update, replace)
-        engine.after_update(self, attached, changed)
+        outputs.after_update(self, attached, changed)
         self._wrote()
         return result
 
@@ -347,15 +348,15 @@ class Collection:
 
     def catch_up(self, name: str | None = None, *, trusted: bool = False) -> int:
         """Compute in this process every pending output (of ``name``, or of every listener in order)."""
-        return engine.catch_up(self, name, trusted=trusted)
+        return outputs.catch_up(self, name, trusted=trusted)
 
     def progress(self, name: str) -> dict:
         """``{"done", "pending", "failed", "skipped"}`` document counts of a listener."""
-        return engine.progress(self, engine.get(self, name))
+        return outputs.progress(self, engine.get(self, name))
 
     def retry(self, name: str) -> int:
         """Put a listener's failed documents back to pending (and compute them if it computes inline)."""
-        return engine.retry(self, engine.get(self, name))
+        return outputs.retry(self, engine.get(self, name))
 
     # -- vector indexes -------------------------------------------------------------------------------------
     def create_vector_index(self, name: str, *, listener: str | None = None, field: str | None = None,

@@ -20,6 +20,7 @@ import time
 
 from mlwarehouse import schema
 from mlwarehouse.collections import listeners as engine
+from mlwarehouse.collections import outputs
 from mlwarehouse.collections.queueing import enqueue_pending
 from mlwarehouse.errors import BackendError, NotFound
 from mlwarehouse.ids import new_id
@@ -88,7 +89,7 @@ class ListenerWorker:
                 if listener.compute == "workers":
                     found += enqueue_pending(collection, listener)
                 else:
-                    found += engine.catch_up(collection, listener.name, trusted=True, raise_failures=False)
+                    found += outputs.catch_up(collection, listener.name, trusted=True, raise_failures=False)
         return found
 
     def run_task(self, task) -> None:
@@ -106,7 +107,7 @@ class ListenerWorker:
                 return
             ids = list(hp.get("ids") or ())
             docs = list(collection.table.find({"_id": {"$in": ids}}, sort=[("_id", 1)]))
-            outcome = engine.process(collection, listener, docs, trusted=True)
+            outcome = outputs.process(collection, listener, docs, trusted=True)
             if outcome.errors:
                 self.tasks.fail(task.id, self.id, outcome.errors[0], retry=False, lease=lease)
             else:
@@ -116,7 +117,7 @@ class ListenerWorker:
             self._say(f"listener {listener.name!r} of {collection.name!r}: {outcome.written} written, "
                       f"{outcome.failed} failed")
         except Exception as exc:  # anything else (the store, a model that cannot load): the task says why
-            self.tasks.fail(task.id, self.id, engine._traceback(exc), retry=True, lease=lease)
+            self.tasks.fail(task.id, self.id, outputs.traceback_tail(exc), retry=True, lease=lease)
         finally:
             done.set()
 
