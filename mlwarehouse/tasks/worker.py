@@ -46,77 +46,23 @@ import time
 import weakref
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from mlwarehouse import schema
 from mlwarehouse.errors import BackendError, TaskError
 from mlwarehouse.ids import new_id
 from mlwarehouse.tasks import forkserver
+from mlwarehouse.tasks.attempts import Attempt, AttemptFiles
 from mlwarehouse.tasks.forkserver import Forked, ForkServer
 from mlwarehouse.tasks.queue import Task
 
 __all__ = ["Worker"]
 
-#: at most this much of a task's output is stored (its end); the rest is dropped
-MAX_OUTPUT = 64 * 1024 * 1024
 #: how task processes start when ``warm`` is not given (``auto``, ``warm`` or ``cold``; default ``auto``)
 MODE_VARIABLE = "MLW_WORKER_MODE"
 #: seconds a fork server may take to import its modules before the worker gives it up and starts tasks cold
 SERVER_START_TIMEOUT = 120.0
-
-
-@dataclass
-class _Child:
-    task: Task
-    proc: subprocess.Popen | Forked
-    files: "_Files"
-    started: float
-    deadline: float | None
-    next_beat: float
-    spool: IO[bytes] = field(default_factory=lambda: tempfile.TemporaryFile())
-    reader: threading.Thread | None = None
-    reason: str | None = None      # why the worker stopped it: "timeout", "lost" or "shutdown"
-    kill_at: float | None = None   # when SIGTERM turns into SIGKILL
-    captured: bytes | None = None  # the output, once read (recording may be retried)
-    eof: bool = False              # the output pipe was closed: the process ended, or released its output
-
-    @property
-    def ended(self) -> bool:
-        """The process exited, or it wrote its result and released its output (the runtime does both last, so
-        the worker records it while the kernel still tears the process down; it kills the session then)."""
-        return self.proc.poll() is not None or (self.eof and self.files.result.exists())
-
-    def signal(self, sig: int) -> None:
-        try:
-            os.killpg(self.proc.pid, sig)  # the child leads its own session: its group has its pid
-        except (ProcessLookupError, PermissionError):
-            pass
-
-    def output(self) -> bytes:
-        if self.captured is None:
-            size = self.spool.seek(0, os.SEEK_END)
-            self.spool.seek(max(0, size - MAX_OUTPUT))
-            self.captured = self.spool.read()
-            self.spool.close()
-        return self.captured
-
-
-@dataclass
-class _Files:
-    """The files of one task attempt, in the worker's folder: its spec (cold processes read it), its result
-    and the id of its run (written by the task process)."""
-    spec: Path
-    result: Path
-    run: Path
-
-    def remove(self) -> None:
-        for path in (self.spec, self.result, self.run):
-            try:
-                path.unlink()
-            except FileNotFoundError:
-                pass
 
 
 class Worker:
@@ -157,7 +103,7 @@ class Worker:
         self.echo = echo if echo is not None else (_echo_prefixed if verbose else None)
         self.id = f"{socket.gethostname()}:{os.getpid()}:{new_id()[-6:]}"
         self.processed = 0
-        self._children: list[_Child] = []
+        self._children: list[Attempt] = []
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._echo_lock = threading.Lock()
@@ -275,14 +221,15 @@ class Worker:
             self._shutdown()
         return last_id
 
-    def _files(self) -> _Files:
+    def _files(self) -> AttemptFiles:
         """Names for the next task attempt's files (one folder per worker: no folder made and removed per task)."""
         if self._folder is None or not self._folder.is_dir():
             self._folder = Path(tempfile.mkdtemp(prefix="mlw-worker-"))
             weakref.finalize(self, shutil.rmtree, self._folder, ignore_errors=True)
         self._attempts += 1
         base = self._folder / str(self._attempts)
-        return _Files(base.with_suffix(".spec.json"), base.with_suffix(".result.json"), base.with_suffix(".run.id"))
+        return AttemptFiles(base.with_suffix(".spec.json"), base.with_suffix(".result.json"),
+                            base.with_suffix(".run.id"))
 
     def _start(self, task: Task) -> None:
         files = self._files()
@@ -307,7 +254,7 @@ class Worker:
             self.cold += 1
         now = time.monotonic()
         timeout = doc.get("timeout")
-        child = _Child(task, proc, files, now, now + timeout if timeout else None, now + self.heartbeat_seconds)
+        child = Attempt(task, proc, files, now, now + timeout if timeout else None, now + self.heartbeat_seconds)
         child.reader = threading.Thread(target=self._pump, args=(child,), name=f"mlw-output-{task.id}", daemon=True)
         child.reader.start()
         self._children.append(child)
@@ -348,7 +295,7 @@ class Worker:
             self._server_closer = weakref.finalize(self, server.close)
         return self._server
 
-    def _pump(self, child: _Child) -> None:
+    def _pump(self, child: Attempt) -> None:
         """Copy the child's output to its spool file (and to ``echo``, if any) until it closes."""
         for line in iter(lambda: child.proc.stdout.readline(65536), b""):
             child.spool.write(line)
@@ -377,7 +324,7 @@ class Worker:
                               f"stopping it")
                     self._terminate(child, "lost", now)
 
-    def _terminate(self, child: _Child, reason: str, now: float) -> None:
+    def _terminate(self, child: Attempt, reason: str, now: float) -> None:
         child.reason = reason
         child.kill_at = now + self.kill_grace
         child.signal(signal.SIGTERM)
@@ -397,7 +344,7 @@ class Worker:
             finally:
                 child.files.remove()
 
-    def _record_retrying(self, child: _Child, tries: int = 6) -> None:
+    def _record_retrying(self, child: Attempt, tries: int = 6) -> None:
         """Record what a finished child did; a warehouse that is briefly unavailable (a server restarting) is
         retried for about 15 s, so a finished task is not run again only because its result could not be saved."""
         for attempt in range(tries):
@@ -409,12 +356,12 @@ class Worker:
                 self._say(f"could not record task {child.task.id} ({type(exc).__name__}: {exc}); retrying")
                 time.sleep(min(8.0, 0.5 * 2 ** attempt))
 
-    def _record(self, child: _Child) -> None:
+    def _record(self, child: Attempt) -> None:
         task, tasks = child.task, self.tasks
         lease = task.get("lease")
         output = child.output()
-        outcome = self._outcome(child)
-        run = outcome.get("run") or self._attempt_run(child)  # this attempt's run, never a later owner's
+        outcome = child.outcome()
+        run = outcome.get("run") or child.run_id()  # this attempt's run, never a later owner's
         elapsed = time.monotonic() - child.started
         if outcome.get("ok") and child.reason != "lost":
             pass  # the script succeeded before a timeout or shutdown caught up with it: its result stands
@@ -445,21 +392,6 @@ class Worker:
             tasks.end_run(run, "failed", error)  # a no-op when the runtime already ended it
             self._say(f"task {task.id} failed after {elapsed:.2f} s, now {status}: {error.strip()[-300:]}")
         self.processed += 1
-
-    @staticmethod
-    def _outcome(child: _Child) -> dict:
-        try:
-            return json.loads(child.files.result.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return {}
-
-    @staticmethod
-    def _attempt_run(child: _Child) -> str | None:
-        """The run this attempt started: the runtime writes its id next to the result as soon as it has one."""
-        try:
-            return child.files.run.read_text(encoding="utf-8").strip() or None
-        except OSError:
-            return None
 
     def _shutdown(self) -> None:
         """Terminate every task process still running, wait for them, and give their tasks back."""
