@@ -18,7 +18,7 @@ import zstandard
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mlwarehouse.codecs import values
+from mlwarehouse.codecs import unpacking
 from mlwarehouse.codecs.values import MAX_DEPTH, pack, unpack
 from mlwarehouse.errors import CodecError, IntegrityError, WarehouseError
 
@@ -153,7 +153,7 @@ def test_a_json_blob_that_refers_to_itself_is_refused():
 
 
 def test_json_blobs_that_repeat_each_other_cannot_multiply(monkeypatch):
-    monkeypatch.setattr(values, "MAX_JSON_BYTES", 1 << 20)
+    monkeypatch.setattr(unpacking, "MAX_JSON_BYTES", 1 << 20)
     leaf = json.dumps(list(range(2000))).encode()
     blobs = {"leaf": leaf, "mid": json.dumps([{"_blob": "leaf", "codec": "json"}] * 100).encode()}
     tree = [{"_blob": "mid", "codec": "json"}] * 100  # 10,000 copies of 10 KB
