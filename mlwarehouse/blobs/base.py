@@ -69,12 +69,14 @@ def workers() -> int:
 
 def pool(kind: str = "cpu") -> ThreadPoolExecutor:
     """The process's pool for blob work: ``"cpu"`` (hashing, reading) or ``"io"`` (writes that end in an fsync,
-    kept apart so that hashing never queues behind a slow disk). Made on first use, and again in a forked child,
+    kept apart so that hashing never queues behind a slow disk), :func:`workers` threads each: more writers than
+    cores only contend in the kernel's page-cache copies (a first 1 GiB checkpoint on 2 cores: 4 writers 1.0-1.26 s
+    and 1.0-1.6 s of CPU, 2 writers 0.80-1.04 s and 1.03-1.14 s). Made on first use, and again in a forked child,
     whose copy has no threads."""
     with _pool_lock:
         executor = _pools.get(kind)
         if executor is None:
-            size = workers() if kind == "cpu" else max(4, workers())
+            size = workers()
             executor = _pools[kind] = ThreadPoolExecutor(size, thread_name_prefix=f"mlw-blobs-{kind}")
         return executor
 
