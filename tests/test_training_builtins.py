@@ -32,6 +32,7 @@ def test_imputation_reaches_its_accuracy_and_predicts_every_new_document(wh):
     imputed = wh.training.impute(c, "guess", _net(), input="image", target="label", metrics=["accuracy"],
                                  epochs=12, batch_size=64, lr=3e-3, folds=0.2)
     accuracy = imputed.model.valid["accuracy"]
+    print(f"imputation: valid-fold accuracy {accuracy:.3f}")
     assert accuracy >= 0.9, accuracy
     # every stored document has its prediction; new ones get theirs on insert, from the trained model
     assert c.count_documents({"_outputs.image.guess": {"$exists": True}}) == 1500
@@ -41,6 +42,8 @@ def test_imputation_reaches_its_accuracy_and_predicts_every_new_document(wh):
     with torch.no_grad():
         expected = imputed.model.load()(torch.from_numpy(X[1500:])).argmax(1).numpy()
     assert (predicted == expected).all()
+    print(f"imputation: accuracy of the predictions attached to {len(new)} new documents "
+          f"{(predicted == y[1500:]).mean():.3f}")
     assert (predicted == y[1500:]).mean() > 0.85
     # lineage: the collection -> the fit's run and model -> the attached predictor
     downstream = {n.id for n in wh.lineage.downstream(imputed.model.id)}
