@@ -10,7 +10,7 @@ torch = pytest.importorskip("torch")
 
 from sklearn.datasets import load_digits  # noqa: E402
 
-from mlwarehouse.errors import NotFound, QueryError  # noqa: E402
+from mlwarehouse.errors import DependencyError, NotFound, QueryError  # noqa: E402
 from mlwarehouse.training import EarlyStopping, Folds, TrainingError  # noqa: E402
 
 
@@ -89,6 +89,21 @@ def test_new_documents_after_a_fit_do_not_change_its_record(wh, digits):
     X, y = _digits()
     digits.insert_many({"image": X[i], "label": int(y[i])} for i in range(100))
     assert (fit.refresh().train_ids(), fit.refresh().valid_ids()) == before
+
+
+def test_a_fit_records_its_lineage_and_holds_back_a_drop_of_its_collection(wh, digits):
+    fit = wh.training.fit(_net(), digits, inputs="image", target="label", epochs=1, name="traced")
+    collection = wh.catalog.record("digits")["_id"]
+    up = {n.id: n for n in wh.lineage.upstream(fit.model.id)}
+    assert fit.runs[0] in up and collection in up  # model <- run <- the collection it was trained on
+    down = {n.id for n in wh.lineage.downstream(collection)}
+    assert {fit.runs[0], fit.model.id} <= down
+    with pytest.raises(DependencyError, match="collection 'digits'"):
+        digits.drop()
+    assert digits.count_documents({}) == 1797 and wh.catalog.record("digits") is not None  # nothing deleted
+    digits.drop(force=True)
+    assert wh.collection("digits").count_documents({}) == 0
+    assert [n.deleted for n in wh.lineage.upstream(fit.model.id) if n.id == collection] == [True]
 
 
 def test_fit_from_an_item_dataset(wh):

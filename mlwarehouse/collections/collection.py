@@ -274,9 +274,14 @@ class Collection:
         self._wrote()
         return DeleteResult(deleted)
 
-    def drop(self) -> None:
-        """Delete every document, listener, vector index and the catalog entry of this collection."""
+    def drop(self, *, force: bool = False) -> None:
+        """Delete every document, listener, vector index and the catalog entry of this collection.
+
+        Refused (DependencyError, nothing deleted) while live things were derived from it outside it (a fit's run,
+        a model trained on its documents), unless ``force``; lineage keeps a tombstone of what went."""
         gone = self._lineage_nodes()
+        self.project.lineage.check_delete([d["_id"] for docs in gone.values() for d in docs],
+                                          f"collection {self.name!r}", force=force)
         for spec in self.vector_indexes():
             self.drop_vector_index(spec["name"])
         for listener in reversed(engine.ordered(engine.active(self))):

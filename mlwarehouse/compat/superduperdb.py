@@ -301,8 +301,8 @@ class Collection(SemanticSearch):
     def distinct(self, key: str, filter: Mapping | None = None) -> list:
         return self.native.distinct(key, filter)
 
-    def drop(self) -> None:
-        self.native.drop()
+    def drop(self, force: bool = False) -> None:
+        self.native.drop(force=force)
 
 
 def _encoded(value: Mapping, converters: list[str], catalog) -> Encoded:
