@@ -1,4 +1,5 @@
-"""The web UI's lineage: a section of links on the run, model, dataset and task pages, and the model page's graph."""
+"""The web UI's lineage: a section of links on the run, model, dataset, task and collection pages, and the model
+page's graph."""
 
 from __future__ import annotations
 
@@ -74,3 +75,18 @@ def test_a_deleted_node_is_shown_without_a_link(client, filled):
     html = section(client.get(f"/p/lab/runs/{early}").text)
     assert "(deleted)" in html and ids["old"] in html
     assert f'href="/p/lab/datasets/{ids["old"]}"' not in html
+
+
+def test_the_collection_page_links_what_was_trained_on_it(tmp_path):
+    torch = pytest.importorskip("torch")
+    import mlwarehouse
+    with mlwarehouse.connect(home=tmp_path / "wh", project="lab") as wh:
+        points = wh.collection("points <i>")
+        points.insert_many({"x": np.array([i, 1.0], np.float32), "y": i % 2} for i in range(40))
+        fit = wh.training.fit(torch.nn.Linear(2, 2), points, inputs="x", target="y", epochs=1, name="probe")
+        client = TestClient(create_app(wh), base_url=BASE)
+        page = client.get("/p/lab/collection", params={"name": "points <i>"})
+        assert page.status_code == 200
+        made = section(page.text)
+        assert f'href="/p/lab/runs/{fit.runs[0]}"' in made and f'href="/p/lab/models/{fit.model.id}"' in made
+        assert "<i>" not in page.text  # the collection's name is escaped everywhere on the page

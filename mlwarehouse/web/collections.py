@@ -21,6 +21,7 @@ from mlwarehouse.query import split_path
 from mlwarehouse.query.jsonvalues import MISSING, get_path
 from mlwarehouse.query.text import parse_filter_text, parse_sort_text
 from mlwarehouse.web import documents as shown
+from mlwarehouse.web import lineage as lineage_view
 from mlwarehouse.web import search as vsearch
 
 __all__ = ["router"]
@@ -100,9 +101,11 @@ def collections_page(request: Request, project: str):
 def collection_page(request: Request, project: str, name: str, q: str = "", sort: str = "",
                     limit: int = Query(50, ge=1, le=500), skip: int = Query(0, ge=0)):
     c = _collection(request, project, name)
+    record = c.catalog.record(name)  # lineage: what was trained on, computed from or indexed over it
     context: dict[str, Any] = {"project": project, "tab": "collections", "name": name, "q": q, "sort": sort,
                                "limit": limit, "skip": skip, "error": None, "vindexes": vsearch.indexes(c),
-                               "search": None, "max_n": vsearch.MAX_N}
+                               "search": None, "max_n": vsearch.MAX_N,
+                               "lineage": lineage_view.section(c.project, project, record["_id"]) if record else None}
     status = 200
     try:
         context.update(_page(c.project, project, name, parse_filter_text(q, "query") or {},
