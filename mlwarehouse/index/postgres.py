@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -40,6 +40,8 @@ __all__ = ["PostgresIndex"]
 
 _NOTIFY_TTL = 5.0  # seconds a writer trusts its cached "does anyone listen" flags
 _DEADLOCK_TRIES = 5
+#: inserts through one index object that trigger an ANALYZE of their table (see PostgresIndex.insert_many)
+ANALYZE_AFTER_ROWS = 1000
 _DDL_LOCK = "SELECT pg_advisory_xact_lock(hashtext('mlw_ddl'))"
 
 
@@ -61,6 +63,7 @@ class PostgresIndex(SQLIndex):
                  chunk_size: int = 1000):
         self.dsn = dsn
         self.connect_timeout = connect_timeout
+        self._loaded: dict[str, list[int]] = {}  # collection -> [rows at the last ANALYZE here, rows since]
         self.max_connections = max_connections
         try:
             info = conninfo_to_dict(dsn)
@@ -154,6 +157,20 @@ class PostgresIndex(SQLIndex):
         with con.cursor().copy(f'COPY {self._table(collection)} (id, doc) FROM STDIN') as copy:
             for row in rows:
                 copy.write_row(row)
+
+    def insert_many(self, collection: str, docs: Iterable[dict], *, chunk_size: int | None = None) -> int:
+        """As for every backend; and once a table has at least doubled (by 1,000 rows or more) through this
+        object's inserts, ANALYZE it: until autovacuum gets to a freshly loaded table, the planner's statistics
+        say it is empty and it scans it whole instead of using the indexes (lineage walks went from 2.5 ms to
+        260 ms on 100,000 edges just loaded)."""
+        total = super().insert_many(collection, docs, chunk_size=chunk_size)
+        seen = self._loaded.setdefault(collection, [0, 0])
+        seen[1] += total
+        if seen[1] >= max(ANALYZE_AFTER_ROWS, seen[0]):
+            with self._connection() as con:
+                con.execute(f'ANALYZE {self._table(collection)}')
+            seen[0], seen[1] = seen[0] + seen[1], 0
+        return total
 
     def create_index(self, collection: str, keys: Sequence[tuple[str, int]], *, unique: bool = False) -> None:
         super().create_index(collection, keys, unique=unique)

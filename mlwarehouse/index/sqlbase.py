@@ -50,8 +50,6 @@ __all__ = ["SQLIndex"]
 INDEX_FIELDS_TTL = 5.0
 _MAX_LIMIT = (1 << 63) - 1
 _STATEMENTS = 512  # compiled statements kept per index object (all dropped when full)
-#: inserts through one index object that trigger an ANALYZE of their table (see SQLIndex._analyze_when_doubled)
-ANALYZE_AFTER_ROWS = 1000
 _SWAP_CHUNK = 500  # ids per SELECT of swap_many (bound parameters stay well under every driver's limit)
 
 
@@ -242,26 +240,7 @@ class SQLIndex(IndexBackend):
                     validate_document(doc)
                 raise
             total += len(rows)
-        self._analyze_when_doubled(collection, total)
         return total
-
-    def _analyze_when_doubled(self, collection: str, inserted: int) -> None:
-        """Once a table has at least doubled (by :data:`ANALYZE_AFTER_ROWS` or more) through this object's inserts,
-        ANALYZE it: without statistics both planners guess, and pick the index of the project and ``_rev`` (which
-        every row of a one-project table matches) over the one a filter names (PostgreSQL: lineage walks went from
-        2.5 ms to 260 ms on 100,000 edges just loaded; SQLite: counting 1,000 runs by name among 10,000, 28 ms to
-        3 ms)."""
-        loaded = self.__dict__.setdefault("_loaded", {})  # collection -> [rows at the last ANALYZE here, rows since]
-        seen = loaded.setdefault(collection, [0, 0])
-        seen[1] += inserted
-        if seen[1] >= max(ANALYZE_AFTER_ROWS, seen[0]):
-            self._analyze(collection)
-            seen[0], seen[1] = seen[0] + seen[1], 0
-
-    def _analyze(self, collection: str) -> None:
-        """Refresh the planner's statistics of ``collection``'s table."""
-        with self._transaction() as con:
-            con.execute(f"ANALYZE {self._table(collection)}")
 
     def _duplicate_message(self, collection: str, ids: list[str], exc: Exception) -> str:
         seen: set[str] = set()
