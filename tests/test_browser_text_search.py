@@ -1,6 +1,7 @@
 """Text search and saved views in a real browser: chromium types into the search box of the list pages and the
 rows follow (the address carrying the words), a view is saved, opened from the views menu in a fresh tab and
-deleted, and a read-only UI lists views without a save button. Skipped or failed as tests/test_browser.py's tests
+deleted, and a read-only UI lists views without a save button; columns chosen in the columns box are
+saved with a view and shown again when it is opened. Skipped or failed as tests/test_browser.py's tests
 are (it supplies the browser and the page)."""
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 from test_browser import browser, page, pytestmark, shots  # noqa: F401  (fixtures and the skip mark)
-from test_web_text_search import fill
+from test_web_text_search import fill, fill_columns
 
 from mlwarehouse.testing.browser import serve_ui
 
@@ -18,7 +19,7 @@ from mlwarehouse.testing.browser import serve_ui
 def served(tmp_path_factory):
     """The same warehouse served twice: writable and read-only."""
     import mlwarehouse
-    wh = fill(mlwarehouse.connect(home=tmp_path_factory.mktemp("browser-text") / "wh"))
+    wh = fill_columns(fill(mlwarehouse.connect(home=tmp_path_factory.mktemp("browser-text") / "wh")))
     (writable, stop_writable), (read_only, stop_read_only) = serve_ui(wh, writable=True), serve_ui(wh)
     yield writable, read_only
     stop_writable()
@@ -96,3 +97,42 @@ def test_the_task_board_keeps_the_search_while_it_polls(page, served):  # noqa: 
     page.wait_for_url("**text=*")
     expect(page.locator("#datasets tbody tr")).to_have_count(1)
     assert shown(page, "datasets") == ["mnist-cnn-data"]
+
+
+def heads(tab, table: str) -> list[str]:
+    """The param/metric column heads of a table as shown (sort arrows left out)."""
+    return [h.strip(" ▲▼") for h in tab.locator(f"#{table} thead th.param, #{table} thead th.metric")
+            .all_inner_texts()]
+
+
+def test_columns_are_chosen_saved_with_a_view_and_shown_when_it_opens(browser, page, served):  # noqa: F811
+    from playwright.sync_api import expect
+    base, _ = served
+    page.goto(f"{base}/p/cols/runs")
+    expect(page.locator("#runs tbody tr[data-id]")).to_have_count(2)
+    assert heads(page, "runs") == ["batch", "depth", "lr", "train.loss", "valid.acc"]
+    page.fill("#columns", "valid.acc,lr")
+    page.press("#columns", "Enter")
+    page.wait_for_url("**columns=valid.acc*")
+    assert heads(page, "runs") == ["valid.acc", "lr"]
+    expect(page.locator("#columns")).to_have_value("valid.acc,lr")
+    page.click("#runs thead a.sort:text('name')")  # sorting keeps the columns
+    page.wait_for_url("**sort=name*")
+    assert heads(page, "runs") == ["valid.acc", "lr"]
+    page.fill("#view-name", "acc and lr")
+    page.click("#save-view")
+    expect(page.locator("#views-status")).to_contain_text("saved")
+    expect(page.locator("#views-select option", has_text="acc and lr")).to_have_count(1)
+
+    fresh = browser.new_page()
+    try:
+        fresh.goto(f"{base}/p/cols/runs")
+        assert len(heads(fresh, "runs")) == 5
+        fresh.select_option("#views-select", label="acc and lr")
+        fresh.wait_for_url("**columns=valid.acc*")
+        assert heads(fresh, "runs") == ["valid.acc", "lr"]
+        expect(fresh.locator("#columns")).to_have_value("valid.acc,lr")
+        fresh.click("#delete-view")
+        expect(fresh.locator("#views-status")).to_contain_text("deleted")
+    finally:
+        fresh.close()

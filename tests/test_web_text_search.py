@@ -131,3 +131,64 @@ def test_read_only_ui_lists_views_but_refuses_changes(filled):
     cross = writable.post("/api/p/search/views", json={"name": "x", "page": "runs"},
                           headers={"X-MLW": "1", "Origin": "http://evil.example"})
     assert cross.status_code == 403 and views.count_documents({}) == 1
+
+
+def fill_columns(wh):
+    """Project "cols": two runs with three hyper-parameters and two metrics, two models with three numbers."""
+    p = wh.project("cols")
+    for i, name in enumerate(("alpha", "beta")):
+        run = p.runs.start(name, hyper_parameters={"lr": 0.1 * (i + 1), "depth": 2 + i, "batch": 32})
+        run.log("train", step=0, loss=1.0 - i / 4)
+        run.log("valid", step=0, acc=0.5 + i / 4)
+        run.finish()
+        p.models.save({"w": [1.0]}, f"{name}-model", test_accuracy=0.8 + i / 10, valid_loss=0.3, width=64 * (i + 1))
+    return wh
+
+
+def heads(html: str, table: str) -> list[str]:
+    """The param/metric (or, for models, metric) column heads of a list page's table, in order."""
+    head = re.search(rf'<table id="{table}".*?</thead>', html, re.S).group(0)
+    cell = r'<th class="(?:param|metric)"[^>]*>(?:<a [^>]*>)?([^<▼▲]+?)\s*[▼▲]?(?:</a>)?</th>'
+    return re.findall(cell, head, re.S)
+
+
+def test_columns_choose_and_order_the_param_and_metric_columns(wh):
+    client = TestClient(create_app(fill_columns(wh)), base_url=BASE)
+    assert heads(client.get("/p/cols/runs").text, "runs") == ["batch", "depth", "lr", "train.loss", "valid.acc"]
+    page = client.get("/p/cols/runs", params={"columns": "valid.acc, lr,nope,lr"}).text
+    assert heads(page, "runs") == ["valid.acc", "lr"]  # in the order asked, repeats dropped, params and metrics
+    assert 'id="columns-ignored"' in page and "nope" in page  # a name no run has is said to be ignored
+    assert 'name="columns" id="columns" value="valid.acc, lr,nope,lr"' in page  # the box holds the choice
+    assert "&columns=valid.acc%2C%20lr%2Cnope%2Clr" in page  # sort links keep it
+    cells = re.findall(r'<td class="num"[^>]*>([^<]*)</td>', page)
+    assert sorted(cells) == ["0.1", "0.2", "0.5", "0.75"]  # two cells a run
+    models = client.get("/p/cols/models", params={"columns": "width,test_accuracy"}).text
+    assert heads(models, "models") == ["width", "test_accuracy"]
+    assert heads(client.get("/p/cols/models").text, "models") == ["test_accuracy", "valid_loss", "width"]
+    escaped = client.get("/p/cols/runs", params={"columns": '"><script>x</script>'}).text
+    assert "<script>x</script>" not in escaped and "&#34;&gt;&lt;script&gt;" in escaped
+
+
+@pytest.mark.parametrize("columns, message", [(",".join(f"c{i}" for i in range(101)), "at most 100 columns"),
+                                              ("x" * 101, "1 to 100 printable"), ("a,b\x07", "printable")])
+def test_bad_columns_are_refused_inline(wh, columns, message):
+    client = TestClient(create_app(fill_columns(wh)), base_url=BASE)
+    for page in ("runs", "models"):
+        r = client.get(f"/p/cols/{page}", params={"columns": columns})
+        assert r.status_code == 400 and message in r.text and "Traceback" not in r.text, r.text[:300]
+
+
+def test_a_view_saved_with_columns_opens_with_them(wh):
+    client = TestClient(create_app(fill_columns(wh), writable=True), base_url=BASE)
+    view = {"name": "by acc", "page": "runs", "sort": "name:1", "columns": ["valid.acc", "depth"]}
+    saved = client.post("/api/p/cols/views", json=view, headers=SAME_ORIGIN).json()["view"]
+    assert saved["columns"] == ["valid.acc", "depth"]
+    assert saved["url"] == "/p/cols/runs?sort=name%3A1&columns=valid.acc%2Cdepth"
+    assert client.get("/api/p/cols/views?page=runs").json()["views"][0]["url"] == saved["url"]
+    assert heads(client.get(saved["url"]).text, "runs") == ["valid.acc", "depth"]
+    for body, message in (({**view, "columns": ["a,b"]}, "without a comma"), ({**view, "columns": [3]}, "columns"),
+                          ({**view, "page": "tasks"}, "runs, models pages only")):
+        r = client.post("/api/p/cols/views", json=body, headers=SAME_ORIGIN)
+        assert r.status_code == 400 and message in r.json()["error"], r.text
+    plain = client.post("/api/p/cols/views", json={**view, "name": "plain", "columns": []}, headers=SAME_ORIGIN)
+    assert plain.json()["view"]["columns"] is None and "columns" not in plain.json()["view"]["url"]

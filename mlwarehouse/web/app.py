@@ -85,11 +85,13 @@ def create_app(warehouse, *, writable: bool = False, allowed_hosts: Iterable[str
 
     @app.get("/p/{project:path}/runs", response_class=HTMLResponse)
     def runs(request: Request, project: str, q: str = "", sort: str = "", limit: int = Query(1000, ge=1, le=10_000),
-             skip: int = Query(0, ge=0), text: str = ""):
+             skip: int = Query(0, ge=0), text: str = "", columns: str = ""):
+        """The runs table; ``columns=lr,valid.acc`` chooses and orders its param/metric columns."""
         def fetch(p, flt):
-            return data.runs_table(p, data.text_filter("runs", text, flt), data.parse_sort(sort), limit, skip)
-        return listing(request, project, "runs", fetch, q, {"rows": [], "params": [], "metrics": [], "total": 0},
-                       sort=sort, text=text)
+            return data.runs_table(p, data.text_filter("runs", text, flt), data.parse_sort(sort), limit, skip,
+                                   columns=data.parse_columns(columns))
+        return listing(request, project, "runs", fetch, q, {"rows": [], "heads": [], "params": [], "metrics": [],
+                                                            "total": 0}, sort=sort, text=text, columns=columns)
 
     @app.get("/p/{project:path}/runs/{run_id}", response_class=HTMLResponse)
     def run(request: Request, project: str, run_id: str):
@@ -101,16 +103,18 @@ def create_app(warehouse, *, writable: bool = False, allowed_hosts: Iterable[str
 
     @app.get("/p/{project:path}/models", response_class=HTMLResponse)
     def models(request: Request, project: str, q: str = "", sort: str = "", limit: int = Query(500, ge=1, le=10_000),
-               skip: int = Query(0, ge=0), checkpoints: bool = False, text: str = ""):
+               skip: int = Query(0, ge=0), checkpoints: bool = False, text: str = "", columns: str = ""):
         """The leaderboard: final models ranked by a metric; ``checkpoints=1`` shows checkpoints too. Above it,
-        the live champion panel (every alias now, see :mod:`mlwarehouse.web.champions`)."""
+        the live champion panel (every alias now, see :mod:`mlwarehouse.web.champions`); ``columns=`` chooses
+        and orders its metric columns."""
         def fetch(p, flt):
             board = data.leaderboard(p, data.text_filter("models", text, flt), data.parse_sort(sort), limit, skip,
-                                     checkpoints=checkpoints)
+                                     checkpoints=checkpoints, columns=data.parse_columns(columns))
             return {**board, "sort": sort or board["ranked"] or ""}
         return listing(request, project, "models", fetch, q,
                        {"rows": [], "metrics": [], "total": 0, "hidden_checkpoints": 0}, sort=sort,
-                       checkpoints=checkpoints, champions=champions.panel(warehouse.project(project)), text=text)
+                       checkpoints=checkpoints, champions=champions.panel(warehouse.project(project)), text=text,
+                       columns=columns)
 
     @app.get("/p/{project:path}/models/{model_id}", response_class=HTMLResponse)
     def model(request: Request, project: str, model_id: str):

@@ -27,7 +27,7 @@ from mlwarehouse.web.downsample import minmax_downsample
 
 __all__ = ["parse_filter_text", "parse_sort", "runs_table", "metric_series", "leaderboard", "tasks_board",
            "datasets_list", "project_exists", "metric_sort", "rank_metric", "HistoryCache", "TASK_STATUSES",
-           "RUN_STATS", "text_filter", "TEXT_FIELDS"]
+           "RUN_STATS", "text_filter", "TEXT_FIELDS", "parse_columns", "COLUMN_PAGES"]
 
 RUNS, MODELS, TASKS, DATASETS, CATALOG = (c.name for c in (schema.RUNS, schema.MODELS, schema.TASKS, schema.DATASETS,
                                                            schema.CATALOG))
@@ -42,6 +42,37 @@ TASK_FIELDS = {"task_name": 1, "status": 1, "attempts": 1, "max_attempts": 1, "h
 TASK_STATUSES = ("pending", "running", "finished", "failed", "cancelled")
 TAIL = 2000
 MAX_COLUMNS = 24
+#: the list pages whose param/metric columns can be chosen (``columns=lr,valid.acc``), and the bounds of a choice
+COLUMN_PAGES = ("runs", "models")
+MAX_CHOSEN, MAX_COLUMN_NAME = 100, 100
+
+
+def parse_columns(text: str | list | None) -> list[str] | None:
+    """``"lr,valid.acc"`` (or a list of names) -> the chosen column names in order, repeats dropped; None for no
+    choice (the page's default columns). A malformed choice is a QueryError; names that are no column of the page
+    are left to the page (shown as ignored), since a saved view must still open when the rows change."""
+    if text is None:
+        return None
+    parts = text.split(",") if isinstance(text, str) else text
+    if not all(isinstance(n, str) for n in parts):
+        raise QueryError("columns are column names, as the table heads name them")
+    names = list(dict.fromkeys(n.strip() for n in parts if n.strip()))
+    if len(names) > MAX_CHOSEN:
+        raise QueryError(f"choose at most {MAX_CHOSEN} columns, not {len(names)}")
+    bad = next((n for n in names if len(n) > MAX_COLUMN_NAME or not n.isprintable() or "," in n), None)
+    if bad is not None:
+        raise QueryError(f"a column name is 1 to {MAX_COLUMN_NAME} printable characters without a comma, "
+                         f"not {bad[:MAX_COLUMN_NAME]!r}")
+    return names or None
+
+
+def choose_columns(available: list[str], chosen: list[str] | None) -> tuple[list[str], list[str]]:
+    """The columns shown (the first :data:`MAX_COLUMNS` of ``available`` unless ``chosen``, else the chosen ones
+    in their order) and the chosen names that are not available."""
+    if chosen is None:
+        return available[:MAX_COLUMNS], []
+    known = set(available)
+    return [n for n in chosen if n in known], [n for n in chosen if n not in known]
 
 
 def parse_sort(text: str | None) -> list[tuple[str, int]] | None:
@@ -77,8 +108,12 @@ def _indexed(registry, flt: dict | None, sort) -> None:
         log.debug("no index for %s sorted by %s: %s", flt, sort, exc)
 
 
-def runs_table(project, flt: dict | None, sort, limit: int, skip: int = 0) -> dict:
-    """Runs with their hyper-parameters (flattened) and the last value of each metric (min/max kept for titles)."""
+def runs_table(project, flt: dict | None, sort, limit: int, skip: int = 0, columns: list[str] | None = None) -> dict:
+    """Runs with their hyper-parameters (flattened) and the last value of each metric (min/max kept for titles).
+
+    ``heads`` are the param/metric columns shown, as ``(kind, name)``: the first 24 params then the first 24
+    metrics by name, or the ``columns`` chosen (:func:`parse_columns`) in their order, a name being a param's
+    before a metric's; ``ignored`` the chosen names no run shown has."""
     _indexed(project.runs, flt, sort or [("started", -1)])
     docs = project.find(RUNS, flt, sort=sort or [("started", -1)], limit=limit, skip=skip, projection=RUN_FIELDS)
     params: dict[str, None] = {}
@@ -92,13 +127,21 @@ def runs_table(project, flt: dict | None, sort, limit: int, skip: int = 0) -> di
         rows.append({"id": doc["_id"], "name": doc.get("name"), "status": doc.get("status"),
                      "started": doc.get("started"), "ended": doc.get("ended"), "task": doc.get("task"),
                      "params": hp, "summary": stats})
-    param_cols, metric_cols = sorted(params)[:MAX_COLUMNS], sorted(metrics)[:MAX_COLUMNS]
+    if columns is None:
+        heads = [("param", h) for h in sorted(params)[:MAX_COLUMNS]] + \
+            [("metric", m) for m in sorted(metrics)[:MAX_COLUMNS]]
+        ignored = []
+    else:
+        heads = [("param" if n in params else "metric", n) for n in columns if n in params or n in metrics]
+        ignored = [n for n in columns if n not in params and n not in metrics]
     for row in rows:  # formatted here, once: a thousand rows of Jinja filters would dominate the page's time
         hp, stats = row["params"], row["summary"]
-        row["cells"] = [(fmt(hp.get(h)), "") for h in param_cols] + [
-            (fmt(stats[m].get(summary.LAST)), _stats_title(stats[m])) if m in stats else ("", "")
-            for m in metric_cols]
-    return {"rows": rows, "params": param_cols, "metrics": metric_cols, "total": project.count(RUNS, flt)}
+        row["cells"] = [(fmt(hp.get(h)), "") if kind == "param" else
+                        (fmt(stats[h].get(summary.LAST)), _stats_title(stats[h])) if h in stats else ("", "")
+                        for kind, h in heads]
+    return {"rows": rows, "heads": heads, "params": [h for k, h in heads if k == "param"],
+            "metrics": [h for k, h in heads if k == "metric"], "ignored": ignored,
+            "available": sorted(params) + sorted(metrics), "total": project.count(RUNS, flt)}
 
 
 def metric_sort(key: str) -> str:
@@ -228,10 +271,12 @@ def rank_metric(metrics: list[str]) -> tuple[str, int] | None:
     return None
 
 
-def leaderboard(project, flt: dict | None, sort, limit: int, skip: int = 0, *, checkpoints: bool = False) -> dict:
+def leaderboard(project, flt: dict | None, sort, limit: int, skip: int = 0, *, checkpoints: bool = False,
+                columns: list[str] | None = None) -> dict:
     """Final models (checkpoints too if ``checkpoints``) with every numeric field as a sortable column (metrics
     and numeric hyper-parameters alike), ranked by ``sort`` or else by :func:`rank_metric` (newest first when
-    no field looks like a metric). ``ranked`` is the sort applied, as ``field:-1`` text."""
+    no field looks like a metric). ``ranked`` is the sort applied, as ``field:-1`` text. The columns shown are
+    the first 24 by name, or the ``columns`` chosen in their order (``ignored``: those no model shown has)."""
     shown = final_filter(flt, checkpoints)
     hidden = {f: 0 for f in MODEL_HIDDEN}
     ranked = None
@@ -250,7 +295,10 @@ def leaderboard(project, flt: dict | None, sort, limit: int, skip: int = 0, *, c
             docs = project.find(MODELS, shown, sort=[top, ("time", -1)], limit=limit, skip=skip, projection=hidden)
     hidden_checkpoints = 0 if checkpoints or "checkpoint" in (flt or {}) else \
         project.count(MODELS, {"$and": [dict(flt or {}), {"checkpoint": True}]})
-    return {"rows": docs, "metrics": _metric_columns(docs)[:MAX_COLUMNS], "total": project.count(MODELS, shown),
+    available = _metric_columns(docs)
+    shown_columns, ignored = choose_columns(available, columns)
+    return {"rows": docs, "metrics": shown_columns, "ignored": ignored, "available": available,
+            "total": project.count(MODELS, shown),
             "ranked": ranked, "checkpoints": checkpoints, "hidden_checkpoints": hidden_checkpoints}
 
 

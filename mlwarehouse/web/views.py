@@ -1,4 +1,5 @@
-"""Saved views of the list pages (``/api/p/<project>/views``): a name for a page's filter, text search and sort.
+"""Saved views of the list pages (``/api/p/<project>/views``): a name for a page's filter, text search, sort
+and (runs, models) the param/metric columns shown.
 
 A view is a document of the project's users' collection :data:`COLLECTION` (nothing is added to the schema):
 ``{name, page, q, text, sort, columns}``, one per (page, name): saving a name again replaces it. Every field is
@@ -53,13 +54,19 @@ def check_view(body: Any) -> dict:
     if columns is not None and (not isinstance(columns, list) or len(columns) > MAX_COLUMNS
                                 or not all(isinstance(c, str) and 0 < len(c) <= MAX_NAME for c in columns)):
         raise QueryError(f"a view's columns are a list of at most {MAX_COLUMNS} column names")
-    view["columns"] = columns
+    view["columns"] = data.parse_columns(columns)  # names as the page reads them: no commas, printable
+    if view["columns"] and page not in data.COLUMN_PAGES:
+        raise QueryError(f"columns are chosen on the {', '.join(data.COLUMN_PAGES)} pages only, not {page!r}")
     return view
 
 
 def view_url(project: str, view: dict) -> str:
-    """The page a view opens: ``/p/<project>/<page>?q=...&text=...&sort=...`` (empty parts left out)."""
-    query = urlencode({k: view[k] for k in ("q", "text", "sort") if view.get(k)})
+    """The page a view opens: ``/p/<project>/<page>?q=...&text=...&sort=...&columns=a,b`` (empty parts left
+    out), so the URL alone shows what the view shows and can be shared."""
+    parts = {k: view[k] for k in ("q", "text", "sort") if view.get(k)}
+    if view.get("columns"):
+        parts["columns"] = ",".join(view["columns"])
+    query = urlencode(parts)
     return f"/p/{quote(project, safe='')}/{view['page']}" + (f"?{query}" if query else "")
 
 

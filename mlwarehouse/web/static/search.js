@@ -1,7 +1,8 @@
 // mlwarehouse UI: the list pages' text search and saved views (templates/_query.html).
 // Typing in the search box re-opens the page (location.replace, debounced: no history entry per key) with the
-// form's q, text and sort, so the rows are exactly the server-rendered ones and the address is always shareable;
-// the box gets its focus and caret back. Same-page links (sort columns, pager, checkpoints) keep the text. The
+// form's q, text, sort and columns, so the rows are exactly the server-rendered ones and the address is always
+// shareable; the box gets its focus and caret back. Same-page links (sort columns, pager, checkpoints) keep the
+// text and the chosen columns (runs, models: the "columns" box, applied on Enter). A saved view keeps them too. The
 // task board's poll (static/tasks.js) is given the text too. Saved views are listed from /api/p/<project>/views;
 // saving and deleting (a writable UI) send the X-MLW header. Text is written with textContent only.
 "use strict";
@@ -13,11 +14,14 @@
   const box = document.getElementById("text-search");
   const FOCUS = "mlw-search-caret";
   const text = () => new URLSearchParams(location.search).get("text") || "";
+  const kept = () => ["text", "columns"].filter((key) => new URLSearchParams(location.search).get(key));
+  const chosenColumns = (value) => value.split(",").map((c) => c.trim()).filter(Boolean);
 
   function address() {  // the page for what the form holds now, other parameters (limit, checkpoints) kept
     const params = new URLSearchParams(location.search);
     for (const key of ["before", "after", "skip"]) params.delete(key);  // a new search starts at the first page
     for (const [key, value] of new FormData(form)) params.set(key, value);
+    if (!params.get("columns")) params.delete("columns");  // no choice: the page's default columns
     return `${location.pathname}?${params}`;
   }
 
@@ -39,12 +43,13 @@
     box.setSelectionRange(at, at);
   }
 
-  document.addEventListener("click", (event) => {  // links to this page with another sort or page keep the text
+  document.addEventListener("click", (event) => {  // links to this page (another sort or page) keep text, columns
     const a = event.target.closest("a[href]");
-    if (!a || a.classList.contains("clear") || !text()) return;
+    if (!a || a.classList.contains("clear") || !kept().length) return;
     const url = new URL(a.href, location.href);
-    if (url.origin !== location.origin || url.pathname !== location.pathname || url.searchParams.has("text")) return;
-    url.searchParams.set("text", text());
+    if (url.origin !== location.origin || url.pathname !== location.pathname) return;
+    const here = new URLSearchParams(location.search);
+    for (const key of kept()) if (!url.searchParams.has(key)) url.searchParams.set(key, here.get(key));
     a.href = url.pathname + url.search;
   }, true);
 
@@ -67,8 +72,8 @@
     for (const v of found.views) {
       const option = new Option(v.name, v.url);
       option.dataset.id = v.id;
-      option.title = [v.text && `text: ${v.text}`, v.q && `q: ${v.q}`, v.sort && `sort: ${v.sort}`]
-        .filter(Boolean).join("\n");
+      option.title = [v.text && `text: ${v.text}`, v.q && `q: ${v.q}`, v.sort && `sort: ${v.sort}`,
+                      v.columns && v.columns.length && `columns: ${v.columns.join(",")}`].filter(Boolean).join("\n");
       select.appendChild(option);
     }
     const here = chosen || `${location.pathname}${location.search}`;
@@ -84,6 +89,8 @@
     const params = new URLSearchParams(location.search);
     const view = {name: name.value.trim(), page, q: params.get("q") || "", text: params.get("text") || "",
                   sort: params.get("sort") || (form.elements.sort ? form.elements.sort.value : "")};
+    const columns = chosenColumns(params.get("columns") || "");  // the columns shown now (the URL's choice)
+    if (columns.length) view.columns = columns;
     if (!view.name) { say("give the view a name", true); name.focus(); return; }
     try {
       const saved = await call(api, {method: "POST", headers: {"X-MLW": "1", "Content-Type": "application/json"},
