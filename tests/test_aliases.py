@@ -219,9 +219,13 @@ def test_two_promoters_racing_over_1000_changes(tmp_path, subprocess_env):
         for left, right in zip(stamps, stamps[1:]):
             middle = (parse_time(left).timestamp() + parse_time(right).timestamp()) / 2
             probes.append(datetime.fromtimestamp(middle, timezone.utc))
-        for t in probes:
+        first, last = parse_time(stamps[0]).timestamp(), parse_time(stamps[-1]).timestamp()
+        probes += [datetime.fromtimestamp(first - 1, timezone.utc), datetime.fromtimestamp(last + 1, timezone.utc)]
+        for t in probes:  # before the first change: no holder; after the last: its model
             key = t if isinstance(t, str) else t.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
             implied = [c for c in history if c.changed <= key]
             assert aliases.resolve("mlp", "champion", at=t) == (implied[-1].model if implied else None), t
+        assert aliases.resolve("mlp", "champion", at=probes[-2]) is None
+        assert aliases.resolve("mlp", "champion", at=probes[-1]) == history[-1].model
         assert aliases.resolve("mlp@champion") == history[-1].model
         assert min(len(r["won"]) for r in results) > 0  # both processes won some
