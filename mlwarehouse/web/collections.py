@@ -33,10 +33,16 @@ FAILED_SHOWN, ERROR_TAIL = 20, 4000
 
 
 def _collection(request: Request, project: str, name: str):
+    return _collection_and_record(request, project, name)[0]
+
+
+def _collection_and_record(request: Request, project: str, name: str) -> tuple[Any, dict]:
+    """The collection and its catalog record (NotFound when the project has no such collection)."""
     p = request.app.state.warehouse.project(project)
-    if p.catalog.record(name) is None:
+    record = p.catalog.record(name)
+    if record is None:
         raise NotFound(f"no collection {name!r} in project {project!r}")
-    return p.collection(name)
+    return p.collection(name), record
 
 
 def _media_url(project: str, what: str, name: str, doc_id: Any, field: str) -> str:
@@ -100,12 +106,11 @@ def collections_page(request: Request, project: str):
 @router.get("/p/{project:path}/collection", response_class=HTMLResponse)
 def collection_page(request: Request, project: str, name: str, q: str = "", sort: str = "",
                     limit: int = Query(50, ge=1, le=500), skip: int = Query(0, ge=0)):
-    c = _collection(request, project, name)
-    record = c.catalog.record(name)  # lineage: what was trained on, computed from or indexed over it
+    c, record = _collection_and_record(request, project, name)
     context: dict[str, Any] = {"project": project, "tab": "collections", "name": name, "q": q, "sort": sort,
                                "limit": limit, "skip": skip, "error": None, "vindexes": vsearch.indexes(c),
                                "search": None, "max_n": vsearch.MAX_N,
-                               "lineage": lineage_view.section(c.project, project, record["_id"]) if record else None}
+                               "lineage": lineage_view.section(c.project, project, record["_id"])}
     status = 200
     try:
         context.update(_page(c.project, project, name, parse_filter_text(q, "query") or {},

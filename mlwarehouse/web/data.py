@@ -132,8 +132,8 @@ def runs_table(project, flt: dict | None, sort, limit: int, skip: int = 0, colum
             [("metric", m) for m in sorted(metrics)[:MAX_COLUMNS]]
         ignored = []
     else:
-        heads = [("param" if n in params else "metric", n) for n in columns if n in params or n in metrics]
-        ignored = [n for n in columns if n not in params and n not in metrics]
+        shown, ignored = choose_columns([*params, *metrics], columns)
+        heads = [("param" if n in params else "metric", n) for n in shown]
     for row in rows:  # formatted here, once: a thousand rows of Jinja filters would dominate the page's time
         hp, stats = row["params"], row["summary"]
         row["cells"] = [(fmt(hp.get(h)), "") if kind == "param" else
