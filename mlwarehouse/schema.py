@@ -76,8 +76,12 @@ MODELS = Collection(
     (_ix(("project", 1), ("name", 1), ("time", -1)), _ix(("project", 1), ("run", 1), ("name", 1))),
     blobs=True)
 
-#: runs, with their per-metric summaries (see :mod:`mlwarehouse.runs.summary`)
-RUNS = Collection("runs", ("name", "status", "task", "project"), (_ix(("name", 1)), REV_INDEX))
+#: runs, with their per-metric summaries (see :mod:`mlwarehouse.runs.summary`). Every query of the warehouse scopes
+#: runs by project, so each index starts with it: (project, started DESC) is the newest-first order of the runs page
+#: and ``runs.find`` (the ``_id`` tie-breaker ascends, so the direction matters), (project, name, started) a name's
+#: runs oldest first (the sweep view) or newest first
+RUNS = Collection("runs", ("name", "status", "task", "project"),
+                  (_ix(("project", 1), ("started", -1)), _ix(("project", 1), ("name", 1), ("started", 1)), REV_INDEX))
 
 #: logged points in blocks (one document per run, kind and field set of a write; see :mod:`mlwarehouse.runs.blocks`);
 #: (run, kind, last) serves a run's history, its highest step and a chart's "points after step s"
