@@ -36,6 +36,7 @@ from mlwarehouse.query import (
     apply_update,
     get_path,
     json_text,
+    json_value,
     parse_filter,
     split_path,
     validate_sort,
@@ -113,7 +114,7 @@ class SQLIndex(IndexBackend):
         """A JSON column of the collection's ``mlw_meta`` row, or None if there is no row."""
         row = con.execute(f"SELECT {column} FROM mlw_meta WHERE collection = {self.dialect.placeholder}{lock}",
                           (collection,)).fetchone()
-        return None if row is None else json.loads(row[0])
+        return None if row is None else json_value(row[0])
 
     def _read_scalar_fields(self, collection: str) -> list[str] | None:
         with self._connection() as con:
@@ -286,7 +287,7 @@ class SQLIndex(IndexBackend):
                     break
             out = []
             for _id, text in rows:
-                new = apply_update(json.loads(text), ops)
+                new = apply_update(json_value(text), ops)
                 out.append((self._encode(new, scalars, collection), _id))
                 updated.append(new)
             if out:
@@ -341,7 +342,7 @@ class SQLIndex(IndexBackend):
                 if ids:
                     rows = con.execute(f"SELECT id, {self._doc_out} FROM {table} WHERE id IN "
                                        f"({', '.join([p] * len(ids))}){self._update_lock}", ids).fetchall()
-                    current.update((_id, json.loads(text).get(field)) for _id, text in rows)
+                    current.update((_id, json_value(text).get(field)) for _id, text in rows)
             out = []
             for (doc, want), text in zip(checked, texts):
                 _id = doc["_id"]
@@ -365,7 +366,7 @@ class SQLIndex(IndexBackend):
                                c.params).fetchall()
             if rows:
                 self._after_write(con, collection)
-        return [json.loads(r[0]) for r in rows]
+        return [json_value(r[0]) for r in rows]
 
     # -- reads ---------------------------------------------------------------------------------------------
     def find(self, collection: str, filter: Filter | None = None, *, sort: Sort | None = None,
@@ -382,8 +383,8 @@ class SQLIndex(IndexBackend):
         with self._connection() as con:
             rows = con.execute(sql, params).fetchall()
         if projection:
-            return (shape(json.loads(r[0])) for r in rows)
-        return (json.loads(r[0]) for r in rows)
+            return (shape(json_value(r[0])) for r in rows)
+        return (json_value(r[0]) for r in rows)
 
     def count(self, collection: str, filter: Filter | None = None) -> int:
         node = parse_filter(filter)

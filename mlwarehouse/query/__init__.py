@@ -37,6 +37,7 @@ from mlwarehouse.query.jsonvalues import (
     get_path,
     is_index,
     json_text,
+    json_value,
     sort_value,
     split_path,
     type_rank,
@@ -45,7 +46,8 @@ from mlwarehouse.query.jsonvalues import (
 from mlwarehouse.query.updates import apply_update, validate_update
 
 __all__ = [
-    "MISSING", "PATH_RE", "split_path", "is_index", "get_path", "type_rank", "json_text", "values_equal", "sort_value",
+    "MISSING", "PATH_RE", "split_path", "is_index", "get_path", "type_rank", "json_text", "json_value",
+    "values_equal", "sort_value",
     "ARRAY", "BOOL", "NULL", "NUMBER", "OBJECT", "STRING",
     "Field", "Logical", "ElemMatch", "parse_filter", "validate_filter", "matches", "validate_sort",
     "sort_key", "sort_docs", "distinct_values", "compile_regex",
