@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -233,3 +234,15 @@ def test_corners_found_in_review_are_refused_with_query_errors(tmp_path):
         ix.insert_one("docs", {"_id": "x", "s": "a\0b"})  # the fast path of bulk writes checks it too
     assert ix.count("docs") == 0
     ix.close()
+
+
+def test_stored_json_reads_as_the_standard_library_reads_it():
+    from mlwarehouse.query import json_value
+
+    for text in ('{"a": [1, 2.5, -0.0, 1e-300, "x\\u00e9\\ud83d\\ude00"], "b": {"c": null, "d": true}}',
+                 '"\\ud800"', '[9223372036854775807, -9223372036854775808]'):
+        got, want = json_value(text), json.loads(text)
+        assert got == want and json.dumps(got) == json.dumps(want), text  # the fallback reads what orjson refuses
+        assert json_value(text.encode()) == want
+    with pytest.raises(ValueError):
+        json_value("{not json")

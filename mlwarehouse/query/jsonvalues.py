@@ -120,8 +120,9 @@ def json_text(value: Any) -> str:
 
 def json_value(text: str | bytes) -> Any:
     """The value of stored JSON text: read by orjson (about 3x the standard library on documents, most of a page's
-    read), or by the standard library where orjson refuses what it accepts (an integer beyond 64 bits, a lone
-    surrogate), so every text reads as it always did."""
+    read), or by the standard library where orjson refuses the text (a lone surrogate). The same values as the
+    standard library's for every document the index accepts; an integer beyond 64 bits, which validation refuses
+    to store, would read as a float."""
     try:
         return orjson.loads(text)
     except orjson.JSONDecodeError:
