@@ -4,8 +4,9 @@ the sweep view over 1,000 of those runs, and 100 runs of 100,000 points compared
     python benchmarks/ui.py [--runs 10000] [--sweep-runs 1000] [--points 100000] [--repeat 10]
                             [--compare-runs 100] [--compare-points 100000]
 
-The UI is served by uvicorn on 127.0.0.1 (in a thread of this process) and fetched over HTTP, like a browser
-would (``Accept-Encoding: gzip``). Each figure is the median of ``--repeat`` requests after one warm-up.
+The UI is served by uvicorn on 127.0.0.1 in a process of its own, started once the warehouse is filled (so a first
+request is a freshly started server's), and fetched over HTTP like a browser would (``Accept-Encoding: gzip``).
+Each figure is the median of ``--repeat`` requests after the first one, which is reported apart.
 
 1. Runs page: ``/p/<project>/runs`` of a project of ``--runs`` runs (8 hyper-parameters, 2 kinds x 4 metric
    summaries each), as it opens (its first 1,000 rows; later pages follow a link), then with every run on one page
@@ -43,9 +44,9 @@ import random
 import socket
 import sqlite3
 import statistics
+import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.parse
 import urllib.request
@@ -55,7 +56,6 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != ROOT / "benchmarks"]
 
 import mlwarehouse  # noqa: E402
-from mlwarehouse.web import create_app  # noqa: E402
 
 PROJECT = "bench-ui"
 PARAMS = ("lr", "batch_size", "n_hidden", "dropout", "weight_decay", "seed", "optimizer", "epochs")
@@ -85,15 +85,29 @@ def fill(wh, runs: int, points: int, sweep: int) -> str:
     return long_run.id
 
 
-def serve(wh) -> tuple[str, object]:
-    import uvicorn
+#: the server process: the UI of the warehouse at argv[1] on port argv[2], as ``mlw ui`` serves it
+SERVER = ("import sys, uvicorn, mlwarehouse; from mlwarehouse.web import create_app; "
+          "uvicorn.run(create_app(mlwarehouse.connect(home=sys.argv[1])), host='127.0.0.1', port=int(sys.argv[2]), "
+          "log_level='warning')")
+
+
+def serve(home: Path) -> tuple[str, subprocess.Popen]:
+    """The UI of the warehouse at ``home`` served by a process of its own, started after the fill: its first
+    request is what the first visitor of a freshly started ``mlw ui`` waits for (nothing of the fill is in its
+    memory: no cached statement, page or template)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(wh), host="127.0.0.1", port=port, log_level="warning"))
-    threading.Thread(target=server.run, daemon=True).start()
-    while not server.started:
-        time.sleep(0.05)
+    server = subprocess.Popen([sys.executable, "-c", SERVER, str(home), str(port)], cwd=ROOT)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                break
+        except OSError:
+            if server.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"the UI server did not start (exit code {server.poll()})") from None
+            time.sleep(0.05)
     return f"http://127.0.0.1:{port}", server
 
 
@@ -224,7 +238,7 @@ def main() -> None:
         start = time.perf_counter()
         long_id = fill(wh, args.runs, args.points, min(args.sweep_runs, args.runs - 1))
         fill_s = time.perf_counter() - start
-        base, server = serve(wh)
+        base, server = serve(Path(tmp) / "wh")
         try:
             page = measure_runs_page(base, Path(tmp) / "wh" / "index.sqlite", args.runs, args.repeat)
             chart = f"{base}/api/p/{PROJECT}/runs/metric?ids={long_id}&kind=train&metric=loss"
@@ -234,7 +248,8 @@ def main() -> None:
             compare = measure_compare(base, wh, args.compare_runs, args.compare_points, args.repeat) \
                 if args.compare_runs else {}
         finally:
-            server.should_exit = True
+            server.terminate()
+            server.wait(30)
     rows = []
     for key, label in (("runs_page", "as it opens"), ("runs_page_all", "all on one page")):
         rows += [(f"runs page of {args.runs}, {label}: {page[key + '_rows']} rows, first",
