@@ -85,10 +85,8 @@ def fill(wh, runs: int, points: int, sweep: int) -> str:
     return long_run.id
 
 
-#: the server process: the UI of the warehouse at argv[1] on port argv[2], as ``mlw ui`` serves it
-SERVER = ("import sys, uvicorn, mlwarehouse; from mlwarehouse.web import create_app; "
-          "uvicorn.run(create_app(mlwarehouse.connect(home=sys.argv[1])), host='127.0.0.1', port=int(sys.argv[2]), "
-          "log_level='warning')")
+#: the server process: the UI of the warehouse at argv[1] on port argv[2], served as ``mlw ui`` serves it
+SERVER = "import sys, mlwarehouse, mlwarehouse.web as w; w.serve(mlwarehouse.connect(home=sys.argv[1]), port=int(sys.argv[2]))"
 
 
 def serve(home: Path) -> tuple[str, subprocess.Popen]:
@@ -98,7 +96,8 @@ def serve(home: Path) -> tuple[str, subprocess.Popen]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-c", SERVER, str(home), str(port)], cwd=ROOT)
+    server = subprocess.Popen([sys.executable, "-c", SERVER, str(home), str(port)], cwd=ROOT,
+                              stdout=subprocess.DEVNULL)
     deadline = time.monotonic() + 60
     while True:
         try:

@@ -5,6 +5,8 @@ Needs the ``ui`` extra (``pip install mlwarehouse[ui]``). Binds to 127.0.0.1 and
 
 from __future__ import annotations
 
+import gc
+
 __all__ = ["create_app", "serve"]
 
 
@@ -34,6 +36,10 @@ def serve(warehouse, host: str = "127.0.0.1", port: int = 8765, writable: bool =
     if host not in ("0.0.0.0", "::", ""):
         names.append(f"[{host}]" if ":" in host else host)
     app = create_app(warehouse, writable=writable, allowed_hosts=names)
+    # The serving process's start-up objects (modules, the warehouse) stay for its life: frozen, the collector's
+    # full passes skip them (on a 1,000-row runs page, one request in three paid ~25 ms for such a pass)
+    gc.collect()
+    gc.freeze()
     print(f"mlwarehouse UI on http://{host}:{port}/ ({'writable' if writable else 'read-only'}); Ctrl-C stops it",
           flush=True)
     uvicorn.run(app, host=host, port=port, log_level="warning")
