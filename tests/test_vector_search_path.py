@@ -108,3 +108,17 @@ def test_pgvector_text_gives_every_float32_back():
     assert text[0] == "[" and text[-1] == "]"
     back = np.array(text[1:-1].split(","), dtype=np.float32)
     assert np.array_equal(back, values) and np.array_equal(np.signbit(back), np.signbit(values))
+
+
+def test_an_hnsw_build_asks_postgresql_for_the_memory_its_graph_needs(monkeypatch):
+    from mlwarehouse.errors import ConfigError
+    from mlwarehouse.index.pgvectors import BUILD_MEMORY_MB, build_memory_mb
+    monkeypatch.delenv("MLW_PG_BUILD_MEMORY_MB", raising=False)
+    assert build_memory_mb(0, 128, 16) == 64 and build_memory_mb(20_000, 128, 16) == 64  # small: the floor
+    assert 1000 < build_memory_mb(1_000_000, 128, 16) < BUILD_MEMORY_MB  # more than the 512 MB that spilled
+    assert build_memory_mb(10_000_000, 768, 16) == BUILD_MEMORY_MB  # bounded
+    monkeypatch.setenv("MLW_PG_BUILD_MEMORY_MB", "256")
+    assert build_memory_mb(1_000_000, 128, 16) == 256
+    monkeypatch.setenv("MLW_PG_BUILD_MEMORY_MB", "lots")
+    with pytest.raises(ConfigError, match="MLW_PG_BUILD_MEMORY_MB"):
+        build_memory_mb(1_000_000, 128, 16)

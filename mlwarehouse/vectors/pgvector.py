@@ -76,7 +76,7 @@ class PgVectorTable(Follower):
             self.without, self.position = {}, ""
             self._scan_all(_FILL)
             if self._ready:
-                self.store.create_index(self.name, self.spec.metric, m=self.spec.options["M"],
+                self.store.create_index(self.name, self.spec.metric, dims=self.spec.dims, m=self.spec.options["M"],
                                         ef_construction=self.spec.options["ef_construction"])
             self.loaded_from = "build"
             self._share()
@@ -113,7 +113,7 @@ class PgVectorTable(Follower):
             self.store.ensure(self.name, self.spec.dims)
             self._ready = True
             if self.loaded_from is not None:  # not inside build(), which indexes after its bulk fill
-                self.store.create_index(self.name, self.spec.metric, m=self.spec.options["M"],
+                self.store.create_index(self.name, self.spec.metric, dims=self.spec.dims, m=self.spec.options["M"],
                                         ef_construction=self.spec.options["ef_construction"])
         self.store.put(self.name, rows)
 
