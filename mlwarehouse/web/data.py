@@ -15,9 +15,8 @@ import threading
 from collections import OrderedDict
 from typing import Any
 
-import markupsafe
 import numpy as np
-from markupsafe import Markup
+from markupsafe import Markup, escape
 
 from mlwarehouse import schema
 from mlwarehouse.errors import NotFound, QueryError, WarehouseError
@@ -166,7 +165,7 @@ _MARKUP = re.compile(r"[<>&\"']")
 
 def _html(text: str) -> str:
     """``text`` escaped for HTML text and attributes (most cells are numbers, which need no escaping)."""
-    return markupsafe.escape(text) if _MARKUP.search(text) else text
+    return escape(text) if _MARKUP.search(text) else text
 
 
 def _stats_title(stats: dict) -> str:
