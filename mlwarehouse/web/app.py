@@ -11,6 +11,7 @@ warehouse errors a 500 page with their message. Under ``/api`` the same errors a
 from __future__ import annotations
 
 import contextlib
+import importlib
 import logging
 from collections.abc import Iterable
 from datetime import datetime, timezone
@@ -44,13 +45,21 @@ HERE = Path(__file__).parent
 log = logging.getLogger("mlwarehouse.web")
 
 
+#: modules the pages import on first use (a project's registries), imported as the server starts instead
+_PAGE_MODULES = ("mlwarehouse.runs.registry", "mlwarehouse.tasks.queue", "mlwarehouse.datasets.items",
+                 "mlwarehouse.collections.catalog", "mlwarehouse.lineage")
+
+
 @contextlib.asynccontextmanager
-async def _compile_templates(app: FastAPI):
-    """Compile every page's template as the server starts (about 10 ms each), so its first visitor does not wait
-    for it. A TestClient used without ``with`` skips this: those templates compile on first use."""
+async def _warm_up(app: FastAPI):
+    """As the server starts, compile every page's template (about 10 ms each) and import what pages import on
+    first use, so its first visitor waits for neither. A TestClient used without ``with`` skips this: the same
+    happens on first use."""
     env = app.state.templates.env
     for name in env.list_templates(extensions=["html"]):
         env.get_template(name)
+    for module in _PAGE_MODULES:
+        importlib.import_module(module)
     yield
 
 
@@ -59,7 +68,7 @@ def create_app(warehouse, *, writable: bool = False, allowed_hosts: Iterable[str
 
     ``allowed_hosts``: the ``Host`` names served (default: loopback names only; ``"*"`` for any), see
     :mod:`mlwarehouse.web.guard`."""
-    app = FastAPI(title="mlwarehouse", docs_url=None, redoc_url=None, openapi_url=None, lifespan=_compile_templates)
+    app = FastAPI(title="mlwarehouse", docs_url=None, redoc_url=None, openapi_url=None, lifespan=_warm_up)
     app.state.warehouse = warehouse
     app.state.writable = writable
     app.state.histories = data.HistoryCache()
