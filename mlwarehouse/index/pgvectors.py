@@ -179,15 +179,11 @@ class PgVectors:
     def filter_plan(self, collection: str, filter: dict) -> tuple[bool, float]:
         """How PostgreSQL would select the documents matching ``filter``: through an index (True) or not, and
         how many rows it expects (its planner's estimate, from the statistics ANALYZE keeps)."""
-        from mlwarehouse.index.sql.compiler import Compiler
-        scalars = self.index._scalar_fields(collection)
-        if scalars is None:
+        selected = self.index.ids_statement(collection, filter)
+        if selected is None:
             return False, 0.0
-        c = Compiler(self.index.dialect, scalar_fields=scalars)
-        where = c.where(parse_filter(filter))
         with self.index._connection() as con:
-            plan = con.execute(f"EXPLAIN (FORMAT JSON) SELECT id FROM {self.index._table(collection)} WHERE {where}",
-                               c.params).fetchone()[0]
+            plan = con.execute(f"EXPLAIN (FORMAT JSON) {selected[0]}", selected[1]).fetchone()[0]
         plan = plan[0]["Plan"] if isinstance(plan, list) else json.loads(plan)[0]["Plan"]
         nodes, indexed = [plan], False
         while nodes:
@@ -211,11 +207,11 @@ class PgVectors:
         where = c.where(parse_filter(filter or {}))
         op, q = self._op(metric), _literal(query)
         out = "d.doc::text" if documents else "d.doc ->> '_rev'"
-        base = (f"SELECT v.doc_id, v.rev, v.embedding {op} %s::{self._type} AS dist, {out} "
-                f"FROM {self._table(name)} v JOIN {self.index._table(collection)} d ON d.id = v.doc_id "
-                f"WHERE {where} ORDER BY ")
+        select = (f"SELECT v.doc_id, v.rev, v.embedding {op} %s::{self._type} AS dist, {out} "
+                  f"FROM {self._table(name)} v JOIN {self.index._table(collection)} d ON d.id = v.doc_id ")
+        base = select + f"WHERE {where} ORDER BY "
         if exact and filter:
-            return self._exact(base, c.params, q, n), False
+            return self._exact(select, collection, filter, op, q, n), False
         with self.index._connection() as con:
             # the scan's settings live in the pooled connection's session, set again only when they change (no
             # transaction round trips per search); nothing else reads them
@@ -230,9 +226,15 @@ class PgVectors:
         if len(rows) >= n or not filter:
             return rows, True
         # short: fewer matches than n, or the scan gave up first; an exact scan of the matches tells which
-        return self._exact(base, c.params, q, n), False
+        return self._exact(select, collection, filter, op, q, n), False
 
-    def _exact(self, base: str, params: list, q: str, n: int) -> list:
-        with self.index._transaction() as con:
-            con.execute("SET LOCAL enable_indexscan = off")  # no HNSW scan (bitmap scans of the filter stay)
-            return con.execute(base + "dist LIMIT %s", [q, *params, n]).fetchall()
+    def _exact(self, select: str, collection: str, filter: dict, op: str, q: str, n: int) -> list:
+        """The ``n`` nearest of the documents ``filter`` selects, each one's distance computed: the documents are
+        selected as a find selects them (through the collection's indexes where they serve), their vectors read
+        by primary key. The order is by the distance plus zero, which the HNSW index cannot serve, so no plan
+        walks the graph (turning index scans off, as before, also turned off those two lookups)."""
+        ids_sql, params = self.index.ids_statement(collection, filter)
+        with self.index._connection() as con:
+            return con.execute(select + f"WHERE d.id IN ({ids_sql}) "
+                               f"ORDER BY (v.embedding {op} %s::{self._type}) + 0 LIMIT %s",
+                               [q, *params, q, n]).fetchall()

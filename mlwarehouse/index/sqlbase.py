@@ -185,6 +185,24 @@ class SQLIndex(IndexBackend):
             entry = cache[collection] = (now, fields)
         return entry[1]
 
+    def ids_statement(self, collection: str, filter: Filter | None) -> tuple[str, list] | None:
+        """``SELECT id`` of the documents matching ``filter`` as this backend would select them (split on a field
+        where that lets an index serve it, see the module notes: a ``UNION ALL`` of disjoint halves), and its
+        parameters; None when the collection does not exist. For a larger statement that selects by a filter, such
+        as a vector search's exact plan: inlined, a filter on a field that may hold arrays reads every row."""
+        node = parse_filter(filter)
+        scalars = self._scalar_fields(collection)
+        if scalars is None:
+            return None
+        table, field = self._table(collection), self._split(collection, node, scalars)
+        branches = [None] if field is None else [(field, "whole"), (field, "elements")]
+        parts, params = [], []
+        for branch in branches:
+            c = Compiler(self.dialect, scalar_fields=scalars, branch=branch)
+            parts.append(f"SELECT id FROM {table} WHERE {c.where(node)}")
+            params += c.params
+        return " UNION ALL ".join(parts), params
+
     def _split(self, collection: str, node, scalars: frozenset[str]):
         """The conjunct to split ``node`` on (see the module notes), or None."""
         if not node.children:

@@ -78,6 +78,20 @@ class VectorTests:
                 scores = [d["_score"] for d in found]
                 assert scores == sorted(scores, reverse=True)
 
+    def test_a_selective_filter_on_an_indexed_field_is_searched_exactly(self, wh):
+        """A filter that an index of the collection serves and few documents match is an exact search of those
+        documents (on pgvector too: its field may hold arrays, which once kept the index from serving it)."""
+        c, x, _ = self._filled(wh, n=1500)
+        c.update_many({"g": 7, "price": {"$lt": 10}}, {"$set": {"rare": True}})  # 30 of 1,500
+        c.update_many({"_id": "p0003"}, {"$set": {"rare": [True, False]}})  # an array element matches too
+        c.create_index("rare")
+        matching = self._docs(c, {"rare": True})
+        assert 20 <= len(matching) <= 40
+        for q in x[:5]:
+            found = c.find({"rare": True}, vector=q, n=10)
+            assert found.plan == "exact" and found.complete
+            assert [d["_id"] for d in found] == exact_ids(matching, q, 10)
+
     def test_unfiltered_search_finds_the_nearest(self, wh):
         c, x, index = self._filled(wh)
         docs = self._docs(c)
