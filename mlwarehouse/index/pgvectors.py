@@ -211,7 +211,7 @@ class PgVectors:
                   f"FROM {self._table(name)} v JOIN {self.index._table(collection)} d ON d.id = v.doc_id ")
         base = select + f"WHERE {where} ORDER BY "
         if exact and filter:
-            return self._exact(select, collection, filter, op, q, n), False
+            return self._exact(name, collection, filter, op, q, n, out), False
         with self.index._connection() as con:
             # the scan's settings live in the pooled connection's session, set again only when they change (no
             # transaction round trips per search); nothing else reads them
@@ -226,15 +226,18 @@ class PgVectors:
         if len(rows) >= n or not filter:
             return rows, True
         # short: fewer matches than n, or the scan gave up first; an exact scan of the matches tells which
-        return self._exact(select, collection, filter, op, q, n), False
+        return self._exact(name, collection, filter, op, q, n, out), False
 
-    def _exact(self, select: str, collection: str, filter: dict, op: str, q: str, n: int) -> list:
+    def _exact(self, name: str, collection: str, filter: dict, op: str, q: str, n: int, out: str) -> list:
         """The ``n`` nearest of the documents ``filter`` selects, each one's distance computed: the documents are
         selected as a find selects them (through the collection's indexes where they serve), their vectors read
-        by primary key. The order is by the distance plus zero, which the HNSW index cannot serve, so no plan
-        walks the graph (turning index scans off, as before, also turned off those two lookups)."""
+        by primary key, and only the nearest ``n`` joined to their documents. The order is by the distance plus
+        zero, which the HNSW index cannot serve, so no plan walks the graph (turning index scans off, as before,
+        also turned off those lookups)."""
         ids_sql, params = self.index.ids_statement(collection, filter)
+        nearest = (f"SELECT v.doc_id, v.rev, (v.embedding {op} %s::{self._type}) + 0 AS dist "
+                   f"FROM {self._table(name)} v WHERE v.doc_id IN ({ids_sql}) ORDER BY dist LIMIT %s")
         with self.index._connection() as con:
-            return con.execute(select + f"WHERE d.id IN ({ids_sql}) "
-                               f"ORDER BY (v.embedding {op} %s::{self._type}) + 0 LIMIT %s",
-                               [q, *params, q, n]).fetchall()
+            return con.execute(f"SELECT t.doc_id, t.rev, t.dist, {out} FROM ({nearest}) t "
+                               f"JOIN {self.index._table(collection)} d ON d.id = t.doc_id ORDER BY t.dist",
+                               [q, *params, n]).fetchall()
