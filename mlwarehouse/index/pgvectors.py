@@ -207,9 +207,9 @@ class PgVectors:
         where = c.where(parse_filter(filter or {}))
         op, q = self._op(metric), _literal(query)
         out = "d.doc::text" if documents else "d.doc ->> '_rev'"
-        select = (f"SELECT v.doc_id, v.rev, v.embedding {op} %s::{self._type} AS dist, {out} "
-                  f"FROM {self._table(name)} v JOIN {self.index._table(collection)} d ON d.id = v.doc_id ")
-        base = select + f"WHERE {where} ORDER BY "
+        base = (f"SELECT v.doc_id, v.rev, v.embedding {op} %s::{self._type} AS dist, {out} "
+                f"FROM {self._table(name)} v JOIN {self.index._table(collection)} d ON d.id = v.doc_id "
+                f"WHERE {where} ORDER BY ")
         if exact and filter:
             return self._exact(name, collection, filter, op, q, n, out), False
         with self.index._connection() as con:
