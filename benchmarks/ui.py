@@ -86,7 +86,8 @@ def fill(wh, runs: int, points: int, sweep: int) -> str:
 
 
 #: the server process: the UI of the warehouse at argv[1] on port argv[2], served as ``mlw ui`` serves it
-SERVER = "import sys, mlwarehouse, mlwarehouse.web as w; w.serve(mlwarehouse.connect(home=sys.argv[1]), port=int(sys.argv[2]))"
+SERVER = ("import sys, mlwarehouse, mlwarehouse.web as w; "
+          "w.serve(mlwarehouse.connect(home=sys.argv[1]), port=int(sys.argv[2]))")
 
 
 def serve(home: Path) -> tuple[str, subprocess.Popen]:

@@ -111,8 +111,8 @@ class Warehouse(BlobReferences):
             bound = {"$gt": out[-1]} if out else {"$gte": ""}  # strings only: the range is type-bracketed
             doc = self.index.find_one(collection, {"project": bound}, sort=[("project", 1)],
                                       projection={"project": 1})
-            if doc is None or not isinstance(doc.get("project"), str):
-                return out
+            if doc is None or not isinstance(doc.get("project"), str) or doc["project"] in out:
+                return out  # (a name seen again would be a backend ordering names unlike its own $gt)
             out.append(doc["project"])
 
     def locate(self, id_or_prefix: str, collections: Sequence[str] = ENTITY_COLLECTIONS, *,
