@@ -179,7 +179,7 @@ class PgVectors:
     def filter_plan(self, collection: str, filter: dict) -> tuple[bool, float]:
         """How PostgreSQL would select the documents matching ``filter``: through an index (True) or not, and
         how many rows it expects (its planner's estimate, from the statistics ANALYZE keeps)."""
-        selected = self.index.ids_statement(collection, filter)
+        selected = self.index._ids_statement(collection, filter)
         if selected is None:
             return False, 0.0
         with self.index._connection() as con:
@@ -234,7 +234,7 @@ class PgVectors:
         by primary key, and only the nearest ``n`` joined to their documents. The order is by the distance plus
         zero, which the HNSW index cannot serve, so no plan walks the graph (turning index scans off, as before,
         also turned off those lookups)."""
-        ids_sql, params = self.index.ids_statement(collection, filter)
+        ids_sql, params = self.index._ids_statement(collection, filter)
         nearest = (f"SELECT v.doc_id, v.rev, (v.embedding {op} %s::{self._type}) + 0 AS dist "
                    f"FROM {self._table(name)} v WHERE v.doc_id IN ({ids_sql}) ORDER BY dist LIMIT %s")
         with self.index._connection() as con:

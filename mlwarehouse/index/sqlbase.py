@@ -185,7 +185,7 @@ class SQLIndex(IndexBackend):
             entry = cache[collection] = (now, fields)
         return entry[1]
 
-    def ids_statement(self, collection: str, filter: Filter | None) -> tuple[str, list] | None:
+    def _ids_statement(self, collection: str, filter: Filter | None) -> tuple[str, list] | None:
         """``SELECT id`` of the documents matching ``filter`` as this backend would select them (split on a field
         where that lets an index serve it, see the module notes: a ``UNION ALL`` of disjoint halves), and its
         parameters; None when the collection does not exist. For a larger statement that selects by a filter, such
