@@ -203,15 +203,15 @@ class PgVectors:
         scalars = self.index._scalar_fields(collection)
         if scalars is None:
             return [], True
-        c = Compiler(self.index.dialect, scalar_fields=scalars)
-        where = c.where(parse_filter(filter or {}))
         op, q = self._op(metric), _literal(query)
         out = "d.doc::text" if documents else "d.doc ->> '_rev'"
+        if exact and filter:
+            return self._exact(name, collection, filter, op, q, n, out), False
+        c = Compiler(self.index.dialect, scalar_fields=scalars)
+        where = c.where(parse_filter(filter or {}))
         base = (f"SELECT v.doc_id, v.rev, v.embedding {op} %s::{self._type} AS dist, {out} "
                 f"FROM {self._table(name)} v JOIN {self.index._table(collection)} d ON d.id = v.doc_id "
                 f"WHERE {where} ORDER BY ")
-        if exact and filter:
-            return self._exact(name, collection, filter, op, q, n, out), False
         with self.index._connection() as con:
             # the scan's settings live in the pooled connection's session, set again only when they change (no
             # transaction round trips per search); nothing else reads them
