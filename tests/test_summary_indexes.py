@@ -19,8 +19,8 @@ from hypothesis import strategies as st
 import mlwarehouse
 from mlwarehouse.errors import QueryError
 from mlwarehouse.ids import new_id, utc_now
-from mlwarehouse.index import sqlbase
 from mlwarehouse.index.autoindex import QueryIndexes
+from mlwarehouse.index.sql import statements
 from mlwarehouse.index.sqlite import SQLiteIndex
 from mlwarehouse.query import matches, parse_filter, sort_docs
 from mlwarehouse.testing.mongo_server import mongo_server  # noqa: F401  (session fixture)
@@ -200,7 +200,7 @@ def test_an_index_made_by_another_process_is_used_after_the_refresh(tmp_path, mo
         flt, sort = {"project": "p", "hp": 3}, [("acc", -1)]
         assert mine._split("runs", parse_filter(flt), mine._scalar_fields("runs")) is None
         other.create_index("runs", [("project", 1), ("hp", 1), ("acc", -1)])
-        monkeypatch.setattr(sqlbase, "INDEX_FIELDS_TTL", 0.0)
+        monkeypatch.setattr(statements, "INDEX_FIELDS_TTL", 0.0)
         assert mine._split("runs", parse_filter(flt), mine._scalar_fields("runs")).path == "hp"
         assert [d["_id"] for d in mine.find("runs", flt, sort=sort, limit=2)] == ["r0298", "r0293"]
     finally:
