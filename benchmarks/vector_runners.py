@@ -411,7 +411,22 @@ def _ids(results) -> np.ndarray:
     return np.array([[int(i) for i in r.ids] + [-1] * (K - len(r.ids)) for r in results], dtype=np.int64)
 
 
-def measure_api(wh, engine: str, vectors, queries, truth, filters, args, reopen) -> dict:
+def raw_pgvector(uri: str, table: str, queries, truth, ef: int) -> dict:
+    """pgvector called directly on the table our engine filled: one ``ORDER BY embedding <=> q LIMIT 10`` per
+    query over its own connection (the query as a text literal, as ours sends it), at the ef our sweep chose."""
+    import psycopg
+    with psycopg.connect(uri, autocommit=True) as con:
+        con.execute(f"SET hnsw.ef_search = {int(ef)}")
+        sql = f"SELECT doc_id FROM {table} ORDER BY embedding <=> %s::vector LIMIT {K}"
+
+        def one(q):
+            return [int(r[0]) for r in con.execute(sql, ["[" + ",".join(map(repr, q.tolist())) + "]"]).fetchall()]
+
+        found = np.array([one(q) + [-1] * (K - len(one(q))) for q in queries[:200]], dtype=np.int64)
+        return {"recall": recall(found, truth[:200]), "qps_single": qps_single(one, queries), "ef": ef}
+
+
+def measure_api(wh, engine: str, vectors, queries, truth, filters, args, reopen, baseline=None) -> dict:
     """Our index through the public API: ``create_vector_index`` over a collection of one document per vector,
     ``VectorIndex.search`` (ids and scores, the fast path) for the unfiltered sweep, ``collection.find(filter,
     vector=..., n=10)`` (documents read back and verified through the filter) for the filtered ones."""
@@ -425,7 +440,7 @@ def measure_api(wh, engine: str, vectors, queries, truth, filters, args, reopen)
         "M": args.m, "ef_construction": args.ef_construction}))
     stats = index.stats()
     faiss.omp_set_num_threads(1)
-    res = {"lib": f"ours-{engine}", "version": "", "build_s": build_s, "insert_s": insert_s,
+    res = {"lib": f"ours-{engine}", "version": stats.get("kind") or "", "build_s": build_s, "insert_s": insert_s,
            "build_threads": args.build_threads, "rss_mb": rss_mb() - base,
            "index_mb": stats.get("memory_bytes", 0) / 2**20}
     with threadpool_limits(1):
@@ -435,6 +450,11 @@ def measure_api(wh, engine: str, vectors, queries, truth, filters, args, reopen)
         res["qps_single"] = qps_single(lambda q: index.search(q, K, ef=sw["ef"]), queries)
         print(f"  ours ({engine}): build {build_s:.1f} s, ef {sw['ef']} recall {sw['recall']:.3f} "
               f"{res['qps_single']:.0f} q/s", flush=True)
+        if baseline is not None:
+            res["raw"] = baseline(index, queries, truth, sw["ef"])
+            print(f"  {engine} called directly: ef {sw['ef']} recall {res['raw']['recall']:.3f} "
+                  f"{res['raw']['qps_single']:.0f} q/s (ours {res['qps_single'] / res['raw']['qps_single']:.2f}x)",
+                  flush=True)
         res["filtered"] = {}
         fq = queries[:args.filter_queries]
         for j, sel in enumerate(sorted(filters)):
@@ -461,7 +481,8 @@ def measure_api(wh, engine: str, vectors, queries, truth, filters, args, reopen)
 
 
 def measure_ours(vectors, ids, queries, truth, *, filters, args) -> dict | None:
-    """The embedded engine (faiss HNSW inside mlwarehouse) on an embedded warehouse, in a forked child."""
+    """The embedded engine (the graph mlwarehouse picks: hnswlib's when installed, else faiss's) on an embedded
+    warehouse, in a forked child."""
     import importlib.util
     import tempfile
     if importlib.util.find_spec("mlwarehouse.vectors") is None:
@@ -484,7 +505,8 @@ def measure_pgvector(vectors, queries, truth, *, filters, args) -> dict | None:
     from mlwarehouse.testing.postgres_server import find_pg_bin, has_pgvector, start_postgres, stop_postgres
     if find_pg_bin() is None:
         return {"lib": "ours-pgvector", "error": "no PostgreSQL server binaries"}
-    server = start_postgres(durable=False)
+    # the index and the tables in shared memory, as pgvector's documentation asks of a server that searches them
+    server = start_postgres(durable=False, settings={"shared_buffers": args.pg_shared_buffers})
     try:
         if not has_pgvector(server.uri):
             return {"lib": "ours-pgvector", "error": "the PostgreSQL server has no pgvector >= 0.8"}
@@ -493,7 +515,10 @@ def measure_pgvector(vectors, queries, truth, *, filters, args) -> dict | None:
         def reopen():
             return mlwarehouse.connect(server.uri, blobs=blobs).collection("bench").vector_index("v").stats()
 
+        def baseline(index, qs, truth, ef):
+            return raw_pgvector(server.uri, index.backend.store._table(index.backend.name), qs, truth, ef)
+
         return in_child(lambda: measure_api(mlwarehouse.connect(server.uri, blobs=blobs), "pgvector", vectors,
-                                            queries, truth, filters, args, reopen), "ours-pgvector")
+                                            queries, truth, filters, args, reopen, baseline), "ours-pgvector")
     finally:
         stop_postgres(server)

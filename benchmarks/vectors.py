@@ -103,6 +103,10 @@ def print_table(rows: list[dict], exact: dict) -> None:
         if r["lib"].startswith("ours") and direct is not ok:
             print(f"{r['lib']}: unfiltered QPS of one query per call at recall {r['recall']:.3f} is "
                   f"{ratio(r['qps_single'], best_single)} the faster library's, called directly")
+        if r.get("raw"):
+            print(f"{r['lib']}: pgvector called directly at ef {r['raw']['ef']}: recall {r['raw']['recall']:.3f}, "
+                  f"{r['raw']['qps_single']:.0f} q/s; ours through the API "
+                  f"{ratio(r['qps_single'], r['raw']['qps_single'])}")
     print("\nfeatures")
     for r in ok:
         checks = {k: round(v, 4) if isinstance(v, float) else v for k, v in r["features"].items()}
@@ -130,6 +134,8 @@ def main() -> None:
     ap.add_argument("--json", help="also write the results to this file")
     ap.add_argument("--no-ours", action="store_true", help="skip mlwarehouse's embedded engine")
     ap.add_argument("--no-pgvector", action="store_true", help="skip mlwarehouse's pgvector engine")
+    ap.add_argument("--pg-shared-buffers", default="4GB", help="the benchmark server's shared_buffers (pgvector asks "
+                    "for the index to fit: 1M x 128 is about 1.4 GB of index and 0.7 GB of vectors)")
     args = ap.parse_args()
 
     start = time.perf_counter()

@@ -9,7 +9,11 @@ import mlwarehouse
 from mlwarehouse.errors import IntegrityError, VectorIndexError
 from mlwarehouse.vectors import mirror as mirrors
 from mlwarehouse.vectors import spec as specs
-from mlwarehouse.vectors.engines import ExactEngine, HnswEngine, exact_top
+from mlwarehouse.vectors.engines import ExactEngine, exact_top
+from mlwarehouse.vectors.faiss_graph import FaissGraph
+from mlwarehouse.vectors.hnswlib_graph import HnswlibGraph
+
+GRAPHS = [FaissGraph, HnswlibGraph]
 
 
 def _brute(matrix, queries, k, metric):
@@ -34,29 +38,49 @@ def test_exact_top_matches_brute_force_across_blocks(monkeypatch, metric, rows):
     assert (labels[:, rows:] == -1).all() and np.isneginf(scores[:, rows:]).all()
 
 
-def test_hnsw_round_trips_through_its_arrays_and_keeps_growing():
+@pytest.mark.parametrize("graph", GRAPHS, ids=lambda g: g.kind)
+@pytest.mark.parametrize("metric", ["l2", "ip"])
+def test_a_graph_round_trips_through_its_arrays_and_keeps_growing(graph, metric):
     rng = np.random.default_rng(1)
     x = rng.standard_normal((3000, 24)).astype(np.float32)
-    engine = HnswEngine(24, "l2", {"M": 16, "ef_construction": 80})
-    engine.add(x)
+    engine = graph(24, metric, {"M": 16, "ef_construction": 80})
+    engine.add(x[:1800])
+    engine.add(x[1800:])  # a second batch: the graph grows (hnswlib past its first capacity)
     q = x[:20] + 0.01
     before = engine.search(q, 5)
-    again = HnswEngine.from_arrays(engine.to_arrays(), 24, "l2", {"M": 16, "ef_construction": 80})
+    if metric == "l2":
+        assert (before[1][:, 0] == np.arange(20)).all()  # each point's nearest is itself
+    arrays = engine.to_arrays()
+    assert np.array_equal(arrays["vectors"], x)  # by label, whatever order the graph keeps its nodes in
+    again = graph.from_arrays(arrays, 24, metric, {"M": 16, "ef_construction": 80})
     after = again.search(q, 5)
     assert np.array_equal(before[1], after[1]) and np.allclose(before[0], after[0])
     assert again.add(x[:3]) == 3000 and again.size == 3003
+    assert np.array_equal(again.gather(np.array([3001, 7])), x[[1, 7]])
     mask = np.zeros(again.size, dtype=bool)
     mask[::3] = True
     _, labels = again.search(q, 5, allowed=mask)
     assert ((labels % 3 == 0) | (labels == -1)).all()
+    none = np.zeros(again.size, dtype=bool)
+    none[[4, 9]] = True
+    scores, labels = again.search(q[:2], 5, allowed=none)  # fewer allowed than asked for
+    assert set(labels[labels >= 0].tolist()) <= {4, 9} and np.isneginf(scores[labels < 0]).all()
 
 
-@pytest.mark.parametrize("damage", ["neighbour out of range", "offsets", "levels", "entry", "dtype", "missing"])
-def test_crafted_graph_arrays_are_refused_before_faiss_reads_them(damage):
-    rng = np.random.default_rng(2)
-    engine = HnswEngine(8, "ip", {"M": 8})
-    engine.add(rng.standard_normal((200, 8)).astype(np.float32))
-    arrays = {k: v.copy() for k, v in engine.to_arrays().items()}
+def test_hnswlib_skips_removed_labels_without_a_filter_and_after_a_round_trip():
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((2000, 16)).astype(np.float32)
+    engine = HnswlibGraph(16, "l2", {"M": 8, "ef_construction": 60})
+    engine.add(x)
+    engine.remove([0, 1, 2])
+    assert engine.removes and not set(engine.search(x[:3], 10)[1].ravel().tolist()) & {0, 1, 2}
+    again = HnswlibGraph.from_arrays(engine.to_arrays(), 16, "l2", {"M": 8, "ef_construction": 60})
+    assert 0 in again.search(x[:1], 1)[1]  # marks are not stored: the mirror marks its dead labels again
+    again.remove([0])
+    assert 0 not in again.search(x[:1], 10)[1]
+
+
+def _damaged_faiss(arrays, damage):
     if damage == "neighbour out of range":
         arrays["neighbors"][5] = 10 ** 9
     elif damage == "offsets":
@@ -69,8 +93,43 @@ def test_crafted_graph_arrays_are_refused_before_faiss_reads_them(damage):
         arrays["neighbors"] = arrays["neighbors"].astype(np.int64)
     else:
         del arrays["offsets"]
+
+
+def _damaged_hnswlib(arrays, damage):
+    upper = arrays["upper"].reshape(-1, 9)  # M=8: a count and 8 links per upper level
+    if damage == "neighbour out of range":
+        arrays["links0"][5, 1] = 10 ** 9
+    elif damage == "count":
+        arrays["links0"][5, 0] = 17  # more links than level 0 holds (2 M): hnswlib would read the next node's
+    elif damage == "upper link to a lower node":
+        low = int(np.flatnonzero(arrays["levels"] == 0)[0])
+        upper[0, 0], upper[0, 1] = max(upper[0, 0], 1), low  # hnswlib would read that node's missing level
+    elif damage == "levels":
+        arrays["levels"][0] += 1  # the upper lists no longer add up
+    elif damage == "labels":
+        arrays["labels"][1] = arrays["labels"][0]  # a label twice
+    elif damage == "entry":
+        arrays["entry"][0] = 5000
+    elif damage == "dtype":
+        arrays["links0"] = arrays["links0"].astype(np.int64)
+    else:
+        del arrays["upper"]
+
+
+_DAMAGES = [(FaissGraph, d) for d in ("neighbour out of range", "offsets", "levels", "entry", "dtype", "missing")] + \
+    [(HnswlibGraph, d) for d in ("neighbour out of range", "count", "upper link to a lower node", "levels", "labels",
+                                 "entry", "dtype", "missing")]
+
+
+@pytest.mark.parametrize("graph,damage", _DAMAGES, ids=[f"{g.kind}-{d}" for g, d in _DAMAGES])
+def test_crafted_graph_arrays_are_refused_before_the_library_reads_them(graph, damage):
+    rng = np.random.default_rng(2)
+    engine = graph(8, "ip", {"M": 8})
+    engine.add(rng.standard_normal((400, 8)).astype(np.float32))
+    arrays = {k: v.copy() for k, v in engine.to_arrays().items()}
+    (_damaged_faiss if graph is FaissGraph else _damaged_hnswlib)(arrays, damage)
     with pytest.raises(IntegrityError):
-        HnswEngine.from_arrays(arrays, 8, "ip", {"M": 8})
+        graph.from_arrays(arrays, 8, "ip", {"M": 8})
 
 
 def _collection(tmp_path, n=400, dims=8, name="pts"):
@@ -104,6 +163,33 @@ def test_reopening_loads_the_snapshot_and_replays_only_what_came_after(tmp_path)
     assert stats["loaded_from"] == "snapshot" and stats["vectors"] == 399
     found = [d["_id"] for d in other.find({"g": 1}, vector=x[0], n=3)]
     assert found[0] == "late" and "d1" not in found
+
+
+@pytest.mark.parametrize("kind,reopened_as", [("hnswlib", "hnswlib"), ("hnsw", "hnsw"), ("hnswlib", "hnsw"),
+                                               ("hnsw", "hnswlib")])
+def test_each_graph_skips_dead_labels_and_reopens_from_a_snapshot_of_either(tmp_path, monkeypatch, kind,
+                                                                            reopened_as):
+    """Dead labels never come back from the fast path (hnswlib marks them deleted, faiss filters them out), and a
+    snapshot stored by one graph library is loaded by it, or rebuilt from its vectors where only the other is."""
+    from mlwarehouse.vectors import faiss_graph, hnswlib_graph
+    monkeypatch.setattr(mirrors, "best_kind", lambda: kind)
+    wh, c, x = _collection(tmp_path, n=600)
+    index = c.create_vector_index("v", field="v")
+    c.delete_many({"_id": {"$in": ["d1", "d2"]}})
+    c.update_one({"_id": "d3"}, {"$set": {"v": -x[3]}})
+    ids = index.search(x[1:4], 5)
+    assert index.stats()["kind"] == kind and index.stats()["dead"] == 3
+    assert not {"d1", "d2"} & {i for r in ids for i in r.ids} and "d3" not in ids[2].ids
+    assert index.backend.save()
+    monkeypatch.setattr(mirrors, "best_kind", lambda: reopened_as)
+    if reopened_as != kind:  # the library that stored it is not installed where it is opened
+        monkeypatch.setattr(faiss_graph if kind == "hnsw" else hnswlib_graph, "available", lambda: False)
+    other = mlwarehouse.connect(home=tmp_path / "wh").collection("pts").vector_index("v")
+    assert other.stats()["loaded_from"] == "snapshot" and other.stats()["kind"] == reopened_as
+    again = other.search(x[1:4], 5)
+    assert not {"d1", "d2"} & {i for r in again for i in r.ids} and "d3" not in again[2].ids
+    assert [r.ids[0] for r in again] == [r.ids[0] for r in ids]
+    assert other.search(-x[3], 1)[0].ids == ["d3"]
 
 
 def test_dead_labels_are_compacted_away(tmp_path, monkeypatch):
@@ -141,9 +227,7 @@ def test_documents_without_a_vector_or_with_a_wrong_one_are_left_out(tmp_path):
 
 
 def test_exact_engine_is_used_without_the_ann_library(tmp_path, monkeypatch):
-    from mlwarehouse.vectors import engines
-    monkeypatch.setattr(engines, "ann_available", lambda: False)
-    monkeypatch.setattr(mirrors, "ann_available", lambda: False)
+    monkeypatch.setattr(mirrors, "best_kind", lambda: "exact")
     wh, c, x = _collection(tmp_path, n=200)
     index = c.create_vector_index("v", field="v")
     assert index.stats()["kind"] == "exact"

