@@ -60,3 +60,32 @@ def test_hnsw_cosine_nearest_with_an_iterative_scan(vector_dsn):
         assert con.execute(filtered, ("[0,1,0]",)).fetchone() == (300,)
         rare = "SELECT id FROM items WHERE kind = 'rare' ORDER BY embedding <=> %s::vector LIMIT 1"
         assert con.execute(rare, ("[1,0,0]",)).fetchall() == [(999,)]
+
+
+def test_our_graph_statement_is_served_by_the_hnsw_index(vector_dsn, postgres_server, tmp_path):  # noqa: F811
+    """The statement of a graph search orders by its distance column (the query vector is one binary parameter),
+    and PostgreSQL still answers it with the HNSW index scan, with and without a filter."""
+    import numpy as np
+
+    import mlwarehouse
+    from mlwarehouse.index.pgvectors import _Query
+    from mlwarehouse.testing.backend_sets import postgres_schema
+    x = np.random.default_rng(5).standard_normal((3000, 8)).astype(np.float32)
+    with postgres_schema(postgres_server) as uri:  # vector_dsn: only to skip where pgvector is missing
+        wh = mlwarehouse.connect(uri, blobs=str(tmp_path / "blobs"))
+        c = wh.collection("items")
+        c.insert_many({"_id": f"d{i}", "v": x[i], "g": i % 3} for i in range(len(x)))
+        index = c.create_vector_index("v", field="v", engine="pgvector")
+        store, name, table = index.backend.store, index.backend.name, c.table.name
+        for flt, first in ((None, "d7"), ({"g": 1}, "d7"), ({"g": 2}, None)):
+            sql, params = store._graph_statement(name, table, store.index._scalar_fields(table),
+                                                 store._op("cosine"), flt, "d.doc ->> '_rev'")
+            assert sql.count("%s") == 2 + len(params)  # the vector, the filter's values, the limit
+            with store.index._connection() as con:
+                store._prepare(con, (40, 1000))
+                plan = "\n".join(r[0] for r in con.execute("EXPLAIN " + sql, [_Query(x[7]), *params, 10]))
+            assert f"Index Scan using vx_{name}" in plan, plan
+            found = index.search(x[7], 5, flt)[0].ids
+            assert len(found) == 5 and (first is None or found[0] == first)
+            assert flt is None or all(int(i[1:]) % 3 == flt["g"] for i in found)
+        wh.close()

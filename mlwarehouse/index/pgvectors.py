@@ -18,6 +18,7 @@ import functools
 import json
 import os
 import re
+import struct
 import weakref
 from collections.abc import Iterable, Sequence
 
@@ -58,6 +59,32 @@ def _format(dims: int) -> str:
     return "[" + ",".join(["%.9g"] * dims) + "]"
 
 
+class _Query:
+    """A query vector as a statement's parameter, sent in pgvector's binary form (dimensions, then big-endian
+    float32): a tenth of the bytes of its text, and nothing for the server to parse."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, vector: np.ndarray):
+        values = np.asarray(vector, dtype=np.float32).reshape(-1)
+        self.data = struct.pack(">HH", len(values), 0) + values.astype(">f4").tobytes()
+
+
+def _query_dumper(oid: int):
+    """A psycopg dumper of :class:`_Query` for the ``vector`` type of one database (its oid)."""
+    from psycopg.adapt import Dumper
+    from psycopg.pq import Format
+
+    class QueryDumper(Dumper):
+        format = Format.BINARY
+
+        def dump(self, obj: _Query) -> bytes:
+            return obj.data
+
+    QueryDumper.oid = oid
+    return QueryDumper
+
+
 def _literal(vector: np.ndarray) -> str:
     """A vector as pgvector's text: nine significant digits give every float32 back exactly (pgvector reads it as
     float4), in one formatting call (a tenth of the time of a repr per value, paid once per search and per row)."""
@@ -72,6 +99,7 @@ class PgVectors:
         self.index, self.schema, self.version = index, schema, version
         self._type = f'"{schema}".vector'
         self._session: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # connection -> scan settings
+        self._dumper = None  # of query vectors, made when the first search learns the vector type's oid
 
     @classmethod
     def probe(cls, index) -> "PgVectors | None":
@@ -199,45 +227,62 @@ class PgVectors:
         ``documents``: the document's ``_rev`` in place of its JSON), nearest first, and whether the HNSW scan
         answered (False: it came back short, or ``exact`` asked for it, so this was an exact scan: of the
         documents the filter selects, through the collection's own indexes where it has them)."""
-        from mlwarehouse.index.sql.compiler import Compiler
         scalars = self.index._scalar_fields(collection)
         if scalars is None:
             return [], True
-        op, q = self._op(metric), _literal(query)
+        op, q = self._op(metric), _Query(query)
         out = "d.doc::text" if documents else "d.doc ->> '_rev'"
         if exact and filter:
             return self._exact(name, collection, filter, op, q, n, out), False
-        c = Compiler(self.index.dialect, scalar_fields=scalars)
-        where = c.where(parse_filter(filter or {}))
-        base = (f"SELECT v.doc_id, v.rev, v.embedding {op} %s::{self._type} AS dist, {out} "
-                f"FROM {self._table(name)} v JOIN {self.index._table(collection)} d ON d.id = v.doc_id "
-                f"WHERE {where} ORDER BY ")
+        sql, params = self._graph_statement(name, collection, scalars, op, filter, out)
         with self.index._connection() as con:
-            # the scan's settings live in the pooled connection's session, set again only when they change (no
-            # transaction round trips per search); nothing else reads them
-            want = (max(int(ef), int(n), 10), _MAX_SCAN)
-            if self._session.get(con) != want:
-                con.execute(f"SET hnsw.ef_search = {want[0]}; SET hnsw.iterative_scan = relaxed_order; "
-                            f"SET hnsw.max_scan_tuples = {want[1]}")
-                self._session[con] = want
-            rows = con.execute(base + f"v.embedding {op} %s::{self._type} LIMIT %s",
-                               [q, *c.params, q, n]).fetchall()
+            self._prepare(con, (max(int(ef), int(n), 10), _MAX_SCAN))
+            rows = con.execute(sql, [q, *params, n]).fetchall()
             rows.sort(key=lambda r: r[2])  # relaxed order: the scan may return a near one after a nearer one
         if len(rows) >= n or not filter:
             return rows, True
         # short: fewer matches than n, or the scan gave up first; an exact scan of the matches tells which
         return self._exact(name, collection, filter, op, q, n, out), False
 
-    def _exact(self, name: str, collection: str, filter: dict, op: str, q: str, n: int, out: str) -> list:
+    def _graph_statement(self, name: str, collection: str, scalars, op: str, filter: dict | None, out: str
+                         ) -> tuple[str, list]:
+        """The HNSW scan joined to the documents and filtered there; its parameters are the query vector, the
+        filter's values and the limit. Ordered by the distance's column, which the scan serves (the query vector
+        is sent once)."""
+        from mlwarehouse.index.sql.compiler import Compiler
+        c = Compiler(self.index.dialect, scalar_fields=scalars)
+        where = c.where(parse_filter(filter or {}))
+        return (f"SELECT v.doc_id, v.rev, v.embedding {op} %s AS dist, {out} "
+                f"FROM {self._table(name)} v JOIN {self.index._table(collection)} d ON d.id = v.doc_id "
+                f"WHERE {where} ORDER BY dist LIMIT %s"), list(c.params)
+
+    def _prepare(self, con, want: tuple[int, int] | None = None) -> None:
+        """Ready a pooled connection for searches: the query vectors' dumper, and the scan's settings (in the
+        connection's session, set again only when they change: no transaction round trips per search; nothing
+        else reads them)."""
+        held = self._session.get(con)
+        if held is None:
+            if self._dumper is None:
+                oid = con.execute(f"SELECT '{self._type}'::regtype::oid").fetchone()[0]
+                self._dumper = _query_dumper(oid)
+            con.adapters.register_dumper(_Query, self._dumper)
+            held = self._session[con] = ()
+        if want is not None and held != want:
+            con.execute(f"SET hnsw.ef_search = {want[0]}; SET hnsw.iterative_scan = relaxed_order; "
+                        f"SET hnsw.max_scan_tuples = {want[1]}")
+            self._session[con] = want
+
+    def _exact(self, name: str, collection: str, filter: dict, op: str, q: _Query, n: int, out: str) -> list:
         """The ``n`` nearest of the documents ``filter`` selects, each one's distance computed: the documents are
         selected as a find selects them (through the collection's indexes where they serve), their vectors read
         by primary key, and only the nearest ``n`` joined to their documents. The order is by the distance plus
         zero, which the HNSW index cannot serve, so no plan walks the graph (turning index scans off, as before,
         also turned off those lookups)."""
         ids_sql, params = self.index._ids_statement(collection, filter)
-        nearest = (f"SELECT v.doc_id, v.rev, (v.embedding {op} %s::{self._type}) + 0 AS dist "
+        nearest = (f"SELECT v.doc_id, v.rev, (v.embedding {op} %s) + 0 AS dist "
                    f"FROM {self._table(name)} v WHERE v.doc_id IN ({ids_sql}) ORDER BY dist LIMIT %s")
         with self.index._connection() as con:
+            self._prepare(con)
             return con.execute(f"SELECT t.doc_id, t.rev, t.dist, {out} FROM ({nearest}) t "
                                f"JOIN {self.index._table(collection)} d ON d.id = t.doc_id ORDER BY t.dist",
                                [q, *params, n]).fetchall()
