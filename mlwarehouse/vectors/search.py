@@ -183,9 +183,9 @@ class Planner:
         if not filter:
             k = min(n, m.count)
             scores, labels = m.engine.search(queries, k, allowed=self._alive(), ef=max(ef, k))
-            out = self._batch(scores, labels, None, "graph" if m.engine.graph else "exact", n)
-            if labels[:, -1].min() < 0:  # a walk found fewer than there are (engines fill rows best first): scan
-                short = np.flatnonzero(labels[:, -1] < 0)
+            short: list[int] = []
+            out = self._batch(scores, labels, None, "graph" if m.engine.graph else "exact", n, short=short)
+            if short:  # a walk found fewer than there are: scan those exactly
                 for j, res in zip(short, self._exact(queries[short], k, m.alive, None, n)):
                     out[j] = res
             return out
@@ -244,16 +244,20 @@ class Planner:
     def _results(self, scores, labels, matched, plan, n, **extra) -> Results:
         return self._batch(scores[None, :], labels[None, :], matched, plan, n, **extra)[0]
 
-    def _batch(self, scores, labels, matched, plan, n, **extra) -> list[Results]:
+    def _batch(self, scores, labels, matched, plan, n, short: list | None = None, **extra) -> list[Results]:
         """Rows of engine scores and labels as results: scores converted once for the whole batch, labels named
-        by document id (slots the engine left empty, label -1, dropped)."""
+        by document id (slots the engine left empty, label -1, dropped; engines fill a row best first, so a row
+        with an empty slot ends with one, and its position goes to ``short``)."""
         ids = self.mirror.ids
         complete = matched is None or matched >= n
         out = []
-        for s_row, l_row in zip(user_scores(scores, self.mirror.spec.metric).tolist(), labels.tolist()):
-            if l_row and min(l_row) < 0:
+        for row, (s_row, l_row) in enumerate(zip(user_scores(scores, self.mirror.spec.metric).tolist(),
+                                                 labels.tolist())):
+            if l_row and l_row[-1] < 0:
                 s_row = [s for s, lab in zip(s_row, l_row) if lab >= 0]
                 l_row = [lab for lab in l_row if lab >= 0]
+                if short is not None:
+                    short.append(row)
             out.append(Results(None, matched, plan, complete, dict(extra) if extra else None,
                                ids=[ids[lab] for lab in l_row], scores=s_row))
         return out
