@@ -16,6 +16,7 @@ which every reader already reaches, and a cache needs a folder and disk space th
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import parse_qsl, unquote, urlencode, urlparse
@@ -26,6 +27,8 @@ __all__ = ["Settings", "resolve", "open_index", "open_blobs", "DEFAULT_HOME"]
 
 DEFAULT_HOME = ".mlwarehouse"
 _POSTGRES_SCHEMES = ("postgresql", "postgres")
+#: libpq's "host=... dbname=..." form, which would otherwise name a folder
+_CONNINFO = re.compile(r"^\s*(host|hostaddr|port|dbname|user|password|service|sslmode|options)\s*=\S*(\s+\w+\s*=|\s*$)")
 _MONGO_SCHEMES = ("mongodb", "mongodb+srv")  # a MongoDB URI names the index and, by default, GridFS blobs there
 
 
@@ -50,6 +53,9 @@ def _sqlite_path(uri: str) -> Path | None:
         return Path(unquote(rest)).absolute()
     if "://" in uri:
         return None
+    if _CONNINFO.match(uri):  # not a folder: never make one named after a password
+        raise ConfigError("the index location looks like a PostgreSQL key=value connection string; write it as a "
+                          "URI: postgresql://user:password@host:port/dbname")
     path = Path(uri).expanduser().absolute()
     return path / "index.sqlite" if path.suffix not in (".sqlite", ".db", ".sqlite3") else path
 

@@ -151,3 +151,19 @@ def test_a_blob_folder_under_a_file_is_a_config_error(tmp_path):
     (tmp_path / "file").write_text("not a folder")
     with pytest.raises(ConfigError, match="is a file"):
         mlwarehouse.connect(str(tmp_path / "wh"), blobs=str(tmp_path / "file" / "blobs"))
+
+
+@pytest.mark.parametrize("conninfo", ["host=127.0.0.1 port=5432 dbname=mlw user=mlw password=s3cret",
+                                      "dbname=mlw", "user=mlw  host=/run/postgresql"])
+def test_a_key_value_connection_string_is_refused_not_made_a_folder(tmp_path, monkeypatch, conninfo):
+    """libpq's key=value form is not a URI: it used to become a local folder (named after its password)."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match="postgresql://") as info:
+        mlwarehouse.connect(conninfo, blobs=str(tmp_path / "blobs"))
+    assert "s3cret" not in str(info.value) and list(tmp_path.iterdir()) == []
+
+
+def test_a_folder_whose_name_holds_an_equals_sign_is_still_a_folder(tmp_path):
+    wh = mlwarehouse.connect(str(tmp_path / "runs=3"))
+    wh.collection("c").insert_one({"_id": "a"})
+    assert (tmp_path / "runs=3" / "index.sqlite").exists()
