@@ -43,6 +43,14 @@ def available() -> bool:
     return _available
 
 
+def _cores() -> int:
+    """The cores this process may run on (not the machine's: a container may get fewer)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 class HnswlibGraph:
     """hnswlib's graph over float32 vectors; ``ip`` (for cosine and inner product) or ``l2`` space."""
 
@@ -82,7 +90,7 @@ class HnswlibGraph:
                 self.index.init_index(max_elements=capacity, M=self.m, ef_construction=self.ef_construction,
                                       random_seed=100)
             self._capacity = capacity
-        threads = (os.cpu_count() or 1) if len(vectors) >= _THREADED else 1
+        threads = _cores() if len(vectors) >= _THREADED else 1
         self.index.add_items(np.ascontiguousarray(vectors, dtype=np.float32), np.arange(first, need),
                              num_threads=threads)
         return first
@@ -134,7 +142,9 @@ class HnswlibGraph:
         last mask (the planner reuses one mask across a stream of queries under a filter)."""
         held = self._filter
         if held is None or held[0] is not allowed:
-            held = self._filter = (allowed, allowed[:self.size].tolist().__getitem__)
+            flags = allowed[:self.size].tolist()
+            flags += [False] * (self.size - len(flags))  # labels added after the mask was made are not in it
+            held = self._filter = (allowed, flags.__getitem__)
         return held[1]
 
     @property
