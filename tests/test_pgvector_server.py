@@ -77,13 +77,14 @@ def test_our_graph_statement_is_served_by_the_hnsw_index(vector_dsn, postgres_se
         c.insert_many({"_id": f"d{i}", "v": x[i], "g": i % 3} for i in range(len(x)))
         index = c.create_vector_index("v", field="v", engine="pgvector")
         store, name, table = index.backend.store, index.backend.name, c.table.name
-        for flt, first in ((None, "d7"), ({"g": 1}, "d7"), ({"g": 2}, None)):
+        for flt, first, out in ((None, "d7", None), (None, "d7", "d.doc::text"), ({"g": 1}, "d7", "d.doc ->> '_rev'"),
+                                ({"g": 2}, None, "d.doc ->> '_rev'")):
             sql, params = store._graph_statement(name, table, store.index._scalar_fields(table),
-                                                 store._op("cosine"), flt, "d.doc ->> '_rev'")
-            assert sql.count("%s") == 2 + len(params)  # the vector, the filter's values, the limit
+                                                 store._op("cosine"), flt, out, 10)
+            assert sql.count("%s") == 1 + len(params) and "LIMIT 10" in sql  # the vector, the filter's values
             with store.index._connection() as con:
                 store._prepare(con, (40, 1000))
-                plan = "\n".join(r[0] for r in con.execute("EXPLAIN " + sql, [_Query(x[7]), *params, 10]))
+                plan = "\n".join(r[0] for r in con.execute("EXPLAIN " + sql, [_Query(x[7]), *params]))
             assert f"Index Scan using vx_{name}" in plan, plan
             found = index.search(x[7], 5, flt)[0].ids
             assert len(found) == 5 and (first is None or found[0] == first)

@@ -7,7 +7,9 @@ the position it reached in the index's record, where the next process to open th
 
 A search is one SQL statement (the HNSW scan joined to the documents and filtered there, with iterative scans);
 its rows carry the document as stored, so verification costs nothing extra: a row whose document's ``_rev`` is not
-the vector's is rescored from the document's current vector and the table corrected.
+the vector's is rescored from the document's current vector and the table corrected. The fast path without a
+filter (:meth:`VectorIndex.search`: ids and scores) reads the scan alone, as of the last refresh, as the embedded
+engine's does; ``find`` always verifies.
 """
 
 from __future__ import annotations
