@@ -275,3 +275,27 @@ def test_of_two_snapshots_saved_at_once_the_newer_stays(tmp_path):
     assert specs.find(c, "v")["snapshot"]["position"] == index.backend.position
     fresh = mlwarehouse.connect(home=tmp_path / "wh").collection("pts").vector_index("v")
     assert fresh.stats()["vectors"] == 101 and fresh.stats()["loaded_from"] == "snapshot"
+
+
+def test_the_index_definition_is_looked_up_once_per_refresh_interval(tmp_path, monkeypatch):
+    """Every search asks for its index: the definition is read again only once the refresh interval has passed
+    (this process's drops and creations at once), so another process's new default shows as late as its writes."""
+    from mlwarehouse.vectors import tracking
+    wh, c, x = _collection(tmp_path, n=100)
+    first = c.create_vector_index("first", field="v")
+    calls = []
+    real = specs.get
+    monkeypatch.setattr(specs, "get", lambda *a, **k: calls.append(a[1:]) or real(*a, **k))
+    monkeypatch.setattr(tracking, "REFRESH_SECONDS", 60.0)
+    for _ in range(5):
+        assert c.find(vector=x[1], n=1)[0]["_id"] == "d1"
+    assert c.vector_index() is first and len(calls) == 1
+    other = mlwarehouse.connect(home=tmp_path / "wh").collection("pts")
+    other.drop_vector_index("first")
+    other.create_vector_index("second", field="v", metric="l2")
+    assert c.vector_index() is first  # within the interval: the lookup made before
+    monkeypatch.setattr(tracking, "REFRESH_SECONDS", 0.0)
+    assert c.vector_index().name == "second" and c.find(vector=x[2], n=1)[0]["_id"] == "d2"
+    c.drop_vector_index("second")
+    with pytest.raises(mlwarehouse.errors.NotFound):
+        c.vector_index()

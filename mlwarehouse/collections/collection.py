@@ -13,6 +13,7 @@ lose nothing, ``$inc`` stays atomic, and the blobs a write stops referring to ar
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Iterator, Mapping
 from itertools import islice
 from typing import Any
@@ -59,6 +60,7 @@ class Collection:
         self._table = None
         self.codecs = Codecs(catalog)
         self._vector_indexes: dict[str, Any] = {}
+        self._index_lookups: dict[str | None, tuple[float, Any]] = {}  # name -> (when looked up, the index)
 
     def __repr__(self) -> str:
         return f"<Collection {self.name!r} of project {self.project.name!r}>"
@@ -377,17 +379,26 @@ class Collection:
         spec = specs.create(self, name, listener=listener, field=field, metric=metric, dims=dims, engine=engine,
                             options=options, default_engine=_default_engine(self))
         index = self._vector_indexes[name] = VectorIndex(self, spec)
+        self._index_lookups.clear()
         index.backend  # built (or, for pgvector, filled) before this returns
         return index
 
     def vector_index(self, name: str | None = None):
-        """A vector index by name (default: the collection's first)."""
+        """A vector index by name (default: the collection's first). Its definition is looked up again once
+        the index's refresh interval has passed (a lookup is a query: every search asks for its index), so
+        another process's drop or new default is seen as late as its writes are; this process's at once."""
         from mlwarehouse.vectors import spec as specs
+        from mlwarehouse.vectors import tracking
         from mlwarehouse.vectors.index import VectorIndex
+        now = time.monotonic()
+        looked = self._index_lookups.get(name)
+        if looked is not None and now - looked[0] < tracking.REFRESH_SECONDS:
+            return looked[1]
         spec = specs.get(self, name)
         held = self._vector_indexes.get(spec.name)
         if held is None or held.spec.id != spec.id:  # dropped and made again by another process
             held = self._vector_indexes[spec.name] = VectorIndex(self, spec)
+        self._index_lookups[name] = (now, held)
         return held
 
     def _wrote(self) -> None:
@@ -409,6 +420,7 @@ class Collection:
             drop_table(self, index.spec)
         specs.remove(self, name)
         self._vector_indexes.pop(name, None)
+        self._index_lookups.clear()
 
     # -- data types ---------------------------------------------------------------------------------------
     def register_type(self, name: str, encode: Any, decode: Any, *, instance_of: Any = None, description: str = "",
