@@ -90,3 +90,32 @@ def test_our_graph_statement_is_served_by_the_hnsw_index(vector_dsn, postgres_se
             assert len(found) == 5 and (first is None or found[0] == first)
             assert flt is None or all(int(i[1:]) % 3 == flt["g"] for i in found)
         wh.close()
+
+
+def test_an_exact_plan_is_chosen_for_few_matches_and_the_graph_past_the_square_root(vector_dsn, postgres_server,
+                                                                                    tmp_path):  # noqa: F811
+    """Below about 11 sqrt(documents) matches of an indexed field the search is exact; above, the iterative graph
+    scan (cheaper there on pgvector, though the embedded engine would still scan them exactly)."""
+    import numpy as np
+
+    import mlwarehouse
+    from mlwarehouse.testing.backend_sets import postgres_schema
+    x = np.random.default_rng(6).standard_normal((3000, 8)).astype(np.float32)  # 11 sqrt(3000): 602
+    with postgres_schema(postgres_server) as uri:
+        wh = mlwarehouse.connect(uri, blobs=str(tmp_path / "blobs"))
+        c = wh.collection("items")
+        c.insert_many({"_id": f"d{i}", "v": x[i], "g": i % 3, "rare": i % 100 == 0} for i in range(len(x)))
+        c.create_index("g")
+        c.create_index("rare")
+        c.create_vector_index("v", field="v", engine="pgvector")
+        for flt, plan, allowed in (({"rare": True}, "exact", np.arange(0, 3000, 100)),
+                                   ({"g": 1}, "graph", np.arange(1, 3000, 3))):
+            same = 0
+            for q in x[:10]:
+                found = c.find(flt, {"_id": 1}, vector=q, n=5)
+                ids = [int(d["_id"][1:]) for d in found]
+                assert found.plan == plan and len(ids) == 5 and set(ids) <= set(allowed.tolist())
+                scores = x[allowed] @ q / np.linalg.norm(x[allowed], axis=1)
+                same += len(set(ids) & set(allowed[np.argsort(-scores)[:5]].tolist()))
+            assert same == 50 if plan == "exact" else same >= 45, (plan, same)
+        wh.close()

@@ -2,10 +2,11 @@
 
 - :class:`ExactEngine`: the vectors in one float32 matrix; exact top-k by batched matrix products (numpy). Always
   available, exact by construction, and what the planner uses for small candidate sets of any engine.
-- Graphs (HNSW), chosen by measurement (``benchmarks/vectors.py``, 1M x 128, recall@10 0.95, one query per call):
-  :class:`~mlwarehouse.vectors.hnswlib_graph.HnswlibGraph` when hnswlib is installed (the ``hnswlib`` extra: the
-  fastest, 1.00x), else :class:`~mlwarehouse.vectors.faiss_graph.FaissGraph` (the ``vectors`` extra, wheels on
-  every platform: 0.74x), else exact. usearch measured 0.37x at 200k and is not used.
+- Graphs (HNSW), chosen by measurement (``benchmarks/vectors.py``, 128 dimensions, recall@10 0.95, one query per
+  call): :class:`~mlwarehouse.vectors.hnswlib_graph.HnswlibGraph` when hnswlib is installed (the ``hnswlib``
+  extra: the fastest, 1.00x), else :class:`~mlwarehouse.vectors.faiss_graph.FaissGraph` (the ``vectors`` extra,
+  wheels on every platform: 0.69x hnswlib's queries/s at 200k vectors, 0.90x at 1M), else exact. usearch measured
+  0.37x at 200k and is not used.
 
 Every engine scores "higher is closer": the inner product (of normalised vectors, for cosine) or minus the squared
 L2 distance. Labels are never reused; the caller keeps which are alive, tells the engine which died (``remove``:
