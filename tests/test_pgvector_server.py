@@ -92,8 +92,7 @@ def test_our_graph_statement_is_served_by_the_hnsw_index(vector_dsn, postgres_se
         wh.close()
 
 
-def test_an_exact_plan_is_chosen_for_few_matches_and_the_graph_past_the_square_root(vector_dsn, postgres_server,
-                                                                                    tmp_path):  # noqa: F811
+def test_exact_for_few_matches_and_the_graph_past_the_square_root(vector_dsn, postgres_server, tmp_path):  # noqa: F811
     """Below about 11 sqrt(documents) matches of an indexed field the search is exact; above, the iterative graph
     scan (cheaper there on pgvector, though the embedded engine would still scan them exactly)."""
     import numpy as np
