@@ -68,6 +68,26 @@ def test_index_plan_serves_best_model_query(ix):
     assert best["acc"] == max(d["acc"] for d in ix.find("models", {"name": "mlp"}))
 
 
+def test_a_new_index_is_analyzed_and_one_already_there_is_not(ix, schema_dsn):
+    """create_index ANALYZEs the table when it makes an index (the planner then knows it pays), and costs nothing
+    when the index is there already (every process opening a vector index asks for its ``_rev`` index)."""
+    ix.insert_many("items", ({"_id": f"i{i:04d}", "k": i % 7} for i in range(500)))  # too few to ANALYZE on load
+    with psycopg.connect(schema_dsn, autocommit=True) as con:
+        con.execute("ALTER TABLE c_items SET (autovacuum_enabled = false)")
+
+        def rows():
+            return con.execute("SELECT reltuples FROM pg_class WHERE oid = 'c_items'::regclass").fetchone()[0]
+
+        assert rows() < 0  # never analyzed
+        ix.create_index("items", [("k", 1)])
+        assert rows() == 500
+        ix.insert_many("items", ({"_id": f"j{i:04d}", "k": i % 7} for i in range(300)))
+        ix.create_index("items", [("k", 1)])
+        assert rows() == 500
+        ix.create_index("items", [("k", -1), ("_id", 1)])
+        assert rows() == 800
+
+
 def test_sql_is_read_only(ix):
     ix.insert_many("c", docs(5))
     assert ix.sql("SELECT count(*) AS n FROM c_c WHERE (doc->>'i')::int > %s", [2]) == [{"n": 2}]

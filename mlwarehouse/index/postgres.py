@@ -172,10 +172,11 @@ class PostgresIndex(SQLIndex):
             seen[0], seen[1] = seen[0] + seen[1], 0
         return total
 
-    def create_index(self, collection: str, keys: Sequence[tuple[str, int]], *, unique: bool = False) -> None:
-        super().create_index(collection, keys, unique=unique)
+    def _index_made(self, collection: str) -> None:
+        """ANALYZE, so that the planner knows the new index pays (only for a new one: at 1M documents an ANALYZE
+        takes a second, and every process opening a vector index asks for its ``_rev`` index)."""
         with self._connection() as con:
-            con.execute(f'ANALYZE {self._table(collection)}')  # so that the planner knows the new index pays
+            con.execute(f'ANALYZE {self._table(collection)}')
 
     def _rewrite(self, *args: Any, **kwargs: Any) -> list[dict]:
         """A read-modify-write, tried again when PostgreSQL rolled it back to break a deadlock (its advice for

@@ -163,6 +163,10 @@ class SQLIndex(Statements, IndexBackend):
                 con.execute(f"UPDATE mlw_meta SET indexes = {p} WHERE collection = {p}",
                             (json.dumps(indexes), collection))
         self._fields_cache().pop(collection, None)  # seen by this process's next query at once
+        self._index_made(collection)
+
+    def _index_made(self, collection: str) -> None:
+        """After :meth:`create_index` made an index (not when it was there already): a backend's hook."""
 
     def indexes(self, collection: str) -> list[dict]:
         """The indexes created on a collection: ``{"name", "keys", "unique"}``."""
