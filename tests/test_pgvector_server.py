@@ -75,12 +75,16 @@ def test_our_graph_statement_is_served_by_the_hnsw_index(vector_dsn, postgres_se
         wh = mlwarehouse.connect(uri, blobs=str(tmp_path / "blobs"))
         c = wh.collection("items")
         c.insert_many({"_id": f"d{i}", "v": x[i], "g": i % 3} for i in range(len(x)))
+        c.create_index("g")  # before the vector index: its table copies "g" and filters it there
         index = c.create_vector_index("v", field="v", engine="pgvector")
         store, name, table = index.backend.store, index.backend.name, c.table.name
-        for flt, first, out in ((None, "d7", None), (None, "d7", "d.doc::text"), ({"g": 1}, "d7", "d.doc ->> '_rev'"),
-                                ({"g": 2}, None, "d.doc ->> '_rev'")):
+        assert index.backend.copied == {"g"}
+        for flt, first, out, copied in ((None, "d7", None, False), (None, "d7", "d.doc::text", False),
+                                        ({"g": 1}, "d7", "d.doc ->> '_rev'", False),
+                                        ({"g": 1}, "d7", "d.doc ->> '_rev'", True),
+                                        ({"g": 2}, None, "d.doc ->> '_rev'", True)):
             sql, params = store._graph_statement(name, table, store.index._scalar_fields(table),
-                                                 store._op("cosine"), flt, out, 10)
+                                                 store._op("cosine"), flt, out, 10, copied)
             assert sql.count("%s") == 1 + len(params) and "LIMIT 10" in sql  # the vector, the filter's values
             with store.index._connection() as con:
                 store._prepare(con, (40, 1000))

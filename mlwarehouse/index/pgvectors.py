@@ -1,15 +1,19 @@
 """Vector tables in PostgreSQL with pgvector: vectors beside a collection's table, searched with its filters.
 
-A vector table ``v_<name>(doc_id, rev, embedding vector(d))`` holds one vector per document of a collection, with
-the document's ``_rev`` it was read at, and an HNSW index (``m``, ``ef_construction``) for the metric. A search is
-one statement: the table's HNSW scan ordered by distance, joined to the collection's rows and filtered there with
-the same compiled filter every other query uses, with pgvector's **iterative index scans** (0.8+, in relaxed
-order, re-sorted here) so a filter that rejects most of the first candidates makes the scan go on instead of
-returning too few rows. When the scan
-still comes back short (a very selective filter), the same statement runs without the index: exact.
+A vector table ``v_<name>(doc_id, rev, embedding vector(d), doc json)`` holds one vector per document of a
+collection, with the document's ``_rev`` it was read at, and an HNSW index (``m``, ``ef_construction``) for the
+metric. ``doc`` is a copy of the document's *filtered fields* at that revision (the top-level fields of the
+collection's indexes, when the table was built), with the collection's indexes on them repeated
+(:meth:`PgVectors.copy_indexes`), so that a filter on those fields is one table's statement, as pgvector's own
+users write it: the HNSW scan with the filter on the same row, with pgvector's **iterative index scans** (0.8+, in
+relaxed order, re-sorted here) so a filter that rejects most of the first candidates makes the scan go on instead
+of returning too few rows; or, for few matches, an exact scan of the rows the filter's index selects. Any other
+filter is evaluated on the collection's own rows (joined by id). When a graph scan still comes back short (a very
+selective filter), an exact scan answers. Every statement joins its nearest rows to the collection's, so the
+caller sees each document's current revision (and re-checks, through the filter, those that moved).
 
-This module knows nothing of what the vectors mean; :mod:`mlwarehouse.vectors.pgvector` keeps them current.
-The columns are not called ``id`` or ``doc``, so the compiled filter names the collection's row unambiguously.
+This module knows nothing of what the vectors mean; :mod:`mlwarehouse.vectors.pgvector` keeps them current. A
+compiled filter names its table's ``doc`` column unqualified, so every statement keeps one ``doc`` in its scope.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 
 from mlwarehouse.errors import ConfigError, QueryError
+from mlwarehouse.index.sql.compiler import index_expressions
 from mlwarehouse.query.filters import parse_filter
 
 __all__ = ["PgVectors", "OPS", "MINIMUM_VERSION"]
@@ -126,7 +131,8 @@ class PgVectors:
         with self.index._transaction() as con:
             self.index._lock_ddl(con)
             con.execute(f'CREATE TABLE IF NOT EXISTS {table} (doc_id TEXT COLLATE "C" PRIMARY KEY, '
-                        f'rev TEXT NOT NULL, embedding {self._type}({int(dims)}) NOT NULL)')
+                        f'rev TEXT NOT NULL, embedding {self._type}({int(dims)}) NOT NULL, doc json)')
+            con.execute(f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS doc json")  # a table made before copies
 
     def create_index(self, name: str, metric: str, *, dims: int, m: int, ef_construction: int) -> None:
         """The HNSW index (after a bulk fill: building it over the rows is faster than growing it row by row),
@@ -139,6 +145,29 @@ class PgVectors:
             con.execute(f'CREATE INDEX IF NOT EXISTS "vx_{name}" ON {table} USING hnsw '
                         f'(embedding "{self.schema}".{OPS[metric][1]}) WITH (m = {int(m)}, '
                         f'ef_construction = {int(ef_construction)})')
+
+    def copy_indexes(self, name: str, collection: str, fields: frozenset[str]) -> int:
+        """Repeat on the table's ``doc`` the collection's indexes whose fields it copies (the same expressions,
+        so the collection's plans serve it); returns how many it has."""
+        table, held, made = self._table(name), 0, 0
+        for ix in self.index.indexes(collection):
+            keys = [tuple(k) for k in ix["keys"]]
+            if not all(f.split(".")[0] in fields for f, _ in keys):
+                continue
+            held += 1
+            index = f'vf_{name}_{ix["name"].rsplit("_", 1)[-1]}'
+            with self.index._connection() as con:
+                if con.execute("SELECT to_regclass(%s) IS NOT NULL", (index,)).fetchone()[0]:
+                    continue
+            terms = index_expressions(keys, self.index.dialect)
+            with self.index._transaction() as con:
+                self.index._lock_ddl(con)
+                con.execute(f'CREATE INDEX IF NOT EXISTS "{index}" ON {table} ({", ".join(terms)})')
+            made += 1
+        if made:  # so that the planner weighs the new indexes against the graph
+            with self.index._connection() as con:
+                con.execute(f"ANALYZE {table}")
+        return held
 
     def drop(self, name: str) -> None:
         with self.index._transaction() as con:
@@ -160,22 +189,22 @@ class PgVectors:
                                        (part,)).fetchall())
         return out
 
-    def put(self, name: str, rows: Iterable[tuple[str, str, np.ndarray]]) -> int:
-        """Insert or replace vectors ``(doc_id, rev, vector)``."""
-        rows = [(i, r, _literal(v)) for i, r, v in rows]
+    def put(self, name: str, rows: Iterable[tuple[str, str, np.ndarray, str | None]]) -> int:
+        """Insert or replace vectors ``(doc_id, rev, vector, copied fields as JSON text or None)``."""
+        rows = [(i, r, _literal(v), d) for i, r, v, d in rows]
         if not rows:
             return 0
         table = self._table(name)
         with self.index._transaction() as con:
-            con.execute("CREATE TEMP TABLE IF NOT EXISTS mlw_vec_in (doc_id TEXT, rev TEXT, embedding TEXT) "
-                        "ON COMMIT DELETE ROWS")
-            with con.cursor().copy("COPY mlw_vec_in (doc_id, rev, embedding) FROM STDIN") as copy:
+            con.execute("CREATE TEMP TABLE IF NOT EXISTS mlw_vec_rows (doc_id TEXT, rev TEXT, embedding TEXT, "
+                        "doc TEXT) ON COMMIT DELETE ROWS")
+            with con.cursor().copy("COPY mlw_vec_rows (doc_id, rev, embedding, doc) FROM STDIN") as copy:
                 for row in rows:
                     copy.write_row(row)
             # in id order: two processes refreshing at once lock the rows they share in the same order (no deadlock)
-            con.execute(f"INSERT INTO {table} (doc_id, rev, embedding) SELECT doc_id, rev, embedding::{self._type} "
-                        f"FROM mlw_vec_in ORDER BY doc_id ON CONFLICT (doc_id) DO UPDATE SET rev = EXCLUDED.rev, "
-                        f"embedding = EXCLUDED.embedding")
+            con.execute(f"INSERT INTO {table} (doc_id, rev, embedding, doc) SELECT doc_id, rev, "
+                        f"embedding::{self._type}, doc::json FROM mlw_vec_rows ORDER BY doc_id ON CONFLICT (doc_id) "
+                        f"DO UPDATE SET rev = EXCLUDED.rev, embedding = EXCLUDED.embedding, doc = EXCLUDED.doc")
         return len(rows)
 
     def delete(self, name: str, ids: Sequence[str]) -> int:
@@ -225,23 +254,24 @@ class PgVectors:
         return indexed, rows, max(float(total[0]) if total else 0.0, rows)
 
     def search(self, name: str, collection: str, metric: str, query: np.ndarray, n: int, filter: dict | None, *,
-               ef: int = 40, documents: bool = True, exact: bool = False
+               ef: int = 40, documents: bool = True, exact: bool = False, copied: bool = False
                ) -> tuple[list[tuple[str, str, float, str]], bool]:
         """The ``n`` nearest rows that match ``filter``: ``(doc_id, rev, distance, document JSON)`` (without
         ``documents``: the document's ``_rev`` in place of its JSON; without a filter either, the vector's own
         ``rev``: no document is read, as the embedded engine's fast path reads none), nearest first, and whether
-        the HNSW scan
-        answered (False: it came back short, or ``exact`` asked for it, so this was an exact scan: of the
-        documents the filter selects, through the collection's own indexes where it has them)."""
+        the HNSW scan answered (False: it came back short, or ``exact`` asked for it, so this was an exact scan: of
+        the documents the filter selects, through the collection's own indexes where it has them). ``copied``: the
+        filter reads only fields the table copies, so it is evaluated on the table's rows (see the module notes;
+        a row whose document moved matched as of its ``rev``: the caller checks it again)."""
         scalars = self.index._scalar_fields(collection)
         if scalars is None:
             return [], True
         op, q = self._op(metric), _Query(query)
         out = "d.doc::text" if documents else "d.doc ->> '_rev'"
         if exact and filter:
-            return self._exact(name, collection, filter, op, q, n, out), False
+            return self._exact(name, collection, filter, op, q, n, out, copied), False
         sql, params = self._graph_statement(name, collection, scalars, op, filter, out if filter or documents
-                                            else None, n)
+                                            else None, n, copied)
         with self.index._connection() as con:
             self._prepare(con, (max(int(ef), int(n), 10), _MAX_SCAN))
             rows = con.execute(sql, [q, *params]).fetchall()
@@ -249,23 +279,29 @@ class PgVectors:
         if len(rows) >= n or not filter:
             return rows, True
         # short: fewer matches than n, or the scan gave up first; an exact scan of the matches tells which
-        return self._exact(name, collection, filter, op, q, n, out), False
+        return self._exact(name, collection, filter, op, q, n, out, copied), False
 
     def _graph_statement(self, name: str, collection: str, scalars, op: str, filter: dict | None, out: str | None,
-                         n: int) -> tuple[str, list]:
-        """The HNSW scan joined to the documents and filtered there (``out`` None: the scan alone, its ``rev``
-        twice); its parameters are the query vector and the filter's values. Ordered by the distance's column,
-        which the scan serves (the query vector is sent once). The limit is written in: a prepared statement
-        with it as a parameter is planned again at every search (a generic plan cannot know it is small)."""
+                         n: int, copied: bool = False) -> tuple[str, list]:
+        """The HNSW scan joined to the documents, filtered on the table's copied fields (``copied``) or on the
+        documents (``out`` None: the scan alone, its ``rev`` twice); its parameters are the query vector and the
+        filter's values. Ordered by the distance's column, which the scan serves (the query vector is sent once).
+        The table is read through a subquery that names one ``doc`` (PostgreSQL folds it into the plan). The limit
+        is written in: a prepared statement with it as a parameter is planned again at every search (a generic
+        plan cannot know it is small)."""
         from mlwarehouse.index.sql.compiler import Compiler
+        table, docs = self._table(name), self.index._table(collection)
         if out is None:  # a join costs a third of an unfiltered search at 200k vectors
-            return (f"SELECT doc_id, rev, embedding {op} %s AS dist, rev FROM {self._table(name)} "
-                    f"ORDER BY dist LIMIT {int(n)}"), []
+            return f"SELECT doc_id, rev, embedding {op} %s AS dist, rev FROM {table} ORDER BY dist LIMIT {int(n)}", []
         c = Compiler(self.index.dialect, scalar_fields=scalars)
         where = c.where(parse_filter(filter or {}))
-        return (f"SELECT v.doc_id, v.rev, v.embedding {op} %s AS dist, {out} "
-                f"FROM {self._table(name)} v JOIN {self.index._table(collection)} d ON d.id = v.doc_id "
-                f"WHERE {where} ORDER BY dist LIMIT {int(n)}"), list(c.params)
+        if copied:  # the filter on the table's row; only the rows it keeps are joined
+            return (f"SELECT v.doc_id, v.rev, v.dist, {out} FROM (SELECT doc_id, rev, embedding {op} %s AS dist "
+                    f"FROM {table} WHERE {where}) v JOIN {docs} d ON d.id = v.doc_id ORDER BY v.dist "
+                    f"LIMIT {int(n)}"), list(c.params)
+        return (f"SELECT v.doc_id, v.rev, v.dist, {out} FROM (SELECT doc_id, rev, embedding {op} %s AS dist "
+                f"FROM {table}) v JOIN {docs} d ON d.id = v.doc_id WHERE {where} ORDER BY v.dist "
+                f"LIMIT {int(n)}"), list(c.params)
 
     def _prepare(self, con, want: tuple[int, int] | None = None) -> None:
         """Ready a pooled connection for searches: the query vectors' dumper, and the scan's settings (in the
@@ -283,16 +319,24 @@ class PgVectors:
                         f"SET hnsw.max_scan_tuples = {want[1]}")
             self._session[con] = want
 
-    def _exact(self, name: str, collection: str, filter: dict, op: str, q: _Query, n: int, out: str) -> list:
-        """The ``n`` nearest of the documents ``filter`` selects, each one's distance computed: the documents are
-        selected as a find selects them (through the collection's indexes where they serve), their vectors read
-        by primary key (``= ANY`` of the ids as one array: a sorted index scan, 1.5-3x faster than ``IN`` of the
-        rows, which looks each one up after hashing them), and only the nearest ``n`` joined to their documents.
-        The order is by the distance plus zero, which the HNSW index cannot serve, so no plan walks the graph
-        (turning index scans off, as before, also turned off those lookups)."""
-        ids_sql, params = self.index._ids_statement(collection, filter)
-        nearest = (f"SELECT v.doc_id, v.rev, (v.embedding {op} %s) + 0 AS dist "
-                   f"FROM {self._table(name)} v WHERE v.doc_id = ANY(ARRAY({ids_sql})) ORDER BY dist LIMIT {int(n)}")
+    def _exact(self, name: str, collection: str, filter: dict, op: str, q: _Query, n: int, out: str,
+               copied: bool = False) -> list:
+        """The ``n`` nearest of the documents ``filter`` selects, each one's distance computed, and only those
+        ``n`` joined to their documents. ``copied``: the table's rows are selected by the filter on its copy,
+        through the indexes it repeats (one index read and one row per match, as a table of pgvector's own
+        users). Otherwise the documents are selected as a find selects them, and their vectors read by primary
+        key (``= ANY`` of the ids as one array: a sorted index scan, 1.5-3x faster than ``IN``). The order is by
+        the distance plus zero, which the HNSW index cannot serve, so no plan walks the graph."""
+        table = self._table(name)
+        if copied:
+            rows_sql, params = self.index._ids_statement(collection, filter, source=table,
+                                                          columns="doc_id, rev, embedding")
+            nearest = (f"SELECT u.doc_id, u.rev, (u.embedding {op} %s) + 0 AS dist FROM ({rows_sql}) u "
+                       f"ORDER BY dist LIMIT {int(n)}")
+        else:
+            ids_sql, params = self.index._ids_statement(collection, filter)
+            nearest = (f"SELECT v.doc_id, v.rev, (v.embedding {op} %s) + 0 AS dist FROM {table} v "
+                       f"WHERE v.doc_id = ANY(ARRAY({ids_sql})) ORDER BY dist LIMIT {int(n)}")
         with self.index._connection() as con:
             self._prepare(con)
             return con.execute(f"SELECT t.doc_id, t.rev, t.dist, {out} FROM ({nearest}) t "

@@ -269,6 +269,22 @@ def parse_filter(f: dict | None) -> Logical:
     return node
 
 
+def top_fields(f: dict | None) -> frozenset[str] | None:
+    """The top-level fields a filter reads (of each path, its first name), or None when it reads ``_id`` (a
+    copy of some of a document's fields, such as a vector table's, can answer the filter only without it)."""
+    out: set[str] = set()
+    nodes: list = [parse_filter(f)]
+    while nodes:
+        node = nodes.pop()
+        if isinstance(node, Logical):
+            nodes += node.children
+        elif node.comps[0] == "_id":
+            return None
+        else:
+            out.add(node.comps[0])
+    return frozenset(out)
+
+
 def _ops_size(ops: list[tuple[str, Any]]) -> tuple[int, int, int]:
     terms, preds, deepest = 0, 0, 0
     for op, arg in ops:

@@ -92,6 +92,42 @@ class VectorTests:
             assert found.plan == "exact" and found.complete
             assert [d["_id"] for d in found] == exact_ids(matching, q, 10)
 
+    def test_filters_on_fields_indexed_before_the_index_and_changes_to_them(self, wh):
+        """Fields indexed before the vector index (pgvector copies them beside the vectors and filters there):
+        the same answers, exact where few match, and a document moved out of the filter by another connection,
+        not yet seen by this one's index, is still never returned."""
+        c = wh.collection("points")
+        for field in ("g", "price"):
+            c.create_index(field)
+        x = vectors(600)
+        c.insert_many({"_id": f"p{i:04d}", "v": x[i], "g": i % 10, "price": float(i % 50), "tags": ["even"]
+                       if i % 2 == 0 else ["odd"]} for i in range(600))
+        c.create_vector_index("by_v", field="v", engine=self.engine)
+        for flt in ({"g": 3}, {"g": {"$in": [1, 2]}, "price": {"$lt": 20}}, {"tags": "odd", "g": {"$gt": 6}}):
+            matching = self._docs(c, flt)
+            for q in x[:5]:
+                found = c.find(flt, vector=q, n=7)
+                assert [d["_id"] for d in found] == exact_ids(matching, q, 7), flt
+        hits = 0
+        for q in x[:10]:  # many match: the graph may answer
+            found = c.find({"price": {"$gte": 10}}, vector=q, n=10)
+            assert len(found) == 10 and all(d["price"] >= 10 for d in found)
+            hits += len({d["_id"] for d in found} & set(exact_ids(self._docs(c, {"price": {"$gte": 10}}), q, 10)))
+        assert hits >= 90
+        q = x[13]  # p0013: g 3
+        assert c.find({"g": 3}, vector=q, n=1)[0]["_id"] == "p0013"
+        other = mlwarehouse.connect()  # another process's write, not yet refreshed into this one's index
+        other.collection("points").update_one({"_id": "p0013"}, {"$set": {"g": 4}})
+        assert "p0013" not in [d["_id"] for d in c.find({"g": 3}, vector=q, n=5)]
+        other.collection("points").update_one({"_id": "p0014"}, {"$set": {"g": 3, "v": q}})
+        c.vector_index("by_v").refresh()
+        assert c.find({"g": 3}, vector=q, n=1)[0]["_id"] == "p0014"
+        other.collection("points").delete_one({"_id": "p0014"})
+        c.delete_many({"g": 3, "_id": {"$ne": "p0023"}})  # this process's own: seen at once
+        found = c.find({"g": 3}, vector=q, n=5)
+        assert [d["_id"] for d in found] == ["p0023"] and found.matched == 1 and not found.complete
+        other.close()
+
     def test_unfiltered_search_finds_the_nearest(self, wh):
         c, x, index = self._filled(wh)
         docs = self._docs(c)

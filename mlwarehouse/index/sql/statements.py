@@ -44,21 +44,24 @@ class Statements:
             entry = cache[collection] = (now, fields)
         return entry[1]
 
-    def _ids_statement(self, collection: str, filter: Filter | None) -> tuple[str, list] | None:
+    def _ids_statement(self, collection: str, filter: Filter | None, *, source: str | None = None,
+                       columns: str = "id") -> tuple[str, list] | None:
         """``SELECT id`` of the documents matching ``filter`` as this backend would select them (split on a field
         where that lets an index serve it: a ``UNION ALL`` of disjoint halves), and its parameters; None when the
         collection does not exist. For a larger statement that selects by a filter, such as a vector search's
-        exact plan: inlined, a filter on a field that may hold arrays reads every row."""
+        exact plan: inlined, a filter on a field that may hold arrays reads every row. ``source`` and ``columns``:
+        another table with a ``doc`` column of the collection's documents (or of their filtered fields) and the
+        columns to select from it, planned on the collection's indexes (which that table repeats)."""
         node = parse_filter(filter)
         scalars = self._scalar_fields(collection)
         if scalars is None:
             return None
-        table, field = self._table(collection), self._split(collection, node, scalars)
+        table, field = source or self._table(collection), self._split(collection, node, scalars)
         branches = [None] if field is None else [(field, "whole"), (field, "elements")]
         parts, params = [], []
         for branch in branches:
             c = Compiler(self.dialect, scalar_fields=scalars, branch=branch)
-            parts.append(f"SELECT id FROM {table} WHERE {c.where(node)}")
+            parts.append(f"SELECT {columns} FROM {table} WHERE {c.where(node)}")
             params += c.params
         return " UNION ALL ".join(parts), params
 
