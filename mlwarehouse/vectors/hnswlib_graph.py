@@ -1,10 +1,10 @@
 """hnswlib's HNSW graph as an engine of the embedded vector index (the ``hnswlib`` extra; built from source).
 
 The fastest graph measured for one query per call (``benchmarks/vectors.py``, 128 dimensions, recall@10 0.95:
-hnswlib answers 1.44x faiss's queries/s at 200,000 vectors, 1.11x at 1,000,000), so the mirror prefers it. Labels are the mirror's (0, 1,
-2, ... in the order added). A dead label is marked deleted in the graph (``removes``): searches skip it in C++
-without a filter. A filter runs inside the walk as a Python callback per candidate (a list lookup), which is why
-the planner sends small candidate sets to the exact scan.
+hnswlib answers 1.44x faiss's queries/s at 200,000 vectors, 1.11x at 1,000,000), so the mirror prefers it.
+Labels are the mirror's (0, 1, 2, ... in the order added). A dead label is marked deleted in the graph
+(``removes``): searches skip it in C++ without a filter. A filter runs inside the walk as a Python callback per
+candidate (a list lookup), which is why the planner sends small candidate sets to the exact scan.
 
 Persisted as plain arrays, never hnswlib's own format: the vectors (by label), and in hnswlib's order of nodes each
 node's label, level-0 link list and level, the upper levels' link lists and the entry point.
