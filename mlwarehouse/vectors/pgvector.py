@@ -124,10 +124,11 @@ class PgVectorTable(Follower):
         return True
 
     def _filtered_fields(self) -> frozenset[str]:
-        """The top-level fields of the collection's indexes: the fields users filter on (``_id`` and ``_rev``
-        are the collection's own)."""
+        """The top-level fields of the collection's indexes: the fields users filter on. Not the warehouse's own
+        (``_id``, ``_rev``, ``_outputs``, ``_listeners``...): a copy of ``_outputs`` would hold every listener's
+        outputs, embeddings included, for a filter on one label; those filters read the documents."""
         fields = {key.split(".")[0] for ix in self.table.indexes() for key, _ in ix["keys"]}
-        return frozenset(fields - {"_id", "_rev"})
+        return frozenset(f for f in fields if not f.startswith("_"))
 
     def _copy(self, doc: dict | None) -> str | None:
         """A document's copied fields as stored JSON (None: the table copies none)."""
