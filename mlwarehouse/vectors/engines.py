@@ -5,7 +5,7 @@
 - Graphs (HNSW), chosen by measurement (``benchmarks/vectors.py``, 128 dimensions, recall@10 0.95, one query per
   call): :class:`~mlwarehouse.vectors.hnswlib_graph.HnswlibGraph` when hnswlib is installed (the ``hnswlib``
   extra: the fastest, 1.00x), else :class:`~mlwarehouse.vectors.faiss_graph.FaissGraph` (the ``vectors`` extra,
-  wheels on every platform: 0.69x hnswlib's queries/s at 200k vectors, 0.90x at 1M), else exact. usearch measured
+  wheels on every platform: 0.69x hnswlib's queries/s at 200k vectors, 0.57x-0.90x at 1M), else exact. usearch measured
   0.37x at 200k and is not used.
 
 Every engine scores "higher is closer": the inner product (of normalised vectors, for cosine) or minus the squared

@@ -1,7 +1,7 @@
 """hnswlib's HNSW graph as an engine of the embedded vector index (the ``hnswlib`` extra; built from source).
 
 The fastest graph measured for one query per call (``benchmarks/vectors.py``, 128 dimensions, recall@10 0.95:
-hnswlib answers 1.44x faiss's queries/s at 200,000 vectors, 1.11x at 1,000,000), so the mirror prefers it.
+hnswlib answers 1.44x faiss's queries/s at 200,000 vectors, 1.11x-1.76x at 1,000,000), so the mirror prefers it.
 Labels are the mirror's (0, 1, 2, ... in the order added). A dead label is marked deleted in the graph
 (``removes``): searches skip it in C++ without a filter. A filter runs inside the walk as a Python callback per
 candidate (a list lookup), which is why the planner sends small candidate sets to the exact scan.
