@@ -21,9 +21,9 @@ Exact search over just the allowed subset (numpy gather + matmul) is measured on
 shows where exact beats the graph. Every row also carries its ratio against the best library of the same run.
 
 This file is the command line and the report; how each row is measured (the data, the libraries' adapters, our
-engines through the API) is ``benchmarks/vector_runners.py``, where ``measure_ours`` is the hook for
-mlwarehouse's own vector index: it is called with the same data and its result, when not None, is printed beside
-the libraries. The last lines compare our rows with the faster library called directly (QPS of one query per
+engines through the API) is ``benchmarks/vector_runners.py`` (pgvector beside ours: ``pgvector_runners.py``),
+where ``measure_ours`` is the hook for mlwarehouse's own vector index: it is called with the same data and its
+result, when not None, is printed beside the libraries. The last lines compare our rows with the faster library called directly (QPS of one query per
 call at the target recall).
 """
 
@@ -40,6 +40,7 @@ sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != 
 
 import numpy as np
 
+from benchmarks.pgvector_runners import measure_pgvector
 from benchmarks.vector_runners import (
     LIBRARIES,
     SELECTIVITIES,
@@ -49,7 +50,6 @@ from benchmarks.vector_runners import (
     measure_exact,
     measure_library,
     measure_ours,
-    measure_pgvector,
     random_mask,
 )
 
@@ -103,9 +103,7 @@ def print_table(rows: list[dict], exact: dict) -> None:
         if r["lib"].startswith("ours") and direct is not ok:
             print(f"{r['lib']}: unfiltered QPS of one query per call at recall {r['recall']:.3f} is "
                   f"{ratio(r['qps_single'], best_single)} the faster library's, called directly")
-        for sel, row in (r.get("raw_filtered") or {}).items():
-            if sel == "build_s":
-                continue
+        for sel, row in (r.get("raw_filtered") or {}).get("selectivities", {}).items():
             ours = r["filtered"][sel]
             best = max(row["exact"]["qps_single"], row["graph"]["qps_single"] if row["graph"]["reached"] else 0)
             print(f"{r['lib']}: selectivity {sel}: pgvector called directly (its own table with the filter's column): "
