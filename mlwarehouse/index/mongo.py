@@ -33,7 +33,6 @@ from mlwarehouse.drivers.mongo import Connection
 from mlwarehouse.errors import DuplicateKey, InvalidDocument
 from mlwarehouse.index.base import Filter, IndexBackend, Projection, Sort, Update
 from mlwarehouse.query import (
-    Field,
     Logical,
     apply_update,
     get_path,
@@ -42,6 +41,7 @@ from mlwarehouse.query import (
     project,
     sort_key,
     split_path,
+    top_fields,
     validate_document,
     validate_projection,
     validate_sort,
@@ -104,16 +104,6 @@ def pushdown(node: Logical) -> dict:
             elif op == "$in" and arg and all(_simple(v) for v in arg):
                 terms.append({child.path: {"$in": arg}})
     return {"$and": terms} if len(terms) > 1 else (terms[0] if terms else {})
-
-
-def _top_fields(node: Any, out: set[str]) -> set[str]:
-    """First components of every field path a filter reads (``$elemMatch`` stays inside its field)."""
-    if isinstance(node, Field):
-        out.add(node.comps[0])
-    else:
-        for child in node.children:
-            _top_fields(child, out)
-    return out
 
 
 class MongoIndex(IndexBackend):
@@ -289,7 +279,7 @@ class MongoIndex(IndexBackend):
         scalars = self._scalar_fields(collection)
         if scalars is None:
             return None
-        fields = _top_fields(node, set()) | {f.split(".")[0] for f, _ in spec}
+        fields = top_fields(node) | {f.split(".")[0] for f, _ in spec}
         with self._errors():
             coll = self._coll(collection)
             while True:
@@ -396,7 +386,7 @@ class MongoIndex(IndexBackend):
         want = None if limit is None else skip + limit
         fields = None
         if keep and any(k for p, k in keep.items() if p != "_id"):  # inclusion: fetch only what is needed
-            fields = _top_fields(node, set()) | {f.split(".")[0] for f, _ in spec} | \
+            fields = top_fields(node) | {f.split(".")[0] for f, _ in spec} | \
                 {p.split(".")[0] for p, k in keep.items() if k}
         with self._errors():
             if len(spec) == 1 and spec[0][0] == "_id":  # _id is always a string: the server's order is ours
@@ -414,7 +404,7 @@ class MongoIndex(IndexBackend):
         with self._errors():
             if not node.children:
                 return self._coll(collection).count_documents({})
-            return len(self._fetch(collection, node, _top_fields(node, set())))
+            return len(self._fetch(collection, node, top_fields(node)))
 
     def close(self) -> None:
         self.conn.close()

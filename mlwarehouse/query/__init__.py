@@ -22,6 +22,7 @@ from mlwarehouse.query.filters import (
     parse_filter,
     sort_docs,
     sort_key,
+    top_fields,
     validate_filter,
     validate_sort,
 )
@@ -50,6 +51,6 @@ __all__ = [
     "values_equal", "sort_value",
     "ARRAY", "BOOL", "NULL", "NUMBER", "OBJECT", "STRING",
     "Field", "Logical", "ElemMatch", "parse_filter", "validate_filter", "matches", "validate_sort",
-    "sort_key", "sort_docs", "distinct_values", "compile_regex",
+    "sort_key", "sort_docs", "distinct_values", "compile_regex", "top_fields",
     "validate_update", "apply_update", "validate_projection", "project", "validate_document",
 ]

@@ -57,7 +57,7 @@ from mlwarehouse.query.limits import (
 
 __all__ = [
     "Field", "Logical", "ElemMatch", "parse_filter", "validate_filter", "matches", "validate_sort",
-    "sort_key", "sort_docs", "distinct_values", "compile_regex",
+    "sort_key", "sort_docs", "distinct_values", "compile_regex", "top_fields",
 ]
 
 
@@ -269,17 +269,16 @@ def parse_filter(f: dict | None) -> Logical:
     return node
 
 
-def top_fields(f: dict | None) -> frozenset[str] | None:
-    """The top-level fields a filter reads (of each path, its first name), or None when it reads ``_id`` (a
-    copy of some of a document's fields, such as a vector table's, can answer the filter only without it)."""
+def top_fields(node: Logical) -> frozenset[str]:
+    """The first component of every field path a parsed filter reads (``$elemMatch`` stays inside its field):
+    what a backend fetches to evaluate it, and what a copy of some of a document's fields must hold to answer
+    it."""
     out: set[str] = set()
-    nodes: list = [parse_filter(f)]
+    nodes: list = [node]
     while nodes:
         node = nodes.pop()
         if isinstance(node, Logical):
             nodes += node.children
-        elif node.comps[0] == "_id":
-            return None
         else:
             out.add(node.comps[0])
     return frozenset(out)

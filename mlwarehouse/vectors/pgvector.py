@@ -26,7 +26,7 @@ import time
 import numpy as np
 
 from mlwarehouse.errors import VectorIndexError
-from mlwarehouse.query.filters import top_fields
+from mlwarehouse.query.filters import parse_filter, top_fields
 from mlwarehouse.query.jsonvalues import json_text
 from mlwarehouse.vectors import spec as specs
 from mlwarehouse.vectors.search import EXACT_LIMIT, Hit, Results, vector_score
@@ -176,8 +176,7 @@ class PgVectorTable(Follower):
             raise VectorIndexError(f"n must be an integer from 1 to 10000, not {n!r}")
         query = np.asarray(query, dtype=np.float32).reshape(-1)
         ef = int(ef or self.spec.options.get("ef_search", 64))
-        fields = top_fields(flt) if flt and self.copied else None
-        copied = fields is not None and fields <= self.copied
+        copied = bool(flt and self.copied) and top_fields(parse_filter(flt)) <= self.copied  # _id is never copied
         for round_ in range(_ROUNDS):
             self.refresh(force=fresh or round_ > 0)
             if not self._ready:
