@@ -7,9 +7,11 @@ backend.)"""
 from __future__ import annotations
 
 import hashlib
+import inspect
 import io
 import mmap
-from typing import BinaryIO
+from collections.abc import Callable
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -17,7 +19,8 @@ from mlwarehouse.blobs.base import BlobStore, blob_key, check_key
 from mlwarehouse.errors import BackendError, IntegrityError
 
 __all__ = ["CHUNK", "READ_CHUNK", "STALE_TMP_S", "fanout", "fanout_key", "is_fanout_dir", "verified",
-           "fresh_buffer", "HashingReader", "VerifyingReader", "can_stream", "open_verifying", "copy_hashed"]
+           "fresh_buffer", "get_into", "HashingReader", "VerifyingReader", "can_stream", "open_verifying",
+           "copy_hashed"]
 
 #: bytes per read when a file is streamed into a store
 CHUNK = 8 << 20
@@ -74,6 +77,23 @@ def fresh_buffer(length: int) -> memoryview:
         except OSError:  # out of address space or a mapping limit: the ordinary allocator says so in its own way
             pass
     return memoryview(np.empty(length, np.uint8)).cast("B")
+
+
+def get_into(store: BlobStore, key: str, allocate: Callable[[int], Any]) -> bytes | memoryview:
+    """Blob ``key``, verified, read into ``allocate(length)`` where the store's ``get_buffer`` takes an allocator;
+    else what its ``get_buffer`` gives (a subclass may override it with the older signature, without one), or its
+    ``get`` (a wrapper that has only that)."""
+    takes = _TAKES_ALLOCATE.get(type(store))
+    if takes is None:
+        method = getattr(type(store), "get_buffer", None)
+        takes = _TAKES_ALLOCATE[type(store)] = None if method is None else \
+            "allocate" in inspect.signature(method).parameters
+    if takes is None:
+        return store.get(key)
+    return store.get_buffer(key, allocate=allocate) if takes else store.get_buffer(key)
+
+
+_TAKES_ALLOCATE: dict[type, bool | None] = {}  # per store class: None when it has no get_buffer
 
 
 class HashingReader(io.RawIOBase):

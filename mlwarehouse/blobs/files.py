@@ -21,10 +21,10 @@ import os
 import secrets
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from mlwarehouse.blobs.base import BlobInfo, BlobStore, blob_key, current_batch
 from mlwarehouse.blobs.common import (
@@ -212,15 +212,17 @@ class FileBlobStore(BlobStore):
             data = f.read()
         return verified(key, data, f"its file {path}")
 
-    def get_buffer(self, key: str, size: int | None = None) -> memoryview:
-        """The blob read into a fresh writable buffer that the caller owns, each chunk hashed as it arrives (while
-        it is still in the CPU's cache); its size is checked against ``size`` before anything is allocated."""
+    def get_buffer(self, key: str, size: int | None = None, *,
+                   allocate: Callable[[int], Any] | None = None) -> memoryview:
+        """The blob read into a fresh writable buffer that the caller owns (from ``allocate(length)`` when given),
+        each chunk hashed as it arrives (while it is still in the CPU's cache); its size is checked against
+        ``size`` before anything is allocated."""
         path = self._path(key)
         with self._errors(key, path, "read"), open(path, "rb", buffering=0) as f:
             length = os.fstat(f.fileno()).st_size
             if size is not None and length != size:
                 raise IntegrityError(f"blob {key} holds {length} bytes, its reference says {size}")
-            view = fresh_buffer(length)  # every byte is read over
+            view = memoryview(allocate(length)).cast("B") if allocate else fresh_buffer(length)  # all read over
             digest, got = hashlib.sha256(), 0
             while got < length:
                 n = f.readinto(view[got:got + READ_CHUNK])

@@ -94,6 +94,7 @@ class RankedPool:
                     self._cond.wait()
                 entry = heapq.heappop(self._heap)
             _run(entry)
+            del entry  # its job holds its result (a decoded shard): not kept alive while this thread idles
 
 
 def _run(entry: tuple) -> None:

@@ -14,7 +14,8 @@ header that does not parse or describes an impossible layout (a crafted shard wi
 :class:`IntegrityError`. Shards of format 1 (``MLWSHRD1``: the same without the two checksums) still read whole;
 their range reads are not trusted (``ShardHeader.verified`` is False) and readers fetch them whole instead.
 Fixed-shape array columns decode to one ``(n, *shape)`` numpy view. A column's blocks decompress in parallel
-(:func:`decode_pool`, and the calling thread: zstd releases the GIL), each straight into its place in the column.
+(:func:`decode_pool`, and the calling thread: zstd releases the GIL), each straight into its place in the column,
+a buffer recycled from shards nobody holds any more (:mod:`mlwarehouse.datasets.recycled`).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ import numpy as np
 
 from mlwarehouse.codecs import compress, decompress, decompress_into
 from mlwarehouse.codecs.registry import max_decompressed
+from mlwarehouse.datasets.recycled import RECYCLED
 from mlwarehouse.errors import CodecError, IntegrityError
 
 __all__ = ["MAGIC", "BLOCK", "FieldSpec", "build_shard", "Shard", "ShardHeader", "read_header", "read_item",
@@ -366,7 +368,7 @@ class Shard:
         body = self._read(layout.payload, int(layout.block_offsets[k]))
         if not layout.flags.any():
             return body
-        view = memoryview(np.empty(layout.raw, np.uint8))  # not zero-filled: every block is written over
+        view = memoryview(RECYCLED.take(layout.raw))  # not zero-filled: every block is written over
         offsets = layout.block_offsets.tolist()
         flags = layout.flags.tolist()
 

@@ -40,9 +40,11 @@ from typing import Any
 import numpy as np
 
 from mlwarehouse import schema
+from mlwarehouse.blobs.common import get_into
 from mlwarehouse.datasets import batches
 from mlwarehouse.datasets.batches import batch_order
 from mlwarehouse.datasets.prefetch import Prefetch
+from mlwarehouse.datasets.recycled import RECYCLED
 from mlwarehouse.datasets.shardcache import ShardCache
 from mlwarehouse.datasets.shardmemory import MEMORY, DecodedShards
 from mlwarehouse.datasets.shards import Shard, ShardHeader, decode_value, read_header, read_item
@@ -78,7 +80,8 @@ class ShardReader:
         """The shard ``key`` with ``fields`` (all when None) decoded, from memory or fetched and verified."""
         shard = self.memory.get(key)
         if shard is None:
-            shard = Shard(self.cache.get(key, self.blobs.get) if self.cache is not None else self.blobs.get(key))
+            shard = Shard(self.cache.get(key, self.blobs.get) if self.cache is not None
+                          else get_into(self.blobs, key, RECYCLED.take))
         before = shard.nbytes
         shard.decode(fields)
         if shard.nbytes != before or self.memory.get(key) is not shard:
