@@ -238,14 +238,15 @@ class BlobStore(ABC):
     def get(self, key: str) -> bytes:
         """The whole blob, verified against its key. NotFound if missing, IntegrityError if corrupted."""
 
-    def get_buffer(self, key: str, size: int | None = None, *,
-                   allocate: Callable[[int], Any] | None = None) -> bytes | memoryview:
+    def get_buffer(self, key: str, size: int | None = None, *, allocate: Callable[[int], Any] | None = None,
+                   xxh3: str | None = None) -> bytes | memoryview:
         """``get``, for a caller that decodes the bytes zero-copy: a backend that can read into memory of its own
         returns a *writable* buffer that nothing else refers to (tensors then take it over as it is), others the
         read-only bytes of ``get``. ``size``, when given, is what the caller's reference claims: a blob of another
         size is an IntegrityError, raised before a backend allocates anything for it. ``allocate(length)``, when
         given, makes that buffer (a caller that recycles its buffers); backends that read ``get``'s bytes ignore
-        it."""
+        it. ``xxh3`` is a checksum (hex) the index recorded beside the key: a store that trusts its own bytes (a
+        local folder, see :mod:`mlwarehouse.blobs.files`) may check it instead of the sha256; others ignore it."""
         data = self.get(key)
         _check_size(key, _nbytes(data), size)
         return data

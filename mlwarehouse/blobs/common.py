@@ -19,8 +19,8 @@ from mlwarehouse.blobs.base import BlobStore, blob_key, check_key
 from mlwarehouse.errors import BackendError, IntegrityError
 
 __all__ = ["CHUNK", "READ_CHUNK", "STALE_TMP_S", "fanout", "fanout_key", "is_fanout_dir", "verified",
-           "fresh_buffer", "get_into", "HashingReader", "VerifyingReader", "can_stream", "open_verifying",
-           "copy_hashed"]
+           "fresh_buffer", "is_xxh3", "get_into", "HashingReader", "VerifyingReader", "can_stream",
+           "open_verifying", "copy_hashed"]
 
 #: bytes per read when a file is streamed into a store
 CHUNK = 8 << 20
@@ -79,21 +79,30 @@ def fresh_buffer(length: int) -> memoryview:
     return memoryview(np.empty(length, np.uint8)).cast("B")
 
 
-def get_into(store: BlobStore, key: str, allocate: Callable[[int], Any]) -> bytes | memoryview:
-    """Blob ``key``, verified, read into ``allocate(length)`` where the store's ``get_buffer`` takes an allocator;
-    else what its ``get_buffer`` gives (a subclass may override it with the older signature, without one), or its
-    ``get`` (a wrapper that has only that)."""
-    takes = _TAKES_ALLOCATE.get(type(store))
-    if takes is None:
-        method = getattr(type(store), "get_buffer", None)
-        takes = _TAKES_ALLOCATE[type(store)] = None if method is None else \
-            "allocate" in inspect.signature(method).parameters
+def is_xxh3(value: Any) -> bool:
+    """Whether ``value`` (read from the index: untrusted) is an xxh3 checksum: 16 lowercase hex digits."""
+    return type(value) is str and len(value) == 16 and _HEX.issuperset(value)
+
+
+def get_into(store: BlobStore, key: str, allocate: Callable[[int], Any],
+             xxh3: str | None = None) -> bytes | memoryview:
+    """Blob ``key``, verified, read into ``allocate(length)`` where the store's ``get_buffer`` takes an allocator
+    (and checked against ``xxh3`` where the store trusts its bytes); else what its ``get_buffer`` gives (a subclass
+    may override it with the older signature), or its ``get`` (a wrapper that has only that)."""
+    cls = type(store)
+    if cls not in _BUFFER_OPTIONS:
+        method = getattr(cls, "get_buffer", None)
+        _BUFFER_OPTIONS[cls] = None if method is None else \
+            frozenset(("allocate", "xxh3")) & inspect.signature(method).parameters.keys()
+    takes = _BUFFER_OPTIONS[cls]
     if takes is None:
         return store.get(key)
-    return store.get_buffer(key, allocate=allocate) if takes else store.get_buffer(key)
+    options = {"allocate": allocate, "xxh3": xxh3}
+    return store.get_buffer(key, **{name: options[name] for name in takes if options[name] is not None})
 
 
-_TAKES_ALLOCATE: dict[type, bool | None] = {}  # per store class: None when it has no get_buffer
+#: per store class, the options of ``get_into`` that its ``get_buffer`` takes (None: it has no ``get_buffer``)
+_BUFFER_OPTIONS: dict[type, frozenset | None] = {}
 
 
 class HashingReader(io.RawIOBase):

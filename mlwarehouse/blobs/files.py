@@ -12,6 +12,13 @@ zero-length file is a common crash artefact): a put never "succeeds" over bad by
 its new copy over the old one. ``get_buffer`` reads a blob into memory that it hands over (tensors take it as it
 is, no second copy), hashing each chunk as it arrives; ``_open_stream`` opens a blob's file for a decoder that
 streams it through a :class:`~mlwarehouse.blobs.common.VerifyingReader` (large compressed arrays).
+
+A local folder is *trusted* (``trusted=True``, the default unless ``$MLW_TRUST_LOCAL_BLOBS`` is ``0``): whoever can
+write into it can write the index beside it too, so what a read must catch there is damage, not forgery. A read
+given the xxh3 checksum (64 bits) that the index recorded beside the key (a dataset's shards, read whole by every
+epoch of a stream) checks the bytes against it, about 40x cheaper than their sha256 (0.012 against 0.5 ms per MB
+here); every other read, and every read of an untrusted folder, checks the sha256. Remote stores (S3, GridFS)
+always check the sha256.
 """
 
 from __future__ import annotations
@@ -26,6 +33,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO
 
+import xxhash
+
 from mlwarehouse.blobs.base import BlobInfo, BlobStore, blob_key, current_batch
 from mlwarehouse.blobs.common import (
     CHUNK,
@@ -36,6 +45,7 @@ from mlwarehouse.blobs.common import (
     fanout_key,
     fresh_buffer,
     is_fanout_dir,
+    is_xxh3,
     verified,
 )
 from mlwarehouse.errors import BackendError, IntegrityError, NotFound
@@ -66,9 +76,10 @@ class FileBlobStore(BlobStore):
 
     name = "files"
 
-    def __init__(self, root: str | os.PathLike, *, fsync: bool = True):
+    def __init__(self, root: str | os.PathLike, *, fsync: bool = True, trusted: bool | None = None):
         self.root = Path(root)
         self.fsync = fsync
+        self.trusted = os.environ.get("MLW_TRUST_LOCAL_BLOBS", "1").strip() != "0" if trusted is None else trusted
         try:
             self.root.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -212,18 +223,20 @@ class FileBlobStore(BlobStore):
             data = f.read()
         return verified(key, data, f"its file {path}")
 
-    def get_buffer(self, key: str, size: int | None = None, *,
-                   allocate: Callable[[int], Any] | None = None) -> memoryview:
+    def get_buffer(self, key: str, size: int | None = None, *, allocate: Callable[[int], Any] | None = None,
+                   xxh3: str | None = None) -> memoryview:
         """The blob read into a fresh writable buffer that the caller owns (from ``allocate(length)`` when given),
         each chunk hashed as it arrives (while it is still in the CPU's cache); its size is checked against
-        ``size`` before anything is allocated."""
+        ``size`` before anything is allocated. A trusted store checks the ``xxh3`` recorded beside the key
+        instead of the sha256, when one is given."""
         path = self._path(key)
         with self._errors(key, path, "read"), open(path, "rb", buffering=0) as f:
             length = os.fstat(f.fileno()).st_size
             if size is not None and length != size:
                 raise IntegrityError(f"blob {key} holds {length} bytes, its reference says {size}")
             view = memoryview(allocate(length)).cast("B") if allocate else fresh_buffer(length)  # all read over
-            digest, got = hashlib.sha256(), 0
+            by_xxh3 = self.trusted and is_xxh3(xxh3)
+            digest, got = xxhash.xxh3_64() if by_xxh3 else hashlib.sha256(), 0
             while got < length:
                 n = f.readinto(view[got:got + READ_CHUNK])
                 if not n:
@@ -231,8 +244,11 @@ class FileBlobStore(BlobStore):
                 digest.update(view[got:got + n])
                 got += n
             extra = f.read(1) if got == length else b""
-        if got != length or extra or digest.hexdigest() != key:
-            what = f"changed size while read ({got} of {length} bytes)" if got != length or extra \
+        if got != length or extra:
+            raise IntegrityError(f"blob {key} is corrupted: its file {path} changed size while read "
+                                 f"({got} of {length} bytes)")
+        if digest.hexdigest() != (xxh3 if by_xxh3 else key):
+            what = f"has xxh3 {digest.hexdigest()}, its index records {xxh3}" if by_xxh3 \
                 else f"hashes to {digest.hexdigest()}"
             raise IntegrityError(f"blob {key} is corrupted: its file {path} {what}")
         return view

@@ -205,7 +205,12 @@ class ItemDataset(Record):
     def _committed(self) -> list[str]:
         """Keys of the shards whose documents are written: a shard's document is the last thing an append
         writes, so item documents of a shard without one (an append killed half-way) are not items yet."""
-        return sorted({d["shard"] for d in self.project.find(SHARDS, self._scope(), projection={"shard": 1})})
+        return sorted(self._checks())
+
+    def _checks(self) -> dict[str, Any]:
+        """The committed shards' keys, each with the xxh3 checksum its document records (None in older ones)."""
+        return {d["shard"]: d.get("xxh3")
+                for d in self.project.find(SHARDS, self._scope(), projection={"shard": 1, "xxh3": 1})}
 
     def _visible(self, where: dict | None) -> dict:
         return self._scope({"$and": [where, {"shard": {"$in": self._committed()}}]} if where

@@ -23,6 +23,8 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
 
+import numpy as np
+
 __all__ = ["RankedPool", "Prefetch", "ranked_pool"]
 
 
@@ -141,15 +143,35 @@ class Prefetch:
     def __init__(self, reader, fields: list[str] | None, threads: int):
         self.reader, self.fields, self.threads = reader, fields, threads
         self.pool: RankedPool | None = None
+        self._early: dict[str, Any] = {}  # key -> what :meth:`start` began before the epoch asked for it
 
-    def start(self, key: str):
-        """The shard ``key``, or a :class:`Job` for it: pass either to :meth:`result`."""
+    def early(self, count: int) -> Callable[[list[str], list[Any], np.ndarray], None]:
+        """A ``drawn`` hook for :meth:`ItemStream.plan`: starts the first ``count`` shards of the drawn order
+        while the plan shuffles the items (an unpartitioned epoch from its start uses them first)."""
+        def drawn(keys: list[str], checks: list[Any], order: np.ndarray) -> None:
+            for sh in order[:count].tolist():
+                self._early[keys[sh]] = self.start(keys[sh], checks[sh])
+        return drawn
+
+    def forget_early(self) -> None:
+        """Cancel what :meth:`early` started and the epoch never asked for."""
+        for pending in self._early.values():
+            if isinstance(pending, Job):
+                pending.cancel()
+        self._early.clear()
+
+    def start(self, key: str, xxh3: str | None = None):
+        """The shard ``key`` (whose document records the checksum ``xxh3``), or a :class:`Job` for it: pass
+        either to :meth:`result`."""
+        started = self._early.pop(key, None)
+        if started is not None:
+            return started
         shard = self.reader.cached(key, self.fields)
         if shard is not None:
             return shard
         if self.pool is None:
             self.pool = ranked_pool(self.threads)
-        return self.pool.submit(next(_ranks), self.reader.shard, key, self.fields)
+        return self.pool.submit(next(_ranks), self.reader.shard, key, self.fields, xxh3)
 
     def result(self, pending):
         """The shard that :meth:`start` began: helps the pool with it (and earlier ones) until it is ready."""

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+import xxhash
 
 from mlwarehouse import schema
 from mlwarehouse.datasets.shards import FieldSpec, build_shard
@@ -167,7 +168,8 @@ class ShardWriter:
             project.insert_many(ITEMS, ({**meta, "shard": key, "row": i, **{n: it[n] for n in scalars}}
                                         for i, it in enumerate(items)))
             project.insert(SHARDS, {**meta, "shard": key, "count": len(items), "bytes": raw, "rows": None,
-                                    "blob": {"_blob": key, "codec": SHARD_CODEC, "size": len(data)}})
+                                    "blob": {"_blob": key, "codec": SHARD_CODEC, "size": len(data)},
+                                    "xxh3": xxhash.xxh3_64_hexdigest(data)})  # what a trusted local store checks
         except BaseException:
             project.delete(ITEMS, {**meta, "shard": key})
             raise
