@@ -5,7 +5,7 @@ import gc
 import numpy as np
 import pytest
 
-from mlwarehouse.blobs.common import get_into
+from mlwarehouse.blobs.common import read_buffer
 from mlwarehouse.blobs.files import FileBlobStore
 from mlwarehouse.datasets.recycled import RECYCLE_FROM, RecycledBuffers
 
@@ -84,12 +84,12 @@ def store(tmp_path):
     return FileBlobStore(tmp_path / "blobs", fsync=False)
 
 
-def test_get_into_reads_into_the_callers_buffer_and_still_verifies(store, tmp_path):
+def test_read_buffer_reads_into_the_callers_buffer_and_still_verifies(store, tmp_path):
     from mlwarehouse.errors import IntegrityError
     data = np.arange(3 * MB, dtype=np.uint8).tobytes()
     key = store.put(data)
     pool = RecycledBuffers()
-    got = get_into(store, key, pool.take)
+    got = read_buffer(store, key, allocate=pool.take)
     assert bytes(got) == data and isinstance(got, memoryview) and got.obj is not None
     del got
     assert pool.free_bytes == 3 * MB
@@ -99,10 +99,10 @@ def test_get_into_reads_into_the_callers_buffer_and_still_verifies(store, tmp_pa
     path.chmod(0o644)
     path.write_bytes(bytes(damaged))
     with pytest.raises(IntegrityError):
-        get_into(store, key, pool.take)
+        read_buffer(store, key, allocate=pool.take)
 
 
-def test_get_into_works_with_stores_of_the_older_signature_and_duck_stores(store):
+def test_read_buffer_works_with_stores_of_the_older_signature_and_duck_stores(store):
     key = store.put(b"x" * 100)
 
     class Older(FileBlobStore):
@@ -111,13 +111,13 @@ def test_get_into_works_with_stores_of_the_older_signature_and_duck_stores(store
             return super().get_buffer(key, size)
 
     older = Older(store.root, fsync=False)
-    assert bytes(get_into(older, key, RecycledBuffers().take)) == b"x" * 100 and older.called
+    assert bytes(read_buffer(older, key, allocate=RecycledBuffers().take)) == b"x" * 100 and older.called
 
     class OnlyGet:
         def get(self, key):
             return store.get(key)
 
-    assert get_into(OnlyGet(), key, RecycledBuffers().take) == b"x" * 100
+    assert read_buffer(OnlyGet(), key, allocate=RecycledBuffers().take) == b"x" * 100
 
 
 def _shards_alive() -> int:

@@ -19,7 +19,7 @@ from mlwarehouse.blobs.base import BlobStore, blob_key, check_key
 from mlwarehouse.errors import BackendError, IntegrityError
 
 __all__ = ["CHUNK", "READ_CHUNK", "STALE_TMP_S", "fanout", "fanout_key", "is_fanout_dir", "verified",
-           "fresh_buffer", "is_xxh3", "get_into", "HashingReader", "VerifyingReader", "can_stream",
+           "fresh_buffer", "is_xxh3", "read_buffer", "HashingReader", "VerifyingReader", "can_stream",
            "open_verifying", "copy_hashed"]
 
 #: bytes per read when a file is streamed into a store
@@ -84,11 +84,12 @@ def is_xxh3(value: Any) -> bool:
     return type(value) is str and len(value) == 16 and _HEX.issuperset(value)
 
 
-def get_into(store: BlobStore, key: str, allocate: Callable[[int], Any],
-             xxh3: str | None = None) -> bytes | memoryview:
-    """Blob ``key``, verified, read into ``allocate(length)`` where the store's ``get_buffer`` takes an allocator
-    (and checked against ``xxh3`` where the store trusts its bytes); else what its ``get_buffer`` gives (a subclass
-    may override it with the older signature), or its ``get`` (a wrapper that has only that)."""
+def read_buffer(store: BlobStore, key: str, size: int | None = None, *,
+                allocate: Callable[[int], Any] | None = None, xxh3: str | None = None) -> bytes | memoryview:
+    """``store.get_buffer(key, size)``, read into ``allocate(length)`` where the store's ``get_buffer`` takes an
+    allocator, and checked against ``xxh3`` where it takes a checksum (a store that trusts its bytes checks that
+    instead of the sha256); a subclass may override ``get_buffer`` with the older signature, without either, and a
+    wrapper that has only ``get`` is read through it."""
     cls = type(store)
     if cls not in _BUFFER_OPTIONS:
         method = getattr(cls, "get_buffer", None)
@@ -98,10 +99,10 @@ def get_into(store: BlobStore, key: str, allocate: Callable[[int], Any],
     if takes is None:
         return store.get(key)
     options = {"allocate": allocate, "xxh3": xxh3}
-    return store.get_buffer(key, **{name: options[name] for name in takes if options[name] is not None})
+    return store.get_buffer(key, size, **{name: options[name] for name in takes if options[name] is not None})
 
 
-#: per store class, the options of ``get_into`` that its ``get_buffer`` takes (None: it has no ``get_buffer``)
+#: per store class, the options of ``read_buffer`` that its ``get_buffer`` takes (None: it has no ``get_buffer``)
 _BUFFER_OPTIONS: dict[type, frozenset | None] = {}
 
 

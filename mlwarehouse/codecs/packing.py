@@ -9,10 +9,12 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
+import xxhash
 
 from mlwarehouse.blobs.base import current_batch, workers
 from mlwarehouse.codecs import compress, encode_leaf
 from mlwarehouse.codecs.treeformat import (
+    CHECKSUM_FROM,
     INT_MAX,
     INT_MIN,
     KEY_TYPES,
@@ -213,4 +215,7 @@ class Packer:
         key = self.put(data)
         self.blobs += 1
         size = data.nbytes if isinstance(data, memoryview) else len(data)
-        return {"_blob": key, "codec": meta.pop("codec"), "size": size, **meta}
+        ref = {"_blob": key, "codec": meta.pop("codec"), "size": size, **meta}
+        if size >= CHECKSUM_FROM:
+            ref["xxh3"] = xxhash.xxh3_64_hexdigest(data)
+        return ref

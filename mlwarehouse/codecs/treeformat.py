@@ -23,6 +23,11 @@ INLINE = frozenset({str, int, float, bool, type(None)})
 MAX_DEPTH = 200
 #: zstd output per input byte is below this (an RLE block: 4 bytes for 128 KiB), so a larger claim is a lie
 ZSTD_MAX_RATIO = 1 << 16
+#: blobs of this size or more carry their xxh3 checksum in their reference (``"xxh3"``), which a store that trusts
+#: its bytes (a local folder) checks on load instead of the sha256 (0.03 against 0.5 s per GiB)
+CHECKSUM_FROM = 1 << 20
+#: the fields of a blob reference that are not its codec's: what the unpacker hands a decoder leaves them out
+REFERENCE_FIELDS = ("_blob", "size", "xxh3")
 
 
 def is_leaf(v: Any) -> bool:

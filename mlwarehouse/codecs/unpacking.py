@@ -11,12 +11,13 @@ from concurrent.futures import Future
 from typing import Any
 
 from mlwarehouse.blobs.base import BlobStore, pool, workers
-from mlwarehouse.blobs.common import can_stream, open_verifying
+from mlwarehouse.blobs.common import can_stream, open_verifying, read_buffer
 from mlwarehouse.codecs import decode_leaf
 from mlwarehouse.codecs.streaming import decode_compressed, streams
 from mlwarehouse.codecs.treeformat import (
     CONTAINERS,
     MAX_DEPTH,
+    REFERENCE_FIELDS,
     SPECIAL_FLOATS,
     STORED_KEYS,
     ZSTD_MAX_RATIO,
@@ -80,10 +81,10 @@ class Unpacker:
             if key in self.ahead or key in self.decoding or key in self.fetched:
                 continue
             if self._streams(ref, size):
-                meta = {k: v for k, v in ref.items() if k not in ("_blob", "size")}
+                meta = {k: v for k, v in ref.items() if k not in REFERENCE_FIELDS}
                 self.decoding[key] = (meta, pool().submit(self._decode_streamed, key, size, meta))
             else:
-                self.ahead[key] = pool().submit(self.store.get_buffer, key, size)
+                self.ahead[key] = pool().submit(read_buffer, self.store, key, size, xxh3=ref.get("xxh3"))
 
     def _streams(self, meta: dict, size: Any) -> bool:
         """Whether this blob is decoded as it is read (a large compressed array: no copy of the blob is held)."""
@@ -104,12 +105,12 @@ class Unpacker:
         finally:
             self._top_up()
 
-    def _read(self, key: str, size: int | None) -> Any:
+    def _read(self, key: str, size: int | None, xxh3: Any = None) -> Any:
         if self.store is None:
             return self.get(key)
         future = self.ahead.pop(key, None)
         if future is None:
-            return self.store.get_buffer(key, size)
+            return read_buffer(self.store, key, size, xxh3=xxh3)
         try:
             return future.result()
         finally:
@@ -174,7 +175,7 @@ class Unpacker:
             raise CodecError(f"blob reference names {short(key)}, not a blob key")
         if size is not None and (type(size) is not int or size < 0):
             raise CodecError(f"blob reference to {key} has a bad size {short(size)}")
-        meta = {k: v for k, v in ref.items() if k not in ("_blob", "size")}
+        meta = {k: v for k, v in ref.items() if k not in REFERENCE_FIELDS}
         codec = meta.get("codec")
         if codec == "json" and key in self.opening:
             raise IntegrityError(f"JSON blob {key} refers to itself")
@@ -182,7 +183,7 @@ class Unpacker:
             return self._streamed(key, size, meta)
         data = self.fetched.get(key)
         if data is None:
-            data = self._read(key, size)
+            data = self._read(key, size, ref.get("xxh3"))
             if not meta.get("z"):  # kept for repeats; compressed bytes are dead once decoded, so never held on
                 self.fetched[key] = data
         n = data.nbytes if isinstance(data, memoryview) else len(data)

@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 
 from mlwarehouse import schema
-from mlwarehouse.blobs.common import get_into
+from mlwarehouse.blobs.common import read_buffer
 from mlwarehouse.datasets import batches
 from mlwarehouse.datasets.batches import batch_order
 from mlwarehouse.datasets.prefetch import Prefetch
@@ -84,7 +84,7 @@ class ShardReader:
         shard = self.memory.get(key)
         if shard is None:
             shard = Shard(self.cache.get(key, self.blobs.get) if self.cache is not None
-                          else get_into(self.blobs, key, RECYCLED.take, xxh3))
+                          else read_buffer(self.blobs, key, allocate=RECYCLED.take, xxh3=xxh3))
         before = shard.nbytes
         shard.decode(fields)
         if shard.nbytes != before or self.memory.get(key) is not shard:
