@@ -67,7 +67,9 @@ class DecodedShards:
                 self._used += size
 
     def resize(self, max_bytes: int) -> None:
-        """Change the bound, dropping the least recently used shards that no longer fit (0 empties it)."""
+        """Change the bound, dropping the least recently used shards that no longer fit (0 empties it). Their
+        decoded columns go back to :data:`mlwarehouse.datasets.recycled.RECYCLED` once nothing else holds them,
+        which keeps at most 256 MiB for the next decodes (``RECYCLED.clear()`` lets those go too)."""
         self._check(max_bytes)
         with self._lock:
             self.max_bytes = max_bytes

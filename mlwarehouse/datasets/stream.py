@@ -13,10 +13,12 @@ end and re-plans each epoch, picking up items appended meanwhile.
 Speed: what each batch of an epoch needs (its runs of one shard, the shards to start fetching, when a shard is last
 used) is worked out with numpy once per epoch (:mod:`mlwarehouse.datasets.batches`), so a batch costs one ``take``
 per field and shard into a fresh array. A shard already in the memory cache is used on the consumer's thread (no
-thread, no fetch); the others are fetched, checked against their sha256 and decoded by the process's prefetch pool
+thread, no fetch); the others are fetched, checked (see Integrity) and decoded by the process's prefetch pool
 (:mod:`mlwarehouse.datasets.prefetch`: threads made once, jobs run in the order the stream needs them, a consumer
 that waits runs queued jobs itself), so one shard is verified while another decodes and the batches of earlier
 shards are handed out; a shard's blocks decompress in parallel (:func:`mlwarehouse.datasets.shards.decode_pool`).
+An epoch that starts from the beginning and is not partitioned starts fetching its first shards as soon as their
+order is drawn, while the plan still shuffles the items.
 
 Integrity: every fetched shard is checked whole before it is decoded. Its document records, beside the content
 address, the xxh3 checksum (64 bits) of the stored bytes; a blob store that trusts its own bytes (a local folder:
