@@ -13,9 +13,9 @@ model it holds already). Each round saves a fresh warehouse (a first save: every
 then loads both while their bytes are in the page cache, as a checkpoint resumed at once would. Targets (ratio to
 the baseline of the same round): save <= 1.0x the time, load <= 1.2x the time, peak RSS of a load <= 1.1x. On a
 shared virtual disk fsync times vary from round to round; the median of the rounds is printed. On a virtual machine
-the first write into memory the guest never touched costs the hypervisor's fault as well (measured here: 2.4 s per
-GiB the first time, 0.2 s after), which lands on whichever contender grows the page cache first; so, before the
-rounds, ``--prefault-gib`` GiB (default 8) are touched once and freed, for the page cache to reuse. Even so, the
+the first write into memory the guest never touched costs the hypervisor's fault as well, which lands on whichever
+contender grows the page cache first; so, before the rounds, ``--prefault-gib`` GiB (default 8) are touched once and
+freed, for the page cache to reuse (:func:`benchmarks.machine.prefault`). Even so, the
 second 1 GiB written in a round often costs 3-6x the CPU of the first (the page cache grows past what the last
 round freed), so the two saves take turns going first, and each save is compared with the other contender's saves
 at the same turn (first or second in a round): the ratio of their medians. Loading verifies
@@ -40,6 +40,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 HERE = Path(__file__).resolve().parent
 sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != HERE]
+
+from benchmarks.machine import prefault  # noqa: E402
 
 TARGETS = {"save time": 1.0, "load time": 1.2, "load peak RSS": 1.1}
 
@@ -146,16 +148,6 @@ def _warm_up(op: str, folder: Path) -> float:
     return time.perf_counter() - start
 
 
-def _prefault(gib: int) -> float:
-    """Touch ``gib`` GiB of fresh memory in a child process (whose peak no measured process inherits), which then
-    frees it by exiting: seconds taken."""
-    start = time.perf_counter()
-    if gib > 0:
-        touch = f"import numpy as n; held = [n.ones(1 << 30, n.uint8) for _ in range({gib})]"
-        subprocess.run([sys.executable, "-c", touch], check=True)
-    return time.perf_counter() - start
-
-
 def _run(op: str, folder: Path, tensors: int, numel: int) -> dict:
     out = subprocess.run([sys.executable, __file__, "--child", op, str(folder), str(tensors), str(numel)],
                          check=False, capture_output=True, text=True)
@@ -177,13 +169,13 @@ def main() -> None:
         op, folder, tensors, numel = args.child
         print(json.dumps(child(op, folder, int(tensors), int(numel))))
         return
-    prefault = _prefault(args.prefault_gib)
+    prefault_s = prefault(args.prefault_gib)
     numel = int(args.size * (1 << 20)) // 4 // args.tensors
     total = numel * 4 * args.tensors
     tmp = Path(tempfile.mkdtemp(prefix="mlw-checkpoints-", dir=args.dir))
     print(f"{args.tensors} float32 tensors, {total / (1 << 20):.0f} MiB in all; {os.cpu_count()} CPUs; "
           f"{args.rounds} rounds, each against its own baseline; {args.prefault_gib} GiB touched first in "
-          f"{prefault:.1f} s")
+          f"{prefault_s:.1f} s")
     print(f"{'round':<7}{'op':<10}{'torch s':>9}{'mlw s':>8}{'ratio':>8}   {'torch MiB':>10}{'mlw MiB':>9}{'ratio':>8}"
           f"   {'CPU s (all threads): torch':>27}{'mlw':>7}")
     ratios: dict[str, list[float]] = {name: [] for name in TARGETS}

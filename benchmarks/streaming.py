@@ -12,7 +12,8 @@ case of every epoch over a dataset larger than the memory cache) and warm (``--e
 epoch, shards served from the process's bounded memory cache). A local folder is trusted, so a cold read checks
 each shard against the xxh3 checksum its document records; the same cold epoch is also measured with the folder
 untrusted (sha256 of every shard), and once, before the rounds, as the process's first epoch (fresh buffers: every
-page faulted in). Its time includes planning (the index query and the shuffle).
+page faulted in). ``--prefault-gib`` GiB are touched first (:func:`benchmarks.machine.prefault`: on a virtual
+machine, memory the guest never touched costs the hypervisor's fault on first write). Its time includes planning (the index query and the shuffle).
 Every file is in the OS page cache for every contender. The contenders run in ``--rounds`` rounds, each in a rotated
 order, and each reports its median round, in wall-clock time and in CPU time (of every thread of the process: on a
 machine shared with other work, the CPU ratio says how much work a reader does, the wall ratio how much it
@@ -39,6 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != ROOT / "benchmarks"]
 
 import mlwarehouse  # noqa: E402
+from benchmarks.machine import prefault  # noqa: E402
 from mlwarehouse.blobs.files import FileBlobStore  # noqa: E402
 from mlwarehouse.datasets.items import ItemDatasets  # noqa: E402
 from mlwarehouse.datasets.shardcache import ShardCache  # noqa: E402
@@ -211,7 +213,9 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3, help="epochs of the raw gather and the warm stream")
     parser.add_argument("--rounds", type=int, default=3, help="rounds of every local contender (median kept)")
     parser.add_argument("--no-s3", action="store_true")
+    parser.add_argument("--prefault-gib", type=int, default=8, help="GiB of memory touched once before measuring")
     args = parser.parse_args()
+    prefault_s = prefault(args.prefault_gib)
     server = None
     s3 = None
     if not args.no_s3:
@@ -230,7 +234,7 @@ def main() -> None:
             from mlwarehouse.testing.processes import stop
             stop(server)
     print(f"local: median of {args.rounds} rounds (x raw: of the ratios to a raw gather run just before each stream); "
-          f"raw and warm stream over {args.epochs} epochs, cold stream and per-item over 1; memory cache bound {MEMORY_BYTES >> 20} MiB per process; {os.cpu_count()} cores, "
+          f"raw and warm stream over {args.epochs} epochs, cold stream and per-item over 1; memory cache bound {MEMORY_BYTES >> 20} MiB per process; {args.prefault_gib} GiB touched first in {prefault_s:.1f} s; {os.cpu_count()} cores, "
           f"load average {os.getloadavg()[0]:.1f} at the end")
     print(f"{'workload':8} {'store':5} {'reader':34} {'epochs':>6} {'items/s':>12} {'MB/s':>9} {'x raw':>7} "
           f"{'cpu x raw':>9} {'x per-item':>10}")
