@@ -13,6 +13,7 @@ from mlwarehouse.blobs.files import FileBlobStore
 from mlwarehouse.codecs.treeformat import CHECKSUM_FROM
 from mlwarehouse.codecs.values import pack, unpack
 from mlwarehouse.errors import IntegrityError
+from mlwarehouse.testing.blob_conformance import flip_a_bit
 
 
 @pytest.fixture
@@ -45,14 +46,6 @@ def _same(a: dict, b: dict) -> bool:
     return all(np.array_equal(np.asarray(a[k]), np.asarray(b[k])) for k in a)
 
 
-def _damage(store: FileBlobStore, key: str) -> None:
-    path = store._path(key)
-    data = bytearray(path.read_bytes())
-    data[len(data) // 3] ^= 1
-    path.chmod(0o644)
-    path.write_bytes(bytes(data))
-
-
 def test_large_blobs_record_their_xxh3_and_small_ones_do_not(store):
     tree = pack(_weights(), store.put)
     refs = _refs(tree)
@@ -77,7 +70,7 @@ def test_a_trusted_folder_checks_the_reference_and_an_untrusted_one_the_sha256(s
 def test_damaged_bytes_are_refused_whichever_check_reads_them(store, trusted, says):
     tree = pack(_weights(), store.put)
     store.trusted = trusted
-    _damage(store, next(r["_blob"] for r in _refs(tree).values() if "xxh3" in r))
+    flip_a_bit(store, next(r["_blob"] for r in _refs(tree).values() if "xxh3" in r))
     with pytest.raises(IntegrityError, match=says):
         unpack(tree, store.get)
 
@@ -88,7 +81,7 @@ def test_a_reference_whose_checksum_is_not_one_is_read_by_its_sha256(store, reco
     ref = next(r for r in _refs(tree).values() if "xxh3" in r)
     ref["xxh3"] = recorded
     assert _same(_weights(), unpack(tree, store.get))
-    _damage(store, ref["_blob"])
+    flip_a_bit(store, ref["_blob"])
     with pytest.raises(IntegrityError, match="hashes to"):
         unpack(tree, store.get)
 
@@ -114,6 +107,6 @@ def test_a_model_checkpoint_loads_through_the_checksum_and_refuses_damage(wh):
     doc = wh.project().find_one("models", {"name": "ck"})
     big = [r for r in _refs(doc).values() if r.get("size", 0) >= CHECKSUM_FROM]
     assert big and all(r["xxh3"] == xxhash.xxh3_64_hexdigest(wh.blobs.get(r["_blob"])) for r in big)
-    _damage(wh.blobs, big[0]["_blob"])
+    flip_a_bit(wh.blobs, big[0]["_blob"])
     with pytest.raises(IntegrityError, match="xxh3"):
         wh.models.load("ck", checkpoints=True)

@@ -13,6 +13,7 @@ from mlwarehouse.datasets.items import SHARDS, ItemDatasets
 from mlwarehouse.datasets.shardmemory import DecodedShards
 from mlwarehouse.errors import IntegrityError
 from mlwarehouse.testing.backend_sets import mongo_and_gridfs, postgres_and_s3
+from mlwarehouse.testing.blob_conformance import flip_a_bit
 from mlwarehouse.testing.mongo_server import mongo_server  # noqa: F401  (session fixture)
 from mlwarehouse.testing.postgres_server import postgres_server  # noqa: F401  (session fixture)
 
@@ -41,14 +42,6 @@ def _set_check(ds, key: str, value) -> None:
                       else {"$unset": {"xxh3": ""}})
 
 
-def _damage(store: FileBlobStore, key: str) -> None:
-    path = store._path(key)
-    data = bytearray(path.read_bytes())
-    data[len(data) // 2] ^= 0x10
-    path.chmod(0o644)
-    path.write_bytes(bytes(data))
-
-
 def test_each_shard_records_the_xxh3_of_its_stored_bytes(wh):
     ds = _dataset(wh)
     docs = _docs(ds)
@@ -72,7 +65,7 @@ def test_a_trusted_folder_checks_the_recorded_xxh3_and_an_untrusted_one_the_sha2
 def test_damaged_bytes_are_refused_whichever_check_reads_them(wh, trusted, says):
     ds = _dataset(wh)
     wh.blobs.trusted = trusted
-    _damage(wh.blobs, _docs(ds)[0]["shard"])
+    flip_a_bit(wh.blobs, _docs(ds)[0]["shard"])
     with pytest.raises(IntegrityError, match=says):
         _labels(ds)
     with pytest.raises(IntegrityError):
@@ -85,7 +78,7 @@ def test_a_recorded_value_that_is_not_a_checksum_falls_back_to_the_sha256(wh, re
     key = _docs(ds)[0]["shard"]
     _set_check(ds, key, recorded)
     assert _labels(ds) == list(range(N))
-    _damage(wh.blobs, key)
+    flip_a_bit(wh.blobs, key)
     with pytest.raises(IntegrityError, match="hashes to"):
         _labels(ds)
 

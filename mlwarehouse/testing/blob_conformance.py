@@ -30,11 +30,20 @@ import pytest
 from mlwarehouse.blobs.base import BlobStore, blob_key
 from mlwarehouse.errors import IntegrityError, NotFound, QueryError, WarehouseError
 
-__all__ = ["BlobStoreTests", "BAD_KEYS"]
+__all__ = ["BlobStoreTests", "BAD_KEYS", "flip_a_bit"]
 
 #: strings (and non-strings) that are not blob keys: every call must refuse them before touching storage
 BAD_KEYS = ["../../etc/passwd", "../secret", "A" * 64, "ab" * 31, "g" * 64, "", "/" + "a" * 63, "a" * 63 + "\n",
             None, 42]
+
+
+def flip_a_bit(store, key: str, where: float = 0.5) -> None:
+    """Damage a local folder's blob behind the store's back: one bit flipped at ``where`` of its length."""
+    path = store._path(key)
+    data = bytearray(path.read_bytes())
+    data[int(len(data) * where)] ^= 0x10
+    path.chmod(0o644)
+    path.write_bytes(bytes(data))
 
 
 class BlobStoreTests:
