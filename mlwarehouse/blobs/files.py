@@ -18,8 +18,7 @@ write into it can write the index beside it too, so what a read must catch there
 given the xxh3 checksum (64 bits) that the index recorded beside the key (a dataset's shards, read whole by every
 epoch of a stream; blobs of 1 MiB or more, such as a checkpoint's tensors) checks the bytes against it, about 15x
 cheaper than their sha256 (0.03 against 0.5 ms per MB here); every other read, and every read of an untrusted
-folder, checks the sha256. Remote stores (S3, GridFS)
-always check the sha256.
+folder, checks the sha256. Remote stores (S3, GridFS) always check the sha256.
 """
 
 from __future__ import annotations
