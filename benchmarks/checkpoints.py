@@ -15,12 +15,12 @@ the baseline of the same round): save <= 1.0x the time, load <= 1.2x the time, p
 shared virtual disk fsync times vary from round to round; the median of the rounds is printed. On a virtual machine
 the first write into memory the guest never touched costs the hypervisor's fault as well, which lands on whichever
 contender grows the page cache first; so, before the rounds, ``--prefault-gib`` GiB (default 8) are touched once and
-freed, for the page cache to reuse (:func:`benchmarks.machine.prefault`). Even so, the
-second 1 GiB written in a round often costs 3-6x the CPU of the first (the page cache grows past what the last
-round freed), so the two saves take turns going first, and each save is compared with the other contender's saves
-at the same turn (first or second in a round): the ratio of their medians. Loading verifies
-every byte with sha256 on ``min(8, CPUs)`` threads, so on a machine with few free cores it is CPU-bound where
-``torch.load`` is not.
+freed, for the page cache to reuse (:func:`benchmarks.machine.prefault`). Even so, the second 1 GiB written in a
+round often costs 5-7x the CPU of the first (the page cache grows past what the last round freed), so the two saves
+take turns going first, and each save is compared with the other contender's saves at the same turn (first or
+second in a round): the ratio of their medians. Loading checks every byte, against the xxh3 checksum each tensor's
+reference records (the local folder is trusted; with ``MLW_TRUST_LOCAL_BLOBS=0``, against its sha256, on
+``min(8, CPUs)`` threads: CPU-bound on a machine with few free cores, where ``torch.load`` is not).
 """
 
 from __future__ import annotations
