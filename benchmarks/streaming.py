@@ -13,7 +13,8 @@ epoch, shards served from the process's bounded memory cache). A local folder is
 each shard against the xxh3 checksum its document records; the same cold epoch is also measured with the folder
 untrusted (sha256 of every shard), and once, before the rounds, as the process's first epoch (fresh buffers: every
 page faulted in). ``--prefault-gib`` GiB are touched first (:func:`benchmarks.machine.prefault`: on a virtual
-machine, memory the guest never touched costs the hypervisor's fault on first write). Its time includes planning (the index query and the shuffle).
+machine, memory the guest never touched costs the hypervisor's fault on first write). Its time includes planning
+(the index query and the shuffle).
 Every file is in the OS page cache for every contender. The contenders run in ``--rounds`` rounds, each in a rotated
 order, and each reports its median round, in wall-clock time and in CPU time (of every thread of the process: on a
 machine shared with other work, the CPU ratio says how much work a reader does, the wall ratio how much it
@@ -167,7 +168,7 @@ def bench(kind: str, scale: float, tmp: Path, s3: dict | None, epochs: int, coun
                                  ("stream, first epoch (fresh memory)", "first", 1),
                                  ("stream, warm (memory cache)", "warm", epochs),
                                  ("raw memmap gather", "raw", epochs), ("one blob per item", "per-item", 1))]
-    item = rows[5]
+    item = next(r for r in rows if r["reader"] == "one blob per item")
     for r, key in zip(rows[:4], ("cold", "sha256", "first", "warm")):  # per round: over its pair's items/s
         ratios = [[(r["epochs"] / got[i]) / (epochs / base[i]) for i in (0, 1)] for base, got in pairs[key]]
         r.update(vs_raw=float(np.median([w for w, _ in ratios])), vs_per_item=r["items_s"] / item["items_s"],

@@ -8,6 +8,7 @@ import pytest
 from mlwarehouse.blobs.common import read_buffer
 from mlwarehouse.blobs.files import FileBlobStore
 from mlwarehouse.datasets.recycled import RECYCLE_FROM, RecycledBuffers
+from mlwarehouse.testing.blob_conformance import flip_a_bit
 
 MB = 1 << 20
 
@@ -93,11 +94,7 @@ def test_read_buffer_reads_into_the_callers_buffer_and_still_verifies(store, tmp
     assert bytes(got) == data and isinstance(got, memoryview) and got.obj is not None
     del got
     assert pool.free_bytes == 3 * MB
-    path = store._path(key)
-    damaged = bytearray(data)
-    damaged[MB] ^= 1
-    path.chmod(0o644)
-    path.write_bytes(bytes(damaged))
+    flip_a_bit(store, key)
     with pytest.raises(IntegrityError):
         read_buffer(store, key, allocate=pool.take)
 

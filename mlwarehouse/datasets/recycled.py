@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
 
@@ -66,47 +68,47 @@ class RecycledBuffers:
             block = np.empty(-(-nbytes // _GRAIN) * _GRAIN, np.uint8)
         return np.asarray(_Lease(block, nbytes, self))
 
-    def _fitting(self, nbytes: int) -> np.ndarray | None:
-        """The smallest free block of ``nbytes`` or more that wastes at most a quarter of itself, taken out."""
-        with self._lock:
+    @contextmanager
+    def _alone(self) -> Iterator[bool]:
+        """The pool's critical section; yields False, entering nothing, on a thread already inside it (a lease
+        ended by a collection there)."""
+        with self._lock:  # reentrant: a lease may end in a collection on this very thread
+            if self._busy:
+                yield False
+                return
             self._busy = True
             try:
-                best = None
-                for i, block in enumerate(self._free):
-                    if nbytes <= block.nbytes <= nbytes + nbytes // 4 + _GRAIN and (
-                            best is None or block.nbytes < self._free[best].nbytes):
-                        best = i
-                if best is None:
-                    return None
-                block = self._free.pop(best)
-                self._free_bytes -= block.nbytes
-                self.reused += 1
-                return block
+                yield True
             finally:
                 self._busy = False
 
+    def _fitting(self, nbytes: int) -> np.ndarray | None:
+        """The smallest free block of ``nbytes`` or more that wastes at most a quarter of itself, taken out."""
+        with self._alone() as inside:
+            if not inside:
+                return None
+            fits = [i for i, b in enumerate(self._free) if nbytes <= b.nbytes <= nbytes + nbytes // 4 + _GRAIN]
+            if not fits:
+                return None
+            block = self._free.pop(min(fits, key=lambda i: self._free[i].nbytes))
+            self._free_bytes -= block.nbytes
+            self.reused += 1
+            return block
+
     def _give_back(self, block: np.ndarray) -> None:
-        with self._lock:  # reentrant: a lease may end in a collection on this very thread
-            if self._busy or block.nbytes > self.max_free:
+        with self._alone() as inside:
+            if not inside or block.nbytes > self.max_free:
                 return  # the block is freed like any array
-            self._busy = True
-            try:
-                self._free.append(block)
-                self._free_bytes += block.nbytes
-                while self._free_bytes > self.max_free:
-                    self._free_bytes -= self._free.pop(0).nbytes
-            finally:
-                self._busy = False
+            self._free.append(block)
+            self._free_bytes += block.nbytes
+            while self._free_bytes > self.max_free:
+                self._free_bytes -= self._free.pop(0).nbytes
 
     def clear(self) -> None:
         """Let every free block go."""
-        with self._lock:
-            self._busy = True
-            try:
-                self._free.clear()
-                self._free_bytes = 0
-            finally:
-                self._busy = False
+        with self._alone():
+            self._free.clear()
+            self._free_bytes = 0
 
     def _after_fork(self) -> None:
         self._lock, self._busy = threading.RLock(), False
