@@ -96,7 +96,8 @@ TASKS = Collection(
     blobs=True)
 
 #: users' own collections (one document per collection of a project: its table, fold fraction, converters); each
-#: collection's documents live in a table of their own (see :mod:`mlwarehouse.tables`), so they keep every field
+#: collection's documents live in a table of their own (see :mod:`mlwarehouse.warehouse.tables`), so they keep
+#: every field
 CATALOG = Collection("collections", ("project", "name", "table"), (_ix(("project", 1), ("name", 1), unique=True),))
 
 #: users' data types (encoder and decoder by import path), one per name and project

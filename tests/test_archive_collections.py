@@ -19,8 +19,8 @@ from mlwarehouse.archive.tarball import export_project, import_project, read_man
 from mlwarehouse.collections import Audio, DataTypeError, Encoded
 from mlwarehouse.collections.worker import ListenerWorker
 from mlwarehouse.errors import DuplicateKey, IntegrityError
-from mlwarehouse.tables import table_name
 from mlwarehouse.testing.mongo_server import fresh_uri, mongo_server  # noqa: F401  (session fixture)
+from mlwarehouse.warehouse.tables import table_name
 
 torch = pytest.importorskip("torch")
 try:
@@ -237,7 +237,7 @@ def test_importing_twice_or_into_a_project_that_has_the_collection_writes_nothin
 def test_a_failed_table_write_is_undone_with_the_rest(source, tmp_path, monkeypatch):
     _, _, path, _ = source
     dst = mlwarehouse.connect(home=tmp_path / "undo")
-    from mlwarehouse.tables import Table
+    from mlwarehouse.warehouse.tables import Table
     real = Table.insert_many
 
     def failing(self, docs):

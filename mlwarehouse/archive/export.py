@@ -33,7 +33,7 @@ def _no_progress(stage: str, done: int, total: int) -> None:
 def export_project(warehouse, project, path: str | os.PathLike, progress: Progress | None = None) -> dict:
     """Write every document of ``project`` (a name or a Project) and every blob they use to the tar at ``path``.
 
-    The project's own collections (users' documents, in tables: see :mod:`mlwarehouse.tables`) are written as
+    The project's own collections (users' documents, in tables: see :mod:`mlwarehouse.warehouse.tables`) are written as
     stored, one ``tables/<table>.jsonl`` member each, with their indexes in the manifest; their catalog entries,
     data types and listeners are documents of the shared collections like any other.
 

@@ -25,7 +25,7 @@ from mlwarehouse.collections.catalog import check_collection_name
 from mlwarehouse.errors import IntegrityError, NotFound, WarehouseError
 from mlwarehouse.query.documents import validate_document
 from mlwarehouse.query.jsonvalues import split_path
-from mlwarehouse.tables import table_name
+from mlwarehouse.warehouse.tables import table_name
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "READABLE_VERSIONS", "MAX_MANIFEST", "SKIPPED", "Archive", "open_archive",
            "documents", "table_documents", "table_member"]

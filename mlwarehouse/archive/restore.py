@@ -30,7 +30,7 @@ from mlwarehouse.archive.members import SKIPPED, Archive, documents, open_archiv
 from mlwarehouse.blobs.base import check_key
 from mlwarehouse.errors import DuplicateKey, IntegrityError, WarehouseError
 from mlwarehouse.ids import new_id
-from mlwarehouse.tables import table_name
+from mlwarehouse.warehouse.tables import table_name
 
 __all__ = ["import_project", "read_manifest"]
 

@@ -7,7 +7,8 @@ The archive is a plain (uncompressed) tar; blobs are mostly compressed already. 
 - ``collections/<name>.jsonl`` every document of the project in that collection, one JSON object a line
 - ``tables/<table>.jsonl``     every document of one of the project's own collections (users' documents), as
                                stored: packed values, ``_outputs``, ``_listeners``; ``<table>`` is the
-                               collection's table in the source project (:func:`mlwarehouse.tables.table_name`)
+                               collection's table in the source project
+                               (:func:`mlwarehouse.warehouse.tables.table_name`)
 
 Every collection that holds the project's documents is exported (datasets, models, runs, logs, tasks, and the
 catalog, data types and listeners of its own collections...), except the internal ``meta`` collection. Listener

@@ -15,7 +15,7 @@ from mlwarehouse.codecs.datatypes import DataType, DataTypeError
 from mlwarehouse.codecs.datatypes import check_name as check_type_name
 from mlwarehouse.errors import DuplicateKey, NotFound, QueryError
 from mlwarehouse.ids import utc_now
-from mlwarehouse.tables import table_name
+from mlwarehouse.warehouse.tables import table_name
 
 __all__ = ["Catalog", "DEFAULT_VALID_FRACTION", "check_collection_name"]
 

@@ -42,7 +42,7 @@ from mlwarehouse.errors import DuplicateKey, InvalidDocument, QueryError, Wareho
 from mlwarehouse.ids import new_id
 from mlwarehouse.query.filters import validate_filter
 from mlwarehouse.query.updates import apply_update
-from mlwarehouse.tables import table_name
+from mlwarehouse.warehouse.tables import table_name
 
 __all__ = ["Collection", "Cursor"]
 

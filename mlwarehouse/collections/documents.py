@@ -6,7 +6,7 @@ A stored document is the user's fields (packed: see :mod:`mlwarehouse.codecs.val
 - ``_fold``       ``"train"`` or ``"valid"``, from the id and the collection's validation fraction unless given
 - ``_outputs``    ``{key: {listener: output}}``, written by listeners only (SuperDuperDB's layout)
 - ``_listeners``  ``{listener: {"status", "input", "model", "error", ...}}``: each listener's state for this document
-- ``_rev``        a fresh id on every write: the compare-and-set token (see :mod:`mlwarehouse.tables`)
+- ``_rev``        a fresh id on every write: the compare-and-set token (see :mod:`mlwarehouse.warehouse.tables`)
 - ``_blobs``      the blobs the document refers to
 
 Users write ``_id`` and ``_fold``; the other four are the warehouse's (a write that names them is refused), and

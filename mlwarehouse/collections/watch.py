@@ -3,10 +3,10 @@
 ``for event in wh.watch("products", where={"price": {"$lt": 10}}, consumer="indexer"): ...; event.ack()``
 
 What a change is. Every write of a users' collection gives the document a fresh ``_rev`` (a sortable id made by
-the writer, :mod:`mlwarehouse.tables`): there a change is a ``_rev``, so inserts, updates and the listeners' own
-writes of outputs are all changes. The warehouse's own collections are watched by ``_id`` (also sortable and
-client-made, stamped at insert after the blobs were put): models, datasets, item shards, lineage edges... are
-insert-only, so every change is an insert. Runs, tasks, fits, datasets and evaluations are updated in place
+the writer, :mod:`mlwarehouse.warehouse.tables`): there a change is a ``_rev``, so inserts, updates and the
+listeners' own writes of outputs are all changes. The warehouse's own collections are watched by ``_id`` (also
+sortable and client-made, stamped at insert after the blobs were put): models, datasets, item shards, lineage
+edges... are insert-only, so every change is an insert. Runs, tasks, fits, datasets and evaluations are updated in place
 (``schema.REVISED``): each insert and update gives the document a fresh ``_rev``, as in users' collections, and
 they are watched by it, so a task that becomes finished or a run that ends is an event (a heartbeat is a change
 too: filter on the state you wait for, ``{"status": "finished"}``). Documents written before revisions existed

@@ -1,7 +1,7 @@
 """Keeping a vector store current with a collection: the writes and deletes of every process, by revision.
 
 Every write of a document gives it a fresh ``_rev``, a sortable id made by the writer, and every delete leaves a
-tombstone with a sortable id (:meth:`mlwarehouse.tables.Table.delete`). A :class:`Follower` (the base of the
+tombstone with a sortable id (:meth:`mlwarehouse.warehouse.tables.Table.delete`). A :class:`Follower` (the base of the
 embedded :class:`~mlwarehouse.vectors.mirror.Mirror` and of the pgvector table) holds, per document, the revision
 its vector was read at. :meth:`Follower.refresh` reads the ``(_id, _rev)`` pairs newer than ``position - WINDOW``
 (an index on ``_rev`` makes that a range scan), fetches the vectors of the documents whose revision it does not

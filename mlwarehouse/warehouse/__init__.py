@@ -12,7 +12,7 @@ every domain shares (numbered as in the design document):
 4. Every write is stamped with ``_id`` (sortable, client-made), ``project`` and ``time`` (UTC).
 
 How a delete beside a writer in flight never removes bytes the writer is about to commit (content addressing
-shares them): :mod:`mlwarehouse.blobrefs`.
+shares them): :mod:`mlwarehouse.warehouse.blobrefs`.
 """
 
 from __future__ import annotations
@@ -24,13 +24,13 @@ from functools import cached_property
 from typing import Any
 
 from mlwarehouse import schema
-from mlwarehouse.blobrefs import BlobReferences, GcReport
 from mlwarehouse.blobs.base import BlobStore
 from mlwarehouse.codecs import values
 from mlwarehouse.errors import DuplicateKey, InvalidDocument, NotFound, QueryError
 from mlwarehouse.ids import MIN_PREFIX, new_id, prefix_filter, utc_now
 from mlwarehouse.index.base import Filter, Index, Sort
 from mlwarehouse.query.documents import validate_document
+from mlwarehouse.warehouse.blobrefs import BlobReferences, GcReport
 
 __all__ = ["Warehouse", "Project", "GcReport", "connect"]
 
@@ -266,8 +266,8 @@ class Project:
         return self.catalog.collection(name)
 
     def table(self, name: str):
-        """A table that holds only this project's documents (see :mod:`mlwarehouse.tables`)."""
-        from mlwarehouse.tables import Table
+        """A table that holds only this project's documents (see :mod:`mlwarehouse.warehouse.tables`)."""
+        from mlwarehouse.warehouse.tables import Table
         return Table(self, name)
 
     # -- schema --------------------------------------------------------------------------------------------
