@@ -9,8 +9,9 @@ import threading
 import numpy as np
 import pytest
 
+from mlwarehouse.datasets import prefetch
 from mlwarehouse.datasets.items import ItemDatasets
-from mlwarehouse.datasets.prefetch import RankedPool, ranked_pool
+from mlwarehouse.datasets.prefetch import RankedPool, ranked_pool, run_ranked
 from mlwarehouse.errors import IntegrityError
 
 
@@ -36,6 +37,35 @@ def test_a_job_error_reaches_whoever_waits_for_it():
     cancelled = pool.submit(1, lambda: 1)
     assert cancelled.cancel()
     assert pool.wait(pool.submit(2, lambda: 2)) == 2  # the cancelled job is skipped, not run
+
+
+def test_parts_run_at_the_rank_of_their_job_and_wait_behind_lower_ranks_only():
+    """A job's parts (:func:`run_ranked`, as a shard's decode cuts itself) are queued at the job's rank; whoever
+    waits for them runs queued work of that rank or lower first, lowest first, and never later work."""
+    pool = ranked_pool(1)
+    gate, held = threading.Event(), threading.Semaphore(0)
+
+    def hold():
+        held.release()
+        return gate.wait(30)
+    blockers = [pool.submit(-10 ** 9, hold) for _ in pool._threads]  # one for each thread of the pool
+    assert all(held.acquire(timeout=30) for _ in blockers)  # every thread holds one: none is left queued
+    ran = []
+    earlier = pool.submit(-5, ran.append, "earlier shard")
+    later = pool.submit(10 ** 9, ran.append, "later shard")
+
+    def shard_job():
+        return run_ranked([(lambda part: ran.append((part, prefetch._local.rank)) or part, i) for i in range(3)], 1)
+    job = pool.submit(-3, shard_job)
+    try:
+        assert pool.wait(job) == [0, 1, 2]  # this thread ran the job, the earlier shard first, then its parts
+        assert ran == ["earlier shard", (0, -3), (1, -3), (2, -3)] and earlier.done()
+        assert not later.done()  # ranked after: left to the pool
+        assert getattr(prefetch._local, "rank", None) is None  # restored once the job ended
+    finally:
+        gate.set()
+    assert later.result(timeout=30) is None and all(b.result(timeout=30) for b in blockers)
+    assert run_ranked([(lambda v: v * 2, 4), (lambda v: v + 1, 4)], 1) == [8, 5]  # outside any job: a fresh rank
 
 
 @pytest.fixture

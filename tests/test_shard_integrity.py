@@ -200,3 +200,52 @@ def test_a_flipped_header_bit_in_a_stored_shard_fails_item_and_load(wh):
         fresh.item(record.doc["_id"])
     with pytest.raises(IntegrityError):
         fresh.find({"label": 7})[0].load()
+
+
+def _mixed_column(blocks: int = 10) -> np.ndarray:
+    """Items of 4 KiB whose 256 KiB blocks alternate between compressible (zeros and a counter) and random
+    bytes, so a column holds runs of compressed and of stored blocks."""
+    rng = np.random.default_rng(5)
+    x = np.zeros((blocks * 64, 4096), np.uint8)
+    for b in range(1, blocks, 2):
+        x[b * 64:(b + 1) * 64] = rng.integers(0, 256, (64, 4096), np.uint8)
+    x[:, 0] = np.arange(len(x)) % 251
+    return x
+
+
+def test_a_column_of_mixed_blocks_decodes_whole_and_by_range_in_parallel():
+    x = _mixed_column()
+    data = build_shard({"x": list(x)}, {"x": FieldSpec("array", "|u1", (4096,))})
+    layout = read_header(lambda s, n: data[s:s + n]).fields["x"]
+    assert 0 < layout.flags.sum() < len(layout.flags) >= 4  # both kinds, and enough blocks to decode in parts
+    assert np.array_equal(Shard(data).column("x"), x)
+    reader = ShardReader(Blobs(data, hashlib.sha256(data).hexdigest()))
+    for row in (0, 63, 64, 300, len(x) - 1):
+        assert np.array_equal(reader.item("k", row)["x"], x[row])
+
+
+def test_a_compressed_block_that_records_another_size_is_refused_though_its_run_adds_up(monkeypatch):
+    """Two neighbouring frames of one run cut 100 bytes off one block and add them to the next: the run still
+    decompresses to its total, so each frame's recorded size is what catches it (the shard's checksum would,
+    for damage; a writer that crafts it gets an IntegrityError, not shifted items)."""
+    import zstandard
+
+    from mlwarehouse.datasets import shards as shards_module
+    x = np.zeros((10 * 64, 4096), np.uint8)
+    x[:, 0] = np.arange(len(x)) % 251
+    raw = x.tobytes()
+    cut = {2: (2 * 262144, 3 * 262144 - 100), 3: (3 * 262144 - 100, 4 * 262144)}
+    calls = iter(range(10))
+    real = shards_module.compress
+
+    def crafted(block):
+        b = next(calls)
+        if b in cut:
+            lo, hi = cut[b]
+            return zstandard.ZstdCompressor(level=1).compress(raw[lo:hi]), {"z": "zstd", "raw": hi - lo}
+        return real(block)
+    monkeypatch.setattr(shards_module, "compress", crafted)
+    data = build_shard({"x": list(x)}, {"x": FieldSpec("array", "|u1", (4096,))})
+    assert read_header(lambda s, n: data[s:s + n]).fields["x"].flags.all()
+    with pytest.raises(IntegrityError, match="block 2 of field 'x' records 262044 raw bytes, not 262144"):
+        Shard(data).column("x")

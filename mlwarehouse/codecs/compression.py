@@ -15,7 +15,7 @@ import zstandard
 from mlwarehouse.errors import CodecError
 
 __all__ = ["COMPRESS_MIN", "COMPRESS_LEVEL", "COMPRESS_MIN_SAVING", "compress", "worth_compressing",
-           "max_decompressed", "decompress", "decompress_into", "zstd_pair"]
+           "max_decompressed", "decompress", "decompress_into", "frame_content_size", "zstd_pair"]
 
 Buffer = bytes | bytearray | memoryview
 COMPRESS_MIN = 4096
@@ -114,10 +114,20 @@ def _decompress_capped(data: Buffer, raw: int) -> bytearray:
     return out
 
 
-def decompress_into(data: Buffer, dest: memoryview) -> None:
-    """zstd-decompress ``data`` straight into ``dest``, which it must fill exactly (one copy, GIL released)."""
+def frame_content_size(data: Buffer) -> int:
+    """The content size that the zstd frame at the start of ``data`` records (-1: it records none)."""
     try:
-        reader = _zstd()[1].stream_reader(data, read_size=1 << 20)
+        return zstandard.frame_content_size(data)
+    except zstandard.ZstdError as exc:
+        raise CodecError(f"not a zstd frame ({exc})") from None
+
+
+def decompress_into(data: Buffer, dest: memoryview, *, frames: bool = False) -> None:
+    """zstd-decompress ``data`` straight into ``dest``, which it must fill exactly (one copy, GIL released);
+    ``frames``: ``data`` is several frames end to end, decompressed in one call (one return to Python for all of
+    them: on a busy interpreter each return waits for the GIL)."""
+    try:
+        reader = _zstd()[1].stream_reader(data, read_size=1 << 20, read_across_frames=frames)
         filled = 0
         while filled < len(dest):
             n = reader.readinto(dest[filled:])

@@ -13,13 +13,16 @@ the header's crc32 (which covers its length too) and the tables' crc32 before us
 header that does not parse or describes an impossible layout (a crafted shard with valid checksums), is an
 :class:`IntegrityError`. Shards of format 1 (``MLWSHRD1``: the same without the two checksums) still read whole;
 their range reads are not trusted (``ShardHeader.verified`` is False) and readers fetch them whole instead.
-Fixed-shape array columns decode to one ``(n, *shape)`` numpy view. A column's blocks decompress in parallel
-(:func:`decode_pool`, and the calling thread: zstd releases the GIL), each straight into its place in the column,
-a buffer recycled from shards nobody holds any more (:mod:`mlwarehouse.datasets.recycled`).
+Fixed-shape array columns decode to one ``(n, *shape)`` numpy view. A column's blocks decompress in parallel, in
+parts queued on the prefetch threads at the rank of the shard's request
+(:func:`mlwarehouse.datasets.prefetch.run_ranked`; the calling thread helps), each run of compressed blocks in one
+call (zstd releases the GIL; each frame's recorded size is checked first), straight into its place in the column, a
+buffer recycled from shards nobody holds any more (:mod:`mlwarehouse.datasets.recycled`).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -28,19 +31,20 @@ import struct
 import threading
 import zlib
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from mlwarehouse.codecs import compress, decompress, decompress_into
+from mlwarehouse.codecs.compression import frame_content_size
 from mlwarehouse.codecs.registry import max_decompressed
+from mlwarehouse.datasets.prefetch import run_ranked
 from mlwarehouse.datasets.recycled import RECYCLED
 from mlwarehouse.errors import CodecError, IntegrityError
 
 __all__ = ["MAGIC", "BLOCK", "FieldSpec", "build_shard", "Shard", "ShardHeader", "read_header", "read_item",
-           "is_precompressed", "decode_pool"]
+           "is_precompressed"]
 
 MAGIC = b"MLWSHRD2"     # format 2: header and tables checksummed
 MAGIC_V1 = b"MLWSHRD1"  # format 1: no checksums (read, never written)
@@ -372,28 +376,32 @@ class Shard:
         offsets = layout.block_offsets.tolist()
         flags = layout.flags.tolist()
 
-        def block(b: int) -> None:
-            lo, hi, size = offsets[b], offsets[b + 1], _block_raw_len(layout, b)
-            dest = view[b * BLOCK:b * BLOCK + size]
-            if flags[b]:
-                _decompress_into(body[lo:hi], dest)
-            else:
-                if hi - lo != size:
-                    raise _corrupt(f"a stored block of field {field!r} holds {hi - lo} bytes, not {size}")
-                dest[:] = body[lo:hi]
-
         def blocks(first: int) -> None:
-            for b in range(first, min(first + step, k)):
-                block(b)
+            """Blocks ``first`` to ``first + step``: each run of compressed ones decompressed in one call."""
+            b, end = first, min(first + step, k)
+            while b < end:
+                c = b + 1
+                while c < end and flags[c] == flags[b]:
+                    c += 1
+                lo, hi = offsets[b], offsets[c]
+                dest = view[b * BLOCK:min(c * BLOCK, layout.raw)]
+                if flags[b]:
+                    _check_frames(body, offsets, b, c, layout, field)
+                    _decompress_into(body[lo:hi], dest)
+                elif hi - lo != len(dest):
+                    raise _corrupt(f"stored blocks of field {field!r} hold {hi - lo} bytes, not {len(dest)}")
+                else:
+                    dest[:] = body[lo:hi]
+                b = c
+
         if k < 4:
             step = k
             blocks(0)
         else:  # every job ends before the first error is raised: none writes into a column given up
             step = -(-k // (2 * DECODE_THREADS))
             starts = range(0, k, step)
-            jobs = [decode_pool().submit(_run_caught, blocks, first) for first in starts[1:]]
-            errors = [_run_caught(blocks, starts[0])]  # the caller decodes its share rather than wait idle
-            for error in errors + [job.result() for job in jobs]:
+            for error in run_ranked([(functools.partial(_run_caught, blocks), first) for first in starts],
+                                    DECODE_THREADS):
                 if error is not None:
                     raise error
         return view
@@ -453,36 +461,28 @@ def _run_caught(fn: Callable[[int], None], arg: int) -> BaseException | None:
     return None
 
 
-#: threads that decompress blocks (one per core, at most 8); a column is cut into twice as many jobs
+#: threads that decompress a column's blocks (one per core, at most 8); a column is cut into twice as many parts
 DECODE_THREADS = max(2, min(8, os.cpu_count() or 2))
-_pools: dict[str, ThreadPoolExecutor] = {}
-_pool_lock = threading.Lock()
 
 
-def decode_pool() -> ThreadPoolExecutor:
-    """The process's threads that decompress blocks (:data:`DECODE_THREADS`): made on first use, and again in a
-    forked child, whose copy has no threads."""
-    with _pool_lock:
-        pool = _pools.get("decode")
-        if pool is None:
-            pool = _pools["decode"] = ThreadPoolExecutor(DECODE_THREADS, thread_name_prefix="mlw-decode")
-        return pool
-
-
-def _forget_pools() -> None:
-    global _pool_lock
-    _pools.clear()
-    _pool_lock = threading.Lock()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_forget_pools)
+def _check_frames(body: memoryview, offsets: list[int], b: int, c: int, layout: _FieldLayout, field: str) -> None:
+    """Blocks ``b`` to ``c`` (compressed) are zstd frames that each record their block's raw size (zstd then
+    checks what it decodes against it): a run decompressed in one call is cut where its blocks are."""
+    for i in range(b, c):
+        try:
+            size = frame_content_size(body[offsets[i]:offsets[i + 1]])
+        except CodecError as exc:
+            raise _corrupt(f"block {i} of field {field!r} does not decompress ({exc})") from None
+        if size < 0:
+            raise _corrupt(f"block {i} of field {field!r} does not decompress (its zstd frame records no size)")
+        if size != _block_raw_len(layout, i):
+            raise _corrupt(f"block {i} of field {field!r} records {size} raw bytes, not {_block_raw_len(layout, i)}")
 
 
 def _decompress_into(data: memoryview, dest: memoryview) -> None:
-    """A block decompressed into its place in the column; a block that does not decompress to exactly its
-    recorded size is a corrupted shard."""
+    """A run of compressed blocks (one zstd frame each) decompressed into its place in the column; a run that
+    does not decompress to exactly its recorded size is a corrupted shard."""
     try:
-        decompress_into(data, dest)
+        decompress_into(data, dest, frames=True)
     except CodecError as exc:
         raise _corrupt(f"a block does not decompress ({exc})") from None

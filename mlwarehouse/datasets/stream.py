@@ -16,7 +16,8 @@ per field and shard into a fresh array. A shard already in the memory cache is u
 thread, no fetch); the others are fetched, checked (see Integrity) and decoded by the process's prefetch pool
 (:mod:`mlwarehouse.datasets.prefetch`: threads made once, jobs run in the order the stream needs them, a consumer
 that waits runs queued jobs itself), so one shard is verified while another decodes and the batches of earlier
-shards are handed out; a shard's blocks decompress in parallel (:func:`mlwarehouse.datasets.shards.decode_pool`).
+shards are handed out; a shard's blocks decompress in parallel, in the order the shards are needed
+(:func:`mlwarehouse.datasets.prefetch.run_ranked`).
 An epoch that starts from the beginning and is not partitioned starts fetching its first shards as soon as their
 order is drawn, while the plan still shuffles the items.
 
