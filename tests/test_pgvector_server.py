@@ -122,3 +122,65 @@ def test_exact_for_few_matches_and_the_graph_past_the_square_root(vector_dsn, po
                 same += len(set(ids) & set(allowed[np.argsort(-scores)[:5]].tolist()))
             assert same == 50 if plan == "exact" else same >= 45, (plan, same)
         wh.close()
+
+
+def test_a_filter_index_is_walked_for_its_filter_kept_current_and_shared(vector_dsn, postgres_server, tmp_path):  # noqa: F811
+    """``index_filter`` makes a partial HNSW index over the rows its filter selects; a search with that filter is
+    an index scan of it (EXPLAIN), finds what exact search finds, sees rows inserted and moved since, and a second
+    process's index of the collection has it too; ``forget_filter`` drops it, and a filter on a field the table
+    does not copy is refused."""
+    import numpy as np
+
+    import mlwarehouse
+    from mlwarehouse.errors import NotFound, QueryError, VectorIndexError
+    from mlwarehouse.index.pgvectors import _Query
+    from mlwarehouse.testing.backend_sets import postgres_schema
+    x = np.random.default_rng(7).standard_normal((3000, 8)).astype(np.float32)
+    with postgres_schema(postgres_server) as uri:
+        wh = mlwarehouse.connect(uri, blobs=str(tmp_path / "blobs"))
+        c = wh.collection("items")
+        c.insert_many({"_id": f"d{i}", "v": x[i], "kind": "rare" if i % 50 == 0 else "common", "n": i}
+                      for i in range(len(x)))
+        c.create_index("kind")
+        index = c.create_vector_index("v", field="v", engine="pgvector")
+        flt = {"kind": "rare"}
+        made = index.index_filter(flt)
+        store, name, table = index.backend.store, index.backend.name, c.table.name
+        assert made["index"].startswith(f"vp_{name}_") and store.filter_indexes(name) == {made["index"]}
+        assert index.index_filter(dict(flt))["index"] == made["index"] and index.stats()["filters"] == [flt]
+        sql, params = store._graph_statement(name, table, store.index._scalar_fields(table), store._op("cosine"),
+                                             flt, "d.doc ->> '_rev'", 10, True, True)
+        assert "'rare'" in sql  # the predicate's value written in, the filter's own a parameter
+        with store.index._connection() as con:
+            store._prepare(con, (40, 1000))
+            plan = "\n".join(r[0] for r in con.execute("EXPLAIN " + sql, [_Query(x[0]), *params]))
+        assert f"Index Scan using {made['index']}" in plan, plan
+
+        def exact(q, allowed):
+            scores = x[allowed] @ q / np.linalg.norm(x[allowed], axis=1)
+            return [f"d{i}" for i in allowed[np.argsort(-scores)[:5]]]
+        rare = np.arange(0, 3000, 50)
+        for q in x[1:11]:
+            found = c.find(flt, {"_id": 1}, vector=q, n=5)
+            assert found.plan == "graph" and [d["_id"] for d in found] == exact(q, rare)
+        c.update_one({"_id": "d1"}, {"$set": {"kind": "rare"}})  # moved in, and one moved out
+        c.update_one({"_id": "d50"}, {"$set": {"kind": "common"}})
+        c.insert_one({"_id": "new", "v": x[1] * 2, "kind": "rare", "n": -1})
+        got = [d["_id"] for d in c.find(flt, {"_id": 1}, vector=x[1], n=3)]
+        assert got[:2] in (["d1", "new"], ["new", "d1"]) and "d50" not in got
+        assert all(d["kind"] == "rare" for d in c.find(flt, {"kind": 1}, vector=x[50], n=20))
+        c.insert_one({"_id": "listed", "v": x[2] * 3, "kind": ["common", "rare"], "n": -2})  # an element matches
+        assert c.find(flt, {"_id": 1}, vector=x[2], n=1)[0]["_id"] == "listed"
+        with pytest.raises(QueryError, match="conjunction"):
+            index.index_filter({"$or": [{"kind": "rare"}, {"kind": "odd"}]})
+
+        other = mlwarehouse.connect(uri, blobs=str(tmp_path / "blobs")).collection("items").vector_index("v")
+        assert other.backend.filter_indexes == index.backend.filter_indexes
+        assert [d["_id"] for d in other.find(flt, {"_id": 1}, vector=x[1], n=2)] == got[:2]
+        with pytest.raises(VectorIndexError, match="fields the vector table copies"):
+            index.index_filter({"n": {"$lt": 10}})
+        assert index.forget_filter(flt) == [] and store.filter_indexes(name) == set()
+        with pytest.raises(NotFound):
+            index.forget_filter(flt)
+        assert c.find(flt, {"_id": 1}, vector=x[1], n=2).plan == "exact"  # 61 matches: the exact plan again
+        wh.close()

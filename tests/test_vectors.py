@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import mlwarehouse
-from mlwarehouse.errors import IntegrityError, VectorIndexError
+from mlwarehouse.errors import IntegrityError, NotFound, QueryError, VectorIndexError
 from mlwarehouse.vectors import mirror as mirrors
 from mlwarehouse.vectors import spec as specs
 from mlwarehouse.vectors.engines import ExactEngine, exact_top
@@ -299,3 +299,30 @@ def test_the_index_definition_is_looked_up_once_per_refresh_interval(tmp_path, m
     c.drop_vector_index("second")
     with pytest.raises(mlwarehouse.errors.NotFound):
         c.vector_index()
+
+
+def test_filter_indexes_are_recorded_bounded_and_forgotten_on_the_embedded_engine(tmp_path):
+    """The embedded engine filters inside its graph walk and builds nothing for ``index_filter``, but records the
+    filter as pgvector does (so both engines list the same), within the same bound, and refuses what is no filter."""
+    c = mlwarehouse.connect(home=tmp_path).collection("items")
+    x = np.random.default_rng(3).standard_normal((200, 8)).astype(np.float32)
+    c.insert_many({"_id": f"d{i}", "v": x[i], "g": i % 10} for i in range(200))
+    index = c.create_vector_index("v", field="v")
+    made = index.index_filter({"g": 3})
+    assert made["filter"] == {"g": 3} and made["index"] is None and index.stats()["filters"] == [{"g": 3}]
+    assert index.index_filter({"g": 3})["filter"] == {"g": 3} and index.stats()["filters"] == [{"g": 3}]
+    for g in range(4, 4 + specs.MAX_FILTER_INDEXES - 1):
+        index.index_filter({"g": g})
+    with pytest.raises(VectorIndexError, match="the most it keeps"):
+        index.index_filter({"g": 99})
+    with pytest.raises(VectorIndexError, match="non-empty"):
+        index.index_filter({})
+    with pytest.raises(QueryError):
+        index.index_filter({"g": {"$bogus": 1}})
+    assert {"g": 3} not in index.forget_filter({"g": 3})
+    with pytest.raises(NotFound):
+        index.forget_filter({"g": 3})
+    found = c.find({"g": 4}, vector=x[4], n=3)
+    assert [d["_id"] for d in found][0] == "d4" and all(d["g"] == 4 for d in found)
+    again = mlwarehouse.connect(home=tmp_path).collection("items").vector_index("v")
+    assert again.stats()["filters"] == index.stats()["filters"] and len(again.stats()["filters"]) == 7

@@ -12,6 +12,13 @@ filter is evaluated on the collection's own rows (joined by id). When a graph sc
 selective filter), an exact scan answers. Every statement joins its nearest rows to the collection's, so the
 caller sees each document's current revision (and re-checks, through the filter, those that moved).
 
+A filter searched often can have an HNSW index of its own (:meth:`PgVectors.filter_index`): a partial index over
+the rows whose copy matches it, as pgvector's documentation advises for such filters. Its predicate
+(:meth:`PgVectors.filter_predicate`) holds the filter's values written in, and a search with that filter adds it
+to its own condition word for word, so PostgreSQL proves the index applies under any plan; the walk then visits
+only matching rows (measured at 200,000
+x 128: 416 to 1,373 q/s at 10% of the rows, 128 to 2,608 q/s at 1%, built in 5.5 s and 0.7 s).
+
 This module knows nothing of what the vectors mean; :mod:`mlwarehouse.vectors.pgvector` keeps them current. A
 compiled filter names its table's ``doc`` column unqualified, so every statement keeps one ``doc`` in its scope.
 """
@@ -19,6 +26,7 @@ compiled filter names its table's ``doc`` column unqualified, so every statement
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import os
 import re
@@ -31,6 +39,7 @@ import numpy as np
 from mlwarehouse.errors import ConfigError, QueryError
 from mlwarehouse.index.sql.compiler import index_expressions
 from mlwarehouse.query.filters import parse_filter
+from mlwarehouse.query.jsonvalues import split_path
 
 __all__ = ["PgVectors", "OPS", "MINIMUM_VERSION"]
 
@@ -105,6 +114,7 @@ class PgVectors:
         self._type = f'"{schema}".vector'
         self._session: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # connection -> scan settings
         self._dumper = None  # of query vectors, made when the first search learns the vector type's oid
+        self._predicates: dict[tuple, str] = {}  # (collection, filter) -> its filter index's predicate
 
     @classmethod
     def probe(cls, index) -> "PgVectors | None":
@@ -168,6 +178,74 @@ class PgVectors:
             with self.index._connection() as con:
                 con.execute(f"ANALYZE {table}")
         return held
+
+    def filter_index(self, name: str, collection: str, filter: dict, metric: str, *, m: int,
+                     ef_construction: int) -> str:
+        """A partial HNSW index of the table over the rows whose copy matches ``filter`` (see the module notes);
+        returns its name (``vp_<table>_<digest of its predicate>``), made unless there."""
+        predicate = self.filter_predicate(collection, filter)
+        index = f"vp_{name}_{hashlib.sha256(predicate.encode()).hexdigest()[:12]}"
+        with self.index._transaction() as con:
+            self.index._lock_ddl(con)
+            if con.execute("SELECT to_regclass(%s) IS NOT NULL", (index,)).fetchone()[0]:
+                return index
+            rows = con.execute(f"SELECT count(*) FROM {self._table(name)} WHERE {predicate}").fetchone()[0]
+            con.execute(f"SET LOCAL maintenance_work_mem = '{build_memory_mb(rows, self._dims(con, name), m)}MB'")
+            con.execute(f'CREATE INDEX "{index}" ON {self._table(name)} USING hnsw (embedding '
+                        f'"{self.schema}".{OPS[metric][1]}) WITH (m = {int(m)}, ef_construction = '
+                        f'{int(ef_construction)}) WHERE {predicate}')
+        return index
+
+    def filter_indexes(self, name: str) -> set[str]:
+        """The names of the table's filter indexes."""
+        with self.index._connection() as con:
+            return {r[0] for r in con.execute("SELECT indexname FROM pg_indexes WHERE schemaname = current_schema() "
+                                              "AND tablename = %s AND indexname LIKE %s",
+                                              (f"v_{name}", f"vp\\_{name}\\_%")).fetchall()}
+
+    def drop_index(self, index: str) -> None:
+        if not re.match(r"^vp_[a-z0-9_]{1,60}\Z", index):
+            raise QueryError(f"invalid filter index name {index!r}")
+        with self.index._transaction() as con:
+            self.index._lock_ddl(con)
+            con.execute(f'DROP INDEX IF EXISTS "{index}"')
+
+    def _dims(self, con, name: str) -> int:
+        return con.execute("SELECT atttypmod FROM pg_attribute WHERE attrelid = to_regclass(%s) AND attname = "
+                           "'embedding'", (f"v_{name}",)).fetchone()[0]
+
+    def filter_predicate(self, collection: str, filter: dict) -> str:
+        """The predicate of ``filter``'s partial index, on a table's copy, with its values written in (as psycopg
+        would send them): per field, its condition on the value itself or the value is an array (whose elements
+        the full filter then tests), so every row the filter keeps is in the index, and no subquery, which an
+        index predicate cannot hold. A filter of fields with conditions (their conjunction) has one; another
+        (``$or``, ``$elemMatch``...) is refused."""
+        from psycopg import ClientCursor
+
+        from mlwarehouse.index.sql.compiler import Compiler
+        key = (collection, json.dumps(filter, sort_keys=True, default=str))
+        text = self._predicates.get(key)
+        if text is not None:
+            return text
+        d, parts = self.index.dialect, []
+        for path, condition in filter.items():
+            if path.startswith("$"):
+                raise QueryError(f"a filter index takes conditions on fields (their conjunction), not {path!r}")
+            c = Compiler(d, scalar_fields={path})
+            whole = c.where({path: condition})
+            if "SELECT" in whole.upper():
+                raise QueryError(f"a filter index cannot hold the condition on {path!r} ({condition!r}): it tests "
+                                 f"an array's elements")
+            with self.index._connection() as con:
+                whole = ClientCursor(con).mogrify(whole, list(c.params))
+            target = d.path(d.doc_column, split_path(path))
+            parts.append(f"(({whole}) OR {d.is_type(d.type_of(d.doc_column, target), 'array')})")
+        if not parts:
+            raise QueryError("a filter index needs a filter")
+        text = self._predicates[key] = " AND ".join(parts)
+        if len(self._predicates) > 256:
+            self._predicates.pop(next(iter(self._predicates)))
+        return text
 
     def drop(self, name: str) -> None:
         with self.index._transaction() as con:
@@ -254,15 +332,16 @@ class PgVectors:
         return indexed, rows, max(float(total[0]) if total else 0.0, rows)
 
     def search(self, name: str, collection: str, metric: str, query: np.ndarray, n: int, filter: dict | None, *,
-               ef: int = 40, documents: bool = True, exact: bool = False, copied: bool = False
-               ) -> tuple[list[tuple[str, str, float, str]], bool]:
+               ef: int = 40, documents: bool = True, exact: bool = False, copied: bool = False,
+               indexed: bool = False) -> tuple[list[tuple[str, str, float, str]], bool]:
         """The ``n`` nearest rows that match ``filter``: ``(doc_id, rev, distance, document JSON)`` (without
         ``documents``: the document's ``_rev`` in place of its JSON; without a filter either, the vector's own
         ``rev``: no document is read, as the embedded engine's fast path reads none), nearest first, and whether
         the HNSW scan answered (False: it came back short, or ``exact`` asked for it, so this was an exact scan: of
         the documents the filter selects, through the collection's own indexes where it has them). ``copied``: the
         filter reads only fields the table copies, so it is evaluated on the table's rows (see the module notes;
-        a row whose document moved matched as of its ``rev``: the caller checks it again)."""
+        a row whose document moved matched as of its ``rev``: the caller checks it again); ``indexed``: the
+        filter has an index of its own (:meth:`filter_index`), which the scan walks."""
         scalars = self.index._scalar_fields(collection)
         if scalars is None:
             return [], True
@@ -271,7 +350,7 @@ class PgVectors:
         if exact and filter:
             return self._exact(name, collection, filter, op, q, n, out, copied), False
         sql, params = self._graph_statement(name, collection, scalars, op, filter, out if filter or documents
-                                            else None, n, copied)
+                                            else None, n, copied, indexed)
         with self.index._connection() as con:
             self._prepare(con, (max(int(ef), int(n), 10), _MAX_SCAN))
             rows = con.execute(sql, [q, *params]).fetchall()
@@ -282,7 +361,7 @@ class PgVectors:
         return self._exact(name, collection, filter, op, q, n, out, copied), False
 
     def _graph_statement(self, name: str, collection: str, scalars, op: str, filter: dict | None, out: str | None,
-                         n: int, copied: bool = False) -> tuple[str, list]:
+                         n: int, copied: bool = False, indexed: bool = False) -> tuple[str, list]:
         """The HNSW scan joined to the documents, filtered on the table's copied fields (``copied``) or on the
         documents (``out`` None: the scan alone, its ``rev`` twice); its parameters are the query vector and the
         filter's values. Ordered by the distance's column, which the scan serves (the query vector is sent once).
@@ -294,14 +373,16 @@ class PgVectors:
         if out is None:  # a join costs a third of an unfiltered search at 200k vectors
             return f"SELECT doc_id, rev, embedding {op} %s AS dist, rev FROM {table} ORDER BY dist LIMIT {int(n)}", []
         c = Compiler(self.index.dialect, scalar_fields=scalars)
-        where = c.where(parse_filter(filter or {}))
+        where, params = c.where(parse_filter(filter or {})), list(c.params)
+        if copied and indexed:  # the filter index's predicate beside it, word for word: the planner takes the index
+            where = f"({self.filter_predicate(collection, filter).replace('%', '%%')}) AND ({where})"
         if copied:  # the filter on the table's row; only the rows it keeps are joined
             return (f"SELECT v.doc_id, v.rev, v.dist, {out} FROM (SELECT doc_id, rev, embedding {op} %s AS dist "
                     f"FROM {table} WHERE {where}) v JOIN {docs} d ON d.id = v.doc_id ORDER BY v.dist "
-                    f"LIMIT {int(n)}"), list(c.params)
+                    f"LIMIT {int(n)}"), params
         return (f"SELECT v.doc_id, v.rev, v.dist, {out} FROM (SELECT doc_id, rev, embedding {op} %s AS dist "
                 f"FROM {table}) v JOIN {docs} d ON d.id = v.doc_id WHERE {where} ORDER BY v.dist "
-                f"LIMIT {int(n)}"), list(c.params)
+                f"LIMIT {int(n)}"), params
 
     def _prepare(self, con, want: tuple[int, int] | None = None) -> None:
         """Ready a pooled connection for searches: the query vectors' dumper, and the scan's settings (in the

@@ -128,6 +128,36 @@ class VectorTests:
         assert [d["_id"] for d in found] == ["p0023"] and found.matched == 1 and not found.complete
         other.close()
 
+    def test_a_filter_index_answers_its_filter_as_exact_search_does(self, wh):
+        """``index_filter`` (a partial HNSW index on pgvector, nothing to build for the embedded engine) changes no
+        answer: searches with its filter equal exact search before and after writes (an array value whose element
+        matches included), and another connection lists the same filters."""
+        c = wh.collection("points")
+        c.create_index("g")
+        c.create_index("tags")
+        x = vectors(600)
+        c.insert_many({"_id": f"p{i:04d}", "v": x[i], "g": i % 10, "tags": ["even"] if i % 2 == 0 else ["odd"]}
+                      for i in range(600))
+        index = c.create_vector_index("by_v", field="v", engine=self.engine)
+        filters = ({"g": 3}, {"g": {"$in": [1, 2]}, "tags": "odd"})
+        for flt in filters:
+            made = index.index_filter(flt)
+            assert made["filter"] == flt and (made["index"] is not None) == (index.spec.engine == "pgvector")
+        assert index.stats()["filters"] == list(filters)
+        c.update_one({"_id": "p0005"}, {"$set": {"g": [3, 4]}})  # an element of an array matches
+        c.insert_one({"_id": "new", "v": x[7] * 2, "g": 3, "tags": ["odd"]})
+        c.delete_one({"_id": "p0013"})
+        for flt in filters:
+            matching = self._docs(c, flt)
+            for q in x[:8]:
+                found = c.find(flt, vector=q, n=7)
+                assert [d["_id"] for d in found] == exact_ids(matching, q, 7), flt
+                assert found.plan == "graph" or index.spec.engine != "pgvector"  # its own index, walked
+        other = mlwarehouse.connect()
+        assert other.collection("points").vector_index("by_v").stats()["filters"] == list(filters)
+        other.close()
+        assert index.forget_filter(filters[0]) == [filters[1]]
+
     def test_unfiltered_search_finds_the_nearest(self, wh):
         c, x, index = self._filled(wh)
         docs = self._docs(c)

@@ -85,7 +85,33 @@ class VectorIndex:
         return self.backend.save()
 
     def stats(self) -> dict:
-        return self.backend.stats()
+        return {**self.backend.stats(), "filters": specs.filters(self.collection, self.spec)}
+
+    def index_filter(self, filter: Mapping) -> dict:
+        """Keep an index of its own for a filter searched often (at most ``MAX_FILTER_INDEXES``, shared by every
+        process): on pgvector a partial HNSW index over the vectors whose documents match, which a search with
+        exactly this filter walks instead of passing the others (its fields must be ones the vector table copies:
+        the top-level fields of the collection's indexes when it was built). The embedded engine filters inside
+        its graph walk at every selectivity and builds nothing. Returns ``{"filter", "index", "seconds"}``
+        (``index``: the partial index's name, None where nothing was built)."""
+        flt = dict(filter)
+        if not flt:
+            raise VectorIndexError("index_filter takes a non-empty filter (an unfiltered search has the index)")
+        validate_filter(flt)
+        started = time.monotonic()
+        if self.spec.engine == "pgvector":
+            index = self.backend.index_filter(flt)
+        else:
+            specs.add_filter(self.collection, self.spec, flt)
+            index = None
+        return {"filter": flt, "index": index, "seconds": round(time.monotonic() - started, 3)}
+
+    def forget_filter(self, filter: Mapping) -> list[dict]:
+        """Drop the index of a filter (see :meth:`index_filter`); returns the filters still indexed."""
+        flt = dict(filter)
+        if self.spec.engine == "pgvector":
+            return self.backend.forget_filter(flt)
+        return specs.remove_filter(self.collection, self.spec, flt)
 
     # -- queries ------------------------------------------------------------------------------------------
     def encode(self, value: Any) -> np.ndarray:

@@ -9,6 +9,7 @@ snapshot of an embedded index is a field of the same document (see :mod:`mlwareh
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -32,6 +33,8 @@ _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}\Z")
 #: a third less memory and build time than M=32 (``benchmarks/vectors.py``); searches take ef 64 unless told
 DEFAULT_OPTIONS = {"M": 16, "ef_construction": 200, "ef_search": 64}
 MAX_DIMS = 16_000
+#: the most filters that one vector index keeps an index of their own for (see ``VectorIndex.index_filter``)
+MAX_FILTER_INDEXES = 8
 
 
 @dataclass(frozen=True)
@@ -146,6 +149,41 @@ def listed(collection) -> list[VectorIndexSpec]:
     docs = collection.project.find(VECTOR_INDEXES, {"collection": collection.name}, sort=[("created", 1), ("_id", 1)],
                                    projection={"snapshot": 0})
     return [VectorIndexSpec.from_doc(d) for d in docs]
+
+
+def filters(collection, spec: VectorIndexSpec) -> list[dict]:
+    """The filters the index keeps an index of their own for, in the order they were asked for (stored as JSON
+    text: a document's keys never start with ``$``, a filter's may)."""
+    return filters_of(collection.project.find_one(VECTOR_INDEXES, {"_id": spec.id}, projection={"filters": 1}))
+
+
+def filters_of(record: Mapping | None) -> list[dict]:
+    """The filters of an index's stored record (see :func:`filters`)."""
+    return [json.loads(text) for text in (record or {}).get("filters") or []]
+
+
+def add_filter(collection, spec: VectorIndexSpec, flt: dict) -> list[dict]:
+    """Record ``flt`` among the index's filters (once; at most :data:`MAX_FILTER_INDEXES`); returns them all."""
+    held = filters(collection, spec)
+    if flt not in held and len(held) >= MAX_FILTER_INDEXES:
+        raise VectorIndexError(f"vector index {spec.name!r} has {len(held)} filter indexes, the most it keeps: "
+                               f"forget_filter one of {held} first")
+    collection.project.update(VECTOR_INDEXES, {"_id": spec.id}, {"$addToSet": {"filters": _text(flt)}})
+    return filters(collection, spec)
+
+
+def remove_filter(collection, spec: VectorIndexSpec, flt: dict) -> list[dict]:
+    """Forget ``flt`` (NotFound when the index has no such filter); returns the filters left."""
+    held = filters(collection, spec)
+    if flt not in held:
+        raise NotFound(f"vector index {spec.name!r} has no filter index for {flt!r} (it has {held})")
+    collection.project.update(VECTOR_INDEXES, {"_id": spec.id},
+                              {"$set": {"filters": [_text(f) for f in held if f != flt]}})
+    return filters(collection, spec)
+
+
+def _text(flt: dict) -> str:
+    return json.dumps(flt, sort_keys=True, separators=(",", ":"), default=str)
 
 
 def set_dims(collection, spec: VectorIndexSpec, dims: int) -> VectorIndexSpec:
