@@ -128,7 +128,7 @@ def test_vector_indexes_lists_definitions_and_figures(env):
     assert (by_text["listener"], by_text["metric"], by_text["dims"], by_text["vectors"]) == ("embed", "cosine",
                                                                                              DIMS, len(TEXTS))
     assert by_text["engine"] == "embedded" and by_text["input"] == "text" and by_text["error"] is None
-    assert (by_v["path"], by_v["metric"], by_v["listener"]) == ("v", "l2", None)
+    assert (by_v["path"], by_v["metric"], by_v["listener"], by_v["filters"]) == ("v", "l2", None, [])
     table = mlw({**env, **WIDE}, "vector-indexes", "texts").stdout
     assert "by_text" in table and "listener embed" in table and "field v" in table and "kB" in table
     assert "(none)" in mlw({**env, **WIDE}, "vector-indexes", "plain").stdout

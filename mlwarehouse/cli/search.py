@@ -119,24 +119,24 @@ def vector_indexes_command(collection: str = CollectionArg, uri: Optional[str] =
                            blobs: Optional[str] = BlobsOpt, project: str = ProjectOpt,
                            as_json: bool = typer.Option(False, "--json", help="print one JSON document (a list of "
                                                         "indexes) instead of a table")):
-    """List a collection's vector indexes: what they read, engine, vectors, dims, metric, memory (--json: all their
-    figures)."""
+    """List a collection's vector indexes: what they read, engine, vectors, dims, metric, memory, how many filters
+    have an index of their own (--json: all their figures, the filters themselves)."""
     from mlwarehouse.cli.common import cell_text
     from mlwarehouse.web.search import indexes
     rows = indexes(open_collection(uri, blobs, project, collection))
     if as_json:
         print(json.dumps(rows, default=str))
         return
-    columns = ("name", "source", "engine", "vectors", "dims", "metric", "memory")
+    columns = ("name", "source", "engine", "vectors", "dims", "metric", "memory", "filters")
     table = Table(title=f"vector indexes of {collection} in {project}")
     for column in columns:
         table.add_column(column, no_wrap=column == "name")
     for row in rows:
         if row["error"]:
-            table.add_row(row["name"], row["source"], row["engine"], row["error"], "", "", "")
+            table.add_row(row["name"], row["source"], row["engine"], row["error"], "", "", "", "")
             continue
         memory = row.get("memory_bytes")
-        table.add_row(*(cell_text(row.get(k)) for k in columns[:-1]), _size(memory))
+        table.add_row(*(cell_text(row.get(k)) for k in columns[:-2]), _size(memory), str(len(row.get("filters") or [])))
     if not rows:
         table.add_row("(none)", *[""] * (len(columns) - 1))
     console.print(table)

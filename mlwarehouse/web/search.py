@@ -24,7 +24,7 @@ __all__ = ["MAX_N", "MAX_UPLOAD_BYTES", "form_parts", "indexes", "input_kind", "
 MAX_UPLOAD_BYTES = 16 << 20
 #: the most neighbours asked for at once
 MAX_N = 1000
-_STATS = ("engine", "kind", "vectors", "dead", "dims", "metric", "memory_bytes", "loaded_from")
+_STATS = ("engine", "kind", "vectors", "dead", "dims", "metric", "memory_bytes", "loaded_from", "filters")
 
 
 def indexes(c) -> list[dict]:
