@@ -184,7 +184,7 @@ class PgVectors:
         """A partial HNSW index of the table over the rows whose copy matches ``filter`` (see the module notes);
         returns its name (``vp_<table>_<digest of its predicate>``), made unless there."""
         predicate = self.filter_predicate(collection, filter)
-        index = f"vp_{name}_{hashlib.sha256(predicate.encode()).hexdigest()[:12]}"
+        index = self.filter_index_name(name, collection, filter)
         with self.index._transaction() as con:
             self.index._lock_ddl(con)
             if con.execute("SELECT to_regclass(%s) IS NOT NULL", (index,)).fetchone()[0]:
@@ -195,6 +195,10 @@ class PgVectors:
                         f'"{self.schema}".{OPS[metric][1]}) WITH (m = {int(m)}, ef_construction = '
                         f'{int(ef_construction)}) WHERE {predicate}')
         return index
+
+    def filter_index_name(self, name: str, collection: str, filter: dict) -> str:
+        """The name of ``filter``'s partial index (of its predicate: a filter compiled otherwise gets another)."""
+        return f"vp_{name}_{hashlib.sha256(self.filter_predicate(collection, filter).encode()).hexdigest()[:12]}"
 
     def filter_indexes(self, name: str) -> set[str]:
         """The names of the table's filter indexes."""

@@ -136,7 +136,7 @@ class PgVectorTable(Follower):
     # -- filter indexes -------------------------------------------------------------------------------------
     def index_filter(self, flt: dict) -> str:
         """A partial HNSW index for ``flt`` (see the module notes), recorded for every process; its name."""
-        if not top_fields(parse_filter(flt)) <= self.copied:
+        if not self._on_copy(flt):
             raise VectorIndexError(f"a filter index needs a filter on fields the vector table copies "
                                    f"({sorted(self.copied) or 'none'}: the top-level fields of the collection's "
                                    f"indexes when it was built); {flt!r} is not")
@@ -155,19 +155,26 @@ class PgVectorTable(Follower):
             return held
 
     def _index_filters(self, filters: list[dict]) -> None:
-        """Make the partial index of each of ``filters`` that the table lacks, and drop those of no filter (or of
-        one whose compiled predicate changed)."""
+        """Make the partial index of each of ``filters`` that the table lacks, and drop those of no filter the
+        record holds now (read again: another process may have added one meanwhile) or of one whose compiled
+        predicate changed."""
         if not self._ready:
             return
         made = {}
         for flt in filters:
-            if top_fields(parse_filter(flt)) <= self.copied:
+            if self._on_copy(flt):
                 made[_key(flt)] = self.store.filter_index(
                     self.name, self.table.name, flt, self.spec.metric, m=self.spec.options["M"],
                     ef_construction=self.spec.options["ef_construction"])
-        for index in self.store.filter_indexes(self.name) - set(made.values()):
+        recorded = {self.store.filter_index_name(self.name, self.table.name, flt)
+                    for flt in specs.filters(self.collection, self.spec) if self._on_copy(flt)}
+        for index in self.store.filter_indexes(self.name) - recorded - set(made.values()):
             self.store.drop_index(index)
         self.filter_indexes = made
+
+    def _on_copy(self, flt: dict) -> bool:
+        """Whether ``flt`` reads only fields the table copies (``_id`` never is)."""
+        return bool(flt and self.copied) and top_fields(parse_filter(flt)) <= self.copied
 
     def _filtered_fields(self) -> frozenset[str]:
         """The top-level fields of the collection's indexes: the fields users filter on. Not the warehouse's own
@@ -223,7 +230,7 @@ class PgVectorTable(Follower):
             raise VectorIndexError(f"n must be an integer from 1 to 10000, not {n!r}")
         query = np.asarray(query, dtype=np.float32).reshape(-1)
         ef = int(ef or self.spec.options.get("ef_search", 64))
-        copied = bool(flt and self.copied) and top_fields(parse_filter(flt)) <= self.copied  # _id is never copied
+        copied = self._on_copy(flt)
         for round_ in range(_ROUNDS):
             self.refresh(force=fresh or round_ > 0)
             if not self._ready:
