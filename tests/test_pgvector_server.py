@@ -124,7 +124,8 @@ def test_exact_for_few_matches_and_the_graph_past_the_square_root(vector_dsn, po
         wh.close()
 
 
-def test_a_filter_index_is_walked_for_its_filter_kept_current_and_shared(vector_dsn, postgres_server, tmp_path):  # noqa: F811
+def test_a_filter_index_is_walked_for_its_filter_kept_current_and_shared(vector_dsn, postgres_server, tmp_path,  # noqa: F811
+                                                                         monkeypatch):
     """``index_filter`` makes a partial HNSW index over the rows its filter selects; a search with that filter is
     an index scan of it (EXPLAIN), finds what exact search finds, sees rows inserted and moved since, and a second
     process's index of the collection has it too; ``forget_filter`` drops it, and a filter on a field the table
@@ -132,8 +133,8 @@ def test_a_filter_index_is_walked_for_its_filter_kept_current_and_shared(vector_
     import numpy as np
 
     import mlwarehouse
-    from mlwarehouse.errors import NotFound, QueryError, VectorIndexError
-    from mlwarehouse.index.pgvectors import _Query
+    from mlwarehouse.errors import BackendError, NotFound, QueryError, VectorIndexError
+    from mlwarehouse.index.pgvectors import PgVectors, _Query
     from mlwarehouse.testing.backend_sets import postgres_schema
     x = np.random.default_rng(7).standard_normal((3000, 8)).astype(np.float32)
     with postgres_schema(postgres_server) as uri:
@@ -182,5 +183,23 @@ def test_a_filter_index_is_walked_for_its_filter_kept_current_and_shared(vector_
         assert index.forget_filter(flt) == [] and store.filter_indexes(name) == set()
         with pytest.raises(NotFound):
             index.forget_filter(flt)
+
+        def refused(*args, **kwargs):
+            raise BackendError("PostgreSQL refused it")
+        monkeypatch.setattr(PgVectors, "filter_index", refused)
+        with pytest.raises(BackendError):
+            index.index_filter(flt)
+        assert index.stats()["filters"] == []  # not recorded when it cannot be made
+        monkeypatch.undo()
+        c.update_one({"_id": "d3"}, {"$set": {"kind": "rarest"}})
+        assert index.index_filter({"kind": {"$regex": "^rares"}})["index"]  # a pattern: an immutable operator
+        assert [d["_id"] for d in c.find({"kind": {"$regex": "^rares"}}, {"_id": 1}, vector=x[5], n=2)] == ["d3"]
+        monkeypatch.setattr(PgVectors, "filter_index", refused)  # recorded, refused where the index opens
+        with pytest.warns(RuntimeWarning, match="no index for the filter"):
+            reopened = mlwarehouse.connect(uri, blobs=str(tmp_path / "blobs")).collection("items").vector_index("v")
+            assert reopened.backend.filter_indexes == {}  # a warning, not a failure to open
+        monkeypatch.undo()
+        assert reopened.find({"kind": {"$regex": "^rares"}}, {"_id": 1}, vector=x[5], n=1)[0]["_id"] == "d3"
+        index.forget_filter({"kind": {"$regex": "^rares"}})
         assert c.find(flt, {"_id": 1}, vector=x[1], n=2).plan == "exact"  # 61 matches: the exact plan again
         wh.close()

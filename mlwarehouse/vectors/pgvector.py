@@ -24,10 +24,11 @@ from __future__ import annotations
 import json
 import math
 import time
+import warnings
 
 import numpy as np
 
-from mlwarehouse.errors import VectorIndexError
+from mlwarehouse.errors import VectorIndexError, WarehouseError
 from mlwarehouse.query.filters import parse_filter, top_fields
 from mlwarehouse.query.jsonvalues import json_text
 from mlwarehouse.vectors import spec as specs
@@ -142,10 +143,16 @@ class PgVectorTable(Follower):
                                    f"indexes when it was built); {flt!r} is not")
         self.store.filter_predicate(self.table.name, flt)  # refused here unless it can have an index
         with self.lock:
+            new = flt not in specs.filters(self.collection, self.spec)
             held = specs.add_filter(self.collection, self.spec, flt)
             if not self._ready:
                 self.refresh(force=True)
-            self._index_filters(held)
+            try:
+                self._index_filters(held, strict=True)
+            except Exception:
+                if new:  # PostgreSQL refused it (a function that is not immutable...): not recorded either
+                    specs.remove_filter(self.collection, self.spec, flt)
+                raise
             return self.filter_indexes.get(_key(flt))  # None while the table holds no vector: made with it
 
     def forget_filter(self, flt: dict) -> list[dict]:
@@ -154,18 +161,26 @@ class PgVectorTable(Follower):
             self._index_filters(held)
             return held
 
-    def _index_filters(self, filters: list[dict]) -> None:
+    def _index_filters(self, filters: list[dict], *, strict: bool = False) -> None:
         """Make the partial index of each of ``filters`` that the table lacks, and drop those of no filter the
         record holds now (read again: another process may have added one meanwhile) or of one whose compiled
-        predicate changed."""
+        predicate changed. One that cannot be made is left out with a warning (``strict``: raised), so that a
+        filter never keeps the index from opening; its searches take the general path."""
         if not self._ready:
             return
         made = {}
         for flt in filters:
-            if self._on_copy(flt):
+            if not self._on_copy(flt):
+                continue
+            try:
                 made[_key(flt)] = self.store.filter_index(
                     self.name, self.table.name, flt, self.spec.metric, m=self.spec.options["M"],
                     ef_construction=self.spec.options["ef_construction"])
+            except WarehouseError as exc:
+                if strict:
+                    raise
+                warnings.warn(f"vector index {self.spec.name!r}: no index for the filter {flt!r} ({exc})",
+                              RuntimeWarning, stacklevel=2)
         recorded = {self.store.filter_index_name(self.name, self.table.name, flt)
                     for flt in specs.filters(self.collection, self.spec) if self._on_copy(flt)}
         for index in self.store.filter_indexes(self.name) - recorded - set(made.values()):
