@@ -24,8 +24,8 @@ This file is the command line and the report; how each row is measured (the data
 engines through the API) is ``benchmarks/vector_runners.py`` (pgvector beside ours: ``pgvector_runners.py``),
 where ``measure_ours`` is the hook for mlwarehouse's own vector index: it is called with the same data and its
 result, when not None, is printed beside the libraries. The last lines compare our rows with the faster library
-called directly (QPS of one query per call at the target recall). On pgvector, each filter of under half the rows
-is then searched again with a filter index of its own (``index_filter``: a partial HNSW index), with its build
+called directly (QPS of one query per call at the target recall). On pgvector, each filter is then searched again
+with a filter index of its own (``index_filter``: a partial HNSW index), with its build
 time; ``--no-filter-indexes`` skips that.
 """
 
