@@ -140,9 +140,10 @@ def test_a_filter_index_is_walked_for_its_filter_kept_current_and_shared(vector_
     with postgres_schema(postgres_server) as uri:
         wh = mlwarehouse.connect(uri, blobs=str(tmp_path / "blobs"))
         c = wh.collection("items")
-        c.insert_many({"_id": f"d{i}", "v": x[i], "kind": "rare" if i % 50 == 0 else "common", "n": i}
+        c.insert_many({"_id": f"d{i}", "v": x[i], "kind": "rare" if i % 50 == 0 else "common", "n": i, "m": i}
                       for i in range(len(x)))
         c.create_index("kind")
+        c.create_index("n")
         index = c.create_vector_index("v", field="v", engine="pgvector")
         flt = {"kind": "rare"}
         made = index.index_filter(flt)
@@ -150,7 +151,7 @@ def test_a_filter_index_is_walked_for_its_filter_kept_current_and_shared(vector_
         assert made["index"].startswith(f"vp_{name}_") and store.filter_indexes(name) == {made["index"]}
         assert index.index_filter(dict(flt))["index"] == made["index"] and index.stats()["filters"] == [flt]
         sql, params = store._graph_statement(name, table, store.index._scalar_fields(table), store._op("cosine"),
-                                             flt, "d.doc ->> '_rev'", 10, True, True)
+                                             flt, "d.doc ->> '_rev'", 10, True, flt)
         assert "'rare'" in sql  # the predicate's value written in, the filter's own a parameter
         with store.index._connection() as con:
             store._prepare(con, (40, 1000))
@@ -164,6 +165,15 @@ def test_a_filter_index_is_walked_for_its_filter_kept_current_and_shared(vector_
         for q in x[1:11]:
             found = c.find(flt, {"_id": 1}, vector=q, n=5)
             assert found.plan == "graph" and [d["_id"] for d in found] == exact(q, rare)
+        more = {"kind": "rare", "n": {"$lt": 1500}}  # adds a condition: walks the same index
+        sql, params = store._graph_statement(name, table, store.index._scalar_fields(table), store._op("cosine"),
+                                             more, "d.doc ->> '_rev'", 10, True, index.backend._indexed_within(more))
+        with store.index._connection() as con:
+            plan = "\n".join(r[0] for r in con.execute("EXPLAIN " + sql, [_Query(x[0]), *params]))
+        assert f"Index Scan using {made['index']}" in plan, plan
+        for q in x[1:6]:
+            found = c.find(more, {"_id": 1}, vector=q, n=5)
+            assert found.plan == "graph" and [d["_id"] for d in found] == exact(q, rare[rare < 1500])
         c.update_one({"_id": "d1"}, {"$set": {"kind": "rare"}})  # moved in, and one moved out
         c.update_one({"_id": "d50"}, {"$set": {"kind": "common"}})
         c.insert_one({"_id": "new", "v": x[1] * 2, "kind": "rare", "n": -1})
@@ -179,7 +189,7 @@ def test_a_filter_index_is_walked_for_its_filter_kept_current_and_shared(vector_
         assert other.backend.filter_indexes == index.backend.filter_indexes
         assert [d["_id"] for d in other.find(flt, {"_id": 1}, vector=x[1], n=2)] == got[:2]
         with pytest.raises(VectorIndexError, match="fields the vector table copies"):
-            index.index_filter({"n": {"$lt": 10}})
+            index.index_filter({"m": {"$lt": 10}})
         assert index.forget_filter(flt) == [] and store.filter_indexes(name) == set()
         with pytest.raises(NotFound):
             index.forget_filter(flt)

@@ -89,11 +89,11 @@ class VectorIndex:
 
     def index_filter(self, filter: Mapping) -> dict:
         """Keep an index of its own for a filter searched often (at most ``MAX_FILTER_INDEXES``, shared by every
-        process): on pgvector a partial HNSW index over the vectors whose documents match, which a search with
-        exactly this filter walks instead of passing the others (its fields must be ones the vector table copies:
-        the top-level fields of the collection's indexes when it was built). The embedded engine filters inside
-        its graph walk at every selectivity and builds nothing. Returns ``{"filter", "index", "seconds"}``
-        (``index``: the partial index's name, None where nothing was built)."""
+        process): on pgvector a partial HNSW index over the vectors whose documents match, which a search with this
+        filter (or one that adds conditions to it) walks instead of passing the others (its fields must be ones the
+        vector table copies: the top-level fields of the collection's indexes when it was built). The embedded
+        engine filters inside its graph walk at every selectivity and builds nothing. Returns ``{"filter",
+        "index", "seconds"}`` (``index``: the partial index's name, None where nothing was built)."""
         flt = dict(filter)
         if not flt:
             raise VectorIndexError("index_filter takes a non-empty filter (an unfiltered search has the index)")

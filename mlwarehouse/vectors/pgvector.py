@@ -13,8 +13,8 @@ a filter on them is evaluated beside the vectors, as on a table of pgvector's ow
 matches of 1M, 3.2x at 10,000); such a row matched as of its revision, so one whose document moved is checked
 through the filter again, and a short answer is asked again after a refresh (a document deleted since the last
 one may have taken a place). A filter searched often can have a partial HNSW index of its own
-(:meth:`PgVectorTable.index_filter`), which a search with exactly that filter walks. Any other filter is evaluated
-on the documents. The fast path without a
+(:meth:`PgVectorTable.index_filter`), which a search with that filter (or one adding conditions to it) walks.
+Any other filter is evaluated on the documents. The fast path without a
 filter (:meth:`VectorIndex.search`: ids and scores) reads the scan alone, as of the last refresh, as the embedded
 engine's does; ``find`` always verifies.
 """
@@ -187,6 +187,16 @@ class PgVectorTable(Follower):
             self.store.drop_index(index)
         self.filter_indexes = made
 
+    def _indexed_within(self, flt: dict) -> dict | None:
+        """The filter with an index of its own that ``flt`` holds all of (each of its fields with the same
+        condition; the one of most fields when several do), or None."""
+        best = None
+        for key in self.filter_indexes:
+            held = json.loads(key)
+            if all(k in flt and _key(flt[k]) == _key(v) for k, v in held.items()) and len(held) > len(best or {}):
+                best = held
+        return best
+
     def _on_copy(self, flt: dict) -> bool:
         """Whether ``flt`` reads only fields the table copies (``_id`` never is)."""
         return bool(flt and self.copied) and top_fields(parse_filter(flt)) <= self.copied
@@ -250,8 +260,8 @@ class PgVectorTable(Follower):
             self.refresh(force=fresh or round_ > 0)
             if not self._ready:
                 return Results([], 0 if flt else None, "exact", complete=not flt)
-            indexed = copied and _key(flt) in self.filter_indexes
-            exact = bool(flt) and not indexed and self._few(flt, copied)
+            indexed = self._indexed_within(flt) if copied else None
+            exact = bool(flt) and indexed is None and self._few(flt, copied)
             rows, by_index = self.store.search(self.name, self.table.name, self.spec.metric, query, n, flt or None,
                                                ef=ef, documents=documents, exact=exact, copied=copied,
                                                indexed=indexed)
