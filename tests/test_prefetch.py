@@ -68,6 +68,37 @@ def test_parts_run_at_the_rank_of_their_job_and_wait_behind_lower_ranks_only():
     assert run_ranked([(lambda v: v * 2, 4), (lambda v: v + 1, 4)], 1) == [8, 5]  # outside any job: a fresh rank
 
 
+def test_a_job_waiting_for_its_parts_runs_no_other_job_that_could_need_its_lock():
+    """A shard decoding a column holds the shard's lock while it waits for the column's parts; a job queued
+    meanwhile for the same shard would wait for that lock on the same thread. The waiter runs only parts."""
+    pool = ranked_pool(1)
+    gate, held = threading.Event(), threading.Semaphore(0)
+
+    def hold():
+        held.release()
+        return gate.wait(30)
+    blockers = [pool.submit(-10 ** 9, hold) for _ in pool._threads]
+    assert all(held.acquire(timeout=30) for _ in blockers)
+    lock, got = threading.Lock(), []
+
+    def same_shard():  # would deadlock on the waiting thread (a Lock is not reentrant)
+        got.append(lock.acquire(timeout=5))
+        if got[-1]:
+            lock.release()
+
+    def decoding():
+        with lock:
+            other = pool.submit(-3, same_shard)  # queued before the parts, at the same rank
+            parts = run_ranked([(lambda i: i * i, i) for i in range(4)], 1)
+        return parts, other
+    try:
+        parts, other = pool.wait(pool.submit(-3, decoding))
+        assert parts == [0, 1, 4, 9] and not other.done() and got == []
+    finally:
+        gate.set()
+    assert other.result(timeout=30) is None and got == [True]
+
+
 @pytest.fixture
 def ds(wh):
     labels = np.arange(3000)

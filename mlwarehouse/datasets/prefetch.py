@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import math
 import os
 import threading
 from collections.abc import Callable
@@ -39,11 +40,16 @@ class Job(Future):
 
 
 class RankedPool:
-    """Threads that run the lowest ranked job queued first (ties in submission order)."""
+    """Threads that run the lowest ranked job queued first (ties in submission order).
+
+    *Parts* (``submit(..., part=True)``: pieces of a job that neither wait nor lock anything) queue apart, so that
+    a job waiting for its own parts runs only parts meanwhile, never another job: a job may hold a lock (a shard
+    decoding a column holds the shard's) that another job of the same shard would wait for on the same thread."""
 
     def __init__(self, name: str = "mlw-prefetch"):
         self.name = name
-        self._heap: list[tuple] = []
+        self._heap: list[tuple] = []  # jobs
+        self._parts: list[tuple] = []
         self._order = itertools.count()
         self._cond = threading.Condition()
         self._threads: list[threading.Thread] = []
@@ -57,27 +63,34 @@ class RankedPool:
                 self._threads.append(t)
                 t.start()
 
-    def submit(self, rank: int, fn: Callable, *args: Any) -> Job:
+    def submit(self, rank: int, fn: Callable, *args: Any, part: bool = False) -> Job:
         job = Job(rank)
         with self._cond:
-            heapq.heappush(self._heap, (rank, next(self._order), job, fn, args))
+            heapq.heappush(self._parts if part else self._heap, (rank, next(self._order), job, fn, args))
             if self._helpers:
                 self._cond.notify_all()
             else:
                 self._cond.notify()
         return job
 
-    def wait(self, job: Future, rank: int | None = None) -> Any:
-        """``job``'s result, running queued jobs of at most ``rank`` (``job``'s own by default) meanwhile."""
+    def _next(self, rank: float, parts_only: bool = False) -> tuple | None:
+        """The lowest ranked entry queued (of at most ``rank``; only parts with ``parts_only``), taken off its
+        queue; None when there is none. Called with the condition held."""
+        queues = [q for q in ((self._parts,) if parts_only else (self._parts, self._heap)) if q and q[0][0] <= rank]
+        if not queues:
+            return None
+        return heapq.heappop(min(queues, key=lambda q: q[0][:2]))
+
+    def wait(self, job: Future, rank: int | None = None, *, parts_only: bool = False) -> Any:
+        """``job``'s result, running queued jobs of at most ``rank`` (``job``'s own by default) meanwhile (only
+        parts with ``parts_only``)."""
         rank = job.rank if rank is None else rank
         if not job.done():
             job.add_done_callback(self._wake)
         while not job.done():
             with self._cond:
-                entry = self._heap[0] if self._heap and self._heap[0][0] <= rank else None
-                if entry is not None:
-                    heapq.heappop(self._heap)
-                elif not job.done():
+                entry = self._next(rank, parts_only)
+                if entry is None and not job.done():
                     self._helpers += 1
                     try:
                         self._cond.wait()
@@ -94,9 +107,10 @@ class RankedPool:
     def _work(self) -> None:
         while True:
             with self._cond:
-                while not self._heap:
+                entry = self._next(math.inf)
+                while entry is None:
                     self._cond.wait()
-                entry = heapq.heappop(self._heap)
+                    entry = self._next(math.inf)
             _run(entry)
             del entry  # its job holds its result (a decoded shard): not kept alive while this thread idles
 
@@ -137,15 +151,16 @@ def ranked_pool(threads: int) -> RankedPool:
 
 def run_ranked(calls: list[tuple[Callable, Any]], threads: int) -> list:
     """The results of ``fn(arg)`` for each of ``calls``, run on the process's pool (of at least ``threads``) at the
-    rank of the job this thread runs (a rank after every request made so far when it runs none); this thread
-    waits by running queued jobs of that rank or lower, lowest first. Parts of a shard's decode are ranked as the
-    shard was requested, so every thread works on the shard needed first before the next one."""
+    rank of the job this thread runs (a rank after every request made so far when it runs none), as parts (they
+    must neither wait nor lock); this thread waits by running queued parts of that rank or lower, lowest first.
+    Parts of a shard's decode are ranked as the shard was requested, so every thread works on the shard needed
+    first before the next one."""
     rank = getattr(_local, "rank", None)
     if rank is None:
         rank = next(_ranks)
     pool = ranked_pool(threads)
-    jobs = [pool.submit(rank, fn, arg) for fn, arg in calls]
-    return [pool.wait(job) for job in jobs]
+    jobs = [pool.submit(rank, fn, arg, part=True) for fn, arg in calls]
+    return [pool.wait(job, parts_only=True) for job in jobs]
 
 
 def _forget_pool() -> None:
