@@ -179,7 +179,7 @@ class PgVectors:
                 con.execute(f"ANALYZE {table}")
         return held
 
-    def filter_index(self, name: str, collection: str, filter: dict, metric: str, *, m: int,
+    def filter_index(self, name: str, collection: str, filter: dict, metric: str, *, dims: int, m: int,
                      ef_construction: int) -> str:
         """A partial HNSW index of the table over the rows whose copy matches ``filter`` (see the module notes);
         returns its name (``vp_<table>_<digest of its predicate>``), made unless there."""
@@ -190,7 +190,7 @@ class PgVectors:
             if con.execute("SELECT to_regclass(%s) IS NOT NULL", (index,)).fetchone()[0]:
                 return index
             rows = con.execute(f"SELECT count(*) FROM {self._table(name)} WHERE {predicate}").fetchone()[0]
-            con.execute(f"SET LOCAL maintenance_work_mem = '{build_memory_mb(rows, self._dims(con, name), m)}MB'")
+            con.execute(f"SET LOCAL maintenance_work_mem = '{build_memory_mb(rows, dims, m)}MB'")
             con.execute(f'CREATE INDEX "{index}" ON {self._table(name)} USING hnsw (embedding '
                         f'"{self.schema}".{OPS[metric][1]}) WITH (m = {int(m)}, ef_construction = '
                         f'{int(ef_construction)}) WHERE {predicate}')
@@ -213,10 +213,6 @@ class PgVectors:
         with self.index._transaction() as con:
             self.index._lock_ddl(con)
             con.execute(f'DROP INDEX IF EXISTS "{index}"')
-
-    def _dims(self, con, name: str) -> int:
-        return con.execute("SELECT atttypmod FROM pg_attribute WHERE attrelid = to_regclass(%s) AND attname = "
-                           "'embedding'", (f"v_{name}",)).fetchone()[0]
 
     def filter_predicate(self, collection: str, filter: dict) -> str:
         """The predicate of ``filter``'s partial index, on a table's copy, with its values written in (as psycopg

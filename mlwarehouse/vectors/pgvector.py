@@ -174,7 +174,7 @@ class PgVectorTable(Follower):
                 continue
             try:
                 made[_key(flt)] = self.store.filter_index(
-                    self.name, self.table.name, flt, self.spec.metric, m=self.spec.options["M"],
+                    self.name, self.table.name, flt, self.spec.metric, dims=self.spec.dims, m=self.spec.options["M"],
                     ef_construction=self.spec.options["ef_construction"])
             except WarehouseError as exc:
                 if strict:
