@@ -9,7 +9,8 @@ import time
 
 import numpy as np
 
-from benchmarks.vector_runners import FILTER_EFS, K, in_child, measure_api, qps_single, recall, sweep_ef
+from benchmarks.ours_runners import measure_api
+from benchmarks.vector_runners import FILTER_EFS, K, in_child, qps_single, recall, sweep_ef
 
 
 def _literal(q: np.ndarray) -> str:

@@ -20,13 +20,13 @@ shifts their ratios: compare them on a quiet machine. Per library:
 Exact search over just the allowed subset (numpy gather + matmul) is measured once, library-free, so the table
 shows where exact beats the graph. Every row also carries its ratio against the best library of the same run.
 
-This file is the command line and the report; how each row is measured (the data, the libraries' adapters, our
-engines through the API) is ``benchmarks/vector_runners.py`` (pgvector beside ours: ``pgvector_runners.py``),
-where ``measure_ours`` is the hook for mlwarehouse's own vector index: it is called with the same data and its
-result, when not None, is printed beside the libraries. The last lines compare our rows with the faster library
-called directly (QPS of one query per call at the target recall). On pgvector, each filter is then searched again
-with a filter index of its own (``index_filter``: a partial HNSW index), with its build
-time; ``--no-filter-indexes`` skips that.
+This file is the command line and the report; how each row is measured (the data, the libraries' adapters) is
+``benchmarks/vector_runners.py``, our engines through the API ``ours_runners.py`` (where ``measure_ours`` is the
+hook for mlwarehouse's own vector index: it is called with the same data and its result, when not None, is printed
+beside the libraries), pgvector beside ours ``pgvector_runners.py``. The last lines compare our rows with the
+faster library called directly (QPS of one query per call at the target recall). On pgvector, each filter is then
+searched again with a filter index of its own (``index_filter``: a partial HNSW index), with its build time;
+``--no-filter-indexes`` skips that.
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != 
 
 import numpy as np
 
+from benchmarks.ours_runners import measure_ours
 from benchmarks.pgvector_runners import measure_pgvector
 from benchmarks.vector_runners import (
     LIBRARIES,
@@ -51,7 +52,6 @@ from benchmarks.vector_runners import (
     make_data,
     measure_exact,
     measure_library,
-    measure_ours,
     random_mask,
 )
 
