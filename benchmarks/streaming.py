@@ -12,8 +12,11 @@ case of every epoch over a dataset larger than the memory cache) and warm (``--e
 epoch, shards served from the process's bounded memory cache). A local folder is trusted, so a cold read checks
 each shard against the xxh3 checksum its document records; the same cold epoch is also measured with the folder
 untrusted (sha256 of every shard), and once, before the rounds, as the process's first epoch (fresh buffers: every
-page faulted in). ``--prefault-gib`` GiB are touched first (:func:`benchmarks.machine.prefault`: on a virtual
-machine, memory the guest never touched costs the hypervisor's fault on first write). Its time includes planning
+page faulted in). A local folder's default (``compression="auto"``) stores shard blocks as they are, so a cold
+read maps each shard and its columns are views of the page cache; the same cold epoch is measured on a copy of
+the dataset written with ``compression="zstd"`` (the stored sizes are printed). ``--prefault-gib`` GiB are
+touched first (:func:`benchmarks.machine.prefault`: on a virtual machine, memory the guest never touched costs the
+hypervisor's fault on first write). Its time includes planning
 (the index query and the shuffle).
 Every file is in the OS page cache for every contender. The contenders run in ``--rounds`` rounds, each in a rotated
 order, and each reports its median round, in wall-clock time and in CPU time (of every thread of the process: on a
@@ -108,6 +111,9 @@ def bench(kind: str, scale: float, tmp: Path, s3: dict | None, epochs: int, coun
     items = ItemDatasets(wh.project("bench"))
     t_write = timed(lambda: items.from_arrays(kind, {"x": x, "label": y}))[0]
     ds = items.get(kind)
+    zstd = items.from_arrays(f"{kind}-zstd", {"x": x, "label": y}, compression="zstd")
+    stored = {name: sum(d["blob"]["size"] for d in d_.project.find("item_shards", d_._scope())) / 1e6
+              for name, d_ in (("auto", ds), ("zstd", zstd))}
     orders = [plan_rows(ds, batch, e) for e in range(epochs)]
     mm_path = tmp / f"{kind}.npy"
     np.save(mm_path, x)
@@ -126,10 +132,10 @@ def bench(kind: str, scale: float, tmp: Path, s3: dict | None, epochs: int, coun
         for a in range(0, n, batch):
             np.stack([np.frombuffer(per_item.get(keys[i]), np.uint8) for i in order[a:a + batch]])
 
-    def cold():
+    def cold(dataset=ds):
         MEMORY.resize(0)  # empties the memory cache: every shard is fetched, verified and decoded again
         MEMORY.resize(MEMORY_BYTES)
-        return run_stream(ds, batch)[0]
+        return run_stream(dataset, batch)[0]
 
     def cold_sha256():
         wh.blobs.trusted = False  # every shard checked against its sha256
@@ -144,7 +150,7 @@ def bench(kind: str, scale: float, tmp: Path, s3: dict | None, epochs: int, coun
         assert np.array_equal(got, y[np.concatenate(orders)]), "the stream's order is not the planned one"
         return t
 
-    pairs: dict[str, list[tuple]] = {"cold": [], "sha256": [], "warm": [], "first": []}
+    pairs: dict[str, list[tuple]] = {"cold": [], "sha256": [], "warm": [], "first": [], "zstd": []}
 
     def paired(name: str, fn):
         """``fn`` timed right after a raw gather, which is kept as its pair: ratios of the two see the same load."""
@@ -159,21 +165,23 @@ def bench(kind: str, scale: float, tmp: Path, s3: dict | None, epochs: int, coun
     t = {"first": paired("first", cold)()}  # this process's first epoch: no decode buffer to reuse yet
     t.update(rounds({"raw": lambda: timed(gather), "cold": paired("cold", cold),
                      "sha256": paired("sha256", cold_sha256), "warm": paired("warm", warm),
+                     "zstd": paired("zstd", lambda: cold(zstd)),
                      "per-item": lambda: timed(one_by_one)}, count))
     held = MEMORY.used_bytes / 1e6
     rows = [{"workload": kind, "store": "local", "reader": name, "epochs": e, "items": n * e, "s": t[key][0],
              "cpu_s": t[key][1], "items_s": n * e / t[key][0], "MB_s": mb * e / t[key][0]}
             for name, key, e in (("stream, cold (fetch+xxh3)", "cold", 1),
                                  ("stream, cold (fetch+sha256)", "sha256", 1),
+                                 ("stream, cold, zstd shards (xxh3)", "zstd", 1),
                                  ("stream, first epoch (fresh memory)", "first", 1),
                                  ("stream, warm (memory cache)", "warm", epochs),
                                  ("raw memmap gather", "raw", epochs), ("one blob per item", "per-item", 1))]
     item = next(r for r in rows if r["reader"] == "one blob per item")
-    for r, key in zip(rows[:4], ("cold", "sha256", "first", "warm")):  # per round: over its pair's items/s
+    for r, key in zip(rows[:5], ("cold", "sha256", "zstd", "first", "warm")):  # per round: over its pair's items/s
         ratios = [[(r["epochs"] / got[i]) / (epochs / base[i]) for i in (0, 1)] for base, got in pairs[key]]
         r.update(vs_raw=float(np.median([w for w, _ in ratios])), vs_per_item=r["items_s"] / item["items_s"],
                  cpu_vs_raw=float(np.median([c for _, c in ratios])))
-    rows[0].update(write_s=t_write, memory_held_MB=held)
+    rows[0].update(write_s=t_write, memory_held_MB=held, stored_MB=stored["auto"], zstd_stored_MB=stored["zstd"])
     wh.close()
     if s3:
         rows += bench_s3(kind, x, y, batch, tmp, s3)
@@ -235,7 +243,9 @@ def main() -> None:
             from mlwarehouse.testing.processes import stop
             stop(server)
     print(f"local: median of {args.rounds} rounds (x raw: of the ratios to a raw gather run just before each stream); "
-          f"raw and warm stream over {args.epochs} epochs, cold stream and per-item over 1; memory cache bound {MEMORY_BYTES >> 20} MiB per process; {args.prefault_gib} GiB touched first in {prefault_s:.1f} s; {os.cpu_count()} cores, "
+          f"raw and warm stream over {args.epochs} epochs, cold stream and per-item over 1; memory cache bound "
+          f"{MEMORY_BYTES >> 20} MiB per process; {args.prefault_gib} GiB touched first in {prefault_s:.1f} s; "
+          f"{os.cpu_count()} cores, "
           f"load average {os.getloadavg()[0]:.1f} at the end")
     print(f"{'workload':8} {'store':5} {'reader':34} {'epochs':>6} {'items/s':>12} {'MB/s':>9} {'x raw':>7} "
           f"{'cpu x raw':>9} {'x per-item':>10}")
@@ -244,6 +254,10 @@ def main() -> None:
         print(f"{r['workload']:8} {r['store']:5} {r['reader']:34} {r['epochs']:6} {r['items_s']:12,.0f} "
               f"{r['MB_s']:9.1f} {r.get('vs_raw', nan):7.2f} {r.get('cpu_vs_raw', nan):9.2f} "
               f"{r.get('vs_per_item', nan):10.1f}")
+    for r in rows:
+        if "stored_MB" in r:
+            print(f"stored, workload {r['workload']}: {r['stored_MB']:.1f} MB as the dataset's default writes it to a "
+                  f"local folder (blocks as they are), {r['zstd_stored_MB']:.1f} MB with compression='zstd'")
     for reader, least in TARGETS:
         r = next(r for r in rows if r["workload"] == "a" and r["store"] == "local" and r["reader"] == reader)
         print(f"target: a, {reader}: >= {least}x raw; got {r['vs_raw']:.2f}x wall-clock, {r['cpu_vs_raw']:.2f}x CPU "

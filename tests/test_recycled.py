@@ -128,7 +128,8 @@ def test_a_stream_without_a_memory_cache_keeps_no_shard_alive_and_decodes_into_r
     from mlwarehouse.datasets.recycled import RECYCLED
     n = 6000
     x = np.random.default_rng(0).integers(0, 4, (n, 28, 28), np.uint8)  # compresses: decoded into buffers
-    ds = ItemDatasets(wh.project("p")).from_arrays("r", {"x": x, "label": np.arange(n)}, shard_bytes=1600 << 10)
+    ds = ItemDatasets(wh.project("p")).from_arrays("r", {"x": x, "label": np.arange(n)}, shard_bytes=1600 << 10,
+                                                      compression="zstd")
     assert ds.doc["shards"] >= 3
     kept = []
 

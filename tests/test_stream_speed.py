@@ -25,12 +25,12 @@ def _pixels(labels: np.ndarray) -> np.ndarray:
     return x
 
 
-@pytest.fixture
-def ds(wh):
+@pytest.fixture(params=["auto", "zstd"])
+def ds(wh, request):
     """Many small shards; ``k`` is an int in the first append and a float in the second; ``tags`` are JSON and
-    ``r`` ragged arrays, so every gather path runs."""
+    ``r`` ragged arrays, so every gather path runs; blocks stored as they are (read mapped) or compressed."""
     items = ItemDatasets(wh.project("p"))
-    d = items.create("fast", shard_bytes=1 << 16)
+    d = items.create("fast", shard_bytes=1 << 16, compression=request.param)
     for lo, hi, kind in ((0, N // 2, int), (N // 2, N, float)):
         labels = np.arange(lo, hi)
         d.append([{"x": x, "label": int(i), "k": kind(i), "tags": [str(i)], "r": np.arange(i % 4, dtype=np.float32)}

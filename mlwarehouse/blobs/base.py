@@ -212,6 +212,8 @@ class BlobStore(ABC):
     name: str = "abstract"
     #: how coarse modification times are (S3 stamps whole seconds); blob release allows for it
     mtime_resolution: float = 0.0
+    #: whether the blobs are files on this machine's disks (read at memory speed from the page cache)
+    local_files: bool = False
 
     @abstractmethod
     def put(self, data: bytes | memoryview) -> str:
@@ -239,14 +241,16 @@ class BlobStore(ABC):
         """The whole blob, verified against its key. NotFound if missing, IntegrityError if corrupted."""
 
     def get_buffer(self, key: str, size: int | None = None, *, allocate: Callable[[int], Any] | None = None,
-                   xxh3: str | None = None) -> bytes | memoryview:
+                   xxh3: str | None = None, mapped: bool = False) -> bytes | memoryview:
         """``get``, for a caller that decodes the bytes zero-copy: a backend that can read into memory of its own
         returns a *writable* buffer that nothing else refers to (tensors then take it over as it is), others the
         read-only bytes of ``get``. ``size``, when given, is what the caller's reference claims: a blob of another
         size is an IntegrityError, raised before a backend allocates anything for it. ``allocate(length)``, when
         given, makes that buffer (a caller that recycles its buffers); backends that read ``get``'s bytes ignore
         it. ``xxh3`` is a checksum (hex) the index recorded beside the key: a store that trusts its own bytes (a
-        local folder, see :mod:`mlwarehouse.blobs.files`) may check it instead of the sha256; others ignore it."""
+        local folder, see :mod:`mlwarehouse.blobs.files`) may check it instead of the sha256; others ignore it.
+        ``mapped``: a read-only view is as good as a buffer of the caller's own (a store of trusted local files may
+        then map the file instead of copying it); others ignore it."""
         data = self.get(key)
         _check_size(key, _nbytes(data), size)
         return data

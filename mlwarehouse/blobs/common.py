@@ -85,20 +85,22 @@ def is_xxh3(value: Any) -> bool:
 
 
 def read_buffer(store: BlobStore, key: str, size: int | None = None, *,
-                allocate: Callable[[int], Any] | None = None, xxh3: str | None = None) -> bytes | memoryview:
+                allocate: Callable[[int], Any] | None = None, xxh3: str | None = None,
+                mapped: bool = False) -> bytes | memoryview:
     """``store.get_buffer(key, size)``, read into ``allocate(length)`` where the store's ``get_buffer`` takes an
-    allocator, and checked against ``xxh3`` where it takes a checksum (a store that trusts its bytes checks that
-    instead of the sha256); a subclass may override ``get_buffer`` with the older signature, without either, and a
-    wrapper that has only ``get`` is read through it."""
+    allocator, checked against ``xxh3`` where it takes a checksum (a store that trusts its bytes checks that
+    instead of the sha256), and mapped read-only where it takes ``mapped`` and can; a subclass may override
+    ``get_buffer`` with an older signature, without some of these, and a wrapper that has only ``get`` is read
+    through it."""
     cls = type(store)
     if cls not in _BUFFER_OPTIONS:
         method = getattr(cls, "get_buffer", None)
         _BUFFER_OPTIONS[cls] = None if method is None else \
-            frozenset(("allocate", "xxh3")) & inspect.signature(method).parameters.keys()
+            frozenset(("allocate", "xxh3", "mapped")) & inspect.signature(method).parameters.keys()
     takes = _BUFFER_OPTIONS[cls]
     if takes is None:
         return store.get(key)
-    options = {"allocate": allocate, "xxh3": xxh3}
+    options = {"allocate": allocate, "xxh3": xxh3, "mapped": mapped or None}
     return store.get_buffer(key, size, **{name: options[name] for name in takes if options[name] is not None})
 
 

@@ -5,6 +5,16 @@ versions number 1, 2, 3... per name either way), one ``item_shards`` document pe
 blob, so deletes and ``gc`` account for it) and one ``items`` document per item holding its scalar fields (label,
 tags...), its shard and its row, so a query selects items. Shards are written before any document that names
 them (blobs first, index second). ``finish()`` makes a version immutable; ``new_version()`` reuses its shards.
+
+Compression (``create(..., compression=)``, recorded in the version's document, kept by ``new_version()``):
+``auto``, the default, stores a shard's blocks as they are in a trusted local folder and zstd compresses them
+(where that saves 10%) in every other store; ``zstd`` and ``none`` choose for every store. In a local folder the
+page cache, not the disk, serves the bytes, and a shard stored as it is is read mapped: its columns are views of
+the page cache, checked whole, with no copy and no decode. Measured on 2 cores (``benchmarks/streaming.py``,
+MNIST-like, 60,000 x 784 B): a cold epoch at 0.64x a raw memmap gather against 0.50x for the same items zstd
+compressed, for 49 MB on disk against 17 MB. Over a network (S3, GridFS) the bytes fetched are the cost, and an
+untrusted folder hashes every stored byte with sha256, so both compress. Versions written before the choice was
+recorded are read and appended to as they were written (zstd).
 """
 
 from __future__ import annotations
@@ -15,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from mlwarehouse import schema
-from mlwarehouse.datasets.shardwriter import ShardWriter
+from mlwarehouse.datasets.shardwriter import COMPRESSIONS, ShardWriter
 from mlwarehouse.datasets.stream import ItemStream, ShardReader
 from mlwarehouse.datasets.versions import check_version, insert_version, version_filter
 from mlwarehouse.errors import InvalidDocument, NotFound, QueryError
@@ -50,16 +60,20 @@ class ItemDatasets:
             project.ensure(collection)
 
     def create(self, name: str, *, version: str | int | None = None, description: str | None = None,
-               tags: Iterable[str] = (), shard_bytes: int = 16 << 20, **fields) -> "ItemDataset":
-        """A new, open version of item dataset ``name`` (version: one more than the highest integer one)."""
+               tags: Iterable[str] = (), shard_bytes: int = 16 << 20, compression: str = "auto",
+               **fields) -> "ItemDataset":
+        """A new, open version of item dataset ``name`` (version: one more than the highest integer one), whose
+        shards' blocks are stored by ``compression`` (``auto``, ``zstd`` or ``none``: see the module)."""
         check_name("dataset", name)
         check_version(version)
         if type(shard_bytes) is not int or not 1 << 16 <= shard_bytes <= 1 << 30:
             raise InvalidDocument(f"shard_bytes must be between 64 KiB and 1 GiB, not {shard_bytes}")
+        if compression not in COMPRESSIONS:
+            raise InvalidDocument(f"compression must be one of {', '.join(COMPRESSIONS)}, not {compression!r}")
         extra = normalize_fields(fields)
         doc = {**extra, "name": name, "kind": "items", "state": "open", "description": description,
                "tags": normalize_value(list(tags), "tags"), "fields": {}, "count": 0, "shards": 0, "bytes": 0,
-               "shard_bytes": shard_bytes}
+               "shard_bytes": shard_bytes, "compression": compression}
         return ItemDataset(insert_version(self.project, doc, version, racing="creates"), self)
 
     def _filter(self, name, where, version) -> dict:
@@ -263,6 +277,7 @@ class ItemDataset(Record):
         """An open new version holding this one's items (minus those matching ``exclude``), sharing its shards."""
         src = self.doc
         new = self._datasets.create(src["name"], version=version, shard_bytes=src.get("shard_bytes", 16 << 20),
+                                    compression=src.get("compression", "zstd"),
                                     description=description if description is not None else src.get("description"),
                                     tags=src.get("tags") or ())
         drop: set[tuple[str, int]] = set()

@@ -16,11 +16,23 @@ from mlwarehouse.errors import InvalidDocument
 from mlwarehouse.ids import new_id
 from mlwarehouse.query.fields import RESERVED_FIELDS, normalize_value
 
-__all__ = ["ShardWriter", "SHARD_CODEC", "ITEM_RESERVED"]
+__all__ = ["ShardWriter", "SHARD_CODEC", "ITEM_RESERVED", "COMPRESSIONS", "compresses"]
 
 DATASETS, ITEMS, SHARDS = schema.DATASETS.name, schema.ITEMS.name, schema.ITEM_SHARDS.name
 ITEM_RESERVED = RESERVED_FIELDS | {"dataset", "version", "shard", "row"}
 SHARD_CODEC = "mlw-shard"
+#: how a dataset's shard blocks are stored: ``auto`` (as they are in a trusted local folder, zstd in any other
+#: store), ``zstd`` (each block compressed where that saves 10%), ``none`` (as they are)
+COMPRESSIONS = ("auto", "zstd", "none")
+
+
+def compresses(compression: str, blobs: Any) -> bool:
+    """Whether a dataset recorded with ``compression`` compresses the blocks of the shards it writes to ``blobs``
+    (``auto``: not in a trusted folder of local files, whose reads map them; see
+    :mod:`mlwarehouse.datasets.items`)."""
+    if compression == "auto":
+        return not (getattr(blobs, "local_files", False) and getattr(blobs, "trusted", False))
+    return compression == "zstd"
 
 
 def _kind(value: Any) -> str:
@@ -61,6 +73,8 @@ class ShardWriter:
         self.pending_bytes = 0
         self.added = 0
         self.limit = dataset.doc.get("shard_bytes", 16 << 20)
+        # versions made before the choice was recorded compressed every block that shrank by 10%
+        self.compress = compresses(dataset.doc.get("compression", "zstd"), dataset.project.blobs)
 
     def _check(self, item: dict, position: int) -> dict:
         if not isinstance(item, dict):
@@ -151,7 +165,8 @@ class ShardWriter:
                     columns[name], specs[name] = arr, FieldSpec("array", arr.dtype.str, ())
                 else:
                     columns[name], specs[name] = values, FieldSpec("json")
-        data = build_shard(columns, specs, tag=new_id())  # tagged: equal items appended twice are two shards
+        # tagged: equal items appended twice are two shards
+        data = build_shard(columns, specs, tag=new_id(), compress_blocks=self.compress)
         project, doc = self.ds.project, self.ds.doc
         key = project.blobs.put(data)  # blobs first, index second
         raw = sum(int(v.nbytes) if isinstance(v, np.ndarray) else sum(map(_size, v)) for v in columns.values())

@@ -29,7 +29,9 @@ MNIST-like shard (6 MB stored, 16 MB raw) the sha256 costs 3.1 ms, the xxh3 0.07
 the sha256 a cold epoch spent over a quarter of its CPU time on it. Shards written before the checksum was
 recorded, and a recorded value that is not a checksum, are checked by their sha256. Decoded columns go into
 recycled buffers (:mod:`mlwarehouse.datasets.recycled`), so an epoch that decodes again does not fault fresh pages
-in.
+in. A trusted local folder maps a shard instead of copying it: the columns of blocks stored as they are (the
+default there, see :mod:`mlwarehouse.datasets.items`) are views of the page cache on a cold read, and are copied
+into buffers of their own when the memory cache serves the shard again (:meth:`Shard.in_memory`).
 """
 
 from __future__ import annotations
@@ -88,7 +90,9 @@ class ShardReader:
         shard = self.memory.get(key)
         if shard is None:
             shard = Shard(self.cache.get(key, self.blobs.get) if self.cache is not None
-                          else read_buffer(self.blobs, key, allocate=RECYCLED.take, xxh3=xxh3))
+                          else read_buffer(self.blobs, key, allocate=RECYCLED.take, xxh3=xxh3, mapped=True))
+        else:
+            shard = shard.in_memory()  # served again: a mapped one is copied into memory of its own
         before = shard.nbytes
         shard.decode(fields)
         if shard.nbytes != before or self.memory.get(key) is not shard:
@@ -96,10 +100,11 @@ class ShardReader:
         return shard
 
     def cached(self, key: str, fields: list[str] | None = None) -> Shard | None:
-        """The shard ``key`` from memory when it is there with ``fields`` decoded already, else None (nothing is
-        fetched or decoded: a stream asks on its own thread before it hands a shard to a prefetch thread)."""
+        """The shard ``key`` from memory when it is there with ``fields`` decoded already (and not mapped: see
+        :meth:`Shard.in_memory`), else None (nothing is fetched or decoded: a stream asks on its own thread before
+        it hands a shard to a prefetch thread)."""
         shard = self.memory.get(key)
-        return shard if shard is not None and shard.decoded(fields) else None
+        return shard if shard is not None and shard.decoded(fields) and not shard.mapped else None
 
     def header(self, key: str) -> ShardHeader:
         with self._lock:
