@@ -81,7 +81,7 @@ def test_index_protocol_surface():
 def test_blob_protocol_surface():
     from mlwarehouse.blobs.base import BlobStore
     assert _public(BlobStore) == {
-        "name", "mtime_resolution",
+        "name", "mtime_resolution", "local_files",
         "put", "put_file", "get", "get_buffer", "get_range", "exists", "stat", "delete", "list", "close",
     }
 
