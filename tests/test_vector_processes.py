@@ -14,7 +14,7 @@ import pytest
 
 import mlwarehouse
 from mlwarehouse.testing.backend_sets import postgres_and_s3, sqlite_and_files
-from mlwarehouse.testing.postgres_server import postgres_server  # noqa: F401  (session fixture)
+from mlwarehouse.testing.postgres_server import postgres_server, require_pgvector  # noqa: F401
 
 DIMS = 12
 PROJECT = "vecproc"
@@ -28,6 +28,8 @@ def setup(request, tmp_path, monkeypatch):
     else:
         pg, s3 = request.getfixturevalue("postgres_server"), request.getfixturevalue("s3_server")
         engine = "pgvector" if request.param.endswith("pgvector") else "embedded"
+        if engine == "pgvector":
+            require_pgvector(pg)
         yield from ((wh, engine) for wh in postgres_and_s3(pg, s3, monkeypatch, PROJECT))
 
 

