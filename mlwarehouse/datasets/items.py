@@ -11,10 +11,10 @@ Compression (``create(..., compression=)``, recorded in the version's document, 
 (where that saves 10%) in every other store; ``zstd`` and ``none`` choose for every store. In a local folder the
 page cache, not the disk, serves the bytes, and a shard stored as it is is read mapped: its columns are views of
 the page cache, checked whole, with no copy and no decode. Measured on 2 cores (``benchmarks/streaming.py``,
-MNIST-like, 60,000 x 784 B): a cold epoch at 0.64x a raw memmap gather against 0.50x for the same items zstd
-compressed, for 49 MB on disk against 17 MB. Over a network (S3, GridFS) the bytes fetched are the cost, and an
-untrusted folder hashes every stored byte with sha256, so both compress. Versions written before the choice was
-recorded are read and appended to as they were written (zstd).
+MNIST-like, 60,000 x 784 B, three runs): a cold epoch at 0.58x-0.64x a raw memmap gather against 0.40x-0.50x
+for the same items zstd compressed, for 49 MB on disk against 17 MB. Over a network (S3, GridFS) the bytes
+fetched are the cost, and an untrusted folder hashes every stored byte with sha256, so both compress. Versions
+written before the choice was recorded are read and appended to as they were written (zstd).
 """
 
 from __future__ import annotations
