@@ -35,6 +35,7 @@ from mlwarehouse.testing.processes import (
     HOST,
     Server,
     ServerError,
+    _log_tail,
     free_port,
     in_ci,
     launch,
@@ -151,8 +152,7 @@ def start_postgres(*, timeout: float = 60.0, durable: bool = False, bin_dir: str
                 con.execute(f"CREATE DATABASE {TEST_DATABASE}")
         with psycopg.connect(host=HOST, port=port, user=TEST_USER, password=password, dbname=TEST_DATABASE,
                              connect_timeout=3, autocommit=True) as con:
-            if con.execute("SELECT shobj_description(oid, 'pg_database') LIKE %s FROM pg_database "
-                           "WHERE datname = current_database()", (_UNUSABLE + "%",)).fetchone()[0]:
+            if _unusable_reason(con):
                 return True  # probed already (this is a retry): its pgvector crashes here
             try:
                 con.execute("CREATE EXTENSION IF NOT EXISTS vector")
@@ -174,6 +174,7 @@ def _probe_hnsw(connect, log: Path, timeout: float = 30.0) -> None:
     """Build a 3-row HNSW index; when the server's backend dies doing it, wait for the server to take connections
     again, then drop the extension and record why in the database's comment."""
     import psycopg
+    from psycopg import sql
     try:
         with connect() as con:
             con.execute("CREATE TEMP TABLE mlw_probe (v vector(3))")
@@ -182,7 +183,7 @@ def _probe_hnsw(connect, log: Path, timeout: float = 30.0) -> None:
         return
     except psycopg.OperationalError:
         pass  # the connection went down with the backend
-    crash = next((line.split("LOG:", 1)[-1].strip() for line in reversed(_tail(log))
+    crash = next((line.split("LOG:", 1)[-1].strip() for line in reversed(_log_tail(log, 200).splitlines())
                   if "terminated by signal" in line), "the server's backend died")
     reason = (f"{_UNUSABLE}its first HNSW build crashed the server ({crash}): the binaries' pgvector was compiled "
               f"for instructions this machine's CPU lacks")
@@ -191,7 +192,8 @@ def _probe_hnsw(connect, log: Path, timeout: float = 30.0) -> None:
         try:
             with connect() as con:
                 con.execute("DROP EXTENSION IF EXISTS vector")  # its creation may not have outlived the crash
-                con.execute(f"COMMENT ON DATABASE {TEST_DATABASE} IS {_quote(reason)}")
+                con.execute(sql.SQL("COMMENT ON DATABASE {} IS {}").format(sql.Identifier(TEST_DATABASE),
+                                                                            sql.Literal(reason)))
             return
         except psycopg.OperationalError:
             if time.monotonic() > deadline:
@@ -199,17 +201,11 @@ def _probe_hnsw(connect, log: Path, timeout: float = 30.0) -> None:
             time.sleep(0.2)  # recovering from the crash
 
 
-def _tail(log: Path, size: int = 64 << 10) -> list[str]:
-    try:
-        with open(log, "rb") as f:
-            f.seek(max(0, f.seek(0, os.SEEK_END) - size))
-            return f.read().decode(errors="replace").splitlines()
-    except OSError:
-        return []
-
-
-def _quote(text: str) -> str:
-    return "'" + text.replace("'", "''") + "'"
+def _unusable_reason(con) -> str | None:
+    """The reason :func:`_probe_hnsw` recorded on the connected database, or None."""
+    row = con.execute("SELECT shobj_description(oid, 'pg_database') FROM pg_database "
+                      "WHERE datname = current_database()").fetchone()
+    return row[0] if row and row[0] and row[0].startswith(_UNUSABLE) else None
 
 
 def pgvector_unusable(uri: str) -> str | None:
@@ -218,11 +214,9 @@ def pgvector_unusable(uri: str) -> str | None:
     import psycopg
     try:
         with psycopg.connect(uri, connect_timeout=5) as con:
-            row = con.execute("SELECT shobj_description(oid, 'pg_database') FROM pg_database "
-                              "WHERE datname = current_database()").fetchone()
+            return _unusable_reason(con)
     except psycopg.Error:
         return None
-    return row[0] if row and row[0] and row[0].startswith(_UNUSABLE) else None
 
 
 def require_pgvector(uri: str) -> None:
