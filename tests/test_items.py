@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from mlwarehouse.datasets.items import SHARDS, ItemDatasets
-from mlwarehouse.datasets.shards import FieldSpec, Shard, build_shard, is_precompressed, read_header, read_item
+from mlwarehouse.datasets.shards import FieldSpec, build_shard, is_precompressed, read_header, read_item
+from mlwarehouse.datasets.wholeshard import Shard
 from mlwarehouse.errors import IntegrityError, InvalidDocument, NotFound
 from mlwarehouse.web.arrays import to_png
 

@@ -14,8 +14,8 @@ from mlwarehouse.blobs.cache import CachedBlobStore
 from mlwarehouse.blobs.files import FileBlobStore
 from mlwarehouse.datasets.items import ItemDatasets
 from mlwarehouse.datasets.shardmemory import DecodedShards
-from mlwarehouse.datasets.shards import Shard
 from mlwarehouse.datasets.shardwriter import compresses
+from mlwarehouse.datasets.wholeshard import Shard
 from mlwarehouse.errors import IntegrityError, InvalidDocument
 
 N = 3000  # 3000 x 1 KiB images: shards of about 1.5 MiB, above the size from which reads map

@@ -118,7 +118,7 @@ def test_read_buffer_works_with_stores_of_the_older_signature_and_duck_stores(st
 
 
 def _shards_alive() -> int:
-    from mlwarehouse.datasets.shards import Shard
+    from mlwarehouse.datasets.wholeshard import Shard
     gc.collect()
     return sum(isinstance(o, Shard) for o in gc.get_objects())
 

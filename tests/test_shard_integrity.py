@@ -17,8 +17,9 @@ import pytest
 
 from mlwarehouse.datasets.items import SHARDS, ItemDatasets
 from mlwarehouse.datasets.shardmemory import DecodedShards
-from mlwarehouse.datasets.shards import MAGIC_V1, FieldSpec, Shard, build_shard, read_header
+from mlwarehouse.datasets.shards import MAGIC_V1, FieldSpec, build_shard, read_header
 from mlwarehouse.datasets.stream import ShardReader
+from mlwarehouse.datasets.wholeshard import Shard
 from mlwarehouse.errors import IntegrityError, QueryError
 
 PREFIX = struct.Struct("<8sIII")

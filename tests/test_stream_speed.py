@@ -11,8 +11,9 @@ import pytest
 
 from mlwarehouse.datasets.items import ItemDatasets
 from mlwarehouse.datasets.shardmemory import DecodedShards
-from mlwarehouse.datasets.shards import BLOCK, FieldSpec, Shard, build_shard
+from mlwarehouse.datasets.shards import BLOCK, FieldSpec, build_shard
 from mlwarehouse.datasets.stream import batch_order
+from mlwarehouse.datasets.wholeshard import Shard
 from mlwarehouse.errors import IntegrityError
 
 N = 1200

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 from mlwarehouse.errors import QueryError
 
 if TYPE_CHECKING:
-    from mlwarehouse.datasets.shards import Shard
+    from mlwarehouse.datasets.wholeshard import Shard
 
 __all__ = ["DecodedShards", "MEMORY", "MEMORY_BYTES"]
 

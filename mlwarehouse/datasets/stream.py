@@ -55,7 +55,8 @@ from mlwarehouse.datasets.prefetch import Prefetch
 from mlwarehouse.datasets.recycled import RECYCLED
 from mlwarehouse.datasets.shardcache import ShardCache
 from mlwarehouse.datasets.shardmemory import MEMORY, DecodedShards
-from mlwarehouse.datasets.shards import Shard, ShardHeader, decode_value, read_header, read_item
+from mlwarehouse.datasets.shards import ShardHeader, decode_value, read_header, read_item
+from mlwarehouse.datasets.wholeshard import Shard
 from mlwarehouse.errors import IntegrityError, QueryError, WarehouseError
 
 __all__ = ["ItemStream", "ShardReader", "TransformError", "Plan", "batch_order"]
